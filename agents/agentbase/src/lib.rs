@@ -1,0 +1,405 @@
+//! What every powernode agent process does the same way.
+//!
+//! An agent crate exposes `run(ctx: Context) -> anyhow::Result<()>`; the multi-call binary maps
+//! argv\[0\] to an agent and calls [`run_agent`], which
+//!
+//! 1. parses the common flags (`--root DIR`, `--help`),
+//! 2. resolves the [`Root`] (flag, then `POWERNODE_ROOT`, then `/`),
+//! 3. loads and validates the [`Settings`] from `<root>/etc/powernode`,
+//! 4. starts logging ([`logging::init`]),
+//! 5. builds a multi-thread tokio runtime and installs the SIGTERM/SIGINT handler
+//!    ([`shutdown::install`]),
+//! 6. runs the agent's future with a [`Context`]; the agent calls [`Context::ready`] once it is
+//!    serving, which sends `READY=1` to systemd,
+//! 7. sends `STOPPING=1` when shutdown begins (or when the future returns), and returns.
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     let args: Vec<_> = std::env::args_os().collect();
+//!     let result = agentbase::run_agent("exampled", args, |ctx| async move {
+//!         ctx.ready();
+//!         let mut tick = tokio::time::interval(ctx.beat_interval());
+//!         loop {
+//!             tokio::select! {
+//!                 _ = ctx.shutdown.cancelled() => break,
+//!                 _ = tick.tick() => ctx.liveness.beat(),
+//!             }
+//!         }
+//!         Ok(())
+//!     });
+//!     agentbase::exit_code("exampled", result)
+//! }
+//! ```
+
+pub mod liveness;
+pub mod logging;
+pub mod notify;
+pub mod root;
+pub mod settings;
+pub mod shutdown;
+
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{CommandFactory, FromArgMatches, Parser};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::liveness::Liveness;
+pub use crate::notify::Notifier;
+pub use crate::root::Root;
+pub use crate::settings::Settings;
+
+/// How long, after the agent's future returns, the runtime waits for blocking tasks to finish
+/// before the process moves on regardless.
+pub const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why an agent did not run to a clean finish. [`AgentError::exit_code`] gives the process
+/// exit status.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The command line was wrong. Displays clap's message with the usage.
+    #[error("{0}")]
+    Usage(clap::Error),
+    /// The settings files are unreadable or invalid.
+    #[error("invalid settings: {0}")]
+    Settings(#[from] settings::SettingsError),
+    /// The tokio runtime could not be built.
+    #[error("starting the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The signal handlers could not be installed.
+    #[error(transparent)]
+    Shutdown(#[from] shutdown::ShutdownError),
+    /// The agent's own future failed.
+    #[error(transparent)]
+    Failed(anyhow::Error),
+}
+
+impl AgentError {
+    /// The process exit status for this error: 2 for usage and configuration errors, 1 for
+    /// everything else. (0 is success, i.e. no error.)
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            AgentError::Usage(_) | AgentError::Settings(_) => 2,
+            AgentError::Runtime(_) | AgentError::Shutdown(_) | AgentError::Failed(_) => 1,
+        }
+    }
+
+    /// Whether [`run_agent`] already logged this error. Errors from before logging was set up
+    /// (usage, settings) were not, and must be printed by the caller.
+    pub fn was_logged(&self) -> bool {
+        !matches!(self, AgentError::Usage(_) | AgentError::Settings(_))
+    }
+}
+
+/// Turns the result of [`run_agent`] into the process exit status, printing to stderr the
+/// errors that were not already logged (usage and settings errors).
+pub fn exit_code(agent: &str, result: Result<(), AgentError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            match &err {
+                // clap renders its own "error: ..." with the usage and colours.
+                AgentError::Usage(e) => {
+                    let _ = e.print();
+                }
+                e if !e.was_logged() => eprintln!("{agent}: {e}"),
+                _ => {}
+            }
+            std::process::ExitCode::from(err.exit_code())
+        }
+    }
+}
+
+/// Everything an agent's main future is given.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The agent's name, e.g. `identitymgr`.
+    pub agent: &'static str,
+    /// The path prefix for every file the agent touches.
+    pub root: Root,
+    /// The validated settings.
+    pub settings: Settings,
+    /// Cancelled on SIGTERM/SIGINT (and when the main future returns): every task stops on it.
+    pub shutdown: CancellationToken,
+    /// The agent's touch file and systemd watchdog.
+    pub liveness: Liveness,
+    /// systemd notification; a no-op unless started by systemd with `NOTIFY_SOCKET`.
+    pub notifier: Notifier,
+    ready_sent: Arc<AtomicBool>,
+}
+
+impl Context {
+    /// A context for `agent`, with systemd notification and watchdog taken from the
+    /// environment and a fresh shutdown token. [`run_agent`] builds one this way; agent tests
+    /// can too.
+    pub fn new(agent: &'static str, root: Root, settings: Settings) -> Context {
+        let notifier = Notifier::from_env();
+        let liveness = Liveness::with_notifier(
+            &root,
+            agent,
+            notifier.clone(),
+            notify::watchdog_interval(),
+        );
+        Context {
+            agent,
+            root,
+            settings,
+            shutdown: CancellationToken::new(),
+            liveness,
+            notifier,
+            ready_sent: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Tells systemd the agent has started (`READY=1`). Only the first call sends; later calls,
+    /// from any clone, do nothing. A failure to send is logged, not returned.
+    pub fn ready(&self) {
+        if self.ready_sent.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(err) = self.notifier.ready() {
+            tracing::warn!(error = %err, "could not notify systemd of readiness");
+        }
+        tracing::info!(agent = self.agent, "ready");
+    }
+
+    /// Whether [`Context::ready`] has been called.
+    pub fn is_ready(&self) -> bool {
+        self.ready_sent.load(Ordering::Acquire)
+    }
+
+    /// Sets the one-line status `systemctl status` shows. A failure to send is logged.
+    pub fn status(&self, text: &str) {
+        if let Err(err) = self.notifier.status(text) {
+            tracing::debug!(error = %err, "could not send status to systemd");
+        }
+    }
+
+    /// How often the main loop should call [`Liveness::beat`]: `touch_interval_s`, or the
+    /// systemd watchdog interval if that is shorter.
+    pub fn beat_interval(&self) -> Duration {
+        let touch = self.settings.touch_interval();
+        self.liveness
+            .watchdog_interval()
+            .map_or(touch, |w| w.min(touch))
+    }
+}
+
+/// The flags every agent accepts.
+#[derive(Debug, Parser)]
+struct CommonArgs {
+    /// Prefix for every path the agent uses (default: $POWERNODE_ROOT, else /).
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+}
+
+/// Parses the common flags. `Ok(None)` means help was requested and has been printed.
+fn parse_args(agent: &'static str, args: Vec<OsString>) -> Result<Option<CommonArgs>, AgentError> {
+    let command = CommonArgs::command()
+        .name(agent)
+        .bin_name(agent)
+        .about(format!("powernode agent {agent}"));
+    match command.try_get_matches_from(args) {
+        Ok(matches) => CommonArgs::from_arg_matches(&matches)
+            .map(Some)
+            .map_err(AgentError::Usage),
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelp => {
+            let _ = e.print();
+            Ok(None)
+        }
+        Err(e) => Err(AgentError::Usage(e)),
+    }
+}
+
+/// Runs one agent process: flags, root, settings, logging, runtime, signals, systemd
+/// notification around `main`. See the crate documentation for the order.
+///
+/// `args` is the whole command line, `args[0]` included (it is ignored: usage always names
+/// `agent`). Returns `Ok(())` after `--help`. Map the result with [`exit_code`].
+pub fn run_agent<F, Fut>(agent: &'static str, args: Vec<OsString>, main: F) -> Result<(), AgentError>
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let Some(args) = parse_args(agent, args)? else {
+        return Ok(());
+    };
+    let root = Root::resolve(args.root);
+    let settings = Settings::load(&root)?;
+    logging::init(agent, &settings.log_level);
+    tracing::info!(
+        agent,
+        root = %root.base().display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "starting"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(agent)
+        .build()
+        .map_err(|e| {
+            tracing::error!(error = %e, "could not start the async runtime");
+            AgentError::Runtime(e)
+        })?;
+
+    let ctx = Context::new(agent, root, settings);
+    let result = runtime.block_on(run_in_runtime(ctx, main));
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    if result.is_ok() {
+        tracing::info!(agent, "stopped");
+    }
+    result
+}
+
+async fn run_in_runtime<F, Fut>(ctx: Context, main: F) -> Result<(), AgentError>
+where
+    F: FnOnce(Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    shutdown::install(ctx.shutdown.clone()).inspect_err(|e| {
+        tracing::error!(error = %e, "could not install signal handlers");
+    })?;
+
+    let stopping = Stopping::new(ctx.notifier.clone());
+    {
+        let stopping = stopping.clone();
+        let token = ctx.shutdown.clone();
+        tokio::spawn(async move {
+            token.cancelled().await;
+            stopping.send();
+        });
+    }
+
+    let token = ctx.shutdown.clone();
+    let notifier = ctx.notifier.clone();
+    let outcome = main(ctx).await;
+    token.cancel();
+    stopping.send();
+    outcome.map_err(|err| {
+        tracing::error!(error = %format!("{err:#}"), "agent failed");
+        if let Err(e) = notifier.status(&format!("failed: {err:#}")) {
+            tracing::debug!(error = %e, "could not send status to systemd");
+        }
+        AgentError::Failed(err)
+    })
+}
+
+/// Sends `STOPPING=1` once, whichever of "shutdown requested" and "main returned" comes first.
+#[derive(Clone)]
+struct Stopping {
+    notifier: Notifier,
+    sent: Arc<AtomicBool>,
+}
+
+impl Stopping {
+    fn new(notifier: Notifier) -> Stopping {
+        Stopping {
+            notifier,
+            sent: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn send(&self) {
+        if self.sent.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Err(err) = self.notifier.stopping() {
+            tracing::warn!(error = %err, "could not notify systemd of stopping");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<OsString> {
+        list.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn parses_root_flag() {
+        let parsed = parse_args("testagent", args(&["x", "--root", "/sandbox"]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(parsed.root, Some(PathBuf::from("/sandbox")));
+        let parsed = parse_args("testagent", args(&["x"])).unwrap().unwrap();
+        assert_eq!(parsed.root, None);
+    }
+
+    #[test]
+    fn usage_errors_name_the_agent_and_exit_2() {
+        let err = parse_args("testagent", args(&["x", "--bogus"])).unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(!err.was_logged());
+        let AgentError::Usage(clap_err) = &err else {
+            panic!("not a usage error: {err:?}");
+        };
+        let text = clap_err.render().to_string();
+        assert!(text.contains("--bogus"), "{text}");
+        assert!(text.contains("Usage: testagent"), "{text}");
+    }
+
+    #[test]
+    fn help_mentions_agent_and_root() {
+        let help = CommonArgs::command()
+            .name("testagent")
+            .bin_name("testagent")
+            .render_help()
+            .to_string();
+        assert!(help.contains("Usage: testagent"), "{help}");
+        assert!(help.contains("--root <DIR>"), "{help}");
+    }
+
+    #[test]
+    fn exit_codes() {
+        let settings_err = AgentError::Settings(settings::SettingsError::Invalid {
+            field: "touch_interval_s",
+            value: "0".into(),
+            reason: "must be between 1 and 3600 seconds".into(),
+            origin: None,
+        });
+        assert_eq!(settings_err.exit_code(), 2);
+        assert_eq!(AgentError::Failed(anyhow::anyhow!("boom")).exit_code(), 1);
+        assert_eq!(
+            AgentError::Runtime(std::io::Error::other("no threads")).exit_code(),
+            1
+        );
+    }
+
+    #[test]
+    fn beat_interval_is_the_shorter() {
+        let mut ctx = Context::new("testagent", Root::new("/r"), Settings::default());
+        assert_eq!(ctx.beat_interval(), Duration::from_secs(15));
+        ctx.liveness = Liveness::with_notifier(
+            &ctx.root,
+            "testagent",
+            Notifier::disabled(),
+            Some(Duration::from_secs(4)),
+        );
+        assert_eq!(ctx.beat_interval(), Duration::from_secs(4));
+    }
+
+    #[test]
+    fn ready_is_sent_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("notify.sock");
+        let server = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default());
+        ctx.notifier = Notifier::new(notify::NotifyAddr::Path(sock));
+        assert!(!ctx.is_ready());
+        ctx.ready();
+        ctx.clone().ready();
+        assert!(ctx.is_ready());
+        let mut buf = [0u8; 64];
+        let n = server.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+        assert!(server.recv(&mut buf).is_err(), "READY=1 sent twice");
+    }
+}

@@ -1,0 +1,554 @@
+//! Agent settings: `<etc>/agent.toml` plus `<etc>/agent.toml.d/*.toml`, merged, then validated
+//! once into [`Settings`] (DESIGN §4).
+//!
+//! Loading goes in three steps, so every error names the file or the field that is wrong:
+//!
+//! 1. Each file is parsed on its own into [`Settings`] (every field has a default, so a fragment
+//!    that sets one key is a complete value). A TOML syntax error, an unknown key or a value of
+//!    the wrong type is reported as `<file>:<line>:<column>: <message>`.
+//! 2. The files' tables are deep-merged in order: `agent.toml` first, then the drop-ins sorted by
+//!    file name. Tables merge key by key; any other value set by a later file replaces the
+//!    earlier one. The file that last set each key is remembered.
+//! 3. The merged table is deserialised once and validated. A bad value is reported with its
+//!    field, its value and the file that set it.
+//!
+//! Both the base file and the drop-in directory are optional; with neither, the defaults apply.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tracing_subscriber::EnvFilter;
+
+use crate::root::Root;
+
+/// Name of the base settings file inside the etc directory.
+pub const BASE_FILE: &str = "agent.toml";
+/// Name of the drop-in directory inside the etc directory.
+pub const DROPIN_DIR: &str = "agent.toml.d";
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// A settings file or the drop-in directory exists but could not be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file or directory that failed.
+        path: PathBuf,
+        /// The underlying I/O error.
+        source: std::io::Error,
+    },
+    /// A settings file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{}: {message}", Location(path, *position))]
+    Parse {
+        /// The file that failed.
+        path: PathBuf,
+        /// 1-based line and column of the offending text, when known.
+        position: Option<(usize, usize)>,
+        /// What is wrong, as the TOML deserialiser put it.
+        message: String,
+    },
+    /// A value has the right type but is out of range or otherwise not acceptable.
+    #[error(
+        "{}: invalid value {value} for `{field}`: {reason}",
+        origin.as_deref().map_or_else(|| "built-in default".to_owned(), |p| p.display().to_string())
+    )]
+    Invalid {
+        /// Dotted name of the field, e.g. `pubsub.connect_timeout_ms`.
+        field: &'static str,
+        /// The rejected value, as TOML would write it.
+        value: String,
+        /// What an acceptable value looks like.
+        reason: String,
+        /// The file that last set the field, or `None` for a built-in default.
+        origin: Option<PathBuf>,
+    },
+}
+
+/// `path:line:column`, or `path` when the position is unknown.
+struct Location<'a>(&'a Path, Option<(usize, usize)>);
+
+impl fmt::Display for Location<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some((line, column)) => write!(f, "{}:{line}:{column}", self.0.display()),
+            None => write!(f, "{}", self.0.display()),
+        }
+    }
+}
+
+/// Settings shared by every agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Log filter: a level (`trace`, `debug`, `info`, `warn`, `error`, `off`) or a tracing
+    /// `EnvFilter` directive list such as `info,powernode_pubsub=debug`. `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// How often, in seconds, an agent's main loop must refresh its touch file (1..=3600).
+    pub touch_interval_s: u64,
+    /// pubsub client settings.
+    pub pubsub: PubsubSettings,
+}
+
+/// The `[pubsub]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PubsubSettings {
+    /// How long, in milliseconds, a subscriber waits for a publisher's socket to accept (> 0).
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            log_level: "info".to_owned(),
+            touch_interval_s: 15,
+            pubsub: PubsubSettings::default(),
+        }
+    }
+}
+
+impl Default for PubsubSettings {
+    fn default() -> Self {
+        PubsubSettings {
+            connect_timeout_ms: 2000,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads and validates the settings under `root`'s etc directory.
+    pub fn load(root: &Root) -> Result<Settings, SettingsError> {
+        Self::load_from(&root.etc_dir())
+    }
+
+    /// Loads and validates `<etc_dir>/agent.toml` and `<etc_dir>/agent.toml.d/*.toml`.
+    pub fn load_from(etc_dir: &Path) -> Result<Settings, SettingsError> {
+        let mut merged = toml::Table::new();
+        let mut origins = Origins::new();
+        for path in settings_files(etc_dir)? {
+            let table = parse_file(&path)?;
+            merge(&mut merged, table, "", &path, &mut origins);
+        }
+        let settings: Settings = merged.try_into().map_err(|e: toml::de::Error| {
+            // Every file deserialised on its own, so this only fails if merging broke a type;
+            // report it against the directory rather than panic.
+            SettingsError::Parse {
+                path: etc_dir.to_owned(),
+                position: None,
+                message: format!("merged settings: {}", e.message()),
+            }
+        })?;
+        settings.validate(&origins)?;
+        Ok(settings)
+    }
+
+    /// [`Settings::touch_interval_s`] as a duration.
+    pub fn touch_interval(&self) -> Duration {
+        Duration::from_secs(self.touch_interval_s)
+    }
+
+    fn validate(&self, origins: &Origins) -> Result<(), SettingsError> {
+        let invalid = |field: &'static str, value: String, reason: &str| SettingsError::Invalid {
+            field,
+            value,
+            reason: reason.to_owned(),
+            origin: origins.get(field).cloned(),
+        };
+        if let Err(reason) = validate_log_level(&self.log_level) {
+            return Err(invalid("log_level", quoted(&self.log_level), &reason));
+        }
+        if !(1..=3600).contains(&self.touch_interval_s) {
+            return Err(invalid(
+                "touch_interval_s",
+                self.touch_interval_s.to_string(),
+                "must be between 1 and 3600 seconds",
+            ));
+        }
+        if self.pubsub.connect_timeout_ms == 0 {
+            return Err(invalid(
+                "pubsub.connect_timeout_ms",
+                self.pubsub.connect_timeout_ms.to_string(),
+                "must be greater than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl PubsubSettings {
+    /// [`PubsubSettings::connect_timeout_ms`] as a duration.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// The level names accepted on their own as `log_level`.
+const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Accepts a bare level, or an `EnvFilter` directive list in which every directive either is a
+/// bare level or has the form `target[span{field}]=level`.
+///
+/// A bare word that is not a level (`verbose`, `inf`) is valid `EnvFilter` syntax — it means
+/// "everything from target `verbose`" — but in a settings file it is almost always a misspelt
+/// level, so it is rejected.
+pub fn validate_log_level(value: &str) -> Result<(), String> {
+    let expected = "expected one of trace, debug, info, warn, error, off, \
+                    or a filter such as `info,powernode_pubsub=debug`";
+    let trimmed = value.trim();
+    if trimmed.is_empty() {
+        return Err(format!("empty; {expected}"));
+    }
+    for directive in trimmed.split(',').map(str::trim) {
+        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive));
+        if !is_level && !directive.contains('=') {
+            return Err(format!("`{directive}` is not a level; {expected}"));
+        }
+    }
+    EnvFilter::builder()
+        .parse(trimmed)
+        .map(drop)
+        .map_err(|e| format!("{e}; {expected}"))
+}
+
+/// `s` in double quotes, with quotes and control characters escaped.
+fn quoted(s: &str) -> String {
+    format!("{s:?}")
+}
+
+/// Dotted field name → the file that last set it.
+type Origins = BTreeMap<String, PathBuf>;
+
+/// The files to read, in merge order: the base file if present, then the drop-ins sorted by name.
+fn settings_files(etc_dir: &Path) -> Result<Vec<PathBuf>, SettingsError> {
+    let mut files = Vec::new();
+    let base = etc_dir.join(BASE_FILE);
+    match std::fs::metadata(&base) {
+        Ok(_) => files.push(base),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(SettingsError::Read { path: base, source }),
+    }
+
+    let dir = etc_dir.join(DROPIN_DIR);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+        Err(source) => return Err(SettingsError::Read { path: dir, source }),
+    };
+    let mut dropins = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SettingsError::Read {
+            path: dir.clone(),
+            source,
+        })?;
+        let name = entry.file_name();
+        let is_toml = Path::new(&name).extension().is_some_and(|ext| ext == "toml");
+        if !is_toml || name.as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let path = entry.path();
+        // Follow symlinks: a drop-in linked from elsewhere is still a drop-in.
+        let meta = std::fs::metadata(&path).map_err(|source| SettingsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_file() {
+            dropins.push((name, path));
+        }
+    }
+    dropins.sort();
+    files.extend(dropins.into_iter().map(|(_, path)| path));
+    Ok(files)
+}
+
+/// Reads one file, checks it against [`Settings`] on its own, and returns its table.
+fn parse_file(path: &Path) -> Result<toml::Table, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let parse_error = |e: toml::de::Error| SettingsError::Parse {
+        path: path.to_owned(),
+        position: e.span().map(|span| line_column(&text, span.start)),
+        message: e.message().trim_end().to_owned(),
+    };
+    toml::from_str::<Settings>(&text).map_err(parse_error)?;
+    toml::from_str::<toml::Table>(&text).map_err(parse_error)
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+/// Deep-merges `src` into `dst`, recording in `origins` which file set each leaf.
+fn merge(dst: &mut toml::Table, src: toml::Table, prefix: &str, file: &Path, origins: &mut Origins) {
+    for (key, value) in src {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match (dst.get_mut(&key), value) {
+            (Some(toml::Value::Table(existing)), toml::Value::Table(incoming)) => {
+                merge(existing, incoming, &dotted, file, origins);
+            }
+            (_, toml::Value::Table(incoming)) => {
+                let mut fresh = toml::Table::new();
+                merge(&mut fresh, incoming, &dotted, file, origins);
+                dst.insert(key, toml::Value::Table(fresh));
+            }
+            (_, value) => {
+                origins.insert(dotted, file.to_owned());
+                dst.insert(key, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    /// Writes `files` (relative path → contents) under a fresh etc dir and loads it.
+    fn load(files: &[(&str, &str)]) -> (tempfile::TempDir, Result<Settings, SettingsError>) {
+        let dir = tempfile::tempdir().unwrap();
+        for (rel, text) in files {
+            let path = dir.path().join(rel);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, text).unwrap();
+        }
+        let result = Settings::load_from(dir.path());
+        (dir, result)
+    }
+
+    #[test]
+    fn no_files_gives_defaults() {
+        let (_dir, got) = load(&[]);
+        assert_eq!(got.unwrap(), Settings::default());
+        let missing = Settings::load_from(Path::new("/nonexistent/powernode/etc")).unwrap();
+        assert_eq!(missing, Settings::default());
+    }
+
+    #[test]
+    fn defaults() {
+        let s = Settings::default();
+        assert_eq!(s.log_level, "info");
+        assert_eq!(s.touch_interval(), Duration::from_secs(15));
+        assert_eq!(s.pubsub.connect_timeout(), Duration::from_millis(2000));
+    }
+
+    #[test]
+    fn merge_order_table() {
+        struct Case {
+            name: &'static str,
+            files: &'static [(&'static str, &'static str)],
+            want: (&'static str, u64, u64),
+        }
+        let cases = [
+            Case {
+                name: "base only",
+                files: &[("agent.toml", "log_level = \"debug\"\ntouch_interval_s = 5\n")],
+                want: ("debug", 5, 2000),
+            },
+            Case {
+                name: "drop-in only",
+                files: &[("agent.toml.d/50-a.toml", "[pubsub]\nconnect_timeout_ms = 7\n")],
+                want: ("info", 15, 7),
+            },
+            Case {
+                name: "drop-in overrides base, untouched keys kept",
+                files: &[
+                    ("agent.toml", "log_level = \"debug\"\ntouch_interval_s = 5\n"),
+                    ("agent.toml.d/10-a.toml", "touch_interval_s = 30\n"),
+                ],
+                want: ("debug", 30, 2000),
+            },
+            Case {
+                name: "drop-ins sorted by file name, not creation order",
+                files: &[
+                    ("agent.toml.d/20-b.toml", "touch_interval_s = 20\n"),
+                    ("agent.toml.d/10-a.toml", "touch_interval_s = 10\n"),
+                ],
+                want: ("info", 20, 2000),
+            },
+            Case {
+                name: "tables merge key by key",
+                files: &[
+                    ("agent.toml", "[pubsub]\nconnect_timeout_ms = 100\n"),
+                    ("agent.toml.d/10-a.toml", "[pubsub]\n"),
+                    ("agent.toml.d/20-b.toml", "log_level = \"warn\"\n"),
+                ],
+                want: ("warn", 15, 100),
+            },
+            Case {
+                name: "non-toml and hidden files ignored",
+                files: &[
+                    ("agent.toml.d/10-a.toml", "touch_interval_s = 10\n"),
+                    ("agent.toml.d/90-z.toml.bak", "touch_interval_s = 99\n"),
+                    ("agent.toml.d/.91-swap.toml", "bogus = 1\n"),
+                    ("agent.toml.d/README", "not toml at all ["),
+                ],
+                want: ("info", 10, 2000),
+            },
+        ];
+        for case in cases {
+            let (_dir, got) = load(case.files);
+            let got = got.unwrap_or_else(|e| panic!("{}: {e}", case.name));
+            let have = (
+                got.log_level.as_str(),
+                got.touch_interval_s,
+                got.pubsub.connect_timeout_ms,
+            );
+            assert_eq!(have, case.want, "{}", case.name);
+        }
+    }
+
+    #[test]
+    fn error_table() {
+        struct Case {
+            name: &'static str,
+            files: &'static [(&'static str, &'static str)],
+            /// Substrings the rendered error must contain; `{dir}` is the etc dir.
+            want: &'static [&'static str],
+        }
+        let cases = [
+            Case {
+                name: "unknown field names the drop-in",
+                files: &[
+                    ("agent.toml", "log_level = \"info\"\n"),
+                    ("agent.toml.d/10-x.toml", "lgo_level = \"debug\"\n"),
+                ],
+                want: &[
+                    "{dir}/agent.toml.d/10-x.toml:1:1: ",
+                    "unknown field `lgo_level`, expected one of",
+                ],
+            },
+            Case {
+                name: "unknown field in a nested table",
+                files: &[("agent.toml", "[pubsub]\nconect_timeout_ms = 5\n")],
+                want: &["{dir}/agent.toml:2:1: ", "unknown field `conect_timeout_ms`"],
+            },
+            Case {
+                name: "wrong type",
+                files: &[("agent.toml", "touch_interval_s = \"15\"\n")],
+                want: &["{dir}/agent.toml:1:", "invalid type: string \"15\", expected u64"],
+            },
+            Case {
+                name: "negative where unsigned",
+                files: &[("agent.toml.d/a.toml", "[pubsub]\nconnect_timeout_ms = -1\n")],
+                want: &["{dir}/agent.toml.d/a.toml:2:", "connect_timeout_ms"],
+            },
+            Case {
+                name: "syntax error",
+                files: &[("agent.toml", "log_level = \"info\"\ntouch_interval_s = = 3\n")],
+                want: &["{dir}/agent.toml:2:"],
+            },
+            Case {
+                name: "bad value names field, value and file",
+                files: &[
+                    ("agent.toml", "touch_interval_s = 10\n"),
+                    ("agent.toml.d/20-zero.toml", "touch_interval_s = 0\n"),
+                ],
+                want: &[
+                    "{dir}/agent.toml.d/20-zero.toml: invalid value 0 for `touch_interval_s`",
+                    "between 1 and 3600",
+                ],
+            },
+            Case {
+                name: "too large",
+                files: &[("agent.toml", "touch_interval_s = 3601\n")],
+                want: &["{dir}/agent.toml: invalid value 3601 for `touch_interval_s`"],
+            },
+            Case {
+                name: "zero timeout",
+                files: &[("agent.toml", "[pubsub]\nconnect_timeout_ms = 0\n")],
+                want: &["{dir}/agent.toml: invalid value 0 for `pubsub.connect_timeout_ms`"],
+            },
+            Case {
+                name: "misspelt level",
+                files: &[("agent.toml.d/1.toml", "log_level = \"verbose\"\n")],
+                want: &[
+                    "{dir}/agent.toml.d/1.toml: invalid value \"verbose\" for `log_level`",
+                    "`verbose` is not a level",
+                ],
+            },
+            Case {
+                name: "bad directive",
+                files: &[("agent.toml", "log_level = \"info,pubsub=loud\"\n")],
+                want: &["invalid value \"info,pubsub=loud\" for `log_level`"],
+            },
+            Case {
+                name: "empty level",
+                files: &[("agent.toml", "log_level = \"\"\n")],
+                want: &["invalid value \"\" for `log_level`: empty"],
+            },
+        ];
+        for case in cases {
+            let (dir, got) = load(case.files);
+            let err = match got {
+                Ok(s) => panic!("{}: expected an error, got {s:?}", case.name),
+                Err(e) => e.to_string(),
+            };
+            for want in case.want {
+                let want = want.replace("{dir}", &dir.path().display().to_string());
+                assert!(
+                    err.contains(&want),
+                    "{}: error {err:?} lacks {want:?}",
+                    case.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn valid_levels() {
+        for ok in [
+            "trace",
+            "DEBUG",
+            "info",
+            "warn",
+            "error",
+            "off",
+            " info ",
+            "info,powernode_pubsub=debug",
+            "warn,agentbase::settings=trace",
+            "powernode_pubsub=debug",
+        ] {
+            validate_log_level(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in ["", "verbose", "inf", "info,", "info,x=loud"] {
+            assert!(validate_log_level(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn unreadable_dropin_dir_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(DROPIN_DIR), "not a directory").unwrap();
+        let err = Settings::load_from(dir.path()).unwrap_err();
+        assert!(matches!(&err, SettingsError::Read { path, .. } if path.ends_with(DROPIN_DIR)));
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        let text = "a = 1\nbé = 2\n";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 6), (2, 1));
+        assert_eq!(line_column(text, text.find('=').unwrap()), (1, 3));
+        let second_eq = text.rfind('=').unwrap();
+        assert_eq!(line_column(text, second_eq), (2, 4));
+        assert_eq!(line_column(text, 10_000), (3, 1));
+    }
+}

@@ -1,0 +1,374 @@
+//! Checkpoint files: one per key, written atomically, self-describing and checksummed.
+//!
+//! Layout (all integers little-endian):
+//!
+//! ```text
+//! magic "PNCK" | format u16 | topic_len u16 | topic | schema_version u32 | payload_len u32 | crc32 u32 | payload
+//! ```
+//!
+//! The CRC32 covers every byte before it and the payload, so a torn, truncated or bit-flipped
+//! file is always detected. Files are replaced by write-temp, fsync, rename, fsync-directory, so
+//! a crash at any instant leaves either the old or the new file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::key::validate_key;
+
+/// The first four bytes of every checkpoint file.
+pub const MAGIC: [u8; 4] = *b"PNCK";
+/// Version of the file layout above.
+pub const FORMAT_VERSION: u16 = 1;
+/// Directory (inside a checkpoint directory) where bad files are moved.
+pub const QUARANTINE_DIR: &str = ".quarantine";
+
+/// Why a checkpoint file was not trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointError {
+    /// Shorter than its header or its declared payload.
+    #[error("truncated: {len} bytes")]
+    Truncated {
+        /// The file's length.
+        len: usize,
+    },
+    /// Does not start with [`MAGIC`].
+    #[error("not a checkpoint file (bad magic)")]
+    BadMagic,
+    /// A layout version this build does not read.
+    #[error("unsupported checkpoint format {0}")]
+    UnsupportedFormat(u16),
+    /// Longer than its declared payload.
+    #[error("{extra} trailing bytes after the payload")]
+    TrailingBytes {
+        /// How many bytes too many.
+        extra: usize,
+    },
+    /// Checksum mismatch: torn or corrupted.
+    #[error("CRC mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Crc {
+        /// CRC in the header.
+        stored: u32,
+        /// CRC of the content.
+        computed: u32,
+    },
+    /// Written for another topic.
+    #[error("belongs to topic {found:?}, expected {expected:?}")]
+    WrongTopic {
+        /// Topic in the header.
+        found: String,
+        /// Topic being loaded.
+        expected: String,
+    },
+    /// Written with another schema version of the topic type.
+    #[error("schema version {found}, expected {expected}")]
+    WrongSchema {
+        /// Version in the header.
+        found: u32,
+        /// Version of this build.
+        expected: u32,
+    },
+}
+
+/// A decoded, checksum-verified checkpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Checkpoint<'a> {
+    /// The topic that wrote it.
+    pub topic: &'a str,
+    /// The schema version it was written with.
+    pub schema_version: u32,
+    /// The postcard-encoded item.
+    pub payload: &'a [u8],
+}
+
+/// Builds the complete contents of a checkpoint file.
+pub fn encode(topic: &str, schema_version: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(20 + topic.len() + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&(topic.len() as u16).to_le_bytes());
+    out.extend_from_slice(topic.as_bytes());
+    out.extend_from_slice(&schema_version.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&out);
+    crc.update(payload);
+    out.extend_from_slice(&crc.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Parses and checksums a checkpoint file's contents.
+pub fn decode(bytes: &[u8]) -> Result<Checkpoint<'_>, CheckpointError> {
+    let truncated = CheckpointError::Truncated { len: bytes.len() };
+    let mut r = Reader { bytes, pos: 0 };
+    if r.take(4).ok_or(truncated.clone())? != MAGIC {
+        return Err(CheckpointError::BadMagic);
+    }
+    let format = r.u16().ok_or(truncated.clone())?;
+    if format != FORMAT_VERSION {
+        return Err(CheckpointError::UnsupportedFormat(format));
+    }
+    let topic_len = r.u16().ok_or(truncated.clone())? as usize;
+    let topic = r.take(topic_len).ok_or(truncated.clone())?;
+    let schema_version = r.u32().ok_or(truncated.clone())?;
+    let payload_len = r.u32().ok_or(truncated.clone())? as usize;
+    let covered = r.pos;
+    let stored = r.u32().ok_or(truncated.clone())?;
+    let payload = r.take(payload_len).ok_or(truncated)?;
+    if r.pos != bytes.len() {
+        return Err(CheckpointError::TrailingBytes { extra: bytes.len() - r.pos });
+    }
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[..covered]);
+    crc.update(payload);
+    let computed = crc.finalize();
+    if computed != stored {
+        return Err(CheckpointError::Crc { stored, computed });
+    }
+    // The CRC passed, so a non-UTF-8 topic means a writer bug, not corruption: refuse it all the same.
+    let topic = std::str::from_utf8(topic).map_err(|_| CheckpointError::BadMagic)?;
+    Ok(Checkpoint { topic, schema_version, payload })
+}
+
+/// Decodes a checkpoint and checks it belongs to `topic` at `schema_version`.
+pub fn decode_for<'a>(bytes: &'a [u8], topic: &str, schema_version: u32) -> Result<&'a [u8], CheckpointError> {
+    let cp = decode(bytes)?;
+    if cp.topic != topic {
+        return Err(CheckpointError::WrongTopic { found: cp.topic.to_owned(), expected: topic.to_owned() });
+    }
+    if cp.schema_version != schema_version {
+        return Err(CheckpointError::WrongSchema { found: cp.schema_version, expected: schema_version });
+    }
+    Ok(cp.payload)
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.bytes.get(self.pos..self.pos.checked_add(n)?)?;
+        self.pos += n;
+        Some(s)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        Some(u16::from_le_bytes(self.take(2)?.try_into().ok()?))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+}
+
+/// A file that failed its checks and was moved aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    /// The key (file name) it was stored under.
+    pub key: String,
+    /// Why it was not trusted.
+    pub reason: String,
+    /// Where it now lies.
+    pub moved_to: PathBuf,
+}
+
+/// What loading a checkpoint directory found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Valid items: key and payload.
+    pub items: Vec<(String, Vec<u8>)>,
+    /// Files that were moved aside.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A topic's checkpoint directory, held open so each write costs one directory fsync by fd.
+#[derive(Debug)]
+pub struct CheckpointDir {
+    path: PathBuf,
+    dir: File,
+}
+
+impl CheckpointDir {
+    /// Creates (mode 0700) and opens the directory.
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&path)?;
+        let dir = File::open(&path)?;
+        Ok(CheckpointDir { path, dir })
+    }
+
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Atomically replaces the file for `key` with `contents`.
+    pub fn write(&self, key: &str, contents: &[u8]) -> io::Result<()> {
+        let tmp = self.path.join(format!(".{key}.tmp"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(contents)?;
+        f.sync_data()?;
+        drop(f);
+        fs::rename(&tmp, self.path.join(key))?;
+        self.dir.sync_all()
+    }
+
+    /// Removes the file for `key`, durably; a missing file is not an error.
+    pub fn remove(&self, key: &str) -> io::Result<()> {
+        match fs::remove_file(self.path.join(key)) {
+            Ok(()) => self.dir.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Loads every valid item, moves every bad file to [`QUARANTINE_DIR`] and deletes temp
+    /// files a crash left behind.
+    pub fn load(&self, topic: &str, schema_version: u32) -> io::Result<Loaded> {
+        let mut loaded = Loaded::default();
+        for entry in fs::read_dir(&self.path)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') && name.ends_with(".tmp") {
+                fs::remove_file(entry.path())?;
+                continue;
+            }
+            if validate_key(name).is_err() || !entry.file_type()?.is_file() {
+                continue;
+            }
+            let bytes = fs::read(entry.path())?;
+            match decode_for(&bytes, topic, schema_version) {
+                Ok(payload) => loaded.items.push((name.to_owned(), payload.to_vec())),
+                Err(e) => loaded.quarantined.push(self.quarantine(name, &e.to_string())?),
+            }
+        }
+        self.dir.sync_all()?;
+        loaded.items.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(loaded)
+    }
+
+    /// Moves a file the caller found wanting out of the way, durably, keeping it for inspection.
+    pub fn quarantine(&self, key: &str, reason: &str) -> io::Result<Quarantined> {
+        let qdir = self.path.join(QUARANTINE_DIR);
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&qdir)?;
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let moved_to = qdir.join(format!("{key}.{stamp}"));
+        fs::rename(self.path.join(key), &moved_to)?;
+        File::open(&qdir)?.sync_all()?;
+        Ok(Quarantined { key: key.to_owned(), reason: reason.to_owned(), moved_to })
+    }
+}
+
+/// One file read by [`read_dir`].
+#[derive(Debug)]
+pub struct ReadItem {
+    /// The key (file name).
+    pub key: String,
+    /// The decoded checkpoint's payload, or why it is not trusted.
+    pub payload: Result<(u32, Vec<u8>), CheckpointError>,
+}
+
+/// Reads a checkpoint directory without changing it (subscribers and tools do this; only the
+/// publisher quarantines). A missing directory reads as empty.
+pub fn read_dir(path: &Path, topic: &str) -> io::Result<Vec<ReadItem>> {
+    let entries = match fs::read_dir(path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        if validate_key(&name).is_err() || !entry.file_type()?.is_file() {
+            continue;
+        }
+        let bytes = match fs::read(entry.path()) {
+            Ok(b) => b,
+            // Replaced or removed between listing and reading: the publisher is live, skip it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let payload = decode(&bytes).and_then(|cp| {
+            if cp.topic == topic {
+                Ok((cp.schema_version, cp.payload.to_vec()))
+            } else {
+                Err(CheckpointError::WrongTopic { found: cp.topic.to_owned(), expected: topic.to_owned() })
+            }
+        });
+        out.push(ReadItem { key: name, payload });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let bytes = encode("T", 3, b"payload");
+        let cp = decode(&bytes).unwrap();
+        assert_eq!(cp, Checkpoint { topic: "T", schema_version: 3, payload: b"payload" });
+        assert_eq!(decode_for(&bytes, "T", 3).unwrap(), b"payload");
+        assert!(matches!(decode_for(&bytes, "U", 3), Err(CheckpointError::WrongTopic { .. })));
+        assert!(matches!(decode_for(&bytes, "T", 4), Err(CheckpointError::WrongSchema { found: 3, expected: 4 })));
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_detected() {
+        let bytes = encode("NodeIdentity", 1, b"some payload bytes");
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(decode(&b).is_err(), "flip byte {i} bit {bit}");
+            }
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode(&longer), Err(CheckpointError::TrailingBytes { extra: 1 }));
+    }
+
+    #[test]
+    fn load_quarantines_bad_files_and_sweeps_temps() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = CheckpointDir::open(tmp.path().join("T")).unwrap();
+        dir.write("good", &encode("T", 1, b"g")).unwrap();
+        dir.write("flipped", &encode("T", 1, b"f")).unwrap();
+        dir.write("old", &encode("T", 0, b"o")).unwrap();
+        let mut flipped = fs::read(dir.path().join("flipped")).unwrap();
+        *flipped.last_mut().unwrap() ^= 0xff;
+        fs::write(dir.path().join("flipped"), flipped).unwrap();
+        fs::write(dir.path().join("short"), b"PNC").unwrap();
+        fs::write(dir.path().join(".good.tmp"), b"half").unwrap();
+
+        let loaded = dir.load("T", 1).unwrap();
+        assert_eq!(loaded.items, vec![("good".to_owned(), b"g".to_vec())]);
+        let mut keys: Vec<_> = loaded.quarantined.iter().map(|q| q.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["flipped", "old", "short"]);
+        for q in &loaded.quarantined {
+            assert!(q.moved_to.exists());
+            assert!(!dir.path().join(&q.key).exists());
+        }
+        assert!(!dir.path().join(".good.tmp").exists());
+        // Loading again finds only the good file: the quarantine directory is not an item.
+        let again = dir.load("T", 1).unwrap();
+        assert_eq!(again.items.len(), 1);
+        assert!(again.quarantined.is_empty());
+    }
+}

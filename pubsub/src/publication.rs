@@ -1,0 +1,570 @@
+//! The publisher side: one topic's map of items, its checkpoints and its socket.
+//!
+//! Each subscriber connection gets a task that sends it what it has not seen: first the table in
+//! key order (a cursor walks the map, so nothing is copied per subscriber), then the keys marked
+//! dirty since its last send, each with the value current at send time. A slow subscriber
+//! therefore only grows its own set of dirty keys — bounded by the number of keys — and never
+//! blocks `publish`, which writes the checkpoint, updates the map and marks keys, then returns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::IoSlice;
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use indexmap::IndexSet;
+use nix::fcntl::{Flock, FlockArg};
+use powernode_types::Topic;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+
+use crate::checkpoint::{self, CheckpointDir, Quarantined};
+use crate::dirs::Dirs;
+use crate::error::{Error, Result};
+use crate::frame::{self, Frame, Hello, MAX_ITEM, PROTOCOL_VERSION};
+use crate::key::{validate_key, validate_name};
+use crate::peer::PeerPolicy;
+
+/// How long a new connection has to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most items sent per lock acquisition while walking the snapshot.
+const SNAPSHOT_BATCH: usize = 128;
+/// Most subscribers one publication serves at once; more are refused so no peer can exhaust fds.
+const MAX_SUBSCRIBERS: usize = 256;
+/// A subscriber only ever sends its `Hello`; anything longer than this is not one.
+const CLIENT_FRAME_MAX: usize = 1024;
+
+/// What a publication has to report about itself (folded into the agent's `AgentStatus`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublicationStatus {
+    /// Items in the map.
+    pub items: usize,
+    /// Subscribers connected now.
+    pub subscribers: usize,
+    /// Checkpoint files found bad at start-up and moved aside.
+    pub quarantined: Vec<Quarantined>,
+    /// Connections refused by the `SO_PEERCRED` check.
+    pub refused_peers: u64,
+    /// Connections dropped for sending something that is not the protocol.
+    pub dropped_peers: u64,
+}
+
+/// A topic published by this process.
+///
+/// Must be opened inside a tokio runtime. Dropping it closes every subscriber connection and
+/// removes the socket; the checkpoints stay, for the next start.
+pub struct Publication<T: Topic> {
+    inner: Arc<Inner>,
+    accept: JoinHandle<()>,
+    _lock: Flock<File>,
+    _topic: PhantomData<fn(T)>,
+}
+
+struct Inner {
+    topic: &'static str,
+    schema_version: u32,
+    persistent: bool,
+    generation: u64,
+    socket: PathBuf,
+    checkpoints: CheckpointDir,
+    policy: PeerPolicy,
+    /// Serialises checkpoint writes with map updates so files and map change in the same order.
+    write_lock: Mutex<()>,
+    state: Mutex<State>,
+    closed: AtomicBool,
+    refused: AtomicU64,
+    dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    table: BTreeMap<String, Arc<[u8]>>,
+    conns: HashMap<u64, Conn>,
+    next_conn: u64,
+    restarted: u64,
+    quarantined: Vec<Quarantined>,
+}
+
+struct Conn {
+    cursor: Cursor,
+    dirty: IndexSet<String>,
+    restarted_sent: u64,
+    wake: Arc<Notify>,
+}
+
+/// How far a connection's snapshot walk has gone.
+enum Cursor {
+    Start,
+    After(String),
+    Done,
+}
+
+impl Cursor {
+    /// Whether the walk has already passed `key`, so a change to it must be sent as dirty.
+    fn passed(&self, key: &str) -> bool {
+        match self {
+            Cursor::Start => false,
+            Cursor::After(last) => key <= last.as_str(),
+            Cursor::Done => true,
+        }
+    }
+}
+
+/// What a connection's sender does next.
+enum Work {
+    Closed,
+    Idle,
+    Send {
+        items: Vec<(String, Option<Arc<[u8]>>)>,
+        synchronized: bool,
+        restarted: Option<u64>,
+    },
+}
+
+impl<T: Topic> Publication<T> {
+    /// Opens `<agent>/<T::NAME>`: takes the publisher lock, reloads the map from the checkpoints
+    /// (moving bad files aside), then listens.
+    pub fn open(dirs: &Dirs, agent: &str) -> Result<Self> {
+        validate_name("agent", agent)?;
+        validate_name("topic", T::NAME)?;
+        let run_dir = dirs.agent_run_dir(agent);
+        create_private_dir(&run_dir)?;
+
+        let lock_path = dirs.lock(agent, T::NAME);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io("open lock", &lock_path, e))?;
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| Error::AlreadyPublished {
+            socket: dirs.socket(agent, T::NAME),
+            lock: lock_path.clone(),
+        })?;
+
+        let cp_path = dirs.checkpoints(agent, T::NAME, T::PERSISTENT);
+        let checkpoints = CheckpointDir::open(&cp_path).map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
+        let loaded = checkpoints
+            .load(T::NAME, T::SCHEMA_VERSION)
+            .map_err(|e| Error::io("load checkpoints", &cp_path, e))?;
+        for q in &loaded.quarantined {
+            tracing::error!(topic = T::NAME, key = %q.key, reason = %q.reason, moved_to = %q.moved_to.display(),
+                "bad checkpoint moved aside, not trusted");
+        }
+        let state = State {
+            table: loaded.items.into_iter().map(|(k, v)| (k, Arc::from(v))).collect(),
+            quarantined: loaded.quarantined,
+            ..State::default()
+        };
+
+        let socket = dirs.socket(agent, T::NAME);
+        let listener = bind(&socket)?;
+        let inner = Arc::new(Inner {
+            topic: T::NAME,
+            schema_version: T::SCHEMA_VERSION,
+            persistent: T::PERSISTENT,
+            generation: new_generation(),
+            socket,
+            checkpoints,
+            policy: PeerPolicy::current(),
+            write_lock: Mutex::new(()),
+            state: Mutex::new(state),
+            closed: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let accept = tokio::spawn(accept_loop(inner.clone(), listener));
+        Ok(Publication { inner, accept, _lock: lock, _topic: PhantomData })
+    }
+
+    /// Publishes `item` under its key: checkpoints it durably, then lets every subscriber know.
+    ///
+    /// Blocks the calling thread for the checkpoint write (a few microseconds on tmpfs) and for
+    /// nothing else. Publishing a value equal to the current one writes and sends nothing.
+    pub fn publish(&self, item: &T) -> Result<()> {
+        let key = item.key();
+        validate_key(&key)?;
+        let value = postcard::to_stdvec(item).map_err(|source| Error::Codec {
+            topic: T::NAME.to_owned(),
+            what: "encode item",
+            source,
+        })?;
+        if value.len() > MAX_ITEM {
+            return Err(Error::ItemTooLarge { topic: T::NAME, key, size: value.len(), limit: MAX_ITEM });
+        }
+        self.inner.put(key, value)
+    }
+
+    /// Removes the item with `key`; removing a key that does not exist does nothing.
+    pub fn unpublish(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        self.inner.remove(key)
+    }
+
+    /// Tells subscribers that everything this publisher had to publish at start-up is out.
+    pub fn signal_restarted(&self) {
+        let mut st = self.inner.lock();
+        st.restarted += 1;
+        for conn in st.conns.values() {
+            conn.wake.notify_one();
+        }
+    }
+
+    /// The current item with `key`, as published (a restarted agent reads its own state here).
+    pub fn get(&self, key: &str) -> Option<T> {
+        let bytes = self.inner.lock().table.get(key).cloned()?;
+        match postcard::from_bytes(&bytes) {
+            Ok(item) => Some(item),
+            Err(e) => {
+                tracing::error!(topic = T::NAME, key, error = %e, "own item does not decode");
+                None
+            }
+        }
+    }
+
+    /// Every key in the map, in order.
+    pub fn keys(&self) -> Vec<String> {
+        self.inner.lock().table.keys().cloned().collect()
+    }
+
+    /// Counters and findings to report.
+    pub fn status(&self) -> PublicationStatus {
+        let st = self.inner.lock();
+        PublicationStatus {
+            items: st.table.len(),
+            subscribers: st.conns.len(),
+            quarantined: st.quarantined.clone(),
+            refused_peers: self.inner.refused.load(Ordering::Relaxed),
+            dropped_peers: self.inner.dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// This publisher instance's generation, as sent in its `Hello`.
+    pub fn generation(&self) -> u64 {
+        self.inner.generation
+    }
+
+    /// The publication's socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.inner.socket
+    }
+}
+
+impl<T: Topic> Drop for Publication<T> {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.inner.closed.store(true, Ordering::SeqCst);
+        for conn in self.inner.lock().conns.values() {
+            conn.wake.notify_one();
+        }
+        // We still hold the lock, so the socket is ours to remove.
+        let _ = fs::remove_file(&self.inner.socket);
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the map half-updated (every update is a
+        // single insert or remove), so a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn put(&self, key: String, value: Vec<u8>) -> Result<()> {
+        let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.lock().table.get(&key).is_some_and(|old| **old == *value) {
+            return Ok(());
+        }
+        let file = checkpoint::encode(self.topic, self.schema_version, &value);
+        self.checkpoints
+            .write(&key, &file)
+            .map_err(|e| Error::io("write checkpoint", self.checkpoints.path().join(&key), e))?;
+        let mut st = self.lock();
+        mark_dirty(&mut st.conns, &key);
+        st.table.insert(key, Arc::from(value));
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<()> {
+        let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.lock().table.contains_key(key) {
+            return Ok(());
+        }
+        self.checkpoints
+            .remove(key)
+            .map_err(|e| Error::io("remove checkpoint", self.checkpoints.path().join(key), e))?;
+        let mut st = self.lock();
+        st.table.remove(key);
+        mark_dirty(&mut st.conns, key);
+        Ok(())
+    }
+
+    fn hello(&self) -> Vec<u8> {
+        Frame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            topic: self.topic,
+            schema_version: self.schema_version,
+            persistent: self.persistent,
+            generation: self.generation,
+        })
+        .encode()
+    }
+
+    fn register(&self) -> Option<(u64, Arc<Notify>)> {
+        let mut st = self.lock();
+        if st.conns.len() >= MAX_SUBSCRIBERS {
+            return None;
+        }
+        let id = st.next_conn;
+        st.next_conn += 1;
+        let wake = Arc::new(Notify::new());
+        st.conns.insert(
+            id,
+            Conn { cursor: Cursor::Start, dirty: IndexSet::new(), restarted_sent: 0, wake: wake.clone() },
+        );
+        Some((id, wake))
+    }
+
+    fn unregister(&self, id: u64) {
+        self.lock().conns.remove(&id);
+    }
+
+    /// Takes the next batch for connection `id`: a slice of the snapshot walk, or the dirty keys.
+    /// The restart barrier is taken under the same lock as the items, so it never overtakes them.
+    fn next_work(&self, id: u64) -> Work {
+        if self.closed.load(Ordering::SeqCst) {
+            return Work::Closed;
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(conn) = st.conns.get_mut(&id) else { return Work::Closed };
+        let mut items = Vec::new();
+        let mut synchronized = false;
+        let walking = match &conn.cursor {
+            Cursor::Start => Some(st.table.range::<str, _>((Bound::Unbounded, Bound::Unbounded))),
+            Cursor::After(last) => Some(st.table.range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded))),
+            Cursor::Done => None,
+        };
+        if let Some(range) = walking {
+            items.extend(range.take(SNAPSHOT_BATCH).map(|(k, v)| (k.clone(), Some(v.clone()))));
+            if items.len() == SNAPSHOT_BATCH {
+                conn.cursor = Cursor::After(items[items.len() - 1].0.clone());
+                return Work::Send { items, synchronized: false, restarted: None };
+            }
+            conn.cursor = Cursor::Done;
+            synchronized = true;
+        }
+        items.extend(std::mem::take(&mut conn.dirty).into_iter().map(|k| {
+            let v = st.table.get(&k).cloned();
+            (k, v)
+        }));
+        let restarted = (st.restarted > conn.restarted_sent).then(|| {
+            conn.restarted_sent = st.restarted;
+            st.restarted
+        });
+        if items.is_empty() && !synchronized && restarted.is_none() {
+            Work::Idle
+        } else {
+            Work::Send { items, synchronized, restarted }
+        }
+    }
+}
+
+fn mark_dirty(conns: &mut HashMap<u64, Conn>, key: &str) {
+    for conn in conns.values_mut() {
+        if conn.cursor.passed(key) {
+            if !conn.dirty.contains(key) {
+                conn.dirty.insert(key.to_owned());
+            }
+            conn.wake.notify_one();
+        }
+    }
+}
+
+fn new_generation() -> u64 {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 40)
+}
+
+/// Creates `dir` mode 0700, or tightens it to 0700 if it exists with looser permissions.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create directory", dir, e))?;
+    let meta = fs::metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io("chmod 0700", dir, e))?;
+    }
+    Ok(())
+}
+
+fn bind(socket: &Path) -> Result<UnixSeqpacketListener> {
+    let len = socket.as_os_str().len();
+    if len > 107 {
+        return Err(Error::SocketPathTooLong { path: socket.to_owned(), len });
+    }
+    // We hold the publisher lock, so a socket file left here belongs to a dead publisher.
+    match fs::remove_file(socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove stale socket", socket, e)),
+    }
+    let listener = UnixSeqpacketListener::bind(socket).map_err(|e| Error::io("bind", socket, e))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600)).map_err(|e| Error::io("chmod", socket, e))?;
+    Ok(listener)
+}
+
+async fn accept_loop(inner: Arc<Inner>, mut listener: UnixSeqpacketListener) {
+    loop {
+        match listener.accept().await {
+            Ok(sock) => {
+                tokio::spawn(serve(inner.clone(), sock));
+            }
+            Err(e) => {
+                // Out of fds or memory: back off rather than spin; existing subscribers carry on.
+                tracing::warn!(topic = inner.topic, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Why a connection ended.
+enum Ended {
+    Closed,
+    Violation(String),
+}
+
+async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
+    let cred = match sock.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(topic = inner.topic, error = %e, "SO_PEERCRED failed; refusing peer");
+            inner.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    if !inner.policy.allows(cred.uid(), cred.gid()) {
+        inner.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(topic = inner.topic, peer_uid = cred.uid(), peer_gid = cred.gid(), peer_pid = ?cred.pid(),
+            "peer refused: not root and not the agents' user or group");
+        return;
+    }
+    let peer_pid = cred.pid().unwrap_or(0);
+    match handshake(&inner, &sock).await {
+        Ok(()) => {}
+        Err(Ended::Closed) => return,
+        Err(Ended::Violation(reason)) => {
+            inner.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic = inner.topic, peer_pid, %reason, "subscriber dropped at handshake");
+            return;
+        }
+    }
+    let Some((id, wake)) = inner.register() else {
+        tracing::warn!(topic = inner.topic, peer_pid, limit = MAX_SUBSCRIBERS, "too many subscribers; refusing one");
+        return;
+    };
+    let ended = tokio::select! {
+        e = watch_peer(&sock) => e,
+        e = send_loop(&inner, id, &wake, &sock) => e,
+    };
+    inner.unregister(id);
+    if let Ended::Violation(reason) = ended {
+        inner.dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(topic = inner.topic, peer_pid, %reason, "subscriber dropped");
+    }
+}
+
+async fn handshake(inner: &Inner, sock: &UnixSeqpacket) -> Result<(), Ended> {
+    let mut buf = [0u8; CLIENT_FRAME_MAX];
+    let info = match tokio::time::timeout(HELLO_TIMEOUT, sock.recv(&mut buf)).await {
+        Err(_) => return Err(Ended::Violation("no Hello within 5 s".into())),
+        Ok(Err(_)) => return Err(Ended::Closed),
+        Ok(Ok(info)) => info,
+    };
+    if info.bytes_read() == 0 && !info.truncated() {
+        return Err(Ended::Closed);
+    }
+    if info.truncated() {
+        return Err(Ended::Violation("oversized frame instead of Hello".into()));
+    }
+    let reason = match Frame::decode(&buf[..info.bytes_read()]) {
+        Ok(Frame::Hello(h)) if h.protocol == PROTOCOL_VERSION && h.topic == inner.topic => None,
+        Ok(Frame::Hello(h)) => Some(format!(
+            "Hello for topic {:?} protocol {}, this is {:?} protocol {}",
+            h.topic, h.protocol, inner.topic, PROTOCOL_VERSION
+        )),
+        Ok(other) => Some(format!("expected Hello, got {}", frame_name(&other))),
+        Err(e) => Some(format!("undecodable frame: {e}")),
+    };
+    // Answer with our Hello even on a mismatch, so the peer can say what it found.
+    if sock.send(&inner.hello()).await.is_err() {
+        return Err(Ended::Closed);
+    }
+    match reason {
+        None => Ok(()),
+        Some(r) => Err(Ended::Violation(r)),
+    }
+}
+
+/// Subscribers send nothing after their Hello: EOF ends the connection, anything else is a
+/// protocol violation.
+async fn watch_peer(sock: &UnixSeqpacket) -> Ended {
+    let mut buf = [0u8; CLIENT_FRAME_MAX];
+    match sock.recv(&mut buf).await {
+        Ok(info) if info.bytes_read() == 0 && !info.truncated() => Ended::Closed,
+        Ok(info) if info.truncated() => Ended::Violation("oversized frame".into()),
+        Ok(info) => Ended::Violation(format!("unexpected {}-byte frame after Hello", info.bytes_read())),
+        Err(_) => Ended::Closed,
+    }
+}
+
+async fn send_loop(inner: &Inner, id: u64, wake: &Notify, sock: &UnixSeqpacket) -> Ended {
+    let mut header = Vec::with_capacity(256);
+    loop {
+        match inner.next_work(id) {
+            Work::Closed => return Ended::Closed,
+            Work::Idle => wake.notified().await,
+            Work::Send { items, synchronized, restarted } => {
+                for (key, value) in &items {
+                    let sent = match value {
+                        Some(v) => {
+                            frame::update_header(key, v.len(), &mut header);
+                            sock.send_vectored(&[IoSlice::new(&header), IoSlice::new(v)]).await
+                        }
+                        None => sock.send(&Frame::Delete { key }.encode()).await,
+                    };
+                    if sent.is_err() {
+                        return Ended::Closed;
+                    }
+                }
+                if synchronized && sock.send(&Frame::Synchronized.encode()).await.is_err() {
+                    return Ended::Closed;
+                }
+                if let Some(counter) = restarted {
+                    if sock.send(&Frame::Restarted { counter }.encode()).await.is_err() {
+                        return Ended::Closed;
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn frame_name(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Hello(_) => "Hello",
+        Frame::Update { .. } => "Update",
+        Frame::Delete { .. } => "Delete",
+        Frame::Synchronized => "Synchronized",
+        Frame::Restarted { .. } => "Restarted",
+    }
+}

@@ -1,0 +1,75 @@
+//! Who this node is: the result of identitymgr's identity cascade.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Topic, GLOBAL_KEY};
+
+/// The node's identity and the bootstrap facts found alongside it, published by identitymgr.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// Whether the cascade found an identity.
+    pub state: IdentityState,
+    /// The node's UUID, when resolved.
+    pub uuid: Option<String>,
+    /// Which step of the cascade supplied `uuid`.
+    pub source: Option<IdentitySource>,
+    /// The kernel's boot id; changes on every boot.
+    pub boot_id: String,
+    /// The node's hostname.
+    pub hostname: String,
+    /// CPU architecture in OCI notation, e.g. `amd64`, `arm64`; used to resolve module images.
+    pub arch: String,
+    /// The DMI/SMBIOS product UUID, when readable, reported even if another source won.
+    pub dmi_uuid: Option<String>,
+    /// One-time token for enrollment, when a source provided one.
+    pub bootstrap_token: Option<String>,
+    /// Controller URL, when a source provided one (overrides configuration).
+    pub controller_url: Option<String>,
+    /// PEM CA bundle to trust for the controller, when a source provided one.
+    pub ca_pem: Option<String>,
+    /// Why the cascade failed or which source misbehaved, if any.
+    pub last_error: Option<String>,
+}
+
+/// Outcome of the identity cascade.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdentityState {
+    /// A UUID was found (or generated and stored).
+    Resolved,
+    /// No source yielded a UUID and none could be generated; enrollment cannot proceed.
+    Unresolvable,
+}
+
+/// The steps of the identity cascade, in the order they are tried.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IdentitySource {
+    /// `powernode.uuid=` on the kernel command line.
+    KernelCmdline,
+    /// QEMU fw-cfg entry.
+    FwCfg,
+    /// AWS instance metadata service.
+    Aws,
+    /// Google Cloud metadata server.
+    Gcp,
+    /// Azure instance metadata service.
+    Azure,
+    /// DigitalOcean metadata service.
+    DigitalOcean,
+    /// Hetzner Cloud metadata service.
+    Hetzner,
+    /// DMI/SMBIOS product UUID.
+    Dmi,
+    /// The operator's `identity.cfg` file.
+    IdentityCfg,
+    /// Generated on first boot and stored under `persist/`.
+    Generated,
+}
+
+impl Topic for NodeIdentity {
+    const NAME: &'static str = "NodeIdentity";
+    const SCHEMA_VERSION: u32 = 1;
+    const PERSISTENT: bool = false;
+    fn key(&self) -> String {
+        GLOBAL_KEY.to_owned()
+    }
+}

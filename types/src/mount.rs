@@ -1,0 +1,100 @@
+//! Composed mounts: verified images stacked as overlayfs lower layers, switched A/B.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Topic;
+
+/// The stack one mount target should have, published by modulemgr.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MountConfig {
+    /// The target's name; the key.
+    pub target: String,
+    /// Increases with every change of the stack, so mountmgr can tell a new stack from a repeat.
+    pub generation: u64,
+    /// Verified images to stack.
+    pub layers: Vec<MountLayer>,
+    /// Where writes go.
+    pub upper: UpperMode,
+}
+
+/// One verified image in a stack.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MountLayer {
+    /// The module's name.
+    pub name: String,
+    /// Path of the erofs image in the digest store.
+    pub image_path: String,
+    /// The image's verified digest.
+    pub digest: String,
+    /// Higher priority is stacked above lower.
+    pub priority: u32,
+}
+
+/// The overlay's upper (writable) layer.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum UpperMode {
+    /// A tmpfs: writes are lost on every switch and reboot.
+    Tmpfs,
+    /// A directory that keeps writes across switches and reboots.
+    Persistent {
+        /// The directory, under `persist/`.
+        path: String,
+    },
+}
+
+impl Topic for MountConfig {
+    const NAME: &'static str = "MountConfig";
+    const SCHEMA_VERSION: u32 = 1;
+    const PERSISTENT: bool = false;
+    fn key(&self) -> String {
+        self.target.clone()
+    }
+}
+
+/// What is mounted at one target, published by mountmgr.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MountStatus {
+    /// The target's name; the key.
+    pub target: String,
+    /// The `MountConfig` generation this status answers.
+    pub generation: u64,
+    /// Outcome of applying that generation.
+    pub state: MountState,
+    /// The slot holding the active stack, once one is mounted.
+    pub slot: Option<Slot>,
+    /// Digests of the active stack's layers, bottom first.
+    pub layers: Vec<String>,
+    /// Why the switch failed or was rolled back, if it was.
+    pub error: Option<String>,
+}
+
+/// Outcome of applying a `MountConfig` generation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MountState {
+    /// Building the new stack beside the active one.
+    Mounting,
+    /// The new stack is active.
+    Mounted,
+    /// The new stack could not be built; the previous one, if any, is still active.
+    Failed,
+    /// The new stack was switched to but was not healthy; the previous one is active again.
+    RolledBack,
+}
+
+/// The two places a stack can be built in, so a new one is built beside the active one.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    /// Slot A.
+    A,
+    /// Slot B.
+    B,
+}
+
+impl Topic for MountStatus {
+    const NAME: &'static str = "MountStatus";
+    const SCHEMA_VERSION: u32 = 1;
+    const PERSISTENT: bool = false;
+    fn key(&self) -> String {
+        self.target.clone()
+    }
+}
