@@ -58,11 +58,17 @@ mod tests {
     #[test]
     fn layout() {
         let d = Dirs::under_root("/r");
-        assert_eq!(d.socket("enrollmgr", "EnrollmentStatus"), Path::new("/r/run/powernode/enrollmgr/EnrollmentStatus.sock"));
+        assert_eq!(
+            d.socket("enrollmgr", "EnrollmentStatus"),
+            Path::new("/r/run/powernode/enrollmgr/EnrollmentStatus.sock")
+        );
         assert_eq!(
             d.checkpoints("enrollmgr", "EnrollmentStatus", true),
             Path::new("/r/persist/powernode/status/enrollmgr/EnrollmentStatus")
         );
-        assert_eq!(d.checkpoints("heartbeatd", "ControllerStatus", false), Path::new("/r/run/powernode/heartbeatd/ControllerStatus"));
+        assert_eq!(
+            d.checkpoints("heartbeatd", "ControllerStatus", false),
+            Path::new("/r/run/powernode/heartbeatd/ControllerStatus")
+        );
     }
 }

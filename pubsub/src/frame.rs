@@ -1,4 +1,6 @@
-//! The wire envelope: one frame per `SOCK_SEQPACKET` message, postcard-encoded.
+//! The wire envelope: postcard-encoded frames; a `SOCK_SEQPACKET` message carries one or
+//! more whole frames back to back (postcard frames are self-delimiting), so a burst of updates
+//! costs one send and one wake-up rather than one per item.
 //!
 //! The item value inside `Update` is itself the postcard encoding of the topic type, carried as
 //! opaque bytes: the envelope decodes without knowing the type (ipcmonitor relies on this), and
@@ -74,6 +76,18 @@ impl<'a> Frame<'a> {
         postcard::to_stdvec(self).expect("frames always encode")
     }
 
+    /// Appends the frame's encoding to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        // Encoding a Frame cannot fail: every field is a plain string, bytes or integer.
+        let bytes = postcard::to_extend(self, std::mem::take(out)).expect("frames always encode");
+        *out = bytes;
+    }
+
+    /// Decodes the frames of one message, in order.
+    pub fn decode_all(bytes: &'a [u8]) -> FrameIter<'a> {
+        FrameIter { rest: bytes }
+    }
+
     /// Decodes one frame; trailing bytes are an error so that a frame means exactly one thing.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, postcard::Error> {
         let (frame, rest) = postcard::take_from_bytes(bytes)?;
@@ -85,10 +99,34 @@ impl<'a> Frame<'a> {
     }
 }
 
-/// Writes the part of an `Update` frame that precedes the value, so the value can be sent from
+/// The frames of one message; see [`Frame::decode_all`].
+pub struct FrameIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for FrameIter<'a> {
+    type Item = Result<Frame<'a>, postcard::Error>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        match postcard::take_from_bytes(self.rest) {
+            Ok((frame, rest)) => {
+                self.rest = rest;
+                Some(Ok(frame))
+            }
+            Err(e) => {
+                self.rest = &[];
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// Appends the part of an `Update` frame that precedes the value, so the value can be sent from
 /// where it lies with a vectored send instead of being copied into a frame buffer.
 pub fn update_header(key: &str, value_len: usize, out: &mut Vec<u8>) {
-    out.clear();
     out.push(UPDATE_TAG);
     push_varint(out, key.len());
     out.extend_from_slice(key.as_bytes());
@@ -113,9 +151,14 @@ mod tests {
         for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, MAX_ITEM] {
             let value = vec![7u8; len];
             let key = "k".repeat(len % 200 + 1);
-            let full = Frame::Update { key: &key, value: &value }.encode();
-            let mut header = Vec::new();
+            let full = Frame::Update {
+                key: &key,
+                value: &value,
+            }
+            .encode();
+            let mut header = vec![0xaa];
             update_header(&key, value.len(), &mut header);
+            header.remove(0);
             header.extend_from_slice(&value);
             assert_eq!(header, full, "value length {len}");
         }
@@ -124,8 +167,17 @@ mod tests {
     #[test]
     fn round_trip_and_trailing_bytes() {
         let frames = [
-            Frame::Hello(Hello { protocol: 1, topic: "T", schema_version: 3, persistent: true, generation: 9 }),
-            Frame::Update { key: "a", value: b"xyz" },
+            Frame::Hello(Hello {
+                protocol: 1,
+                topic: "T",
+                schema_version: 3,
+                persistent: true,
+                generation: 9,
+            }),
+            Frame::Update {
+                key: "a",
+                value: b"xyz",
+            },
             Frame::Delete { key: "a" },
             Frame::Synchronized,
             Frame::Restarted { counter: 2 },
@@ -149,9 +201,22 @@ mod tests {
             persistent: true,
             generation: 300,
         });
-        assert_eq!(PROTOCOL_VERSION, 1, "update the golden bytes below with the new version");
-        assert_eq!(hex(&hello.encode()), "00010c4e6f64654964656e746974790201ac02");
-        assert_eq!(hex(&Frame::Update { key: "k", value: &[1, 2] }.encode()), "01016b020102");
+        assert_eq!(
+            PROTOCOL_VERSION, 1,
+            "update the golden bytes below with the new version"
+        );
+        assert_eq!(
+            hex(&hello.encode()),
+            "00010c4e6f64654964656e746974790201ac02"
+        );
+        assert_eq!(
+            hex(&Frame::Update {
+                key: "k",
+                value: &[1, 2]
+            }
+            .encode()),
+            "01016b020102"
+        );
         assert_eq!(hex(&Frame::Delete { key: "k" }.encode()), "02016b");
         assert_eq!(hex(&Frame::Synchronized.encode()), "03");
         assert_eq!(hex(&Frame::Restarted { counter: 5 }.encode()), "0405");
@@ -159,6 +224,32 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn several_frames_in_one_message() {
+        let mut msg = Vec::new();
+        Frame::Update {
+            key: "a",
+            value: b"1",
+        }
+        .encode_into(&mut msg);
+        Frame::Delete { key: "b" }.encode_into(&mut msg);
+        Frame::Synchronized.encode_into(&mut msg);
+        let frames: Vec<_> = Frame::decode_all(&msg).collect::<Result<_, _>>().unwrap();
+        assert_eq!(
+            frames,
+            [
+                Frame::Update {
+                    key: "a",
+                    value: b"1"
+                },
+                Frame::Delete { key: "b" },
+                Frame::Synchronized
+            ]
+        );
+        msg.push(0x09); // a tag no frame has
+        assert!(Frame::decode_all(&msg).last().unwrap().is_err());
     }
 
     #[test]
@@ -174,6 +265,7 @@ mod tests {
                 })
                 .collect();
             let _ = Frame::decode(&bytes);
+            let _ = Frame::decode_all(&bytes).count();
         }
     }
 }

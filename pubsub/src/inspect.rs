@@ -67,20 +67,24 @@ pub fn list(dirs: &Dirs) -> Vec<PublicationInfo> {
         if validate_name("agent", agent).is_err() || validate_name("topic", topic).is_err() {
             return;
         }
-        let entry = found.entry((agent.to_owned(), topic.to_owned())).or_insert_with(|| PublicationInfo {
-            agent: agent.to_owned(),
-            topic: topic.to_owned(),
-            persistent,
-            checkpoint_dir: dirs.checkpoints(agent, topic, persistent),
-            socket: dirs.socket(agent, topic),
-        });
+        let entry = found
+            .entry((agent.to_owned(), topic.to_owned()))
+            .or_insert_with(|| PublicationInfo {
+                agent: agent.to_owned(),
+                topic: topic.to_owned(),
+                persistent,
+                checkpoint_dir: dirs.checkpoints(agent, topic, persistent),
+                socket: dirs.socket(agent, topic),
+            });
         if persistent && !entry.persistent {
             entry.persistent = true;
             entry.checkpoint_dir = dirs.checkpoints(agent, topic, true);
         }
     };
     for agent in subdirs(&dirs.run) {
-        let Ok(rd) = fs::read_dir(dirs.agent_run_dir(&agent)) else { continue };
+        let Ok(rd) = fs::read_dir(dirs.agent_run_dir(&agent)) else {
+            continue;
+        };
         for entry in rd.filter_map(|e| e.ok()) {
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(topic) = name.strip_suffix(".sock") {
@@ -100,7 +104,9 @@ pub fn list(dirs: &Dirs) -> Vec<PublicationInfo> {
 }
 
 fn subdirs(dir: &Path) -> Vec<String> {
-    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut out: Vec<String> = rd
         .filter_map(|e| e.ok())
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
@@ -151,8 +157,15 @@ pub async fn snapshot(dirs: &Dirs, info: &PublicationInfo, timeout: Duration) ->
         let mut source = None;
         loop {
             match sub.next().await {
-                RawEvent::Connected { generation, schema_version, .. } => {
-                    source = Some(Source::Live { generation, schema_version })
+                RawEvent::Connected {
+                    generation,
+                    schema_version,
+                    ..
+                } => {
+                    source = Some(Source::Live {
+                        generation,
+                        schema_version,
+                    })
                 }
                 RawEvent::Update { key, value, .. } => {
                     let schema = match &source {
@@ -167,7 +180,10 @@ pub async fn snapshot(dirs: &Dirs, info: &PublicationInfo, timeout: Duration) ->
                 RawEvent::Synchronized => break,
                 RawEvent::Restarted { .. } => {}
                 RawEvent::Disconnected { reason } => {
-                    return Err(crate::Error::Protocol { peer: info.socket.display().to_string(), reason })
+                    return Err(crate::Error::Protocol {
+                        peer: info.socket.display().to_string(),
+                        reason,
+                    })
                 }
             }
         }
@@ -183,5 +199,8 @@ pub async fn snapshot(dirs: &Dirs, info: &PublicationInfo, timeout: Duration) ->
     let items = checkpoint::read_dir(&info.checkpoint_dir, &info.topic)
         .map(|items| items.into_iter().map(|i| (i.key, i.payload)).collect())
         .unwrap_or_default();
-    Snapshot { source: Source::Checkpoint { reason }, items }
+    Snapshot {
+        source: Source::Checkpoint { reason },
+        items,
+    }
 }

@@ -14,6 +14,7 @@ mod key;
 mod peer;
 mod publication;
 mod subscription;
+pub mod testing;
 
 pub use dirs::Dirs;
 pub use error::{Error, Result};

@@ -11,6 +11,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::IoSlice;
 use std::marker::PhantomData;
 use std::ops::Bound;
+use std::os::fd::RawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use crate::checkpoint::{self, CheckpointDir, Quarantined};
 use crate::dirs::Dirs;
 use crate::error::{Error, Result};
-use crate::frame::{self, Frame, Hello, MAX_ITEM, PROTOCOL_VERSION};
+use crate::frame::{self, Frame, Hello, MAX_FRAME, MAX_ITEM, PROTOCOL_VERSION};
 use crate::key::{validate_key, validate_name};
 use crate::peer::PeerPolicy;
 
@@ -92,6 +93,16 @@ struct State {
 }
 
 struct Conn {
+    /// The connection's socket, valid while the connection is registered (its task
+    /// unregisters before closing it); shut down when the publication is dropped.
+    fd: RawFd,
+    /// The connection's task holds a batch it has not finished sending.
+    busy: bool,
+    /// May `publish` send the next change itself? Spent by a direct send; restored when the
+    /// connection's task next finds nothing to do, or when the subscriber has read everything
+    /// sent to it. So a subscriber that is waiting gets a change at once, and one that is
+    /// behind gets the rest of a burst packed into few messages by the task.
+    direct: bool,
     cursor: Cursor,
     dirty: IndexSet<String>,
     restarted_sent: u64,
@@ -144,13 +155,16 @@ impl<T: Topic> Publication<T> {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| Error::io("open lock", &lock_path, e))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| Error::AlreadyPublished {
-            socket: dirs.socket(agent, T::NAME),
-            lock: lock_path.clone(),
+        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
+            Error::AlreadyPublished {
+                socket: dirs.socket(agent, T::NAME),
+                lock: lock_path.clone(),
+            }
         })?;
 
         let cp_path = dirs.checkpoints(agent, T::NAME, T::PERSISTENT);
-        let checkpoints = CheckpointDir::open(&cp_path).map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
+        let checkpoints = CheckpointDir::open(&cp_path)
+            .map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
         let loaded = checkpoints
             .load(T::NAME, T::SCHEMA_VERSION)
             .map_err(|e| Error::io("load checkpoints", &cp_path, e))?;
@@ -159,7 +173,11 @@ impl<T: Topic> Publication<T> {
                 "bad checkpoint moved aside, not trusted");
         }
         let state = State {
-            table: loaded.items.into_iter().map(|(k, v)| (k, Arc::from(v))).collect(),
+            table: loaded
+                .items
+                .into_iter()
+                .map(|(k, v)| (k, Arc::from(v)))
+                .collect(),
             quarantined: loaded.quarantined,
             ..State::default()
         };
@@ -181,7 +199,12 @@ impl<T: Topic> Publication<T> {
             dropped: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(inner.clone(), listener));
-        Ok(Publication { inner, accept, _lock: lock, _topic: PhantomData })
+        Ok(Publication {
+            inner,
+            accept,
+            _lock: lock,
+            _topic: PhantomData,
+        })
     }
 
     /// Publishes `item` under its key: checkpoints it durably, then lets every subscriber know.
@@ -197,7 +220,12 @@ impl<T: Topic> Publication<T> {
             source,
         })?;
         if value.len() > MAX_ITEM {
-            return Err(Error::ItemTooLarge { topic: T::NAME, key, size: value.len(), limit: MAX_ITEM });
+            return Err(Error::ItemTooLarge {
+                topic: T::NAME,
+                key,
+                size: value.len(),
+                limit: MAX_ITEM,
+            });
         }
         self.inner.put(key, value)
     }
@@ -261,7 +289,9 @@ impl<T: Topic> Drop for Publication<T> {
     fn drop(&mut self) {
         self.accept.abort();
         self.inner.closed.store(true, Ordering::SeqCst);
+        // Hang up on every subscriber now, not when (or if) the runtime next polls their tasks.
         for conn in self.inner.lock().conns.values() {
+            let _ = nix::sys::socket::shutdown(conn.fd, nix::sys::socket::Shutdown::Both);
             conn.wake.notify_one();
         }
         // We still hold the lock, so the socket is ours to remove.
@@ -276,33 +306,45 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Updates the map, delivers, then checkpoints. Delivery overlaps the checkpoint write
+    /// rather than waiting for it: see docs/pubsub.md ("Ordering and durability").
     fn put(&self, key: String, value: Vec<u8>) -> Result<()> {
         let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if self.lock().table.get(&key).is_some_and(|old| **old == *value) {
-            return Ok(());
+        let value: Arc<[u8]> = Arc::from(value);
+        {
+            let mut st = self.lock();
+            if st.table.get(&key).is_some_and(|old| **old == *value) {
+                return Ok(());
+            }
+            st.table.insert(key.clone(), value.clone());
+            let mut header = Vec::with_capacity(key.len() + 8);
+
+            frame::update_header(&key, value.len(), &mut header);
+            deliver(
+                &mut st.conns,
+                &key,
+                &[IoSlice::new(&header), IoSlice::new(&value)],
+            );
         }
         let file = checkpoint::encode(self.topic, self.schema_version, &value);
         self.checkpoints
             .write(&key, &file)
-            .map_err(|e| Error::io("write checkpoint", self.checkpoints.path().join(&key), e))?;
-        let mut st = self.lock();
-        mark_dirty(&mut st.conns, &key);
-        st.table.insert(key, Arc::from(value));
-        Ok(())
+            .map_err(|e| Error::io("write checkpoint", self.checkpoints.path().join(&key), e))
     }
 
     fn remove(&self, key: &str) -> Result<()> {
         let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.lock().table.contains_key(key) {
-            return Ok(());
+        {
+            let mut st = self.lock();
+            if st.table.remove(key).is_none() {
+                return Ok(());
+            }
+            let frame = Frame::Delete { key }.encode();
+            deliver(&mut st.conns, key, &[IoSlice::new(&frame)]);
         }
         self.checkpoints
             .remove(key)
-            .map_err(|e| Error::io("remove checkpoint", self.checkpoints.path().join(key), e))?;
-        let mut st = self.lock();
-        st.table.remove(key);
-        mark_dirty(&mut st.conns, key);
-        Ok(())
+            .map_err(|e| Error::io("remove checkpoint", self.checkpoints.path().join(key), e))
     }
 
     fn hello(&self) -> Vec<u8> {
@@ -316,7 +358,7 @@ impl Inner {
         .encode()
     }
 
-    fn register(&self) -> Option<(u64, Arc<Notify>)> {
+    fn register(&self, fd: RawFd) -> Option<(u64, Arc<Notify>)> {
         let mut st = self.lock();
         if st.conns.len() >= MAX_SUBSCRIBERS {
             return None;
@@ -326,7 +368,15 @@ impl Inner {
         let wake = Arc::new(Notify::new());
         st.conns.insert(
             id,
-            Conn { cursor: Cursor::Start, dirty: IndexSet::new(), restarted_sent: 0, wake: wake.clone() },
+            Conn {
+                fd,
+                busy: false,
+                direct: true,
+                cursor: Cursor::Start,
+                dirty: IndexSet::new(),
+                restarted_sent: 0,
+                wake: wake.clone(),
+            },
         );
         Some((id, wake))
     }
@@ -343,19 +393,38 @@ impl Inner {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let Some(conn) = st.conns.get_mut(&id) else { return Work::Closed };
+        let Some(conn) = st.conns.get_mut(&id) else {
+            return Work::Closed;
+        };
+        // Asking for work means the previous batch is out.
+        conn.busy = false;
         let mut items = Vec::new();
         let mut synchronized = false;
         let walking = match &conn.cursor {
-            Cursor::Start => Some(st.table.range::<str, _>((Bound::Unbounded, Bound::Unbounded))),
-            Cursor::After(last) => Some(st.table.range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded))),
+            Cursor::Start => Some(
+                st.table
+                    .range::<str, _>((Bound::Unbounded, Bound::Unbounded)),
+            ),
+            Cursor::After(last) => Some(
+                st.table
+                    .range::<str, _>((Bound::Excluded(last.as_str()), Bound::Unbounded)),
+            ),
             Cursor::Done => None,
         };
         if let Some(range) = walking {
-            items.extend(range.take(SNAPSHOT_BATCH).map(|(k, v)| (k.clone(), Some(v.clone()))));
+            items.extend(
+                range
+                    .take(SNAPSHOT_BATCH)
+                    .map(|(k, v)| (k.clone(), Some(v.clone()))),
+            );
             if items.len() == SNAPSHOT_BATCH {
                 conn.cursor = Cursor::After(items[items.len() - 1].0.clone());
-                return Work::Send { items, synchronized: false, restarted: None };
+                conn.busy = true;
+                return Work::Send {
+                    items,
+                    synchronized: false,
+                    restarted: None,
+                };
             }
             conn.cursor = Cursor::Done;
             synchronized = true;
@@ -369,26 +438,72 @@ impl Inner {
             st.restarted
         });
         if items.is_empty() && !synchronized && restarted.is_none() {
+            conn.direct = true;
             Work::Idle
         } else {
-            Work::Send { items, synchronized, restarted }
+            conn.busy = true;
+            Work::Send {
+                items,
+                synchronized,
+                restarted,
+            }
         }
     }
 }
 
-fn mark_dirty(conns: &mut HashMap<u64, Conn>, key: &str) {
+/// Sends a change of `key` to every subscriber that has already been sent `key`.
+///
+/// A subscriber that is caught up (snapshot done, nothing dirty, its task not mid-batch) gets
+/// the frame right here with a non-blocking send: no task wake-up on the latency path. Any
+/// other — or one whose socket buffer is full — gets the key marked dirty for its task, which
+/// sends the value current at that time. Called under the state lock, so a fast-path send can
+/// never interleave with the connection task's sends.
+fn deliver(conns: &mut HashMap<u64, Conn>, key: &str, frame: &[IoSlice<'_>]) {
     for conn in conns.values_mut() {
-        if conn.cursor.passed(key) {
-            if !conn.dirty.contains(key) {
-                conn.dirty.insert(key.to_owned());
-            }
-            conn.wake.notify_one();
+        if !conn.cursor.passed(key) {
+            continue; // the snapshot walk will send it
         }
+        let idle = matches!(conn.cursor, Cursor::Done) && !conn.busy && conn.dirty.is_empty();
+        if idle && (conn.direct || unread_bytes(conn.fd) == Some(0)) && try_send(conn.fd, frame) {
+            conn.direct = false;
+            conn.wake.notify_one();
+            continue;
+        }
+        if !conn.dirty.contains(key) {
+            conn.dirty.insert(key.to_owned());
+        }
+        conn.wake.notify_one();
     }
+}
+
+/// Bytes sent on `fd` that the peer has not read yet (`SIOCOUTQ`).
+fn unread_bytes(fd: RawFd) -> Option<i32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at a live local;
+    // `fd` is open for as long as its connection is registered, which the caller's lock ensures.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then_some(n)
+}
+
+/// One whole frame without blocking; false when it did not go (buffer full, peer gone).
+fn try_send(fd: RawFd, frame: &[IoSlice<'_>]) -> bool {
+    use nix::sys::socket::{sendmsg, MsgFlags, UnixAddr};
+    let len: usize = frame.iter().map(|s| s.len()).sum();
+    // SOCK_SEQPACKET sends a message whole or not at all.
+    sendmsg::<UnixAddr>(
+        fd,
+        frame,
+        &[],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    ) == Ok(len)
 }
 
 fn new_generation() -> u64 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     nanos ^ (u64::from(std::process::id()) << 40)
 }
 
@@ -401,7 +516,8 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::io("create directory", dir, e))?;
     let meta = fs::metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| Error::io("chmod 0700", dir, e))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod 0700", dir, e))?;
     }
     Ok(())
 }
@@ -409,7 +525,10 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
 fn bind(socket: &Path) -> Result<UnixSeqpacketListener> {
     let len = socket.as_os_str().len();
     if len > 107 {
-        return Err(Error::SocketPathTooLong { path: socket.to_owned(), len });
+        return Err(Error::SocketPathTooLong {
+            path: socket.to_owned(),
+            len,
+        });
     }
     // We hold the publisher lock, so a socket file left here belongs to a dead publisher.
     match fs::remove_file(socket) {
@@ -418,7 +537,8 @@ fn bind(socket: &Path) -> Result<UnixSeqpacketListener> {
         Err(e) => return Err(Error::io("remove stale socket", socket, e)),
     }
     let listener = UnixSeqpacketListener::bind(socket).map_err(|e| Error::io("bind", socket, e))?;
-    fs::set_permissions(socket, fs::Permissions::from_mode(0o600)).map_err(|e| Error::io("chmod", socket, e))?;
+    fs::set_permissions(socket, fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io("chmod", socket, e))?;
     Ok(listener)
 }
 
@@ -468,8 +588,13 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
             return;
         }
     }
-    let Some((id, wake)) = inner.register() else {
-        tracing::warn!(topic = inner.topic, peer_pid, limit = MAX_SUBSCRIBERS, "too many subscribers; refusing one");
+    let Some((id, wake)) = inner.register(sock.as_raw_fd()) else {
+        tracing::warn!(
+            topic = inner.topic,
+            peer_pid,
+            limit = MAX_SUBSCRIBERS,
+            "too many subscribers; refusing one"
+        );
         return;
     };
     let ended = tokio::select! {
@@ -522,40 +647,85 @@ async fn watch_peer(sock: &UnixSeqpacket) -> Ended {
     match sock.recv(&mut buf).await {
         Ok(info) if info.bytes_read() == 0 && !info.truncated() => Ended::Closed,
         Ok(info) if info.truncated() => Ended::Violation("oversized frame".into()),
-        Ok(info) => Ended::Violation(format!("unexpected {}-byte frame after Hello", info.bytes_read())),
+        Ok(info) => Ended::Violation(format!(
+            "unexpected {}-byte frame after Hello",
+            info.bytes_read()
+        )),
         Err(_) => Ended::Closed,
     }
 }
 
 async fn send_loop(inner: &Inner, id: u64, wake: &Notify, sock: &UnixSeqpacket) -> Ended {
-    let mut header = Vec::with_capacity(256);
+    let mut out = Outbox {
+        sock,
+        msg: Vec::with_capacity(MAX_FRAME),
+    };
     loop {
-        match inner.next_work(id) {
+        let sent = match inner.next_work(id) {
             Work::Closed => return Ended::Closed,
-            Work::Idle => wake.notified().await,
-            Work::Send { items, synchronized, restarted } => {
-                for (key, value) in &items {
-                    let sent = match value {
-                        Some(v) => {
-                            frame::update_header(key, v.len(), &mut header);
-                            sock.send_vectored(&[IoSlice::new(&header), IoSlice::new(v)]).await
-                        }
-                        None => sock.send(&Frame::Delete { key }.encode()).await,
-                    };
-                    if sent.is_err() {
-                        return Ended::Closed;
+            Work::Idle => {
+                wake.notified().await;
+                continue;
+            }
+            Work::Send {
+                items,
+                synchronized,
+                restarted,
+            } => out.send_batch(&items, synchronized, restarted).await,
+        };
+        if sent.is_err() {
+            return Ended::Closed;
+        }
+    }
+}
+
+/// Packs frames into as few messages as fit in [`MAX_FRAME`].
+struct Outbox<'a> {
+    sock: &'a UnixSeqpacket,
+    msg: Vec<u8>,
+}
+
+impl Outbox<'_> {
+    async fn send_batch(
+        &mut self,
+        items: &[(String, Option<Arc<[u8]>>)],
+        synchronized: bool,
+        restarted: Option<u64>,
+    ) -> std::io::Result<()> {
+        self.msg.clear();
+        for (key, value) in items {
+            match value {
+                Some(v) => {
+                    let need = key.len() + v.len() + 11;
+                    if self.msg.len() + need > MAX_FRAME {
+                        self.flush().await?;
                     }
+                    frame::update_header(key, v.len(), &mut self.msg);
+                    self.msg.extend_from_slice(v);
                 }
-                if synchronized && sock.send(&Frame::Synchronized.encode()).await.is_err() {
-                    return Ended::Closed;
-                }
-                if let Some(counter) = restarted {
-                    if sock.send(&Frame::Restarted { counter }.encode()).await.is_err() {
-                        return Ended::Closed;
+                None => {
+                    if self.msg.len() + key.len() + 6 > MAX_FRAME {
+                        self.flush().await?;
                     }
+                    Frame::Delete { key }.encode_into(&mut self.msg);
                 }
             }
         }
+        if synchronized {
+            Frame::Synchronized.encode_into(&mut self.msg);
+        }
+        if let Some(counter) = restarted {
+            Frame::Restarted { counter }.encode_into(&mut self.msg);
+        }
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.msg.is_empty() {
+            self.sock.send(&self.msg).await?;
+            self.msg.clear();
+        }
+        Ok(())
     }
 }
 

@@ -113,7 +113,13 @@ impl RawSubscription {
     ///
     /// `expect_schema` refuses a publisher of another schema version; `persistent` makes the
     /// first `next` read the topic's checkpoint files when the publisher is not up yet.
-    pub fn new(dirs: &Dirs, agent: &str, topic: &str, expect_schema: Option<u32>, persistent: bool) -> Self {
+    pub fn new(
+        dirs: &Dirs,
+        agent: &str,
+        topic: &str,
+        expect_schema: Option<u32>,
+        persistent: bool,
+    ) -> Self {
         let options = SubscribeOptions::default();
         RawSubscription {
             dirs: dirs.clone(),
@@ -206,8 +212,13 @@ impl RawSubscription {
 
     async fn connect(&mut self) -> Result<RawEvent> {
         let peer = self.socket.display().to_string();
-        let protocol = |reason: String| Error::Protocol { peer: peer.clone(), reason };
-        let sock = UnixSeqpacket::connect(&self.socket).await.map_err(|e| Error::io("connect", &self.socket, e))?;
+        let protocol = |reason: String| Error::Protocol {
+            peer: peer.clone(),
+            reason,
+        };
+        let sock = UnixSeqpacket::connect(&self.socket)
+            .await
+            .map_err(|e| Error::io("connect", &self.socket, e))?;
         let hello = Frame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             topic: &self.topic,
@@ -215,7 +226,9 @@ impl RawSubscription {
             persistent: self.read_files_first,
             generation: 0,
         });
-        sock.send(&hello.encode()).await.map_err(|e| Error::io("send Hello", &self.socket, e))?;
+        sock.send(&hello.encode())
+            .await
+            .map_err(|e| Error::io("send Hello", &self.socket, e))?;
         let info = tokio::time::timeout(self.options.handshake_timeout, sock.recv(&mut self.buf))
             .await
             .map_err(|_| protocol("no Hello from publisher in time".into()))?
@@ -225,7 +238,12 @@ impl RawSubscription {
         }
         let h = match Frame::decode(&self.buf[..info.bytes_read()]) {
             Ok(Frame::Hello(h)) => h,
-            Ok(other) => return Err(protocol(format!("expected Hello, got {}", frame_name(&other)))),
+            Ok(other) => {
+                return Err(protocol(format!(
+                    "expected Hello, got {}",
+                    frame_name(&other)
+                )))
+            }
             Err(e) => return Err(protocol(format!("undecodable Hello: {e}"))),
         };
         if h.protocol != PROTOCOL_VERSION || h.topic != self.topic {
@@ -237,20 +255,27 @@ impl RawSubscription {
         if let Some(want) = self.expect_schema.filter(|&v| v != h.schema_version) {
             tracing::error!(topic = %self.topic, agent = %self.agent, publisher_schema = h.schema_version,
                 our_schema = want, "schema version mismatch; not reading this publisher");
-            return Err(protocol(format!("publisher has schema version {}, we read {want}", h.schema_version)));
+            return Err(protocol(format!(
+                "publisher has schema version {}, we read {want}",
+                h.schema_version
+            )));
         }
         let event = RawEvent::Connected {
             generation: h.generation,
             schema_version: h.schema_version,
             persistent: h.persistent,
         };
-        self.conn = Some(Connection { sock, snapshot: Some(BTreeSet::new()) });
+        self.conn = Some(Connection {
+            sock,
+            snapshot: Some(BTreeSet::new()),
+        });
         self.backoff = self.options.min_backoff;
         self.failures = 0;
         Ok(event)
     }
 
-    /// Reads one frame; `None` when it produced no event of its own (its events are queued).
+    /// Reads one message and queues the events of its frames; on a bad frame, the frames
+    /// before it stand and the connection is dropped (the reconnect's snapshot repairs the rest).
     async fn receive(&mut self) -> Option<RawEvent> {
         let conn = self.conn.as_mut()?;
         let info = match conn.sock.recv(&mut self.buf).await {
@@ -261,39 +286,56 @@ impl RawSubscription {
             return Some(self.disconnect("publisher closed the connection".into()));
         }
         if info.truncated() {
-            return Some(self.violation("frame larger than the protocol allows".into()));
+            return Some(self.violation("message larger than the protocol allows".into()));
         }
-        let frame = match Frame::decode(&self.buf[..info.bytes_read()]) {
-            Ok(f) => f,
-            Err(e) => return Some(self.violation(format!("undecodable frame: {e}"))),
-        };
-        match frame {
-            Frame::Update { key, value } => {
-                if let Err(e) = validate_key(key) {
-                    return Some(self.violation(e.to_string()));
+        let buf = std::mem::take(&mut self.buf);
+        let result = self.apply_frames(&buf[..info.bytes_read()]);
+        self.buf = buf;
+        result.err().map(|reason| self.violation(reason))
+    }
+
+    fn apply_frames(&mut self, message: &[u8]) -> Result<(), String> {
+        for frame in Frame::decode_all(message) {
+            match frame.map_err(|e| format!("undecodable frame: {e}"))? {
+                Frame::Update { key, value } => {
+                    validate_key(key).map_err(|e| e.to_string())?;
+                    if let Some(seen) = self.conn.as_mut().and_then(|c| c.snapshot.as_mut()) {
+                        seen.insert(key.to_owned());
+                    }
+                    if !self.held.contains(key) {
+                        self.held.insert(key.to_owned());
+                    }
+                    self.queue.push_back(RawEvent::Update {
+                        key: key.to_owned(),
+                        value: value.to_vec(),
+                        from_checkpoint: false,
+                    });
                 }
-                if let Some(seen) = conn.snapshot.as_mut() {
-                    seen.insert(key.to_owned());
-                }
-                self.held.insert(key.to_owned());
-                Some(RawEvent::Update { key: key.to_owned(), value: value.to_vec(), from_checkpoint: false })
-            }
-            Frame::Delete { key } => self.held.remove(key).then(|| RawEvent::Delete { key: key.to_owned() }),
-            Frame::Synchronized => {
-                if let Some(seen) = conn.snapshot.take() {
-                    // Keys we held that the new snapshot lacks were deleted while we were away.
-                    let stale: Vec<String> = self.held.difference(&seen).cloned().collect();
-                    for key in stale {
-                        self.held.remove(&key);
-                        self.queue.push_back(RawEvent::Delete { key });
+                Frame::Delete { key } => {
+                    if self.held.remove(key) {
+                        self.queue.push_back(RawEvent::Delete {
+                            key: key.to_owned(),
+                        });
                     }
                 }
-                self.queue.push_back(RawEvent::Synchronized);
-                None
+                Frame::Synchronized => {
+                    if let Some(seen) = self.conn.as_mut().and_then(|c| c.snapshot.take()) {
+                        // Keys we held that the new snapshot lacks were deleted while we were away.
+                        let stale: Vec<String> = self.held.difference(&seen).cloned().collect();
+                        for key in stale {
+                            self.held.remove(&key);
+                            self.queue.push_back(RawEvent::Delete { key });
+                        }
+                    }
+                    self.queue.push_back(RawEvent::Synchronized);
+                }
+                Frame::Restarted { counter } => {
+                    self.queue.push_back(RawEvent::Restarted { counter })
+                }
+                Frame::Hello(_) => return Err("second Hello".into()),
             }
-            Frame::Restarted { counter } => Some(RawEvent::Restarted { counter }),
-            Frame::Hello(_) => Some(self.violation("second Hello".into())),
         }
+        Ok(())
     }
 
     fn disconnect(&mut self, reason: String) -> RawEvent {
@@ -319,7 +361,11 @@ impl RawSubscription {
             match item.payload {
                 Ok((schema, value)) if self.expect_schema.is_none_or(|v| v == schema) => {
                     self.held.insert(item.key.clone());
-                    self.queue.push_back(RawEvent::Update { key: item.key, value, from_checkpoint: true });
+                    self.queue.push_back(RawEvent::Update {
+                        key: item.key,
+                        value,
+                        from_checkpoint: true,
+                    });
                 }
                 Ok((schema, _)) => {
                     tracing::warn!(key = %item.key, schema, "checkpoint of another schema version skipped")
@@ -411,7 +457,10 @@ impl<T: Topic> Subscription<T> {
                     continue;
                 }
                 RawEvent::Update { key, value, .. } => self.apply_update(key, &value),
-                RawEvent::Delete { key } => self.items.remove(&key).map(|(_, old)| Event::Delete { key, old }),
+                RawEvent::Delete { key } => self
+                    .items
+                    .remove(&key)
+                    .map(|(_, old)| Event::Delete { key, old }),
                 RawEvent::Synchronized => {
                     self.synchronized = true;
                     Some(Event::Synchronized)

@@ -11,7 +11,8 @@
 //!    ([`shutdown::install`]),
 //! 6. runs the agent's future with a [`Context`]; the agent calls [`Context::ready`] once it is
 //!    serving, which sends `READY=1` to systemd,
-//! 7. sends `STOPPING=1` when shutdown begins (or when the future returns), and returns.
+//! 7. sends `STOPPING=1` when shutdown begins (or when the future returns), cancels the
+//!    shutdown token, waits (bounded) for the tasks spawned on [`Context::tasks`], and returns.
 //!
 //! ```no_run
 //! fn main() -> std::process::ExitCode {
@@ -47,6 +48,7 @@ use std::time::Duration;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use crate::liveness::Liveness;
 pub use crate::notify::Notifier;
@@ -56,6 +58,11 @@ pub use crate::settings::Settings;
 /// How long, after the agent's future returns, the runtime waits for blocking tasks to finish
 /// before the process moves on regardless.
 pub const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long, after the agent's future returns, [`run_agent`] waits for the tasks spawned on
+/// [`Context::tasks`] to finish. Tasks still running then are dropped (and the drop is logged);
+/// systemd's own stop timeout and a second signal bound the wait from outside too.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why an agent did not run to a clean finish. [`AgentError::exit_code`] gives the process
 /// exit status.
@@ -125,6 +132,10 @@ pub struct Context {
     pub settings: Settings,
     /// Cancelled on SIGTERM/SIGINT (and when the main future returns): every task stops on it.
     pub shutdown: CancellationToken,
+    /// Spawn long-lived tasks here (`ctx.tasks.spawn(..)`): after the main future returns,
+    /// [`run_agent`] cancels [`Context::shutdown`] and waits up to [`DRAIN_TIMEOUT`] for them.
+    /// A task spawned with plain `tokio::spawn` is dropped as soon as the main future returns.
+    pub tasks: TaskTracker,
     /// The agent's touch file and systemd watchdog.
     pub liveness: Liveness,
     /// systemd notification; a no-op unless started by systemd with `NOTIFY_SOCKET`.
@@ -138,17 +149,14 @@ impl Context {
     /// can too.
     pub fn new(agent: &'static str, root: Root, settings: Settings) -> Context {
         let notifier = Notifier::from_env();
-        let liveness = Liveness::with_notifier(
-            &root,
-            agent,
-            notifier.clone(),
-            notify::watchdog_interval(),
-        );
+        let liveness =
+            Liveness::with_notifier(&root, agent, notifier.clone(), notify::watchdog_interval());
         Context {
             agent,
             root,
             settings,
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
             liveness,
             notifier,
             ready_sent: Arc::new(AtomicBool::new(false)),
@@ -220,7 +228,11 @@ fn parse_args(agent: &'static str, args: Vec<OsString>) -> Result<Option<CommonA
 ///
 /// `args` is the whole command line, `args[0]` included (it is ignored: usage always names
 /// `agent`). Returns `Ok(())` after `--help`. Map the result with [`exit_code`].
-pub fn run_agent<F, Fut>(agent: &'static str, args: Vec<OsString>, main: F) -> Result<(), AgentError>
+pub fn run_agent<F, Fut>(
+    agent: &'static str,
+    args: Vec<OsString>,
+    main: F,
+) -> Result<(), AgentError>
 where
     F: FnOnce(Context) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -277,9 +289,11 @@ where
 
     let token = ctx.shutdown.clone();
     let notifier = ctx.notifier.clone();
+    let tasks = ctx.tasks.clone();
     let outcome = main(ctx).await;
     token.cancel();
     stopping.send();
+    drain(&tasks).await;
     outcome.map_err(|err| {
         tracing::error!(error = %format!("{err:#}"), "agent failed");
         if let Err(e) = notifier.status(&format!("failed: {err:#}")) {
@@ -287,6 +301,25 @@ where
         }
         AgentError::Failed(err)
     })
+}
+
+/// Waits up to [`DRAIN_TIMEOUT`] for the tracked tasks to finish.
+async fn drain(tasks: &TaskTracker) {
+    tasks.close();
+    if tasks.is_empty() {
+        return;
+    }
+    tracing::debug!(tasks = tasks.len(), "waiting for tasks to finish");
+    if tokio::time::timeout(DRAIN_TIMEOUT, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            tasks = tasks.len(),
+            timeout_s = DRAIN_TIMEOUT.as_secs(),
+            "tasks still running after the drain timeout, dropping them"
+        );
+    }
 }
 
 /// Sends `STOPPING=1` once, whichever of "shutdown requested" and "main returned" comes first.

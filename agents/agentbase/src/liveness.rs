@@ -60,7 +60,12 @@ impl Liveness {
     /// The touch file `<run>/<agent>.touch` under `root`, with the watchdog taken from the
     /// environment (`NOTIFY_SOCKET`, `WATCHDOG_USEC`, `WATCHDOG_PID`).
     pub fn new(root: &Root, agent: &str) -> Liveness {
-        Liveness::with_notifier(root, agent, Notifier::from_env(), notify::watchdog_interval())
+        Liveness::with_notifier(
+            root,
+            agent,
+            Notifier::from_env(),
+            notify::watchdog_interval(),
+        )
     }
 
     /// Like [`Liveness::new`], with the notifier and the watchdog interval given explicitly
@@ -229,7 +234,11 @@ mod tests {
             assert!(!clone.try_beat().unwrap());
             live.beat();
         }
-        assert_eq!(mtime(live.path()), old, "a rate-limited beat touched the disk");
+        assert_eq!(
+            mtime(live.path()),
+            old,
+            "a rate-limited beat touched the disk"
+        );
     }
 
     #[test]

@@ -87,10 +87,7 @@ fn build_filter(level: &str, rust_log: Option<&str>) -> (EnvFilter, Option<Strin
         .unwrap_or(level);
     match EnvFilter::builder().parse(wanted) {
         Ok(filter) => (filter, None),
-        Err(e) => (
-            EnvFilter::new("info"),
-            Some(format!("{wanted:?}: {e}")),
-        ),
+        Err(e) => (EnvFilter::new("info"), Some(format!("{wanted:?}: {e}"))),
     }
 }
 
@@ -190,7 +187,11 @@ mod tests {
         ];
         for (level, rust_log, want, errs) in cases {
             let (filter, err) = build_filter(level, *rust_log);
-            assert_eq!(filter.to_string(), *want, "level={level} RUST_LOG={rust_log:?}");
+            assert_eq!(
+                filter.to_string(),
+                *want,
+                "level={level} RUST_LOG={rust_log:?}"
+            );
             assert_eq!(err.is_some(), *errs, "level={level} RUST_LOG={rust_log:?}");
         }
     }

@@ -275,7 +275,11 @@ mod tests {
         let cases: &[(Option<&str>, Option<&str>, Option<Duration>)] = &[
             (None, None, None),
             (Some("30000000"), None, Some(Duration::from_secs(15))),
-            (Some("30000000"), Some("4242"), Some(Duration::from_secs(15))),
+            (
+                Some("30000000"),
+                Some("4242"),
+                Some(Duration::from_secs(15)),
+            ),
             (Some("30000000"), Some(""), Some(Duration::from_secs(15))),
             (Some("30000000"), Some("1"), None),
             (Some("30000000"), Some("junk"), None),

@@ -41,12 +41,15 @@ pub enum SettingsError {
         source: std::io::Error,
     },
     /// A settings file is not valid TOML, has an unknown key or a value of the wrong type.
-    #[error("{}: {message}", Location(path, *position))]
+    #[error("{}: {}{message}", Location(path, *position), FieldPrefix(field.as_deref(), message))]
     Parse {
         /// The file that failed.
         path: PathBuf,
         /// 1-based line and column of the offending text, when known.
         position: Option<(usize, usize)>,
+        /// Dotted name of the key at that position (e.g. `pubsub.connect_timeout_ms`), when the
+        /// file parsed far enough to tell.
+        field: Option<String>,
         /// What is wrong, as the TOML deserialiser put it.
         message: String,
     },
@@ -75,6 +78,25 @@ impl fmt::Display for Location<'_> {
         match self.1 {
             Some((line, column)) => write!(f, "{}:{line}:{column}", self.0.display()),
             None => write!(f, "{}", self.0.display()),
+        }
+    }
+}
+
+/// `` `field`: `` before a message that does not already name the field's last key.
+struct FieldPrefix<'a>(Option<&'a str>, &'a str);
+
+impl fmt::Display for FieldPrefix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(field) => {
+                let leaf = field.rsplit('.').next().unwrap_or(field);
+                if self.1.contains(&format!("`{leaf}`")) {
+                    Ok(())
+                } else {
+                    write!(f, "`{field}`: ")
+                }
+            }
+            None => Ok(()),
         }
     }
 }
@@ -138,6 +160,7 @@ impl Settings {
             SettingsError::Parse {
                 path: etc_dir.to_owned(),
                 position: None,
+                field: None,
                 message: format!("merged settings: {}", e.message()),
             }
         })?;
@@ -244,7 +267,9 @@ fn settings_files(etc_dir: &Path) -> Result<Vec<PathBuf>, SettingsError> {
             source,
         })?;
         let name = entry.file_name();
-        let is_toml = Path::new(&name).extension().is_some_and(|ext| ext == "toml");
+        let is_toml = Path::new(&name)
+            .extension()
+            .is_some_and(|ext| ext == "toml");
         if !is_toml || name.as_encoded_bytes().starts_with(b".") {
             continue;
         }
@@ -269,13 +294,42 @@ fn parse_file(path: &Path) -> Result<toml::Table, SettingsError> {
         path: path.to_owned(),
         source,
     })?;
-    let parse_error = |e: toml::de::Error| SettingsError::Parse {
-        path: path.to_owned(),
-        position: e.span().map(|span| line_column(&text, span.start)),
-        message: e.message().trim_end().to_owned(),
+    let parse_error = |e: toml::de::Error, doc: Option<&toml::de::DeTable<'_>>| {
+        let span = e.span();
+        SettingsError::Parse {
+            path: path.to_owned(),
+            position: span.as_ref().map(|s| line_column(&text, s.start)),
+            field: span
+                .zip(doc)
+                .and_then(|(s, doc)| field_at(doc, s.start, ""))
+                .filter(|f| !f.is_empty()),
+            message: e.message().trim_end().to_owned(),
+        }
     };
-    toml::from_str::<Settings>(&text).map_err(parse_error)?;
-    toml::from_str::<toml::Table>(&text).map_err(parse_error)
+    let doc = toml::de::DeTable::parse(&text).map_err(|e| parse_error(e, None))?;
+    toml::from_str::<Settings>(&text).map_err(|e| parse_error(e, Some(doc.get_ref())))?;
+    toml::from_str::<toml::Table>(&text).map_err(|e| parse_error(e, None))
+}
+
+/// Dotted name of the deepest key whose name or value covers byte `pos`.
+fn field_at(table: &toml::de::DeTable<'_>, pos: usize, prefix: &str) -> Option<String> {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        // A `[table]`'s span need not cover its body, so always look inside.
+        if let toml::de::DeValue::Table(inner) = value.get_ref() {
+            if let Some(found) = field_at(inner, pos, &dotted) {
+                return Some(found);
+            }
+        }
+        if key.span().contains(&pos) || value.span().contains(&pos) {
+            return Some(dotted);
+        }
+    }
+    None
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -292,7 +346,13 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 }
 
 /// Deep-merges `src` into `dst`, recording in `origins` which file set each leaf.
-fn merge(dst: &mut toml::Table, src: toml::Table, prefix: &str, file: &Path, origins: &mut Origins) {
+fn merge(
+    dst: &mut toml::Table,
+    src: toml::Table,
+    prefix: &str,
+    file: &Path,
+    origins: &mut Origins,
+) {
     for (key, value) in src {
         let dotted = if prefix.is_empty() {
             key.clone()
@@ -359,18 +419,27 @@ mod tests {
         let cases = [
             Case {
                 name: "base only",
-                files: &[("agent.toml", "log_level = \"debug\"\ntouch_interval_s = 5\n")],
+                files: &[(
+                    "agent.toml",
+                    "log_level = \"debug\"\ntouch_interval_s = 5\n",
+                )],
                 want: ("debug", 5, 2000),
             },
             Case {
                 name: "drop-in only",
-                files: &[("agent.toml.d/50-a.toml", "[pubsub]\nconnect_timeout_ms = 7\n")],
+                files: &[(
+                    "agent.toml.d/50-a.toml",
+                    "[pubsub]\nconnect_timeout_ms = 7\n",
+                )],
                 want: ("info", 15, 7),
             },
             Case {
                 name: "drop-in overrides base, untouched keys kept",
                 files: &[
-                    ("agent.toml", "log_level = \"debug\"\ntouch_interval_s = 5\n"),
+                    (
+                        "agent.toml",
+                        "log_level = \"debug\"\ntouch_interval_s = 5\n",
+                    ),
                     ("agent.toml.d/10-a.toml", "touch_interval_s = 30\n"),
                 ],
                 want: ("debug", 30, 2000),
@@ -438,21 +507,33 @@ mod tests {
             Case {
                 name: "unknown field in a nested table",
                 files: &[("agent.toml", "[pubsub]\nconect_timeout_ms = 5\n")],
-                want: &["{dir}/agent.toml:2:1: ", "unknown field `conect_timeout_ms`"],
+                want: &[
+                    "{dir}/agent.toml:2:1: ",
+                    "unknown field `conect_timeout_ms`",
+                ],
             },
             Case {
                 name: "wrong type",
                 files: &[("agent.toml", "touch_interval_s = \"15\"\n")],
-                want: &["{dir}/agent.toml:1:", "invalid type: string \"15\", expected u64"],
+                want: &[
+                    "{dir}/agent.toml:1:20: `touch_interval_s`: ",
+                    "invalid type: string \"15\", expected u64",
+                ],
             },
             Case {
                 name: "negative where unsigned",
                 files: &[("agent.toml.d/a.toml", "[pubsub]\nconnect_timeout_ms = -1\n")],
-                want: &["{dir}/agent.toml.d/a.toml:2:", "connect_timeout_ms"],
+                want: &[
+                    "{dir}/agent.toml.d/a.toml:2:22: `pubsub.connect_timeout_ms`: ",
+                    "invalid value: integer `-1`, expected u64",
+                ],
             },
             Case {
                 name: "syntax error",
-                files: &[("agent.toml", "log_level = \"info\"\ntouch_interval_s = = 3\n")],
+                files: &[(
+                    "agent.toml",
+                    "log_level = \"info\"\ntouch_interval_s = = 3\n",
+                )],
                 want: &["{dir}/agent.toml:2:"],
             },
             Case {
