@@ -32,6 +32,7 @@
 //! }
 //! ```
 
+pub mod health;
 pub mod liveness;
 pub mod logging;
 pub mod notify;
@@ -50,6 +51,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::health::Health;
 pub use crate::liveness::Liveness;
 pub use crate::notify::Notifier;
 pub use crate::root::Root;
@@ -80,6 +82,10 @@ pub enum AgentError {
     /// The signal handlers could not be installed.
     #[error(transparent)]
     Shutdown(#[from] shutdown::ShutdownError),
+    /// The agent's `AgentStatus` publication could not be opened (e.g. another instance of
+    /// the agent is running).
+    #[error("publishing AgentStatus: {0}")]
+    Health(#[from] powernode_pubsub::Error),
     /// The agent's own future failed.
     #[error(transparent)]
     Failed(anyhow::Error),
@@ -91,7 +97,7 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Usage(_) | AgentError::Settings(_) => 2,
-            AgentError::Runtime(_) | AgentError::Shutdown(_) | AgentError::Failed(_) => 1,
+            AgentError::Runtime(_) | AgentError::Shutdown(_) | AgentError::Health(_) | AgentError::Failed(_) => 1,
         }
     }
 
@@ -140,18 +146,25 @@ pub struct Context {
     pub liveness: Liveness,
     /// systemd notification; a no-op unless started by systemd with `NOTIFY_SOCKET`.
     pub notifier: Notifier,
+    /// The agent's published `AgentStatus`.
+    pub health: Health,
+    /// Where the agent's publications live.
+    pub dirs: powernode_pubsub::Dirs,
     ready_sent: Arc<AtomicBool>,
 }
 
 impl Context {
     /// A context for `agent`, with systemd notification and watchdog taken from the
-    /// environment and a fresh shutdown token. [`run_agent`] builds one this way; agent tests
+    /// environment, a fresh shutdown token and the agent's `AgentStatus` publication opened.
+    /// Must be called inside a tokio runtime. [`run_agent`] builds one this way; agent tests
     /// can too.
-    pub fn new(agent: &'static str, root: Root, settings: Settings) -> Context {
+    pub fn new(agent: &'static str, root: Root, settings: Settings) -> Result<Context, powernode_pubsub::Error> {
         let notifier = Notifier::from_env();
         let liveness =
             Liveness::with_notifier(&root, agent, notifier.clone(), notify::watchdog_interval());
-        Context {
+        let dirs = powernode_pubsub::Dirs::under_root(root.base());
+        let health = Health::open(&dirs, agent)?;
+        Ok(Context {
             agent,
             root,
             settings,
@@ -159,7 +172,23 @@ impl Context {
             tasks: TaskTracker::new(),
             liveness,
             notifier,
+            health,
+            dirs,
             ready_sent: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// One turn of the agent's main loop: refreshes the touch file, the systemd watchdog and
+    /// `AgentStatus.last_loop_ms` (each at most once per beat interval, so it is cheap to call
+    /// on every iteration).
+    pub fn beat(&self) {
+        match self.liveness.try_beat() {
+            Ok(true) => self.health.loop_beat(),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "liveness beat failed");
+                self.health.loop_beat();
+            }
         }
     }
 
@@ -172,6 +201,7 @@ impl Context {
         if let Err(err) = self.notifier.ready() {
             tracing::warn!(error = %err, "could not notify systemd of readiness");
         }
+        self.health.running();
         tracing::info!(agent = self.agent, "ready");
     }
 
@@ -259,8 +289,12 @@ where
             AgentError::Runtime(e)
         })?;
 
-    let ctx = Context::new(agent, root, settings);
-    let result = runtime.block_on(run_in_runtime(ctx, main));
+    let result = runtime.block_on(async move {
+        let ctx = Context::new(agent, root, settings).inspect_err(|e| {
+            tracing::error!(error = %e, "could not publish the agent's status");
+        })?;
+        run_in_runtime(ctx, main).await
+    });
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
     if result.is_ok() {
         tracing::info!(agent, "stopped");
@@ -277,7 +311,7 @@ where
         tracing::error!(error = %e, "could not install signal handlers");
     })?;
 
-    let stopping = Stopping::new(ctx.notifier.clone());
+    let stopping = Stopping::new(ctx.notifier.clone(), ctx.health.clone());
     {
         let stopping = stopping.clone();
         let token = ctx.shutdown.clone();
@@ -326,13 +360,15 @@ async fn drain(tasks: &TaskTracker) {
 #[derive(Clone)]
 struct Stopping {
     notifier: Notifier,
+    health: Health,
     sent: Arc<AtomicBool>,
 }
 
 impl Stopping {
-    fn new(notifier: Notifier) -> Stopping {
+    fn new(notifier: Notifier, health: Health) -> Stopping {
         Stopping {
             notifier,
+            health,
             sent: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -341,6 +377,7 @@ impl Stopping {
         if self.sent.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.health.stopping();
         if let Err(err) = self.notifier.stopping() {
             tracing::warn!(error = %err, "could not notify systemd of stopping");
         }
@@ -405,9 +442,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn beat_interval_is_the_shorter() {
-        let mut ctx = Context::new("testagent", Root::new("/r"), Settings::default());
+    #[tokio::test]
+    async fn beat_interval_is_the_shorter() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
         assert_eq!(ctx.beat_interval(), Duration::from_secs(15));
         ctx.liveness = Liveness::with_notifier(
             &ctx.root,
@@ -418,13 +456,13 @@ mod tests {
         assert_eq!(ctx.beat_interval(), Duration::from_secs(4));
     }
 
-    #[test]
-    fn ready_is_sent_once() {
+    #[tokio::test]
+    async fn ready_is_sent_once() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("notify.sock");
         let server = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default());
+        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
         ctx.notifier = Notifier::new(notify::NotifyAddr::Path(sock));
         assert!(!ctx.is_ready());
         ctx.ready();

@@ -1,0 +1,42 @@
+# powernode node agent. `make demo` runs it, `make test` checks it (what CI runs).
+CARGO ?= cargo
+DIST := dist
+# Programs the multi-call binary answers to by name (argv[0]); agents join as they land.
+PROGRAMS := ipcmonitor
+
+.PHONY: all build test fmt lint unit dist demo bench clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+## test: formatting, lints, then every unit and integration test.
+test: fmt lint unit
+
+fmt:
+	$(CARGO) fmt --all -- --check
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+## dist: the release binary and its argv[0] symlinks, in dist/.
+dist:
+	$(CARGO) build --release -p powernode-agent
+	install -m 0755 target/release/powernode-agent $(DIST)/powernode-agent
+	for p in $(PROGRAMS); do ln -sfn powernode-agent $(DIST)/$$p; done
+
+## demo: publishers in a sandbox root, watched with ipcmonitor and the status CLI.
+demo: dist
+	scripts/demo.sh
+
+## bench: the pubsub benchmark (release build, pinned, ratios against floors).
+bench:
+	scripts/bench-pubsub.sh
+
+clean:
+	$(CARGO) clean
+	find $(DIST) -mindepth 1 ! -name README.md -delete
