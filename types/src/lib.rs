@@ -25,7 +25,7 @@
 //! | [`NetworkStatus`] | `global` | netmgr | [`network`] |
 //! | [`TaskConfig`] | task id | heartbeatd | [`task`] |
 //! | [`TaskStatus`] | task id | the agent owning the task kind | [`task`] |
-//! | [`Event`] | event id | every agent | [`event`] |
+//! | [`Event`] (persistent) | event id | every agent | [`event`] |
 //! | [`EventAck`] | agent name | eventd | [`event`] |
 //! | [`EventdStatus`] | `global` | eventd | [`event`] |
 

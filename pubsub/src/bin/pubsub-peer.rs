@@ -15,16 +15,19 @@ use powernode_pubsub::checkpoint::CheckpointDir;
 use powernode_pubsub::frame::{Frame, Hello, MAX_FRAME, PROTOCOL_VERSION};
 use powernode_pubsub::testing::{monotonic_ns, PersistentTestItem, TestItem};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
+use powernode_types::Topic;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
 const USAGE: &str = "usage: pubsub-peer COMMAND [--flag value]...
 commands:
   publish   --root R --agent A [--keys N] [--size B] [--persistent] [--clear] [--restarted]
-            publish N items (k0..), print 'published', then serve until killed
+            publish N items (k0..); print 'reloaded X quarantined Y', a 'quarantined KEY
+            REASON' line per bad checkpoint, 'published N generation G'; serve until killed
   burst     --root R --agent A [--keys N]   publish forever, cycling over N keys; prints 'bursting'
   subscribe --root R --agent A [--persistent] [--sleep-ms MS]  print every event as a line
   raw-client --socket PATH --send hello|garbage|truncated|oversized|wrong-topic
-            connect, send that, print 'hello' for each Hello received, then 'closed' at EOF
+            connect, send that, print a line per frame received ('hello', 'synchronized',
+            'frame'), then 'closed' at EOF or 'timeout' after 10 s of silence
   bench-rtt --dir D [--count N]           raw SOCK_SEQPACKET round trips (the floor)
   bench-latency --root R [--size B] [--count N]   publish->deliver latency to one subscriber
   bench-throughput --root R [--size B] [--count N] [--subscribers K]
@@ -127,45 +130,47 @@ async fn publish(f: &Flags) -> Res {
     let agent = f.str("agent")?;
     let keys = f.num("keys", 3)?;
     let size = f.num("size", 16)? as usize;
+    let persistent = f.on("persistent");
     if f.on("clear") {
-        let dir = dirs.checkpoints(
-            agent,
-            if f.on("persistent") {
-                "PersistentTestItem"
-            } else {
-                "TestItem"
-            },
-            f.on("persistent"),
-        );
-        let _ = std::fs::remove_dir_all(dir);
+        let topic = if persistent {
+            PersistentTestItem::NAME
+        } else {
+            TestItem::NAME
+        };
+        let _ = std::fs::remove_dir_all(dirs.checkpoints(agent, topic, persistent));
     }
-    if f.on("persistent") {
+    if persistent {
         let p = Publication::<PersistentTestItem>::open(&dirs, agent)?;
-        for i in 0..keys {
-            p.publish(&PersistentTestItem(item(format!("k{i}"), i, size)))?;
-        }
-        if f.on("restarted") {
-            p.signal_restarted();
-        }
-        say(format!("published {keys} generation {}", p.generation()));
-        std::future::pending::<()>().await;
+        serve_items(&p, f, keys, |i| PersistentTestItem(item(format!("k{i}"), i, size)))?;
     } else {
         let p = Publication::<TestItem>::open(&dirs, agent)?;
-        let reloaded = p.keys().len();
-        for i in 0..keys {
-            p.publish(&item(format!("k{i}"), i, size))?;
-        }
-        if f.on("restarted") {
-            p.signal_restarted();
-        }
-        let q = p.status().quarantined;
-        say(format!("reloaded {reloaded} quarantined {}", q.len()));
-        for q in q {
-            say(format!("quarantined {} {}", q.key, q.reason));
-        }
-        say(format!("published {keys} generation {}", p.generation()));
-        std::future::pending::<()>().await;
+        serve_items(&p, f, keys, |i| item(format!("k{i}"), i, size))?;
     }
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Publishes k0..k{keys-1} and reports, in this order: what was reloaded from the checkpoints
+/// and what was quarantined, then what was published.
+fn serve_items<T: Topic>(
+    p: &Publication<T>,
+    f: &Flags,
+    keys: u64,
+    make: impl Fn(u64) -> T,
+) -> Res {
+    let reloaded = p.keys().len();
+    for i in 0..keys {
+        p.publish(&make(i))?;
+    }
+    if f.on("restarted") {
+        p.signal_restarted();
+    }
+    let q = p.status().quarantined;
+    say(format!("reloaded {reloaded} quarantined {}", q.len()));
+    for q in q {
+        say(format!("quarantined {} {}", q.key, q.reason));
+    }
+    say(format!("published {keys} generation {}", p.generation()));
     Ok(())
 }
 
@@ -256,13 +261,17 @@ async fn raw_client(f: &Flags) -> Res {
                 say("timeout");
                 return Ok(());
             }
-            Ok(Ok(info)) if info.bytes_read() > 0 => match Frame::decode(&buf[..info.bytes_read()])
-            {
-                Ok(Frame::Hello(_)) => say("hello"),
-                Ok(Frame::Synchronized) => say("synchronized"),
-                Ok(_) => say("frame"),
-                Err(_) => say("garbage"),
-            },
+            // One message may carry several frames: print one line per frame.
+            Ok(Ok(info)) if info.bytes_read() > 0 => {
+                for frame in Frame::decode_all(&buf[..info.bytes_read()]) {
+                    match frame {
+                        Ok(Frame::Hello(_)) => say("hello"),
+                        Ok(Frame::Synchronized) => say("synchronized"),
+                        Ok(_) => say("frame"),
+                        Err(_) => say("garbage"),
+                    }
+                }
+            }
             _ => {
                 say("closed");
                 return Ok(());
