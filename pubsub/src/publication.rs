@@ -711,6 +711,12 @@ impl Outbox<'_> {
                 }
             }
         }
+        // Synchronized (1 byte) and Restarted (tag + a u64 varint, at most 11 bytes) must not
+        // push a message that an item filled up past MAX_FRAME: the subscriber would refuse it
+        // as oversized, reconnect, get the same snapshot and never synchronize.
+        if (synchronized || restarted.is_some()) && self.msg.len() + 12 > MAX_FRAME {
+            self.flush().await?;
+        }
         if synchronized {
             Frame::Synchronized.encode_into(&mut self.msg);
         }

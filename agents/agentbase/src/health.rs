@@ -23,13 +23,17 @@ struct Inner {
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Health").field("status", &*self.lock()).finish()
+        f.debug_struct("Health")
+            .field("status", &*self.lock())
+            .finish()
     }
 }
 
 /// Milliseconds since the Unix epoch, the unit of every `*_ms` field.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Health {
@@ -48,7 +52,12 @@ impl Health {
             last_error: None,
             quarantined_checkpoints: publication.status().quarantined.len() as u32,
         };
-        let health = Health { inner: Arc::new(Inner { publication, current: Mutex::new(status) }) };
+        let health = Health {
+            inner: Arc::new(Inner {
+                publication,
+                current: Mutex::new(status),
+            }),
+        };
         health.publish();
         Ok(health)
     }
@@ -74,7 +83,11 @@ impl Health {
     pub fn running(&self) {
         self.update(|s| {
             if s.state == AgentState::Starting {
-                s.state = if s.last_error.is_some() { AgentState::Degraded } else { AgentState::Running };
+                s.state = if s.last_error.is_some() {
+                    AgentState::Degraded
+                } else {
+                    AgentState::Running
+                };
             }
         });
     }
@@ -134,7 +147,9 @@ mod tests {
         let health = Health::open(&dirs, "testagent").unwrap();
         let mut sub = Subscription::<AgentStatus>::connect(&dirs, "testagent");
         let state = |e: Event<AgentStatus>| match e {
-            Event::Create { value, .. } | Event::Modify { new: value, .. } => Some((value.state, value.last_error)),
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                Some((value.state, value.last_error))
+            }
             _ => None,
         };
         assert_eq!(state(sub.next().await), Some((AgentState::Starting, None)));
@@ -142,7 +157,10 @@ mod tests {
         health.running();
         assert_eq!(state(sub.next().await), Some((AgentState::Running, None)));
         health.report_error("disk full");
-        assert_eq!(state(sub.next().await), Some((AgentState::Degraded, Some("disk full".into()))));
+        assert_eq!(
+            state(sub.next().await),
+            Some((AgentState::Degraded, Some("disk full".into())))
+        );
         health.clear_error();
         assert_eq!(state(sub.next().await), Some((AgentState::Running, None)));
         health.stopping();

@@ -97,7 +97,10 @@ impl AgentError {
     pub fn exit_code(&self) -> u8 {
         match self {
             AgentError::Usage(_) | AgentError::Settings(_) => 2,
-            AgentError::Runtime(_) | AgentError::Shutdown(_) | AgentError::Health(_) | AgentError::Failed(_) => 1,
+            AgentError::Runtime(_)
+            | AgentError::Shutdown(_)
+            | AgentError::Health(_)
+            | AgentError::Failed(_) => 1,
         }
     }
 
@@ -158,7 +161,11 @@ impl Context {
     /// environment, a fresh shutdown token and the agent's `AgentStatus` publication opened.
     /// Must be called inside a tokio runtime. [`run_agent`] builds one this way; agent tests
     /// can too.
-    pub fn new(agent: &'static str, root: Root, settings: Settings) -> Result<Context, powernode_pubsub::Error> {
+    pub fn new(
+        agent: &'static str,
+        root: Root,
+        settings: Settings,
+    ) -> Result<Context, powernode_pubsub::Error> {
         let notifier = Notifier::from_env();
         let liveness =
             Liveness::with_notifier(&root, agent, notifier.clone(), notify::watchdog_interval());
@@ -445,7 +452,8 @@ mod tests {
     #[tokio::test]
     async fn beat_interval_is_the_shorter() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
+        let mut ctx =
+            Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
         assert_eq!(ctx.beat_interval(), Duration::from_secs(15));
         ctx.liveness = Liveness::with_notifier(
             &ctx.root,
@@ -462,7 +470,8 @@ mod tests {
         let sock = dir.path().join("notify.sock");
         let server = std::os::unix::net::UnixDatagram::bind(&sock).unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut ctx = Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
+        let mut ctx =
+            Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
         ctx.notifier = Notifier::new(notify::NotifyAddr::Path(sock));
         assert!(!ctx.is_ready());
         ctx.ready();

@@ -1,1 +1,306 @@
-//! cli
+//! The operator CLI, `powernode-agent` (DESIGN §2): what the multi-call binary runs when argv\[0\]
+//! names no agent or tool.
+//!
+//! ```text
+//! powernode-agent [--root DIR] status [--json]
+//! powernode-agent [--root DIR] wait <agent>/<Topic> [--key K] [--field F=V]... [--timeout S]
+//! powernode-agent version [--json]
+//! powernode-agent [--root DIR] run <program> [ARGS]...
+//! ```
+//!
+//! Exit status: 0 ok, 1 failure (for `wait`: timed out), 2 usage error.
+
+pub mod field;
+pub mod output;
+pub mod status;
+pub mod wait;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentbase::Root;
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ipcmonitor::name::PublicationName;
+use ipcmonitor::output::Format;
+use ipcmonitor::tool::{self, Exit, UsageError};
+use powernode_pubsub::Dirs;
+use serde_json::Value;
+
+use crate::field::FieldMatch;
+use crate::wait::Condition;
+
+/// The CLI's name, as usage shows it.
+pub const NAME: &str = "powernode-agent";
+
+/// What the binary was built from, for `version`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// The package version, e.g. `0.1.0`.
+    pub version: &'static str,
+    /// Short git commit, or `unknown` when not built from a git checkout.
+    pub git_sha: &'static str,
+    /// `rustc --version` of the compiler that built it.
+    pub rustc: &'static str,
+}
+
+/// What the multi-call binary provides to the CLI.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Version facts.
+    pub build: BuildInfo,
+    /// The names `run` accepts.
+    pub programs: Vec<&'static str>,
+    /// Starts the program `name` with `args` (`args[0]` is `name`) and returns its exit status;
+    /// `None` if the binary has no such program.
+    pub start: fn(&str, Vec<OsString>) -> Option<ExitCode>,
+}
+
+/// Operator CLI of the powernode node agent.
+#[derive(Debug, Parser)]
+#[command(
+    arg_required_else_help = true,
+    after_help = "Exit status: 0 ok, 1 failure (for wait: timed out), 2 usage error."
+)]
+struct Cli {
+    /// Prefix for every path (default: $POWERNODE_ROOT, else /).
+    #[arg(long, global = true, value_name = "DIR")]
+    root: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show every agent's health and every publication's state.
+    ///
+    /// Health comes from each agent's <agent>/AgentStatus publication: state, pid, uptime,
+    /// time since its main loop last turned, last error. For a publication whose publisher is
+    /// down, what is shown comes from the checkpoint files it left, and says so.
+    Status {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until a publication has an item that satisfies a condition (for boot scripts).
+    ///
+    /// Exits 0 as soon as an item exists (with key K, if given) whose JSON has every field F
+    /// equal to V, and prints it on stdout as {"key":..,"value":..}. Persistent topics can be
+    /// satisfied from their checkpoint files before their publisher is up. On timeout, exits 1
+    /// saying what it last saw.
+    Wait(WaitArgs),
+    /// Print the version, git commit and compiler of this binary.
+    Version {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a program of this binary by name, as if invoked under that name.
+    ///
+    /// E.g. `run ipcmonitor --list`. A --root given before `run` is passed on to the program.
+    Run {
+        /// The program (e.g. ipcmonitor) and its arguments: everything after the name is the
+        /// program's, `--help` included.
+        #[arg(
+            value_name = "PROGRAM",
+            required = true,
+            num_args = 1..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
+        command: Vec<OsString>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The publication, as <agent>/<Topic>.
+    #[arg(value_name = "AGENT/TOPIC")]
+    publication: PublicationName,
+    /// Only the item with this key will do.
+    #[arg(long, value_name = "K")]
+    key: Option<String>,
+    /// Field F (a dotted path into the item's JSON; numbers index arrays) must equal V, compared
+    /// as the field's string form: state=Enrolled, reachable=true, a.b=3. Repeatable; needs a
+    /// topic this build knows.
+    #[arg(long = "field", value_name = "F=V")]
+    fields: Vec<FieldMatch>,
+    /// Give up after S seconds (fractions allowed).
+    #[arg(long, value_name = "S", default_value = "60", value_parser = parse_seconds)]
+    timeout: Duration,
+}
+
+/// Parses a non-negative number of seconds, e.g. `60` or `0.5`.
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("{s:?} is not a duration >= 0"))
+}
+
+/// Runs the CLI with `args` (`args[0]` is ignored) and returns its exit status.
+pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
+    let cli: Cli = match tool::parse(NAME, Some(host.build.version), args) {
+        Ok(cli) => cli,
+        Err(exit) => return exit.into(),
+    };
+    let root = Root::resolve(cli.root.clone());
+    let outcome = match cli.command {
+        Command::Status { json } => tool::block_on(status(root, Format::json_if(json))),
+        Command::Wait(args) => tool::block_on(wait(root, args)),
+        Command::Version { json } => output::version(
+            &mut std::io::stdout().lock(),
+            &host.build,
+            Format::json_if(json),
+        )
+        .context("writing to stdout")
+        .map(|()| Exit::Success),
+        Command::Run { command } => return start(host, cli.root, command),
+    };
+    tool::finish(NAME, outcome)
+}
+
+async fn status(root: Root, format: Format) -> anyhow::Result<Exit> {
+    let dirs = Dirs::under_root(root.base());
+    let report = status::gather(&dirs, root.base().to_owned()).await;
+    output::status(&mut std::io::stdout().lock(), &report, format).context("writing to stdout")?;
+    Ok(Exit::Success)
+}
+
+async fn wait(root: Root, args: WaitArgs) -> anyhow::Result<Exit> {
+    let condition = Condition::new(args.publication, args.key, args.fields)?;
+    let dirs = Dirs::under_root(root.base());
+    let (key, item) = wait::wait(&dirs, &condition, args.timeout).await?;
+    println!("{}", Value::Object(item.to_json(&key)));
+    Ok(Exit::Success)
+}
+
+/// `run <program> [args]`: hands over to another program of the binary.
+fn start(host: &Host, root: Option<PathBuf>, command: Vec<OsString>) -> ExitCode {
+    let mut command = command.into_iter();
+    let program = command.next().unwrap_or_default();
+    let name = program.to_string_lossy().into_owned();
+    let mut argv = vec![program];
+    if let Some(root) = root {
+        argv.extend([OsString::from("--root"), root.into_os_string()]);
+    }
+    argv.extend(command);
+    match (host.start)(&name, argv) {
+        Some(code) => code,
+        None => tool::finish(
+            NAME,
+            Err(UsageError(format!(
+                "no program {name:?} in this binary; valid names: {}",
+                host.programs.join(", ")
+            ))
+            .into()),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(list: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(list)
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn root_is_global() {
+        for args in [
+            &["pa", "--root", "/r", "status"][..],
+            &["pa", "status", "--root", "/r"],
+        ] {
+            let cli = parse(args).unwrap();
+            assert_eq!(cli.root, Some(PathBuf::from("/r")), "{args:?}");
+            assert!(matches!(cli.command, Command::Status { json: false }));
+        }
+    }
+
+    #[test]
+    fn wait_arguments() {
+        let cli = parse(&[
+            "pa",
+            "wait",
+            "enrollmgr/EnrollmentStatus",
+            "--field",
+            "state=Enrolled",
+            "--field",
+            "a.b=3",
+            "--key",
+            "global",
+            "--timeout",
+            "1.5",
+        ])
+        .unwrap();
+        let Command::Wait(w) = cli.command else {
+            panic!("not wait");
+        };
+        assert_eq!(w.publication.to_string(), "enrollmgr/EnrollmentStatus");
+        assert_eq!(w.fields.len(), 2);
+        assert_eq!(w.key.as_deref(), Some("global"));
+        assert_eq!(w.timeout, Duration::from_millis(1500));
+
+        let Command::Wait(w) = parse(&["pa", "wait", "a/T"]).unwrap().command else {
+            panic!("not wait");
+        };
+        assert_eq!(w.timeout, Duration::from_secs(60), "default timeout");
+
+        for bad in [
+            &["pa", "wait"][..],
+            &["pa", "wait", "NoSlash"],
+            &["pa", "wait", "a/T", "--field", "novalue"],
+            &["pa", "wait", "a/T", "--timeout", "-1"],
+            &["pa", "wait", "a/T", "--timeout", "soon"],
+            &["pa"],
+            &["pa", "bogus"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn run_passes_everything_after_the_program_on() {
+        for (args, want) in [
+            (
+                &["pa", "run", "ipcmonitor", "--help"][..],
+                &["ipcmonitor", "--help"][..],
+            ),
+            (
+                &["pa", "run", "ipcmonitor", "--list", "--root", "/x"],
+                &["ipcmonitor", "--list", "--root", "/x"],
+            ),
+            (&["pa", "run", "nosuch"], &["nosuch"]),
+        ] {
+            let cli = parse(args).unwrap();
+            let Command::Run { command } = cli.command else {
+                panic!("not run");
+            };
+            assert_eq!(command, want, "{args:?}");
+            assert_eq!(cli.root, None);
+        }
+        let cli = parse(&["pa", "--root", "/r", "run", "ipcmonitor"]).unwrap();
+        assert_eq!(cli.root, Some(PathBuf::from("/r")));
+        assert!(parse(&["pa", "run"]).is_err(), "run without a program");
+        let help = parse(&["pa", "run", "--help"]).unwrap_err();
+        assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_seconds("2.25"), Ok(Duration::from_millis(2250)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("inf").is_err());
+        assert!(parse_seconds("NaN").is_err());
+    }
+}

@@ -1,1 +1,42 @@
-fn main() {}
+//! `powernode-agent`, the multi-call executable: argv\[0\] selects the program (see
+//! [`dispatch`]); every program lives in its own library crate.
+
+mod dispatch;
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use dispatch::Program;
+
+/// What this binary was built from; the environment variables come from `build.rs`.
+const BUILD: powernode_cli::BuildInfo = powernode_cli::BuildInfo {
+    version: env!("CARGO_PKG_VERSION"),
+    git_sha: env!("POWERNODE_GIT_SHA"),
+    rustc: env!("POWERNODE_RUSTC_VERSION"),
+};
+
+fn main() -> ExitCode {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let program = dispatch::for_argv0(args.first().map(OsString::as_os_str).unwrap_or_default());
+    start(program, args)
+}
+
+/// Runs `program` with `args` (`args[0]` is the name it was invoked by).
+fn start(program: Program, args: Vec<OsString>) -> ExitCode {
+    match program {
+        Program::Ipcmonitor => ipcmonitor::run(args),
+        Program::Cli => powernode_cli::run(
+            args,
+            &powernode_cli::Host {
+                build: BUILD,
+                programs: dispatch::names(),
+                start: start_by_name,
+            },
+        ),
+    }
+}
+
+/// `powernode-agent run <name>`: the program called `name`, if there is one.
+fn start_by_name(name: &str, args: Vec<OsString>) -> Option<ExitCode> {
+    dispatch::by_name(name).map(|program| start(program, args))
+}

@@ -139,25 +139,24 @@ async fn publish(f: &Flags) -> Res {
         };
         let _ = std::fs::remove_dir_all(dirs.checkpoints(agent, topic, persistent));
     }
+    // Each publication must live until the process is killed: dropping it removes the socket.
     if persistent {
         let p = Publication::<PersistentTestItem>::open(&dirs, agent)?;
-        serve_items(&p, f, keys, |i| PersistentTestItem(item(format!("k{i}"), i, size)))?;
+        serve_items(&p, f, keys, |i| {
+            PersistentTestItem(item(format!("k{i}"), i, size))
+        })?;
+        std::future::pending::<()>().await;
     } else {
         let p = Publication::<TestItem>::open(&dirs, agent)?;
         serve_items(&p, f, keys, |i| item(format!("k{i}"), i, size))?;
+        std::future::pending::<()>().await;
     }
-    std::future::pending::<()>().await;
     Ok(())
 }
 
 /// Publishes k0..k{keys-1} and reports, in this order: what was reloaded from the checkpoints
 /// and what was quarantined, then what was published.
-fn serve_items<T: Topic>(
-    p: &Publication<T>,
-    f: &Flags,
-    keys: u64,
-    make: impl Fn(u64) -> T,
-) -> Res {
+fn serve_items<T: Topic>(p: &Publication<T>, f: &Flags, keys: u64, make: impl Fn(u64) -> T) -> Res {
     let reloaded = p.keys().len();
     for i in 0..keys {
         p.publish(&make(i))?;

@@ -40,6 +40,29 @@ impl Root {
         }
     }
 
+    /// A root on tmpfs, as `/run` is on a node, when `/dev/shm` is tmpfs with room to spare;
+    /// otherwise in the default temp directory. For tests whose speed must not depend on the
+    /// disk's fsync (their deadlines stay far away either way).
+    pub fn on_tmpfs() -> Self {
+        use nix::sys::statfs::{statfs, TMPFS_MAGIC};
+        let shm = Path::new("/dev/shm");
+        // statfs field types differ between libcs and architectures.
+        #[allow(clippy::unnecessary_cast)]
+        let roomy = statfs(shm).is_ok_and(|s| {
+            s.filesystem_type() == TMPFS_MAGIC
+                && (s.blocks_available() as u64).saturating_mul(s.block_size() as u64) > 512 << 20
+        });
+        if !roomy {
+            return Root::new();
+        }
+        Root {
+            dir: tempfile::Builder::new()
+                .prefix("pn-pubsub-")
+                .tempdir_in(shm)
+                .expect("create temp root in /dev/shm"),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -148,7 +171,16 @@ impl Peer {
 
     /// [`Peer::wait_line`] that lets the runtime run meanwhile.
     pub async fn wait_line_async(&self, pred: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + DEADLINE;
+        self.wait_line_async_within(DEADLINE, pred).await
+    }
+
+    /// [`Peer::wait_line_async`] with another deadline.
+    pub async fn wait_line_async_within(
+        &self,
+        deadline: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + deadline;
         loop {
             {
                 let st = self.out.state.lock().unwrap();
@@ -256,15 +288,31 @@ pub async fn next_event<T: Topic>(sub: &mut Subscription<T>) -> Event<T> {
     }
 }
 
-/// Reads events until `Synchronized`; returns the events before it.
+/// Reads events until `Synchronized`, within one [`DEADLINE`]; returns the events before it.
 pub async fn until_synchronized<T: Topic>(sub: &mut Subscription<T>) -> Vec<Event<T>> {
     let mut seen = Vec::new();
-    loop {
-        match next_event(sub).await {
-            Event::Synchronized => return seen,
-            e => seen.push(e),
+    let collect = async {
+        loop {
+            match sub.next().await {
+                Event::Synchronized => return,
+                e => seen.push(e),
+            }
         }
+    };
+    if tokio::time::timeout(DEADLINE, collect).await.is_err() {
+        let disconnects = seen
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnected))
+            .count();
+        panic!(
+            "{} not synchronized within {DEADLINE:?}: {} events, {disconnects} of them \
+             Disconnected; holding {} items",
+            T::NAME,
+            seen.len(),
+            sub.len()
+        );
     }
+    seen
 }
 
 /// The item `pubsub-peer publish --size SIZE` publishes under `k{i}`, except for `sent_ns`.

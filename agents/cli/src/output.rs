@@ -1,0 +1,332 @@
+//! How the operator CLI prints `status` and `version`: readable text, or one JSON document.
+
+use std::io::{self, Write};
+
+use ipcmonitor::output::{count, row_json, table, Format};
+use powernode_types::AgentStatus;
+use serde_json::{json, Map, Value};
+
+use crate::status::{AgentHealth, Report, Reported};
+use crate::BuildInfo;
+
+/// `powernode-agent status`.
+pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Result<()> {
+    if format == Format::Json {
+        let doc = json!({
+            "root": report.root.display().to_string(),
+            "agents": report.agents.iter().map(|a| agent_json(a, report.now_ms)).collect::<Vec<_>>(),
+            "publications": report.publications.iter().map(|row| {
+                let mut object = row_json(row);
+                object.insert("from_checkpoint".into(), json!(!row.up));
+                Value::Object(object)
+            }).collect::<Vec<_>>(),
+            "publishers_down": report.publishers_down(),
+        });
+        return writeln!(out, "{doc}");
+    }
+
+    let root = report.root.display();
+    if report.publications.is_empty() {
+        return writeln!(out, "no agents running under {root}");
+    }
+    if report.agents.is_empty() {
+        writeln!(out, "no agent publishes AgentStatus under {root}")?;
+    } else {
+        writeln!(out, "agents under {root}:")?;
+        let rows: Vec<Vec<String>> = report
+            .agents
+            .iter()
+            .map(|a| agent_cells(a, report.now_ms))
+            .collect();
+        table(
+            out,
+            &["AGENT", "STATE", "PID", "UPTIME", "LAST LOOP", "LAST ERROR"],
+            &rows,
+        )?;
+    }
+
+    writeln!(out, "\npublications:")?;
+    let rows: Vec<Vec<String>> = report
+        .publications
+        .iter()
+        .map(|r| {
+            vec![
+                r.info.name(),
+                r.items.to_string(),
+                if r.up {
+                    "up".to_owned()
+                } else {
+                    "down (from checkpoint files)".to_owned()
+                },
+            ]
+        })
+        .collect();
+    table(out, &["PUBLICATION", "ITEMS", "PUBLISHER"], &rows)?;
+
+    let down = report.publishers_down();
+    if down > 0 {
+        writeln!(
+            out,
+            "\n{down} of {} down: what is shown for them comes from the checkpoint files \
+             they left, not from a running agent.",
+            count(report.publications.len(), "publisher"),
+        )?;
+    }
+    Ok(())
+}
+
+/// An agent's row: state, pid, uptime, time since its last loop, last error.
+fn agent_cells(agent: &AgentHealth, now_ms: u64) -> Vec<String> {
+    let status = match &agent.reported {
+        Reported::Status(status) => status,
+        Reported::Missing => {
+            let state = if agent.up {
+                "starting (no status published yet)"
+            } else {
+                "down (no status published)"
+            };
+            return vec![agent.agent.clone(), state.to_owned()];
+        }
+        Reported::Unreadable(reason) => {
+            return vec![agent.agent.clone(), format!("unreadable: {reason}")];
+        }
+    };
+    let state = state_name(status);
+    let (state, uptime) = if agent.up {
+        (state, duration(elapsed_s(now_ms, status.started_at_ms)))
+    } else {
+        (format!("down (last said {state})"), "-".to_owned())
+    };
+    vec![
+        agent.agent.clone(),
+        state,
+        status.pid.to_string(),
+        uptime,
+        format!("{} ago", duration(elapsed_s(now_ms, status.last_loop_ms))),
+        status
+            .last_error
+            .as_deref()
+            .map_or("-".to_owned(), |e| e.replace('\n', " ")),
+    ]
+}
+
+/// An agent as JSON: its `AgentStatus` fields (or `error`), plus `up`, `from_checkpoint`,
+/// `uptime_s` (null when down) and `since_last_loop_s`.
+fn agent_json(agent: &AgentHealth, now_ms: u64) -> Value {
+    let mut object = Map::new();
+    object.insert("agent".into(), json!(agent.agent));
+    object.insert("up".into(), json!(agent.up));
+    object.insert("from_checkpoint".into(), json!(!agent.up));
+    match &agent.reported {
+        Reported::Status(status) => {
+            if let Ok(Value::Object(fields)) = serde_json::to_value(status) {
+                object.extend(fields);
+            }
+            let uptime = agent.up.then(|| elapsed_s(now_ms, status.started_at_ms));
+            object.insert("uptime_s".into(), json!(uptime));
+            object.insert(
+                "since_last_loop_s".into(),
+                json!(elapsed_s(now_ms, status.last_loop_ms)),
+            );
+        }
+        Reported::Missing => {
+            object.insert("error".into(), json!("no AgentStatus item published"));
+        }
+        Reported::Unreadable(reason) => {
+            object.insert("error".into(), json!(reason));
+        }
+    }
+    Value::Object(object)
+}
+
+/// The state as it is spelled on the wire, e.g. `Running`.
+fn state_name(status: &AgentStatus) -> String {
+    match serde_json::to_value(status.state) {
+        Ok(Value::String(name)) => name,
+        _ => format!("{:?}", status.state),
+    }
+}
+
+/// Whole seconds from `then_ms` to `now_ms`; 0 if `then_ms` is in the future.
+fn elapsed_s(now_ms: u64, then_ms: u64) -> u64 {
+    now_ms.saturating_sub(then_ms) / 1000
+}
+
+/// `42s`, `3m12s`, `5h07m`, `2d04h`.
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        s => format!("{}d{:02}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// `powernode-agent version`.
+pub fn version(out: &mut dyn Write, build: &BuildInfo, format: Format) -> io::Result<()> {
+    match format {
+        Format::Json => writeln!(
+            out,
+            "{}",
+            json!({
+                "name": crate::NAME,
+                "version": build.version,
+                "git_sha": build.git_sha,
+                "rustc": build.rustc,
+            })
+        ),
+        Format::Text => writeln!(
+            out,
+            "{} {} (git {}, {})",
+            crate::NAME,
+            build.version,
+            build.git_sha,
+            build.rustc
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use ipcmonitor::list::Row;
+    use powernode_pubsub::inspect::PublicationInfo;
+    use powernode_types::AgentState;
+
+    use super::*;
+
+    const NOW: u64 = 1_000_000_000;
+
+    fn text(f: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> String {
+        let mut buf = Vec::new();
+        f(&mut buf).unwrap();
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn row(agent: &str, up: bool) -> Row {
+        Row {
+            info: PublicationInfo {
+                agent: agent.into(),
+                topic: "AgentStatus".into(),
+                persistent: false,
+                checkpoint_dir: PathBuf::from("/r/cp"),
+                socket: PathBuf::from("/r/s.sock"),
+            },
+            items: 1,
+            up,
+        }
+    }
+
+    fn health(agent: &str, up: bool, error: Option<&str>) -> AgentHealth {
+        AgentHealth {
+            agent: agent.into(),
+            up,
+            reported: Reported::Status(AgentStatus {
+                agent: agent.into(),
+                pid: 42,
+                version: "0.1.0".into(),
+                started_at_ms: NOW - 192_000,
+                last_loop_ms: NOW - 2_500,
+                state: AgentState::Running,
+                last_error: error.map(str::to_owned),
+                quarantined_checkpoints: 0,
+            }),
+        }
+    }
+
+    fn report(up: bool) -> Report {
+        Report {
+            root: PathBuf::from("/r"),
+            now_ms: NOW,
+            publications: vec![row("alpha", true), row("beta", up)],
+            agents: vec![
+                health("alpha", true, None),
+                health("beta", up, Some("boom")),
+            ],
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let cases = [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m00s"),
+            (192, "3m12s"),
+            (3600, "1h00m"),
+            (18_420, "5h07m"),
+            (86_400 * 2 + 3600 * 4, "2d04h"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(duration(secs), want, "{secs}");
+        }
+        assert_eq!(elapsed_s(1000, 5000), 0, "future times clamp to 0");
+    }
+
+    #[test]
+    fn text_says_which_publishers_are_down() {
+        let out = text(|o| status(o, &report(false), Format::Text));
+        assert_eq!(
+            out,
+            "agents under /r:\n\
+             AGENT  STATE                     PID  UPTIME  LAST LOOP  LAST ERROR\n\
+             alpha  Running                   42   3m12s   2s ago     -\n\
+             beta   down (last said Running)  42   -       2s ago     boom\n\
+             \n\
+             publications:\n\
+             PUBLICATION        ITEMS  PUBLISHER\n\
+             alpha/AgentStatus  1      up\n\
+             beta/AgentStatus   1      down (from checkpoint files)\n\
+             \n\
+             1 of 2 publishers down: what is shown for them comes from the checkpoint files \
+             they left, not from a running agent.\n"
+        );
+        let all_up = text(|o| status(o, &report(true), Format::Text));
+        assert!(!all_up.contains("down"), "{all_up}");
+    }
+
+    #[test]
+    fn nothing_running_is_said_plainly() {
+        let empty = Report {
+            root: PathBuf::from("/r"),
+            now_ms: NOW,
+            publications: vec![],
+            agents: vec![],
+        };
+        assert_eq!(
+            text(|o| status(o, &empty, Format::Text)),
+            "no agents running under /r\n"
+        );
+    }
+
+    #[test]
+    fn json_flags_checkpoint_fallback() {
+        let out = text(|o| status(o, &report(false), Format::Json));
+        let doc: Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(doc["publishers_down"], 1);
+        let beta = &doc["agents"][1];
+        assert_eq!(beta["agent"], "beta");
+        assert_eq!(beta["from_checkpoint"], true);
+        assert_eq!(beta["uptime_s"], Value::Null);
+        assert_eq!(beta["last_error"], "boom");
+        assert_eq!(doc["agents"][0]["uptime_s"], 192);
+        assert_eq!(doc["agents"][0]["state"], "Running");
+        assert_eq!(doc["publications"][1]["from_checkpoint"], true);
+    }
+
+    #[test]
+    fn version_text_and_json() {
+        let build = BuildInfo {
+            version: "0.1.0",
+            git_sha: "abc1234",
+            rustc: "rustc 1.85.0",
+        };
+        assert_eq!(
+            text(|o| version(o, &build, Format::Text)),
+            "powernode-agent 0.1.0 (git abc1234, rustc 1.85.0)\n"
+        );
+        let doc: Value = serde_json::from_str(&text(|o| version(o, &build, Format::Json))).unwrap();
+        assert_eq!(doc["git_sha"], "abc1234");
+    }
+}

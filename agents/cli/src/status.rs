@@ -1,0 +1,110 @@
+//! `powernode-agent status`: what every agent says about its health (its `<agent>/AgentStatus`
+//! publication) and the state of every publication, from the live publishers or, for those
+//! that are down, from the checkpoint files they left.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ipcmonitor::list::{self, Row};
+use powernode_pubsub::inspect::{self, SnapshotItem, Source};
+use powernode_pubsub::Dirs;
+use powernode_types::{AgentStatus, Topic};
+
+/// How long a live publisher has to deliver its snapshot before its checkpoint files are read.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Everything `status` shows.
+#[derive(Debug)]
+pub struct Report {
+    /// The root the publications were found under.
+    pub root: PathBuf,
+    /// When the report was taken, unix milliseconds.
+    pub now_ms: u64,
+    /// Every publication.
+    pub publications: Vec<Row>,
+    /// One entry per item of every `AgentStatus` publication.
+    pub agents: Vec<AgentHealth>,
+}
+
+impl Report {
+    /// How many publications have no publisher up.
+    pub fn publishers_down(&self) -> usize {
+        self.publications.iter().filter(|r| !r.up).count()
+    }
+}
+
+/// One agent's health.
+#[derive(Debug)]
+pub struct AgentHealth {
+    /// The agent, from its publication's name (or its item's key).
+    pub agent: String,
+    /// Whether its `AgentStatus` publisher answered: if not, what follows is from the
+    /// checkpoint file the agent left, i.e. its last word.
+    pub up: bool,
+    /// What it reported.
+    pub reported: Reported,
+}
+
+/// What an agent's `AgentStatus` publication holds for it.
+#[derive(Debug)]
+pub enum Reported {
+    /// Its status.
+    Status(AgentStatus),
+    /// The publication has no item (the agent has not published its status yet).
+    Missing,
+    /// The item could not be read (bad checkpoint, another schema version).
+    Unreadable(String),
+}
+
+/// Reads every publication under `dirs`, and every agent's `AgentStatus`.
+pub async fn gather(dirs: &Dirs, root: PathBuf) -> Report {
+    let publications = list::rows(dirs).await;
+    let mut agents = Vec::new();
+    for row in publications
+        .iter()
+        .filter(|r| r.info.topic == AgentStatus::NAME)
+    {
+        let snapshot = inspect::snapshot(dirs, &row.info, SNAPSHOT_TIMEOUT).await;
+        let up = matches!(snapshot.source, Source::Live { .. });
+        if snapshot.items.is_empty() {
+            agents.push(AgentHealth {
+                agent: row.info.agent.clone(),
+                up,
+                reported: Reported::Missing,
+            });
+        }
+        for (key, item) in &snapshot.items {
+            agents.push(AgentHealth {
+                agent: key.clone(),
+                up,
+                reported: decode(item),
+            });
+        }
+    }
+    Report {
+        root,
+        now_ms: now_ms(),
+        publications,
+        agents,
+    }
+}
+
+fn decode(item: &SnapshotItem) -> Reported {
+    match item {
+        Err(e) => Reported::Unreadable(format!("bad checkpoint file: {e}")),
+        Ok((schema, _)) if *schema != AgentStatus::SCHEMA_VERSION => Reported::Unreadable(format!(
+            "schema version {schema}; this build reads version {}",
+            AgentStatus::SCHEMA_VERSION
+        )),
+        Ok((_, bytes)) => match postcard::from_bytes::<AgentStatus>(bytes) {
+            Ok(status) => Reported::Status(status),
+            Err(e) => Reported::Unreadable(format!("does not decode: {e}")),
+        },
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,84 @@
+//! Which program a name selects: the one table of the multi-call binary.
+//!
+//! A link to the binary named after a program runs that program (`/usr/bin/ipcmonitor`);
+//! `powernode-agent run <name>` does the same explicitly; any other name runs the operator CLI.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+/// The programs linked into the binary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// The pubsub monitor.
+    Ipcmonitor,
+    /// The operator CLI: not in the table, it is what every other name runs.
+    Cli,
+}
+
+/// Every program that has a name of its own. Agents are added here as they arrive.
+const PROGRAMS: &[(&str, Program)] = &[("ipcmonitor", Program::Ipcmonitor)];
+
+/// The program for `argv[0]`: its basename looked up in the table, else the CLI.
+pub fn for_argv0(argv0: &OsStr) -> Program {
+    Path::new(argv0)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .and_then(by_name)
+        .unwrap_or(Program::Cli)
+}
+
+/// The program called `name`, for `run <name>`.
+pub fn by_name(name: &str) -> Option<Program> {
+    PROGRAMS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, program)| *program)
+}
+
+/// The names `run` accepts.
+pub fn names() -> Vec<&'static str> {
+    PROGRAMS.iter().map(|(name, _)| *name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argv0_table() {
+        let cases: &[(&str, Program)] = &[
+            ("ipcmonitor", Program::Ipcmonitor),
+            ("/usr/bin/ipcmonitor", Program::Ipcmonitor),
+            ("./ipcmonitor", Program::Ipcmonitor),
+            ("../libexec/powernode/ipcmonitor", Program::Ipcmonitor),
+            ("powernode-agent", Program::Cli),
+            ("/usr/bin/powernode-agent", Program::Cli),
+            ("/opt/ipcmonitor/powernode-agent", Program::Cli),
+            ("ipcmonitor.old", Program::Cli),
+            ("IPCMONITOR", Program::Cli),
+            ("nosuch", Program::Cli),
+            ("", Program::Cli),
+            ("/", Program::Cli),
+        ];
+        for (argv0, want) in cases {
+            assert_eq!(for_argv0(OsStr::new(argv0)), *want, "argv0 = {argv0:?}");
+        }
+    }
+
+    #[test]
+    fn run_names() {
+        assert_eq!(by_name("ipcmonitor"), Some(Program::Ipcmonitor));
+        assert_eq!(by_name("powernode-agent"), None, "the CLI has no run name");
+        assert_eq!(
+            by_name("/usr/bin/ipcmonitor"),
+            None,
+            "run takes names, not paths"
+        );
+        assert_eq!(by_name(""), None);
+        assert_eq!(names(), ["ipcmonitor"]);
+        for name in names() {
+            assert!(by_name(name).is_some());
+            assert_ne!(by_name(name), Some(Program::Cli));
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! A sandbox for running the built `powernode-agent` against real publishers: a temp root, a
+//! tokio runtime in the test process that hosts `Publication`s, and children whose output is
+//! read line by line with deadlines (and who are killed if a test gives up on them).
+
+#![allow(dead_code)] // each test file uses its own part of this
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use powernode_pubsub::{Dirs, Publication};
+use powernode_types::{AgentState, AgentStatus, EnrollmentState, EnrollmentStatus, Topic};
+
+/// How long any child gets to do what a test expects of it before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A temp root with publishers hosted by this process.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Sandbox {
+    pub fn new() -> Sandbox {
+        // Short paths: a socket path must fit in 107 bytes.
+        let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("bin")).unwrap();
+        std::os::unix::fs::symlink(bin(), dir.path().join("bin/ipcmonitor")).unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        Sandbox { dir, runtime }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    /// Opens `<agent>/<T>` and publishes `items`.
+    pub fn publish<T: Topic>(&self, agent: &str, items: &[T]) -> Publication<T> {
+        let _in_runtime = self.runtime.enter();
+        let publication = Publication::<T>::open(&Dirs::under_root(self.root()), agent).unwrap();
+        for item in items {
+            publication.publish(item).unwrap();
+        }
+        publication
+    }
+
+    /// `powernode-agent --root <root> args...`.
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(bin());
+        command.arg("--root").arg(self.root()).args(args);
+        command.env_remove("POWERNODE_ROOT");
+        command
+    }
+
+    /// `ipcmonitor --root <root> args...`, through a symlink named `ipcmonitor`.
+    pub fn ipcmonitor(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(self.dir.path().join("bin/ipcmonitor"));
+        command.arg("--root").arg(self.root()).args(args);
+        command.env_remove("POWERNODE_ROOT");
+        command
+    }
+}
+
+/// The binary under test.
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_powernode-agent"))
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// An `AgentStatus` of `agent` in `state`, started 90 s ago, looping now.
+pub fn agent_status(agent: &str, state: AgentState) -> AgentStatus {
+    AgentStatus {
+        agent: agent.into(),
+        pid: std::process::id(),
+        version: "0.1.0".into(),
+        started_at_ms: now_ms() - 90_000,
+        last_loop_ms: now_ms(),
+        state,
+        last_error: None,
+        quarantined_checkpoints: 0,
+    }
+}
+
+/// An `EnrollmentStatus` of node `node-1` in `state`.
+pub fn enrollment(state: EnrollmentState) -> EnrollmentStatus {
+    EnrollmentStatus {
+        state,
+        node_id: Some("node-1".into()),
+        cert_fingerprint: None,
+        not_before_ms: None,
+        not_after_ms: None,
+        rotate_at_ms: None,
+        controller_url: None,
+        rotation_failing_since_ms: None,
+        last_error: None,
+    }
+}
+
+/// What a finished child printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    pub fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Finished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs `command` to completion; fails the test if it is still running after [`DEADLINE`].
+pub fn run(command: &mut Command) -> Finished {
+    Running::spawn(command).finish()
+}
+
+/// A child whose stdout and stderr are read line by line on threads. Killed when dropped.
+pub struct Running {
+    child: Child,
+    stdout: Receiver<String>,
+    stderr: Receiver<String>,
+}
+
+impl Running {
+    pub fn spawn(command: &mut Command) -> Running {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = lines(child.stdout.take().unwrap());
+        let stderr = lines(child.stderr.take().unwrap());
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// The first stdout line, from now on, that `wanted` accepts; fails the test at the deadline.
+    pub fn stdout_line(&self, wanted: impl Fn(&str) -> bool) -> String {
+        wait_for_line(&self.stdout, "stdout", wanted)
+    }
+
+    /// The first stderr line, from now on, that `wanted` accepts; fails the test at the deadline.
+    pub fn stderr_line(&self, wanted: impl Fn(&str) -> bool) -> String {
+        wait_for_line(&self.stderr, "stderr", wanted)
+    }
+
+    /// Waits for the child to exit by itself and collects the rest of its output.
+    pub fn finish(mut self) -> Finished {
+        let until = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < until,
+                "child still running after {DEADLINE:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The pipes close with the child, so the reader threads finish.
+        let collect = |rx: &Receiver<String>| -> String { rx.iter().map(|l| l + "\n").collect() };
+        Finished {
+            status,
+            stdout: collect(&self.stdout),
+            stderr: collect(&self.stderr),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn lines(stream: impl Read + Send + 'static) -> Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(rx: &Receiver<String>, name: &str, wanted: impl Fn(&str) -> bool) -> String {
+    let until = Instant::now() + DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(line) => seen.push(line),
+            Err(RecvTimeoutError::Timeout) => {
+                panic!(
+                    "no wanted {name} line within {DEADLINE:?}; saw:\n{}",
+                    seen.join("\n")
+                )
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!(
+                    "{name} closed without the wanted line; saw:\n{}",
+                    seen.join("\n")
+                )
+            }
+        }
+    }
+}
