@@ -9,18 +9,19 @@ use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use powernode_pubsub::checkpoint::CheckpointDir;
 use powernode_pubsub::frame::{Frame, Hello, MAX_FRAME, PROTOCOL_VERSION};
 use powernode_pubsub::testing::{monotonic_ns, PersistentTestItem, TestItem};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
+use powernode_types::{AgentState, AgentStatus};
 use powernode_types::Topic;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
 const USAGE: &str = "usage: pubsub-peer COMMAND [--flag value]...
 commands:
-  publish   --root R --agent A [--keys N] [--size B] [--persistent] [--clear] [--restarted]
+  publish   --root R --agent A [--keys N] [--size B] [--persistent] [--clear] [--restarted] [--health]
             publish N items (k0..); print 'reloaded X quarantined Y', a 'quarantined KEY
             REASON' line per bad checkpoint, 'published N generation G'; serve until killed
   burst     --root R --agent A [--keys N]   publish forever, cycling over N keys; prints 'bursting'
@@ -145,13 +146,38 @@ async fn publish(f: &Flags) -> Res {
         serve_items(&p, f, keys, |i| {
             PersistentTestItem(item(format!("k{i}"), i, size))
         })?;
-        std::future::pending::<()>().await;
+        serve_until_killed(&dirs, agent, f).await
     } else {
         let p = Publication::<TestItem>::open(&dirs, agent)?;
         serve_items(&p, f, keys, |i| item(format!("k{i}"), i, size))?;
-        std::future::pending::<()>().await;
+        serve_until_killed(&dirs, agent, f).await
     }
-    Ok(())
+}
+
+/// Serves until killed; with `--health`, also publishes this process's own `AgentStatus`
+/// (its real pid, start time and a loop timestamp refreshed every second), as an agent does.
+async fn serve_until_killed(dirs: &Dirs, agent: &str, f: &Flags) -> Res {
+    if !f.on("health") {
+        return Ok(std::future::pending::<()>().await);
+    }
+    let health = Publication::<AgentStatus>::open(dirs, agent)?;
+    let now_ms = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let mut status = AgentStatus {
+        agent: agent.to_owned(),
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        started_at_ms: now_ms(),
+        last_loop_ms: now_ms(),
+        state: AgentState::Running,
+        last_error: None,
+        quarantined_checkpoints: health.status().quarantined.len() as u32,
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        status.last_loop_ms = now_ms();
+        health.publish(&status)?;
+    }
 }
 
 /// Publishes k0..k{keys-1} and reports, in this order: what was reloaded from the checkpoints
