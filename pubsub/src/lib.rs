@@ -13,6 +13,7 @@ pub mod inspect;
 mod key;
 mod peer;
 mod publication;
+mod ratelimit;
 mod subscription;
 pub mod testing;
 

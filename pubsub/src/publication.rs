@@ -31,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::frame::{self, Frame, Hello, MAX_FRAME, MAX_ITEM, PROTOCOL_VERSION};
 use crate::key::{validate_key, validate_name};
 use crate::peer::PeerPolicy;
+use crate::ratelimit::RateLimit;
 
 /// How long a new connection has to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,6 +80,8 @@ struct Inner {
     write_lock: Mutex<()>,
     state: Mutex<State>,
     closed: AtomicBool,
+    /// Limits the warnings a misbehaving peer can cause.
+    peer_log: RateLimit,
     refused: AtomicU64,
     dropped: AtomicU64,
 }
@@ -195,6 +198,7 @@ impl<T: Topic> Publication<T> {
             write_lock: Mutex::new(()),
             state: Mutex::new(state),
             closed: AtomicBool::new(false),
+            peer_log: RateLimit::new(10, Duration::from_secs(60)),
             refused: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
@@ -550,7 +554,9 @@ async fn accept_loop(inner: Arc<Inner>, mut listener: UnixSeqpacketListener) {
             }
             Err(e) => {
                 // Out of fds or memory: back off rather than spin; existing subscribers carry on.
-                tracing::warn!(topic = inner.topic, error = %e, "accept failed");
+                if let Some(suppressed) = inner.peer_log.check() {
+                    tracing::warn!(topic = inner.topic, error = %e, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -567,15 +573,19 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
     let cred = match sock.peer_cred() {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(topic = inner.topic, error = %e, "SO_PEERCRED failed; refusing peer");
             inner.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = inner.peer_log.check() {
+                tracing::warn!(topic = inner.topic, error = %e, suppressed, "SO_PEERCRED failed; refusing peer");
+            }
             return;
         }
     };
     if !inner.policy.allows(cred.uid(), cred.gid()) {
         inner.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(topic = inner.topic, peer_uid = cred.uid(), peer_gid = cred.gid(), peer_pid = ?cred.pid(),
-            "peer refused: not root and not the agents' user or group");
+        if let Some(suppressed) = inner.peer_log.check() {
+            tracing::warn!(topic = inner.topic, peer_uid = cred.uid(), peer_gid = cred.gid(), peer_pid = ?cred.pid(),
+                suppressed, "peer refused: not root and not the agents' user or group");
+        }
         return;
     }
     let peer_pid = cred.pid().unwrap_or(0);
@@ -584,17 +594,22 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
         Err(Ended::Closed) => return,
         Err(Ended::Violation(reason)) => {
             inner.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(topic = inner.topic, peer_pid, %reason, "subscriber dropped at handshake");
+            if let Some(suppressed) = inner.peer_log.check() {
+                tracing::warn!(topic = inner.topic, peer_pid, %reason, suppressed, "subscriber dropped at handshake");
+            }
             return;
         }
     }
     let Some((id, wake)) = inner.register(sock.as_raw_fd()) else {
-        tracing::warn!(
-            topic = inner.topic,
-            peer_pid,
-            limit = MAX_SUBSCRIBERS,
-            "too many subscribers; refusing one"
-        );
+        if let Some(suppressed) = inner.peer_log.check() {
+            tracing::warn!(
+                topic = inner.topic,
+                peer_pid,
+                limit = MAX_SUBSCRIBERS,
+                suppressed,
+                "too many subscribers; refusing one"
+            );
+        }
         return;
     };
     let ended = tokio::select! {
@@ -604,7 +619,9 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
     inner.unregister(id);
     if let Ended::Violation(reason) = ended {
         inner.dropped.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(topic = inner.topic, peer_pid, %reason, "subscriber dropped");
+        if let Some(suppressed) = inner.peer_log.check() {
+            tracing::warn!(topic = inner.topic, peer_pid, %reason, suppressed, "subscriber dropped");
+        }
     }
 }
 

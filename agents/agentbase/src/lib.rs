@@ -185,6 +185,27 @@ impl Context {
         })
     }
 
+    /// Opens the agent's publication of topic `T`. Checkpoint files it found bad (and moved
+    /// aside) are added to the agent's `AgentStatus.quarantined_checkpoints` and, while any
+    /// are, reported as its last error, so `powernode-agent status` shows them.
+    pub fn open_publication<T: powernode_types::Topic>(
+        &self,
+    ) -> Result<powernode_pubsub::Publication<T>, powernode_pubsub::Error> {
+        let publication = powernode_pubsub::Publication::<T>::open(&self.dirs, self.agent)?;
+        let quarantined = publication.status().quarantined;
+        if !quarantined.is_empty() {
+            self.health.add_quarantined(quarantined.len());
+            self.health.report_error(&format!(
+                "{} bad checkpoint file(s) of {} moved aside (first: {}: {})",
+                quarantined.len(),
+                T::NAME,
+                quarantined[0].key,
+                quarantined[0].reason
+            ));
+        }
+        Ok(publication)
+    }
+
     /// One turn of the agent's main loop: refreshes the touch file, the systemd watchdog and
     /// `AgentStatus.last_loop_ms` (each at most once per beat interval, so it is cheap to call
     /// on every iteration).
@@ -447,6 +468,23 @@ mod tests {
             AgentError::Runtime(std::io::Error::other("no threads")).exit_code(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn quarantined_checkpoints_reach_agent_status() {
+        use powernode_types::{AgentState, EventAck};
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::new("testagent", Root::new(dir.path()), Settings::default()).unwrap();
+        let cp_dir = ctx.dirs.checkpoints("testagent", "EventAck", false);
+        std::fs::create_dir_all(&cp_dir).unwrap();
+        std::fs::write(cp_dir.join("broken"), b"not a checkpoint").unwrap();
+        let publication = ctx.open_publication::<EventAck>().unwrap();
+        assert_eq!(publication.status().quarantined.len(), 1);
+        let status = ctx.health.current();
+        assert_eq!(status.quarantined_checkpoints, 1);
+        assert!(status.last_error.unwrap().contains("EventAck"));
+        ctx.ready();
+        assert_eq!(ctx.health.current().state, AgentState::Degraded);
     }
 
     #[tokio::test]

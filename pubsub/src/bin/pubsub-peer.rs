@@ -15,8 +15,8 @@ use powernode_pubsub::checkpoint::CheckpointDir;
 use powernode_pubsub::frame::{Frame, Hello, MAX_FRAME, PROTOCOL_VERSION};
 use powernode_pubsub::testing::{monotonic_ns, PersistentTestItem, TestItem};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
-use powernode_types::{AgentState, AgentStatus};
 use powernode_types::Topic;
+use powernode_types::{AgentState, AgentStatus};
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
 const USAGE: &str = "usage: pubsub-peer COMMAND [--flag value]...
@@ -161,7 +161,11 @@ async fn serve_until_killed(dirs: &Dirs, agent: &str, f: &Flags) -> Res {
         return Ok(std::future::pending::<()>().await);
     }
     let health = Publication::<AgentStatus>::open(dirs, agent)?;
-    let now_ms = || SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
     let mut status = AgentStatus {
         agent: agent.to_owned(),
         pid: std::process::id(),
