@@ -20,15 +20,7 @@ use powernode_pubsub::{Error, Event, Publication, Subscription};
 async fn restarted_publisher_reloads_its_items_from_checkpoints() {
     let root = Root::new();
     let dirs = root.dirs();
-    let mut first = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "rs",
-        "--keys",
-        "3",
-    ]);
+    let mut first = Peer::publisher(&root, "rs", 3, &[]);
     first.wait_published_async().await;
 
     let mut stayed = Subscription::<TestItem>::connect(&dirs, "rs");
@@ -46,15 +38,7 @@ async fn restarted_publisher_reloads_its_items_from_checkpoints() {
     first.kill();
     assert_eq!(next_event(&mut stayed).await, Event::Disconnected);
 
-    let second = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "rs",
-        "--keys",
-        "0",
-    ]);
+    let second = Peer::publisher(&root, "rs", 0, &[]);
     let reloaded = second.wait_line_async(|l| l.starts_with("reloaded ")).await;
     assert_eq!(reloaded, "reloaded 3 quarantined 0");
     second.wait_published_async().await;
@@ -88,15 +72,7 @@ async fn restarted_publisher_reloads_its_items_from_checkpoints() {
 async fn reconnect_snapshot_sweeps_keys_the_new_publisher_lacks() {
     let root = Root::new();
     let dirs = root.dirs();
-    let mut first = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "sw",
-        "--keys",
-        "5",
-    ]);
+    let mut first = Peer::publisher(&root, "sw", 5, &[]);
     first.wait_published_async().await;
 
     let mut sub = Subscription::<TestItem>::connect(&dirs, "sw");
@@ -115,16 +91,7 @@ async fn reconnect_snapshot_sweeps_keys_the_new_publisher_lacks() {
         "items are kept as last known while the publisher is away"
     );
 
-    let second = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "sw",
-        "--clear",
-        "--keys",
-        "2",
-    ]);
+    let second = Peer::publisher(&root, "sw", 2, &["--clear"]);
     assert_eq!(
         second.wait_line_async(|l| l.starts_with("reloaded ")).await,
         "reloaded 0 quarantined 0"
@@ -167,15 +134,7 @@ fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
     let cp_dir = root.dirs().checkpoints("burst", "TestItem", false);
     let mut killed_mid_write = 0;
     for round in 0..10u64 {
-        let mut burst = Peer::spawn(&[
-            "burst",
-            "--root",
-            root.arg(),
-            "--agent",
-            "burst",
-            "--keys",
-            &KEYS.to_string(),
-        ]);
+        let mut burst = Peer::burst(&root, "burst", KEYS);
         burst.wait_line(|l| l == "bursting");
         // Not a timing assertion: only varies where in the write sequence the kill lands.
         std::thread::sleep(Duration::from_millis(round * 7 % 31));
@@ -199,15 +158,7 @@ fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
             assert_eq!(&item.key, name, "round {round}");
         }
 
-        let mut publisher = Peer::spawn(&[
-            "publish",
-            "--root",
-            root.arg(),
-            "--agent",
-            "burst",
-            "--keys",
-            "0",
-        ]);
+        let mut publisher = Peer::publisher(&root, "burst", 0, &[]);
         assert_eq!(
             publisher.wait_line(|l| l.starts_with("reloaded ")),
             format!("reloaded {KEYS} quarantined 0"),
@@ -229,16 +180,7 @@ fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
 async fn persistent_topic_is_read_from_files_before_the_publisher_is_up() {
     let root = Root::new();
     let dirs = root.dirs();
-    let mut first = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "ps",
-        "--persistent",
-        "--keys",
-        "3",
-    ]);
+    let mut first = Peer::publisher(&root, "ps", 3, &["--persistent"]);
     first.wait_published_async().await;
     first.kill();
     let cp_dir = dirs.checkpoints("ps", "PersistentTestItem", true);
@@ -265,18 +207,7 @@ async fn persistent_topic_is_read_from_files_before_the_publisher_is_up() {
     }
     assert!(!sub.is_synchronized(), "files are not a live publisher");
 
-    let second = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "ps",
-        "--persistent",
-        "--keys",
-        "3",
-        "--size",
-        "32",
-    ]);
+    let second = Peer::publisher(&root, "ps", 3, &["--persistent", "--size", "32"]);
     assert_eq!(
         second.wait_line_async(|l| l.starts_with("reloaded ")).await,
         "reloaded 3 quarantined 0"
@@ -303,16 +234,7 @@ async fn restart_barrier_follows_the_whole_snapshot() {
     const KEYS: u64 = 300; // more than one snapshot batch
     let root = Root::new();
     let dirs = root.dirs();
-    let publisher = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "rb",
-        "--keys",
-        &KEYS.to_string(),
-        "--restarted",
-    ]);
+    let publisher = Peer::publisher(&root, "rb", KEYS, &["--restarted"]);
     publisher.wait_published_async().await;
 
     let mut sub = Subscription::<TestItem>::connect(&dirs, "rb");
@@ -348,15 +270,7 @@ async fn restart_barrier_follows_the_whole_snapshot() {
 async fn a_second_publisher_is_refused_while_the_first_lives() {
     let root = Root::new();
     let dirs = root.dirs();
-    let mut other = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "two",
-        "--keys",
-        "3",
-    ]);
+    let mut other = Peer::publisher(&root, "two", 3, &[]);
     other.wait_published_async().await;
 
     match Publication::<TestItem>::open(&dirs, "two") {

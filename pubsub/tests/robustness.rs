@@ -58,15 +58,7 @@ async fn corrupt_checkpoints_are_quarantined_not_trusted() {
     let dirs = root.dirs();
     let good = prepare_bad_checkpoints(&dirs, "cc");
     let cp_dir = dirs.checkpoints("cc", "TestItem", false);
-    let publisher = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "cc",
-        "--keys",
-        "0",
-    ]);
+    let publisher = Peer::publisher(&root, "cc", 0, &[]);
     publisher.wait_published_async().await;
     let lines = publisher.lines();
     assert_eq!(lines[0], "reloaded 1 quarantined 3", "{lines:?}");

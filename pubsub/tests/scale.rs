@@ -16,15 +16,7 @@ async fn ten_thousand_items_synchronize_to_a_fresh_subscriber() {
     const KEYS: u64 = 10_000;
     let root = Root::on_tmpfs();
     let dirs = root.dirs();
-    let publisher = Peer::spawn(&[
-        "publish",
-        "--root",
-        root.arg(),
-        "--agent",
-        "many",
-        "--keys",
-        &KEYS.to_string(),
-    ]);
+    let publisher = Peer::publisher(&root, "many", KEYS, &[]);
     // 10,000 checkpoint writes: allow for a slow disk when /dev/shm is not usable.
     publisher
         .wait_line_async_within(5 * DEADLINE, |l| l.starts_with("published "))
@@ -95,15 +87,7 @@ async fn a_slow_subscriber_holds_back_neither_publisher_nor_fast_subscriber() {
             .unwrap();
     }
 
-    let slow = Peer::spawn(&[
-        "subscribe",
-        "--root",
-        root.arg(),
-        "--agent",
-        "sf",
-        "--sleep-ms",
-        "20",
-    ]);
+    let slow = Peer::subscriber(&root, "sf", &["--sleep-ms", "20"]);
     slow.wait_line_async(|l| l == "synchronized").await;
     let mut fast = Subscription::<TestItem>::connect(&dirs, "sf");
     assert_eq!(until_synchronized(&mut fast).await.len(), KEYS as usize);

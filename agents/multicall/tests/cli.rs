@@ -10,7 +10,7 @@ use serde_json::Value;
 fn status_with_nothing_running_says_so() {
     let sandbox = Sandbox::new();
     let out = run(&mut sandbox.cli(&["status"]));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     assert_eq!(
         out.stdout,
         format!("no agents running under {}\n", sandbox.root().display())
@@ -20,7 +20,7 @@ fn status_with_nothing_running_says_so() {
     let out = run(std::process::Command::new(bin())
         .args(["status", "--json"])
         .env("POWERNODE_ROOT", sandbox.root()));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     let doc = out.json();
     assert_eq!(doc["root"], sandbox.root().display().to_string());
     assert_eq!(doc["agents"], Value::Array(vec![]));
@@ -35,7 +35,7 @@ fn status_shows_agents_up_and_down() {
     drop(sandbox.publish("beta", &[beta_status]));
 
     let out = run(&mut sandbox.cli(&["status", "--json"]));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     let doc = out.json();
     let alpha = &doc["agents"][0];
     assert_eq!(alpha["agent"], "alpha");
@@ -58,17 +58,11 @@ fn status_shows_agents_up_and_down() {
     assert_eq!(publications[1]["from_checkpoint"], true);
 
     let text = run(&mut sandbox.cli(&["status"]));
-    assert_eq!(text.code(), Some(0), "{text:?}");
-    assert!(
-        text.stdout.contains("down (last said Degraded)"),
-        "{text:?}"
-    );
-    assert!(text.stdout.contains("disk full"), "{text:?}");
-    assert!(
-        text.stdout.contains("down (from checkpoint files)"),
-        "{text:?}"
-    );
-    assert!(text.stdout.contains("1 of 2 publishers down"), "{text:?}");
+    text.assert_code(0);
+    text.assert_stdout_contains("down (last said Degraded)");
+    text.assert_stdout_contains("disk full");
+    text.assert_stdout_contains("down (from checkpoint files)");
+    text.assert_stdout_contains("1 of 2 publishers down");
 }
 
 #[test]
@@ -94,7 +88,7 @@ fn wait_returns_when_the_field_matches() {
         .publish(&agent_status("alpha", AgentState::Running))
         .unwrap();
     let out = child.finish();
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     let item = out.json();
     assert_eq!(item["key"], "alpha");
     assert_eq!(item["value"]["state"], "Running");
@@ -114,7 +108,7 @@ fn wait_is_satisfied_by_the_checkpoint_of_a_persistent_topic() {
         "--timeout",
         "10",
     ]));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     assert_eq!(out.json()["value"]["state"], "Enrolled");
 }
 
@@ -130,21 +124,15 @@ fn wait_times_out_saying_what_it_saw() {
         "--timeout",
         "0.5",
     ]));
-    assert_eq!(out.code(), Some(1), "{out:?}");
+    out.assert_code(1);
     assert!(out.stdout.is_empty(), "{out:?}");
-    assert!(out.stderr.contains("timed out after 500ms"), "{out:?}");
-    assert!(
-        out.stderr.contains("last seen: item \"alpha\": {"),
-        "{out:?}"
-    );
-    assert!(out.stderr.contains("\"state\":\"Running\""), "{out:?}");
+    out.assert_stderr_contains("timed out after 500ms");
+    out.assert_stderr_contains("last seen: item \"alpha\": {");
+    out.assert_stderr_contains("\"state\":\"Running\"");
 
     let out = run(&mut sandbox.cli(&["wait", "nobody/AgentStatus", "--timeout", "0.3"]));
-    assert_eq!(out.code(), Some(1), "{out:?}");
-    assert!(
-        out.stderr.contains("last seen: publisher not up"),
-        "{out:?}"
-    );
+    out.assert_code(1);
+    out.assert_stderr_contains("last seen: publisher not up");
 }
 
 #[test]
@@ -168,25 +156,25 @@ fn wait_usage_errors_exit_2() {
 fn run_starts_programs_by_name() {
     let sandbox = Sandbox::new();
     let out = run(&mut sandbox.cli(&["run", "nosuch"]));
-    assert_eq!(out.code(), Some(2), "{out:?}");
-    assert!(out.stderr.contains("\"nosuch\""), "{out:?}");
-    assert!(out.stderr.contains("valid names: ipcmonitor"), "{out:?}");
+    out.assert_code(2);
+    out.assert_stderr_contains("\"nosuch\"");
+    out.assert_stderr_contains("valid names: ipcmonitor");
 
     let _alpha = sandbox.publish("alpha", &[agent_status("alpha", AgentState::Running)]);
     // --root before `run` is passed on to the program.
     let out = run(&mut sandbox.cli(&["run", "ipcmonitor", "--list", "--json"]));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     assert_eq!(out.json()[0]["publication"], "alpha/AgentStatus");
 
     let help = run(&mut sandbox.cli(&["run", "ipcmonitor", "--help"]));
-    assert_eq!(help.code(), Some(0), "{help:?}");
-    assert!(help.stdout.contains("Usage: ipcmonitor"), "{help:?}");
+    help.assert_code(0);
+    help.assert_stdout_contains("Usage: ipcmonitor");
 }
 
 #[test]
 fn version_and_help() {
     let out = run(std::process::Command::new(bin()).args(["version", "--json"]));
-    assert_eq!(out.code(), Some(0), "{out:?}");
+    out.assert_code(0);
     let doc = out.json();
     assert_eq!(doc["name"], "powernode-agent");
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));

@@ -18,7 +18,7 @@ fn find<'a>(list: &'a Value, publication: &str) -> &'a Value {
 fn list_shows_item_counts_and_whether_publishers_are_up() {
     let sandbox = Sandbox::new();
     let empty = run(&mut sandbox.ipcmonitor(&["--list"]));
-    assert_eq!(empty.code(), Some(0), "{empty:?}");
+    empty.assert_code(0);
     assert!(
         empty.stdout.starts_with("no publications under"),
         "{empty:?}"
@@ -31,7 +31,7 @@ fn list_shows_item_counts_and_whether_publishers_are_up() {
     drop(enroll);
 
     let listed = run(&mut sandbox.ipcmonitor(&["--list", "--json"]));
-    assert_eq!(listed.code(), Some(0), "{listed:?}");
+    listed.assert_code(0);
     let list = listed.json();
     assert_eq!(list.as_array().unwrap().len(), 3, "{list}");
     let alpha = find(&list, "alpha/AgentStatus");
@@ -52,7 +52,7 @@ fn list_shows_item_counts_and_whether_publishers_are_up() {
     );
 
     let text = run(&mut sandbox.ipcmonitor(&["--list"]));
-    assert_eq!(text.code(), Some(0), "{text:?}");
+    text.assert_code(0);
     let lines: Vec<Vec<&str>> = text
         .stdout
         .lines()
@@ -77,7 +77,7 @@ fn show_prints_items_live_or_from_checkpoint_files() {
     drop(sandbox.publish("enrollmgr", &[enrollment(EnrollmentState::Enrolled)]));
 
     let shown = run(&mut sandbox.ipcmonitor(&["alpha/AgentStatus", "--json"]));
-    assert_eq!(shown.code(), Some(0), "{shown:?}");
+    shown.assert_code(0);
     let lines = shown.json_lines();
     assert_eq!(lines.len(), 2, "{shown:?}");
     assert_eq!(lines[0]["event"], "snapshot");
@@ -88,38 +88,26 @@ fn show_prints_items_live_or_from_checkpoint_files() {
     assert_eq!(lines[1]["value"]["pid"], std::process::id());
 
     let text = run(&mut sandbox.ipcmonitor(&["enrollmgr/EnrollmentStatus"]));
-    assert_eq!(text.code(), Some(0), "{text:?}");
+    text.assert_code(0);
     assert!(
         text.stdout
             .starts_with("enrollmgr/EnrollmentStatus: publisher down ("),
         "{text:?}"
     );
-    assert!(
-        text.stdout.contains("1 item from checkpoint files in "),
-        "{text:?}"
-    );
-    assert!(text.stdout.contains("\n[global]\n{\n"), "{text:?}");
-    assert!(
-        text.stdout.contains("  \"state\": \"Enrolled\""),
-        "{text:?}"
-    );
+    text.assert_stdout_contains("1 item from checkpoint files in ");
+    text.assert_stdout_contains("\n[global]\n{\n");
+    text.assert_stdout_contains("  \"state\": \"Enrolled\"");
 
     let missing_key = run(&mut sandbox.ipcmonitor(&["alpha/AgentStatus", "--key", "nope"]));
-    assert_eq!(missing_key.code(), Some(1), "{missing_key:?}");
-    assert!(
-        missing_key.stderr.contains("no item with key \"nope\""),
-        "{missing_key:?}"
-    );
+    missing_key.assert_code(1);
+    missing_key.assert_stderr_contains("no item with key \"nope\"");
 
     let unknown = run(&mut sandbox.ipcmonitor(&["alpha/NoSuchTopic"]));
-    assert_eq!(unknown.code(), Some(1), "{unknown:?}");
-    assert!(
-        unknown.stderr.contains("not a topic this build knows"),
-        "{unknown:?}"
-    );
+    unknown.assert_code(1);
+    unknown.assert_stderr_contains("not a topic this build knows");
 
     let usage = run(&mut sandbox.ipcmonitor(&["not-a-publication"]));
-    assert_eq!(usage.code(), Some(2), "{usage:?}");
+    usage.assert_code(2);
 }
 
 #[test]

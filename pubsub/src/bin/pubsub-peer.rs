@@ -158,7 +158,8 @@ async fn publish(f: &Flags) -> Res {
 /// (its real pid, start time and a loop timestamp refreshed every second), as an agent does.
 async fn serve_until_killed(dirs: &Dirs, agent: &str, f: &Flags) -> Res {
     if !f.on("health") {
-        return Ok(std::future::pending::<()>().await);
+        std::future::pending::<()>().await;
+        return Ok(());
     }
     let health = Publication::<AgentStatus>::open(dirs, agent)?;
     let now_ms = || {

@@ -107,6 +107,39 @@ impl Peer {
         Peer::spawn_command(args.join(" "), cmd)
     }
 
+    /// Runs `pubsub-peer publish --root ROOT --agent AGENT --keys KEYS EXTRA...`.
+    pub fn publisher(root: &Root, agent: &str, keys: u64, extra: &[&str]) -> Peer {
+        Peer::with_agent("publish", root, agent, keys, extra)
+    }
+
+    /// Runs `pubsub-peer burst --root ROOT --agent AGENT --keys KEYS`.
+    pub fn burst(root: &Root, agent: &str, keys: u64) -> Peer {
+        Peer::with_agent("burst", root, agent, keys, &[])
+    }
+
+    /// Runs `pubsub-peer subscribe --root ROOT --agent AGENT EXTRA...`.
+    pub fn subscriber(root: &Root, agent: &str, extra: &[&str]) -> Peer {
+        let mut args = vec!["subscribe", "--root", root.arg(), "--agent", agent];
+        args.extend_from_slice(extra);
+        Peer::spawn(&args)
+    }
+
+    /// Runs `pubsub-peer COMMAND --root ROOT --agent AGENT --keys KEYS EXTRA...`.
+    fn with_agent(command: &str, root: &Root, agent: &str, keys: u64, extra: &[&str]) -> Peer {
+        let keys = keys.to_string();
+        let mut args = vec![
+            command,
+            "--root",
+            root.arg(),
+            "--agent",
+            agent,
+            "--keys",
+            &keys,
+        ];
+        args.extend_from_slice(extra);
+        Peer::spawn(&args)
+    }
+
     /// Runs a prepared command (for another binary path or another uid).
     pub fn spawn_command(name: String, mut cmd: Command) -> Peer {
         cmd.stdin(Stdio::null())

@@ -120,6 +120,24 @@ impl Finished {
         self.status.code()
     }
 
+    /// Fails the test, showing all the child printed, unless it exited with `code`.
+    #[track_caller]
+    pub fn assert_code(&self, code: i32) {
+        assert_eq!(self.code(), Some(code), "{self:?}");
+    }
+
+    /// Fails the test, showing all the child printed, unless its stdout contains `part`.
+    #[track_caller]
+    pub fn assert_stdout_contains(&self, part: &str) {
+        assert!(self.stdout.contains(part), "{self:?}");
+    }
+
+    /// Fails the test, showing all the child printed, unless its stderr contains `part`.
+    #[track_caller]
+    pub fn assert_stderr_contains(&self, part: &str) {
+        assert!(self.stderr.contains(part), "{self:?}");
+    }
+
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
