@@ -258,29 +258,36 @@ impl CheckpointDir {
     }
 
     /// Loads every valid item, moves every bad file to [`QUARANTINE_DIR`] and deletes temp
-    /// files a crash left behind.
-    pub fn load(&self, topic: &str, schema_version: u32) -> io::Result<Loaded> {
+    /// files a crash left behind. `check` vets each payload that passed the file's own checks
+    /// (the publisher decodes it as its type): a payload it refuses is quarantined too.
+    pub fn load(
+        &self,
+        topic: &str,
+        schema_version: u32,
+        check: impl Fn(&[u8]) -> Result<(), String>,
+    ) -> io::Result<Loaded> {
         let mut loaded = Loaded::default();
-        for entry in fs::read_dir(&self.path)? {
-            let entry = entry?;
+        for entry in fs::read_dir(&self.path).map_err(|e| at(&self.path, e))? {
+            let entry = entry.map_err(|e| at(&self.path, e))?;
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             if name.starts_with('.') && name.ends_with(".tmp") {
-                fs::remove_file(entry.path())?;
+                fs::remove_file(entry.path()).map_err(|e| at(&entry.path(), e))?;
                 continue;
             }
-            if validate_key(name).is_err() || !entry.file_type()?.is_file() {
+            if validate_key(name).is_err() || !entry.file_type().is_ok_and(|t| t.is_file()) {
                 continue;
             }
-            let bytes = fs::read(entry.path())?;
-            match decode_for(&bytes, topic, schema_version) {
+            let bytes = fs::read(entry.path()).map_err(|e| at(&entry.path(), e))?;
+            let verdict = decode_for(&bytes, topic, schema_version)
+                .map_err(|e| e.to_string())
+                .and_then(|payload| check(payload).map(|()| payload));
+            match verdict {
                 Ok(payload) => loaded.items.push((name.to_owned(), payload.to_vec())),
-                Err(e) => loaded
-                    .quarantined
-                    .push(self.quarantine(name, &e.to_string())?),
+                Err(reason) => loaded.quarantined.push(self.quarantine(name, &reason)?),
             }
         }
-        self.dir.sync_all()?;
+        self.dir.sync_all().map_err(|e| at(&self.path, e))?;
         loaded.items.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(loaded)
     }
@@ -296,15 +303,29 @@ impl CheckpointDir {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let moved_to = qdir.join(format!("{key}.{stamp}"));
-        fs::rename(self.path.join(key), &moved_to)?;
-        File::open(&qdir)?.sync_all()?;
+        // Never overwrite an earlier quarantined copy of the same key.
+        let moved_to = (0..)
+            .map(|n| match n {
+                0 => qdir.join(format!("{key}.{stamp}")),
+                n => qdir.join(format!("{key}.{stamp}.{n}")),
+            })
+            .find(|p| !p.exists())
+            .expect("an unused name exists");
+        fs::rename(self.path.join(key), &moved_to).map_err(|e| at(&moved_to, e))?;
+        File::open(&qdir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| at(&qdir, e))?;
         Ok(Quarantined {
             key: key.to_owned(),
             reason: reason.to_owned(),
             moved_to,
         })
     }
+}
+
+/// Puts the path that failed into an I/O error's message.
+fn at(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// One file read by [`read_dir`].
@@ -419,19 +440,35 @@ mod tests {
         fs::write(dir.path().join("short"), b"PNC").unwrap();
         fs::write(dir.path().join(".good.tmp"), b"half").unwrap();
 
-        let loaded = dir.load("T", 1).unwrap();
+        dir.write("undecodable", &encode("T", 1, b"u")).unwrap();
+        let loaded = dir
+            .load("T", 1, |p| {
+                if p == b"u" {
+                    Err("does not decode".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
         assert_eq!(loaded.items, vec![("good".to_owned(), b"g".to_vec())]);
         let mut keys: Vec<_> = loaded.quarantined.iter().map(|q| q.key.as_str()).collect();
         keys.sort();
-        assert_eq!(keys, ["flipped", "old", "short"]);
+        assert_eq!(keys, ["flipped", "old", "short", "undecodable"]);
         for q in &loaded.quarantined {
             assert!(q.moved_to.exists());
             assert!(!dir.path().join(&q.key).exists());
         }
         assert!(!dir.path().join(".good.tmp").exists());
         // Loading again finds only the good file: the quarantine directory is not an item.
-        let again = dir.load("T", 1).unwrap();
+        let again = dir.load("T", 1, |_| Ok(())).unwrap();
         assert_eq!(again.items.len(), 1);
         assert!(again.quarantined.is_empty());
+        // A second bad copy of the same key in the same millisecond keeps the first.
+        dir.write("twice", b"bad").unwrap();
+        let first = dir.quarantine("twice", "r").unwrap();
+        dir.write("twice", b"bad again").unwrap();
+        let second = dir.quarantine("twice", "r").unwrap();
+        assert_ne!(first.moved_to, second.moved_to);
+        assert!(first.moved_to.exists() && second.moved_to.exists());
     }
 }

@@ -14,7 +14,7 @@ use std::ops::Bound;
 use std::os::fd::RawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,8 +37,9 @@ use crate::ratelimit::RateLimit;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most items sent per lock acquisition while walking the snapshot.
 const SNAPSHOT_BATCH: usize = 128;
-/// Most subscribers one publication serves at once; more are refused so no peer can exhaust fds.
-const MAX_SUBSCRIBERS: usize = 256;
+/// Most connections (handshaking or subscribed) one publication holds at once; more are refused
+/// so no peer can exhaust its fds.
+const MAX_CONNECTIONS: usize = 256;
 /// A subscriber only ever sends its `Hello`; anything longer than this is not one.
 const CLIENT_FRAME_MAX: usize = 1024;
 
@@ -51,7 +52,7 @@ pub struct PublicationStatus {
     pub subscribers: usize,
     /// Checkpoint files found bad at start-up and moved aside.
     pub quarantined: Vec<Quarantined>,
-    /// Connections refused by the `SO_PEERCRED` check.
+    /// Connections refused: by the `SO_PEERCRED` check, or over the connection limit.
     pub refused_peers: u64,
     /// Connections dropped for sending something that is not the protocol.
     pub dropped_peers: u64,
@@ -82,6 +83,8 @@ struct Inner {
     closed: AtomicBool,
     /// Limits the warnings a misbehaving peer can cause.
     peer_log: RateLimit,
+    /// Connections held now, handshaking or subscribed.
+    connections: AtomicUsize,
     refused: AtomicU64,
     dropped: AtomicU64,
 }
@@ -158,18 +161,35 @@ impl<T: Topic> Publication<T> {
             .mode(0o600)
             .open(&lock_path)
             .map_err(|e| Error::io("open lock", &lock_path, e))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            Error::AlreadyPublished {
-                socket: dirs.socket(agent, T::NAME),
-                lock: lock_path.clone(),
-            }
-        })?;
+        let lock =
+            Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+                if errno == nix::errno::Errno::EWOULDBLOCK {
+                    Error::AlreadyPublished {
+                        socket: dirs.socket(agent, T::NAME),
+                        lock: lock_path.clone(),
+                    }
+                } else {
+                    Error::io("lock", &lock_path, errno.into())
+                }
+            })?;
 
         let cp_path = dirs.checkpoints(agent, T::NAME, T::PERSISTENT);
         let checkpoints = CheckpointDir::open(&cp_path)
             .map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
         let loaded = checkpoints
-            .load(T::NAME, T::SCHEMA_VERSION)
+            .load(T::NAME, T::SCHEMA_VERSION, |payload| {
+                // A file can pass its CRC and still not be a `T` (a writer bug, a type changed
+                // without a schema bump): never serve what we could not read ourselves.
+                if payload.len() > MAX_ITEM {
+                    return Err(format!(
+                        "{} bytes, over the {MAX_ITEM}-byte item limit",
+                        payload.len()
+                    ));
+                }
+                postcard::from_bytes::<T>(payload)
+                    .map(drop)
+                    .map_err(|e| format!("does not decode as {}: {e}", T::NAME))
+            })
             .map_err(|e| Error::io("load checkpoints", &cp_path, e))?;
         for q in &loaded.quarantined {
             tracing::error!(topic = T::NAME, key = %q.key, reason = %q.reason, moved_to = %q.moved_to.display(),
@@ -199,6 +219,7 @@ impl<T: Topic> Publication<T> {
             state: Mutex::new(state),
             closed: AtomicBool::new(false),
             peer_log: RateLimit::new(10, Duration::from_secs(60)),
+            connections: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
@@ -362,11 +383,8 @@ impl Inner {
         .encode()
     }
 
-    fn register(&self, fd: RawFd) -> Option<(u64, Arc<Notify>)> {
+    fn register(&self, fd: RawFd) -> (u64, Arc<Notify>) {
         let mut st = self.lock();
-        if st.conns.len() >= MAX_SUBSCRIBERS {
-            return None;
-        }
         let id = st.next_conn;
         st.next_conn += 1;
         let wake = Arc::new(Notify::new());
@@ -382,7 +400,7 @@ impl Inner {
                 wake: wake.clone(),
             },
         );
-        Some((id, wake))
+        (id, wake)
     }
 
     fn unregister(&self, id: u64) {
@@ -550,7 +568,23 @@ async fn accept_loop(inner: Arc<Inner>, mut listener: UnixSeqpacketListener) {
     loop {
         match listener.accept().await {
             Ok(sock) => {
-                tokio::spawn(serve(inner.clone(), sock));
+                // Counted from accept, so peers stuck before their Hello count too.
+                let Some(slot) = ConnectionSlot::take(&inner) else {
+                    inner.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = inner.peer_log.check() {
+                        tracing::warn!(
+                            topic = inner.topic,
+                            limit = MAX_CONNECTIONS,
+                            suppressed,
+                            "too many connections; refusing one"
+                        );
+                    }
+                    continue;
+                };
+                tokio::spawn(async move {
+                    serve(slot.0.clone(), sock).await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 // Out of fds or memory: back off rather than spin; existing subscribers carry on.
@@ -560,6 +594,26 @@ async fn accept_loop(inner: Arc<Inner>, mut listener: UnixSeqpacketListener) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+/// One of a publication's [`MAX_CONNECTIONS`] places, given back on drop.
+struct ConnectionSlot(Arc<Inner>);
+
+impl ConnectionSlot {
+    fn take(inner: &Arc<Inner>) -> Option<Self> {
+        let taken = inner.connections.fetch_add(1, Ordering::AcqRel);
+        if taken >= MAX_CONNECTIONS {
+            inner.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(ConnectionSlot(inner.clone()))
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -600,18 +654,7 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
             return;
         }
     }
-    let Some((id, wake)) = inner.register(sock.as_raw_fd()) else {
-        if let Some(suppressed) = inner.peer_log.check() {
-            tracing::warn!(
-                topic = inner.topic,
-                peer_pid,
-                limit = MAX_SUBSCRIBERS,
-                suppressed,
-                "too many subscribers; refusing one"
-            );
-        }
-        return;
-    };
+    let (id, wake) = inner.register(sock.as_raw_fd());
     let ended = tokio::select! {
         e = watch_peer(&sock) => e,
         e = send_loop(&inner, id, &wake, &sock) => e,

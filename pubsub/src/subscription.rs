@@ -6,7 +6,6 @@
 //! so a slow consumer applies back-pressure to its own connection only.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::hash::{Hash, Hasher};
 use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -426,7 +425,7 @@ pub enum Event<T> {
 /// A typed subscription to `<agent>/<T::NAME>`.
 pub struct Subscription<T: Topic> {
     raw: RawSubscription,
-    items: BTreeMap<String, (u64, T)>,
+    items: BTreeMap<String, T>,
     synchronized: bool,
     _topic: PhantomData<fn() -> T>,
 }
@@ -460,7 +459,7 @@ impl<T: Topic> Subscription<T> {
                 RawEvent::Delete { key } => self
                     .items
                     .remove(&key)
-                    .map(|(_, old)| Event::Delete { key, old }),
+                    .map(|old| Event::Delete { key, old }),
                 RawEvent::Synchronized => {
                     self.synchronized = true;
                     Some(Event::Synchronized)
@@ -479,31 +478,39 @@ impl<T: Topic> Subscription<T> {
     }
 
     fn apply_update(&mut self, key: String, value: &[u8]) -> Option<Event<T>> {
-        let hash = hash_bytes(value);
-        if self.items.get(&key).is_some_and(|(h, _)| *h == hash) {
-            return None; // resent unchanged after a reconnect
+        // After a reconnect the snapshot re-sends unchanged values; postcard encodes a value
+        // one way only, so comparing encodings is exact.
+        if let Some(old) = self.items.get(&key) {
+            if postcard::to_stdvec(old).is_ok_and(|encoded| encoded == value) {
+                return None;
+            }
         }
         let new: T = match postcard::from_bytes(value) {
             Ok(v) => v,
             Err(e) => {
-                tracing::error!(topic = T::NAME, key = %key, error = %e, "item does not decode; ignored");
-                return None;
+                // Never keep acting on a value the publisher has replaced with one we cannot
+                // read: the key goes away until a readable value comes.
+                tracing::error!(topic = T::NAME, key = %key, error = %e, "item does not decode; dropping the key");
+                return self
+                    .items
+                    .remove(&key)
+                    .map(|old| Event::Delete { key, old });
             }
         };
-        match self.items.insert(key.clone(), (hash, new.clone())) {
-            Some((_, old)) => Some(Event::Modify { key, old, new }),
+        match self.items.insert(key.clone(), new.clone()) {
+            Some(old) => Some(Event::Modify { key, old, new }),
             None => Some(Event::Create { key, value: new }),
         }
     }
 
     /// The item with `key`, as last received.
     pub fn get(&self, key: &str) -> Option<&T> {
-        self.items.get(key).map(|(_, v)| v)
+        self.items.get(key)
     }
 
     /// Every item, in key order.
     pub fn items(&self) -> impl Iterator<Item = (&str, &T)> {
-        self.items.iter().map(|(k, (_, v))| (k.as_str(), v))
+        self.items.iter().map(|(k, v)| (k.as_str(), v))
     }
 
     /// How many items are held.
@@ -520,10 +527,4 @@ impl<T: Topic> Subscription<T> {
     pub fn is_synchronized(&self) -> bool {
         self.synchronized && self.raw.is_connected()
     }
-}
-
-fn hash_bytes(b: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    b.hash(&mut h);
-    h.finish()
 }

@@ -17,7 +17,8 @@ use powernode_pubsub::{Dirs, Error, Event, Publication, Subscription, MAX_KEY_LE
 use tokio_seqpacket::UnixSeqpacket;
 
 /// Writes into the checkpoint directory of `<agent>/TestItem`: a valid k0, and k1 with a flipped
-/// payload byte, k2 truncated, k3 written by schema version 2, plus a stale temp file of k9.
+/// payload byte, k2 truncated, k3 written by schema version 2, k4 whose CRC is good but whose
+/// payload is not a TestItem, plus a stale temp file of k9.
 /// Returns the valid item.
 fn prepare_bad_checkpoints(dirs: &Dirs, agent: &str) -> TestItem {
     let dir = dirs.checkpoints(agent, "TestItem", false);
@@ -33,6 +34,11 @@ fn prepare_bad_checkpoints(dirs: &Dirs, agent: &str) -> TestItem {
     let whole = file(&test_item("k2", 9, 16), 1);
     fs::write(dir.join("k2"), &whole[..whole.len() - 3]).unwrap();
     fs::write(dir.join("k3"), file(&test_item("k3", 10, 16), 2)).unwrap();
+    fs::write(
+        dir.join("k4"),
+        checkpoint::encode("TestItem", 1, &[0xff; 3]),
+    )
+    .unwrap();
     let temp = file(&test_item("k9", 11, 16), 1);
     fs::write(dir.join(".k9.tmp"), &temp[..temp.len() / 2]).unwrap();
     good
@@ -61,8 +67,8 @@ async fn corrupt_checkpoints_are_quarantined_not_trusted() {
     let publisher = Peer::publisher(&root, "cc", 0, &[]);
     publisher.wait_published_async().await;
     let lines = publisher.lines();
-    assert_eq!(lines[0], "reloaded 1 quarantined 3", "{lines:?}");
-    let mut reported: Vec<&str> = lines[1..4].iter().map(String::as_str).collect();
+    assert_eq!(lines[0], "reloaded 1 quarantined 4", "{lines:?}");
+    let mut reported: Vec<&str> = lines[1..5].iter().map(String::as_str).collect();
     reported.sort();
     assert!(
         reported[0].starts_with("quarantined k1 CRC mismatch"),
@@ -76,9 +82,13 @@ async fn corrupt_checkpoints_are_quarantined_not_trusted() {
         reported[2], "quarantined k3 schema version 2, expected 1",
         "{reported:?}"
     );
-    assert!(lines[4].starts_with("published 0 "), "{lines:?}");
+    assert!(
+        reported[3].starts_with("quarantined k4 does not decode as TestItem"),
+        "{reported:?}"
+    );
+    assert!(lines[5].starts_with("published 0 "), "{lines:?}");
     assert_eq!(checkpoint_files(&cp_dir), ["k0"]);
-    assert_eq!(quarantined_keys(&cp_dir), ["k1", "k2", "k3"]);
+    assert_eq!(quarantined_keys(&cp_dir), ["k1", "k2", "k3", "k4"]);
     assert!(!cp_dir.join(".k9.tmp").exists(), "stale temp file swept");
 
     let mut sub = Subscription::<TestItem>::connect(&dirs, "cc");
@@ -102,7 +112,7 @@ async fn corrupt_checkpoints_are_quarantined_not_trusted() {
     assert_eq!(status.items, 1);
     let mut keys: Vec<&str> = status.quarantined.iter().map(|q| q.key.as_str()).collect();
     keys.sort();
-    assert_eq!(keys, ["k1", "k2", "k3"]);
+    assert_eq!(keys, ["k1", "k2", "k3", "k4"]);
     for q in &status.quarantined {
         assert!(q.moved_to.starts_with(cp_dir.join(QUARANTINE_DIR)), "{q:?}");
         assert!(q.moved_to.is_file(), "{q:?}");
@@ -403,5 +413,68 @@ async fn items_larger_than_a_frame_are_refused_and_the_limit_is_delivered() {
     assert_eq!(
         next_event(&mut fresh).await,
         Event::Restarted { counter: 200 }
+    );
+}
+
+/// A reader of `TestItem` whose second field is a bool: a `TestItem` whose `seq` is 0 or 1
+/// decodes as one, any other does not. It stands for a publisher whose items stop decoding.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct NarrowReader {
+    key: String,
+    flag: bool,
+}
+
+impl powernode_types::Topic for NarrowReader {
+    const NAME: &'static str = "TestItem";
+    const SCHEMA_VERSION: u32 = 1;
+    const PERSISTENT: bool = false;
+    fn key(&self) -> String {
+        self.key.clone()
+    }
+}
+
+/// An item that arrives well-framed but does not decode is never kept: the subscriber drops the
+/// key (a Delete event) instead of acting on the value the publisher has replaced.
+#[tokio::test]
+async fn an_undecodable_item_drops_its_key() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let publication = Publication::<TestItem>::open(&dirs, "nd").unwrap();
+    publication.publish(&test_item("k0", 0, 4)).unwrap();
+    let mut sub = Subscription::<NarrowReader>::connect(&dirs, "nd");
+    let events = until_synchronized(&mut sub).await;
+    let k0 = NarrowReader {
+        key: "k0".into(),
+        flag: false,
+    };
+    assert_eq!(
+        events,
+        [Event::Create {
+            key: "k0".into(),
+            value: k0.clone()
+        }]
+    );
+
+    publication.publish(&test_item("k0", 7, 4)).unwrap();
+    assert_eq!(
+        next_event(&mut sub).await,
+        Event::Delete {
+            key: "k0".into(),
+            old: k0
+        }
+    );
+    assert!(sub.get("k0").is_none());
+
+    publication.publish(&test_item("k0", 1, 4)).unwrap();
+    let k0 = NarrowReader {
+        key: "k0".into(),
+        flag: true,
+    };
+    assert_eq!(
+        next_event(&mut sub).await,
+        Event::Create {
+            key: "k0".into(),
+            value: k0
+        }
     );
 }
