@@ -78,6 +78,18 @@ pub fn init(agent: &str, level: &str) -> Sink {
     sink
 }
 
+/// Installs a stderr-only subscriber for an interactive tool (ipcmonitor, the operator CLI):
+/// what the libraries it uses warn about (a publisher of another schema version, a protocol
+/// violation) reaches the person running it, not the journal. `RUST_LOG` overrides `level`.
+pub fn init_tool(tool: &str, level: &str) -> Sink {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let (filter, _) = build_filter(level, rust_log.as_deref());
+    match tracing_subscriber::registry().with(filter).with(stderr_layer(tool)).try_init() {
+        Ok(()) => Sink::Stderr,
+        Err(_) => Sink::AlreadySet,
+    }
+}
+
 /// The filter to use: `RUST_LOG` if set and non-empty, else `level`; `info` if that does not
 /// parse, together with the parse error.
 fn build_filter(level: &str, rust_log: Option<&str>) -> (EnvFilter, Option<String>) {
