@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DIST := dist
 # Programs the multi-call binary answers to by name (argv[0]); agents join as they land.
-PROGRAMS := ipcmonitor
+PROGRAMS := ipcmonitor identitymgr
 
 .PHONY: all build test fmt lint unit dist demo bench clean
 

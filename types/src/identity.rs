@@ -43,7 +43,7 @@ pub enum IdentityState {
 /// The steps of the identity cascade, in the order they are tried.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IdentitySource {
-    /// `powernode.uuid=` on the kernel command line.
+    /// `powernode.instance_uuid=` on the kernel command line.
     KernelCmdline,
     /// QEMU fw-cfg entry.
     FwCfg,
@@ -61,7 +61,7 @@ pub enum IdentitySource {
     Dmi,
     /// The operator's `identity.cfg` file.
     IdentityCfg,
-    /// Generated on first boot and stored under `persist/`.
+    /// Generated once, when no source had one, and kept in `etc/powernode/identity.cfg`.
     Generated,
 }
 

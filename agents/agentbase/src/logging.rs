@@ -84,7 +84,11 @@ pub fn init(agent: &str, level: &str) -> Sink {
 pub fn init_tool(tool: &str, level: &str) -> Sink {
     let rust_log = std::env::var("RUST_LOG").ok();
     let (filter, _) = build_filter(level, rust_log.as_deref());
-    match tracing_subscriber::registry().with(filter).with(stderr_layer(tool)).try_init() {
+    match tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr_layer(tool))
+        .try_init()
+    {
         Ok(()) => Sink::Stderr,
         Err(_) => Sink::AlreadySet,
     }

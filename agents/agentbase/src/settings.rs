@@ -19,6 +19,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use powernode_types::IdentitySource;
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
@@ -112,6 +113,8 @@ pub struct Settings {
     pub touch_interval_s: u64,
     /// pubsub client settings.
     pub pubsub: PubsubSettings,
+    /// identitymgr's discovery cascade.
+    pub identity: IdentitySettings,
 }
 
 /// The `[pubsub]` table.
@@ -122,14 +125,148 @@ pub struct PubsubSettings {
     pub connect_timeout_ms: u64,
 }
 
+/// The `[identity]` table: how identitymgr discovers who the node is (docs/identity.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// How long, in milliseconds, one source may take before it counts as failed (1..=60000).
+    pub source_timeout_ms: u64,
+    /// Whether, when no source yields a UUID, identitymgr may generate one and store it in
+    /// `identity.cfg` (which then supplies it on every later start).
+    pub allow_generated_uuid: bool,
+    /// The sources to try, in order, each at most once (`Generated` is not one of them: see
+    /// `allow_generated_uuid`). Default: all of them, in the documented order.
+    pub sources: Vec<IdentitySource>,
+    /// Base URL of the AWS instance metadata service (IMDSv2).
+    pub aws_url: String,
+    /// Base URL of the Google Cloud metadata server.
+    pub gcp_url: String,
+    /// Base URL of the Azure instance metadata service.
+    pub azure_url: String,
+    /// Base URL of the DigitalOcean metadata service.
+    pub digitalocean_url: String,
+    /// Base URL of the Hetzner Cloud metadata service.
+    pub hetzner_url: String,
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             log_level: "info".to_owned(),
             touch_interval_s: 15,
             pubsub: PubsubSettings::default(),
+            identity: IdentitySettings::default(),
         }
     }
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings {
+            source_timeout_ms: 500,
+            allow_generated_uuid: true,
+            sources: IdentitySettings::ALL_SOURCES.to_vec(),
+            aws_url: "http://169.254.169.254".to_owned(),
+            gcp_url: "http://metadata.google.internal".to_owned(),
+            azure_url: "http://169.254.169.254".to_owned(),
+            digitalocean_url: "http://169.254.169.254".to_owned(),
+            hetzner_url: "http://169.254.169.254".to_owned(),
+        }
+    }
+}
+
+impl IdentitySettings {
+    /// Every source that can be listed in `sources`, in the default cascade order.
+    pub const ALL_SOURCES: [IdentitySource; 9] = [
+        IdentitySource::KernelCmdline,
+        IdentitySource::FwCfg,
+        IdentitySource::Aws,
+        IdentitySource::Gcp,
+        IdentitySource::Azure,
+        IdentitySource::DigitalOcean,
+        IdentitySource::Hetzner,
+        IdentitySource::Dmi,
+        IdentitySource::IdentityCfg,
+    ];
+
+    /// [`IdentitySettings::source_timeout_ms`] as a duration.
+    pub fn source_timeout(&self) -> Duration {
+        Duration::from_millis(self.source_timeout_ms)
+    }
+
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        if !(1..=60_000).contains(&self.source_timeout_ms) {
+            return Err(invalid(
+                "identity.source_timeout_ms",
+                self.source_timeout_ms.to_string(),
+                "must be between 1 and 60000 milliseconds",
+            ));
+        }
+        let sources = || format!("{:?}", self.sources);
+        for (i, source) in self.sources.iter().enumerate() {
+            if *source == IdentitySource::Generated {
+                return Err(invalid(
+                    "identity.sources",
+                    sources(),
+                    "`Generated` is not a source to list; set `identity.allow_generated_uuid`",
+                ));
+            }
+            if self.sources[..i].contains(source) {
+                return Err(invalid(
+                    "identity.sources",
+                    sources(),
+                    &format!("`{source:?}` is listed twice"),
+                ));
+            }
+        }
+        if self.allow_generated_uuid && !self.sources.contains(&IdentitySource::IdentityCfg) {
+            return Err(invalid(
+                "identity.sources",
+                sources(),
+                "must include `IdentityCfg` while `identity.allow_generated_uuid` is true: \
+                 a generated UUID is stored in identity.cfg and read back from it on later starts",
+            ));
+        }
+        for (field, value) in [
+            ("identity.aws_url", &self.aws_url),
+            ("identity.gcp_url", &self.gcp_url),
+            ("identity.azure_url", &self.azure_url),
+            ("identity.digitalocean_url", &self.digitalocean_url),
+            ("identity.hetzner_url", &self.hetzner_url),
+        ] {
+            if let Err(reason) = validate_metadata_url(value) {
+                return Err(invalid(field, quoted(value), &reason));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A metadata service base URL: `http://host[:port][/path]`. Plain HTTP only: metadata services
+/// are link-local and the agent carries no TLS stack for them.
+fn validate_metadata_url(value: &str) -> Result<(), String> {
+    let Some(rest) = value.strip_prefix("http://") else {
+        return Err("must start with `http://` (metadata services are plain HTTP)".to_owned());
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() {
+        return Err("has no host".to_owned());
+    }
+    if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        return Err("has a port that is not a number between 1 and 65535".to_owned());
+    }
+    let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '?' | '#' | '@');
+    if value.chars().any(bad) {
+        return Err("must not contain spaces, `?`, `#` or `@`".to_owned());
+    }
+    Ok(())
 }
 
 impl Default for PubsubSettings {
@@ -197,7 +334,7 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
-        Ok(())
+        self.identity.validate(invalid)
     }
 }
 
@@ -407,6 +544,39 @@ mod tests {
         assert_eq!(s.log_level, "info");
         assert_eq!(s.touch_interval(), Duration::from_secs(15));
         assert_eq!(s.pubsub.connect_timeout(), Duration::from_millis(2000));
+        assert_eq!(s.identity.source_timeout(), Duration::from_millis(500));
+        assert!(s.identity.allow_generated_uuid);
+        assert_eq!(s.identity.sources, IdentitySettings::ALL_SOURCES);
+        assert_eq!(s.identity.aws_url, "http://169.254.169.254");
+        assert_eq!(s.identity.gcp_url, "http://metadata.google.internal");
+        assert_eq!(s.identity.azure_url, "http://169.254.169.254");
+        assert_eq!(s.identity.digitalocean_url, "http://169.254.169.254");
+        assert_eq!(s.identity.hetzner_url, "http://169.254.169.254");
+    }
+
+    #[test]
+    fn identity_table() {
+        let (_dir, got) = load(&[
+            (
+                "agent.toml",
+                "[identity]\nsource_timeout_ms = 50\nsources = [\"Dmi\", \"IdentityCfg\"]\n",
+            ),
+            (
+                "agent.toml.d/10-lab.toml",
+                "[identity]\nallow_generated_uuid = false\nsources = [\"KernelCmdline\"]\n\
+                 aws_url = \"http://127.0.0.1:8080/\"\n",
+            ),
+        ]);
+        let got = got.unwrap().identity;
+        assert_eq!(got.source_timeout_ms, 50);
+        assert!(!got.allow_generated_uuid);
+        assert_eq!(
+            got.sources,
+            [IdentitySource::KernelCmdline],
+            "lists replace, not merge"
+        );
+        assert_eq!(got.aws_url, "http://127.0.0.1:8080/");
+        assert_eq!(got.gcp_url, IdentitySettings::default().gcp_url);
     }
 
     #[test]
@@ -556,6 +726,55 @@ mod tests {
                 name: "zero timeout",
                 files: &[("agent.toml", "[pubsub]\nconnect_timeout_ms = 0\n")],
                 want: &["{dir}/agent.toml: invalid value 0 for `pubsub.connect_timeout_ms`"],
+            },
+            Case {
+                name: "identity timeout out of range",
+                files: &[("agent.toml", "[identity]\nsource_timeout_ms = 0\n")],
+                want: &["{dir}/agent.toml: invalid value 0 for `identity.source_timeout_ms`"],
+            },
+            Case {
+                name: "unknown identity source",
+                files: &[("agent.toml", "[identity]\nsources = [\"Aws\", \"Oracle\"]\n")],
+                want: &["{dir}/agent.toml:2:", "unknown variant `Oracle`"],
+            },
+            Case {
+                name: "identity source listed twice",
+                files: &[(
+                    "agent.toml.d/5.toml",
+                    "[identity]\nsources = [\"Aws\", \"IdentityCfg\", \"Aws\"]\n",
+                )],
+                want: &[
+                    "{dir}/agent.toml.d/5.toml: invalid value [Aws, IdentityCfg, Aws] for `identity.sources`",
+                    "`Aws` is listed twice",
+                ],
+            },
+            Case {
+                name: "generated is not a source",
+                files: &[("agent.toml", "[identity]\nsources = [\"Generated\"]\n")],
+                want: &["for `identity.sources`", "allow_generated_uuid"],
+            },
+            Case {
+                name: "generation needs identity.cfg",
+                files: &[("agent.toml", "[identity]\nsources = [\"Dmi\"]\n")],
+                want: &["for `identity.sources`", "must include `IdentityCfg`"],
+            },
+            Case {
+                name: "https metadata url",
+                files: &[("agent.toml", "[identity]\ngcp_url = \"https://metadata\"\n")],
+                want: &[
+                    "invalid value \"https://metadata\" for `identity.gcp_url`",
+                    "plain HTTP",
+                ],
+            },
+            Case {
+                name: "metadata url without host",
+                files: &[("agent.toml", "[identity]\nhetzner_url = \"http://:80\"\n")],
+                want: &["for `identity.hetzner_url`: has no host"],
+            },
+            Case {
+                name: "metadata url with a bad port",
+                files: &[("agent.toml", "[identity]\nazure_url = \"http://h:99999\"\n")],
+                want: &["for `identity.azure_url`", "port"],
             },
             Case {
                 name: "misspelt level",

@@ -147,6 +147,11 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
         Err(exit) => return exit.into(),
     };
     let root = Root::resolve(cli.root.clone());
+    // The CLI's own commands log library warnings to stderr; `run` leaves logging to the
+    // program it starts (an agent logs to journald).
+    if !matches!(cli.command, Command::Run { .. }) {
+        agentbase::logging::init_tool(NAME, "warn");
+    }
     let outcome = match cli.command {
         Command::Status { json } => tool::block_on(status(root, Format::json_if(json))),
         Command::Wait(args) => tool::block_on(wait(root, args)),

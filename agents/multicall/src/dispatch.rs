@@ -11,12 +11,17 @@ use std::path::Path;
 pub enum Program {
     /// The pubsub monitor.
     Ipcmonitor,
+    /// The identity agent.
+    Identitymgr,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
 
 /// Every program that has a name of its own. Agents are added here as they arrive.
-const PROGRAMS: &[(&str, Program)] = &[("ipcmonitor", Program::Ipcmonitor)];
+const PROGRAMS: &[(&str, Program)] = &[
+    ("ipcmonitor", Program::Ipcmonitor),
+    ("identitymgr", Program::Identitymgr),
+];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
 pub fn for_argv0(argv0: &OsStr) -> Program {
@@ -51,6 +56,9 @@ mod tests {
             ("/usr/bin/ipcmonitor", Program::Ipcmonitor),
             ("./ipcmonitor", Program::Ipcmonitor),
             ("../libexec/powernode/ipcmonitor", Program::Ipcmonitor),
+            ("identitymgr", Program::Identitymgr),
+            ("/usr/libexec/powernode/identitymgr", Program::Identitymgr),
+            ("identitymgr.service", Program::Cli),
             ("powernode-agent", Program::Cli),
             ("/usr/bin/powernode-agent", Program::Cli),
             ("/opt/ipcmonitor/powernode-agent", Program::Cli),
@@ -68,6 +76,7 @@ mod tests {
     #[test]
     fn run_names() {
         assert_eq!(by_name("ipcmonitor"), Some(Program::Ipcmonitor));
+        assert_eq!(by_name("identitymgr"), Some(Program::Identitymgr));
         assert_eq!(by_name("powernode-agent"), None, "the CLI has no run name");
         assert_eq!(
             by_name("/usr/bin/ipcmonitor"),
@@ -75,7 +84,7 @@ mod tests {
             "run takes names, not paths"
         );
         assert_eq!(by_name(""), None);
-        assert_eq!(names(), ["ipcmonitor"]);
+        assert_eq!(names(), ["ipcmonitor", "identitymgr"]);
         for name in names() {
             assert!(by_name(name).is_some());
             assert_ne!(by_name(name), Some(Program::Cli));

@@ -24,7 +24,14 @@ fn main() -> ExitCode {
 /// Runs `program` with `args` (`args[0]` is the name it was invoked by).
 fn start(program: Program, args: Vec<OsString>) -> ExitCode {
     match program {
-        Program::Ipcmonitor => ipcmonitor::run(args),
+        Program::Ipcmonitor => {
+            agentbase::logging::init_tool("ipcmonitor", "warn");
+            ipcmonitor::run(args)
+        }
+        Program::Identitymgr => agentbase::exit_code(
+            "identitymgr",
+            agentbase::run_agent("identitymgr", args, identitymgr::run),
+        ),
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {

@@ -190,6 +190,11 @@ impl Running {
         }
     }
 
+    /// The child's process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The first stdout line, from now on, that `wanted` accepts; fails the test at the deadline.
     pub fn stdout_line(&self, wanted: impl Fn(&str) -> bool) -> String {
         wait_for_line(&self.stdout, "stdout", wanted)
