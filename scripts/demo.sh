@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The foundation demo (`make demo`): real publisher processes in a sandbox root, watched with
-# ipcmonitor and the status CLI; one is killed with SIGKILL and restarted to show that its state
-# survives in checkpoints. Agents join this demo as they land (docs/architecture.md).
+# The demo (`make demo`), in a sandbox root: the identitymgr agent resolves the node's identity
+# from a kernel command line; a publisher process is watched with ipcmonitor and the status CLI,
+# killed with SIGKILL and restarted to show that its state survives in checkpoints. Agents join
+# this demo as they land (docs/architecture.md).
 # Stops everything it started, by PID, on exit or Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,21 @@ start_publisher() {
     publisher=$!
 }
 
-step "sandbox root $root; starting a publisher process (demo/TestItem, 3 items, plus its own AgentStatus)"
+step "sandbox root $root: a kernel command line, a boot id and a hostname for the node"
+mkdir -p "$root/proc/sys/kernel/random" "$root/etc"
+uuid=$(cat /proc/sys/kernel/random/uuid)
+echo "console=ttyS0 powernode.instance_uuid=$uuid" >"$root/proc/cmdline"
+cat /proc/sys/kernel/random/boot_id >"$root/proc/sys/kernel/random/boot_id"
+echo demo-node >"$root/etc/hostname"
+cat "$root/proc/cmdline"
+
+step "starting identitymgr (the first agent) and waiting for the identity"
+"$bin/identitymgr" --root "$root" 2>"$root/identitymgr.log" &
+pids+=($!)
+run "$bin/powernode-agent" wait identitymgr/NodeIdentity --field state=Resolved --timeout 20
+run "$bin/ipcmonitor" identitymgr/NodeIdentity
+
+step "starting a publisher process (demo/TestItem, 3 items, plus its own AgentStatus)"
 start_publisher
 run "$bin/powernode-agent" wait demo/AgentStatus --field state=Running --timeout 10 >/dev/null
 echo "publisher pid $publisher is up"
@@ -60,4 +75,4 @@ head -n 1 "$root/publisher.log"
 run "$bin/powernode-agent" wait demo/AgentStatus --field state=Running --timeout 10 >/dev/null
 run "$bin/powernode-agent" status
 
-step "done; stopping pid $publisher and removing $root"
+step "done; stopping identitymgr and pid $publisher, removing $root"
