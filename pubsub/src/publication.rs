@@ -99,9 +99,10 @@ struct State {
 }
 
 struct Conn {
-    /// The connection's socket, valid while the connection is registered (its task
-    /// unregisters before closing it); shut down when the publication is dropped.
-    fd: RawFd,
+    /// The connection's socket, shared with its task: the fd stays open as long as this entry
+    /// exists, even if the task is dropped (runtime shutdown) without unregistering, so a fast
+    /// path send or the shutdown in `Drop` can never reach a reused fd.
+    sock: Arc<UnixSeqpacket>,
     /// The connection's task holds a batch it has not finished sending.
     busy: bool,
     /// May `publish` send the next change itself? Spent by a direct send; restored when the
@@ -316,7 +317,7 @@ impl<T: Topic> Drop for Publication<T> {
         self.inner.closed.store(true, Ordering::SeqCst);
         // Hang up on every subscriber now, not when (or if) the runtime next polls their tasks.
         for conn in self.inner.lock().conns.values() {
-            let _ = nix::sys::socket::shutdown(conn.fd, nix::sys::socket::Shutdown::Both);
+            let _ = conn.sock.shutdown(std::net::Shutdown::Both);
             conn.wake.notify_one();
         }
         // We still hold the lock, so the socket is ours to remove.
@@ -343,7 +344,6 @@ impl Inner {
             }
             st.table.insert(key.clone(), value.clone());
             let mut header = Vec::with_capacity(key.len() + 8);
-
             frame::update_header(&key, value.len(), &mut header);
             deliver(
                 &mut st.conns,
@@ -383,7 +383,7 @@ impl Inner {
         .encode()
     }
 
-    fn register(&self, fd: RawFd) -> (u64, Arc<Notify>) {
+    fn register(&self, sock: Arc<UnixSeqpacket>) -> (u64, Arc<Notify>) {
         let mut st = self.lock();
         let id = st.next_conn;
         st.next_conn += 1;
@@ -391,7 +391,7 @@ impl Inner {
         st.conns.insert(
             id,
             Conn {
-                fd,
+                sock,
                 busy: false,
                 direct: true,
                 cursor: Cursor::Start,
@@ -486,7 +486,8 @@ fn deliver(conns: &mut HashMap<u64, Conn>, key: &str, frame: &[IoSlice<'_>]) {
             continue; // the snapshot walk will send it
         }
         let idle = matches!(conn.cursor, Cursor::Done) && !conn.busy && conn.dirty.is_empty();
-        if idle && (conn.direct || unread_bytes(conn.fd) == Some(0)) && try_send(conn.fd, frame) {
+        let fd = conn.sock.as_raw_fd();
+        if idle && (conn.direct || unread_bytes(fd) == Some(0)) && try_send(fd, frame) {
             conn.direct = false;
             conn.wake.notify_one();
             continue;
@@ -502,7 +503,7 @@ fn deliver(conns: &mut HashMap<u64, Conn>, key: &str, frame: &[IoSlice<'_>]) {
 fn unread_bytes(fd: RawFd) -> Option<i32> {
     let mut n: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one c_int through the pointer, which points at a live local;
-    // `fd` is open for as long as its connection is registered, which the caller's lock ensures.
+    // `fd` belongs to a socket the caller's `Conn` keeps open.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
     (rc == 0).then_some(n)
 }
@@ -624,6 +625,7 @@ enum Ended {
 }
 
 async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
+    let sock = Arc::new(sock);
     let cred = match sock.peer_cred() {
         Ok(c) => c,
         Err(e) => {
@@ -654,7 +656,7 @@ async fn serve(inner: Arc<Inner>, sock: UnixSeqpacket) {
             return;
         }
     }
-    let (id, wake) = inner.register(sock.as_raw_fd());
+    let (id, wake) = inner.register(sock.clone());
     let ended = tokio::select! {
         e = watch_peer(&sock) => e,
         e = send_loop(&inner, id, &wake, &sock) => e,
