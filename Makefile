@@ -4,15 +4,18 @@ DIST := dist
 # Programs the multi-call binary answers to by name (argv[0]); agents join as they land.
 PROGRAMS := ipcmonitor identitymgr
 
-.PHONY: all build test fmt lint unit dist demo bench clean
+# Where the units in dist/systemd expect the binary.
+BINDIR ?= /usr/bin
+
+.PHONY: all build test fmt lint unit units dist demo bench clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace
 
-## test: formatting, lints, then every unit and integration test.
-test: fmt lint unit
+## test: formatting, lints, every unit and integration test, then the systemd units.
+test: fmt lint unit units
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -23,11 +26,16 @@ lint:
 unit:
 	$(CARGO) test --workspace
 
+units:
+	scripts/check-units.sh
+
 ## dist: the release binary and its argv[0] symlinks, in dist/.
 dist:
 	$(CARGO) build --release -p powernode-agent
 	install -m 0755 target/release/powernode-agent $(DIST)/powernode-agent
 	for p in $(PROGRAMS); do ln -sfn powernode-agent $(DIST)/$$p; done
+	mkdir -p $(DIST)/systemd
+	for u in scripts/systemd/*; do sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DIST)/systemd/$$(basename $$u); done
 
 ## demo: publishers in a sandbox root, watched with ipcmonitor and the status CLI.
 demo: dist
