@@ -1,0 +1,390 @@
+//! The transport against a real TLS server on loopback (tokio-rustls, certificates from a real
+//! CA made with rcgen): pinning, client certificates, rotation, and every kind of failure.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use powernode_transport::pki::PkiPaths;
+use powernode_transport::{ClientCert, ControllerClient, TlsIdentity, TransportError};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// A CA that can issue server and client certificates.
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let pem = params.self_signed(&key).unwrap().pem();
+        Ca {
+            pem,
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `names`, issued by this CA.
+    fn issue(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        (
+            params.signed_by(&key, &self.issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+}
+
+/// An HTTPS server on 127.0.0.1 that verifies client certificates against `ca` when given
+/// (but lets clients without one in), answering by path:
+/// echo → the request body; whoami → the client certificate's DER as hex (or null);
+/// denied → 401 with a controller error body; oops → 500 plain text; garbage → 200 not JSON;
+/// slow → never answers.
+async fn server(ca: &Ca) -> SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.pem.as_bytes()).unwrap())
+        .unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .allow_unauthenticated()
+    .build()
+    .unwrap();
+    let (cert, key) = ca.issue(&["localhost", "127.0.0.1"]);
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let peer = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| hex(c.as_ref()));
+                let (path, body) = read_request(&mut tls).await;
+                let (status, reply) = match path.as_str() {
+                    "/node_api/v1/echo" => ("200 OK", body),
+                    "/node_api/v1/whoami" => ("200 OK", json!({ "cert": peer }).to_string()),
+                    "/node_api/v1/denied" => (
+                        "401 Unauthorized",
+                        json!({"error": {"code": "bad_token", "message": "token not known"}})
+                            .to_string(),
+                    ),
+                    "/node_api/v1/oops" => ("500 Internal Server Error", "internal error".into()),
+                    "/node_api/v1/garbage" => ("200 OK", "this is not json".into()),
+                    "/node_api/v1/slow" => {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        return;
+                    }
+                    _ => (
+                        "404 Not Found",
+                        json!({"error": {"code": "not_found", "message": path}}).to_string(),
+                    ),
+                };
+                let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    reply.len()
+                );
+                let _ = tls.write_all(head.as_bytes()).await;
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> (String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let header_end = loop {
+        let n = tls.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return (String::new(), String::new());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..header_end]).to_string();
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    while buf.len() < header_end + len {
+        let n = tls.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    (
+        path,
+        String::from_utf8_lossy(&buf[header_end..]).to_string(),
+    )
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn der_hex(pem: &str) -> String {
+    hex(CertificateDer::from_pem_slice(pem.as_bytes())
+        .unwrap()
+        .as_ref())
+}
+
+fn identity(ca: &Ca, client: Option<(String, String)>) -> TlsIdentity {
+    TlsIdentity {
+        ca_pem: ca.pem.clone(),
+        client: client.map(|(chain_pem, key_pem)| ClientCert { chain_pem, key_pem }),
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn round_trip_with_the_pinned_ca_and_no_client_certificate() {
+    let ca = Ca::new();
+    let addr = server(&ca).await;
+    let client = ControllerClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &identity(&ca, None),
+        TIMEOUT,
+    )
+    .unwrap();
+    let reply: Value = client
+        .post("echo", &json!({"hello": "controller", "n": 3}))
+        .await
+        .unwrap();
+    assert_eq!(reply, json!({"hello": "controller", "n": 3}));
+    let who: Value = client.post("whoami", &json!({})).await.unwrap();
+    assert_eq!(who, json!({"cert": null}));
+}
+
+#[tokio::test]
+async fn presents_the_node_certificate_and_picks_up_a_rotated_one() {
+    let ca = Ca::new();
+    let addr = server(&ca).await;
+    let first = ca.issue(&["node-1"]);
+    let url = format!("https://localhost:{}/", addr.port());
+    let client = ControllerClient::new(&url, &identity(&ca, Some(first.clone())), TIMEOUT).unwrap();
+    let who: Value = client.post("whoami", &json!({})).await.unwrap();
+    assert_eq!(who["cert"], json!(der_hex(&first.0)));
+
+    let rotated = ca.issue(&["node-1"]);
+    client
+        .set_identity(&identity(&ca, Some(rotated.clone())))
+        .unwrap();
+    let who: Value = client.post("whoami", &json!({})).await.unwrap();
+    assert_eq!(
+        who["cert"],
+        json!(der_hex(&rotated.0)),
+        "the rotated certificate is used without a new client"
+    );
+}
+
+#[tokio::test]
+async fn a_controller_of_another_ca_is_refused() {
+    let ca = Ca::new();
+    let addr = server(&ca).await;
+    let other = Ca::new();
+    let client = ControllerClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &identity(&other, None),
+        TIMEOUT,
+    )
+    .unwrap();
+    let err = client
+        .post::<_, Value>("echo", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::CaMismatch { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+}
+
+#[tokio::test]
+async fn controller_errors_are_typed() {
+    let ca = Ca::new();
+    let addr = server(&ca).await;
+    let client = ControllerClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &identity(&ca, None),
+        TIMEOUT,
+    )
+    .unwrap();
+
+    let err = client
+        .post::<_, Value>("denied", &json!({}))
+        .await
+        .unwrap_err();
+    match &err {
+        TransportError::Status {
+            status,
+            code,
+            message,
+            ..
+        } => {
+            assert_eq!(
+                (*status, code.as_str(), message.as_str()),
+                (401, "bad_token", "token not known")
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(err.code(), Some("bad_token"));
+    assert!(!err.is_retryable());
+
+    let err = client
+        .post::<_, Value>("oops", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransportError::Status { status: 500, code, .. } if code == "unknown"),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+
+    let err = client
+        .post::<_, Value>("garbage", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::BadReply { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_controller_that_does_not_answer_times_out() {
+    let ca = Ca::new();
+    let addr = server(&ca).await;
+    let client = ControllerClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &identity(&ca, None),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let err = client
+        .post::<_, Value>("slow", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            TransportError::Timeout {
+                timeout_ms: 300,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn a_controller_that_is_down_is_a_retryable_connect_error() {
+    let ca = Ca::new();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let client = ControllerClient::new(
+        &format!("https://127.0.0.1:{port}"),
+        &identity(&ca, None),
+        TIMEOUT,
+    )
+    .unwrap();
+    let err = client
+        .post::<_, Value>("echo", &json!({}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
+    assert!(err.is_retryable());
+}
+
+#[test]
+fn bad_urls_and_credentials_are_refused_up_front() {
+    let ca = Ca::new();
+    for url in ["http://127.0.0.1:1", "not a url", "https://"] {
+        let err = ControllerClient::new(url, &identity(&ca, None), TIMEOUT).unwrap_err();
+        assert!(matches!(err, TransportError::Url { .. }), "{url}: {err:?}");
+    }
+    let broken = TlsIdentity {
+        ca_pem: "-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n".into(),
+        client: None,
+    };
+    assert!(matches!(
+        ControllerClient::new("https://x", &broken, TIMEOUT),
+        Err(TransportError::Credentials(_))
+    ));
+    let empty = TlsIdentity {
+        ca_pem: String::new(),
+        client: None,
+    };
+    assert!(matches!(
+        ControllerClient::new("https://x", &empty, TIMEOUT),
+        Err(TransportError::Credentials(_))
+    ));
+    let (cert, _) = ca.issue(&["node"]);
+    let (_, other_key) = ca.issue(&["node"]);
+    let mismatched = identity(&ca, Some((cert, other_key)));
+    let err = ControllerClient::new("https://x", &mismatched, TIMEOUT).unwrap_err();
+    assert!(matches!(err, TransportError::Credentials(_)), "{err:?}");
+}
+
+#[test]
+fn pki_files_load_as_an_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = PkiPaths::under(tmp.path());
+    assert!(
+        matches!(pki.load(), Err(TransportError::Credentials(m)) if m.contains("not enrolled"))
+    );
+    std::fs::create_dir_all(pki.dir()).unwrap();
+    let ca = Ca::new();
+    std::fs::write(pki.ca(), &ca.pem).unwrap();
+    assert_eq!(pki.load().unwrap(), identity(&ca, None));
+    let (cert, key) = ca.issue(&["node"]);
+    std::fs::write(pki.cert(), &cert).unwrap();
+    assert!(matches!(pki.load(), Err(TransportError::Credentials(m)) if m.contains("key.pem")));
+    std::fs::write(pki.key(), &key).unwrap();
+    assert_eq!(pki.load().unwrap(), identity(&ca, Some((cert, key))));
+}

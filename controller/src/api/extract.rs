@@ -1,0 +1,165 @@
+//! Extractors: JSON bodies (size, content type, syntax, shape), the verified node behind a
+//! client certificate, and the operator's bearer token. Each refuses with a JSON [`ApiError`].
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::{AppState, BODY_LIMIT};
+use crate::ca::CertInfo;
+use crate::errors::ApiError;
+use crate::storage::Node;
+
+/// The client certificate of the TLS connection a request came on, verified against the CA
+/// during the handshake; `None` when the client sent none. Inserted by the server per request.
+#[derive(Clone, Debug)]
+pub struct ClientCert(pub Option<Arc<CertInfo>>);
+
+/// A JSON request body: `value` typed, `raw` as parsed (what the node sent, for storage).
+#[derive(Debug)]
+pub struct JsonBody<T> {
+    /// The body as `T`.
+    pub value: T,
+    /// The body as untyped JSON.
+    pub raw: serde_json::Value,
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let content_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let essence = content_type.split(';').next().unwrap_or("").trim();
+        if !essence.eq_ignore_ascii_case("application/json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "the body must be application/json",
+            ));
+        }
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body must be at most {BODY_LIMIT} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+            return Err(too_large());
+        }
+        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+            .await
+            .map_err(|err| {
+                let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+                while let Some(e) = source {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        return too_large();
+                    }
+                    source = e.source();
+                }
+                ApiError::bad_request("body_unreadable", format!("cannot read the body: {err}"))
+            })?;
+        let raw: serde_json::Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request("malformed_json", format!("malformed JSON: {e}")))?;
+        let value = T::deserialize(&raw).map_err(|e| {
+            ApiError::bad_request("invalid_request", format!("invalid request: {e}"))
+        })?;
+        Ok(Self { value, raw })
+    }
+}
+
+/// A node authenticated by its client certificate: issued by this controller, CN naming an
+/// enrolled node, not expired, node not revoked.
+#[derive(Debug)]
+pub struct AuthedNode {
+    /// The node.
+    pub node: Node,
+    /// The certificate it presented.
+    pub cert: Arc<CertInfo>,
+}
+
+impl FromRequestParts<AppState> for AuthedNode {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let cert = parts
+            .extensions
+            .get::<ClientCert>()
+            .and_then(|c| c.0.clone())
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "client_certificate_required",
+                    "this call needs the node's client certificate",
+                )
+            })?;
+        let unknown = || {
+            ApiError::unauthorized(
+                "unknown_certificate",
+                "the client certificate was not issued to an enrolled node",
+            )
+        };
+        let node_id = cert
+            .common_name
+            .clone()
+            .or_else(|| cert.alt_names.first().cloned())
+            .ok_or_else(unknown)?;
+        let record = state
+            .storage()
+            .cert_by_fingerprint(&cert.fingerprint)
+            .await?
+            .ok_or_else(unknown)?;
+        if record.node_id != node_id {
+            return Err(unknown());
+        }
+        if cert.not_after_ms <= crate::now_ms() {
+            return Err(ApiError::unauthorized(
+                "certificate_expired",
+                "the client certificate has expired",
+            ));
+        }
+        let node = state.storage().node(&node_id).await?.ok_or_else(unknown)?;
+        if node.revoked_at_ms.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "revoked",
+                format!("node {node_id} is revoked"),
+            ));
+        }
+        Ok(Self { node, cert })
+    }
+}
+
+/// The operator, authenticated by `Authorization: Bearer <DIR/operator.token>`.
+#[derive(Debug)]
+pub struct Operator;
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("unauthorized", "a bearer token is required"))?;
+        if crate::secrets::token_matches(presented, state.operator_token_hash()) {
+            Ok(Operator)
+        } else {
+            Err(ApiError::unauthorized("unauthorized", "wrong bearer token"))
+        }
+    }
+}

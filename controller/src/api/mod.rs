@@ -1,0 +1,117 @@
+//! The HTTP surface: the node API under `/node_api/v1` and the operator API under `/api/v1`,
+//! with JSON errors for every refusal, including unknown routes and methods.
+
+pub mod extract;
+pub mod node;
+pub mod operator;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::{get, post, put};
+use axum::Router;
+
+use crate::ca::CertAuthority;
+use crate::errors::ApiError;
+use crate::storage::Storage;
+
+/// Largest request body accepted, in bytes.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    storage: Storage,
+    ca: Arc<CertAuthority>,
+    cert_lifetime: Duration,
+    heartbeat_interval_s: u32,
+    operator_token_hash: String,
+}
+
+impl AppState {
+    /// State over `storage` and `ca`; node certificates live `cert_lifetime`; nodes are asked
+    /// to send a heartbeat every `heartbeat_interval_s`; the operator bearer token is the one
+    /// whose SHA-256 hex is `operator_token_hash`.
+    pub fn new(
+        storage: Storage,
+        ca: Arc<CertAuthority>,
+        cert_lifetime: Duration,
+        heartbeat_interval_s: u32,
+        operator_token_hash: String,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                storage,
+                ca,
+                cert_lifetime,
+                heartbeat_interval_s,
+                operator_token_hash,
+            }),
+        }
+    }
+
+    /// The database.
+    pub fn storage(&self) -> &Storage {
+        &self.inner.storage
+    }
+
+    /// The CA.
+    pub fn ca(&self) -> &CertAuthority {
+        &self.inner.ca
+    }
+
+    /// Lifetime of node certificates.
+    pub fn cert_lifetime(&self) -> Duration {
+        self.inner.cert_lifetime
+    }
+
+    /// Heartbeat interval handed to nodes.
+    pub fn heartbeat_interval_s(&self) -> u32 {
+        self.inner.heartbeat_interval_s
+    }
+
+    /// SHA-256 hex of the operator token.
+    pub fn operator_token_hash(&self) -> &str {
+        &self.inner.operator_token_hash
+    }
+}
+
+/// Every route of the controller.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/node_api/v1/enroll", post(node::enroll))
+        .route("/node_api/v1/certificates/rotate", post(node::rotate))
+        .route("/node_api/v1/status/heartbeat", post(node::heartbeat))
+        .route("/api/v1/nodes", get(operator::list_nodes))
+        .route("/api/v1/nodes/{id}", get(operator::show_node))
+        .route("/api/v1/nodes/{id}/revoke", post(operator::revoke_node))
+        .route(
+            "/api/v1/nodes/{id}/desired/modules",
+            put(operator::set_modules),
+        )
+        .route(
+            "/api/v1/nodes/{id}/desired/network",
+            put(operator::set_network),
+        )
+        .route("/api/v1/tokens", post(operator::create_token))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}

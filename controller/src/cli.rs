@@ -1,0 +1,413 @@
+//! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`.
+//! Everything but `serve` works directly on the database in the data directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::duration::parse_duration;
+use crate::server::{ensure_data_dir, Controller, ServeOptions};
+use crate::storage::{NodeDetail, NodeSummary, Storage};
+use crate::tokens;
+
+/// Exit code of a usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code of a failure.
+pub const EXIT_FAILURE: u8 = 1;
+
+/// Reference controller for powernode nodes.
+///
+/// Runs a certificate authority, enrolls nodes with bootstrap tokens, rotates their
+/// certificates, receives their heartbeats and hands them their desired state, all over
+/// one TLS listener (node API under /node_api/v1 with client certificates, operator API
+/// under /api/v1 with the bearer token in DATA/operator.token).
+#[derive(Debug, Parser)]
+#[command(name = "powernode-controller", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the controller (creates the CA, server certificate, operator token and database
+    /// in the data directory at first start).
+    Serve(ServeArgs),
+    /// Bootstrap tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// All enrolled nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// One enrolled node.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Debug, Args)]
+struct DataArg {
+    /// The controller's data directory.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// Address to listen on, e.g. 0.0.0.0:8443 (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Lifetime of node certificates: 90d, 12h, 20s ...
+    #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
+    cert_lifetime: Duration,
+    /// Heartbeat interval handed to nodes.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    heartbeat_interval: Duration,
+    /// Name or IP the server certificate is issued for (repeat for several); default
+    /// localhost, 127.0.0.1, ::1 and the listen address.
+    #[arg(long = "hostname", value_name = "NAME")]
+    hostnames: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a bootstrap token and print it (it is stored only as a hash).
+    Create {
+        #[command(flatten)]
+        data: DataArg,
+        /// How long the token may be used.
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Only the node with this identity uuid may use the token.
+        #[arg(long, value_name = "UUID")]
+        node_uuid: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodesCommand {
+    /// List nodes: id, uuid, hostname, last heartbeat, certificate expiry.
+    List {
+        #[command(flatten)]
+        data: DataArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Show one node: identity, certificates, latest heartbeat, desired state.
+    Show {
+        /// The node id (as `nodes list` prints it).
+        id: String,
+        #[command(flatten)]
+        data: DataArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a node: its certificates stop working at once and it cannot enroll again.
+    Revoke {
+        /// The node id.
+        id: String,
+        #[command(flatten)]
+        data: DataArg,
+    },
+}
+
+/// Parses `args`, runs the command, and maps the outcome to an exit code (0 ok, 1 failure,
+/// 2 usage).
+pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> ExitCode {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(matches!(cli.command, Command::Serve(_)));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("error: cannot start the runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn init_logging(serving: bool) {
+    let default = if serving { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Token(TokenCommand::Create {
+            data,
+            ttl,
+            node_uuid,
+        }) => {
+            let storage = open(&data.data).await?;
+            let created = tokens::create(&storage, ttl, node_uuid.as_deref()).await?;
+            println!("{}", created.token);
+            storage.close().await;
+            Ok(())
+        }
+        Command::Nodes(NodesCommand::List { data, json }) => {
+            let storage = open(&data.data).await?;
+            let nodes = storage.list_nodes().await?;
+            storage.close().await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&nodes)?);
+            } else {
+                print!("{}", nodes_table(&nodes, crate::now_ms()));
+            }
+            Ok(())
+        }
+        Command::Node(NodeCommand::Show { id, data, json }) => {
+            let storage = open(&data.data).await?;
+            let detail = storage.node_detail(&id).await?;
+            storage.close().await;
+            let detail = detail.with_context(|| format!("no node {id}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print!("{}", node_text(&detail, crate::now_ms()));
+            }
+            Ok(())
+        }
+        Command::Node(NodeCommand::Revoke { id, data }) => {
+            let storage = open(&data.data).await?;
+            let found = storage.revoke(&id, crate::now_ms()).await?;
+            storage.close().await;
+            anyhow::ensure!(found, "no node {id}");
+            println!("revoked {id}");
+            Ok(())
+        }
+    }
+}
+
+async fn open(dir: &Path) -> anyhow::Result<Storage> {
+    ensure_data_dir(dir)?;
+    Ok(Storage::open(dir).await?)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let opts = ServeOptions {
+        data: args.data.data,
+        listen: args.listen,
+        cert_lifetime: args.cert_lifetime,
+        hostnames: args.hostnames,
+        heartbeat_interval_s: u32::try_from(args.heartbeat_interval.as_secs()).unwrap_or(u32::MAX),
+    };
+    let controller = Controller::start(&opts).await?;
+    // Scripts and tests read these two lines.
+    println!("listening on {}", controller.local_addr());
+    println!("ca certificate {}", controller.ca_cert_path().display());
+    tracing::info!(
+        listen = %controller.local_addr(),
+        ca = %controller.ca_cert_path().display(),
+        cert_lifetime_s = opts.cert_lifetime.as_secs(),
+        "controller started"
+    );
+    let shutdown = CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot watch SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutting down");
+        signals.cancel();
+    });
+    controller.run(shutdown).await
+}
+
+fn ago(now_ms: i64, then_ms: Option<i64>) -> String {
+    match then_ms {
+        None => "never".to_owned(),
+        Some(t) => format!("{}s ago", (now_ms - t).max(0) / 1000),
+    }
+}
+
+fn timestamp(ms: Option<i64>) -> String {
+    let Some(ms) = ms else {
+        return "-".to_owned();
+    };
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+fn nodes_table(nodes: &[NodeSummary], now_ms: i64) -> String {
+    let mut rows = vec![[
+        "ID".to_owned(),
+        "UUID".to_owned(),
+        "HOSTNAME".to_owned(),
+        "LAST HEARTBEAT".to_owned(),
+        "CERT NOT AFTER".to_owned(),
+        "STATE".to_owned(),
+    ]];
+    for n in nodes {
+        rows.push([
+            n.id.clone(),
+            n.uuid.clone(),
+            n.hostname.clone(),
+            ago(now_ms, n.last_heartbeat_ms),
+            timestamp(n.cert_not_after_ms),
+            if n.revoked_at_ms.is_some() {
+                "revoked"
+            } else {
+                "active"
+            }
+            .to_owned(),
+        ]);
+    }
+    let mut widths = [0usize; 6];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn node_text(d: &NodeDetail, now_ms: i64) -> String {
+    let mut out = format!(
+        "id:              {}\nuuid:            {}\nhostname:        {}\narch:            {}\nenrolled:        {}\nrevoked:         {}\nlast heartbeat:  {}\n",
+        d.node.id,
+        d.node.uuid,
+        d.node.hostname,
+        d.node.arch,
+        timestamp(Some(d.node.enrolled_at_ms)),
+        timestamp(d.node.revoked_at_ms),
+        ago(now_ms, d.last_heartbeat.as_ref().map(|h| h.received_at_ms)),
+    );
+    if let Some(hb) = &d.last_heartbeat {
+        out.push_str(&format!(
+            "agent version:   {}\nboot id:         {}\napplied gen:     {}\n",
+            hb.agent_version,
+            hb.boot_id,
+            hb.applied_generation
+                .map_or_else(|| "-".to_owned(), |g| g.to_string()),
+        ));
+    }
+    out.push_str(&format!(
+        "desired gen:     {}\nmodules:         {}\nnetwork:         {}\ncertificates:\n",
+        d.desired.generation,
+        d.desired
+            .modules
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.reference))
+            .collect::<Vec<_>>()
+            .join(", "),
+        d.desired.network.as_ref().map_or_else(
+            || "-".to_owned(),
+            |n| format!("{} {}", n.interface, n.address)
+        ),
+    ));
+    for c in &d.certificates {
+        out.push_str(&format!(
+            "  serial {}  not after {}{}\n",
+            c.serial,
+            timestamp(Some(c.not_after_ms)),
+            if c.not_after_ms <= now_ms {
+                " (expired)"
+            } else {
+                ""
+            },
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usage_errors_exit_2_and_help_exits_0() {
+        let run = |args: &[&str]| main_with_args(args.iter().map(Into::into));
+        assert_eq!(run(&["powernode-controller", "--help"]), ExitCode::SUCCESS);
+        assert_eq!(
+            run(&["powernode-controller", "serve"]),
+            ExitCode::from(EXIT_USAGE)
+        );
+        assert_eq!(
+            run(&[
+                "powernode-controller",
+                "token",
+                "create",
+                "--data",
+                "/x",
+                "--ttl",
+                "0s"
+            ]),
+            ExitCode::from(EXIT_USAGE)
+        );
+    }
+
+    #[test]
+    fn ago_and_table() {
+        assert_eq!(ago(10_000, Some(3_000)), "7s ago");
+        assert_eq!(ago(10_000, None), "never");
+        let table = nodes_table(&[], 0);
+        assert!(table.starts_with("ID"));
+    }
+}

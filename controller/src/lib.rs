@@ -1,0 +1,26 @@
+//! The reference powernode controller: a CA that enrolls nodes and rotates their
+//! certificates, a heartbeat endpoint that hands out desired state, and an operator API,
+//! all over one TLS listener backed by an embedded SQLite database.
+//!
+//! The binary (`src/main.rs`) only parses the command line and dispatches to [`cli`].
+
+pub mod api;
+pub mod ca;
+pub mod cli;
+pub mod duration;
+pub mod errors;
+pub mod fsutil;
+pub mod secrets;
+pub mod server;
+pub mod storage;
+pub mod tls;
+pub mod tokens;
+pub mod wire;
+
+/// Milliseconds since the Unix epoch, the unit of every timestamp the controller stores.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,247 @@
+//! `serve`: the data directory, the CA, the database and the TLS listener, put together.
+//! Each accepted connection is TLS-handshaken here, its verified client certificate (if any)
+//! attached to every request on it, and served by hyper with the axum router.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::extract::ClientCert;
+use crate::api::{self, AppState};
+use crate::ca::{self, CertAuthority};
+use crate::fsutil::write_atomic;
+use crate::secrets;
+use crate::storage::Storage;
+use crate::tls;
+
+/// File name of the operator bearer token in the data directory (mode 0600).
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+/// A TLS handshake must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Request headers must arrive within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections get this long to finish after shutdown is asked for.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// What `serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The data directory.
+    pub data: PathBuf,
+    /// Address to listen on (`127.0.0.1:0` picks a port).
+    pub listen: SocketAddr,
+    /// Lifetime of node certificates.
+    pub cert_lifetime: Duration,
+    /// Names the server certificate is issued for; empty means `localhost`, `127.0.0.1`,
+    /// `::1` and the listen address.
+    pub hostnames: Vec<String>,
+    /// Heartbeat interval handed to nodes, seconds.
+    pub heartbeat_interval_s: u32,
+}
+
+/// A controller bound to its port, ready to [`run`](Controller::run).
+pub struct Controller {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    storage: Storage,
+    ca_cert_path: PathBuf,
+    local_addr: SocketAddr,
+}
+
+/// Creates the data directory (mode 0700) if needed.
+pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create data directory {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads the operator token from the data directory, creating it at first start.
+fn operator_token_hash(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join(OPERATOR_TOKEN_FILE);
+    let token = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().to_owned(),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let token = secrets::new_token()?;
+            write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)?;
+            tracing::info!(path = %path.display(), "created the operator token");
+            token
+        }
+        Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
+    };
+    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+    Ok(secrets::sha256_hex(token.as_bytes()))
+}
+
+fn default_hostnames(listen: SocketAddr) -> Vec<String> {
+    let mut names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let ip = listen.ip();
+    if !ip.is_unspecified() && !ip.is_loopback() {
+        names.push(ip.to_string());
+    }
+    names
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("local_addr", &self.local_addr)
+            .field("ca_cert_path", &self.ca_cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    /// Opens (or creates) everything in the data directory and binds the listener.
+    pub async fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
+        ensure_data_dir(&opts.data)?;
+        let ca = Arc::new(CertAuthority::load_or_create(&opts.data)?);
+        let hostnames = if opts.hostnames.is_empty() {
+            default_hostnames(opts.listen)
+        } else {
+            opts.hostnames.clone()
+        };
+        let (cert_pem, key_pem) = ca.ensure_server_cert(&opts.data, &hostnames)?;
+        let tls_config = tls::server_config(ca.cert_der(), &cert_pem, &key_pem)?;
+        let storage = Storage::open(&opts.data).await?;
+        let state = AppState::new(
+            storage.clone(),
+            ca.clone(),
+            opts.cert_lifetime,
+            opts.heartbeat_interval_s,
+            operator_token_hash(&opts.data)?,
+        );
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            acceptor: TlsAcceptor::from(tls_config),
+            router: api::router(state),
+            storage,
+            ca_cert_path: ca.cert_path().to_owned(),
+            local_addr,
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The CA certificate nodes pin.
+    pub fn ca_cert_path(&self) -> &Path {
+        &self.ca_cert_path
+    }
+
+    /// Accepts connections until `shutdown` is cancelled, then lets open connections finish
+    /// their requests (up to a bound) and closes the database.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let acceptor = self.acceptor.clone();
+                    let router = self.router.clone();
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(serve_connection(tcp, peer, acceptor, router, shutdown));
+                }
+                Err(err) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = tracker.len(),
+                "connections still open after drain timeout"
+            );
+        }
+        self.storage.close().await;
+        Ok(())
+    }
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    router: Router,
+    shutdown: CancellationToken,
+) {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(err)) => {
+            tracing::info!(%peer, error = %err, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let client = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|der| match ca::inspect(der) {
+            Ok(info) => Some(Arc::new(info)),
+            Err(err) => {
+                tracing::warn!(%peer, error = %err, "verified client certificate does not parse");
+                None
+            }
+        });
+    let client = ClientCert(client);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(client.clone());
+        let router = router.clone();
+        async move { tower::ServiceExt::oneshot(router, req).await }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
+}

@@ -1,0 +1,677 @@
+//! The controller's database: an SQLite file in the data directory, migrated at open. Every
+//! SQL statement of the controller is in this module.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{FromRow, SqlitePool};
+
+use crate::ca::{CaError, CertInfo, IssuedCert};
+use crate::secrets::{self, RandomError};
+use crate::wire::{DesiredModule, DesiredNetwork, DesiredState, Identity};
+
+/// File name of the database in the data directory.
+pub const DB_FILE: &str = "controller.db";
+/// Heartbeats kept per node, the latest included.
+pub const HEARTBEAT_HISTORY: i64 = 100;
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The database could not be opened.
+    #[error("cannot open database {path}: {source}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Migrations failed.
+    #[error("cannot migrate database {path}: {source}")]
+    Migrate {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A query failed.
+    #[error("database query failed ({what}): {source}")]
+    Query {
+        /// Which operation.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A stored JSON column does not decode.
+    #[error("stored {what} of node {node_id} does not decode: {source}")]
+    Decode {
+        /// Which column.
+        what: &'static str,
+        /// The node.
+        node_id: String,
+        /// The cause.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No randomness for an id.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+}
+
+fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
+    move |source| StorageError::Query { what, source }
+}
+
+/// Why enrollment was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// No such token.
+    #[error("unknown bootstrap token")]
+    UnknownToken,
+    /// The token was used already.
+    #[error("bootstrap token already used")]
+    TokenUsed,
+    /// The token expired.
+    #[error("bootstrap token expired")]
+    TokenExpired,
+    /// The token is bound to another node uuid.
+    #[error("bootstrap token is bound to another node")]
+    TokenNodeMismatch,
+    /// The node with this uuid was revoked.
+    #[error("node {0} is revoked")]
+    Revoked(String),
+    /// Signing failed.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The database failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A node as stored.
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct Node {
+    /// Node id (certificate CN).
+    pub id: String,
+    /// Identity uuid.
+    pub uuid: String,
+    /// Host name at enrollment.
+    pub hostname: String,
+    /// Architecture at enrollment.
+    pub arch: String,
+    /// Enrollment time (first), ms.
+    pub enrolled_at_ms: i64,
+    /// Revocation time, ms, if revoked.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// A row of `nodes list`.
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct NodeSummary {
+    /// Node id.
+    pub id: String,
+    /// Identity uuid.
+    pub uuid: String,
+    /// Host name.
+    pub hostname: String,
+    /// Architecture.
+    pub arch: String,
+    /// Enrollment time, ms.
+    pub enrolled_at_ms: i64,
+    /// Revocation time, ms.
+    pub revoked_at_ms: Option<i64>,
+    /// Time of the latest heartbeat, ms.
+    pub last_heartbeat_ms: Option<i64>,
+    /// Latest expiry among the node's certificates, ms.
+    pub cert_not_after_ms: Option<i64>,
+    /// Desired-state generation.
+    pub generation: Option<i64>,
+}
+
+/// A certificate issued to a node.
+#[derive(Clone, Debug, FromRow, Serialize)]
+pub struct CertRecord {
+    /// Serial, hex.
+    pub serial: String,
+    /// Owner.
+    pub node_id: String,
+    /// SHA-256 of the DER, hex.
+    pub fingerprint: String,
+    /// Validity start, ms.
+    pub not_before_ms: i64,
+    /// Validity end, ms.
+    pub not_after_ms: i64,
+    /// Issue time, ms.
+    pub issued_at_ms: i64,
+}
+
+/// A stored heartbeat.
+#[derive(Clone, Debug, Serialize)]
+pub struct HeartbeatRecord {
+    /// Receipt time, ms.
+    pub received_at_ms: i64,
+    /// Boot id.
+    pub boot_id: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Applied generation reported.
+    pub applied_generation: Option<i64>,
+    /// The whole body as the node sent it.
+    pub body: serde_json::Value,
+}
+
+/// Everything `node show` prints.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeDetail {
+    /// The node.
+    #[serde(flatten)]
+    pub node: Node,
+    /// Its latest heartbeat.
+    pub last_heartbeat: Option<HeartbeatRecord>,
+    /// Its certificates, newest first.
+    pub certificates: Vec<CertRecord>,
+    /// Its desired state.
+    pub desired: DesiredState,
+}
+
+/// What a heartbeat stores besides its body.
+#[derive(Clone, Debug)]
+pub struct HeartbeatFacts<'a> {
+    /// Boot id.
+    pub boot_id: &'a str,
+    /// Agent version.
+    pub agent_version: &'a str,
+    /// Applied generation.
+    pub applied_generation: Option<u64>,
+    /// The whole body, JSON text.
+    pub body: &'a str,
+}
+
+#[derive(FromRow)]
+struct TokenRow {
+    expires_at_ms: i64,
+    used_at_ms: Option<i64>,
+    node_uuid: Option<String>,
+}
+
+#[derive(FromRow)]
+struct DesiredRow {
+    generation: i64,
+    modules: String,
+    network: Option<String>,
+}
+
+#[derive(FromRow)]
+struct HeartbeatRow {
+    received_at_ms: i64,
+    boot_id: String,
+    agent_version: String,
+    applied_generation: Option<i64>,
+    body: String,
+}
+
+/// Handle on the database; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pool: SqlitePool,
+}
+
+impl Storage {
+    /// Opens (creating if needed) `DIR/controller.db` and applies the migrations.
+    pub async fn open(dir: &Path) -> Result<Self, StorageError> {
+        let path = dir.join(DB_FILE);
+        let open_err = |source| StorageError::Open {
+            path: path.clone(),
+            source,
+        };
+        let options = SqliteConnectOptions::from_str("sqlite:")
+            .map_err(open_err)?
+            .filename(&path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(open_err)?;
+        sqlx::migrate!("./migrations")
+            .run(&pool)
+            .await
+            .map_err(|source| StorageError::Migrate {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Self { pool })
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Stores a bootstrap token by its hash.
+    pub async fn create_token(
+        &self,
+        token_hash: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+        node_uuid: Option<&str>,
+    ) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO bootstrap_tokens (token_hash, created_at_ms, expires_at_ms, node_uuid)
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(now_ms)
+        .bind(expires_at_ms)
+        .bind(node_uuid)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("create token"))?;
+        Ok(())
+    }
+
+    /// Enrolls a node in one transaction: consumes the token, finds the node by uuid or
+    /// creates it (with an empty desired state), lets `sign` issue its certificate, records
+    /// the certificate. Nothing is kept if any step fails.
+    pub async fn enroll(
+        &self,
+        token_hash: &str,
+        identity: &Identity,
+        now_ms: i64,
+        sign: impl FnOnce(&str) -> Result<IssuedCert, CaError>,
+    ) -> Result<(Node, IssuedCert), EnrollError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("begin enroll"))?;
+        // A write first, so this transaction takes the write lock at once.
+        let consumed = sqlx::query(
+            "UPDATE bootstrap_tokens SET used_at_ms = ?
+             WHERE token_hash = ? AND used_at_ms IS NULL AND expires_at_ms > ?
+               AND (node_uuid IS NULL OR node_uuid = ?)",
+        )
+        .bind(now_ms)
+        .bind(token_hash)
+        .bind(now_ms)
+        .bind(&identity.uuid)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("consume token"))?
+        .rows_affected();
+        if consumed != 1 {
+            let row: Option<TokenRow> = sqlx::query_as(
+                "SELECT expires_at_ms, used_at_ms, node_uuid FROM bootstrap_tokens
+                 WHERE token_hash = ?",
+            )
+            .bind(token_hash)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_err("look up token"))?;
+            return Err(match row {
+                None => EnrollError::UnknownToken,
+                Some(t) if t.used_at_ms.is_some() => EnrollError::TokenUsed,
+                Some(t) if t.expires_at_ms <= now_ms => EnrollError::TokenExpired,
+                Some(t) if t.node_uuid.as_deref() != Some(identity.uuid.as_str()) => {
+                    EnrollError::TokenNodeMismatch
+                }
+                Some(_) => EnrollError::UnknownToken,
+            });
+        }
+        let existing: Option<Node> = sqlx::query_as("SELECT * FROM nodes WHERE uuid = ?")
+            .bind(&identity.uuid)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(query_err("find node by uuid"))?;
+        let node = match existing {
+            Some(node) if node.revoked_at_ms.is_some() => {
+                return Err(EnrollError::Revoked(node.id));
+            }
+            Some(node) => {
+                sqlx::query("UPDATE nodes SET hostname = ?, arch = ? WHERE id = ?")
+                    .bind(&identity.hostname)
+                    .bind(&identity.arch)
+                    .bind(&node.id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err("update node"))?;
+                Node {
+                    hostname: identity.hostname.clone(),
+                    arch: identity.arch.clone(),
+                    ..node
+                }
+            }
+            None => {
+                let node = Node {
+                    id: format!(
+                        "node-{}",
+                        secrets::hex(&secrets::random_bytes::<8>().map_err(StorageError::from)?,)
+                    ),
+                    uuid: identity.uuid.clone(),
+                    hostname: identity.hostname.clone(),
+                    arch: identity.arch.clone(),
+                    enrolled_at_ms: now_ms,
+                    revoked_at_ms: None,
+                };
+                sqlx::query(
+                    "INSERT INTO nodes (id, uuid, hostname, arch, enrolled_at_ms)
+                     VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(&node.id)
+                .bind(&node.uuid)
+                .bind(&node.hostname)
+                .bind(&node.arch)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("insert node"))?;
+                sqlx::query(
+                    "INSERT INTO desired_state (node_id, generation, modules, network, updated_at_ms)
+                     VALUES (?, 0, '[]', NULL, ?)",
+                )
+                .bind(&node.id)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("insert desired state"))?;
+                node
+            }
+        };
+        sqlx::query("UPDATE bootstrap_tokens SET used_by_node = ? WHERE token_hash = ?")
+            .bind(&node.id)
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("record token user"))?;
+        let issued = sign(&node.id)?;
+        insert_cert(&mut tx, &node.id, &issued.info, now_ms).await?;
+        tx.commit().await.map_err(query_err("commit enroll"))?;
+        Ok((node, issued))
+    }
+
+    /// Records a certificate issued to `node_id` outside enrollment (rotation).
+    pub async fn record_cert(
+        &self,
+        node_id: &str,
+        info: &CertInfo,
+        now_ms: i64,
+    ) -> Result<(), StorageError> {
+        let mut conn = self.pool.acquire().await.map_err(query_err("acquire"))?;
+        insert_cert(&mut conn, node_id, info, now_ms).await
+    }
+
+    /// The node with this id.
+    pub async fn node(&self, id: &str) -> Result<Option<Node>, StorageError> {
+        sqlx::query_as("SELECT * FROM nodes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("get node"))
+    }
+
+    /// The certificate with this fingerprint, if the controller issued it.
+    pub async fn cert_by_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<CertRecord>, StorageError> {
+        sqlx::query_as("SELECT * FROM certificates WHERE fingerprint = ?")
+            .bind(fingerprint)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("get certificate"))
+    }
+
+    /// Marks a node revoked. Returns false when there is no such node; revoking twice keeps
+    /// the first time.
+    pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<bool, StorageError> {
+        let done =
+            sqlx::query("UPDATE nodes SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?")
+                .bind(now_ms)
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err(query_err("revoke node"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Stores a heartbeat and trims the node's history to [`HEARTBEAT_HISTORY`] rows.
+    pub async fn record_heartbeat(
+        &self,
+        node_id: &str,
+        now_ms: i64,
+        facts: &HeartbeatFacts<'_>,
+    ) -> Result<(), StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_err("begin heartbeat"))?;
+        sqlx::query(
+            "INSERT INTO heartbeats
+               (node_id, received_at_ms, boot_id, agent_version, applied_generation, body)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(node_id)
+        .bind(now_ms)
+        .bind(facts.boot_id)
+        .bind(facts.agent_version)
+        .bind(
+            facts
+                .applied_generation
+                .map(|g| i64::try_from(g).unwrap_or(i64::MAX)),
+        )
+        .bind(facts.body)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("insert heartbeat"))?;
+        sqlx::query(
+            "DELETE FROM heartbeats WHERE node_id = ? AND id NOT IN
+               (SELECT id FROM heartbeats WHERE node_id = ? ORDER BY id DESC LIMIT ?)",
+        )
+        .bind(node_id)
+        .bind(node_id)
+        .bind(HEARTBEAT_HISTORY)
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("trim heartbeats"))?;
+        tx.commit().await.map_err(query_err("commit heartbeat"))
+    }
+
+    /// How many heartbeats are kept for a node.
+    pub async fn heartbeat_count(&self, node_id: &str) -> Result<i64, StorageError> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats WHERE node_id = ?")
+            .bind(node_id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err("count heartbeats"))
+    }
+
+    /// The desired state of a node (generation 0, nothing, for a node without a row).
+    pub async fn desired(&self, node_id: &str) -> Result<DesiredState, StorageError> {
+        let row: Option<DesiredRow> = sqlx::query_as(
+            "SELECT generation, modules, network FROM desired_state WHERE node_id = ?",
+        )
+        .bind(node_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("get desired state"))?;
+        let Some(row) = row else {
+            return Ok(DesiredState {
+                generation: 0,
+                modules: Vec::new(),
+                network: None,
+            });
+        };
+        let decode = |what| {
+            move |source| StorageError::Decode {
+                what,
+                node_id: node_id.to_owned(),
+                source,
+            }
+        };
+        Ok(DesiredState {
+            generation: u64::try_from(row.generation).unwrap_or(0),
+            modules: serde_json::from_str(&row.modules).map_err(decode("modules"))?,
+            network: row
+                .network
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(decode("network"))?,
+        })
+    }
+
+    /// Replaces the desired modules of a node and bumps its generation. `None` when there is
+    /// no such node.
+    pub async fn set_desired_modules(
+        &self,
+        node_id: &str,
+        modules: &[DesiredModule],
+        now_ms: i64,
+    ) -> Result<Option<u64>, StorageError> {
+        let json = serde_json::to_string(modules).map_err(|source| StorageError::Decode {
+            what: "modules",
+            node_id: node_id.to_owned(),
+            source,
+        })?;
+        self.bump(node_id, "modules", Some(json), now_ms).await
+    }
+
+    /// Replaces the desired network of a node (`None` removes it) and bumps its generation.
+    pub async fn set_desired_network(
+        &self,
+        node_id: &str,
+        network: Option<&DesiredNetwork>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StorageError> {
+        let json = network
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|source| StorageError::Decode {
+                what: "network",
+                node_id: node_id.to_owned(),
+                source,
+            })?;
+        self.bump(node_id, "network", json, now_ms).await
+    }
+
+    async fn bump(
+        &self,
+        node_id: &str,
+        column: &'static str,
+        value: Option<String>,
+        now_ms: i64,
+    ) -> Result<Option<u64>, StorageError> {
+        // `column` is one of two literals above, never input.
+        let sql = match column {
+            "modules" => {
+                "UPDATE desired_state SET modules = ?, generation = generation + 1, updated_at_ms = ?
+                 WHERE node_id = ? RETURNING generation"
+            }
+            _ => {
+                "UPDATE desired_state SET network = ?, generation = generation + 1, updated_at_ms = ?
+                 WHERE node_id = ? RETURNING generation"
+            }
+        };
+        let generation: Option<i64> = sqlx::query_scalar(sql)
+            .bind(value)
+            .bind(now_ms)
+            .bind(node_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("bump generation"))?;
+        Ok(generation.map(|g| u64::try_from(g).unwrap_or(0)))
+    }
+
+    /// Every node with its latest heartbeat time and certificate expiry, by enrollment time.
+    pub async fn list_nodes(&self) -> Result<Vec<NodeSummary>, StorageError> {
+        sqlx::query_as(
+            "SELECT n.id, n.uuid, n.hostname, n.arch, n.enrolled_at_ms, n.revoked_at_ms,
+                    (SELECT MAX(h.received_at_ms) FROM heartbeats h WHERE h.node_id = n.id)
+                        AS last_heartbeat_ms,
+                    (SELECT MAX(c.not_after_ms) FROM certificates c WHERE c.node_id = n.id)
+                        AS cert_not_after_ms,
+                    d.generation
+             FROM nodes n LEFT JOIN desired_state d ON d.node_id = n.id
+             ORDER BY n.enrolled_at_ms, n.id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("list nodes"))
+    }
+
+    /// A node with its latest heartbeat, certificates and desired state.
+    pub async fn node_detail(&self, id: &str) -> Result<Option<NodeDetail>, StorageError> {
+        let Some(node) = self.node(id).await? else {
+            return Ok(None);
+        };
+        let certificates: Vec<CertRecord> = sqlx::query_as(
+            "SELECT * FROM certificates WHERE node_id = ? ORDER BY issued_at_ms DESC, serial",
+        )
+        .bind(id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("list certificates"))?;
+        let latest: Option<HeartbeatRow> = sqlx::query_as(
+            "SELECT received_at_ms, boot_id, agent_version, applied_generation, body
+             FROM heartbeats WHERE node_id = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("latest heartbeat"))?;
+        let last_heartbeat = latest
+            .map(|row| {
+                serde_json::from_str(&row.body)
+                    .map(|body| HeartbeatRecord {
+                        received_at_ms: row.received_at_ms,
+                        boot_id: row.boot_id,
+                        agent_version: row.agent_version,
+                        applied_generation: row.applied_generation,
+                        body,
+                    })
+                    .map_err(|source| StorageError::Decode {
+                        what: "heartbeat",
+                        node_id: id.to_owned(),
+                        source,
+                    })
+            })
+            .transpose()?;
+        let desired = self.desired(id).await?;
+        Ok(Some(NodeDetail {
+            node,
+            last_heartbeat,
+            certificates,
+            desired,
+        }))
+    }
+}
+
+async fn insert_cert(
+    conn: &mut sqlx::SqliteConnection,
+    node_id: &str,
+    info: &CertInfo,
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "INSERT INTO certificates
+           (serial, node_id, fingerprint, not_before_ms, not_after_ms, issued_at_ms)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&info.serial)
+    .bind(node_id)
+    .bind(&info.fingerprint)
+    .bind(info.not_before_ms)
+    .bind(info.not_after_ms)
+    .bind(now_ms)
+    .execute(conn)
+    .await
+    .map_err(query_err("insert certificate"))?;
+    Ok(())
+}

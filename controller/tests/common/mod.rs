@@ -1,0 +1,191 @@
+//! Test helpers: an in-process controller on 127.0.0.1:0 with a real data directory, real TLS
+//! clients pinned to its CA, and node keys/CSRs made the way a node makes them (Ed25519).
+
+#![allow(dead_code)]
+
+pub mod http;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use powernode_controller::server::{Controller, ServeOptions};
+use rcgen::{CertificateParams, DnType, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// A running controller.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub base: String,
+    pub ca_pem: String,
+    pub operator_token: String,
+    shutdown: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(cert_lifetime: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = ServeOptions {
+            data: dir.path().join("data"),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            cert_lifetime,
+            hostnames: Vec::new(),
+            heartbeat_interval_s: 15,
+        };
+        let controller = Controller::start(&opts).await.unwrap();
+        let base = format!("https://127.0.0.1:{}", controller.local_addr().port());
+        let ca_pem = std::fs::read_to_string(controller.ca_cert_path()).unwrap();
+        let operator_token = std::fs::read_to_string(opts.data.join("operator.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(controller.run(shutdown.clone()));
+        Self {
+            dir,
+            base,
+            ca_pem,
+            operator_token,
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// A client that trusts only this controller's CA and sends no certificate.
+    pub fn anonymous(&self) -> http::Client {
+        client(&self.ca_pem, None)
+    }
+
+    /// A client presenting `node`'s certificate.
+    pub fn as_node(&self, node: &NodeCreds) -> http::Client {
+        client(&self.ca_pem, Some((&node.cert_pem, &node.key_pem)))
+    }
+
+    /// Creates a bootstrap token through the operator API.
+    pub async fn token(&self, body: Value) -> String {
+        let reply = self
+            .anonymous()
+            .post(self.url("/api/v1/tokens"))
+            .bearer_auth(&self.operator_token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let body: Value = reply.json().await.unwrap();
+        body["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Enrolls a fresh node with a fresh token; panics unless it works.
+    pub async fn enroll_new(&self, uuid: &str) -> NodeCreds {
+        let token = self.token(json!({})).await;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let reply = self
+            .anonymous()
+            .post(self.url("/node_api/v1/enroll"))
+            .json(&enroll_body(&token, &csr_pem(&key), uuid))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200);
+        let body: Value = reply.json().await.unwrap();
+        NodeCreds {
+            node_id: body["node_id"].as_str().unwrap().to_owned(),
+            cert_pem: body["cert_pem"].as_str().unwrap().to_owned(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+}
+
+/// A node's certificate and key.
+#[derive(Clone)]
+pub struct NodeCreds {
+    pub node_id: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn client(ca_pem: &str, identity: Option<(&str, &str)>) -> http::Client {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert_pem, key_pem)) => {
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    http::Client::new(config)
+}
+
+pub fn csr_pem(key: &KeyPair) -> String {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "node");
+    params.serialize_request(key).unwrap().pem().unwrap()
+}
+
+pub fn enroll_body(token: &str, csr_pem: &str, uuid: &str) -> Value {
+    json!({
+        "bootstrap_token": token,
+        "csr_pem": csr_pem,
+        "identity": {"uuid": uuid, "hostname": "edge-1", "arch": "x86_64", "boot_id": "b-1"},
+        "agent_version": "0.1.0",
+    })
+}
+
+pub fn heartbeat_body(applied_generation: u64) -> Value {
+    json!({
+        "boot_id": "b-1",
+        "agent_version": "0.1.0",
+        "arch": "x86_64",
+        "uptime_s": 42,
+        "load": [0.1, 0.2, 0.3],
+        "memory": {"total_bytes": 1024, "available_bytes": 512},
+        "modules": [{"name": "tools", "digest": "sha256:00", "state": "Active"}],
+        "mounts": {"stack": "a"},
+        "network": {"state": "Down"},
+        "applied_generation": applied_generation,
+        "something_newer": {"ignored": true},
+    })
+}
+
+/// Status and JSON body of a reply.
+pub async fn status_json(reply: http::Response) -> (u16, Value) {
+    let status = reply.status().as_u16();
+    let body = reply.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// The `error.code` of a JSON error body.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or("<no error code>")
+}
