@@ -37,6 +37,7 @@ pub mod identity;
 pub mod module;
 pub mod mount;
 pub mod network;
+pub mod node_api;
 pub mod registry;
 pub mod task;
 mod topic;

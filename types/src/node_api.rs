@@ -1,0 +1,185 @@
+//! The JSON bodies of the controller's node API (DESIGN §5, `/node_api/v1`): the wire contract
+//! between the node's agents and the controller, so both sides use these same types.
+//! Unknown fields are accepted (older or newer agents); the types of known fields are enforced.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Who the node says it is at enrollment.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Identity {
+    /// Stable identity uuid (from identitymgr); the key a node is found by on re-enrollment.
+    pub uuid: String,
+    /// Host name.
+    pub hostname: String,
+    /// CPU architecture, e.g. `x86_64`.
+    pub arch: String,
+    /// Kernel boot id.
+    pub boot_id: String,
+}
+
+/// `POST /node_api/v1/enroll`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct EnrollRequest {
+    /// The bootstrap token the operator created.
+    pub bootstrap_token: String,
+    /// CSR for the node's key (Ed25519 expected), PEM.
+    pub csr_pem: String,
+    /// The node's identity.
+    pub identity: Identity,
+    /// Version of the node agent.
+    pub agent_version: String,
+}
+
+/// Reply to enroll.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct EnrollResponse {
+    /// The node's id: the CN of its certificate.
+    pub node_id: String,
+    /// The node certificate, PEM.
+    pub cert_pem: String,
+    /// The CA certificate(s) to pin, PEM.
+    pub ca_chain_pem: String,
+    /// End of validity of the certificate, milliseconds since the epoch.
+    pub not_after_ms: i64,
+}
+
+/// `POST /node_api/v1/certificates/rotate`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RotateRequest {
+    /// CSR for the node's new key, PEM.
+    pub csr_pem: String,
+}
+
+/// Reply to rotate.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct RotateResponse {
+    /// The new certificate, PEM.
+    pub cert_pem: String,
+    /// The CA certificate(s), PEM.
+    pub ca_chain_pem: String,
+    /// End of validity, milliseconds since the epoch.
+    pub not_after_ms: i64,
+}
+
+/// Memory figures of a heartbeat.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Memory {
+    /// Total memory in bytes.
+    pub total_bytes: u64,
+    /// Available memory in bytes.
+    pub available_bytes: u64,
+}
+
+/// One module as the node reports it.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ModuleReport {
+    /// Module name.
+    pub name: String,
+    /// Digest of what the node has, once known.
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// Pipeline state, free text (e.g. `Active`).
+    #[serde(default)]
+    pub state: Option<String>,
+}
+
+/// `POST /node_api/v1/status/heartbeat`. Only `boot_id` and `agent_version` are required.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct HeartbeatRequest {
+    /// Kernel boot id.
+    pub boot_id: String,
+    /// Version of the node agent.
+    pub agent_version: String,
+    /// CPU architecture.
+    #[serde(default)]
+    pub arch: Option<String>,
+    /// Seconds since boot.
+    #[serde(default)]
+    pub uptime_s: Option<u64>,
+    /// Load averages over 1, 5 and 15 minutes.
+    #[serde(default)]
+    pub load: Option<[f64; 3]>,
+    /// Memory figures.
+    #[serde(default)]
+    pub memory: Option<Memory>,
+    /// Modules and their digests.
+    #[serde(default)]
+    pub modules: Vec<ModuleReport>,
+    /// Mount state, an object the controller stores as is.
+    #[serde(default)]
+    pub mounts: Option<Map<String, Value>>,
+    /// Network state, an object the controller stores as is.
+    #[serde(default)]
+    pub network: Option<Map<String, Value>>,
+    /// The desired-state generation the node has applied.
+    #[serde(default)]
+    pub applied_generation: Option<u64>,
+}
+
+/// A module the controller wants on a node (mirrors `powernode_types::ModuleConfig` without
+/// its generation, which travels once for the whole desired state).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredModule {
+    /// Module name, unique within the list.
+    pub name: String,
+    /// OCI reference.
+    pub reference: String,
+    /// Position in the overlay stack: higher is stacked above lower.
+    #[serde(default)]
+    pub priority: u32,
+}
+
+/// One WireGuard peer of the desired network.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WgPeer {
+    /// Public key, base64.
+    pub public_key: String,
+    /// `host:port`, if the peer can be dialled.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// Networks routed to the peer, CIDR.
+    pub allowed_ips: Vec<String>,
+    /// Persistent keepalive in seconds.
+    #[serde(default)]
+    pub keepalive_s: Option<u16>,
+}
+
+/// The overlay network the controller wants on a node (mirrors `powernode_types::NetworkConfig`
+/// without its generation).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredNetwork {
+    /// Interface name, e.g. `pn0`.
+    pub interface: String,
+    /// The node's overlay address, CIDR.
+    pub address: String,
+    /// UDP listen port.
+    pub listen_port: u16,
+    /// Peers.
+    pub peers: Vec<WgPeer>,
+}
+
+/// The desired state of a node: what a heartbeat reply carries.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct DesiredState {
+    /// Bumped by every change; the node reports the one it applied.
+    pub generation: u64,
+    /// Modules, in no particular order.
+    pub modules: Vec<DesiredModule>,
+    /// Network, or `null` for none.
+    pub network: Option<DesiredNetwork>,
+}
+
+/// Reply to a heartbeat.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct HeartbeatResponse {
+    /// The controller's clock, milliseconds since the epoch.
+    pub server_time_ms: i64,
+    /// When to send the next heartbeat.
+    pub next_interval_s: u32,
+    /// What the node should run.
+    pub desired: DesiredState,
+}
