@@ -115,6 +115,89 @@ pub struct Settings {
     pub pubsub: PubsubSettings,
     /// identitymgr's discovery cascade.
     pub identity: IdentitySettings,
+    /// How the agents that call the controller (enrollmgr, heartbeatd, eventd) reach it.
+    pub controller: ControllerSettings,
+}
+
+/// The `[controller]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControllerSettings {
+    /// The controller's URL (`https://host[:port]`). Unset: the URL identitymgr discovered
+    /// (`NodeIdentity.controller_url`).
+    pub url: Option<String>,
+    /// Limit on one request to the controller, connection included, in milliseconds
+    /// (100..=120000).
+    pub request_timeout_ms: u64,
+    /// Seconds between heartbeats until the controller's reply sets another interval (1..=3600).
+    pub heartbeat_interval_s: u64,
+    /// Longest wait between retries of a failing call, in seconds (1..=3600).
+    pub max_backoff_s: u64,
+}
+
+impl Default for ControllerSettings {
+    fn default() -> Self {
+        ControllerSettings {
+            url: None,
+            request_timeout_ms: 10_000,
+            heartbeat_interval_s: 30,
+            max_backoff_s: 60,
+        }
+    }
+}
+
+impl ControllerSettings {
+    /// [`ControllerSettings::request_timeout_ms`] as a duration.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    /// [`ControllerSettings::heartbeat_interval_s`] as a duration.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_interval_s)
+    }
+
+    /// [`ControllerSettings::max_backoff_s`] as a duration.
+    pub fn max_backoff(&self) -> Duration {
+        Duration::from_secs(self.max_backoff_s)
+    }
+
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        if let Some(url) = &self.url {
+            let host = url
+                .strip_prefix("https://")
+                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+            if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+                return Err(invalid(
+                    "controller.url",
+                    quoted(url),
+                    "must be an https:// URL with a host",
+                ));
+            }
+        }
+        for (field, value, range) in [
+            (
+                "controller.request_timeout_ms",
+                self.request_timeout_ms,
+                100..=120_000,
+            ),
+            (
+                "controller.heartbeat_interval_s",
+                self.heartbeat_interval_s,
+                1..=3600,
+            ),
+            ("controller.max_backoff_s", self.max_backoff_s, 1..=3600),
+        ] {
+            if !range.contains(&value) {
+                let reason = format!("must be between {} and {}", range.start(), range.end());
+                return Err(invalid(field, value.to_string(), &reason));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[pubsub]` table.
@@ -156,6 +239,7 @@ impl Default for Settings {
             touch_interval_s: 15,
             pubsub: PubsubSettings::default(),
             identity: IdentitySettings::default(),
+            controller: ControllerSettings::default(),
         }
     }
 }
@@ -334,7 +418,8 @@ impl Settings {
                 "must be greater than 0",
             ));
         }
-        self.identity.validate(invalid)
+        self.identity.validate(invalid)?;
+        self.controller.validate(invalid)
     }
 }
 
@@ -528,6 +613,39 @@ mod tests {
         }
         let result = Settings::load_from(dir.path());
         (dir, result)
+    }
+
+    #[test]
+    fn controller_table() {
+        let (_dir, got) = load(&[(
+            "agent.toml",
+            "[controller]\nurl = \"https://ctl.example:8443\"\nheartbeat_interval_s = 5\n",
+        )]);
+        let c = got.unwrap().controller;
+        assert_eq!(c.url.as_deref(), Some("https://ctl.example:8443"));
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(5));
+        assert_eq!(c.request_timeout(), Duration::from_secs(10));
+        let bad: &[(&str, &str)] = &[
+            ("url = \"http://ctl:80\"", "controller.url"),
+            ("url = \"https://\"", "controller.url"),
+            ("request_timeout_ms = 5", "controller.request_timeout_ms"),
+            (
+                "heartbeat_interval_s = 0",
+                "controller.heartbeat_interval_s",
+            ),
+            ("max_backoff_s = 99999", "controller.max_backoff_s"),
+        ];
+        for (line, field) in bad {
+            let (_dir, got) = load(&[(
+                "agent.toml.d/50-ctl.toml",
+                &format!("[controller]\n{line}\n"),
+            )]);
+            let err = got.unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("50-ctl.toml"),
+                "{line}: {err}"
+            );
+        }
     }
 
     #[test]
