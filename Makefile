@@ -29,10 +29,12 @@ unit:
 units:
 	scripts/check-units.sh
 
-## dist: the release binary and its argv[0] symlinks, in dist/.
+## dist: the release binaries (the node's multi-call executable and the reference controller),
+## the argv[0] symlinks and the systemd units, in dist/.
 dist:
-	$(CARGO) build --release -p powernode-agent
+	$(CARGO) build --release -p powernode-agent -p powernode-controller
 	install -m 0755 target/release/powernode-agent $(DIST)/powernode-agent
+	install -m 0755 target/release/powernode-controller $(DIST)/powernode-controller
 	for p in $(PROGRAMS); do ln -sfn powernode-agent $(DIST)/$$p; done
 	mkdir -p $(DIST)/systemd
 	for u in scripts/systemd/*; do sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DIST)/systemd/$$(basename $$u); done

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Boots a node's agents in order where systemd does not (the sandbox demo, tests, a minimal
+# image): starts each agent in the background and waits until its step holds before starting
+# the next, printing what it waits for; on a timeout it stops and says what it last saw.
+#
+#   device-steps.sh [--root DIR] [--bin DIR] [--timeout SECONDS]   start and wait
+#   device-steps.sh [--root DIR] --stop                            stop the agents it started
+#
+# Agents log to <root>/run/powernode/<agent>.log; their pids are in <root>/run/powernode/<agent>.pid.
+set -euo pipefail
+
+root=${POWERNODE_ROOT:-/}
+bin=$(cd "$(dirname "$0")/.." && pwd)/dist
+timeout=60
+stop=false
+while [ $# -gt 0 ]; do
+    case $1 in
+        --root) root=$2; shift 2 ;;
+        --bin) bin=$2; shift 2 ;;
+        --timeout) timeout=$2; shift 2 ;;
+        --stop) stop=true; shift ;;
+        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "device-steps: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+run_dir=$root/run/powernode
+mkdir -p "$run_dir"
+
+# The boot order: agent, then the condition that must hold before the next one starts.
+steps=(
+    "identitymgr identitymgr/NodeIdentity --field state=Resolved"
+)
+
+if $stop; then
+    for ((i = ${#steps[@]} - 1; i >= 0; i--)); do
+        agent=${steps[$i]%% *}
+        pidfile=$run_dir/$agent.pid
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile")
+        # Only a process that is still this agent: a pid file can outlive its process.
+        if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$agent"; then
+            echo "device-steps: stopping $agent (pid $pid)"
+            kill -TERM "$pid"
+            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        fi
+        rm -f "$pidfile"
+    done
+    exit 0
+fi
+
+[ -x "$bin/powernode-agent" ] || { echo "device-steps: no $bin/powernode-agent (make dist)" >&2; exit 1; }
+for step in "${steps[@]}"; do
+    read -r agent topic condition <<<"$step"
+    echo "device-steps: starting $agent, then waiting for $topic ${condition:-to have an item}"
+    "$bin/powernode-agent" --root "$root" run "$agent" >>"$run_dir/$agent.log" 2>&1 &
+    echo $! >"$run_dir/$agent.pid"
+    # shellcheck disable=SC2086 # the condition is a list of flags
+    if ! "$bin/powernode-agent" --root "$root" wait "$topic" $condition --timeout "$timeout" >/dev/null; then
+        echo "device-steps: $agent did not get there within ${timeout}s; its log ($run_dir/$agent.log) ends:" >&2
+        tail -n 5 "$run_dir/$agent.log" >&2 || true
+        exit 1
+    fi
+    echo "device-steps: $agent ok"
+done
+echo "device-steps: all ${#steps[@]} steps done"
