@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{client, csr_pem, enroll_body, status_json};
+use common::{client, csr_pem, enroll_body, post_json};
 use rcgen::KeyPair;
 use serde_json::Value;
 
@@ -65,13 +65,10 @@ async fn serve_token_create_enroll_and_list() {
     assert_eq!(token.len(), 64);
 
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (status, reply) = status_json(
-        client(&ca_pem, None)
-            .post(format!("https://{addr}/node_api/v1/enroll"))
-            .json(&enroll_body(&token, &csr_pem(&key), "uuid-cli"))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &client(&ca_pem, None),
+        format!("https://{addr}/node_api/v1/enroll"),
+        &enroll_body(&token, &csr_pem(&key), "uuid-cli"),
     )
     .await;
     assert_eq!(status, 200, "{reply}");

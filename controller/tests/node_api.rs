@@ -5,7 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{client, code, csr_pem, enroll_body, heartbeat_body, status_json, TestServer};
+use common::{
+    client, code, csr_pem, enroll_body, heartbeat_body, post_json, status_json, TestServer,
+};
 use powernode_controller::ca::{inspect, CertAuthority};
 use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
@@ -27,14 +29,10 @@ async fn enroll_gives_a_cert_from_the_ca_and_tokens_are_single_use() {
     let token = server.token(json!({"ttl_s": 600})).await;
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
     let body = enroll_body(&token, &csr_pem(&key), "uuid-1");
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/enroll"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &body,
     )
     .await;
     assert_eq!(status, 200, "{reply}");
@@ -54,42 +52,30 @@ async fn enroll_gives_a_cert_from_the_ca_and_tokens_are_single_use() {
     );
 
     // The same token again: refused, with its own code.
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/enroll"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &body,
     )
     .await;
     assert_eq!((status, code(&reply)), (401, "token_used"));
 
     // A wrong token.
     let wrong = enroll_body("not-a-token", &csr_pem(&key), "uuid-1");
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/enroll"))
-            .json(&wrong)
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &wrong,
     )
     .await;
     assert_eq!((status, code(&reply)), (401, "invalid_token"));
 
     // Re-enrolling the same uuid with a new token finds the same node.
     let again = server.token(json!({})).await;
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/enroll"))
-            .json(&enroll_body(&again, &csr_pem(&key), "uuid-1"))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &enroll_body(&again, &csr_pem(&key), "uuid-1"),
     )
     .await;
     assert_eq!(status, 200);
@@ -135,14 +121,10 @@ async fn heartbeat_needs_a_client_cert_from_this_ca() {
     let server = TestServer::start(LIFETIME).await;
     let node = server.enroll_new("uuid-hb").await;
 
-    let (status, reply) = status_json(
-        server
-            .as_node(&node)
-            .post(server.url("/node_api/v1/status/heartbeat"))
-            .json(&heartbeat_body(0))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.as_node(&node),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat_body(0),
     )
     .await;
     assert_eq!(status, 200, "{reply}");
@@ -154,14 +136,10 @@ async fn heartbeat_needs_a_client_cert_from_this_ca() {
     );
 
     // No client certificate.
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/status/heartbeat"))
-            .json(&heartbeat_body(0))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat_body(0),
     )
     .await;
     assert_eq!((status, code(&reply)), (401, "client_certificate_required"));
@@ -269,14 +247,10 @@ async fn revoked_node_is_refused() {
         .unwrap();
     assert_eq!(reply.status(), 200);
 
-    let (status, reply) = status_json(
-        server
-            .as_node(&node)
-            .post(server.url("/node_api/v1/status/heartbeat"))
-            .json(&heartbeat_body(0))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.as_node(&node),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat_body(0),
     )
     .await;
     assert_eq!((status, code(&reply)), (403, "revoked"));
@@ -284,14 +258,10 @@ async fn revoked_node_is_refused() {
     // Nor can it come back with a new token.
     let token = server.token(json!({})).await;
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/enroll"))
-            .json(&enroll_body(&token, &csr_pem(&key), "uuid-rev"))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &enroll_body(&token, &csr_pem(&key), "uuid-rev"),
     )
     .await;
     assert_eq!((status, code(&reply)), (403, "revoked"));
@@ -303,14 +273,10 @@ async fn rotate_issues_a_new_cert_and_keeps_the_old_one_valid() {
     let server = TestServer::start(LIFETIME).await;
     let old = server.enroll_new("uuid-rot").await;
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let (status, reply) = status_json(
-        server
-            .as_node(&old)
-            .post(server.url("/node_api/v1/certificates/rotate"))
-            .json(&json!({"csr_pem": csr_pem(&key)}))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.as_node(&old),
+        server.url("/node_api/v1/certificates/rotate"),
+        &json!({"csr_pem": csr_pem(&key)}),
     )
     .await;
     assert_eq!(status, 200, "{reply}");
@@ -326,14 +292,10 @@ async fn rotate_issues_a_new_cert_and_keeps_the_old_one_valid() {
     assert_eq!(new_info.common_name.as_deref(), Some(old.node_id.as_str()));
 
     // Rotation without a client certificate is refused.
-    let (status, _) = status_json(
-        server
-            .anonymous()
-            .post(server.url("/node_api/v1/certificates/rotate"))
-            .json(&json!({"csr_pem": csr_pem(&key)}))
-            .send()
-            .await
-            .unwrap(),
+    let (status, _) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/certificates/rotate"),
+        &json!({"csr_pem": csr_pem(&key)}),
     )
     .await;
     assert_eq!(status, 401);
@@ -444,14 +406,10 @@ async fn desired_state_changes_reach_the_next_heartbeat() {
     .await;
     assert_eq!(status, 400);
 
-    let (status, reply) = status_json(
-        server
-            .as_node(&node)
-            .post(server.url("/node_api/v1/status/heartbeat"))
-            .json(&heartbeat_body(0))
-            .send()
-            .await
-            .unwrap(),
+    let (status, reply) = post_json(
+        &server.as_node(&node),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat_body(0),
     )
     .await;
     assert_eq!(status, 200);

@@ -178,6 +178,15 @@ pub fn heartbeat_body(applied_generation: u64) -> Value {
     })
 }
 
+/// `POST url` with `body` as JSON through `client`: the reply's status and JSON body.
+pub async fn post_json(
+    client: &http::Client,
+    url: String,
+    body: &impl serde::Serialize,
+) -> (u16, Value) {
+    status_json(client.post(url).json(body).send().await.unwrap()).await
+}
+
 /// Status and JSON body of a reply.
 pub async fn status_json(reply: http::Response) -> (u16, Value) {
     let status = reply.status().as_u16();
