@@ -2,12 +2,12 @@
 CARGO ?= cargo
 DIST := dist
 # Programs the multi-call binary answers to by name (argv[0]); agents join as they land.
-PROGRAMS := ipcmonitor identitymgr
+PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd
 
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint unit units dist demo bench clean
+.PHONY: all build test fmt lint unit units dist demo demo-pubsub bench clean
 
 all: build
 
@@ -39,9 +39,13 @@ dist:
 	mkdir -p $(DIST)/systemd
 	for u in scripts/systemd/*; do sed 's|@BINDIR@|$(BINDIR)|g' $$u > $(DIST)/systemd/$$(basename $$u); done
 
-## demo: publishers in a sandbox root, watched with ipcmonitor and the status CLI.
+## demo: a controller on loopback and a node in a sandbox root that boots, enrolls and heartbeats.
 demo: dist
 	scripts/demo.sh
+
+## demo-pubsub: a publisher watched with ipcmonitor and status, killed with SIGKILL and restarted.
+demo-pubsub: dist
+	scripts/demo-pubsub.sh
 
 ## bench: the pubsub benchmark (release build, pinned, ratios against floors).
 bench:

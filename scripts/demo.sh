@@ -1,78 +1,81 @@
 #!/usr/bin/env bash
-# The demo (`make demo`), in a sandbox root: the identitymgr agent resolves the node's identity
-# from a kernel command line; a publisher process is watched with ipcmonitor and the status CLI,
-# killed with SIGKILL and restarted to show that its state survives in checkpoints. Agents join
-# this demo as they land (docs/architecture.md).
-# Stops everything it started, by PID, on exit or Ctrl-C.
+# The demo (`make demo`): a controller on loopback with its embedded database, a bootstrap token,
+# and a node in a sandbox root booted by device-steps.sh (identitymgr → enrollmgr → heartbeatd);
+# then the operator's view from both sides, and the controller stopped and restarted to show the
+# node noticing and recovering. On a terminal it keeps running until Ctrl-C; either way it stops
+# everything it started, by pid, and removes the sandbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-cargo build --release --quiet -p powernode-pubsub --bin pubsub-peer
 bin=$PWD/dist
-peer=$PWD/target/release/pubsub-peer
-[ -x "$bin/powernode-agent" ] || { echo "demo: run 'make dist' first (make demo does)" >&2; exit 1; }
+[ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] || {
+    echo "demo: run 'make dist' first (make demo does)" >&2
+    exit 1
+}
 
-root=$(mktemp -d /tmp/powernode-demo.XXXXXX)
-pids=()
+work=$(mktemp -d /tmp/powernode-demo.XXXXXX)
+root=$work/node
+data=$work/controller
+controller_pid=
 cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$root"
+    scripts/device-steps.sh --root "$root" --stop >/dev/null 2>&1 || true
+    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null
+    rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*"; "$@"; }
-export POWERNODE_ROOT=$root
 
-start_publisher() {
-    "$peer" publish --root "$root" --agent demo --keys 3 --health --restarted >"$root/publisher.log" 2>&1 &
-    pids+=($!)
-    publisher=$!
+start_controller() { # [listen address]
+    "$bin/powernode-controller" serve --data "$data" --listen "${1:-127.0.0.1:0}" \
+        --heartbeat-interval 5s >"$work/controller.out" 2>"$work/controller.log" &
+    controller_pid=$!
+    for _ in $(seq 100); do
+        grep -q '^listening on ' "$work/controller.out" 2>/dev/null && break
+        sleep 0.1
+    done
+    listen=$(sed -n 's/^listening on //p' "$work/controller.out")
+    [ -n "$listen" ] || { echo "demo: the controller did not start:" >&2; cat "$work/controller.log" >&2; exit 1; }
 }
 
-step "sandbox root $root: a kernel command line, a boot id and a hostname for the node"
-mkdir -p "$root/proc/sys/kernel/random" "$root/etc"
-uuid=$(cat /proc/sys/kernel/random/uuid)
-echo "console=ttyS0 powernode.instance_uuid=$uuid" >"$root/proc/cmdline"
+step "a controller on loopback (CA, server certificate and SQLite database in $data)"
+start_controller
+echo "listening on $listen"
+token=$("$bin/powernode-controller" token create --data "$data" --ttl 10m)
+echo "bootstrap token created (single use, 10 minutes)"
+
+step "a node in the sandbox root $root: its kernel command line carries identity, token, controller and CA"
+mkdir -p "$root/proc/sys/kernel/random" "$root/etc/powernode"
+cp "$data/ca.crt.pem" "$root/etc/powernode/controller-ca.pem"
 cat /proc/sys/kernel/random/boot_id >"$root/proc/sys/kernel/random/boot_id"
+cp /proc/uptime /proc/loadavg /proc/meminfo "$root/proc/"
 echo demo-node >"$root/etc/hostname"
-cat "$root/proc/cmdline"
+echo "console=ttyS0 powernode.instance_uuid=$(cat /proc/sys/kernel/random/uuid)" \
+    "powernode.bootstrap_token=$token powernode.controller_url=https://$listen" \
+    "powernode.ca_file=/etc/powernode/controller-ca.pem" >"$root/proc/cmdline"
+sed "s/$token/<token>/" "$root/proc/cmdline"
 
-step "starting identitymgr (the first agent) and waiting for the identity"
-"$bin/identitymgr" --root "$root" 2>"$root/identitymgr.log" &
-pids+=($!)
-run "$bin/powernode-agent" wait identitymgr/NodeIdentity --field state=Resolved --timeout 20
-run "$bin/ipcmonitor" identitymgr/NodeIdentity
+step "booting it with device-steps.sh"
+run scripts/device-steps.sh --root "$root" --timeout 60
 
-step "starting a publisher process (demo/TestItem, 3 items, plus its own AgentStatus)"
-start_publisher
-run "$bin/powernode-agent" wait demo/AgentStatus --field state=Running --timeout 10 >/dev/null
-echo "publisher pid $publisher is up"
+step "the node's view"
+run "$bin/powernode-agent" --root "$root" status
+run "$bin/ipcmonitor" --root "$root" enrollmgr/EnrollmentStatus
 
-step "every publication, its items and whether its publisher is up"
-run "$bin/ipcmonitor" --list
+step "the controller's view"
+run "$bin/powernode-controller" nodes list --data "$data"
 
-step "an item of a known topic, decoded through the types registry"
-run "$bin/ipcmonitor" demo/AgentStatus
+step "the controller goes away: the node notices and backs off"
+kill "$controller_pid"; wait "$controller_pid" 2>/dev/null || true; controller_pid=
+run "$bin/powernode-agent" --root "$root" wait heartbeatd/ControllerStatus --field reachable=false --timeout 60
+step "it comes back on the same address: the node recovers, nothing is enrolled again"
+start_controller "$listen"
+run "$bin/powernode-agent" --root "$root" wait heartbeatd/ControllerStatus --field reachable=true --timeout 90
+run "$bin/powernode-controller" nodes list --data "$data"
 
-step "following it for 3 s: the publisher refreshes last_loop_ms every second"
-timeout 3 "$bin/ipcmonitor" demo/AgentStatus --follow --json || true
-
-step "operator view"
-run "$bin/powernode-agent" status
-
-step "kill -9 the publisher: status falls back to the checkpoint files and says so"
-kill -9 "$publisher"
-wait "$publisher" 2>/dev/null || true
-run "$bin/powernode-agent" status
-
-step "restart it: it reloads its map from the checkpoints (see its first line)"
-start_publisher
-run "$bin/powernode-agent" wait demo/TestItem --key k2 --timeout 10 >/dev/null
-head -n 1 "$root/publisher.log"
-run "$bin/powernode-agent" wait demo/AgentStatus --field state=Running --timeout 10 >/dev/null
-run "$bin/powernode-agent" status
-
-step "done; stopping identitymgr and pid $publisher, removing $root"
+if [ -t 0 ]; then
+    step "running; press Ctrl-C to stop everything"
+    while sleep 5; do "$bin/powernode-controller" nodes list --data "$data" | tail -n +2; done
+fi
+step "stopping the agents and the controller, removing $work"

@@ -29,6 +29,8 @@ mkdir -p "$run_dir"
 # The boot order: agent, then the condition that must hold before the next one starts.
 steps=(
     "identitymgr identitymgr/NodeIdentity --field state=Resolved"
+    "enrollmgr enrollmgr/EnrollmentStatus --field state=Enrolled"
+    "heartbeatd heartbeatd/ControllerStatus --field reachable=true"
 )
 
 if $stop; then

@@ -13,6 +13,10 @@ pub enum Program {
     Ipcmonitor,
     /// The identity agent.
     Identitymgr,
+    /// The enrollment agent.
+    Enrollmgr,
+    /// The heartbeat agent.
+    Heartbeatd,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
@@ -21,6 +25,8 @@ pub enum Program {
 const PROGRAMS: &[(&str, Program)] = &[
     ("ipcmonitor", Program::Ipcmonitor),
     ("identitymgr", Program::Identitymgr),
+    ("enrollmgr", Program::Enrollmgr),
+    ("heartbeatd", Program::Heartbeatd),
 ];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
@@ -58,6 +64,8 @@ mod tests {
             ("../libexec/powernode/ipcmonitor", Program::Ipcmonitor),
             ("identitymgr", Program::Identitymgr),
             ("/usr/libexec/powernode/identitymgr", Program::Identitymgr),
+            ("enrollmgr", Program::Enrollmgr),
+            ("/usr/bin/heartbeatd", Program::Heartbeatd),
             ("identitymgr.service", Program::Cli),
             ("powernode-agent", Program::Cli),
             ("/usr/bin/powernode-agent", Program::Cli),
@@ -77,6 +85,8 @@ mod tests {
     fn run_names() {
         assert_eq!(by_name("ipcmonitor"), Some(Program::Ipcmonitor));
         assert_eq!(by_name("identitymgr"), Some(Program::Identitymgr));
+        assert_eq!(by_name("enrollmgr"), Some(Program::Enrollmgr));
+        assert_eq!(by_name("heartbeatd"), Some(Program::Heartbeatd));
         assert_eq!(by_name("powernode-agent"), None, "the CLI has no run name");
         assert_eq!(
             by_name("/usr/bin/ipcmonitor"),
@@ -84,7 +94,10 @@ mod tests {
             "run takes names, not paths"
         );
         assert_eq!(by_name(""), None);
-        assert_eq!(names(), ["ipcmonitor", "identitymgr"]);
+        assert_eq!(
+            names(),
+            ["ipcmonitor", "identitymgr", "enrollmgr", "heartbeatd"]
+        );
         for name in names() {
             assert!(by_name(name).is_some());
             assert_ne!(by_name(name), Some(Program::Cli));

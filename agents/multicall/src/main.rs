@@ -32,6 +32,14 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
             "identitymgr",
             agentbase::run_agent("identitymgr", args, identitymgr::run),
         ),
+        Program::Enrollmgr => agentbase::exit_code(
+            "enrollmgr",
+            agentbase::run_agent("enrollmgr", args, enrollmgr::run),
+        ),
+        Program::Heartbeatd => agentbase::exit_code(
+            "heartbeatd",
+            agentbase::run_agent("heartbeatd", args, heartbeatd::run),
+        ),
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {

@@ -1,0 +1,605 @@
+//! heartbeatd: the node's regular report to the controller, and the desired state that comes
+//! back (DESIGN §2, §5; docs/heartbeat.md).
+//!
+//! Every heartbeat interval it posts `status/heartbeat` with the boot id and architecture (from
+//! `identitymgr/NodeIdentity`), the agent version, uptime, load and memory (from `proc` under
+//! the root, [`host`]), the module and mount state (empty until modulemgr and mountmgr exist)
+//! and the desired-state generation it last applied. The reply's desired state is published as
+//! `heartbeatd/ModuleConfig` items and `heartbeatd/NetworkConfig` ([`desired`]); how the
+//! conversation goes is published as `heartbeatd/ControllerStatus` (key `global`).
+//!
+//! # States
+//!
+//! The agent is one [`State`] at a time:
+//!
+//! ```text
+//!                 start
+//!                   │
+//!                   ▼
+//!   ┌──────────► Waiting{reason} ◄──────── identity or enrollment no longer usable ─────┐
+//!   │               │                                                                   │
+//!   │   identity and enrollment usable (debounced)                                      │
+//!   │               ▼                                                                   │
+//!   │        Scheduled{due} ── due: heartbeat ok ──► Scheduled{now + interval}          │
+//!   │           ▲   │                                                                   │
+//!   │   ok      │   └── due: heartbeat fails ──► Failing{retry_at = now + backoff} ─────┤
+//!   │           └────────────────────────────────────── retry_at: heartbeat ok          │
+//!   │                                          Failing ── retry_at: fails again ──► Failing
+//!   └─────────────────────────────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! *Usable* means: a `NodeIdentity` with a boot id; an `EnrollmentStatus` that is `Enrolled`,
+//! `Rotating` or `RotationFailing` with a certificate fingerprint and a `not_after_ms` in the
+//! future; and a controller URL (settings, else the enrollment's, else the identity's). A
+//! change to anything reported (identity, enrollment) moves the next heartbeat to within
+//! [`DEBOUNCE`]. A new certificate fingerprint makes the client reload the PKI files and swap
+//! its TLS identity ([`ControllerClient::set_identity`]) before the next call. While failing,
+//! the delay is the transport [`Backoff`] (from [`BACKOFF_MIN`], doubling, jittered, capped by
+//! `max_backoff_s`) instead of the interval. Every state publishes `ControllerStatus` when it
+//! is entered; the main loop beats in every state and shutdown ends it at once, also during a
+//! request.
+
+pub mod desired;
+pub mod host;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use agentbase::Context;
+use anyhow::Context as _;
+use powernode_pubsub::{Event, Publication, Subscription};
+use powernode_transport::pki::PkiPaths;
+use powernode_transport::{Backoff, ControllerClient};
+use powernode_types::node_api::{HeartbeatRequest, HeartbeatResponse};
+use powernode_types::{
+    ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, NetworkConfig, NodeIdentity,
+    GLOBAL_KEY,
+};
+use tokio::time::Instant;
+
+/// How long after a change to what it reports the agent sends a heartbeat, so that a burst of
+/// changes makes one heartbeat.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+/// The first retry delay after a failed heartbeat.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The interval the controller may ask for is clamped to this range, in seconds.
+pub const INTERVAL_RANGE_S: (u32, u32) = (1, 3600);
+/// The node API call.
+pub const HEARTBEAT_CALL: &str = "status/heartbeat";
+/// The agent that publishes `NodeIdentity`.
+pub const IDENTITY_AGENT: &str = "identitymgr";
+/// The agent that publishes `EnrollmentStatus`.
+pub const ENROLLMENT_AGENT: &str = "enrollmgr";
+
+/// The agent's state.
+#[derive(Debug, Clone, PartialEq)]
+pub enum State {
+    /// Not heartbeating: no usable identity, enrollment or controller URL. `reason` is what is
+    /// missing, also published as `ControllerStatus.last_error`.
+    Waiting {
+        /// Why nothing is sent.
+        reason: String,
+    },
+    /// Heartbeating; the next one is sent at `due`.
+    Scheduled {
+        /// When the next heartbeat goes out.
+        due: Instant,
+    },
+    /// The last heartbeat failed; the next attempt is at `retry_at` (backoff, not interval).
+    Failing {
+        /// When the next attempt goes out.
+        retry_at: Instant,
+    },
+}
+
+impl State {
+    /// When the next heartbeat is sent, if one is planned.
+    pub fn next_send(&self) -> Option<Instant> {
+        match self {
+            State::Waiting { .. } => None,
+            State::Scheduled { due } => Some(*due),
+            State::Failing { retry_at } => Some(*retry_at),
+        }
+    }
+
+    /// The same state with its next send no later than `at`; `Waiting` becomes `Scheduled`.
+    fn hurry(self, at: Instant) -> State {
+        match self {
+            State::Waiting { .. } => State::Scheduled { due: at },
+            State::Scheduled { due } => State::Scheduled { due: due.min(at) },
+            State::Failing { retry_at } => State::Failing {
+                retry_at: retry_at.min(at),
+            },
+        }
+    }
+}
+
+/// What a heartbeat needs from the other agents, once they have said it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    /// The controller URL.
+    pub url: String,
+    /// Fingerprint of the certificate enrollmgr last installed.
+    pub cert_fingerprint: String,
+    /// Kernel boot id.
+    pub boot_id: String,
+    /// Architecture (OCI notation).
+    pub arch: String,
+}
+
+/// Whether a heartbeat can be sent given the latest identity and enrollment, and `now_ms`.
+pub fn target(
+    configured_url: Option<&str>,
+    identity: Option<&NodeIdentity>,
+    enrollment: Option<&EnrollmentStatus>,
+    now_ms: u64,
+) -> Result<Target, String> {
+    let identity = identity.ok_or("waiting for identitymgr/NodeIdentity")?;
+    if identity.boot_id.is_empty() {
+        return Err("NodeIdentity has no boot id".to_owned());
+    }
+    let enrollment = enrollment.ok_or("waiting for enrollmgr/EnrollmentStatus")?;
+    match enrollment.state {
+        EnrollmentState::Enrolled
+        | EnrollmentState::Rotating
+        | EnrollmentState::RotationFailing => {}
+        other => return Err(format!("not enrolled (enrollment state {other:?})")),
+    }
+    let cert_fingerprint = enrollment
+        .cert_fingerprint
+        .clone()
+        .ok_or("enrolled but no certificate fingerprint")?;
+    if enrollment.not_after_ms.is_some_and(|t| t <= now_ms) {
+        return Err("the node certificate has expired; waiting for enrollmgr".to_owned());
+    }
+    let url = configured_url
+        .or(enrollment.controller_url.as_deref())
+        .or(identity.controller_url.as_deref())
+        .ok_or("no controller URL (settings, enrollment and identity have none)")?;
+    Ok(Target {
+        url: url.to_owned(),
+        cert_fingerprint,
+        boot_id: identity.boot_id.clone(),
+        arch: identity.arch.clone(),
+    })
+}
+
+/// The client, and what it was built for.
+struct Connection {
+    url: String,
+    cert_fingerprint: String,
+    client: ControllerClient,
+}
+
+/// Everything the main loop carries between states.
+struct Agent {
+    ctx: Context,
+    status_pub: Publication<ControllerStatus>,
+    modules_pub: Publication<ModuleConfig>,
+    network_pub: Publication<NetworkConfig>,
+    status: ControllerStatus,
+    interval: Duration,
+    backoff: Backoff,
+    identity: Option<NodeIdentity>,
+    enrollment: Option<EnrollmentStatus>,
+    connection: Option<Connection>,
+}
+
+/// The agent's entry point: see the crate documentation.
+pub async fn run(ctx: Context) -> anyhow::Result<()> {
+    let status_pub = ctx
+        .open_publication::<ControllerStatus>()
+        .context("opening ControllerStatus")?;
+    let modules_pub = ctx
+        .open_publication::<ModuleConfig>()
+        .context("opening ModuleConfig")?;
+    let network_pub = ctx
+        .open_publication::<NetworkConfig>()
+        .context("opening NetworkConfig")?;
+    let interval = ctx.settings.controller.heartbeat_interval();
+    let previous = status_pub.get(GLOBAL_KEY);
+    let applied_generation = previous
+        .as_ref()
+        .map(|s| s.applied_generation)
+        .or_else(|| desired::published_generation(&modules_pub, &network_pub))
+        .unwrap_or(0);
+    let reason = "waiting for identitymgr/NodeIdentity".to_owned();
+    let status = ControllerStatus {
+        reachable: false,
+        last_success_ms: previous.as_ref().and_then(|s| s.last_success_ms),
+        consecutive_failures: 0,
+        clock_skew_ms: previous.as_ref().and_then(|s| s.clock_skew_ms),
+        heartbeat_interval_s: secs_u32(interval),
+        applied_generation,
+        last_error: Some(reason.clone()),
+    };
+    let backoff = Backoff::new(BACKOFF_MIN, ctx.settings.controller.max_backoff());
+    let mut agent = Agent {
+        ctx,
+        status_pub,
+        modules_pub,
+        network_pub,
+        status,
+        interval,
+        backoff,
+        identity: None,
+        enrollment: None,
+        connection: None,
+    };
+    agent.publish_status()?;
+    agent.ctx.ready();
+    agent.ctx.status(&reason);
+    tracing::info!(applied_generation, "started");
+    agent.run(State::Waiting { reason }).await
+}
+
+impl Agent {
+    async fn run(&mut self, mut state: State) -> anyhow::Result<()> {
+        let ctx = self.ctx.clone();
+        let mut identities = Subscription::<NodeIdentity>::connect(&ctx.dirs, IDENTITY_AGENT);
+        let mut enrollments =
+            Subscription::<EnrollmentStatus>::connect(&ctx.dirs, ENROLLMENT_AGENT);
+        let mut tick = tokio::time::interval(ctx.beat_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_send = state.next_send();
+            let send_now = async {
+                match next_send {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            state = tokio::select! {
+                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    ctx.beat();
+                    state
+                }
+                event = identities.next() => {
+                    if !apply_event(&mut self.identity, event) {
+                        continue;
+                    }
+                    self.inputs_changed(state)?
+                }
+                event = enrollments.next() => {
+                    if !apply_event(&mut self.enrollment, event) {
+                        continue;
+                    }
+                    self.inputs_changed(state)?
+                }
+                _ = send_now => {
+                    let attempt = self.heartbeat();
+                    tokio::select! {
+                        _ = ctx.shutdown.cancelled() => return Ok(()),
+                        next = attempt => next?,
+                    }
+                }
+            };
+        }
+    }
+
+    /// Identity or enrollment changed: wait, or send soon.
+    fn inputs_changed(&mut self, state: State) -> anyhow::Result<State> {
+        match self.target() {
+            Err(reason) => {
+                if state
+                    != (State::Waiting {
+                        reason: reason.clone(),
+                    })
+                {
+                    tracing::info!(%reason, "not heartbeating");
+                    self.ctx.status(&reason);
+                    self.status.reachable = false;
+                    self.status.last_error = Some(reason.clone());
+                    self.publish_status()?;
+                }
+                Ok(State::Waiting { reason })
+            }
+            Ok(_) => Ok(state.hurry(Instant::now() + DEBOUNCE)),
+        }
+    }
+
+    fn target(&self) -> Result<Target, String> {
+        target(
+            self.ctx.settings.controller.url.as_deref(),
+            self.identity.as_ref(),
+            self.enrollment.as_ref(),
+            now_ms(),
+        )
+    }
+
+    /// Sends one heartbeat and applies its reply; the state that follows.
+    async fn heartbeat(&mut self) -> anyhow::Result<State> {
+        let target = match self.target() {
+            Ok(t) => t,
+            // The certificate may have expired while waiting.
+            Err(reason) => return self.inputs_changed(State::Waiting { reason }),
+        };
+        match self.exchange(&target).await {
+            Ok(()) => {
+                self.backoff.reset();
+                if self.status.consecutive_failures > 0 {
+                    tracing::info!(
+                        failures = self.status.consecutive_failures,
+                        "controller reachable again"
+                    );
+                    self.ctx.health.clear_error();
+                }
+                self.status.reachable = true;
+                self.status.consecutive_failures = 0;
+                self.status.last_error = None;
+                self.publish_status()?;
+                self.ctx.status(&format!(
+                    "controller reachable; generation {}",
+                    self.status.applied_generation
+                ));
+                Ok(State::Scheduled {
+                    due: Instant::now() + self.interval,
+                })
+            }
+            Err(error) => {
+                let delay = self.backoff.next_delay();
+                let failures = self.status.consecutive_failures.saturating_add(1);
+                let changed = self.status.last_error.as_deref() != Some(error.as_str());
+                // One line per new error, then only at 1, 2, 4, 8… failures while it repeats.
+                if changed || failures.is_power_of_two() {
+                    tracing::warn!(failures, retry_in_ms = delay.as_millis() as u64, %error, "heartbeat failed");
+                }
+                self.ctx.health.report_error(&format!("heartbeat: {error}"));
+                self.ctx.status("controller unreachable; retrying");
+                self.status.reachable = false;
+                self.status.consecutive_failures = failures;
+                self.status.last_error = Some(error);
+                self.publish_status()?;
+                Ok(State::Failing {
+                    retry_at: Instant::now() + delay,
+                })
+            }
+        }
+    }
+
+    /// The request, the reply, the desired state published. Errors are the reason to report.
+    async fn exchange(&mut self, target: &Target) -> Result<(), String> {
+        let request = self.request(target).await;
+        let client = self.client(target)?;
+        let sent_ms = now_ms();
+        let reply: HeartbeatResponse = client
+            .post(HEARTBEAT_CALL, &request)
+            .await
+            .map_err(|e| e.to_string())?;
+        let received_ms = now_ms();
+        let midpoint = (u128::from(sent_ms) + u128::from(received_ms)) / 2;
+        let midpoint = i64::try_from(midpoint).unwrap_or(i64::MAX);
+        self.status.clock_skew_ms = Some(reply.server_time_ms.saturating_sub(midpoint));
+        self.status.last_success_ms = Some(received_ms);
+        let (lo, hi) = INTERVAL_RANGE_S;
+        let asked = reply.next_interval_s;
+        let interval_s = asked.clamp(lo, hi);
+        if interval_s != asked {
+            tracing::warn!(
+                asked,
+                used = interval_s,
+                "controller asked for an interval out of range"
+            );
+        }
+        if Duration::from_secs(interval_s.into()) != self.interval {
+            tracing::info!(interval_s, "heartbeat interval changed");
+            self.interval = Duration::from_secs(interval_s.into());
+        }
+        self.status.heartbeat_interval_s = interval_s;
+        let generation = reply.desired.generation;
+        desired::apply(&reply.desired, &self.modules_pub, &self.network_pub)
+            .map_err(|e| e.to_string())?;
+        if generation != self.status.applied_generation {
+            tracing::info!(
+                generation,
+                modules = reply.desired.modules.len(),
+                network = reply.desired.network.is_some(),
+                "desired state applied"
+            );
+            self.status.applied_generation = generation;
+        }
+        Ok(())
+    }
+
+    /// The heartbeat body.
+    async fn request(&self, target: &Target) -> HeartbeatRequest {
+        let facts = host::read(&self.ctx.root).await;
+        for problem in &facts.problems {
+            tracing::debug!(%problem, "host fact left out of the heartbeat");
+        }
+        HeartbeatRequest {
+            boot_id: target.boot_id.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            arch: (!target.arch.is_empty()).then(|| target.arch.clone()),
+            uptime_s: facts.uptime_s,
+            load: facts.load,
+            memory: facts.memory,
+            // modulemgr and mountmgr do not exist yet: nothing to report, nothing invented.
+            modules: Vec::new(),
+            mounts: None,
+            network: None,
+            applied_generation: Some(self.status.applied_generation),
+        }
+    }
+
+    /// The client for `target`: built on first use or when the URL changes; its TLS identity
+    /// reloaded from the PKI files when the certificate fingerprint changes (rotation).
+    fn client(&mut self, target: &Target) -> Result<&ControllerClient, String> {
+        let load = || {
+            PkiPaths::under(self.ctx.root.persist_dir())
+                .load()
+                .map_err(|e| e.to_string())
+        };
+        let timeout = self.ctx.settings.controller.request_timeout();
+        match &mut self.connection {
+            Some(c) if c.url == target.url => {
+                if c.cert_fingerprint != target.cert_fingerprint {
+                    let identity = load()?;
+                    c.client
+                        .set_identity(&identity)
+                        .map_err(|e| e.to_string())?;
+                    tracing::info!(fingerprint = %target.cert_fingerprint, "node certificate reloaded");
+                    c.cert_fingerprint = target.cert_fingerprint.clone();
+                }
+            }
+            _ => {
+                let identity = load()?;
+                let client = ControllerClient::new(&target.url, &identity, timeout)
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(url = %target.url, fingerprint = %target.cert_fingerprint, "controller client ready");
+                self.connection = Some(Connection {
+                    url: target.url.clone(),
+                    cert_fingerprint: target.cert_fingerprint.clone(),
+                    client,
+                });
+            }
+        }
+        match &self.connection {
+            Some(c) => Ok(&c.client),
+            None => Err("no controller client".to_owned()),
+        }
+    }
+
+    fn publish_status(&self) -> anyhow::Result<()> {
+        self.status_pub
+            .publish(&self.status)
+            .context("publishing ControllerStatus")
+    }
+}
+
+/// Applies a subscription event to the value it tracks (key `global`); whether it changed.
+fn apply_event<T>(slot: &mut Option<T>, event: Event<T>) -> bool {
+    match event {
+        Event::Create { key, value } if key == GLOBAL_KEY => *slot = Some(value),
+        Event::Modify { key, new, .. } if key == GLOBAL_KEY => *slot = Some(new),
+        Event::Delete { key, .. } if key == GLOBAL_KEY => *slot = None,
+        // A publisher that went away keeps its last value: enrollment and identity stay true.
+        _ => return false,
+    }
+    true
+}
+
+fn secs_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_secs()).unwrap_or(u32::MAX)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powernode_types::IdentityState;
+
+    fn identity() -> NodeIdentity {
+        NodeIdentity {
+            state: IdentityState::Resolved,
+            uuid: Some("u-1".to_owned()),
+            source: None,
+            boot_id: "boot-1".to_owned(),
+            hostname: "edge".to_owned(),
+            arch: "amd64".to_owned(),
+            dmi_uuid: None,
+            bootstrap_token: None,
+            controller_url: Some("https://from-identity".to_owned()),
+            ca_pem: None,
+            last_error: None,
+        }
+    }
+
+    fn enrollment(state: EnrollmentState) -> EnrollmentStatus {
+        EnrollmentStatus {
+            state,
+            node_id: Some("node-1".to_owned()),
+            cert_fingerprint: Some("ab".to_owned()),
+            not_before_ms: Some(0),
+            not_after_ms: Some(2_000),
+            rotate_at_ms: Some(1_500),
+            controller_url: Some("https://from-enrollment".to_owned()),
+            rotation_failing_since_ms: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn target_table() {
+        let id = identity();
+        let now = 1_000;
+        assert!(target(None, None, None, now).is_err());
+        assert!(target(None, Some(&id), None, now).is_err());
+        for (state, ok) in [
+            (EnrollmentState::Enrolled, true),
+            (EnrollmentState::Rotating, true),
+            (EnrollmentState::RotationFailing, true),
+            (EnrollmentState::NotEnrolled, false),
+            (EnrollmentState::Enrolling, false),
+            (EnrollmentState::Revoked, false),
+            (EnrollmentState::CertExpired, false),
+            (EnrollmentState::BadToken, false),
+            (EnrollmentState::CaMismatch, false),
+            (EnrollmentState::Failed, false),
+        ] {
+            let e = enrollment(state);
+            assert_eq!(
+                target(None, Some(&id), Some(&e), now).is_ok(),
+                ok,
+                "{state:?}"
+            );
+        }
+        let e = enrollment(EnrollmentState::Enrolled);
+        // URL precedence: settings, enrollment, identity.
+        assert_eq!(
+            target(Some("https://set"), Some(&id), Some(&e), now)
+                .unwrap()
+                .url,
+            "https://set"
+        );
+        assert_eq!(
+            target(None, Some(&id), Some(&e), now).unwrap().url,
+            "https://from-enrollment"
+        );
+        let mut e2 = e.clone();
+        e2.controller_url = None;
+        assert_eq!(
+            target(None, Some(&id), Some(&e2), now).unwrap().url,
+            "https://from-identity"
+        );
+        let mut id2 = id.clone();
+        id2.controller_url = None;
+        assert!(target(None, Some(&id2), Some(&e2), now).is_err());
+        // Expired certificate, missing fingerprint, missing boot id.
+        assert!(target(None, Some(&id), Some(&e), 2_000).is_err());
+        let mut e3 = e.clone();
+        e3.cert_fingerprint = None;
+        assert!(target(None, Some(&id), Some(&e3), now).is_err());
+        let mut id3 = id.clone();
+        id3.boot_id.clear();
+        assert!(target(None, Some(&id3), Some(&e), now).is_err());
+    }
+
+    #[test]
+    fn hurry_moves_sends_earlier_only() {
+        let now = Instant::now();
+        let soon = now + DEBOUNCE;
+        let later = now + Duration::from_secs(30);
+        assert_eq!(
+            State::Waiting { reason: "x".into() }.hurry(soon),
+            State::Scheduled { due: soon }
+        );
+        assert_eq!(
+            State::Scheduled { due: later }.hurry(soon),
+            State::Scheduled { due: soon }
+        );
+        assert_eq!(
+            State::Scheduled { due: now }.hurry(soon),
+            State::Scheduled { due: now }
+        );
+        assert_eq!(
+            State::Failing { retry_at: later }.hurry(soon),
+            State::Failing { retry_at: soon }
+        );
+    }
+}
