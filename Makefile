@@ -7,15 +7,16 @@ PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint unit units dist demo demo-pubsub bench clean
+.PHONY: all build test fmt lint unit units e2e dist demo demo-pubsub bench clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace
 
-## test: formatting, lints, every unit and integration test, then the systemd units.
-test: fmt lint unit units
+## test: formatting, lints, every unit and integration test, the systemd units, then a node
+## booted against the real controller (scripts/e2e-node.sh).
+test: fmt lint unit units e2e
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -28,6 +29,9 @@ unit:
 
 units:
 	scripts/check-units.sh
+
+e2e:
+	scripts/e2e-node.sh
 
 ## dist: the release binaries (the node's multi-call executable and the reference controller),
 ## the argv[0] symlinks and the systemd units, in dist/.
