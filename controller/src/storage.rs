@@ -415,6 +415,23 @@ impl Storage {
             .map_err(query_err("get node"))
     }
 
+    /// The node a certificate with this fingerprint was issued to, if the controller issued
+    /// it: [`cert_by_fingerprint`](Self::cert_by_fingerprint) and [`node`](Self::node) in
+    /// one query (once per node API request).
+    pub async fn node_by_cert_fingerprint(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<Node>, StorageError> {
+        sqlx::query_as(
+            "SELECT n.* FROM certificates c JOIN nodes n ON n.id = c.node_id
+             WHERE c.fingerprint = ?",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("get node by certificate"))
+    }
+
     /// The certificate with this fingerprint, if the controller issued it.
     pub async fn cert_by_fingerprint(
         &self,
@@ -440,18 +457,14 @@ impl Storage {
         Ok(done.rows_affected() == 1)
     }
 
-    /// Stores a heartbeat and trims the node's history to [`HEARTBEAT_HISTORY`] rows.
+    /// Stores a heartbeat. The history is trimmed to [`HEARTBEAT_HISTORY`] rows per node by
+    /// the `heartbeats_trim` trigger (migration 0002) within this one statement.
     pub async fn record_heartbeat(
         &self,
         node_id: &str,
         now_ms: i64,
         facts: &HeartbeatFacts<'_>,
     ) -> Result<(), StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_err("begin heartbeat"))?;
         sqlx::query(
             "INSERT INTO heartbeats
                (node_id, received_at_ms, boot_id, agent_version, applied_generation, body)
@@ -467,20 +480,10 @@ impl Storage {
                 .map(|g| i64::try_from(g).unwrap_or(i64::MAX)),
         )
         .bind(facts.body)
-        .execute(&mut *tx)
+        .execute(&self.pool)
         .await
         .map_err(query_err("insert heartbeat"))?;
-        sqlx::query(
-            "DELETE FROM heartbeats WHERE node_id = ? AND id NOT IN
-               (SELECT id FROM heartbeats WHERE node_id = ? ORDER BY id DESC LIMIT ?)",
-        )
-        .bind(node_id)
-        .bind(node_id)
-        .bind(HEARTBEAT_HISTORY)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("trim heartbeats"))?;
-        tx.commit().await.map_err(query_err("commit heartbeat"))
+        Ok(())
     }
 
     /// How many heartbeats are kept for a node.

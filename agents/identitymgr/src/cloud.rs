@@ -45,11 +45,6 @@ enum Reply {
 impl Http {
     /// A client whose every request (connect included) is bounded by `timeout`.
     pub fn new(timeout: Duration) -> anyhow::Result<Http> {
-        // Metadata is plain HTTP, but when this crate is built together with the controller
-        // transport, Cargo unifies reqwest's rustls feature into our client too, and reqwest then
-        // needs a process-wide rustls provider to build any client. Install ring (the only
-        // provider in the tree); "already installed" is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

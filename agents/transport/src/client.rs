@@ -1,10 +1,18 @@
-//! The client every node agent uses to call the controller's node API.
+//! The client every node agent uses to call the controller's node API: HTTP/1.1 (hyper) over
+//! rustls (ring), one connection per call — a node calls a few times a minute, and a fresh
+//! connection always carries the current certificate.
 
-use std::error::Error as _;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, Request, Uri};
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::TransportError;
 use crate::tls::{client_config, TlsIdentity};
@@ -17,18 +25,24 @@ pub const MAX_REPLY: usize = 4 * 1024 * 1024;
 
 /// A connection to the controller with the node's current TLS identity.
 ///
-/// Cheap to share (`&self` everywhere). After certificate rotation, [`ControllerClient::set_identity`]
-/// swaps the TLS identity in place, so every agent picks the new certificate up without a restart.
+/// Cheap to share (`&self` everywhere). After certificate rotation,
+/// [`ControllerClient::set_identity`] swaps the TLS identity in place, so every agent picks the
+/// new certificate up without a restart.
 pub struct ControllerClient {
-    base: reqwest::Url,
+    base: String,
+    /// The path prefix of `base` (origin form, ends with `/`), for the request line.
+    path: String,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
     timeout: Duration,
-    http: RwLock<reqwest::Client>,
+    tls: RwLock<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ControllerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerClient")
-            .field("base", &self.base.as_str())
+            .field("base", &self.base)
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -46,8 +60,8 @@ struct ErrorDetail {
 }
 
 impl ControllerClient {
-    /// A client for the controller at `url` (https only), trusting only `identity`'s CA, each
-    /// request bounded by `timeout` (connect included).
+    /// A client for the controller at `url` (`https://host[:port][/prefix]`), trusting only
+    /// `identity`'s CA, each call (connect, handshake, request and reply) bounded by `timeout`.
     pub fn new(
         url: &str,
         identity: &TlsIdentity,
@@ -57,29 +71,43 @@ impl ControllerClient {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
-        let mut base = reqwest::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-        if base.scheme() != "https" {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
+        if uri.scheme_str() != Some("https") {
             return Err(bad("the controller is only spoken to over https"));
         }
-        if base.host_str().is_none() {
-            return Err(bad("no host"));
-        }
-        if !base.path().ends_with('/') {
-            base.set_path(&format!("{}/", base.path()));
-        }
-        let http = build(identity, timeout)?;
+        let host = uri
+            .host()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| bad("no host"))?;
+        let bare_host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name =
+            ServerName::try_from(bare_host.clone()).map_err(|e| bad(&e.to_string()))?;
+        let port = uri.port_u16().unwrap_or(443);
+        let path = uri.path().trim_end_matches('/');
+        let base = format!("https://{}:{port}{path}/", uri.host().unwrap_or_default());
+        let path = format!("{path}/");
+        let tls = Arc::new(client_config(identity)?);
         Ok(ControllerClient {
             base,
+            path,
+            host: bare_host,
+            port,
+            server_name,
             timeout,
-            http: RwLock::new(http),
+            tls: RwLock::new(tls),
         })
     }
 
     /// Replaces the TLS identity (after enrollment or rotation); calls already under way finish
     /// with the old one.
     pub fn set_identity(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
-        let http = build(identity, self.timeout)?;
-        *self.http.write().unwrap_or_else(|e| e.into_inner()) = http;
+        let tls = Arc::new(client_config(identity)?);
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
         Ok(())
     }
 
@@ -89,37 +117,71 @@ impl ControllerClient {
         call: &str,
         body: &Req,
     ) -> Result<Resp, TransportError> {
-        let url = self
-            .base
-            .join(API_PREFIX)
-            .and_then(|u| u.join(call.trim_start_matches('/')))
-            .map_err(|e| TransportError::Url {
-                url: format!("{}{API_PREFIX}{call}", self.base),
-                reason: e.to_string(),
-            })?;
-        let http = self.http.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let shown = url.to_string();
-        let mut response = http
-            .post(url)
-            .json(body)
-            .send()
-            .await
-            .map_err(|e| self.classify(&shown, e))?;
-        let status = response.status();
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| self.classify(&shown, e))?
-        {
-            if bytes.len() + chunk.len() > MAX_REPLY {
-                return Err(TransportError::BadReply {
-                    url: shown,
-                    detail: format!("reply larger than {MAX_REPLY} bytes"),
-                });
-            }
-            bytes.extend_from_slice(&chunk);
+        let call = call.trim_start_matches('/');
+        let url = format!("{}{API_PREFIX}{call}", self.base);
+        let target = format!("{}{API_PREFIX}{call}", self.path);
+        let body = serde_json::to_vec(body).map_err(|e| TransportError::BadReply {
+            url: url.clone(),
+            detail: format!("encoding the request: {e}"),
+        })?;
+        match tokio::time::timeout(self.timeout, self.exchange(&url, &target, body)).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Timeout {
+                url,
+                timeout_ms: self.timeout.as_millis() as u64,
+            }),
         }
+    }
+
+    /// One call: `url` for messages, `target` (origin form) for the request line.
+    async fn exchange<Resp: DeserializeOwned>(
+        &self,
+        url: &str,
+        target: &str,
+        body: Vec<u8>,
+    ) -> Result<Resp, TransportError> {
+        let connect = |detail: String| TransportError::Connect {
+            url: url.to_owned(),
+            detail,
+        };
+        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let stream = TlsConnector::from(tls)
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| handshake_error(url, e))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        // Drives the connection; aborted when the exchange ends or this future is dropped (a
+        // timeout). A connection that dies early makes `send_request` fail, so nothing waits on it.
+        let _driver = AbortOnDrop(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(target)
+            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| connect(e.to_string()))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_error(url, &e))?;
+        let status = response.status();
+        let bytes = Limited::new(response.into_body(), MAX_REPLY)
+            .collect()
+            .await
+            .map_err(|e| TransportError::BadReply {
+                url: url.to_owned(),
+                detail: format!("reading the reply: {e}"),
+            })?
+            .to_bytes();
         if !status.is_success() {
             let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => (b.error.code, b.error.message),
@@ -129,96 +191,66 @@ impl ControllerClient {
                 ),
             };
             return Err(TransportError::Status {
-                url: shown,
+                url: url.to_owned(),
                 status: status.as_u16(),
                 code,
                 message,
             });
         }
         serde_json::from_slice(&bytes).map_err(|e| TransportError::BadReply {
-            url: shown,
+            url: url.to_owned(),
             detail: e.to_string(),
         })
     }
+}
 
-    /// Sorts a reqwest error into what the caller can act on.
-    fn classify(&self, url: &str, e: reqwest::Error) -> TransportError {
-        let url = url.to_owned();
-        if e.is_timeout() {
-            return TransportError::Timeout {
-                url,
-                timeout_ms: self.timeout.as_millis() as u64,
-            };
-        }
-        if let Some(tls) = rustls_error(&e) {
-            let detail = tls.to_string();
-            return match tls {
-                rustls::Error::InvalidCertificate(_) => TransportError::CaMismatch { url, detail },
-                _ => TransportError::Handshake { url, detail },
-            };
-        }
-        if e.is_connect() {
-            return TransportError::Connect {
-                url,
-                detail: chain(&e),
-            };
-        }
-        if e.is_body() || e.is_decode() {
-            return TransportError::BadReply {
-                url,
-                detail: chain(&e),
-            };
-        }
-        TransportError::Connect {
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A failed TLS handshake: a certificate the pinned CA does not vouch for is a CA mismatch;
+/// anything else (our certificate refused, protocol trouble) a handshake failure.
+fn handshake_error(url: &str, e: std::io::Error) -> TransportError {
+    let url = url.to_owned();
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(reason)) => TransportError::CaMismatch {
             url,
-            detail: chain(&e),
-        }
+            detail: format!("invalid peer certificate: {reason:?}"),
+        },
+        Some(other) => TransportError::Handshake {
+            url,
+            detail: other.to_string(),
+        },
+        None => TransportError::Handshake {
+            url,
+            detail: e.to_string(),
+        },
     }
 }
 
-fn build(identity: &TlsIdentity, timeout: Duration) -> Result<reqwest::Client, TransportError> {
-    let config = client_config(identity)?;
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(config)
-        .timeout(timeout)
-        .connect_timeout(timeout)
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| {
-            TransportError::Credentials(format!("building the HTTPS client: {}", chain(&e)))
-        })
-}
-
-/// The rustls error somewhere in `e`'s cause chain (io::Error hides its inner error from
-/// `source()`, so look inside those too).
-fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
-    let mut next = Some(e);
-    while let Some(err) = next {
-        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
-            return Some(tls);
+/// An HTTP-level failure: the connection dropped, or the peer did not speak HTTP.
+fn http_error(url: &str, e: &hyper::Error) -> TransportError {
+    let detail = std::iter::successors(Some(e as &dyn std::error::Error), |e| e.source())
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ");
+    if e.is_parse() {
+        TransportError::BadReply {
+            url: url.to_owned(),
+            detail,
         }
-        if let Some(inner) = err
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
-            if let Some(tls) = rustls_error(inner) {
-                return Some(tls);
-            }
+    } else {
+        TransportError::Connect {
+            url: url.to_owned(),
+            detail,
         }
-        next = err.source();
     }
-    None
-}
-
-/// The whole cause chain, for a log line.
-fn chain(e: &reqwest::Error) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(err) = next {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        next = err.source();
-    }
-    out
 }

@@ -1,7 +1,7 @@
 //! The node's one way to talk to the controller (DESIGN §5), used by enrollmgr, heartbeatd and
 //! eventd alike:
 //!
-//! * HTTPS with rustls (ring provider; no OpenSSL anywhere), the controller's CA from
+//! * HTTPS (hyper HTTP/1.1 over rustls with the ring provider; no OpenSSL anywhere), the controller's CA from
 //!   enrollment pinned as the only root, the node's certificate as client identity;
 //! * a timeout on every request, connect included;
 //! * typed errors ([`TransportError`]) that say whether retrying can help, and

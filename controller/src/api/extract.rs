@@ -115,12 +115,12 @@ impl FromRequestParts<AppState> for AuthedNode {
             .clone()
             .or_else(|| cert.alt_names.first().cloned())
             .ok_or_else(unknown)?;
-        let record = state
+        let node = state
             .storage()
-            .cert_by_fingerprint(&cert.fingerprint)
+            .node_by_cert_fingerprint(&cert.fingerprint)
             .await?
             .ok_or_else(unknown)?;
-        if record.node_id != node_id {
+        if node.id != node_id {
             return Err(unknown());
         }
         if cert.not_after_ms <= crate::now_ms() {
@@ -129,7 +129,6 @@ impl FromRequestParts<AppState> for AuthedNode {
                 "the client certificate has expired",
             ));
         }
-        let node = state.storage().node(&node_id).await?.ok_or_else(unknown)?;
         if node.revoked_at_ms.is_some() {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,

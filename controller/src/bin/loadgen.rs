@@ -80,7 +80,10 @@ fn parse_args() -> anyhow::Result<Args> {
     }
     anyhow::ensure!(!args.addr.is_empty(), "--addr is required");
     anyhow::ensure!(!args.data.as_os_str().is_empty(), "--data is required");
-    anyhow::ensure!(args.nodes > 0 && args.nodes <= 100_000, "--nodes out of range");
+    anyhow::ensure!(
+        args.nodes > 0 && args.nodes <= 100_000,
+        "--nodes out of range"
+    );
     anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
     anyhow::ensure!(
         args.duration <= Duration::from_secs(600),
@@ -202,7 +205,10 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn tls_config(ca_pem: &str, identity: Option<(&str, &str)>) -> anyhow::Result<rustls::ClientConfig> {
+fn tls_config(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> anyhow::Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -213,8 +219,8 @@ fn tls_config(ca_pem: &str, identity: Option<(&str, &str)>) -> anyhow::Result<ru
         .with_root_certificates(roots);
     let mut config = match identity {
         Some((cert_pem, key_pem)) => {
-            let chain =
-                CertificateDer::pem_slice_iter(cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+            let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()?;
             let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())?;
             builder.with_client_auth_cert(chain, key)?
         }
