@@ -15,7 +15,8 @@ use crate::wire::{DesiredModule, DesiredNetwork, DesiredState, Identity};
 
 /// File name of the database in the data directory.
 pub const DB_FILE: &str = "controller.db";
-/// Heartbeats kept per node, the latest included.
+/// Heartbeats kept per node, the latest included. Enforced by the `heartbeats_trim` trigger
+/// (migration 0002), whose `OFFSET 100` must stay equal to this.
 pub const HEARTBEAT_HISTORY: i64 = 100;
 
 /// Errors of the storage layer.
@@ -235,7 +236,7 @@ impl Storage {
             .filename(&path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
+            .synchronous(SqliteSynchronous::Normal)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
@@ -251,6 +252,19 @@ impl Storage {
                 source,
             })?;
         Ok(Self { pool })
+    }
+
+    /// Makes everything committed so far survive a power loss. The database runs WAL with
+    /// `synchronous=NORMAL` (a commit does not wait for a disk sync: heartbeats, the bulk of
+    /// writes, may lose their last second in a power cut), but credentials and desired state
+    /// must not: after such a change, a checkpoint syncs the WAL (SQLite syncs it before every
+    /// checkpoint in this mode) and with it the change.
+    async fn durable(&self, what: &'static str) -> Result<(), StorageError> {
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(&self.pool)
+            .await
+            .map_err(query_err(what))?;
+        Ok(())
     }
 
     /// Closes the pool, waiting for connections to finish.
@@ -277,7 +291,7 @@ impl Storage {
         .execute(&self.pool)
         .await
         .map_err(query_err("create token"))?;
-        Ok(())
+        self.durable("sync token").await
     }
 
     /// Enrolls a node in one transaction: consumes the token, finds the node by uuid or
@@ -392,6 +406,7 @@ impl Storage {
         let issued = sign(&node.id)?;
         insert_cert(&mut tx, &node.id, &issued.info, now_ms).await?;
         tx.commit().await.map_err(query_err("commit enroll"))?;
+        self.durable("sync enrollment").await?;
         Ok((node, issued))
     }
 
@@ -403,7 +418,9 @@ impl Storage {
         now_ms: i64,
     ) -> Result<(), StorageError> {
         let mut conn = self.pool.acquire().await.map_err(query_err("acquire"))?;
-        insert_cert(&mut conn, node_id, info, now_ms).await
+        insert_cert(&mut conn, node_id, info, now_ms).await?;
+        drop(conn);
+        self.durable("sync certificate").await
     }
 
     /// The node with this id.
@@ -454,6 +471,7 @@ impl Storage {
                 .execute(&self.pool)
                 .await
                 .map_err(query_err("revoke node"))?;
+        self.durable("sync revocation").await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -589,6 +607,7 @@ impl Storage {
             .fetch_optional(&self.pool)
             .await
             .map_err(query_err("bump generation"))?;
+        self.durable("sync desired state").await?;
         Ok(generation.map(|g| u64::try_from(g).unwrap_or(0)))
     }
 
