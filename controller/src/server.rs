@@ -59,6 +59,50 @@ pub struct Controller {
     local_addr: SocketAddr,
 }
 
+/// A controller serving on a task of this process until [`RunningController::stop`]: what the
+/// tests of the controller and of the agents start, stop and start again on the same address.
+pub struct RunningController {
+    addr: SocketAddr,
+    ca_pem: String,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningController {
+    /// Binds and starts serving (inside a tokio runtime).
+    pub async fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
+        let controller = Controller::start(opts).await?;
+        let addr = controller.local_addr();
+        let ca_path = controller.ca_cert_path().to_owned();
+        let ca_pem = std::fs::read_to_string(&ca_path)
+            .with_context(|| format!("reading {}", ca_path.display()))?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(controller.run(shutdown.clone()));
+        Ok(RunningController {
+            addr,
+            ca_pem,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The address bound (the port chosen, when asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA certificate nodes pin, PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// Stops accepting, lets open requests finish, closes the database.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("the controller task panicked")?
+    }
+}
+
 /// Creates the data directory (mode 0700) if needed.
 pub fn ensure_data_dir(dir: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentbase::{Context, Root, Settings};
-use powernode_controller::server::{Controller, ServeOptions};
+use powernode_controller::server::{RunningController, ServeOptions};
 use powernode_controller::storage::Storage;
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
@@ -25,10 +25,7 @@ struct Ctl {
     addr: SocketAddr,
     lifetime: Duration,
     ca_pem: String,
-    running: Option<(
-        CancellationToken,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
+    running: Option<RunningController>,
 }
 
 impl Ctl {
@@ -60,18 +57,14 @@ impl Ctl {
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
         };
-        let controller = Controller::start(&opts).await.unwrap();
-        self.addr = controller.local_addr();
-        self.ca_pem = std::fs::read_to_string(controller.ca_cert_path()).unwrap();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(controller.run(shutdown.clone()));
-        self.running = Some((shutdown, task));
+        let running = RunningController::start(&opts).await.unwrap();
+        self.addr = running.addr();
+        self.ca_pem = running.ca_pem().to_owned();
+        self.running = Some(running);
     }
 
     async fn down(&mut self) {
-        let (shutdown, task) = self.running.take().unwrap();
-        shutdown.cancel();
-        task.await.unwrap().unwrap();
+        self.running.take().unwrap().stop().await.unwrap();
     }
 
     async fn storage(&self) -> Storage {
@@ -222,17 +215,23 @@ async fn heartbeat(node: &Node, url: &str) -> Result<HeartbeatResponse, String> 
 
 const WAIT: Duration = Duration::from_secs(15);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn enrolls_once_and_not_again_after_restart() {
-    let ctl = Ctl::start(Duration::from_secs(3600)).await;
+/// A node given a fresh token, the controller's URL and CA, started and waited for until
+/// Enrolled: the node and its first Enrolled status.
+async fn enrolled_node(ctl: &Ctl, uuid: &str) -> (Node, EnrollmentStatus) {
     let mut node = Node::new();
     let token = ctl.token().await;
-    node.give("uuid-fresh", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
+    node.give(uuid, Some(&token), &ctl.url(), Some(&ctl.ca_pem));
     node.start();
-
     let status = node
         .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
         .await;
+    (node, status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolls_once_and_not_again_after_restart() {
+    let ctl = Ctl::start(Duration::from_secs(3600)).await;
+    let (mut node, status) = enrolled_node(&ctl, "uuid-fresh").await;
     let pki = node.pki();
     let cert_pem = std::fs::read_to_string(pki.cert()).unwrap();
     assert!(pki.key().exists() && pki.ca().exists());
@@ -380,13 +379,7 @@ async fn another_ca_is_a_ca_mismatch_and_no_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotates_at_three_quarters_and_the_new_cert_works() {
     let ctl = Ctl::start(Duration::from_secs(8)).await;
-    let mut node = Node::new();
-    let token = ctl.token().await;
-    node.give("uuid-rotate", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
-    node.start();
-    let first = node
-        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
-        .await;
+    let (mut node, first) = enrolled_node(&ctl, "uuid-rotate").await;
     let old_fp = first.cert_fingerprint.clone().unwrap();
     let old_cert = std::fs::read_to_string(node.pki().cert()).unwrap();
 
@@ -433,13 +426,7 @@ async fn rotates_at_three_quarters_and_the_new_cert_works() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_failing_while_the_controller_is_down_then_recovers() {
     let mut ctl = Ctl::start(Duration::from_secs(24)).await;
-    let mut node = Node::new();
-    let token = ctl.token().await;
-    node.give("uuid-down", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
-    node.start();
-    let first = node
-        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
-        .await;
+    let (mut node, first) = enrolled_node(&ctl, "uuid-down").await;
     let old_fp = first.cert_fingerprint.clone().unwrap();
     ctl.down().await;
 
@@ -478,13 +465,7 @@ async fn rotation_failing_while_the_controller_is_down_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_node_is_revoked_at_rotation() {
     let ctl = Ctl::start(Duration::from_secs(8)).await;
-    let mut node = Node::new();
-    let token = ctl.token().await;
-    node.give("uuid-revoked", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
-    node.start();
-    let first = node
-        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
-        .await;
+    let (mut node, first) = enrolled_node(&ctl, "uuid-revoked").await;
     let storage = ctl.storage().await;
     assert!(storage
         .revoke(
@@ -504,13 +485,7 @@ async fn a_revoked_node_is_revoked_at_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_certificate_needs_a_new_token() {
     let ctl = Ctl::start(Duration::from_secs(3)).await;
-    let mut node = Node::new();
-    let token = ctl.token().await;
-    node.give("uuid-expired", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
-    node.start();
-    let first = node
-        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
-        .await;
+    let (mut node, first) = enrolled_node(&ctl, "uuid-expired").await;
     // Stopped before rotation is due, started again after the certificate expired.
     node.stop().await;
     let wait = (first.not_after_ms.unwrap() + 500).saturating_sub(agentbase::health::now_ms());

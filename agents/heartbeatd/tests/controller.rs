@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentbase::{Context, Root, Settings};
-use powernode_controller::server::{Controller, ServeOptions};
+use powernode_controller::server::{RunningController, ServeOptions};
 use powernode_pubsub::{Publication, Subscription};
 use powernode_types::{
     ControllerStatus, EnrollmentState, EnrollmentStatus, IdentitySource, IdentityState,
@@ -23,7 +23,6 @@ use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 const BOOT_ID: &str = "2f0c8a8e-3c1e-4c59-9d7e-5b6f7a8b9c0d";
 const MEM_TOTAL_KB: u64 = 2_048_000;
@@ -38,10 +37,7 @@ struct Ctl {
     lifetime: Duration,
     ca_pem: String,
     operator_token: String,
-    running: Option<(
-        CancellationToken,
-        tokio::task::JoinHandle<anyhow::Result<()>>,
-    )>,
+    running: Option<RunningController>,
 }
 
 impl Ctl {
@@ -58,7 +54,6 @@ impl Ctl {
             running: None,
         };
         ctl.resume().await;
-        ctl.ca_pem = std::fs::read_to_string(ctl.data.join("ca.crt.pem")).unwrap();
         ctl.operator_token = std::fs::read_to_string(ctl.data.join("operator.token"))
             .unwrap()
             .trim()
@@ -75,17 +70,14 @@ impl Ctl {
             hostnames: Vec::new(),
             heartbeat_interval_s: 1,
         };
-        let controller = Controller::start(&opts).await.unwrap();
-        self.addr = controller.local_addr();
-        let token = CancellationToken::new();
-        let task = tokio::spawn(controller.run(token.clone()));
-        self.running = Some((token, task));
+        let running = RunningController::start(&opts).await.unwrap();
+        self.addr = running.addr();
+        self.ca_pem = running.ca_pem().to_owned();
+        self.running = Some(running);
     }
 
     async fn stop(&mut self) {
-        let (token, task) = self.running.take().unwrap();
-        token.cancel();
-        task.await.unwrap().unwrap();
+        self.running.take().unwrap().stop().await.unwrap();
     }
 
     fn url(&self, path: &str) -> String {

@@ -184,16 +184,21 @@ fn identity(ca: &Ca, client: Option<(String, String)>) -> TlsIdentity {
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A client of the server at `addr` that pins `ca` and presents no certificate.
+fn anonymous(ca: &Ca, addr: SocketAddr) -> ControllerClient {
+    ControllerClient::new(
+        &format!("https://127.0.0.1:{}", addr.port()),
+        &identity(ca, None),
+        TIMEOUT,
+    )
+    .unwrap()
+}
+
 #[tokio::test]
 async fn round_trip_with_the_pinned_ca_and_no_client_certificate() {
     let ca = Ca::new();
     let addr = server(&ca).await;
-    let client = ControllerClient::new(
-        &format!("https://127.0.0.1:{}", addr.port()),
-        &identity(&ca, None),
-        TIMEOUT,
-    )
-    .unwrap();
+    let client = anonymous(&ca, addr);
     let reply: Value = client
         .post("echo", &json!({"hello": "controller", "n": 3}))
         .await
@@ -248,12 +253,7 @@ async fn a_controller_of_another_ca_is_refused() {
 async fn controller_errors_are_typed() {
     let ca = Ca::new();
     let addr = server(&ca).await;
-    let client = ControllerClient::new(
-        &format!("https://127.0.0.1:{}", addr.port()),
-        &identity(&ca, None),
-        TIMEOUT,
-    )
-    .unwrap();
+    let client = anonymous(&ca, addr);
 
     let err = client
         .post::<_, Value>("denied", &json!({}))

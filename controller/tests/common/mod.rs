@@ -9,12 +9,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use powernode_controller::server::{Controller, ServeOptions};
+use powernode_controller::server::{RunningController, ServeOptions};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 /// A running controller.
 pub struct TestServer {
@@ -22,8 +21,7 @@ pub struct TestServer {
     pub base: String,
     pub ca_pem: String,
     pub operator_token: String,
-    shutdown: CancellationToken,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    running: RunningController,
 }
 
 impl TestServer {
@@ -36,22 +34,19 @@ impl TestServer {
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
         };
-        let controller = Controller::start(&opts).await.unwrap();
-        let base = format!("https://127.0.0.1:{}", controller.local_addr().port());
-        let ca_pem = std::fs::read_to_string(controller.ca_cert_path()).unwrap();
+        let running = RunningController::start(&opts).await.unwrap();
+        let base = format!("https://127.0.0.1:{}", running.addr().port());
+        let ca_pem = running.ca_pem().to_owned();
         let operator_token = std::fs::read_to_string(opts.data.join("operator.token"))
             .unwrap()
             .trim()
             .to_owned();
-        let shutdown = CancellationToken::new();
-        let task = tokio::spawn(controller.run(shutdown.clone()));
         Self {
             dir,
             base,
             ca_pem,
             operator_token,
-            shutdown,
-            task: Some(task),
+            running,
         }
     }
 
@@ -108,11 +103,8 @@ impl TestServer {
         }
     }
 
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
+    pub async fn stop(self) {
+        self.running.stop().await.unwrap();
     }
 }
 
