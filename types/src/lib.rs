@@ -49,11 +49,11 @@ pub use enrollment::{EnrollmentState, EnrollmentStatus};
 pub use event::{Event, EventAck, EventdStatus, Severity};
 pub use identity::{IdentitySource, IdentityState, NodeIdentity};
 pub use module::{ModuleConfig, ModuleState, ModuleStatus};
-pub use mount::{MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode};
+pub use mount::{HealthCheck, MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode};
 pub use network::{NetworkConfig, NetworkState, NetworkStatus, WgPeer};
 pub use task::{TaskConfig, TaskState, TaskStatus};
 pub use topic::Topic;
-pub use verify::{VerifyConfig, VerifyState, VerifyStatus};
+pub use verify::{CosignSignature, VerifyConfig, VerifyState, VerifyStatus};
 
 /// The key of the single item of a per-node topic such as [`NodeIdentity`].
 pub const GLOBAL_KEY: &str = "global";

@@ -28,6 +28,18 @@ pub struct MountLayer {
     pub digest: String,
     /// Higher priority is stacked above lower.
     pub priority: u32,
+    /// The module's declared health check, run in a new stack before it is switched to.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A module's health check: a command run with the new stack's root as working directory
+/// (also in `POWERNODE_STACK`); exit status 0 within the timeout means healthy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Program and arguments; a relative program is looked up in the stack.
+    pub command: Vec<String>,
+    /// Seconds the command may take.
+    pub timeout_s: u32,
 }
 
 /// The overlay's upper (writable) layer.
@@ -44,7 +56,7 @@ pub enum UpperMode {
 
 impl Topic for MountConfig {
     const NAME: &'static str = "MountConfig";
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.target.clone()

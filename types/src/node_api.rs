@@ -82,6 +82,18 @@ pub struct ModuleReport {
     /// Pipeline state, free text (e.g. `Active`).
     #[serde(default)]
     pub state: Option<String>,
+    /// The reference the module was assigned as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Download progress: bytes done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    /// Download progress: bytes in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
 }
 
 /// `POST /node_api/v1/status/heartbeat`. Only `boot_id` and `agent_version` are required.

@@ -9,19 +9,42 @@ use crate::Topic;
 pub struct VerifyConfig {
     /// The module's name; the key.
     pub name: String,
-    /// Path of the image in the digest store.
+    /// Path of the image (the manifest's one layer) in the digest store.
     pub image_path: String,
-    /// The OCI digest the image must have, e.g. `sha256:…`.
+    /// The OCI digest the image must have, e.g. `sha256:…` (the layer's digest).
     pub digest: String,
-    /// The fs-verity digest from the manifest annotation, when the module carries one.
-    pub fsverity_digest: Option<String>,
+    /// The module's platform manifest exactly as pulled: the verifier checks that it hashes to
+    /// `manifest_digest`, names `digest` as its layer, and reads the fs-verity annotation from it.
+    pub manifest: String,
+    /// The digest of `manifest`: what the signatures sign.
+    pub manifest_digest: String,
+    /// The repository the module came from (`registry/path`), which a signature's
+    /// `docker-reference` must name.
+    pub repository: String,
+    /// The cosign signatures found for `manifest_digest` (none when the module is unsigned).
+    pub signatures: Vec<CosignSignature>,
     /// Name of the trust policy the signature is checked against.
     pub trust_policy: String,
 }
 
+/// One cosign signature as stored in the registry (a layer of the `sha256-<hex>.sig` manifest).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CosignSignature {
+    /// The simple-signing payload (JSON) the signature is over.
+    pub payload: String,
+    /// The signature, base64 (annotation `dev.cosignproject.cosign/signature`).
+    pub signature: String,
+    /// The signing certificate, PEM (keyless; annotation `dev.sigstore.cosign/certificate`).
+    pub certificate: Option<String>,
+    /// The certificate chain, PEM (keyless; annotation `dev.sigstore.cosign/chain`).
+    pub chain: Option<String>,
+    /// The transparency-log bundle, JSON (annotation `dev.sigstore.cosign/bundle`).
+    pub bundle: Option<String>,
+}
+
 impl Topic for VerifyConfig {
     const NAME: &'static str = "VerifyConfig";
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.name.clone()

@@ -306,7 +306,25 @@ fn run_all(g: &mut Golden) {
         name: s("tools"),
         image_path: s("/persist/powernode/store/sha256/aaaa"),
         digest: s("sha256:aaaa"),
-        fsverity_digest: Some(s("sha256:bbbb")),
+        manifest: s("{\"schemaVersion\":2}"),
+        manifest_digest: s("sha256:dddd"),
+        repository: s("registry.example/modules/tools"),
+        signatures: vec![
+            CosignSignature {
+                payload: s("{\"critical\":{}}"),
+                signature: s("MEUCIQ=="),
+                certificate: None,
+                chain: None,
+                bundle: None,
+            },
+            CosignSignature {
+                payload: s("{\"critical\":{},\"optional\":null}"),
+                signature: s("MEYCIQ=="),
+                certificate: Some(s("-----BEGIN CERTIFICATE-----")),
+                chain: Some(s("-----BEGIN CERTIFICATE----- chain")),
+                bundle: Some(s("{\"SignedEntryTimestamp\":\"\"}")),
+            },
+        ],
         trust_policy: s("default"),
     }]);
 
@@ -331,12 +349,17 @@ fn run_all(g: &mut Golden) {
                     image_path: s("/persist/powernode/store/sha256/cccc"),
                     digest: s("sha256:cccc"),
                     priority: 10,
+                    health_check: None,
                 },
                 MountLayer {
                     name: s("tools"),
                     image_path: s("/persist/powernode/store/sha256/aaaa"),
                     digest: s("sha256:aaaa"),
                     priority: 20,
+                    health_check: Some(HealthCheck {
+                        command: vec![s("bin/check"), s("--quick")],
+                        timeout_s: 5,
+                    }),
                 },
             ],
             upper: UpperMode::Persistent {

@@ -117,6 +117,108 @@ pub struct Settings {
     pub identity: IdentitySettings,
     /// How the agents that call the controller (enrollmgr, heartbeatd, eventd) reach it.
     pub controller: ControllerSettings,
+    /// Modules: registries, trust policy, the mount target (modulemgr, verifier, mountmgr).
+    pub modules: ModuleSettings,
+}
+
+/// The `[modules]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModuleSettings {
+    /// Registries (`host[:port]`) spoken to over plain HTTP instead of HTTPS: tests and closed
+    /// labs only.
+    pub plain_http: Vec<String>,
+    /// Registry logins.
+    pub credentials: Vec<RegistryCredential>,
+    /// The trust policy modules are verified against: `etc/powernode/trust/<name>.toml`.
+    pub trust_policy: String,
+    /// The name of the mount target the modules are stacked at.
+    pub mount_target: String,
+    /// Where the stack's writes go: `tmpfs` (lost on every switch), or a directory under the
+    /// root that keeps them (e.g. `persist/powernode/upper/modules`).
+    pub upper: String,
+    /// Longest wait between retries of a failing pull, in seconds (1..=3600).
+    pub max_backoff_s: u64,
+    /// Limit on connecting to a registry, in milliseconds (100..=120000).
+    pub connect_timeout_ms: u64,
+}
+
+/// One `[[modules.credentials]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryCredential {
+    /// The registry, `host[:port]`.
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// File holding the password or token (not the secret itself, so settings can be shown).
+    pub password_file: String,
+}
+
+impl Default for ModuleSettings {
+    fn default() -> Self {
+        ModuleSettings {
+            plain_http: Vec::new(),
+            credentials: Vec::new(),
+            trust_policy: "default".to_owned(),
+            mount_target: "modules".to_owned(),
+            upper: "tmpfs".to_owned(),
+            max_backoff_s: 60,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl ModuleSettings {
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        let plain_name = |v: &str| {
+            !v.is_empty()
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && !v.starts_with('.')
+        };
+        if !plain_name(&self.trust_policy) {
+            return Err(invalid(
+                "modules.trust_policy",
+                quoted(&self.trust_policy),
+                "must be a file name stem (letters, digits, '-', '_', '.')",
+            ));
+        }
+        if !plain_name(&self.mount_target) {
+            return Err(invalid(
+                "modules.mount_target",
+                quoted(&self.mount_target),
+                "must be a name (letters, digits, '-', '_', '.')",
+            ));
+        }
+        if self.upper != "tmpfs"
+            && (self.upper.starts_with('/')
+                || self.upper.split('/').any(|c| c == ".." || c.is_empty()))
+        {
+            return Err(invalid(
+                "modules.upper",
+                quoted(&self.upper),
+                "must be \"tmpfs\" or a relative directory under the root without '..'",
+            ));
+        }
+        for (field, value, range) in [
+            ("modules.max_backoff_s", self.max_backoff_s, 1..=3600),
+            (
+                "modules.connect_timeout_ms",
+                self.connect_timeout_ms,
+                100..=120_000,
+            ),
+        ] {
+            if !range.contains(&value) {
+                let reason = format!("must be between {} and {}", range.start(), range.end());
+                return Err(invalid(field, value.to_string(), &reason));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The `[controller]` table.
@@ -240,6 +342,7 @@ impl Default for Settings {
             pubsub: PubsubSettings::default(),
             identity: IdentitySettings::default(),
             controller: ControllerSettings::default(),
+            modules: ModuleSettings::default(),
         }
     }
 }
@@ -419,7 +522,8 @@ impl Settings {
             ));
         }
         self.identity.validate(invalid)?;
-        self.controller.validate(invalid)
+        self.controller.validate(invalid)?;
+        self.modules.validate(invalid)
     }
 }
 
