@@ -30,6 +30,9 @@ mkdir -p "$run_dir"
 steps=(
     "identitymgr identitymgr/NodeIdentity --field state=Resolved"
     "enrollmgr enrollmgr/EnrollmentStatus --field state=Enrolled"
+    "verifier verifier/AgentStatus --field state=Running"
+    "mountmgr mountmgr/AgentStatus --field state=Running"
+    "modulemgr modulemgr/AgentStatus --field state=Running"
     "heartbeatd heartbeatd/ControllerStatus --field reachable=true"
 )
 

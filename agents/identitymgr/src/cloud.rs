@@ -45,6 +45,10 @@ enum Reply {
 impl Http {
     /// A client whose every request (connect included) is bounded by `timeout`.
     pub fn new(timeout: Duration) -> anyhow::Result<Http> {
+        // Metadata services are plain HTTP, but the binary's reqwest also carries rustls (the
+        // registry client needs it) and refuses to build without a process crypto provider:
+        // ring, as everywhere (an error only means one is installed already).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

@@ -17,6 +17,12 @@ pub enum Program {
     Enrollmgr,
     /// The heartbeat agent.
     Heartbeatd,
+    /// The module agent: pull, drive verification and mounting.
+    Modulemgr,
+    /// The verification agent.
+    Verifier,
+    /// The mount agent.
+    Mountmgr,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
@@ -27,6 +33,9 @@ const PROGRAMS: &[(&str, Program)] = &[
     ("identitymgr", Program::Identitymgr),
     ("enrollmgr", Program::Enrollmgr),
     ("heartbeatd", Program::Heartbeatd),
+    ("modulemgr", Program::Modulemgr),
+    ("verifier", Program::Verifier),
+    ("mountmgr", Program::Mountmgr),
 ];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
@@ -66,6 +75,9 @@ mod tests {
             ("/usr/libexec/powernode/identitymgr", Program::Identitymgr),
             ("enrollmgr", Program::Enrollmgr),
             ("/usr/bin/heartbeatd", Program::Heartbeatd),
+            ("modulemgr", Program::Modulemgr),
+            ("/usr/libexec/powernode/verifier", Program::Verifier),
+            ("mountmgr", Program::Mountmgr),
             ("identitymgr.service", Program::Cli),
             ("powernode-agent", Program::Cli),
             ("/usr/bin/powernode-agent", Program::Cli),
@@ -87,6 +99,9 @@ mod tests {
         assert_eq!(by_name("identitymgr"), Some(Program::Identitymgr));
         assert_eq!(by_name("enrollmgr"), Some(Program::Enrollmgr));
         assert_eq!(by_name("heartbeatd"), Some(Program::Heartbeatd));
+        assert_eq!(by_name("modulemgr"), Some(Program::Modulemgr));
+        assert_eq!(by_name("verifier"), Some(Program::Verifier));
+        assert_eq!(by_name("mountmgr"), Some(Program::Mountmgr));
         assert_eq!(by_name("powernode-agent"), None, "the CLI has no run name");
         assert_eq!(
             by_name("/usr/bin/ipcmonitor"),
@@ -96,7 +111,15 @@ mod tests {
         assert_eq!(by_name(""), None);
         assert_eq!(
             names(),
-            ["ipcmonitor", "identitymgr", "enrollmgr", "heartbeatd"]
+            [
+                "ipcmonitor",
+                "identitymgr",
+                "enrollmgr",
+                "heartbeatd",
+                "modulemgr",
+                "verifier",
+                "mountmgr"
+            ]
         );
         for name in names() {
             assert!(by_name(name).is_some());

@@ -40,6 +40,18 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
             "heartbeatd",
             agentbase::run_agent("heartbeatd", args, heartbeatd::run),
         ),
+        Program::Modulemgr => agentbase::exit_code(
+            "modulemgr",
+            agentbase::run_agent("modulemgr", args, modulemgr::run),
+        ),
+        Program::Verifier => agentbase::exit_code(
+            "verifier",
+            agentbase::run_agent("verifier", args, verifier::run),
+        ),
+        Program::Mountmgr => agentbase::exit_code(
+            "mountmgr",
+            agentbase::run_agent("mountmgr", args, mountmgr::run),
+        ),
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {

@@ -1,0 +1,586 @@
+//! modulemgr: brings the modules the node should run from the registry into one verified,
+//! mounted stack (DESIGN §2, §6; docs/modules.md).
+//!
+//! It reads the desired modules from `heartbeatd/ModuleConfig` (the controller's assignment)
+//! and from the local assignments in `etc/powernode/modules.d` ([`local`]; the controller's
+//! entry wins when both name a module). Each module goes through its own state machine,
+//! published as `modulemgr/ModuleStatus`:
+//!
+//! ```text
+//!  Resolving ──► Downloading{done,total} ──► Verifying ──► Mounting ──► Active
+//!     │ ▲              │ ▲                       │             │
+//!     │ └─ transient ──┘ └─ transient: retry      │             │
+//!     │    (backoff, error shown)                 │             │
+//!     └──────────────── Failed{reason} ◄──────────┴─────────────┘
+//! ```
+//!
+//! A fetch ([`fetch`]) resolves the reference for this node's architecture, reads its cosign
+//! signatures and streams the image into the digest store `persist/powernode/store`, resuming
+//! a partial download after a crash. The fetched module is handed to the verifier as a
+//! `VerifyConfig`; once `verifier/VerifyStatus` says Verified for the same digest it joins the
+//! stack, published as one `MountConfig` (target from settings, layers by priority); when
+//! `mountmgr/MountStatus` reports that generation Mounted, its modules are Active. A stack
+//! that fails to mount marks the modules it added Failed (the running stack stays) and the
+//! stack is recomputed without them. A change of reference restarts a module; a removal
+//! cancels its fetch, takes it out of the stack and, once the smaller stack is mounted, lets
+//! the store's garbage collection remove its blobs.
+
+pub mod fetch;
+pub mod local;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use agentbase::Context;
+use anyhow::Context as _;
+use powernode_modules::digest::Digest;
+use powernode_modules::format::host_architecture;
+use powernode_modules::registry::{Credential, Registry, RegistryConfig};
+use powernode_modules::store::Store;
+use powernode_pubsub::{Event, Publication, Subscription};
+use powernode_types::{
+    ModuleConfig, ModuleState, ModuleStatus, MountConfig, MountLayer, MountState, MountStatus,
+    UpperMode, VerifyConfig, VerifyState, VerifyStatus,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::fetch::{Fetched, Report};
+
+/// The agent that publishes the controller's assignment.
+pub const HEARTBEAT_AGENT: &str = "heartbeatd";
+/// The verifier agent.
+pub const VERIFIER_AGENT: &str = "verifier";
+/// The mount agent.
+pub const MOUNT_AGENT: &str = "mountmgr";
+/// The digest store, under the root.
+pub const STORE_DIR: &str = "persist/powernode/store";
+/// How often the local assignments are re-read.
+const LOCAL_POLL: Duration = Duration::from_secs(1);
+
+/// One module's place in the pipeline.
+#[derive(Debug)]
+struct Module {
+    config: ModuleConfig,
+    status: ModuleStatus,
+    /// Bumped on every restart of the module's fetch, so late reports of an old one are ignored.
+    epoch: u64,
+    cancel: Option<CancellationToken>,
+    fetched: Option<Fetched>,
+    verified: bool,
+}
+
+/// The agent's state.
+struct Agent {
+    ctx: Context,
+    registry: Registry,
+    store: Store,
+    status_pub: Publication<ModuleStatus>,
+    verify_pub: Publication<VerifyConfig>,
+    mount_pub: Publication<MountConfig>,
+    reports_tx: mpsc::Sender<(String, u64, Report)>,
+    controller: BTreeMap<String, ModuleConfig>,
+    local: BTreeMap<String, ModuleConfig>,
+    local_errors: Vec<String>,
+    modules: BTreeMap<String, Module>,
+    epochs: u64,
+    target: String,
+    upper: UpperMode,
+    /// The stack last published as `MountConfig`.
+    stack: Option<MountConfig>,
+    /// Digests of the stack mountmgr reports active.
+    mounted: Vec<String>,
+    /// mountmgr's latest status of the target.
+    mount_status: Option<MountStatus>,
+    /// The last stack mountmgr reported Mounted (at start: the last one published, until
+    /// mountmgr says otherwise).
+    applied: Option<MountConfig>,
+}
+
+/// The agent's main future.
+pub async fn run(ctx: Context) -> anyhow::Result<()> {
+    let settings = ctx.settings.modules.clone();
+    let mut credentials = Vec::new();
+    for c in &settings.credentials {
+        let path = ctx.root.path(&c.password_file);
+        let password = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading the password of {} from {}",
+                c.registry,
+                path.display()
+            )
+        })?;
+        credentials.push(Credential {
+            registry: c.registry.clone(),
+            username: c.username.clone(),
+            password: password.trim_end().to_owned(),
+        });
+    }
+    let registry = Registry::new(RegistryConfig {
+        plain_http: settings.plain_http.clone(),
+        credentials,
+        connect_timeout: Some(Duration::from_millis(settings.connect_timeout_ms)),
+    });
+    let store = Store::open(&ctx.root.path(STORE_DIR)).context("opening the digest store")?;
+    let upper = if settings.upper == "tmpfs" {
+        UpperMode::Tmpfs
+    } else {
+        UpperMode::Persistent {
+            path: settings.upper.clone(),
+        }
+    };
+    let status_pub = ctx.open_publication::<ModuleStatus>()?;
+    let verify_pub = ctx.open_publication::<VerifyConfig>()?;
+    let mount_pub = ctx.open_publication::<MountConfig>()?;
+    let stack = mount_pub.get(&settings.mount_target);
+    let (reports_tx, mut reports_rx) = mpsc::channel(64);
+    let mut agent = Agent {
+        registry,
+        store,
+        status_pub,
+        verify_pub,
+        mount_pub,
+        reports_tx,
+        controller: BTreeMap::new(),
+        local: BTreeMap::new(),
+        local_errors: Vec::new(),
+        modules: BTreeMap::new(),
+        epochs: 0,
+        target: settings.mount_target.clone(),
+        upper,
+        applied: stack.clone(),
+        stack,
+        mounted: Vec::new(),
+        mount_status: None,
+        ctx,
+    };
+    let mut desired_sub = Subscription::<ModuleConfig>::connect(&agent.ctx.dirs, HEARTBEAT_AGENT);
+    let mut verify_sub = Subscription::<VerifyStatus>::connect(&agent.ctx.dirs, VERIFIER_AGENT);
+    let mut mount_sub = Subscription::<MountStatus>::connect(&agent.ctx.dirs, MOUNT_AGENT);
+    agent.read_local();
+    agent.reconcile();
+    agent.ctx.ready();
+    let mut poll = tokio::time::interval(LOCAL_POLL);
+    let mut beat = tokio::time::interval(agent.ctx.beat_interval());
+    let shutdown = agent.ctx.shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = desired_sub.next() => agent.on_desired(event),
+            event = verify_sub.next() => {
+                if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
+                    agent.on_verify(&value);
+                }
+            }
+            event = mount_sub.next() => {
+                if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
+                    agent.on_mount(&value);
+                }
+            }
+            Some((name, epoch, report)) = reports_rx.recv() => agent.on_report(&name, epoch, report),
+            _ = poll.tick() => {
+                if agent.read_local() {
+                    agent.reconcile();
+                }
+            }
+            _ = beat.tick() => agent.ctx.beat(),
+        }
+    }
+    for module in agent.modules.values() {
+        if let Some(cancel) = &module.cancel {
+            cancel.cancel();
+        }
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Logs and reports a failed publish (a checkpoint that cannot be written): the agent
+    /// carries on, subscribers keep the previous value.
+    fn report(&self, result: powernode_pubsub::Result<()>) {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "publish failed");
+            self.ctx
+                .health
+                .report_error(&format!("publish failed: {e}"));
+        }
+    }
+
+    fn on_desired(&mut self, event: Event<ModuleConfig>) {
+        match event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                self.controller.insert(value.name.clone(), value);
+            }
+            Event::Delete { key, .. } => {
+                self.controller.remove(&key);
+            }
+            // After a reconnect the snapshot's deletes arrive as Delete events; until then the
+            // last known assignment stands.
+            _ => return,
+        }
+        self.reconcile();
+    }
+
+    /// Re-reads the local assignments; true if they changed.
+    fn read_local(&mut self) -> bool {
+        let (modules, errors) = local::read_all(&self.ctx.root.path(local::DIR));
+        let errors: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        if errors != self.local_errors {
+            for e in &errors {
+                tracing::warn!(error = %e, "ignoring a bad local module assignment");
+            }
+            if let Some(first) = errors.first() {
+                self.ctx.health.report_error(first);
+            }
+            self.local_errors = errors;
+        }
+        let local: BTreeMap<String, ModuleConfig> = modules
+            .into_values()
+            .map(|m| {
+                let config = ModuleConfig {
+                    name: m.name.clone(),
+                    reference: m.reference,
+                    priority: m.priority,
+                    generation: 0,
+                };
+                (m.name, config)
+            })
+            .collect();
+        let changed = local != self.local;
+        self.local = local;
+        changed
+    }
+
+    /// Brings the modules in line with the desired set.
+    fn reconcile(&mut self) {
+        let mut desired = self.local.clone();
+        desired.extend(self.controller.clone());
+        let gone: Vec<String> = self
+            .modules
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(module) = self.modules.remove(&name) {
+                if let Some(cancel) = module.cancel {
+                    cancel.cancel();
+                }
+            }
+            self.report(self.status_pub.unpublish(&name));
+            self.report(self.verify_pub.unpublish(&name));
+            tracing::info!(module = %name, "module removed");
+        }
+        // Statuses left from an earlier run for modules no longer wanted.
+        for key in self.status_pub.keys() {
+            if !desired.contains_key(&key) {
+                self.report(self.status_pub.unpublish(&key));
+                self.report(self.verify_pub.unpublish(&key));
+            }
+        }
+        for (name, config) in desired {
+            match self.modules.get_mut(&name) {
+                Some(m) if m.config.reference == config.reference => m.config = config,
+                _ => self.start(config),
+            }
+        }
+        self.restack();
+    }
+
+    /// (Re)starts a module's fetch.
+    fn start(&mut self, config: ModuleConfig) {
+        if let Some(old) = self.modules.get(&config.name) {
+            if let Some(cancel) = &old.cancel {
+                cancel.cancel();
+            }
+        }
+        self.epochs += 1;
+        let epoch = self.epochs;
+        let cancel = self.ctx.shutdown.child_token();
+        let job = fetch::Job {
+            name: config.name.clone(),
+            reference: config.reference.clone(),
+            architecture: host_architecture().to_owned(),
+            max_backoff: Duration::from_secs(self.ctx.settings.modules.max_backoff_s),
+        };
+        tracing::info!(module = %config.name, reference = %config.reference, "fetching module");
+        self.ctx.tasks.spawn(fetch::run(
+            job,
+            self.registry.clone(),
+            self.store.clone(),
+            self.reports_tx.clone(),
+            epoch,
+            cancel.clone(),
+        ));
+        let status = ModuleStatus {
+            name: config.name.clone(),
+            reference: config.reference.clone(),
+            state: ModuleState::Resolving,
+            digest: None,
+            bytes_done: 0,
+            bytes_total: None,
+            error: None,
+        };
+        self.report(self.status_pub.publish(&status));
+        self.report(self.verify_pub.unpublish(&config.name));
+        self.modules.insert(
+            config.name.clone(),
+            Module {
+                config,
+                status,
+                epoch,
+                cancel: Some(cancel),
+                fetched: None,
+                verified: false,
+            },
+        );
+    }
+
+    fn publish_status(&mut self, name: &str) {
+        if let Some(m) = self.modules.get(name) {
+            let result = self.status_pub.publish(&m.status);
+            self.report(result);
+        }
+    }
+
+    fn fail(&mut self, name: &str, reason: String) {
+        if let Some(m) = self.modules.get_mut(name) {
+            tracing::warn!(module = %name, reason = %reason, "module failed");
+            m.status.state = ModuleState::Failed;
+            m.status.error = Some(reason);
+            m.verified = false;
+            m.cancel = None;
+        }
+        self.publish_status(name);
+    }
+
+    fn on_report(&mut self, name: &str, epoch: u64, report: Report) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        if m.epoch != epoch {
+            return;
+        }
+        match report {
+            Report::Resolved { digest, total } => {
+                m.status.state = ModuleState::Downloading;
+                m.status.digest = Some(digest);
+                m.status.bytes_total = Some(total);
+                m.status.error = None;
+            }
+            Report::Progress { done } => {
+                m.status.state = ModuleState::Downloading;
+                m.status.bytes_done = done;
+            }
+            Report::Retrying { error, retry_in } => {
+                m.status.error = Some(format!(
+                    "{error}; retrying in {:.1}s",
+                    retry_in.as_secs_f64()
+                ));
+            }
+            Report::Failed(reason) => return self.fail(name, reason),
+            Report::Done(fetched) => {
+                m.cancel = None;
+                m.status.state = ModuleState::Verifying;
+                m.status.bytes_done = fetched.resolved.image.size;
+                m.status.error = None;
+                let verify = VerifyConfig {
+                    name: name.to_owned(),
+                    image_path: fetched.image_path.to_string_lossy().into_owned(),
+                    digest: fetched.resolved.image.digest.clone(),
+                    manifest: fetched.resolved.manifest.clone(),
+                    manifest_digest: fetched.resolved.manifest_digest.to_string(),
+                    repository: fetched.resolved.repository.clone(),
+                    signatures: fetched.signatures.clone(),
+                    trust_policy: self.ctx.settings.modules.trust_policy.clone(),
+                };
+                m.fetched = Some(*fetched);
+                m.verified = false;
+                if let Err(e) = self.verify_pub.publish(&verify) {
+                    return self.fail(name, format!("cannot hand the module to the verifier: {e}"));
+                }
+            }
+        }
+        self.publish_status(name);
+    }
+
+    fn on_verify(&mut self, v: &VerifyStatus) {
+        let Some(m) = self.modules.get_mut(&v.name) else {
+            return;
+        };
+        let Some(fetched) = &m.fetched else { return };
+        if fetched.resolved.image.digest != v.digest || m.status.state != ModuleState::Verifying {
+            return;
+        }
+        match v.state {
+            VerifyState::Verifying => {}
+            VerifyState::Verified => {
+                m.verified = true;
+                m.status.state = ModuleState::Mounting;
+                self.publish_status(&v.name);
+                self.restack();
+                // The stack may not have changed (a restart re-verifies what is mounted): then
+                // the status mountmgr already gave answers it.
+                if let Some(status) = self.mount_status.clone() {
+                    if status.state == MountState::Mounted {
+                        self.on_mount(&status);
+                    }
+                }
+            }
+            VerifyState::Failed => {
+                let reason = format!(
+                    "verification failed: {}",
+                    v.reason.as_deref().unwrap_or("no reason given")
+                );
+                self.fail(&v.name, reason);
+                self.restack();
+            }
+        }
+    }
+
+    /// The stack the modules make: each verified module's image; for a module whose new
+    /// version is not verified (still in the pipeline, or failed), the layer it has in the
+    /// current stack, so an upgrade replaces the old image only once the new one is ready.
+    /// Sorted by priority (mountmgr orders by priority itself; this keeps the config stable).
+    fn wanted_stack(&self) -> Vec<MountLayer> {
+        let current = |name: &str| {
+            self.applied
+                .as_ref()
+                .and_then(|s| s.layers.iter().find(|l| l.name == name).cloned())
+        };
+        let mut layers: Vec<MountLayer> = self
+            .modules
+            .values()
+            .filter_map(|m| match &m.fetched {
+                Some(f) if m.verified && m.status.state != ModuleState::Failed => {
+                    Some(MountLayer {
+                        name: m.config.name.clone(),
+                        image_path: f.image_path.to_string_lossy().into_owned(),
+                        digest: f.resolved.image.digest.clone(),
+                        priority: m.config.priority,
+                        health_check: f.resolved.module.health_check(),
+                    })
+                }
+                _ => current(&m.config.name),
+            })
+            .collect();
+        layers.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
+        layers
+    }
+
+    /// Publishes a new `MountConfig` if the stack changed.
+    fn restack(&mut self) {
+        let layers = self.wanted_stack();
+        if let Some(stack) = &self.stack {
+            if stack.layers == layers && stack.upper == self.upper {
+                return;
+            }
+        }
+        let generation = self.stack.as_ref().map_or(1, |s| s.generation + 1);
+        let config = MountConfig {
+            target: self.target.clone(),
+            generation,
+            layers,
+            upper: self.upper.clone(),
+        };
+        tracing::info!(
+            target = %config.target,
+            generation,
+            layers = ?config.layers.iter().map(|l| &l.name).collect::<Vec<_>>(),
+            "new stack"
+        );
+        let result = self.mount_pub.publish(&config);
+        self.report(result);
+        self.stack = Some(config);
+    }
+
+    fn on_mount(&mut self, status: &MountStatus) {
+        if status.target != self.target {
+            return;
+        }
+        self.mount_status = Some(status.clone());
+        let Some(stack) = self.stack.clone() else {
+            return;
+        };
+        if status.generation != stack.generation {
+            return;
+        }
+        match status.state {
+            MountState::Mounting => {}
+            MountState::Mounted => {
+                self.mounted = status.layers.clone();
+                self.applied = Some(stack.clone());
+                for layer in &stack.layers {
+                    if let Some(m) = self.modules.get_mut(&layer.name) {
+                        if m.verified && m.status.state == ModuleState::Mounting {
+                            m.status.state = ModuleState::Active;
+                            m.status.error = None;
+                            tracing::info!(module = %layer.name, digest = %layer.digest, "module active");
+                        }
+                    }
+                    self.publish_status(&layer.name);
+                }
+                self.collect_garbage();
+            }
+            MountState::Failed | MountState::RolledBack => {
+                self.mounted = status.layers.clone();
+                let reason = format!(
+                    "mount failed: {}",
+                    status.error.as_deref().unwrap_or("no reason given")
+                );
+                let blamed: Vec<String> = stack
+                    .layers
+                    .iter()
+                    .filter(|l| !status.layers.contains(&l.digest))
+                    .map(|l| l.name.clone())
+                    .collect();
+                if blamed.is_empty() {
+                    self.ctx.health.report_error(&reason);
+                }
+                for name in blamed {
+                    self.fail(&name, reason.clone());
+                }
+                self.restack();
+            }
+        }
+    }
+
+    /// Removes store blobs no desired module and no mounted layer uses.
+    fn collect_garbage(&mut self) {
+        let mut keep: HashSet<Digest> = HashSet::new();
+        for m in self.modules.values() {
+            if let Some(d) = m
+                .status
+                .digest
+                .as_deref()
+                .and_then(|d| Digest::parse(d).ok())
+            {
+                keep.insert(d);
+            }
+        }
+        for d in &self.mounted {
+            if let Ok(d) = Digest::parse(d) {
+                keep.insert(d);
+            }
+        }
+        // A module still resolving has no digest yet: its partial download must survive.
+        if self
+            .modules
+            .values()
+            .any(|m| m.status.digest.is_none() && m.status.state != ModuleState::Failed)
+        {
+            return;
+        }
+        match self.store.gc(&keep) {
+            Ok((removed, freed)) if !removed.is_empty() => {
+                tracing::info!(
+                    blobs = removed.len(),
+                    bytes = freed,
+                    "store garbage collected"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store garbage collection failed"),
+        }
+    }
+}

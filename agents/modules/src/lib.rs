@@ -1,0 +1,16 @@
+//! The module format and the operations on it (DESIGN §6; docs/modules.md).
+//!
+//! A module is an OCI artifact: one erofs image layer, the module manifest as config blob, the
+//! image's fs-verity digest as an annotation, one platform manifest per architecture under an
+//! image index, and cosign signatures beside it. This crate is shared by the operator tooling
+//! (`powernode-controller module …`), modulemgr (pull), the verifier (checks) and the CLI.
+
+pub mod cosign;
+pub mod digest;
+pub mod format;
+pub mod fsverity;
+pub mod package;
+pub mod registry;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,515 @@
+//! Registry access through `oci-client`: resolving a module reference for an architecture,
+//! streaming its image into the [`Store`], reading its cosign signatures, and pushing.
+//!
+//! Manifests are pulled and pushed raw: what is verified (and signed) is the exact bytes, and
+//! `oci-client`'s own manifest serialization is not used for writing (it writes invalid JSON for
+//! values containing newlines).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use powernode_types::CosignSignature;
+
+use crate::digest::{Digest, DigestError};
+use crate::format::{
+    Descriptor, FormatError, ImageIndex, ImageManifest, ModuleManifest, MAX_METADATA_BYTES,
+    OCI_INDEX, OCI_MANIFEST,
+};
+use crate::store::{Store, StoreError};
+
+/// The largest signature payload read.
+const MAX_PAYLOAD_BYTES: u64 = 64 * 1024;
+
+/// How to reach registries.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryConfig {
+    /// Registries (`host[:port]`) spoken to over plain HTTP: for tests and closed labs only.
+    pub plain_http: Vec<String>,
+    /// Credentials per registry.
+    pub credentials: Vec<Credential>,
+    /// Timeout to connect; reads time out after four times as long without data.
+    pub connect_timeout: Option<Duration>,
+}
+
+/// A registry login.
+#[derive(Clone, Debug)]
+pub struct Credential {
+    /// The registry, `host[:port]`.
+    pub registry: String,
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+/// Why a registry operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The reference does not parse.
+    #[error("bad reference {reference:?}: {reason}")]
+    BadReference {
+        /// The text given.
+        reference: String,
+        /// Why.
+        reason: String,
+    },
+    /// The registry could not be reached or failed (5xx, timeouts): worth retrying.
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    /// The registry answered that the thing is not there.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The registry refused (auth, denied, bad request): retrying will not help.
+    #[error("registry refused: {0}")]
+    Refused(String),
+    /// What came back is not a well-formed module.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A digest in the manifest is malformed.
+    #[error(transparent)]
+    Digest(#[from] DigestError),
+    /// Content did not match its digest, or something else was inconsistent.
+    #[error("{0}")]
+    Invalid(String),
+    /// Writing to the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RegistryError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Unreachable(_) => true,
+            RegistryError::Store(StoreError::Io { .. }) => true,
+            RegistryError::Store(StoreError::DigestMismatch { .. }) => false,
+            _ => false,
+        }
+    }
+
+    fn from_oci(what: &str, e: OciDistributionError) -> RegistryError {
+        let text = format!("{what}: {}", chain(&e));
+        match &e {
+            OciDistributionError::RequestError(_) | OciDistributionError::IoError(_) => {
+                RegistryError::Unreachable(text)
+            }
+            OciDistributionError::ServerError { code, .. } if *code >= 500 || *code == 429 => {
+                RegistryError::Unreachable(text)
+            }
+            OciDistributionError::ServerError { code: 404, .. }
+            | OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound(text),
+            OciDistributionError::RegistryError { envelope, .. }
+                if envelope.errors.iter().any(|e| {
+                    matches!(
+                        e.code,
+                        oci_client::errors::OciErrorCode::ManifestUnknown
+                            | oci_client::errors::OciErrorCode::BlobUnknown
+                            | oci_client::errors::OciErrorCode::NameUnknown
+                            | oci_client::errors::OciErrorCode::NotFound
+                    )
+                }) =>
+            {
+                RegistryError::NotFound(text)
+            }
+            OciDistributionError::RegistryError { envelope, .. }
+                if envelope.errors.iter().any(|e| {
+                    matches!(e.code, oci_client::errors::OciErrorCode::Toomanyrequests)
+                }) =>
+            {
+                RegistryError::Unreachable(text)
+            }
+            _ => RegistryError::Refused(text),
+        }
+    }
+}
+
+/// An error and its sources, `: `-joined (reqwest's own text names no cause).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// A module reference resolved for one architecture: everything needed to pull and verify it.
+#[derive(Clone, Debug)]
+pub struct Resolved {
+    /// `registry/repository`: what a signature's `docker-reference` names.
+    pub repository: String,
+    /// The platform manifest, exactly as pulled.
+    pub manifest: String,
+    /// Its digest.
+    pub manifest_digest: Digest,
+    /// The index it was chosen from, if the reference named one.
+    pub index_digest: Option<Digest>,
+    /// The erofs image layer.
+    pub image: Descriptor,
+    /// The module manifest (config blob).
+    pub module: ModuleManifest,
+}
+
+/// A registry client.
+#[derive(Clone)]
+pub struct Registry {
+    client: Client,
+    config: RegistryConfig,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("plain_http", &self.config.plain_http)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses a reference such as `host:5000/modules/tools:1.0` or `…@sha256:…`.
+pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
+    text.parse::<Reference>()
+        .map_err(|e| RegistryError::BadReference {
+            reference: text.chars().take(200).collect(),
+            reason: e.to_string(),
+        })
+}
+
+/// `registry/repository` of a reference.
+pub fn repository_of(reference: &Reference) -> String {
+    format!("{}/{}", reference.registry(), reference.repository())
+}
+
+impl Registry {
+    /// A client with `config`. Uses the process's default rustls crypto provider, installing
+    /// ring's if none is installed yet.
+    pub fn new(config: RegistryConfig) -> Registry {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::new(ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(config.plain_http.clone()),
+            connect_timeout: config.connect_timeout,
+            read_timeout: config.connect_timeout.map(|t| t * 4),
+            ..ClientConfig::default()
+        });
+        Registry { client, config }
+    }
+
+    fn auth(&self, reference: &Reference) -> RegistryAuth {
+        let registry = reference.resolve_registry();
+        self.config
+            .credentials
+            .iter()
+            .find(|c| c.registry == registry || c.registry == reference.registry())
+            .map_or(RegistryAuth::Anonymous, |c| {
+                RegistryAuth::Basic(c.username.clone(), c.password.clone())
+            })
+    }
+
+    async fn manifest_raw(
+        &self,
+        reference: &Reference,
+        accept: &[&str],
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let (bytes, _digest_header) = self
+            .client
+            .pull_manifest_raw(reference, &self.auth(reference), accept)
+            .await
+            .map_err(|e| RegistryError::from_oci(&format!("manifest {reference}"), e))?;
+        if bytes.len() > MAX_METADATA_BYTES {
+            return Err(RegistryError::Invalid(format!(
+                "manifest {reference} is {} bytes, more than the {MAX_METADATA_BYTES} allowed",
+                bytes.len()
+            )));
+        }
+        // The digest is computed here, never taken from the registry's header.
+        let digest = Digest::of(&bytes);
+        if let Some(pinned) = reference.digest() {
+            if pinned != digest.to_string() {
+                return Err(RegistryError::Invalid(format!(
+                    "manifest {reference} has digest {digest}, not the {pinned} asked for"
+                )));
+            }
+        }
+        Ok((bytes.to_vec(), digest))
+    }
+
+    /// Fetches a small blob whole, checking its digest.
+    async fn small_blob(
+        &self,
+        reference: &Reference,
+        descriptor: &Descriptor,
+        limit: u64,
+    ) -> Result<Vec<u8>, RegistryError> {
+        if descriptor.size > limit {
+            return Err(RegistryError::Invalid(format!(
+                "blob {} is {} bytes, more than the {limit} allowed",
+                descriptor.digest, descriptor.size
+            )));
+        }
+        let expected = Digest::parse(&descriptor.digest)?;
+        let mut out = Vec::with_capacity(descriptor.size as usize);
+        self.client
+            .pull_blob(reference, descriptor.digest.as_str(), &mut out)
+            .await
+            .map_err(|e| RegistryError::from_oci(&format!("blob {}", descriptor.digest), e))?;
+        let actual = Digest::of(&out);
+        if actual != expected {
+            return Err(RegistryError::Invalid(format!(
+                "blob {expected} arrived with digest {actual}"
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Resolves `reference` for `architecture`: follows an index to the platform manifest,
+    /// checks the manifest is a module's and reads its module manifest.
+    pub async fn resolve(
+        &self,
+        reference: &str,
+        architecture: &str,
+    ) -> Result<Resolved, RegistryError> {
+        let reference = parse_reference(reference)?;
+        let (bytes, digest) = self
+            .manifest_raw(&reference, &[OCI_INDEX, OCI_MANIFEST])
+            .await?;
+        let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned));
+        let (manifest_bytes, manifest_digest, index_digest) =
+            if media_type.as_deref() == Some(OCI_INDEX) {
+                let index = ImageIndex::parse(&bytes)?;
+                let entry = index.for_architecture(architecture)?;
+                let pinned = reference.clone_with_digest(entry.digest.clone());
+                let (m, d) = self.manifest_raw(&pinned, &[OCI_MANIFEST]).await?;
+                (m, d, Some(digest))
+            } else {
+                (bytes, digest, None)
+            };
+        let manifest = ImageManifest::parse_module(&manifest_bytes)?;
+        let config = self
+            .small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64)
+            .await?;
+        let module = ModuleManifest::parse(&config)?;
+        if module.architecture != architecture {
+            return Err(FormatError::WrongArchitecture {
+                wanted: architecture.to_owned(),
+                found: module.architecture,
+            }
+            .into());
+        }
+        let manifest_text = String::from_utf8(manifest_bytes)
+            .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
+        Ok(Resolved {
+            repository: repository_of(&reference),
+            image: manifest.image().clone(),
+            manifest: manifest_text,
+            manifest_digest,
+            index_digest,
+            module,
+        })
+    }
+
+    /// Streams blob `descriptor` of `repository` into `store`, hashing as it writes, resuming a
+    /// partial download. `progress(done, total)` is called as bytes arrive. Returns the path of
+    /// the complete, digest-checked blob.
+    pub async fn pull_blob(
+        &self,
+        repository: &str,
+        descriptor: &Descriptor,
+        store: &Store,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<PathBuf, RegistryError> {
+        let digest = Digest::parse(&descriptor.digest)?;
+        if store.contains(&digest) {
+            progress(descriptor.size, descriptor.size);
+            return Ok(store.path(&digest));
+        }
+        let reference = parse_reference(&format!("{repository}@{digest}"))?;
+        let size = descriptor.size;
+        let store = store.clone();
+        let begin_digest = digest.clone();
+        let mut writer = tokio::task::spawn_blocking(move || store.begin(&begin_digest, size))
+            .await
+            .map_err(|e| RegistryError::Invalid(format!("store task failed: {e}")))??;
+        let offset = writer.offset();
+        if offset > 0 {
+            tracing::info!(%digest, offset, size, "resuming download at the end of the partial file");
+        }
+        progress(offset, size);
+        let stream = if offset == size {
+            None
+        } else {
+            let response = self
+                .client
+                .pull_blob_stream_partial(&reference, descriptor.digest.as_str(), offset, None)
+                .await
+                .map_err(|e| RegistryError::from_oci(&format!("blob {digest}"), e))?;
+            Some(match response {
+                oci_client::client::BlobResponse::Partial(s) => s,
+                oci_client::client::BlobResponse::Full(s) => {
+                    writer.restart()?;
+                    s
+                }
+            })
+        };
+        // The hashing and writing run on a blocking thread fed through a small bounded channel,
+        // so the network read overlaps them and memory stays bounded whatever the blob's size.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+        let sink = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
+            for chunk in rx {
+                writer.write(&chunk)?;
+            }
+            writer.finish()
+        });
+        let mut done = offset;
+        if let Some(mut sized) = stream {
+            while let Some(chunk) = sized.stream.next().await {
+                let chunk = chunk.map_err(|e| {
+                    RegistryError::Unreachable(format!("reading blob {digest}: {}", chain(&e)))
+                })?;
+                done += chunk.len() as u64;
+                if tx.send(chunk).is_err() {
+                    break; // the writer stopped; its error is reported below
+                }
+                progress(done.min(size), size);
+            }
+        }
+        drop(tx);
+        let path = sink
+            .await
+            .map_err(|e| RegistryError::Invalid(format!("store task failed: {e}")))??;
+        if done < size {
+            // finish() would have failed on the digest; this is only reached if it did not.
+            return Err(RegistryError::Unreachable(format!(
+                "blob {digest}: connection ended after {done} of {size} bytes"
+            )));
+        }
+        Ok(path)
+    }
+
+    /// The cosign signatures stored for `manifest_digest` in `repository` (tag
+    /// `sha256-<hex>.sig`); none if there is no such tag.
+    pub async fn signatures(
+        &self,
+        repository: &str,
+        manifest_digest: &Digest,
+    ) -> Result<Vec<CosignSignature>, RegistryError> {
+        let tag = format!("sha256-{}.sig", manifest_digest.hex());
+        let reference = parse_reference(&format!("{repository}:{tag}"))?;
+        let bytes = match self.manifest_raw(&reference, &[OCI_MANIFEST]).await {
+            Ok((bytes, _)) => bytes,
+            Err(RegistryError::NotFound(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| FormatError::Malformed {
+                what: "signature manifest",
+                reason: e.to_string(),
+            })?;
+        let mut signatures = Vec::new();
+        for layer in crate::cosign::signature_layers(&manifest)
+            .into_iter()
+            .take(crate::cosign::MAX_SIGNATURES)
+        {
+            let descriptor = Descriptor {
+                media_type: crate::cosign::SIMPLESIGNING_MEDIA_TYPE.to_owned(),
+                digest: layer.digest.clone(),
+                size: layer.size,
+                artifact_type: None,
+                platform: None,
+                annotations: Default::default(),
+            };
+            let payload = self
+                .small_blob(&reference, &descriptor, MAX_PAYLOAD_BYTES)
+                .await?;
+            signatures.push(layer.with_payload(&payload).map_err(|e| {
+                RegistryError::Invalid(format!("signature of {manifest_digest}: {e}"))
+            })?);
+        }
+        Ok(signatures)
+    }
+
+    /// Uploads `data` as a blob of `repository` unless it is there already; returns its digest.
+    pub async fn push_blob(
+        &self,
+        repository: &str,
+        data: Vec<u8>,
+    ) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(&data);
+        let reference = parse_reference(&format!("{repository}@{digest}"))?;
+        self.client
+            .store_auth_if_needed(reference.resolve_registry(), &self.auth(&reference))
+            .await;
+        let exists = self
+            .client
+            .blob_exists(&reference, &digest.to_string())
+            .await
+            .map_err(|e| RegistryError::from_oci(&format!("blob {digest}"), e))?;
+        if !exists {
+            self.client
+                .auth(
+                    &reference,
+                    &self.auth(&reference),
+                    oci_client::RegistryOperation::Push,
+                )
+                .await
+                .map_err(|e| RegistryError::from_oci("authenticating", e))?;
+            self.client
+                .push_blob(&reference, data, &digest.to_string())
+                .await
+                .map_err(|e| RegistryError::from_oci(&format!("pushing blob {digest}"), e))?;
+        }
+        Ok(digest)
+    }
+
+    /// Uploads manifest `bytes` (of `media_type`) under `tag` of `repository` (or by digest
+    /// when `tag` is `None`); returns its digest.
+    pub async fn push_manifest(
+        &self,
+        repository: &str,
+        tag: Option<&str>,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(&bytes);
+        let reference = match tag {
+            Some(tag) => parse_reference(&format!("{repository}:{tag}"))?,
+            None => parse_reference(&format!("{repository}@{digest}"))?,
+        };
+        self.client
+            .auth(
+                &reference,
+                &self.auth(&reference),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| RegistryError::from_oci("authenticating", e))?;
+        let content_type = media_type
+            .parse()
+            .map_err(|_| RegistryError::Invalid(format!("bad media type {media_type:?}")))?;
+        self.client
+            .push_manifest_raw(&reference, bytes, content_type)
+            .await
+            .map_err(|e| RegistryError::from_oci(&format!("pushing manifest {reference}"), e))?;
+        Ok(digest)
+    }
+
+    /// The raw manifest `reference` names and its digest (computed, not taken from headers).
+    pub async fn fetch_manifest(
+        &self,
+        reference: &str,
+    ) -> Result<(Vec<u8>, Digest), RegistryError> {
+        let reference = parse_reference(reference)?;
+        self.manifest_raw(&reference, &[OCI_INDEX, OCI_MANIFEST])
+            .await
+    }
+}

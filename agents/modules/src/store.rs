@@ -1,0 +1,263 @@
+//! The content-addressed blob store: `<dir>/sha256/<hex>`, written only through a `.partial`
+//! file that is hashed as it is written and renamed into place only when its digest matches.
+//!
+//! A download that dies leaves its `.partial` behind; the next [`Store::begin`] re-hashes what
+//! is there and the download resumes at its end. Garbage collection removes every blob and
+//! partial that is not in the set a caller keeps.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use crate::digest::Digest;
+
+/// Why a blob could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The bytes do not hash to the digest they were fetched as; the partial file is removed.
+    #[error("blob {expected} arrived with digest {actual} ({bytes} bytes); discarded")]
+    DigestMismatch {
+        /// The digest asked for.
+        expected: Digest,
+        /// What the bytes hash to.
+        actual: Digest,
+        /// How many bytes arrived.
+        bytes: u64,
+    },
+    /// More bytes arrived than the descriptor announced.
+    #[error("blob {digest} is longer than its declared {size} bytes")]
+    TooLong {
+        /// The blob.
+        digest: Digest,
+        /// Its declared size.
+        size: u64,
+    },
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The store at one directory.
+#[derive(Clone, Debug)]
+pub struct Store {
+    blobs: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let blobs = dir.join("sha256");
+        fs::create_dir_all(&blobs).map_err(io_err("creating", &blobs))?;
+        Ok(Store { blobs })
+    }
+
+    /// Where the blob `digest` lives once complete.
+    pub fn path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(digest.hex())
+    }
+
+    fn partial_path(&self, digest: &Digest) -> PathBuf {
+        self.blobs.join(format!("{}.partial", digest.hex()))
+    }
+
+    /// Whether the complete blob is present.
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.path(digest).is_file()
+    }
+
+    /// Starts or resumes writing blob `digest` of `size` bytes: the bytes already in its
+    /// partial file are hashed again, and [`BlobWriter::offset`] tells where to resume.
+    pub fn begin(&self, digest: &Digest, size: u64) -> Result<BlobWriter, StoreError> {
+        let partial = self.partial_path(digest);
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&partial)
+            .map_err(io_err("opening", &partial))?;
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = file.read(&mut buf).map_err(io_err("reading", &partial))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            written += n as u64;
+        }
+        let mut writer = BlobWriter {
+            file,
+            hasher,
+            written,
+            size,
+            digest: digest.clone(),
+            partial,
+            complete: self.path(digest),
+            dir: self.blobs.clone(),
+        };
+        if written > size {
+            writer.restart()?;
+        }
+        Ok(writer)
+    }
+
+    /// Removes every blob and partial file whose digest is not in `keep`. Returns the removed
+    /// files' digests and the bytes freed.
+    pub fn gc(&self, keep: &HashSet<Digest>) -> Result<(Vec<Digest>, u64), StoreError> {
+        let mut removed = Vec::new();
+        let mut freed = 0;
+        let entries = fs::read_dir(&self.blobs).map_err(io_err("listing", &self.blobs))?;
+        for entry in entries {
+            let entry = entry.map_err(io_err("listing", &self.blobs))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let hex = name.strip_suffix(".partial").unwrap_or(name);
+            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
+            if keep.contains(&digest) {
+                continue;
+            }
+            let path = entry.path();
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&path).map_err(io_err("removing", &path))?;
+            freed += len;
+            removed.push(digest);
+        }
+        Ok((removed, freed))
+    }
+}
+
+/// A blob being written: every byte is hashed as it is appended to the partial file.
+pub struct BlobWriter {
+    file: File,
+    hasher: ring::digest::Context,
+    written: u64,
+    size: u64,
+    digest: Digest,
+    partial: PathBuf,
+    complete: PathBuf,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("digest", &self.digest)
+            .field("written", &self.written)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlobWriter {
+    /// How many bytes are already written: where the download resumes.
+    pub fn offset(&self) -> u64 {
+        self.written
+    }
+
+    /// Throws away what was written (the registry answered with the whole blob, not the rest).
+    pub fn restart(&mut self) -> Result<(), StoreError> {
+        self.file
+            .set_len(0)
+            .map_err(io_err("truncating", &self.partial))?;
+        self.hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        self.written = 0;
+        Ok(())
+    }
+
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.written + bytes.len() as u64 > self.size {
+            return Err(StoreError::TooLong {
+                digest: self.digest.clone(),
+                size: self.size,
+            });
+        }
+        self.file
+            .write_all(bytes)
+            .map_err(io_err("writing", &self.partial))?;
+        self.hasher.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Checks the digest; if it matches, makes the blob durable and moves it into place, else
+    /// removes the partial file.
+    pub fn finish(self) -> Result<PathBuf, StoreError> {
+        let actual = Digest::from_sha256(self.hasher.finish().as_ref());
+        if actual != self.digest {
+            let _ = fs::remove_file(&self.partial);
+            return Err(StoreError::DigestMismatch {
+                expected: self.digest,
+                actual,
+                bytes: self.written,
+            });
+        }
+        self.file
+            .sync_data()
+            .map_err(io_err("syncing", &self.partial))?;
+        fs::rename(&self.partial, &self.complete).map_err(io_err("renaming", &self.partial))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", &self.dir))?;
+        Ok(self.complete)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumes_verifies_and_collects() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data = vec![7u8; 100_000];
+        let digest = Digest::of(&data);
+
+        let mut w = store.begin(&digest, data.len() as u64).unwrap();
+        w.write(&data[..30_000]).unwrap();
+        drop(w); // a crash mid-download
+
+        let mut w = store.begin(&digest, data.len() as u64).unwrap();
+        assert_eq!(w.offset(), 30_000);
+        w.write(&data[30_000..]).unwrap();
+        assert!(w.write(b"x").is_err(), "longer than declared");
+        let path = w.finish().unwrap();
+        assert_eq!(fs::read(&path).unwrap(), data);
+        assert!(store.contains(&digest));
+
+        let other = Digest::of(b"other");
+        let mut w = store.begin(&other, 5).unwrap();
+        w.write(b"OTHER").unwrap();
+        assert!(matches!(w.finish(), Err(StoreError::DigestMismatch { .. })));
+        assert!(!store.contains(&other));
+
+        let mut w = store.begin(&other, 5).unwrap();
+        w.write(b"ot").unwrap();
+        drop(w);
+        let (removed, _) = store.gc(&HashSet::from([digest.clone()])).unwrap();
+        assert_eq!(removed, vec![other]);
+        assert!(store.contains(&digest));
+        let (removed, freed) = store.gc(&HashSet::new()).unwrap();
+        assert_eq!((removed, freed), (vec![digest], 100_000));
+    }
+}

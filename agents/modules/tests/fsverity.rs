@@ -1,0 +1,129 @@
+//! The userspace fs-verity digest against the real `fsverity digest` tool (fsverity-utils), for
+//! sizes around every block and tree-level boundary, fed whole and in odd-sized chunks.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use powernode_modules::fsverity::{self, Digest, Hasher, BLOCK_SIZE};
+
+/// What `fsverity digest` prints for `path`, or `None` when the tool is not installed.
+fn tool_digest(path: &Path) -> Option<Digest> {
+    let output = match Command::new("fsverity").arg("digest").arg(path).output() {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => panic!("running fsverity: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "fsverity digest failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8(output.stdout).expect("fsverity prints UTF-8");
+    let first = stdout
+        .split_whitespace()
+        .next()
+        .expect("fsverity printed a digest");
+    Some(Digest::parse(first).expect("fsverity printed sha256:<hex>"))
+}
+
+/// Deterministic, non-repeating content so that a block mix-up changes the digest.
+fn content(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ len as u64;
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn chunked(data: &[u8], chunk: usize) -> Digest {
+    let mut hasher = Hasher::new();
+    for piece in data.chunks(chunk) {
+        hasher.update(piece);
+    }
+    hasher.finish()
+}
+
+fn check_size(len: usize) -> bool {
+    let data = content(len);
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(&data).unwrap();
+    file.flush().unwrap();
+    let Some(expected) = tool_digest(file.path()) else {
+        println!("skipped: the fsverity tool (fsverity-utils) is not on PATH");
+        return false;
+    };
+    let whole = {
+        let mut hasher = Hasher::default();
+        hasher.update(&data);
+        hasher.finish()
+    };
+    assert_eq!(whole, expected, "size {len}, fed at once");
+    for chunk in [1, 7, BLOCK_SIZE, 65537] {
+        // Byte-at-a-time over tens of MiB proves nothing more than 7-byte chunks and is slow.
+        if chunk == 1 && len > 1 << 20 {
+            continue;
+        }
+        assert_eq!(
+            chunked(&data, chunk),
+            expected,
+            "size {len}, chunks of {chunk}"
+        );
+    }
+    assert_eq!(
+        fsverity::digest_file(file.path()).unwrap(),
+        expected,
+        "size {len}, digest_file"
+    );
+    true
+}
+
+#[test]
+fn matches_fsverity_tool_at_block_boundaries() {
+    for len in [
+        0,
+        1,
+        BLOCK_SIZE - 1,
+        BLOCK_SIZE,
+        BLOCK_SIZE + 1,
+        2 * BLOCK_SIZE,
+        128 * BLOCK_SIZE,
+        128 * BLOCK_SIZE + 1,
+        129 * BLOCK_SIZE,
+    ] {
+        if !check_size(len) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn matches_fsverity_tool_for_a_two_level_tree() {
+    // About 5 MiB: two tree levels, the upper one partial.
+    check_size(5 * 1024 * 1024 + 12345);
+}
+
+#[test]
+fn matches_fsverity_tool_for_a_three_level_tree() {
+    // 128 * 128 data blocks fill one level-1 block exactly; 5 more bytes need a third level.
+    check_size(128 * 128 * BLOCK_SIZE + 5);
+}
+
+#[test]
+fn matches_fsverity_tool_when_a_full_level_is_the_top() {
+    // Exactly 128 * 128 blocks: the level-1 block is full and is itself the top of the tree.
+    check_size(128 * 128 * BLOCK_SIZE);
+}
+
+#[test]
+fn display_is_what_the_tool_prints() {
+    let digest = Hasher::new().finish();
+    let text = digest.to_oci();
+    assert!(text.starts_with("sha256:") && text.len() == 71, "{text}");
+    assert_eq!(text.parse::<Digest>().unwrap(), digest);
+}

@@ -1,0 +1,177 @@
+//! Build, push, sign, resolve and pull a module against the real `docker-registry` server on
+//! loopback. Skips (saying so) without `docker-registry` or `mkfs.erofs`.
+
+#![cfg(feature = "testing")]
+
+use std::fs;
+use std::process::Command;
+
+use powernode_modules::cosign::{self, Policy, SigningKey};
+use powernode_modules::digest::Digest;
+use powernode_modules::format::{host_architecture, FormatError};
+use powernode_modules::package::{self, BuildOptions};
+use powernode_modules::registry::{Registry, RegistryConfig, RegistryError};
+use powernode_modules::store::Store;
+use powernode_modules::testing::TestRegistry;
+
+fn can_run() -> bool {
+    let ok = TestRegistry::available() && Command::new("mkfs.erofs").arg("--help").output().is_ok();
+    if !ok {
+        eprintln!("skipped: needs docker-registry and mkfs.erofs");
+    }
+    ok
+}
+
+fn options(arch: &str) -> BuildOptions {
+    BuildOptions {
+        name: "tools".into(),
+        version: "1.0".into(),
+        priority: 20,
+        architecture: arch.into(),
+        dependencies: vec![],
+        services: vec!["tools.service".into()],
+        health_check: None,
+    }
+}
+
+#[tokio::test]
+async fn build_push_sign_resolve_pull() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestRegistry::start(&dir.path().join("registry")).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(tree.join("bin")).unwrap();
+    fs::write(tree.join("bin/tool"), vec![b'x'; 100_000]).unwrap();
+    fs::write(tree.join("README"), "hello").unwrap();
+
+    let host = host_architecture();
+    let other = if host == "arm64" { "amd64" } else { "arm64" };
+    let built = package::build(&tree, &options(host), &dir.path().join("out")).unwrap();
+    let again = package::build(&tree, &options(host), &dir.path().join("out2")).unwrap();
+    assert_eq!(
+        built.image_digest, again.image_digest,
+        "builds are reproducible"
+    );
+    assert_eq!(built.module.files.len(), 2);
+    let built_other = package::build(&tree, &options(other), &dir.path().join("out")).unwrap();
+
+    let registry = Registry::new(RegistryConfig {
+        plain_http: vec![server.host.clone()],
+        ..RegistryConfig::default()
+    });
+    let repository = format!("{}/modules/tools", server.host);
+    let pushed = package::push(&registry, &repository, "1.0", &[built.clone(), built_other])
+        .await
+        .unwrap();
+    assert_eq!(pushed.manifests.len(), 2);
+
+    let key = SigningKey::generate().unwrap();
+    let signed = package::sign(&registry, &format!("{repository}:1.0"), &key)
+        .await
+        .unwrap();
+    assert_eq!(signed.len(), 3, "the index and both platform manifests");
+    // Signing again replaces the signature instead of piling up another.
+    let signed = package::sign(&registry, &format!("{repository}:1.0"), &key)
+        .await
+        .unwrap();
+    assert!(signed.iter().all(|s| s.signatures == 1), "{signed:?}");
+
+    let resolved = registry
+        .resolve(&format!("{repository}:1.0"), host)
+        .await
+        .unwrap();
+    assert_eq!(resolved.image.digest, built.image_digest);
+    assert_eq!(resolved.manifest_digest.to_string(), built.manifest_digest);
+    assert_eq!(resolved.module.name, "tools");
+    assert_eq!(
+        resolved.index_digest.unwrap().to_string(),
+        pushed.index_digest
+    );
+    let by_digest = registry
+        .resolve(&format!("{repository}@{}", pushed.index_digest), host)
+        .await
+        .unwrap();
+    assert_eq!(by_digest.manifest_digest, resolved.manifest_digest);
+
+    let signatures = registry
+        .signatures(&resolved.repository, &resolved.manifest_digest)
+        .await
+        .unwrap();
+    assert_eq!(signatures.len(), 1);
+    let policy = Policy {
+        keys: vec![key.public_key().clone()],
+        keyless: None,
+        require_signature: true,
+    };
+    cosign::verify(
+        &policy,
+        &resolved.repository,
+        &resolved.manifest_digest.to_string(),
+        &signatures,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let mut seen = Vec::new();
+    let path = registry
+        .pull_blob(
+            &resolved.repository,
+            &resolved.image,
+            &store,
+            &mut |d, t| seen.push((d, t)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(fs::read(&path).unwrap(), fs::read(&built.image).unwrap());
+    assert_eq!(
+        seen.last(),
+        Some(&(resolved.image.size, resolved.image.size))
+    );
+
+    // Another architecture only: refused with what the module has.
+    let err = registry
+        .resolve(&format!("{repository}:1.0"), "riscv64")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Format(FormatError::NoPlatform { .. })),
+        "{err}"
+    );
+    // Unknown tag: not found, not retried.
+    let err = registry
+        .resolve(&format!("{repository}:nope"), host)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
+    assert!(!err.is_transient());
+
+    // A tampered blob in the registry's storage: the pull fails on the digest, nothing stored.
+    let digest = Digest::parse(&built.image_digest).unwrap();
+    let blob = server.blob_file(digest.hex());
+    let mut data = fs::read(&blob).unwrap();
+    data[0] ^= 1;
+    fs::write(&blob, data).unwrap();
+    let store2 = Store::open(&dir.path().join("store2")).unwrap();
+    let err = registry
+        .pull_blob(
+            &resolved.repository,
+            &resolved.image,
+            &store2,
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("arrived with digest"), "{err}");
+    assert!(!store2.contains(&digest));
+
+    // Registry down: a transient error.
+    server.stop();
+    let err = registry
+        .resolve(&format!("{repository}:1.0"), host)
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+}

@@ -1,0 +1,371 @@
+//! What a starting mountmgr does with what an earlier run left: after a clean stop, a
+//! `kill -9` at any instant, or a reboot.
+//!
+//! Per target it looks at three things — the persisted [`Record`], where `current` points,
+//! and the real mount table — and [`decide`]s:
+//!
+//! | record                          | `current` | that slot fully mounted as recorded | decision          |
+//! |---------------------------------|-----------|-------------------------------------|-------------------|
+//! | none (or corrupt)               | any       | any                                 | clean             |
+//! | applied X                       | X's slot  | yes                                 | adopt X           |
+//! | applied X                       | other/none| —                                   | rebuild X         |
+//! | applied X                       | X's slot  | no                                  | rebuild X         |
+//! | applied X, switching to Y       | Y's slot  | yes                                 | adopt Y (renamed) |
+//! | applied X, switching to Y       | X's slot  | yes                                 | adopt X (not yet) |
+//! | applied none, switching to Y    | none      | —                                   | clean             |
+//!
+//! *Adopt* keeps that slot's mounts as they are (it is never mounted a second time) and
+//! unmounts everything else under the target, deepest first. *Rebuild* unmounts everything and
+//! builds the stack again (the reboot case: nothing is mounted, `run/` is empty) if its images
+//! still exist. *Clean* unmounts everything and forgets the target. Loop devices the record
+//! lists and no kept mount uses are released.
+
+use std::path::Path;
+
+use powernode_types::{MountConfig, Slot};
+
+use crate::current;
+use crate::layout::{self, Layout};
+use crate::mountinfo::{self, MountEntry};
+use crate::record::{AppliedStack, LoopRecord, Record, RecordError, RecordStore};
+use crate::stack::{self, StackError};
+use crate::sys::loopdev;
+
+/// What to do with one target at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// This stack, in its slot, is the active stack: keep it, clean the rest.
+    Adopt(AppliedStack),
+    /// Nothing usable is mounted: clean everything, then build this stack again.
+    Rebuild(AppliedStack),
+    /// Nothing should be mounted: clean everything and forget the target.
+    Clean,
+}
+
+/// Decides from the record, the slot `current` names and `mounted` (whether a stack is fully
+/// mounted in its slot exactly as recorded). See the module table.
+pub fn decide(
+    record: Option<&Record>,
+    current: Option<Slot>,
+    mounted: impl Fn(&AppliedStack) -> bool,
+) -> Decision {
+    let Some(record) = record else {
+        return Decision::Clean;
+    };
+    // With a switch recorded, `current` naming the new slot is the proof the rename happened.
+    let intended = match (&record.switching_to, current) {
+        (Some(to), Some(slot)) if to.slot == slot => Some(to),
+        _ => record.applied.as_ref(),
+    };
+    match intended {
+        None => Decision::Clean,
+        Some(stack) if current == Some(stack.slot) && mounted(stack) => {
+            Decision::Adopt(stack.clone())
+        }
+        Some(stack) => Decision::Rebuild(stack.clone()),
+    }
+}
+
+/// The outcome of recovering one target.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The record as it is now on disk (`None`: the target is forgotten).
+    pub record: Option<Record>,
+    /// The stack adopted as active.
+    pub active: Option<AppliedStack>,
+    /// A stack to build again (its images exist).
+    pub rebuild: Option<MountConfig>,
+    /// Problems to report (corrupt record, failed unmounts); recovery went on regardless.
+    pub problems: Vec<String>,
+}
+
+/// Recovers `target`: loads its record, decides, and carries the decision out.
+pub fn recover_target(
+    layout: &Layout,
+    store: &RecordStore,
+    target: &str,
+) -> Result<Recovered, StackError> {
+    let mut problems = Vec::new();
+    let record = match store.load(target) {
+        Ok(record) => record,
+        Err(e @ RecordError::Corrupt { .. }) => {
+            problems.push(e.to_string());
+            None
+        }
+        Err(e) => {
+            problems.push(format!("reading the record: {e}"));
+            None
+        }
+    };
+    let target_dir = layout.target_dir(target);
+    let entries = mountinfo::read()?;
+    let current_slot = current::read(&target_dir);
+    let loops = record.as_ref().map(|r| r.loops.clone()).unwrap_or_default();
+    let decision = decide(record.as_ref(), current_slot, |stack| {
+        is_mounted(layout, stack, &entries, &loops)
+    });
+    tracing::info!(target, ?current_slot, decision = %summary(&decision), "recovering");
+    match decision {
+        Decision::Adopt(stack) => {
+            let keep = layout.slot_dir(target, stack.slot);
+            if let Err(e) = stack::unmount_under(&target_dir, Some(&keep)) {
+                problems.push(format!("unmounting leftovers: {e}"));
+            }
+            if let Err(e) = stack::remove_tree(&layout.slot_dir(target, layout::other(stack.slot)))
+            {
+                problems.push(format!("removing the inactive slot: {e}"));
+            }
+            if let Err(e) = current::remove_stale_tmp(&target_dir) {
+                problems.push(format!("removing a stale current.tmp: {e}"));
+            }
+            let kept_loops = release_loops(&loops, Some(stack.slot));
+            let mut new = record.unwrap_or_else(|| Record::new(target));
+            new.applied = Some(stack.clone());
+            new.switching_to = None;
+            new.loops = kept_loops;
+            let record = save(store, new, &mut problems);
+            Ok(Recovered {
+                record: Some(record),
+                active: Some(stack),
+                rebuild: None,
+                problems,
+            })
+        }
+        Decision::Rebuild(stack) => {
+            clean_target(layout, target, &mut problems);
+            release_loops(&loops, None);
+            let mut new = record.unwrap_or_else(|| Record::new(target));
+            // `applied` stays: until a new stack is switched to, it is what should be mounted,
+            // and a crash before then must try again.
+            new.applied = Some(stack.clone());
+            new.switching_to = None;
+            new.loops.clear();
+            let record = save(store, new, &mut problems);
+            let missing: Vec<String> = stack
+                .config
+                .layers
+                .iter()
+                .filter(|l| !image_exists(layout.root(), &l.image_path))
+                .map(|l| l.name.clone())
+                .collect();
+            let rebuild = if missing.is_empty() {
+                Some(stack.config)
+            } else {
+                tracing::info!(target, missing = ?missing, "images of the applied stack are gone; waiting for MountConfig");
+                None
+            };
+            Ok(Recovered {
+                record: Some(record),
+                active: None,
+                rebuild,
+                problems,
+            })
+        }
+        Decision::Clean => {
+            clean_target(layout, target, &mut problems);
+            release_loops(&loops, None);
+            if let Err(e) = stack::remove_tree(&target_dir) {
+                problems.push(format!("removing {}: {e}", target_dir.display()));
+            }
+            if let Err(e) = store.remove(target) {
+                problems.push(format!("removing the record: {e}"));
+            }
+            Ok(Recovered {
+                record: None,
+                active: None,
+                rebuild: None,
+                problems,
+            })
+        }
+    }
+}
+
+/// For the log: the decision without its payload.
+fn summary(decision: &Decision) -> String {
+    match decision {
+        Decision::Adopt(s) => format!(
+            "adopt slot {} (generation {})",
+            layout::slot_name(s.slot),
+            s.config.generation
+        ),
+        Decision::Rebuild(s) => format!("rebuild generation {}", s.config.generation),
+        Decision::Clean => "clean".to_owned(),
+    }
+}
+
+fn is_mounted(
+    layout: &Layout,
+    stack: &AppliedStack,
+    entries: &[MountEntry],
+    loops: &[LoopRecord],
+) -> bool {
+    let plan = match stack::plan(layout, &stack.config, stack.slot) {
+        Ok(plan) => plan,
+        Err(e) => {
+            tracing::info!(target = %stack.config.target, error = %e, "recorded stack no longer plans");
+            return false;
+        }
+    };
+    match stack::verify_mounted(&plan, entries, loops) {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::info!(target = %stack.config.target, slot = ?stack.slot, %why, "recorded stack is not fully mounted");
+            false
+        }
+    }
+}
+
+/// Unmounts everything of `target` and removes `current` and both slots; keeps the target
+/// directory and the record.
+fn clean_target(layout: &Layout, target: &str, problems: &mut Vec<String>) {
+    let target_dir = layout.target_dir(target);
+    // `current` goes first, so nothing new enters a stack that is being taken down.
+    if let Err(e) = current::remove(&target_dir) {
+        problems.push(format!("removing current: {e}"));
+    }
+    if let Err(e) = stack::unmount_under(&target_dir, None) {
+        problems.push(format!("unmounting: {e}"));
+    }
+    for slot in [Slot::A, Slot::B] {
+        if let Err(e) = stack::remove_tree(&layout.slot_dir(target, slot)) {
+            problems.push(format!("removing slot {}: {e}", layout::slot_name(slot)));
+        }
+    }
+}
+
+/// Releases the recorded loop devices except those of `keep`; returns the ones kept.
+pub fn release_loops(loops: &[LoopRecord], keep: Option<Slot>) -> Vec<LoopRecord> {
+    let mut kept = Vec::new();
+    for l in loops {
+        if Some(l.slot) == keep {
+            kept.push(l.clone());
+            continue;
+        }
+        match loopdev::release_if_bound_to(&l.device, &l.image) {
+            Ok(true) => tracing::info!(device = %l.device.display(), "released a loop device"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(device = %l.device.display(), error = %e, "could not release a loop device")
+            }
+        }
+    }
+    kept
+}
+
+fn image_exists(root: &Path, image_path: &str) -> bool {
+    let path = Path::new(image_path);
+    if path.is_absolute() {
+        path.is_file()
+    } else {
+        root.join(path).is_file()
+    }
+}
+
+fn save(store: &RecordStore, record: Record, problems: &mut Vec<String>) -> Record {
+    if let Err(e) = store.save(&record) {
+        problems.push(format!("saving the record: {e}"));
+    }
+    record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powernode_types::UpperMode;
+
+    fn stack(slot: Slot, generation: u64) -> AppliedStack {
+        AppliedStack {
+            slot,
+            config: MountConfig {
+                target: "app".into(),
+                generation,
+                layers: Vec::new(),
+                upper: UpperMode::Tmpfs,
+            },
+        }
+    }
+
+    fn record(applied: Option<AppliedStack>, switching_to: Option<AppliedStack>) -> Option<Record> {
+        Some(Record {
+            applied,
+            switching_to,
+            ..Record::new("app")
+        })
+    }
+
+    #[test]
+    fn decision_table() {
+        let a1 = stack(Slot::A, 1);
+        let b2 = stack(Slot::B, 2);
+        let all = |_: &AppliedStack| true;
+        let none = |_: &AppliedStack| false;
+        let only_a = |s: &AppliedStack| s.slot == Slot::A;
+        type Row<'a> = (
+            Option<Record>,
+            Option<Slot>,
+            &'a dyn Fn(&AppliedStack) -> bool,
+            Decision,
+        );
+        let rows: Vec<Row> = vec![
+            // No record: nothing is trusted.
+            (None, Some(Slot::A), &all, Decision::Clean),
+            (None, None, &none, Decision::Clean),
+            // Steady state: adopt.
+            (
+                record(Some(a1.clone()), None),
+                Some(Slot::A),
+                &all,
+                Decision::Adopt(a1.clone()),
+            ),
+            // Reboot: nothing mounted, no current.
+            (
+                record(Some(a1.clone()), None),
+                None,
+                &none,
+                Decision::Rebuild(a1.clone()),
+            ),
+            // current there but the slot is incomplete.
+            (
+                record(Some(a1.clone()), None),
+                Some(Slot::A),
+                &none,
+                Decision::Rebuild(a1.clone()),
+            ),
+            // Killed after recording the intent, before the rename.
+            (
+                record(Some(a1.clone()), Some(b2.clone())),
+                Some(Slot::A),
+                &all,
+                Decision::Adopt(a1.clone()),
+            ),
+            // Killed after the rename, before recording the result.
+            (
+                record(Some(a1.clone()), Some(b2.clone())),
+                Some(Slot::B),
+                &all,
+                Decision::Adopt(b2.clone()),
+            ),
+            // Renamed, but the new slot is not complete (reboot in the window): rebuild it.
+            (
+                record(Some(a1.clone()), Some(b2.clone())),
+                Some(Slot::B),
+                &only_a,
+                Decision::Rebuild(b2.clone()),
+            ),
+            // First stack ever, killed before the rename.
+            (record(None, Some(b2.clone())), None, &all, Decision::Clean),
+            // First stack ever, killed after the rename.
+            (
+                record(None, Some(b2.clone())),
+                Some(Slot::B),
+                &all,
+                Decision::Adopt(b2.clone()),
+            ),
+            // Torn down on request (applied none).
+            (record(None, None), Some(Slot::A), &all, Decision::Clean),
+        ];
+        for (i, (rec, current, mounted, want)) in rows.into_iter().enumerate() {
+            assert_eq!(decide(rec.as_ref(), current, mounted), want, "row {i}");
+        }
+    }
+}

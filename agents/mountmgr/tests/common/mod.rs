@@ -1,0 +1,295 @@
+//! Shared helpers of mountmgr's integration tests: a sandbox root that unmounts whatever is
+//! left under it when dropped, real erofs images made with `mkfs.erofs`, the agent run
+//! in-process, and waiting for `MountStatus`.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use agentbase::{Context, Root, Settings};
+use mountmgr::mountinfo::{self, MountEntry};
+use powernode_pubsub::{Dirs, Publication, Subscription};
+use powernode_types::{
+    HealthCheck, MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode,
+};
+
+/// How long a test waits for the agent to answer.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// The target every test uses.
+pub const TARGET: &str = "app";
+
+/// Whether the test can run; prints the skip message when not.
+pub fn root_or_skip() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        true
+    } else {
+        eprintln!("skipped: needs root");
+        false
+    }
+}
+
+/// A temporary root. Dropping it lazily unmounts every mount below it (deepest first), even
+/// when the test failed, then removes it.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    /// The canonical root path (what mountinfo shows).
+    pub root: PathBuf,
+}
+
+impl Sandbox {
+    /// A fresh sandbox with an image store.
+    pub fn new() -> Sandbox {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("store")).unwrap();
+        Sandbox { dir, root }
+    }
+
+    /// The pubsub directories of the sandbox.
+    pub fn dirs(&self) -> Dirs {
+        Dirs::under_root(&self.root)
+    }
+
+    /// An erofs image named `name` holding `files` (path, contents), made with mkfs.erofs.
+    pub fn image(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let src = self.root.join("src").join(name);
+        std::fs::create_dir_all(&src).unwrap();
+        for (path, contents) in files {
+            let path = src.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, contents).unwrap();
+        }
+        let image = self.root.join("store").join(format!("{name}.erofs"));
+        let out = Command::new("mkfs.erofs")
+            .arg(&image)
+            .arg(&src)
+            .output()
+            .expect("mkfs.erofs (erofs-utils) must be installed");
+        assert!(
+            out.status.success(),
+            "mkfs.erofs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        image
+    }
+
+    /// A file of random bytes posing as an image.
+    pub fn garbage_image(&self, name: &str) -> PathBuf {
+        let image = self.root.join("store").join(format!("{name}.erofs"));
+        let mut bytes = vec![0u8; 64 * 1024];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for b in bytes.iter_mut() {
+            // xorshift: random enough to be no filesystem, no dependency needed.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        std::fs::write(&image, bytes).unwrap();
+        image
+    }
+
+    /// `run/powernode/mounts/<target>`.
+    pub fn target_dir(&self) -> PathBuf {
+        self.root.join("run/powernode/mounts").join(TARGET)
+    }
+
+    /// `current` of the test target.
+    pub fn current(&self) -> PathBuf {
+        self.target_dir().join("current")
+    }
+
+    /// What `current` points to (`A/merged`, …), if it exists.
+    pub fn current_link(&self) -> Option<PathBuf> {
+        std::fs::read_link(self.current()).ok()
+    }
+
+    /// Mounts below `dir`, in mount order.
+    pub fn mounts_under(&self, dir: &Path) -> Vec<MountEntry> {
+        let entries = mountinfo::read().unwrap();
+        mountinfo::under(&entries, dir)
+            .into_iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Mounts below a slot of the test target.
+    pub fn slot_mounts(&self, slot: &str) -> Vec<MountEntry> {
+        self.mounts_under(&self.target_dir().join(slot))
+    }
+
+    /// Reads a file through `current`.
+    pub fn read(&self, path: &str) -> Option<String> {
+        std::fs::read_to_string(self.current().join(path)).ok()
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let Ok(entries) = mountinfo::read() else {
+            return;
+        };
+        let below = mountinfo::under(&entries, &self.root);
+        for entry in mountinfo::unmount_order(&below) {
+            let _ = nix::mount::umount2(&entry.mount_point, nix::mount::MntFlags::MNT_DETACH);
+        }
+        // `dir` (the TempDir) is dropped after this, removing the now unmounted tree.
+    }
+}
+
+/// A layer of `image` called `name` at `priority`.
+pub fn layer(name: &str, image: &Path, priority: u32) -> MountLayer {
+    MountLayer {
+        name: name.to_owned(),
+        image_path: image.display().to_string(),
+        digest: format!(
+            "sha256:{name}-{}",
+            image.file_name().unwrap().to_string_lossy()
+        ),
+        priority,
+        health_check: None,
+    }
+}
+
+/// `layer` with a health check.
+pub fn checked(mut layer: MountLayer, command: &[&str], timeout_s: u32) -> MountLayer {
+    layer.health_check = Some(HealthCheck {
+        command: command.iter().map(|s| (*s).to_owned()).collect(),
+        timeout_s,
+    });
+    layer
+}
+
+/// A config of the test target.
+pub fn config(generation: u64, layers: Vec<MountLayer>) -> MountConfig {
+    MountConfig {
+        target: TARGET.to_owned(),
+        generation,
+        layers,
+        upper: UpperMode::Tmpfs,
+    }
+}
+
+/// The agent running in-process.
+pub struct Agent {
+    /// Its context (cancel `shutdown` to stop it).
+    pub ctx: Context,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Agent {
+    /// Starts `mountmgr::run` on `root`; returns once it has recovered (is ready).
+    pub async fn start(root: &Path) -> Agent {
+        let ctx = Context::new("mountmgr", Root::new(root), Settings::default()).unwrap();
+        let handle = tokio::spawn(mountmgr::run(ctx.clone()));
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !ctx.is_ready() {
+            assert!(!handle.is_finished(), "mountmgr ended before it was ready");
+            assert!(tokio::time::Instant::now() < deadline, "mountmgr not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Agent { ctx, handle }
+    }
+
+    /// Stops it (as SIGTERM would) and checks it ended cleanly.
+    pub async fn stop(self) {
+        self.ctx.shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, self.handle)
+            .await
+            .expect("mountmgr did not stop");
+        result.unwrap().unwrap();
+    }
+}
+
+/// The publisher of `MountConfig`, as modulemgr.
+pub fn config_publisher(sandbox: &Sandbox) -> Publication<MountConfig> {
+    Publication::<MountConfig>::open(&sandbox.dirs(), "modulemgr").unwrap()
+}
+
+/// A subscription to `mountmgr/MountStatus`.
+pub fn status_subscription(sandbox: &Sandbox) -> Subscription<MountStatus> {
+    Subscription::<MountStatus>::connect(&sandbox.dirs(), "mountmgr")
+}
+
+/// Waits until the test target's status satisfies `pred`; returns it.
+pub async fn wait_status(
+    sub: &mut Subscription<MountStatus>,
+    what: &str,
+    pred: impl Fn(&MountStatus) -> bool,
+) -> MountStatus {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = sub.get(TARGET) {
+            if pred(status) {
+                return status.clone();
+            }
+        }
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(_) => {}
+            Err(_) => panic!(
+                "timed out waiting for {what}; last status {:?}",
+                sub.get(TARGET)
+            ),
+        }
+    }
+}
+
+/// Waits for generation `generation` to be answered with `state`.
+pub async fn wait_answer(
+    sub: &mut Subscription<MountStatus>,
+    generation: u64,
+    state: MountState,
+) -> MountStatus {
+    wait_status(sub, &format!("generation {generation} {state:?}"), |s| {
+        s.generation == generation && s.state == state
+    })
+    .await
+}
+
+/// Waits until the test target has no status.
+pub async fn wait_no_status(sub: &mut Subscription<MountStatus>) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while sub.get(TARGET).is_some() {
+        if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
+            panic!("status still there: {:?}", sub.get(TARGET));
+        }
+    }
+}
+
+/// Checks that exactly one complete stack is mounted for the test target, in `slot`, with
+/// `layers` erofs mounts, its tmpfs and its overlay, each mount point once, and that
+/// `current` names it.
+pub fn assert_one_stack(sandbox: &Sandbox, slot: Slot, layers: usize) {
+    let name = match slot {
+        Slot::A => "A",
+        Slot::B => "B",
+    };
+    let other = if name == "A" { "B" } else { "A" };
+    let all = sandbox.mounts_under(&sandbox.target_dir());
+    let mine = sandbox.slot_mounts(name);
+    assert_eq!(
+        all.len(),
+        mine.len(),
+        "mounts outside slot {name}: {all:#?}"
+    );
+    assert!(sandbox.slot_mounts(other).is_empty());
+    let count = |fs: &str| mine.iter().filter(|e| e.fs_type == fs).count();
+    assert_eq!(count("erofs"), layers, "{mine:#?}");
+    assert_eq!(count("tmpfs"), 1, "{mine:#?}");
+    assert_eq!(count("overlay"), 1, "{mine:#?}");
+    assert_eq!(mine.len(), layers + 2, "{mine:#?}");
+    let mut points: Vec<&PathBuf> = mine.iter().map(|e| &e.mount_point).collect();
+    points.sort();
+    points.dedup();
+    assert_eq!(
+        points.len(),
+        mine.len(),
+        "a mount point is mounted twice: {mine:#?}"
+    );
+    assert_eq!(
+        sandbox.current_link(),
+        Some(PathBuf::from(format!("{name}/merged")))
+    );
+}

@@ -1,0 +1,227 @@
+//! The real binary killed with SIGKILL in the middle of a switch, then restarted.
+//! Needs root and `target/debug/powernode-agent` (built here if possible, else skipped).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use powernode_pubsub::Subscription;
+use powernode_types::{AgentState, AgentStatus, MountState, Slot};
+
+/// The multi-call binary, freshly built; `None` (with the reason printed) if it cannot be had.
+fn agent_binary() -> Option<PathBuf> {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let binary = target_dir.join("debug/powernode-agent");
+    // Always ask cargo: a no-op when fresh, and a stale binary would test old code.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo)
+        .args(["build", "--quiet", "-p", "powernode-agent"])
+        .current_dir(&workspace)
+        .stdin(Stdio::null())
+        .spawn();
+    let built = match &mut build {
+        Ok(child) => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(900);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break status.success(),
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(200))
+                    }
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break false;
+                    }
+                }
+            }
+        }
+        Err(_) => false,
+    };
+    match (built, binary.is_file()) {
+        (true, true) => Some(binary),
+        (false, true) => {
+            eprintln!(
+                "warning: `cargo build -p powernode-agent` failed; using the existing binary"
+            );
+            Some(binary)
+        }
+        (_, false) => {
+            eprintln!(
+                "skipped: {} is missing and could not be built",
+                binary.display()
+            );
+            None
+        }
+    }
+}
+
+/// The agent process; killed with SIGKILL if the test ends while it runs.
+struct Process {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn start(binary: &Path, sandbox: &Sandbox) -> Process {
+        let log_path = sandbox.root.join("mountmgr.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .unwrap();
+        let child = Command::new(binary)
+            .args(["run", "mountmgr", "--root"])
+            .arg(&sandbox.root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Process {
+            child,
+            log: log_path,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            eprintln!("--- mountmgr log ---\n{log}");
+        }
+    }
+}
+
+/// Waits until the agent process `pid` says it is serving (it has recovered).
+async fn wait_ready(sandbox: &Sandbox, pid: u32) {
+    let mut health = Subscription::<AgentStatus>::connect(&sandbox.dirs(), "mountmgr");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(s) = health.get("mountmgr") {
+            if s.pid == pid && matches!(s.state, AgentState::Running | AgentState::Degraded) {
+                return;
+            }
+        }
+        if tokio::time::timeout_at(deadline, health.next())
+            .await
+            .is_err()
+        {
+            panic!("agent {pid} not ready: {:?}", health.get("mountmgr"));
+        }
+    }
+}
+
+/// Waits until slot B's overlay is mounted (the new stack is built and being checked).
+async fn wait_b_built(sandbox: &Sandbox) {
+    let merged = sandbox.target_dir().join("B/merged");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !sandbox
+        .slot_mounts("B")
+        .iter()
+        .any(|m| m.mount_point == merged && m.fs_type == "overlay")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "slot B never built");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
+    if !root_or_skip() {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    let low = sandbox.image("low", &[("a.txt", "a")]);
+    let high = sandbox.image("high", &[("b.txt", "b")]);
+    let gate = sandbox.root.join("gate");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(&binary, &sandbox);
+
+    configs
+        .publish(&config(1, vec![layer("low", &low, 1)]))
+        .unwrap();
+    wait_answer(&mut status, 1, MountState::Mounted).await;
+    assert_one_stack(&sandbox, Slot::A, 1);
+
+    // Generation 2's health check waits for the gate: the agent is killed while it checks.
+    let wait_for_gate = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
+    let checked_high = checked(
+        layer("high", &high, 2),
+        &["/bin/sh", "-c", &wait_for_gate],
+        60,
+    );
+    configs
+        .publish(&config(2, vec![layer("low", &low, 1), checked_high]))
+        .unwrap();
+    wait_answer(&mut status, 2, MountState::Mounting).await;
+    wait_b_built(&sandbox).await;
+    process.kill9();
+
+    // At the instant of the kill: the old stack is whole and current, B is half-switched.
+    assert_eq!(sandbox.current_link(), Some(PathBuf::from("A/merged")));
+    assert_eq!(sandbox.slot_mounts("A").len(), 3);
+    assert_eq!(sandbox.slot_mounts("B").len(), 4, "B was built when killed");
+
+    // Restart with modulemgr away, so the recovery alone is observed.
+    drop(configs);
+    let process = Process::start(&binary, &sandbox);
+    wait_ready(&sandbox, process.pid()).await;
+    assert_one_stack(&sandbox, Slot::A, 1);
+    let s = wait_answer(&mut status, 1, MountState::Mounted).await;
+    assert_eq!(s.slot, Some(Slot::A));
+    assert_eq!(sandbox.read("a.txt").as_deref(), Some("a"));
+    let log = std::fs::read_to_string(sandbox.root.join("mountmgr.log")).unwrap();
+    assert!(log.contains("adopt slot A (generation 1)"), "{log}");
+
+    // modulemgr back (its checkpoint still holds generation 2): converges to B.
+    std::fs::write(&gate, b"").unwrap();
+    let _configs = config_publisher(&sandbox);
+    let s = wait_answer(&mut status, 2, MountState::Mounted).await;
+    assert_eq!(s.slot, Some(Slot::B));
+    assert_one_stack(&sandbox, Slot::B, 2);
+
+    // SIGTERM: exit 0, the active stack stays.
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+    assert_one_stack(&sandbox, Slot::B, 2);
+}
