@@ -4,6 +4,9 @@
 //! ```text
 //! powernode-agent [--root DIR] status [--json]
 //! powernode-agent [--root DIR] wait <agent>/<Topic> [--key K] [--field F=V]... [--timeout S]
+//! powernode-agent [--root DIR] attach REF [--name N] [--priority P] [--no-wait] [--json]
+//! powernode-agent [--root DIR] detach NAME
+//! powernode-agent [--root DIR] verify REF|BUILT [--policy NAME] [--json]
 //! powernode-agent version [--json]
 //! powernode-agent [--root DIR] run <program> [ARGS]...
 //! ```
@@ -11,6 +14,7 @@
 //! Exit status: 0 ok, 1 failure (for `wait`: timed out), 2 usage error.
 
 pub mod field;
+pub mod modules;
 pub mod output;
 pub mod status;
 pub mod wait;
@@ -91,6 +95,51 @@ enum Command {
     /// satisfied from their checkpoint files before their publisher is up. On timeout, exits 1
     /// saying what it last saw.
     Wait(WaitArgs),
+    /// Attach a module locally (without a controller) and follow it until it is active.
+    ///
+    /// Writes etc/powernode/modules.d/<name>.toml, which modulemgr reads: the module is
+    /// pulled, verified against the trust policy and stacked. Progress goes to stderr. Exits 0
+    /// once it is Active, 1 if it Failed (the reason is printed) or the wait timed out.
+    Attach {
+        /// The module, as registry/repository:tag or registry/repository@sha256:….
+        reference: String,
+        /// Its name (default: the last part of the repository).
+        #[arg(long)]
+        name: Option<String>,
+        /// Its stacking priority: higher is stacked above lower.
+        #[arg(long, default_value = "50")]
+        priority: u32,
+        /// Return once the assignment is written.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after S seconds.
+        #[arg(long, value_name = "S", default_value = "300", value_parser = parse_seconds)]
+        timeout: Duration,
+        /// Print the final ModuleStatus as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach a locally attached module: modulemgr takes it out of the stack.
+    Detach {
+        /// The module's name.
+        name: String,
+    },
+    /// Run the verifier's checks on a module, without mounting it.
+    ///
+    /// TARGET is a registry reference (pulled into a temporary directory; digest, fs-verity
+    /// and signature are checked) or a module built by `powernode-controller module build`
+    /// (any of its files; digest and fs-verity are checked, and the policy decides whether
+    /// the missing signature is acceptable). Exits 0 if it passes, 1 if not.
+    Verify {
+        /// The module.
+        target: String,
+        /// The trust policy (default: modules.trust_policy from the settings).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version, git commit and compiler of this binary.
     Version {
         /// Print JSON instead of text.
@@ -163,6 +212,30 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
         .context("writing to stdout")
         .map(|()| Exit::Success),
         Command::Run { command } => return start(host, cli.root, command),
+        Command::Attach {
+            reference,
+            name,
+            priority,
+            no_wait,
+            timeout,
+            json,
+        } => tool::block_on(modules::attach(
+            &root,
+            &reference,
+            name,
+            priority,
+            (!no_wait).then_some(timeout),
+            json,
+        )),
+        Command::Detach { name } => tool::block_on(modules::detach(&root, &name)),
+        Command::Verify {
+            target,
+            policy,
+            json,
+        } => tool::block_on(async {
+            let settings = agentbase::Settings::load(&root)?;
+            modules::verify(&root, &settings, &target, policy.as_deref(), json).await
+        }),
     };
     tool::finish(NAME, outcome)
 }

@@ -21,6 +21,8 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
                 Value::Object(object)
             }).collect::<Vec<_>>(),
             "publishers_down": report.publishers_down(),
+            "modules": report.modules,
+            "mounts": report.mounts,
         });
         return writeln!(out, "{doc}");
     }
@@ -63,6 +65,49 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
         .collect();
     table(out, &["PUBLICATION", "ITEMS", "PUBLISHER"], &rows)?;
 
+    if !report.modules.is_empty() {
+        writeln!(out, "\nmodules:")?;
+        let rows: Vec<Vec<String>> = report.modules.iter().map(module_cells).collect();
+        table(
+            out,
+            &["MODULE", "STATE", "PROGRESS", "DIGEST", "DETAIL"],
+            &rows,
+        )?;
+    }
+    if !report.mounts.is_empty() {
+        writeln!(out, "\nmounts:")?;
+        let rows: Vec<Vec<String>> = report
+            .mounts
+            .iter()
+            .map(|m| {
+                vec![
+                    m.target.clone(),
+                    m.generation.to_string(),
+                    format!("{:?}", m.state),
+                    m.slot.map_or("-".to_owned(), |s| format!("{s:?}")),
+                    m.layers
+                        .iter()
+                        .map(|d| short_digest(d))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    m.error.as_deref().unwrap_or("-").replace('\n', " "),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                "TARGET",
+                "GEN",
+                "STATE",
+                "SLOT",
+                "LAYERS (bottom first)",
+                "ERROR",
+            ],
+            &rows,
+        )?;
+    }
+
     let down = report.publishers_down();
     if down > 0 {
         writeln!(
@@ -73,6 +118,48 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
         )?;
     }
     Ok(())
+}
+
+/// `sha256:0123456789ab` from a full digest.
+fn short_digest(digest: &str) -> String {
+    digest.chars().take("sha256:".len() + 12).collect()
+}
+
+/// A module's row: state, download progress, digest, error or reference.
+fn module_cells(m: &powernode_types::ModuleStatus) -> Vec<String> {
+    let progress = match m.bytes_total {
+        Some(total) if total > 0 => format!(
+            "{:.0}% of {}",
+            m.bytes_done as f64 * 100.0 / total as f64,
+            bytes(total)
+        ),
+        _ => "-".to_owned(),
+    };
+    vec![
+        m.name.clone(),
+        format!("{:?}", m.state),
+        progress,
+        m.digest.as_deref().map_or("-".to_owned(), short_digest),
+        m.error
+            .as_deref()
+            .map_or_else(|| m.reference.clone(), |e| e.replace('\n', " ")),
+    ]
+}
+
+/// A byte count in the largest binary unit that keeps it ≥ 1.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// An agent's row: state, pid, uptime, time since its last loop, last error.
@@ -244,6 +331,8 @@ mod tests {
                 health("alpha", true, None),
                 health("beta", up, Some("boom")),
             ],
+            modules: vec![],
+            mounts: vec![],
         }
     }
 
@@ -287,12 +376,66 @@ mod tests {
     }
 
     #[test]
+    fn modules_and_mounts_get_their_tables() {
+        use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus, Slot};
+        let mut r = report(true);
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        r.modules = vec![
+            ModuleStatus {
+                name: "tools".into(),
+                reference: "reg/m/tools:1".into(),
+                state: ModuleState::Downloading,
+                digest: Some(digest.clone()),
+                bytes_done: 1 << 20,
+                bytes_total: Some(4 << 20),
+                error: None,
+            },
+            ModuleStatus {
+                name: "bad".into(),
+                reference: "reg/m/bad:1".into(),
+                state: ModuleState::Failed,
+                digest: None,
+                bytes_done: 0,
+                bytes_total: None,
+                error: Some("verification failed: signature".into()),
+            },
+        ];
+        r.mounts = vec![MountStatus {
+            target: "modules".into(),
+            generation: 3,
+            state: MountState::Mounted,
+            slot: Some(Slot::B),
+            layers: vec![digest],
+            error: None,
+        }];
+        let out = text(|o| status(o, &r, Format::Text));
+        assert!(
+            out.ends_with(
+                "modules:\n\
+                 MODULE  STATE        PROGRESS        DIGEST               DETAIL\n\
+                 tools   Downloading  25% of 4.0 MiB  sha256:abababababab  reg/m/tools:1\n\
+                 bad     Failed       -               -                    verification failed: signature\n\
+                 \n\
+                 mounts:\n\
+                 TARGET   GEN  STATE    SLOT  LAYERS (bottom first)  ERROR\n\
+                 modules  3    Mounted  B     sha256:abababababab    -\n"
+            ),
+            "{out}"
+        );
+        let doc: Value = serde_json::from_str(&text(|o| status(o, &r, Format::Json))).unwrap();
+        assert_eq!(doc["modules"][0]["bytes_done"], 1 << 20);
+        assert_eq!(doc["mounts"][0]["slot"], "B");
+    }
+
+    #[test]
     fn nothing_running_is_said_plainly() {
         let empty = Report {
             root: PathBuf::from("/r"),
             now_ms: NOW,
             publications: vec![],
             agents: vec![],
+            modules: vec![],
+            mounts: vec![],
         };
         assert_eq!(
             text(|o| status(o, &empty, Format::Text)),

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ipcmonitor::list::{self, Row};
 use powernode_pubsub::inspect::{self, SnapshotItem, Source};
 use powernode_pubsub::Dirs;
-use powernode_types::{AgentStatus, Topic};
+use powernode_types::{AgentStatus, ModuleStatus, MountStatus, Topic};
 
 /// How long a live publisher has to deliver its snapshot before its checkpoint files are read.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -24,6 +24,10 @@ pub struct Report {
     pub publications: Vec<Row>,
     /// One entry per item of every `AgentStatus` publication.
     pub agents: Vec<AgentHealth>,
+    /// Every module's state (`modulemgr/ModuleStatus`).
+    pub modules: Vec<ModuleStatus>,
+    /// Every mount target's state (`mountmgr/MountStatus`).
+    pub mounts: Vec<MountStatus>,
 }
 
 impl Report {
@@ -81,12 +85,33 @@ pub async fn gather(dirs: &Dirs, root: PathBuf) -> Report {
             });
         }
     }
+    let modules = items_of::<ModuleStatus>(dirs, &publications).await;
+    let mounts = items_of::<MountStatus>(dirs, &publications).await;
     Report {
         root,
         now_ms: now_ms(),
         publications,
         agents,
+        modules,
+        mounts,
     }
+}
+
+/// Every readable item of topic `T` in any publication (bad ones are left out: the
+/// publications table already shows a publication whose checkpoints are bad).
+async fn items_of<T: Topic>(dirs: &Dirs, publications: &[list::Row]) -> Vec<T> {
+    let mut out = Vec::new();
+    for row in publications.iter().filter(|r| r.info.topic == T::NAME) {
+        let snapshot = inspect::snapshot(dirs, &row.info, SNAPSHOT_TIMEOUT).await;
+        for (schema, bytes) in snapshot.items.values().flatten() {
+            if *schema == T::SCHEMA_VERSION {
+                if let Ok(value) = postcard::from_bytes::<T>(bytes) {
+                    out.push(value);
+                }
+            }
+        }
+    }
+    out
 }
 
 fn decode(item: &SnapshotItem) -> Reported {

@@ -3,7 +3,7 @@
 //!
 //! Every heartbeat interval it posts `status/heartbeat` with the boot id and architecture (from
 //! `identitymgr/NodeIdentity`), the agent version, uptime, load and memory (from `proc` under
-//! the root, [`host`]), the module and mount state (empty until modulemgr and mountmgr exist)
+//! the root, [`host`]), the module and mount state (from `modulemgr/ModuleStatus` and `mountmgr/MountStatus`, [`report`])
 //! and the desired-state generation it last applied. The reply's desired state is published as
 //! `heartbeatd/ModuleConfig` items and `heartbeatd/NetworkConfig` ([`desired`]); how the
 //! conversation goes is published as `heartbeatd/ControllerStatus` (key `global`).
@@ -41,6 +41,7 @@
 
 pub mod desired;
 pub mod host;
+pub mod report;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,8 +52,8 @@ use powernode_transport::pki::PkiPaths;
 use powernode_transport::{Backoff, ControllerClient};
 use powernode_types::node_api::{HeartbeatRequest, HeartbeatResponse};
 use powernode_types::{
-    ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, NetworkConfig, NodeIdentity,
-    GLOBAL_KEY,
+    ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, ModuleStatus, MountStatus,
+    NetworkConfig, NodeIdentity, GLOBAL_KEY,
 };
 use tokio::time::Instant;
 
@@ -182,6 +183,9 @@ struct Agent {
     identity: Option<NodeIdentity>,
     enrollment: Option<EnrollmentStatus>,
     connection: Option<Connection>,
+    modules: Vec<powernode_types::node_api::ModuleReport>,
+    module_fingerprint: Vec<String>,
+    mounts: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -224,6 +228,9 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         identity: None,
         enrollment: None,
         connection: None,
+        modules: Vec::new(),
+        module_fingerprint: Vec::new(),
+        mounts: None,
     };
     agent.publish_status()?;
     agent.ctx.ready();
@@ -238,6 +245,10 @@ impl Agent {
         let mut identities = Subscription::<NodeIdentity>::connect(&ctx.dirs, IDENTITY_AGENT);
         let mut enrollments =
             Subscription::<EnrollmentStatus>::connect(&ctx.dirs, ENROLLMENT_AGENT);
+        let mut module_statuses =
+            Subscription::<ModuleStatus>::connect(&ctx.dirs, report::MODULE_AGENT);
+        let mut mount_statuses =
+            Subscription::<MountStatus>::connect(&ctx.dirs, report::MOUNT_AGENT);
         let mut tick = tokio::time::interval(ctx.beat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -266,6 +277,20 @@ impl Agent {
                     }
                     self.inputs_changed(state)?
                 }
+                _ = module_statuses.next() => {
+                    let statuses = || module_statuses.items().map(|(_, s)| s);
+                    self.modules = report::modules(statuses());
+                    let fingerprint = report::fingerprint(statuses());
+                    let changed = fingerprint != self.module_fingerprint;
+                    self.module_fingerprint = fingerprint;
+                    self.soon_if(changed, state)
+                }
+                _ = mount_statuses.next() => {
+                    let mounts = report::mounts(mount_statuses.items().map(|(_, s)| s));
+                    let changed = mounts != self.mounts;
+                    self.mounts = mounts;
+                    self.soon_if(changed, state)
+                }
                 _ = send_now => {
                     let attempt = self.heartbeat();
                     tokio::select! {
@@ -274,6 +299,16 @@ impl Agent {
                     }
                 }
             };
+        }
+    }
+
+    /// A module or mount status changed: if it matters and a heartbeat is due at all, send
+    /// it soon (after [`DEBOUNCE`], so a burst of changes makes one heartbeat).
+    fn soon_if(&self, changed: bool, state: State) -> State {
+        match state {
+            State::Waiting { .. } => state,
+            _ if changed => state.hurry(Instant::now() + DEBOUNCE),
+            _ => state,
         }
     }
 
@@ -415,8 +450,8 @@ impl Agent {
             load: facts.load,
             memory: facts.memory,
             // modulemgr and mountmgr do not exist yet: nothing to report, nothing invented.
-            modules: Vec::new(),
-            mounts: None,
+            modules: self.modules.clone(),
+            mounts: self.mounts.clone(),
             network: None,
             applied_generation: Some(self.status.applied_generation),
         }

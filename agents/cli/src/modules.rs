@@ -1,0 +1,260 @@
+//! `attach`, `detach` and `verify`: modules from the command line.
+//!
+//! `attach` writes a local assignment (`etc/powernode/modules.d/<name>.toml`, read by
+//! modulemgr) and follows the module's `ModuleStatus` until it is Active or Failed; `detach`
+//! removes one. `verify` runs the verifier's own checks on a module in a registry (pulled into
+//! a temporary store) or on a module built by `powernode-controller module build`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use agentbase::{Root, Settings};
+use anyhow::{bail, Context as _};
+use ipcmonitor::tool::Exit;
+use modulemgr::local::{self, LocalModule};
+use powernode_modules::format::host_architecture;
+use powernode_modules::registry::{Registry, RegistryConfig};
+use powernode_modules::store::Store;
+use powernode_pubsub::{Dirs, Event, Subscription};
+use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, VerifyConfig};
+
+/// The name a reference gets when none is given: the last part of its repository.
+pub fn default_name(reference: &str) -> String {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    last.split(':').next().unwrap_or(last).to_owned()
+}
+
+/// `attach REF`: writes the local assignment, then (unless `wait` is `None`) follows the
+/// module until it is Active (exit 0) or Failed (exit 1).
+pub async fn attach(
+    root: &Root,
+    reference: &str,
+    name: Option<String>,
+    priority: u32,
+    wait: Option<Duration>,
+    json: bool,
+) -> anyhow::Result<Exit> {
+    let name = name.unwrap_or_else(|| default_name(reference));
+    if !local::valid_name(&name) {
+        bail!("{name:?} is not a valid module name; give one with --name");
+    }
+    powernode_modules::registry::parse_reference(reference)?;
+    let dir = root.path(local::DIR);
+    let path = local::write(
+        &dir,
+        &LocalModule {
+            name: name.clone(),
+            reference: reference.to_owned(),
+            priority,
+        },
+    )?;
+    eprintln!(
+        "attached {name} ({reference}, priority {priority}): {}",
+        path.display()
+    );
+    let Some(timeout) = wait else {
+        return Ok(Exit::Success);
+    };
+    let dirs = Dirs::under_root(root.base());
+    let status = follow(&dirs, &name, reference, timeout).await?;
+    if json {
+        println!("{}", serde_json::to_string(&status)?);
+    }
+    match status.state {
+        ModuleState::Active => {
+            eprintln!(
+                "{name} is active ({})",
+                status.digest.as_deref().unwrap_or("-")
+            );
+            Ok(Exit::Success)
+        }
+        _ => {
+            eprintln!(
+                "{name} failed: {}",
+                status.error.as_deref().unwrap_or("no reason given")
+            );
+            Ok(Exit::Failure)
+        }
+    }
+}
+
+/// Prints the module's state changes (and download progress) until it is Active or Failed.
+async fn follow(
+    dirs: &Dirs,
+    name: &str,
+    reference: &str,
+    timeout: Duration,
+) -> anyhow::Result<ModuleStatus> {
+    let mut sub = Subscription::<ModuleStatus>::connect(dirs, modulemgr_agent());
+    let mut last_line = String::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let event = tokio::time::timeout_at(deadline, sub.next())
+            .await
+            .with_context(|| {
+                format!(
+                    "{name}: not active after {}s (is modulemgr running? `powernode-agent status` shows)",
+                    timeout.as_secs()
+                )
+            })?;
+        let status = match event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => value,
+            _ => continue,
+        };
+        if status.name != name || status.reference != reference {
+            continue;
+        }
+        let line = match (status.state, status.bytes_total) {
+            (ModuleState::Downloading, Some(total)) if total > 0 => {
+                format!("{name}: downloading {}%", status.bytes_done * 100 / total)
+            }
+            (state, _) => match &status.error {
+                Some(e) => format!("{name}: {state:?} ({e})"),
+                None => format!("{name}: {state:?}"),
+            },
+        };
+        if line != last_line {
+            eprintln!("{line}");
+            last_line = line;
+        }
+        if matches!(status.state, ModuleState::Active | ModuleState::Failed) {
+            return Ok(status);
+        }
+    }
+}
+
+fn modulemgr_agent() -> &'static str {
+    "modulemgr"
+}
+
+/// `detach NAME`: removes a local assignment.
+pub async fn detach(root: &Root, name: &str) -> anyhow::Result<Exit> {
+    if local::remove(&root.path(local::DIR), name)? {
+        eprintln!("detached {name}; modulemgr takes it out of the stack");
+        return Ok(Exit::Success);
+    }
+    let dirs = Dirs::under_root(root.base());
+    let mut sub = Subscription::<ModuleConfig>::connect(&dirs, modulemgr::HEARTBEAT_AGENT);
+    let assigned = tokio::time::timeout(Duration::from_secs(2), async {
+        while !matches!(sub.next().await, Event::Synchronized) {}
+        sub.get(name).is_some()
+    })
+    .await
+    .unwrap_or(false);
+    if assigned {
+        bail!("{name} is assigned by the controller; change the assignment there");
+    }
+    bail!("no module {name} is attached locally");
+}
+
+/// `verify TARGET`: the verifier's checks on a registry reference or a built module.
+pub async fn verify(
+    root: &Root,
+    settings: &Settings,
+    target: &str,
+    policy_name: Option<&str>,
+    json: bool,
+) -> anyhow::Result<Exit> {
+    let policy_name = policy_name.unwrap_or(&settings.modules.trust_policy);
+    let tmp = tempfile::tempdir().context("creating a temporary store")?;
+    let config = if Path::new(target).exists() || target.ends_with(".json") {
+        built_config(target, policy_name)?
+    } else {
+        pulled_config(settings, target, tmp.path(), policy_name).await?
+    };
+    let policy = verifier::policy::load(&root.path(verifier::policy::DIR), policy_name)?;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let r = verifier::check::check(&config, &policy, SystemTime::now());
+        (config, r)
+    })
+    .await?;
+    let (config, result) = outcome;
+    let (ok, detail) = match &result {
+        Ok(v) => (
+            true,
+            format!("{}; fs-verity {}", v.signer, v.fsverity_digest),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "target": target,
+                "digest": config.digest,
+                "manifest_digest": config.manifest_digest,
+                "verified": ok,
+                "detail": detail,
+            })
+        );
+    } else if ok {
+        println!("verified {target}: {detail}");
+    } else {
+        println!("REJECTED {target}: {detail}");
+    }
+    Ok(if ok { Exit::Success } else { Exit::Failure })
+}
+
+/// A module built by `powernode-controller module build` (path of any of its files): no
+/// registry, so no signatures.
+fn built_config(path: &str, policy: &str) -> anyhow::Result<VerifyConfig> {
+    let built = powernode_modules::package::load_built(Path::new(path))?;
+    let manifest = std::fs::read_to_string(&built.manifest)
+        .with_context(|| format!("reading {}", built.manifest.display()))?;
+    Ok(VerifyConfig {
+        name: built.module.name.clone(),
+        image_path: built.image.to_string_lossy().into_owned(),
+        digest: built.image_digest,
+        manifest,
+        manifest_digest: built.manifest_digest,
+        repository: String::new(),
+        signatures: Vec::new(),
+        trust_policy: policy.to_owned(),
+    })
+}
+
+/// A module in a registry, pulled into `dir` for the check.
+async fn pulled_config(
+    settings: &Settings,
+    reference: &str,
+    dir: &Path,
+    policy: &str,
+) -> anyhow::Result<VerifyConfig> {
+    let registry = Registry::new(RegistryConfig {
+        plain_http: settings.modules.plain_http.clone(),
+        credentials: Vec::new(),
+        connect_timeout: Some(Duration::from_millis(settings.modules.connect_timeout_ms)),
+    });
+    let resolved = registry.resolve(reference, host_architecture()).await?;
+    let signatures = registry
+        .signatures(&resolved.repository, &resolved.manifest_digest)
+        .await?;
+    let store = Store::open(dir)?;
+    let mut progress = |_: u64, _: u64| {};
+    let path = registry
+        .pull_blob(&resolved.repository, &resolved.image, &store, &mut progress)
+        .await?;
+    Ok(VerifyConfig {
+        name: resolved.module.name.clone(),
+        image_path: path.to_string_lossy().into_owned(),
+        digest: resolved.image.digest.clone(),
+        manifest: resolved.manifest.clone(),
+        manifest_digest: resolved.manifest_digest.to_string(),
+        repository: resolved.repository.clone(),
+        signatures,
+        trust_policy: policy.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_names() {
+        assert_eq!(default_name("127.0.0.1:5000/modules/tools:1.0"), "tools");
+        assert_eq!(default_name("reg/x/base@sha256:00"), "base");
+        assert_eq!(default_name("reg:5000/a"), "a");
+    }
+}
