@@ -1,5 +1,6 @@
-//! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`.
-//! Everything but `serve` works directly on the database in the data directory.
+//! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`, and
+//! `module …` (in [`crate::module_cli`]). Everything but `serve` and the registry side of
+//! `module` works directly on the database in the data directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::duration::parse_duration;
+use crate::module_cli::{self, ModuleCommand};
 use crate::server::{ensure_data_dir, Controller, ServeOptions};
 use crate::storage::{NodeDetail, NodeSummary, Storage};
 use crate::tokens;
+use crate::wire::ModuleReport;
 
 /// Exit code of a usage error.
 pub const EXIT_USAGE: u8 = 2;
@@ -47,13 +50,17 @@ enum Command {
     /// One enrolled node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Modules: build, push, sign, and assign them to nodes.
+    #[command(subcommand)]
+    Module(ModuleCommand),
 }
 
+/// `--data DIR`.
 #[derive(Debug, Args)]
-struct DataArg {
+pub(crate) struct DataArg {
     /// The controller's data directory.
     #[arg(long, value_name = "DIR")]
-    data: PathBuf,
+    pub(crate) data: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -198,7 +205,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             storage.close().await;
             let detail = detail.with_context(|| format!("no node {id}"))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&detail)?);
+                let shown = NodeShow {
+                    modules_reported: reported_modules(&detail),
+                    detail: &detail,
+                };
+                println!("{}", serde_json::to_string_pretty(&shown)?);
             } else {
                 print!("{}", node_text(&detail, crate::now_ms()));
             }
@@ -212,10 +223,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("revoked {id}");
             Ok(())
         }
+        Command::Module(command) => module_cli::run(command).await,
     }
 }
 
-async fn open(dir: &Path) -> anyhow::Result<Storage> {
+/// Opens the database in `dir`.
+pub(crate) async fn open(dir: &Path) -> anyhow::Result<Storage> {
     ensure_data_dir(dir)?;
     Ok(Storage::open(dir).await?)
 }
@@ -343,7 +356,7 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
         ));
     }
     out.push_str(&format!(
-        "desired gen:     {}\nmodules:         {}\nnetwork:         {}\ncertificates:\n",
+        "desired gen:     {}\nmodules:         {}\nnetwork:         {}\n",
         d.desired.generation,
         d.desired
             .modules
@@ -356,6 +369,8 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
             |n| format!("{} {}", n.interface, n.address)
         ),
     ));
+    out.push_str(&modules_text(&reported_modules(d)));
+    out.push_str("certificates:\n");
     for c in &d.certificates {
         out.push_str(&format!(
             "  serial {}  not after {}{}\n",
@@ -367,6 +382,69 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
                 ""
             },
         ));
+    }
+    out
+}
+
+/// What `node show --json` prints: the node's detail and the module states of its latest
+/// heartbeat, decoded.
+#[derive(serde::Serialize)]
+struct NodeShow<'a> {
+    #[serde(flatten)]
+    detail: &'a NodeDetail,
+    modules_reported: Vec<ModuleReport>,
+}
+
+/// The `modules` of the node's latest heartbeat; entries that do not decode are skipped.
+fn reported_modules(d: &NodeDetail) -> Vec<ModuleReport> {
+    d.last_heartbeat
+        .as_ref()
+        .and_then(|hb| hb.body.get("modules")?.as_array())
+        .map(|modules| {
+            modules
+                .iter()
+                .filter_map(|m| serde_json::from_value(m.clone()).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `sha256:0123abcd…` for a digest (whole if it is short).
+fn short_digest(digest: &str) -> String {
+    let keep = digest.find(':').map_or(12, |colon| colon + 1 + 8);
+    match digest.char_indices().nth(keep) {
+        Some((cut, _)) => format!("{}…", &digest[..cut]),
+        None => digest.to_owned(),
+    }
+}
+
+/// The `modules (reported):` lines of `node show`: one per module with its state, digest,
+/// reference, download progress and error.
+fn modules_text(modules: &[ModuleReport]) -> String {
+    if modules.is_empty() {
+        return "modules (reported): -\n".to_owned();
+    }
+    let mut out = "modules (reported):\n".to_owned();
+    for m in modules {
+        let mut line = format!(
+            "  {}  {}",
+            m.name,
+            m.state.as_deref().unwrap_or("(no state)")
+        );
+        if let Some(error) = &m.error {
+            line.push_str(&format!(": {error}"));
+        }
+        if let (Some(done), Some(total)) = (m.bytes_done, m.bytes_total) {
+            line.push_str(&format!("  {done}/{total} bytes"));
+        }
+        if let Some(digest) = &m.digest {
+            line.push_str(&format!("  {}", short_digest(digest)));
+        }
+        if let Some(reference) = &m.reference {
+            line.push_str(&format!("  {reference}"));
+        }
+        out.push_str(&line);
+        out.push('\n');
     }
     out
 }
@@ -401,6 +479,28 @@ mod tests {
             ]),
             ExitCode::from(EXIT_USAGE)
         );
+    }
+
+    #[test]
+    fn reported_modules_show_state_progress_and_error() {
+        let report =
+            |json: serde_json::Value| -> ModuleReport { serde_json::from_value(json).unwrap() };
+        let text = modules_text(&[
+            report(serde_json::json!({"name": "tools", "state": "Active",
+                "digest": format!("sha256:ab12cd34{}", "0".repeat(56)),
+                "reference": "reg/modules/tools@sha256:ab"})),
+            report(serde_json::json!({"name": "big", "state": "Downloading",
+                "bytes_done": 10, "bytes_total": 40})),
+            report(serde_json::json!({"name": "bad", "state": "Failed",
+                "error": "signature 1: no trusted key verifies it"})),
+        ]);
+        assert_eq!(
+            text,
+            "modules (reported):\n  tools  Active  sha256:ab12cd34…  reg/modules/tools@sha256:ab\n  \
+             big  Downloading  10/40 bytes\n  bad  Failed: signature 1: no trusted key verifies it\n"
+        );
+        assert_eq!(modules_text(&[]), "modules (reported): -\n");
+        assert_eq!(short_digest("sha256:00"), "sha256:00");
     }
 
     #[test]

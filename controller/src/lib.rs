@@ -10,6 +10,7 @@ pub mod cli;
 pub mod duration;
 pub mod errors;
 pub mod fsutil;
+pub mod module_cli;
 pub mod secrets;
 pub mod server;
 pub mod storage;

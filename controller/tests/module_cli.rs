@@ -1,0 +1,394 @@
+//! `powernode-controller module …` as an operator runs it: the real binary, the real
+//! `mkfs.erofs`, a real registry (`docker-registry` on loopback), a real controller data
+//! directory. What the commands made is checked with the library the nodes use.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use common::{csr_pem, enroll_body, heartbeat_body, post_json, TestServer};
+use powernode_modules::cosign::{self, Policy, PublicKey, SigningKey, Verified};
+use powernode_modules::digest::Digest;
+use powernode_modules::format::host_architecture;
+use powernode_modules::registry::{Registry, RegistryConfig};
+use powernode_modules::testing::TestRegistry;
+use rcgen::KeyPair;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
+const PASSWORD: &str = "correct horse";
+
+/// Runs the binary with `args` and `COSIGN_PASSWORD` set to `password` (unset for `None`).
+fn run_with(args: &[&str], password: Option<&str>) -> (i32, String, String) {
+    let mut command = Command::new(BIN);
+    command.args(args).env_remove("COSIGN_PASSWORD");
+    if let Some(password) = password {
+        command.env("COSIGN_PASSWORD", password);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the binary and parses its stdout as JSON; panics unless it exits 0.
+fn run_json(args: &[&str], password: Option<&str>) -> Value {
+    let (code, stdout, stderr) = run_with(args, password);
+    assert_eq!(code, 0, "{args:?}: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+}
+
+/// Whether the real tools are here; prints why a test is skipped when they are not.
+fn tools_present(test: &str) -> bool {
+    // mkfs.erofs has no --version (1.5); whether it runs at all is the question.
+    let mkfs = Command::new("mkfs.erofs").arg("--help").output().is_ok();
+    if !mkfs {
+        println!("skipping {test}: mkfs.erofs is not installed (erofs-utils)");
+        return false;
+    }
+    if !TestRegistry::available() {
+        println!("skipping {test}: docker-registry is not installed");
+        return false;
+    }
+    true
+}
+
+/// A module source tree with two files.
+fn module_tree(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::create_dir_all(dir.join("etc")).unwrap();
+    std::fs::write(dir.join("bin/hello"), "#!/bin/sh\necho hello\n").unwrap();
+    std::fs::set_permissions(
+        dir.join("bin/hello"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(dir.join("etc/hello.conf"), "greeting = hello\n").unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_push_keygen_sign_and_assign() {
+    if !tools_present("build_push_keygen_sign_and_assign") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = |p: &str| tmp.path().join(p).to_str().unwrap().to_owned();
+    module_tree(&tmp.path().join("src"));
+    let arch = host_architecture();
+
+    // build
+    let built = run_json(
+        &[
+            "module",
+            "build",
+            &path("src"),
+            "--name",
+            "hello",
+            "--version",
+            "1.0",
+            "--priority",
+            "60",
+            "--health-check",
+            "/bin/hello --check",
+            "--health-timeout",
+            "5",
+            "--out",
+            &path("out"),
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(built["architecture"], arch);
+    let manifest_file = built["manifest"].as_str().unwrap().to_owned();
+    assert!(Path::new(&manifest_file).is_file());
+    assert!(Path::new(built["image"].as_str().unwrap()).is_file());
+    assert!(built["size"].as_u64().unwrap() > 0);
+    Digest::parse(built["fsverity_digest"].as_str().unwrap()).unwrap();
+
+    // push
+    let registry_server = TestRegistry::start(&tmp.path().join("registry")).unwrap();
+    let host = registry_server.host.clone();
+    let repository = format!("{host}/modules/hello");
+    let tag_ref = format!("{repository}:1.0");
+    let pushed = run_json(
+        &[
+            "module",
+            "push",
+            &manifest_file,
+            "--to",
+            &tag_ref,
+            "--plain-http",
+            "--json",
+        ],
+        None,
+    );
+    let pinned = pushed["pinned"].as_str().unwrap().to_owned();
+    let index_digest = Digest::parse(pushed["index_digest"].as_str().unwrap()).unwrap();
+    assert_eq!(pinned, format!("{repository}@{index_digest}"));
+    assert_eq!(pushed["manifests"][arch], built["manifest_digest"]);
+
+    // keygen: 0600 private key; no overwrite without --force; --force replaces.
+    let keys = path("keys");
+    let (code, _, stderr) = run_with(&["module", "keygen", "--out", &keys], Some(PASSWORD));
+    assert_eq!(code, 0, "{stderr}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(tmp.path().join("keys/cosign.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let public_pem = std::fs::read_to_string(tmp.path().join("keys/cosign.pub")).unwrap();
+    let (code, _, stderr) = run_with(&["module", "keygen", "--out", &keys], Some(PASSWORD));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("--force"), "{stderr}");
+    let (code, _, stderr) = run_with(&["module", "keygen", "--out", &keys], None);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("COSIGN_PASSWORD"), "{stderr}");
+
+    // sign: the index and the platform manifest; twice adds nothing.
+    let key = path("keys/cosign.key");
+    let sign = [
+        "module",
+        "sign",
+        &pinned,
+        "--key",
+        &key,
+        "--plain-http",
+        "--json",
+    ];
+    let signed = run_json(&sign, Some(PASSWORD));
+    let signed = signed.as_array().unwrap();
+    assert_eq!(signed.len(), 2, "{signed:?}");
+    assert_eq!(signed[0]["digest"], index_digest.to_string());
+    assert_eq!(signed[1]["digest"], built["manifest_digest"]);
+    assert!(signed.iter().all(|s| s["signatures"] == 1));
+    let again = run_json(&sign, Some(PASSWORD));
+    assert!(again
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["signatures"] == 1 && s["already_signed"] == true));
+
+    // sign with the wrong password: a clear error, nothing pushed.
+    let (code, _, stderr) = run_with(&sign[..6], Some("wrong"));
+    assert_eq!(code, 1);
+    assert!(stderr.contains("cosign.key"), "{stderr}");
+    assert!(stderr.to_lowercase().contains("password"), "{stderr}");
+
+    // What a node sees: the module resolves for this architecture, and its signatures verify
+    // with the public key.
+    let registry = Registry::new(RegistryConfig {
+        plain_http: vec![host.clone()],
+        ..RegistryConfig::default()
+    });
+    let resolved = registry.resolve(&tag_ref, arch).await.unwrap();
+    assert_eq!(resolved.module.name, "hello");
+    assert_eq!(resolved.module.priority, 60);
+    assert_eq!(resolved.index_digest.as_ref(), Some(&index_digest));
+    assert_eq!(resolved.module.files.len(), 2);
+    let policy = Policy {
+        keys: vec![PublicKey::from_pem(&public_pem).unwrap()],
+        keyless: None,
+        require_signature: true,
+    };
+    for digest in [&resolved.manifest_digest, &index_digest] {
+        let signatures = registry.signatures(&repository, digest).await.unwrap();
+        assert_eq!(signatures.len(), 1, "{digest}");
+        let verified = cosign::verify(
+            &policy,
+            &repository,
+            &digest.to_string(),
+            &signatures,
+            SystemTime::now(),
+        )
+        .unwrap_or_else(|e| panic!("{digest}: {e}"));
+        assert!(matches!(verified, Verified::Key { .. }), "{verified}");
+        // Another key does not verify it.
+        let other = Policy {
+            keys: vec![SigningKey::generate().unwrap().public_key().clone()],
+            ..policy.clone()
+        };
+        let now = SystemTime::now();
+        assert!(
+            cosign::verify(&other, &repository, &digest.to_string(), &signatures, now).is_err()
+        );
+    }
+
+    // assign to an enrolled node of this architecture.
+    let server = TestServer::start(Duration::from_secs(3600)).await;
+    let data = server.data().to_str().unwrap().to_owned();
+    let token = server.token(json!({})).await;
+    let node_key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+    let mut body = enroll_body(&token, &csr_pem(&node_key), "uuid-modules");
+    body["identity"]["arch"] = json!(std::env::consts::ARCH);
+    let (status, reply) = post_json(
+        &server.anonymous(),
+        server.url("/node_api/v1/enroll"),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let node = common::NodeCreds {
+        node_id: reply["node_id"].as_str().unwrap().to_owned(),
+        cert_pem: reply["cert_pem"].as_str().unwrap().to_owned(),
+        key_pem: node_key.serialize_pem(),
+    };
+    let assigned = run_json(
+        &[
+            "module",
+            "assign",
+            "--node",
+            &node.node_id,
+            &pinned,
+            "--priority",
+            "hello=70",
+            "--data",
+            &data,
+            "--plain-http",
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(assigned["generation"], 1);
+    let expected = json!([{"name": "hello", "reference": pinned, "priority": 70}]);
+    assert_eq!(assigned["modules"], expected);
+
+    // The next heartbeat carries it; the node's report shows in `node show`.
+    let mut heartbeat = heartbeat_body(0);
+    heartbeat["modules"] = json!([
+        {"name": "hello", "state": "Active", "digest": resolved.manifest_digest.to_string(),
+         "reference": pinned},
+        {"name": "bad", "state": "Failed", "error": "signature 1: no trusted key verifies it"},
+    ]);
+    let (status, reply) = post_json(
+        &server.as_node(&node),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["desired"]["generation"], 1);
+    assert_eq!(reply["desired"]["modules"], expected);
+    let (code, shown, stderr) = run_with(&["node", "show", &node.node_id, "--data", &data], None);
+    assert_eq!(code, 0, "{stderr}");
+    let short = &resolved.manifest_digest.to_string()[..15];
+    assert!(
+        shown.contains(&format!("  hello  Active  {short}…  {pinned}\n")),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("  bad  Failed: signature 1: no trusted key verifies it\n"),
+        "{shown}"
+    );
+    let shown = run_json(
+        &["node", "show", &node.node_id, "--data", &data, "--json"],
+        None,
+    );
+    assert_eq!(shown["modules_reported"][1]["state"], "Failed");
+
+    // Errors: a reference with nothing behind it, an unknown node, a priority for a module
+    // that is not assigned.
+    let missing = format!("{host}/modules/nothing:1.0");
+    for (args, wanted) in [
+        (
+            vec!["--node", &node.node_id, &missing],
+            "cannot be assigned",
+        ),
+        (
+            vec!["--node", "node-missing", &pinned],
+            "no node node-missing",
+        ),
+        (
+            vec!["--node", &node.node_id, &pinned, "--priority", "other=1"],
+            "no module other",
+        ),
+    ] {
+        let mut full = vec!["module", "assign", "--data", &data, "--plain-http"];
+        full.extend(args);
+        let (code, _, stderr) = run_with(&full, None);
+        assert_eq!(code, 1, "{full:?}");
+        assert!(stderr.contains(wanted), "{full:?}: {stderr}");
+    }
+
+    // --none clears the list.
+    let cleared = run_json(
+        &[
+            "module",
+            "assign",
+            "--node",
+            &node.node_id,
+            "--none",
+            "--data",
+            &data,
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(cleared["generation"], 2);
+    assert_eq!(cleared["modules"], json!([]));
+    server.stop().await;
+}
+
+#[test]
+fn bad_input_gives_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("nothing.manifest.json");
+    let (code, _, stderr) = run_with(
+        &[
+            "module",
+            "push",
+            missing.to_str().unwrap(),
+            "--to",
+            "127.0.0.1:1/modules/x:1",
+            "--plain-http",
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("is not a built module"), "{stderr}");
+    assert!(stderr.contains("nothing.manifest.json"), "{stderr}");
+
+    // A tag is required to push to.
+    let (code, _, stderr) = run_with(
+        &[
+            "module",
+            "push",
+            "x.manifest.json",
+            "--to",
+            "127.0.0.1:1/modules/x",
+        ],
+        None,
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("name the tag"), "{stderr}");
+
+    // Usage errors exit 2: neither references nor --none; both.
+    let (code, _, _) = run_with(&["module", "assign", "--node", "n", "--data", "/x"], None);
+    assert_eq!(code, 2);
+    let (code, _, _) = run_with(
+        &[
+            "module", "assign", "--node", "n", "--none", "r", "--data", "/x",
+        ],
+        None,
+    );
+    assert_eq!(code, 2);
+
+    // A key that does not exist.
+    let (code, _, stderr) = run_with(
+        &[
+            "module",
+            "sign",
+            "127.0.0.1:1/m/x:1",
+            "--key",
+            "/nonexistent/cosign.key",
+        ],
+        Some(""),
+    );
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent/cosign.key"), "{stderr}");
+}
