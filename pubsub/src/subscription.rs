@@ -102,6 +102,10 @@ pub struct RawSubscription {
     held: BTreeSet<String>,
     queue: VecDeque<RawEvent>,
     backoff: Duration,
+    /// When the next reconnect attempt is due. Kept across calls so that a caller whose
+    /// `next` is cancelled (a `select!` with a timer that fires more often than the backoff)
+    /// still reaches it, instead of starting a fresh delay on every call.
+    retry_at: Option<tokio::time::Instant>,
     started: bool,
     failures: u32,
     buf: Vec<u8>,
@@ -128,6 +132,7 @@ impl RawSubscription {
             expect_schema,
             read_files_first: persistent,
             backoff: options.min_backoff,
+            retry_at: None,
             options,
             conn: None,
             held: BTreeSet::new(),
@@ -183,9 +188,17 @@ impl RawSubscription {
                         Err(e) => self.note_failure(&e),
                     }
                 }
-                let delay = jittered(self.backoff);
-                self.backoff = (self.backoff * 2).min(self.options.max_backoff);
-                tokio::time::sleep(delay).await;
+                let at = match self.retry_at {
+                    Some(at) => at,
+                    None => {
+                        let at = tokio::time::Instant::now() + jittered(self.backoff);
+                        self.backoff = (self.backoff * 2).min(self.options.max_backoff);
+                        self.retry_at = Some(at);
+                        at
+                    }
+                };
+                tokio::time::sleep_until(at).await;
+                self.retry_at = None;
                 match self.connect().await {
                     Ok(event) => return event,
                     Err(e) => {

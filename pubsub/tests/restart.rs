@@ -293,3 +293,35 @@ async fn a_second_publisher_is_refused_while_the_first_lives() {
         Err(Error::AlreadyPublished { .. })
     ));
 }
+
+/// A subscriber polled from a `select!` whose timer fires more often than the reconnect backoff
+/// (every `next` cancelled after 300 ms, while the backoff grows to 1 s) still connects once
+/// the publisher is up: the retry deadline survives the cancelled calls.
+#[tokio::test]
+async fn cancelled_next_calls_still_reach_the_reconnect() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let mut sub = Subscription::<TestItem>::connect(&dirs, "late");
+    // No publisher for 3 s: the backoff reaches its 1 s maximum.
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < until {
+        let _ = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    }
+    let publication = Publication::<TestItem>::open(&dirs, "late").unwrap();
+    publication
+        .publish(&TestItem {
+            key: "k".into(),
+            seq: 1,
+            sent_ns: 0,
+            payload: vec![],
+        })
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sub.get("k").is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never reconnected while every next() was cancelled after 300 ms"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    }
+}
