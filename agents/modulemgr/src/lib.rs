@@ -27,6 +27,7 @@
 
 pub mod fetch;
 pub mod local;
+pub mod watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -55,8 +56,8 @@ pub const VERIFIER_AGENT: &str = "verifier";
 pub const MOUNT_AGENT: &str = "mountmgr";
 /// The digest store, under the root.
 pub const STORE_DIR: &str = "persist/powernode/store";
-/// How often the local assignments are re-read.
-const LOCAL_POLL: Duration = Duration::from_secs(1);
+/// How often the local assignments are re-read besides when inotify says they changed.
+const LOCAL_POLL: Duration = Duration::from_secs(5);
 
 /// One module's place in the pipeline.
 #[derive(Debug)]
@@ -161,6 +162,13 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     agent.reconcile();
     agent.ctx.ready();
     let mut poll = tokio::time::interval(LOCAL_POLL);
+    let mut watch = match watch::DirWatch::new(&agent.ctx.root.path(local::DIR)) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the local assignments; polling every {}s", LOCAL_POLL.as_secs());
+            None
+        }
+    };
     let mut beat = tokio::time::interval(agent.ctx.beat_interval());
     let shutdown = agent.ctx.shutdown.clone();
     loop {
@@ -179,6 +187,15 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             }
             Some((name, epoch, report)) = reports_rx.recv() => agent.on_report(&name, epoch, report),
             _ = poll.tick() => {
+                if agent.read_local() {
+                    agent.reconcile();
+                }
+            }
+            changed = async { watch.as_mut()?.changed().await.ok() }, if watch.is_some() => {
+                if changed.is_none() {
+                    tracing::warn!("watching the local assignments failed; polling only");
+                    watch = None;
+                }
                 if agent.read_local() {
                     agent.reconcile();
                 }

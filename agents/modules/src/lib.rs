@@ -10,6 +10,7 @@ pub mod digest;
 pub mod format;
 pub mod fsverity;
 pub mod package;
+pub mod reference;
 pub mod registry;
 pub mod store;
 #[cfg(feature = "testing")]

@@ -143,6 +143,70 @@ fn chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Size of the pieces a download is written and hashed in.
+const PIECE_BYTES: usize = 256 * 1024;
+/// Pieces queued for the writer (the hashing thread has a queue of its own).
+const PIECES_IN_FLIGHT: usize = 4;
+
+/// The download's piece buffers, recycled: a piece handed on as `Bytes` comes back here when
+/// both the writer and the hashing thread are done with it. Allocating a fresh 256 KiB buffer
+/// per piece instead made the allocator's arenas grow by tens of MiB during a large download.
+#[derive(Clone)]
+struct PiecePool {
+    free: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    keep: usize,
+}
+
+/// A piece on its way through the writer and the hasher; back to the pool when dropped.
+struct Piece {
+    data: Vec<u8>,
+    pool: PiecePool,
+}
+
+impl AsRef<[u8]> for Piece {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for Piece {
+    fn drop(&mut self) {
+        let mut data = std::mem::take(&mut self.data);
+        data.clear();
+        if let Ok(mut free) = self.pool.free.lock() {
+            if free.len() < self.pool.keep {
+                free.push(data);
+            }
+        }
+    }
+}
+
+impl PiecePool {
+    fn new(keep: usize) -> PiecePool {
+        PiecePool {
+            free: Default::default(),
+            keep,
+        }
+    }
+
+    /// An empty buffer of [`PIECE_BYTES`] capacity, recycled when one is free.
+    fn take(&self) -> Vec<u8> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut free| free.pop())
+            .unwrap_or_else(|| Vec::with_capacity(PIECE_BYTES))
+    }
+
+    /// `data` as shareable bytes that return to the pool when the last reference goes.
+    fn share(&self, data: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Piece {
+            data,
+            pool: self.clone(),
+        })
+    }
+}
+
 /// A module reference resolved for one architecture: everything needed to pull and verify it.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -175,13 +239,13 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// Parses a reference such as `host:5000/modules/tools:1.0` or `…@sha256:…`.
+/// Parses a reference such as `host:5000/modules/tools:1.0` or `…@sha256:…` (see
+/// [`crate::reference`] for why not with `oci-spec`'s parser).
 pub fn parse_reference(text: &str) -> Result<Reference, RegistryError> {
-    text.parse::<Reference>()
-        .map_err(|e| RegistryError::BadReference {
-            reference: text.chars().take(200).collect(),
-            reason: e.to_string(),
-        })
+    crate::reference::parse(text).map_err(|e| RegistryError::BadReference {
+        reference: text.chars().take(200).collect(),
+        reason: e.to_string(),
+    })
 }
 
 /// `registry/repository` of a reference.
@@ -361,27 +425,44 @@ impl Registry {
                 }
             })
         };
-        // The hashing and writing run on a blocking thread fed through a small bounded channel,
-        // so the network read overlaps them and memory stays bounded whatever the blob's size.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(8);
+        // Writing (and, inside the writer, hashing) runs on blocking threads fed through a
+        // small bounded channel, so the network read overlaps them. The network's chunks are
+        // copied into fixed-size pieces first: the HTTP client's own read buffers are then
+        // released at once instead of living on in the queues, which keeps memory flat (a few
+        // pieces in flight) whatever the blob's size, at the cost of one memcpy.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIECES_IN_FLIGHT);
         let sink = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
-            for chunk in rx {
-                writer.write(&chunk)?;
+            while let Some(piece) = rx.blocking_recv() {
+                writer.write(piece)?;
             }
             writer.finish()
         });
         let mut done = offset;
+        let pool = PiecePool::new(PIECES_IN_FLIGHT + 8);
+        let mut piece = pool.take();
         if let Some(mut sized) = stream {
             while let Some(chunk) = sized.stream.next().await {
                 let chunk = chunk.map_err(|e| {
                     RegistryError::Unreachable(format!("reading blob {digest}: {}", chain(&e)))
                 })?;
                 done += chunk.len() as u64;
-                if tx.send(chunk).is_err() {
-                    break; // the writer stopped; its error is reported below
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let take = rest.len().min(PIECE_BYTES - piece.len());
+                    piece.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if piece.len() == PIECE_BYTES {
+                        let full = std::mem::replace(&mut piece, pool.take());
+                        if tx.send(pool.share(full)).await.is_err() {
+                            break; // the writer stopped; its error is reported below
+                        }
+                    }
                 }
                 progress(done.min(size), size);
             }
+        }
+        if !piece.is_empty() {
+            let _ = tx.send(pool.share(piece)).await;
         }
         drop(tx);
         let path = sink

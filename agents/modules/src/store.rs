@@ -104,7 +104,7 @@ impl Store {
         }
         let mut writer = BlobWriter {
             file,
-            hasher,
+            hasher: HashThread::start(hasher),
             written,
             size,
             digest: digest.clone(),
@@ -145,10 +145,12 @@ impl Store {
     }
 }
 
-/// A blob being written: every byte is hashed as it is appended to the partial file.
+/// A blob being written: every byte is hashed as it is appended to the partial file. The
+/// hashing runs on a thread of its own, fed the same reference-counted chunks the caller
+/// writes, so hashing and writing overlap (each costs about as much as the other).
 pub struct BlobWriter {
     file: File,
-    hasher: ring::digest::Context,
+    hasher: HashThread,
     written: u64,
     size: u64,
     digest: Digest,
@@ -178,13 +180,17 @@ impl BlobWriter {
         self.file
             .set_len(0)
             .map_err(io_err("truncating", &self.partial))?;
-        self.hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let old = std::mem::replace(
+            &mut self.hasher,
+            HashThread::start(ring::digest::Context::new(&ring::digest::SHA256)),
+        );
+        drop(old.finish());
         self.written = 0;
         Ok(())
     }
 
     /// Appends `bytes`.
-    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn write(&mut self, bytes: bytes::Bytes) -> Result<(), StoreError> {
         if self.written + bytes.len() as u64 > self.size {
             return Err(StoreError::TooLong {
                 digest: self.digest.clone(),
@@ -192,17 +198,17 @@ impl BlobWriter {
             });
         }
         self.file
-            .write_all(bytes)
+            .write_all(&bytes)
             .map_err(io_err("writing", &self.partial))?;
-        self.hasher.update(bytes);
         self.written += bytes.len() as u64;
+        self.hasher.update(bytes);
         Ok(())
     }
 
     /// Checks the digest; if it matches, makes the blob durable and moves it into place, else
     /// removes the partial file.
     pub fn finish(self) -> Result<PathBuf, StoreError> {
-        let actual = Digest::from_sha256(self.hasher.finish().as_ref());
+        let actual = self.hasher.finish();
         if actual != self.digest {
             let _ = fs::remove_file(&self.partial);
             return Err(StoreError::DigestMismatch {
@@ -222,6 +228,60 @@ impl BlobWriter {
     }
 }
 
+/// SHA-256 on a thread of its own, fed through a bounded channel.
+struct HashThread {
+    chunks: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
+    thread: Option<std::thread::JoinHandle<Digest>>,
+}
+
+impl HashThread {
+    /// Continues `context` on a new thread.
+    fn start(mut context: ring::digest::Context) -> HashThread {
+        // A few chunks in flight: enough to keep both threads busy, little memory.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<bytes::Bytes>(4);
+        let thread = std::thread::Builder::new()
+            .name("blob-sha256".into())
+            .spawn(move || {
+                for chunk in rx {
+                    context.update(&chunk);
+                }
+                Digest::from_sha256(context.finish().as_ref())
+            });
+        match thread {
+            Ok(thread) => HashThread {
+                chunks: Some(tx),
+                thread: Some(thread),
+            },
+            // No thread to be had: a hasher whose digest matches nothing, so the blob is
+            // refused rather than trusted.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the hashing thread");
+                HashThread {
+                    chunks: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+
+    fn update(&mut self, chunk: bytes::Bytes) {
+        if let Some(tx) = &self.chunks {
+            if tx.send(chunk).is_err() {
+                self.chunks = None;
+            }
+        }
+    }
+
+    /// The digest of everything fed; the all-zero digest if the thread failed.
+    fn finish(mut self) -> Digest {
+        self.chunks = None;
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_else(|| Digest::from_sha256(&[0; 32]))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,25 +294,30 @@ mod tests {
         let digest = Digest::of(&data);
 
         let mut w = store.begin(&digest, data.len() as u64).unwrap();
-        w.write(&data[..30_000]).unwrap();
+        w.write(bytes::Bytes::copy_from_slice(&data[..30_000]))
+            .unwrap();
         drop(w); // a crash mid-download
 
         let mut w = store.begin(&digest, data.len() as u64).unwrap();
         assert_eq!(w.offset(), 30_000);
-        w.write(&data[30_000..]).unwrap();
-        assert!(w.write(b"x").is_err(), "longer than declared");
+        w.write(bytes::Bytes::copy_from_slice(&data[30_000..]))
+            .unwrap();
+        assert!(
+            w.write(bytes::Bytes::from_static(b"x")).is_err(),
+            "longer than declared"
+        );
         let path = w.finish().unwrap();
         assert_eq!(fs::read(&path).unwrap(), data);
         assert!(store.contains(&digest));
 
         let other = Digest::of(b"other");
         let mut w = store.begin(&other, 5).unwrap();
-        w.write(b"OTHER").unwrap();
+        w.write(bytes::Bytes::from_static(b"OTHER")).unwrap();
         assert!(matches!(w.finish(), Err(StoreError::DigestMismatch { .. })));
         assert!(!store.contains(&other));
 
         let mut w = store.begin(&other, 5).unwrap();
-        w.write(b"ot").unwrap();
+        w.write(bytes::Bytes::from_static(b"ot")).unwrap();
         drop(w);
         let (removed, _) = store.gc(&HashSet::from([digest.clone()])).unwrap();
         assert_eq!(removed, vec![other]);
