@@ -1,7 +1,7 @@
 //! Where mountmgr keeps things, and the names it accepts as path components.
 //!
 //! ```text
-//! <root>/run/powernode/mounts/<target>/
+//! <root>/run/powernode-mounts/<target>/
 //!     base/                     empty, mode 0555: the bottom lower of every stack
 //!     A/ B/                     the two slots
 //!         layers/<i>-<name>/    one read-only erofs mount per layer, i = 0 at the bottom
@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 use powernode_types::Slot;
 
 /// The directory every target lives in, relative to the root.
-pub const MOUNTS_DIR: &str = "run/powernode/mounts";
+pub const MOUNTS_DIR: &str = "run/powernode-mounts";
 /// The directory the applied-stack records live in, relative to the root.
 pub const RECORDS_DIR: &str = "persist/powernode/mountmgr";
 /// The symlink naming the active slot's `merged/`.
@@ -159,7 +159,7 @@ impl Layout {
         &self.root
     }
 
-    /// `<root>/run/powernode/mounts`.
+    /// `<root>/run/powernode-mounts`.
     pub fn mounts_dir(&self) -> &Path {
         &self.mounts
     }
@@ -272,12 +272,12 @@ mod tests {
     fn paths() {
         let layout = Layout {
             root: PathBuf::from("/r"),
-            mounts: PathBuf::from("/r/run/powernode/mounts"),
+            mounts: PathBuf::from("/r/run/powernode-mounts"),
             records: PathBuf::from("/r/persist/powernode/mountmgr"),
         };
         assert_eq!(
             layout.merged("app", Slot::B),
-            PathBuf::from("/r/run/powernode/mounts/app/B/merged")
+            PathBuf::from("/r/run/powernode-mounts/app/B/merged")
         );
         assert_eq!(Layout::current_link(Slot::A), PathBuf::from("A/merged"));
         assert_eq!(other(Slot::A), Slot::B);

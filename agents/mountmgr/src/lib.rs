@@ -3,7 +3,7 @@
 //! docs/mountmgr.md).
 //!
 //! It subscribes to `modulemgr/MountConfig` and publishes `mountmgr/MountStatus`, both keyed by
-//! target. The union of a target is reached at `run/powernode/mounts/<target>/current`.
+//! target. The union of a target is reached at `run/powernode-mounts/<target>/current`.
 //!
 //! # States
 //!

@@ -157,9 +157,9 @@ mod tests {
     const SAMPLE: &str = "\
 22 27 0:21 / /proc rw,relatime - proc proc rw
 27 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard
-42 27 0:39 / /tmp/r/run/powernode/mounts/app/A/layers/0-tools ro,relatime - erofs /tmp/img\\040one.erofs ro,user_xattr
-43 27 0:40 / /tmp/r/run/powernode/mounts/app/A/upper rw,relatime - tmpfs tmpfs rw,mode=755
-44 27 0:41 / /tmp/r/run/powernode/mounts/app/A/merged rw,relatime master:3 shared:7 - overlay overlay rw,lowerdir=/a:/b,upperdir=/u,workdir=/w
+42 27 0:39 / /tmp/r/run/powernode-mounts/app/A/layers/0-tools ro,relatime - erofs /tmp/img\\040one.erofs ro,user_xattr
+43 27 0:40 / /tmp/r/run/powernode-mounts/app/A/upper rw,relatime - tmpfs tmpfs rw,mode=755
+44 27 0:41 / /tmp/r/run/powernode-mounts/app/A/merged rw,relatime master:3 shared:7 - overlay overlay rw,lowerdir=/a:/b,upperdir=/u,workdir=/w
 ";
 
     #[test]

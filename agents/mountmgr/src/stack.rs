@@ -640,13 +640,13 @@ mod tests {
         let plan = plan(&layout, &c, Slot::B).unwrap();
         assert_eq!(plan.digests(), ["sha256:lo", "sha256:hi"]);
         assert_eq!(plan.layers[0].image, root.join("store/b"));
-        let slot = root.join("run/powernode/mounts/app/B");
+        let slot = root.join("run/powernode-mounts/app/B");
         assert_eq!(plan.layers[1].mount_point, slot.join("layers/1-hi"));
         let options = plan.overlay_options();
         let want = format!(
             "lowerdir={s}/layers/1-hi:{s}/layers/0-lo:{base},upperdir={s}/upper/upper,workdir={s}/upper/work",
             s = slot.display(),
-            base = root.join("run/powernode/mounts/app/base").display()
+            base = root.join("run/powernode-mounts/app/base").display()
         );
         assert_eq!(options, want);
     }
@@ -711,7 +711,7 @@ mod tests {
                 config(
                     vec![layer("x", 1, "store/a")],
                     UpperMode::Persistent {
-                        path: "run/powernode/mounts/app/A".into(),
+                        path: "run/powernode-mounts/app/A".into(),
                     },
                 ),
                 "inside mountmgr's own mount directory",
@@ -783,7 +783,7 @@ mod tests {
         let c = config(vec![layer("lo", 1, "store/a")], UpperMode::Tmpfs);
         let plan = plan(&layout, &c, Slot::A).unwrap();
         let s = |rel: &str| {
-            root.join("run/powernode/mounts/app/A")
+            root.join("run/powernode-mounts/app/A")
                 .join(rel)
                 .display()
                 .to_string()

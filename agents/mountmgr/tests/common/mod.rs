@@ -91,9 +91,9 @@ impl Sandbox {
         image
     }
 
-    /// `run/powernode/mounts/<target>`.
+    /// `run/powernode-mounts/<target>`.
     pub fn target_dir(&self) -> PathBuf {
-        self.root.join("run/powernode/mounts").join(TARGET)
+        self.root.join("run/powernode-mounts").join(TARGET)
     }
 
     /// `current` of the test target.
