@@ -35,7 +35,7 @@ cleanup() {
     wait 2>/dev/null || true
     grep " $root" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do
         umount -l "$m" 2>/dev/null || true
-    done
+    done || true
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The demo (`make demo`): a controller on loopback with its embedded database, a bootstrap token,
-# and a node in a sandbox root booted by device-steps.sh (identitymgr → enrollmgr → heartbeatd);
-# then the operator's view from both sides, and the controller stopped and restarted to show the
-# node noticing and recovering. On a terminal it keeps running until Ctrl-C; either way it stops
+# and a node in a sandbox root booted by device-steps.sh (identitymgr → enrollmgr → verifier,
+# mountmgr, modulemgr → heartbeatd); a sample module built with mkfs.erofs, pushed to a loopback
+# docker-registry, signed and assigned to the node, which pulls, verifies and mounts it; then the
+# operator's view from both sides, and the controller stopped and restarted to show the node
+# noticing and recovering. (The module part needs root, docker-registry and erofs-utils.) On a terminal it keeps running until Ctrl-C; either way it stops
 # everything it started, by pid, and removes the sandbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +18,15 @@ work=$(mktemp -d /tmp/powernode-demo.XXXXXX)
 root=$work/node
 data=$work/controller
 controller_pid=
+registry_pid=
 cleanup() {
     scripts/device-steps.sh --root "$root" --stop >/dev/null 2>&1 || true
-    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null
+    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && { wait "$controller_pid" 2>/dev/null || true; }
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
+    # mountmgr leaves the stack mounted when it stops (a node keeps running its modules).
+    grep " $work/" /proc/self/mountinfo 2>/dev/null | awk '{print $5}' | sort -r | while read -r m; do
+        umount -l "$m" 2>/dev/null || true
+    done || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -45,6 +53,24 @@ echo "listening on $listen"
 token=$("$bin/powernode-controller" token create --data "$data" --ttl 10m)
 echo "bootstrap token created (single use, 10 minutes)"
 
+modules=false
+if [ "$(id -u)" = 0 ] && command -v docker-registry >/dev/null && command -v mkfs.erofs >/dev/null; then
+    modules=true
+    step "a module registry on loopback (docker-registry), and a signing key"
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    registry=127.0.0.1:$port
+    mkdir -p "$work/registry"
+    printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
+        "$work/registry" "$registry" >"$work/registry.yml"
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+    registry_pid=$!
+    echo "registry at $registry"
+    export COSIGN_PASSWORD=demo
+    run "$bin/powernode-controller" module keygen --out "$work/keys"
+else
+    echo "demo: modules left out (they need root, docker-registry and erofs-utils)" >&2
+fi
+
 step "a node in the sandbox root $root: its kernel command line carries identity, token, controller and CA"
 mkdir -p "$root/proc/sys/kernel/random" "$root/etc/powernode"
 cp "$data/ca.crt.pem" "$root/etc/powernode/controller-ca.pem"
@@ -55,9 +81,36 @@ echo "console=ttyS0 powernode.instance_uuid=$(cat /proc/sys/kernel/random/uuid)"
     "powernode.bootstrap_token=$token powernode.controller_url=https://$listen" \
     "powernode.ca_file=/etc/powernode/controller-ca.pem" >"$root/proc/cmdline"
 sed "s/$token/<token>/" "$root/proc/cmdline"
+if $modules; then
+    mkdir -p "$root/etc/powernode/trust"
+    printf '[modules]\nplain_http = ["%s"]\n' "$registry" >"$root/etc/powernode/agent.toml"
+    cp "$work/keys/cosign.pub" "$root/etc/powernode/trust/"
+    echo 'keys = ["cosign.pub"]' >"$root/etc/powernode/trust/default.toml"
+    echo "trust policy: modules must be signed by $work/keys/cosign.pub"
+fi
 
 step "booting it with device-steps.sh"
 run scripts/device-steps.sh --root "$root" --timeout 60
+
+if $modules; then
+    step "a sample module: built with mkfs.erofs, pushed, signed, assigned to the node"
+    mkdir -p "$work/hello/bin" "$work/hello/etc"
+    printf '#!/bin/sh\necho "hello from a powernode module"\n' >"$work/hello/bin/hello"
+    chmod 755 "$work/hello/bin/hello"
+    echo "This file comes from the hello module." >"$work/hello/etc/motd"
+    run "$bin/powernode-controller" module build "$work/hello" --name hello --version 1.0 \
+        --health-check "bin/hello" --out "$work/out"
+    run "$bin/powernode-controller" module push "$work"/out/hello-1.0-*.manifest.json \
+        --to "$registry/demo/hello:1.0" --plain-http
+    run "$bin/powernode-controller" module sign "$registry/demo/hello:1.0" --key "$work/keys/cosign.key" --plain-http
+    node_id=$("$bin/powernode-agent" --root "$root" wait enrollmgr/EnrollmentStatus --timeout 5 |
+        python3 -c "import json,sys; print(json.load(sys.stdin)['value']['node_id'])")
+    run "$bin/powernode-controller" module assign --node "$node_id" --data "$data" --plain-http "$registry/demo/hello:1.0"
+    step "the next heartbeat reply carries the assignment: pulled, verified, mounted"
+    run "$bin/powernode-agent" --root "$root" wait modulemgr/ModuleStatus --key hello --field state=Active --timeout 120
+    run cat "$root/run/powernode-mounts/modules/current/etc/motd"
+    run "$root/run/powernode-mounts/modules/current/bin/hello"
+fi
 
 step "the node's view"
 run "$bin/powernode-agent" --root "$root" status
@@ -65,6 +118,15 @@ run "$bin/ipcmonitor" --root "$root" enrollmgr/EnrollmentStatus
 
 step "the controller's view"
 run "$bin/powernode-controller" nodes list --data "$data"
+if $modules; then
+    # The controller hears of the active module with the next heartbeat.
+    for _ in $(seq 30); do
+        "$bin/powernode-controller" node show "$node_id" --data "$data" --json |
+            grep -q '"state": "Active"' && break
+        sleep 1
+    done
+    run "$bin/powernode-controller" node show "$node_id" --data "$data"
+fi
 
 step "the controller goes away: the node notices and backs off"
 kill "$controller_pid"; wait "$controller_pid" 2>/dev/null || true; controller_pid=

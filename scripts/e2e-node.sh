@@ -8,7 +8,11 @@
 #   4. certificate rotation with short-lived certificates while heartbeats keep flowing, the
 #      old certificate archived;
 #   5. the controller down for a while: ControllerStatus unreachable, failures counted, recovery;
-#   6. a second node with the used bootstrap token: BadToken, never enrolled.
+#   6. a second node with the used bootstrap token: BadToken, never enrolled;
+#   7. modules assigned through the controller (built, pushed to a loopback docker-registry and
+#      signed with the controller's tooling): two signed ones stacked by priority with files of
+#      both in the union, an unsigned one refused; all of it reported to the controller; then
+#      one removed: the stack switches (needs root and docker-registry; skipped without).
 # Uses the debug binaries `cargo test` builds (or BIN=dir). Run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +27,16 @@ node=$work/node
 other=$work/other
 data=$work/controller
 controller_pid=
+registry_pid=
 cleanup() {
     scripts/device-steps.sh --root "$node" --stop >/dev/null 2>&1 || true
     scripts/device-steps.sh --root "$other" --stop >/dev/null 2>&1 || true
-    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && wait "$controller_pid" 2>/dev/null
+    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && { wait "$controller_pid" 2>/dev/null || true; }
+    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
+    # mountmgr leaves its stacks mounted when it stops (by design): unmount them, deepest first.
+    grep " $work/" /proc/self/mountinfo 2>/dev/null | awk '{print $5}' | sort -r | while read -r m; do
+        umount -l "$m" 2>/dev/null || true
+    done || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -65,8 +75,28 @@ start_controller() { # [listen address]
 }
 stop_controller() { kill "$controller_pid"; wait "$controller_pid" 2>/dev/null || true; controller_pid=; }
 
+# A registry for the module step, when this machine can run one.
+modules=false
+if [ "$(id -u)" = 0 ] && command -v docker-registry >/dev/null && command -v mkfs.erofs >/dev/null; then
+    modules=true
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    registry=127.0.0.1:$port
+    mkdir -p "$work/registry"
+    printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
+        "$work/registry" "$registry" >"$work/registry.yml"
+    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
+    registry_pid=$!
+    export COSIGN_PASSWORD=e2e
+    "$ctl" module keygen --out "$work/keys" >/dev/null
+fi
+
 sandbox() { # ROOT TOKEN
-    mkdir -p "$1/proc/sys/kernel/random" "$1/etc/powernode"
+    mkdir -p "$1/proc/sys/kernel/random" "$1/etc/powernode/trust"
+    if $modules; then
+        printf '[modules]\nplain_http = ["%s"]\n' "$registry" >"$1/etc/powernode/agent.toml"
+        cp "$work/keys/cosign.pub" "$1/etc/powernode/trust/"
+        echo 'keys = ["cosign.pub"]' >"$1/etc/powernode/trust/default.toml"
+    fi
     cp "$data/ca.crt.pem" "$1/etc/powernode/controller-ca.pem"
     cat /proc/sys/kernel/random/uuid >"$1/proc/sys/kernel/random/boot_id"
     cp /proc/uptime /proc/loadavg /proc/meminfo "$1/proc/"
@@ -135,5 +165,69 @@ done
 wait_for "$other" enrollmgr/EnrollmentStatus state=BadToken 60 "a reused bootstrap token was not refused"
 [ "$(node_count)" = 1 ] || fail "the reused token enrolled a second node"
 ok "reused bootstrap token refused"
+
+# 7. modules through the controller
+module_state() { # NAME: its state, from the node
+    "$agent" --root "$node" wait modulemgr/ModuleStatus --key "$1" --timeout 5 2>/dev/null |
+        python3 -c "import json,sys; print(json.load(sys.stdin)['value']['state'])" 2>/dev/null || echo none
+}
+union() { cat "$node/run/powernode-mounts/modules/current/$1" 2>/dev/null || echo "(missing)"; }
+reported() { # NAME FIELD: what the controller last heard of a module
+    "$ctl" node show "$node_id" --data "$data" --json | python3 -c "
+import json, sys
+d = json.load(sys.stdin)
+hb = d.get('last_heartbeat') or {}
+body = hb.get('body') or {}
+body = json.loads(body) if isinstance(body, str) else body
+mods = [m for m in body.get('modules', []) if m['name'] == '$1']
+print(mods[0].get('$2') if mods else 'none')"
+}
+if $modules; then
+    for name in base tools rogue; do
+        mkdir -p "$work/src/$name/etc"
+        echo "$name" >"$work/src/$name/etc/$name.txt"
+        echo "from $name" >"$work/src/$name/etc/shared.txt"
+        "$ctl" module build "$work/src/$name" --name "$name" --version 1 --out "$work/out" >/dev/null ||
+            fail "module build $name"
+        "$ctl" module push "$work/out/$name-1-"*.manifest.json --to "$registry/e2e/$name:1" --plain-http >/dev/null ||
+            fail "module push $name"
+    done
+    for name in base tools; do
+        "$ctl" module sign "$registry/e2e/$name:1" --key "$work/keys/cosign.key" --plain-http >/dev/null ||
+            fail "module sign $name"
+    done
+    "$ctl" module assign --node "$node_id" --data "$data" --plain-http --priority base=10 --priority tools=20 \
+        "$registry/e2e/base:1" "$registry/e2e/tools:1" "$registry/e2e/rogue:1" >/dev/null || fail "module assign"
+    for name in base tools; do
+        "$agent" --root "$node" wait modulemgr/ModuleStatus --key "$name" --field state=Active --timeout 60 >/dev/null ||
+            fail "$name did not become active (it is $(module_state "$name"))"
+    done
+    "$agent" --root "$node" wait modulemgr/ModuleStatus --key rogue --field state=Failed --timeout 60 >/dev/null ||
+        fail "the unsigned module was not refused (it is $(module_state rogue))"
+    [ "$(module_state base)" = Active ] && [ "$(module_state tools)" = Active ] || fail "base and tools are not both active"
+    [ "$(union etc/base.txt)" = base ] && [ "$(union etc/tools.txt)" = tools ] || fail "the union lacks files of base or tools"
+    [ "$(union etc/shared.txt)" = "from tools" ] || fail "the higher priority module does not win: $(union etc/shared.txt)"
+    [ "$(union etc/rogue.txt)" = "(missing)" ] || fail "the unsigned module's files are in the union"
+    deadline=$((SECONDS + 30))
+    until [ "$(reported tools state)" = Active ] && [ "$(reported rogue state)" = Failed ]; do
+        [ $SECONDS -lt $deadline ] || fail "the controller was not told: tools $(reported tools state), rogue $(reported rogue state)"
+        sleep 1
+    done
+    reason=$(reported rogue error)
+    case $reason in *signature*) ;; *) fail "the controller's reason for rogue does not name the signature: $reason" ;; esac
+    ok "modules: base and tools stacked by priority, rogue refused ($reason), all reported"
+
+    "$ctl" module assign --node "$node_id" --data "$data" --plain-http --priority base=10 "$registry/e2e/base:1" >/dev/null ||
+        fail "module assign (one)"
+    deadline=$((SECONDS + 60))
+    until [ "$(union etc/tools.txt)" = "(missing)" ]; do
+        [ $SECONDS -lt $deadline ] || fail "tools was not taken out of the stack"
+        sleep 0.5
+    done
+    [ "$(union etc/shared.txt)" = "from base" ] || fail "after the switch shared.txt is $(union etc/shared.txt)"
+    ok "modules: tools removed, the stack switched"
+else
+    echo "e2e skipped: modules (needs root, docker-registry and mkfs.erofs)"
+fi
 
 echo "$passed passed, 0 failed"

@@ -1,0 +1,559 @@
+//! Modules end to end on one node, with real parts only: the `docker-registry` server on
+//! loopback, modules built by `mkfs.erofs`, signed in cosign's format, and the real
+//! modulemgr, verifier and mountmgr processes mounting real erofs and overlayfs.
+//!
+//! Needs root (mounts), `docker-registry` and `mkfs.erofs`; each test says so and skips when
+//! one is missing. CI runs as root with both installed.
+
+mod common;
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bin;
+use powernode_modules::cosign::SigningKey;
+use powernode_modules::format::host_architecture;
+use powernode_modules::package::{self, BuildOptions, Built};
+use powernode_modules::registry::{Registry, RegistryConfig};
+use powernode_modules::testing::TestRegistry;
+use powernode_pubsub::{Dirs, Subscription};
+use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus};
+
+/// The mount target modulemgr stacks at (settings default).
+const TARGET: &str = "modules";
+
+fn can_run(test: &str) -> bool {
+    let missing = if !nix::unistd::geteuid().is_root() {
+        Some("root")
+    } else if !TestRegistry::available() {
+        Some("docker-registry")
+    } else if Command::new("mkfs.erofs").arg("--help").output().is_err() {
+        Some("mkfs.erofs")
+    } else {
+        None
+    };
+    if let Some(what) = missing {
+        eprintln!("skipped {test}: needs {what}");
+    }
+    missing.is_none()
+}
+
+/// A node: a root directory with settings and a trust policy, the three module agents, and a
+/// registry.
+struct Node {
+    dir: tempfile::TempDir,
+    registry: TestRegistry,
+    key: SigningKey,
+    agents: Vec<(String, Child)>,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Node {
+    fn new(require_signature: bool) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = TestRegistry::start(&dir.path().join("registry")).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc/powernode/trust")).unwrap();
+        fs::write(
+            root.join("etc/powernode/agent.toml"),
+            format!(
+                "[modules]\nplain_http = [\"{}\"]\nmax_backoff_s = 2\n",
+                registry.host
+            ),
+        )
+        .unwrap();
+        let key = SigningKey::generate().unwrap();
+        fs::write(
+            root.join("etc/powernode/trust/cosign.pub"),
+            key.public_key_pem(),
+        )
+        .unwrap();
+        fs::write(
+            root.join("etc/powernode/trust/default.toml"),
+            format!("require_signature = {require_signature}\nkeys = [\"cosign.pub\"]\n"),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut node = Node {
+            dir,
+            registry,
+            key,
+            agents: Vec::new(),
+            rt,
+        };
+        for agent in ["verifier", "mountmgr", "modulemgr"] {
+            node.start(agent);
+        }
+        node
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    fn registry_client(&self) -> Registry {
+        Registry::new(RegistryConfig {
+            plain_http: vec![self.registry.host.clone()],
+            ..RegistryConfig::default()
+        })
+    }
+
+    fn start(&mut self, agent: &str) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(format!("{agent}.log")))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["run", agent, "--root"])
+            .arg(self.root())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents.push((agent.to_owned(), child));
+    }
+
+    /// SIGKILL to the agent's PID.
+    fn kill9(&mut self, agent: &str) {
+        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
+        let (_, mut child) = self.agents.remove(i);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    fn log(&self, agent: &str) -> String {
+        fs::read_to_string(self.dir.path().join(format!("{agent}.log"))).unwrap_or_default()
+    }
+
+    /// Builds module `name` from `files`, pushes it as `modules/<name>:<version>` and, if
+    /// `sign`, signs it with the node's trusted key. Returns the reference.
+    fn publish(&self, name: &str, files: &[(&str, &[u8])], options: Publish) -> String {
+        let built = self.build(name, files, &options);
+        if let Some(edit) = options.edit_manifest {
+            let text = fs::read_to_string(&built.manifest).unwrap();
+            fs::write(&built.manifest, edit(&text)).unwrap();
+        }
+        let built = package::load_built(&built.manifest).unwrap();
+        let repository = format!("{}/modules/{name}", self.registry.host);
+        let registry = self.registry_client();
+        self.rt
+            .block_on(package::push(&registry, &repository, "1", &[built]))
+            .unwrap();
+        let reference = format!("{repository}:1");
+        match options.signer {
+            Signer::Trusted => {
+                self.rt
+                    .block_on(package::sign(&registry, &reference, &self.key))
+                    .unwrap();
+            }
+            Signer::Other => {
+                let other = SigningKey::generate().unwrap();
+                self.rt
+                    .block_on(package::sign(&registry, &reference, &other))
+                    .unwrap();
+            }
+            Signer::None => {}
+        }
+        reference
+    }
+
+    fn build(&self, name: &str, files: &[(&str, &[u8])], options: &Publish) -> Built {
+        let src = self.dir.path().join("src").join(name);
+        for (path, data) in files {
+            let path = src.join(path);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, data).unwrap();
+        }
+        package::build(
+            &src,
+            &BuildOptions {
+                name: name.to_owned(),
+                version: "1".to_owned(),
+                priority: 50,
+                architecture: options
+                    .architecture
+                    .unwrap_or(host_architecture())
+                    .to_owned(),
+                dependencies: Vec::new(),
+                services: Vec::new(),
+                health_check: None,
+            },
+            &self.dir.path().join("out"),
+        )
+        .unwrap()
+    }
+
+    fn attach(&self, name: &str, reference: &str, priority: u32) {
+        let out = Command::new(bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(["attach", reference, "--name", name, "--no-wait"])
+            .args(["--priority", &priority.to_string()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    fn detach(&self, name: &str) {
+        let out = Command::new(bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(["detach", name])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+
+    /// Waits until module `name`'s status satisfies `done`.
+    fn wait_module(&self, name: &str, done: impl Fn(&ModuleStatus) -> bool) -> ModuleStatus {
+        let dirs = Dirs::under_root(self.root());
+        self.rt.block_on(async {
+            let mut sub = Subscription::<ModuleStatus>::connect(&dirs, "modulemgr");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = sub.get(name) {
+                    if done(status) {
+                        return status.clone();
+                    }
+                }
+                if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
+                    panic!(
+                        "module {name}: last {:?}\nmodulemgr log:\n{}\nverifier log:\n{}\nmountmgr log:\n{}",
+                        sub.get(name),
+                        self.log("modulemgr"),
+                        self.log("verifier"),
+                        self.log("mountmgr")
+                    );
+                }
+            }
+        })
+    }
+
+    fn wait_active(&self, name: &str) -> ModuleStatus {
+        self.wait_module(name, |s| {
+            assert_ne!(s.state, ModuleState::Failed, "{s:?}");
+            s.state == ModuleState::Active
+        })
+    }
+
+    fn wait_failed(&self, name: &str) -> ModuleStatus {
+        self.wait_module(name, |s| {
+            assert_ne!(s.state, ModuleState::Active, "{s:?}");
+            s.state == ModuleState::Failed
+        })
+    }
+
+    /// Waits until the mount status satisfies `done`.
+    fn wait_mount(&self, done: impl Fn(&MountStatus) -> bool) -> MountStatus {
+        let dirs = Dirs::under_root(self.root());
+        self.rt.block_on(async {
+            let mut sub = Subscription::<MountStatus>::connect(&dirs, "mountmgr");
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(status) = sub.get(TARGET) {
+                    if done(status) {
+                        return status.clone();
+                    }
+                }
+                if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
+                    panic!(
+                        "mount: last {:?}\nmountmgr log:\n{}",
+                        sub.get(TARGET),
+                        self.log("mountmgr")
+                    );
+                }
+            }
+        })
+    }
+
+    /// Where a file is seen through the union.
+    fn union_file_path(&self, path: &str) -> PathBuf {
+        self.root()
+            .join("run/powernode-mounts")
+            .join(TARGET)
+            .join("current")
+            .join(path)
+    }
+
+    /// A file as seen through the union.
+    fn union_file(&self, path: &str) -> Option<String> {
+        fs::read_to_string(self.union_file_path(path)).ok()
+    }
+
+    /// Mount points under the node's root, from /proc/self/mountinfo.
+    fn mounts(&self) -> Vec<String> {
+        let root = self.root().display().to_string();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+            .filter(|p| p.starts_with(&root))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut mounts = self.mounts();
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in mounts {
+            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Signer {
+    Trusted,
+    Other,
+    None,
+}
+
+struct Publish {
+    signer: Signer,
+    architecture: Option<&'static str>,
+    edit_manifest: Option<fn(&str) -> String>,
+}
+
+impl Default for Publish {
+    fn default() -> Self {
+        Publish {
+            signer: Signer::Trusted,
+            architecture: None,
+            edit_manifest: None,
+        }
+    }
+}
+
+#[test]
+fn two_modules_stack_by_priority_and_switch() {
+    if !can_run("two_modules_stack_by_priority_and_switch") {
+        return;
+    }
+    let node = Node::new(true);
+    let base = node.publish(
+        "base",
+        &[("etc/base.txt", b"base"), ("shared.txt", b"from base")],
+        Publish::default(),
+    );
+    let tools = node.publish(
+        "tools",
+        &[("bin/tool.txt", b"tool"), ("shared.txt", b"from tools")],
+        Publish::default(),
+    );
+    node.attach("base", &base, 10);
+    node.attach("tools", &tools, 20);
+    let b = node.wait_active("base");
+    let t = node.wait_active("tools");
+    let mount = node.wait_mount(|m| {
+        m.state == MountState::Mounted
+            && m.layers.len() == 2
+            && m.layers.contains(b.digest.as_ref().unwrap())
+    });
+    assert_eq!(
+        mount.layers,
+        vec![b.digest.clone().unwrap(), t.digest.clone().unwrap()],
+        "bottom first"
+    );
+    assert_eq!(node.union_file("etc/base.txt").as_deref(), Some("base"));
+    assert_eq!(node.union_file("bin/tool.txt").as_deref(), Some("tool"));
+    assert_eq!(node.union_file("shared.txt").as_deref(), Some("from tools"));
+    let first_slot = mount.slot;
+
+    // base above tools now: a new stack in the other slot.
+    node.attach("base", &base, 30);
+    let mount = node
+        .wait_mount(|m| m.state == MountState::Mounted && m.layers.first() == t.digest.as_ref());
+    assert_ne!(
+        mount.slot, first_slot,
+        "the new stack is built in the other slot"
+    );
+    assert_eq!(node.union_file("shared.txt").as_deref(), Some("from base"));
+
+    // tools removed: another switch, its files gone.
+    node.detach("tools");
+    let mount = node.wait_mount(|m| m.state == MountState::Mounted && m.layers.len() == 1);
+    assert_eq!(mount.layers, vec![b.digest.clone().unwrap()]);
+    assert_eq!(node.union_file("bin/tool.txt"), None);
+    assert_eq!(node.union_file("etc/base.txt").as_deref(), Some("base"));
+
+    // modulemgr killed and restarted: it re-fetches (from its store), re-verifies and finds
+    // the stack already mounted: base is Active again, with no new stack and no new mount.
+    let mut node = node;
+    let mounts_before = node.mounts().len();
+    let active_lines = |node: &Node| node.log("modulemgr").matches("module active").count();
+    let before = active_lines(&node);
+    node.kill9("modulemgr");
+    node.start("modulemgr");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while active_lines(&node) == before {
+        assert!(Instant::now() < deadline, "{}", node.log("modulemgr"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.wait_active("base");
+    let after = node.wait_mount(|m| m.state == MountState::Mounted);
+    assert_eq!(
+        after.generation, mount.generation,
+        "no new stack after a restart"
+    );
+    assert_eq!(node.mounts().len(), mounts_before, "nothing mounted twice");
+}
+
+#[test]
+fn bad_modules_are_never_mounted() {
+    if !can_run("bad_modules_are_never_mounted") {
+        return;
+    }
+    let node = Node::new(true);
+    let good = node.publish("good", &[("good.txt", b"good")], Publish::default());
+    node.attach("good", &good, 10);
+    node.wait_active("good");
+
+    let other_arch = if host_architecture() == "arm64" {
+        "amd64"
+    } else {
+        "arm64"
+    };
+    let cases: Vec<(&str, Publish, &str)> = vec![
+        (
+            "wrongkey",
+            Publish {
+                signer: Signer::Other,
+                ..Publish::default()
+            },
+            "signature",
+        ),
+        (
+            "unsigned",
+            Publish {
+                signer: Signer::None,
+                ..Publish::default()
+            },
+            "no signatures",
+        ),
+        (
+            "badverity",
+            Publish {
+                edit_manifest: Some(|text| {
+                    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                    let old = v["annotations"][powernode_modules::format::FSVERITY_ANNOTATION]
+                        .as_str()
+                        .unwrap()
+                        .to_owned();
+                    text.replace(&old, &format!("sha256:{}", "0".repeat(64)))
+                }),
+                ..Publish::default()
+            },
+            "fs-verity digest mismatch",
+        ),
+        (
+            "otherarch",
+            Publish {
+                architecture: Some(other_arch),
+                ..Publish::default()
+            },
+            "no manifest for architecture",
+        ),
+    ];
+    for (name, options, reason) in cases {
+        let reference = node.publish(name, &[("x.txt", name.as_bytes())], options);
+        node.attach(name, &reference, 20);
+        let status = node.wait_failed(name);
+        let error = status.error.unwrap_or_default();
+        assert!(
+            error.contains(reason),
+            "{name}: {error:?} should say {reason:?}"
+        );
+    }
+
+    // A blob tampered with in the registry's storage.
+    let reference = node.publish("tampered", &[("t.txt", b"tampered")], Publish::default());
+    let built = node.build("tampered", &[("t.txt", b"tampered")], &Publish::default());
+    let blob = node
+        .registry
+        .blob_file(built.image_digest.strip_prefix("sha256:").unwrap());
+    let mut data = fs::read(&blob).unwrap();
+    let last = data.len() - 1;
+    data[last] ^= 0xff;
+    fs::write(&blob, data).unwrap();
+    node.attach("tampered", &reference, 20);
+    let status = node.wait_failed("tampered");
+    assert!(
+        status.error.as_deref().unwrap_or("").contains("digest"),
+        "{status:?}"
+    );
+
+    // Through all of it the good stack stayed, and nothing bad was ever mounted.
+    let mount = node.wait_mount(|m| m.state == MountState::Mounted);
+    assert_eq!(mount.layers.len(), 1, "{mount:?}");
+    assert_eq!(node.union_file("good.txt").as_deref(), Some("good"));
+    assert_eq!(node.union_file("x.txt"), None);
+    assert_eq!(node.union_file("t.txt"), None);
+}
+
+#[test]
+fn download_resumes_after_kill9_and_registry_outage_is_retried() {
+    if !can_run("download_resumes_after_kill9_and_registry_outage_is_retried") {
+        return;
+    }
+    let mut node = Node::new(true);
+    // Random bytes do not compress: the image is as big as the file.
+    let mut big = vec![0u8; 96 << 20];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut big).unwrap();
+    let reference = node.publish("big", &[("big.bin", &big)], Publish::default());
+    drop(big);
+
+    // kill -9 modulemgr once part of the image is in the store.
+    node.attach("big", &reference, 10);
+    let store = node.root().join("persist/powernode/store/sha256");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let partial = loop {
+        let found = fs::read_dir(&store).ok().and_then(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "partial"))
+        });
+        if let Some(p) = found.filter(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0)) {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no partial download appeared");
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    node.kill9("modulemgr");
+    let kept = fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    assert!(kept > 0, "the partial download survives the kill");
+
+    // Registry down: modulemgr comes back, retries with backoff and says so.
+    node.registry.stop();
+    node.start("modulemgr");
+    let status = node.wait_module("big", |s| {
+        s.error.as_deref().is_some_and(|e| e.contains("retrying"))
+    });
+    assert_ne!(status.state, ModuleState::Failed);
+    node.registry.resume().unwrap();
+    let status = node.wait_active("big");
+    assert_eq!(status.bytes_done, status.bytes_total.unwrap());
+    assert!(
+        node.log("modulemgr")
+            .contains("resuming download at the end of the partial file"),
+        "the download resumed at the partial file's end:\n{}",
+        node.log("modulemgr")
+    );
+    assert_eq!(
+        fs::read(node.union_file_path("big.bin")).unwrap().len(),
+        96 << 20
+    );
+}
