@@ -7,6 +7,7 @@
 //! powernode-agent [--root DIR] attach REF [--name N] [--priority P] [--no-wait] [--json]
 //! powernode-agent [--root DIR] detach NAME
 //! powernode-agent [--root DIR] verify REF|BUILT [--policy NAME] [--json]
+//! powernode-agent [--root DIR] commit --name N --version V [--push REF] [--json]
 //! powernode-agent version [--json]
 //! powernode-agent [--root DIR] run <program> [ARGS]...
 //! ```
@@ -140,6 +141,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Capture what was written into the mounted stack as a new module image.
+    ///
+    /// The active stack's upper directory (new and changed files, and whiteouts for deleted
+    /// ones) is made into an erofs image with mkfs.erofs, with its manifests, in --out; with
+    /// --push it is uploaded as REGISTRY/REPOSITORY:TAG (sign it with `powernode-controller
+    /// module sign` before assigning it to nodes whose policy requires signatures).
+    Commit {
+        /// The new module's name.
+        #[arg(long)]
+        name: String,
+        /// Its version.
+        #[arg(long, value_name = "V")]
+        version: String,
+        /// Its stacking priority.
+        #[arg(long, default_value = "60")]
+        priority: u32,
+        /// The mount target (default: modules.mount_target from the settings).
+        #[arg(long)]
+        target: Option<String>,
+        /// Where to write the image and manifests.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Push to REGISTRY/REPOSITORY:TAG.
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the version, git commit and compiler of this binary.
     Version {
         /// Print JSON instead of text.
@@ -228,6 +258,27 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
             json,
         )),
         Command::Detach { name } => tool::block_on(modules::detach(&root, &name)),
+        Command::Commit {
+            name,
+            version,
+            priority,
+            target,
+            out,
+            push,
+            json,
+        } => tool::block_on(async {
+            let settings = agentbase::Settings::load(&root)?;
+            let args = modules::CommitArgs {
+                target: target.unwrap_or_else(|| settings.modules.mount_target.clone()),
+                name,
+                version,
+                priority,
+                out,
+                push,
+                json,
+            };
+            modules::commit(&root, &settings, args).await
+        }),
         Command::Verify {
             target,
             policy,

@@ -1,9 +1,11 @@
-//! `attach`, `detach` and `verify`: modules from the command line.
+//! `attach`, `detach`, `verify` and `commit`: modules from the command line.
 //!
 //! `attach` writes a local assignment (`etc/powernode/modules.d/<name>.toml`, read by
 //! modulemgr) and follows the module's `ModuleStatus` until it is Active or Failed; `detach`
 //! removes one. `verify` runs the verifier's own checks on a module in a registry (pulled into
-//! a temporary store) or on a module built by `powernode-controller module build`.
+//! a temporary store) or on a module built by `powernode-controller module build`. `commit`
+//! captures what was written into a mounted stack (the overlay's upper directory, whiteouts
+//! included) as a new module image, and pushes it when asked.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime};
@@ -245,6 +247,109 @@ async fn pulled_config(
         signatures,
         trust_policy: policy.to_owned(),
     })
+}
+
+/// What `commit` makes.
+#[derive(Debug)]
+pub struct CommitArgs {
+    /// The mount target whose writes are captured.
+    pub target: String,
+    /// The new module's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// Its priority.
+    pub priority: u32,
+    /// Where the image and manifests go.
+    pub out: std::path::PathBuf,
+    /// Push to this `registry/repository:tag`.
+    pub push: Option<String>,
+    /// Print JSON.
+    pub json: bool,
+}
+
+/// `commit`: the active stack's upper directory as a new module.
+pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyhow::Result<Exit> {
+    let dirs = Dirs::under_root(root.base());
+    let mut sub = Subscription::<powernode_types::MountStatus>::connect(&dirs, "mountmgr");
+    let status = tokio::time::timeout(Duration::from_secs(3), async {
+        while !matches!(sub.next().await, Event::Synchronized) {}
+        sub.get(&args.target).cloned()
+    })
+    .await
+    .ok()
+    .flatten()
+    .with_context(|| format!("no mount target {:?} (is mountmgr running?)", args.target))?;
+    let slot = status
+        .slot
+        .with_context(|| format!("target {:?} has no active stack", args.target))?;
+    let upper = if settings.modules.upper == "tmpfs" {
+        powernode_types::UpperMode::Tmpfs
+    } else {
+        powernode_types::UpperMode::Persistent {
+            path: settings.modules.upper.clone(),
+        }
+    };
+    let layout = mountmgr::layout::Layout::new(root.base())?;
+    let upper_dir = layout.upper_dir(&args.target, slot, &upper)?;
+    let options = powernode_modules::package::BuildOptions {
+        name: args.name.clone(),
+        version: args.version.clone(),
+        priority: args.priority,
+        architecture: host_architecture().to_owned(),
+        dependencies: Vec::new(),
+        services: Vec::new(),
+        health_check: None,
+    };
+    let out = args.out.clone();
+    let built = tokio::task::spawn_blocking(move || {
+        powernode_modules::package::build(&upper_dir, &options, &out)
+    })
+    .await??;
+    let pushed = match &args.push {
+        None => None,
+        Some(to) => {
+            let reference = powernode_modules::registry::parse_reference(to)?;
+            let tag = reference
+                .tag()
+                .with_context(|| format!("{to}: give a tag to push to (…:TAG)"))?
+                .to_owned();
+            let registry = Registry::new(RegistryConfig {
+                plain_http: settings.modules.plain_http.clone(),
+                credentials: Vec::new(),
+                connect_timeout: Some(Duration::from_millis(settings.modules.connect_timeout_ms)),
+            });
+            let repository = powernode_modules::registry::repository_of(&reference);
+            Some(
+                powernode_modules::package::push(
+                    &registry,
+                    &repository,
+                    &tag,
+                    std::slice::from_ref(&built),
+                )
+                .await?,
+            )
+        }
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"built": built, "pushed": pushed, "slot": format!("{slot:?}")})
+        );
+    } else {
+        println!(
+            "committed the writes of {} (slot {slot:?}) as {} {}: {} ({} files)",
+            args.target,
+            args.name,
+            args.version,
+            built.image.display(),
+            built.module.files.len()
+        );
+        if let Some(p) = &pushed {
+            println!("pushed {} ({})", p.reference, p.index_digest);
+        }
+    }
+    Ok(Exit::Success)
 }
 
 #[cfg(test)]

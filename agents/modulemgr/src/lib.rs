@@ -93,6 +93,8 @@ struct Agent {
     mounted: Vec<String>,
     /// mountmgr's latest status of the target.
     mount_status: Option<MountStatus>,
+    /// The verifier's latest verdict per module.
+    verdicts: BTreeMap<String, VerifyStatus>,
     /// The last stack mountmgr reported Mounted (at start: the last one published, until
     /// mountmgr says otherwise).
     applied: Option<MountConfig>,
@@ -153,6 +155,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         stack,
         mounted: Vec::new(),
         mount_status: None,
+        verdicts: BTreeMap::new(),
         ctx,
     };
     let mut desired_sub = Subscription::<ModuleConfig>::connect(&agent.ctx.dirs, HEARTBEAT_AGENT);
@@ -175,11 +178,16 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             event = desired_sub.next() => agent.on_desired(event),
-            event = verify_sub.next() => {
-                if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
+            event = verify_sub.next() => match event {
+                Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                    agent.verdicts.insert(value.name.clone(), value.clone());
                     agent.on_verify(&value);
                 }
-            }
+                Event::Delete { key, .. } => {
+                    agent.verdicts.remove(&key);
+                }
+                _ => {}
+            },
             event = mount_sub.next() => {
                 if let Event::Create { value, .. } | Event::Modify { new: value, .. } = event {
                     agent.on_mount(&value);
@@ -339,7 +347,6 @@ impl Agent {
             error: None,
         };
         self.report(self.status_pub.publish(&status));
-        self.report(self.verify_pub.unpublish(&config.name));
         self.modules.insert(
             config.name.clone(),
             Module {
@@ -413,8 +420,19 @@ impl Agent {
                 };
                 m.fetched = Some(*fetched);
                 m.verified = false;
+                // The same config as already handed over (a restart, or the same module
+                // fetched again): the verifier will not see a change, and its verdict on it
+                // stands, so take that verdict rather than wait for one that will not come.
+                let unchanged = self.verify_pub.get(name).as_ref() == Some(&verify);
                 if let Err(e) = self.verify_pub.publish(&verify) {
                     return self.fail(name, format!("cannot hand the module to the verifier: {e}"));
+                }
+                if unchanged {
+                    self.publish_status(name);
+                    if let Some(verdict) = self.verdicts.get(name).cloned() {
+                        self.on_verify(&verdict);
+                    }
+                    return;
                 }
             }
         }

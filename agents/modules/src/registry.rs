@@ -536,20 +536,26 @@ impl Registry {
             .await
             .map_err(|e| RegistryError::from_oci(&format!("blob {digest}"), e))?;
         if !exists {
-            self.client
-                .auth(
-                    &reference,
-                    &self.auth(&reference),
-                    oci_client::RegistryOperation::Push,
-                )
-                .await
-                .map_err(|e| RegistryError::from_oci("authenticating", e))?;
+            self.authorize_push(&reference).await?;
             self.client
                 .push_blob(&reference, data, &digest.to_string())
                 .await
                 .map_err(|e| RegistryError::from_oci(&format!("pushing blob {digest}"), e))?;
         }
         Ok(digest)
+    }
+
+    /// Gets (or reuses) the registry's permission to push to `reference`'s repository.
+    async fn authorize_push(&self, reference: &Reference) -> Result<(), RegistryError> {
+        self.client
+            .auth(
+                reference,
+                &self.auth(reference),
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| RegistryError::from_oci("authenticating", e))?;
+        Ok(())
     }
 
     /// Uploads manifest `bytes` (of `media_type`) under `tag` of `repository` (or by digest
@@ -566,14 +572,7 @@ impl Registry {
             Some(tag) => parse_reference(&format!("{repository}:{tag}"))?,
             None => parse_reference(&format!("{repository}@{digest}"))?,
         };
-        self.client
-            .auth(
-                &reference,
-                &self.auth(&reference),
-                oci_client::RegistryOperation::Push,
-            )
-            .await
-            .map_err(|e| RegistryError::from_oci("authenticating", e))?;
+        self.authorize_push(&reference).await?;
         let content_type = media_type
             .parse()
             .map_err(|_| RegistryError::Invalid(format!("bad media type {media_type:?}")))?;

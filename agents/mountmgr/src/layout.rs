@@ -194,6 +194,22 @@ impl Layout {
         self.slot_dir(target, slot).join("upper")
     }
 
+    /// The overlay's upper directory (where the stack's writes are) for `upper`: in the slot's
+    /// tmpfs, or in the persistent directory. What `powernode-agent commit` captures.
+    pub fn upper_dir(
+        &self,
+        target: &str,
+        slot: Slot,
+        upper: &powernode_types::UpperMode,
+    ) -> Result<PathBuf, UpperPathError> {
+        Ok(match upper {
+            powernode_types::UpperMode::Tmpfs => self.upper_mount(target, slot).join("upper"),
+            powernode_types::UpperMode::Persistent { path } => {
+                persistent_dir(&self.root, path)?.join("upper")
+            }
+        })
+    }
+
     /// `<mounts>/<target>/<slot>/merged`: the overlay.
     pub fn merged(&self, target: &str, slot: Slot) -> PathBuf {
         self.slot_dir(target, slot).join("merged")
