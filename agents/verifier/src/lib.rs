@@ -9,11 +9,14 @@
 //!   VerifyConfig deleted ──► status removed
 //! ```
 //!
-//! Checks run on blocking threads, one module at a time per name; a verdict for a config that
+//! An image that passes is then sealed with fs-verity where the kernel and file system have it
+//! ([`kernel`]); the verdict says whether the kernel enforces the digest or only userspace
+//! computed it. Checks run on blocking threads, one module at a time per name; a verdict for a config that
 //! changed meanwhile is dropped and the newer config is checked. Nothing is cached across
 //! configs: every new config is checked from the bytes on disk.
 
 pub mod check;
+pub mod kernel;
 pub mod policy;
 
 use std::collections::BTreeMap;
@@ -95,18 +98,28 @@ fn verdict(trust_dir: &std::path::Path, config: &VerifyConfig) -> VerifyStatus {
     let started = std::time::Instant::now();
     let outcome = policy::load(trust_dir, &config.trust_policy)
         .map_err(|e| e.to_string())
-        .and_then(|p| check::check(config, &p, SystemTime::now()).map_err(|e| e.to_string()));
-    let (state, reason) = match outcome {
-        Ok(v) => {
-            tracing::info!(module = %config.name, digest = %config.digest, signer = %v.signer,
-                ms = started.elapsed().as_millis() as u64, "module verified");
-            (
-                VerifyState::Verified,
-                format!(
-                    "{}; fs-verity {} (computed in userspace)",
+        .and_then(|p| check::check(config, &p, SystemTime::now()).map_err(|e| e.to_string()))
+        .and_then(|v| {
+            // Only an image that passed every check is sealed: fs-verity makes it immutable.
+            let digest = powernode_modules::fsverity::Digest::parse(&v.fsverity_digest)
+                .map_err(|e| e.to_string())?;
+            match kernel::enforce(std::path::Path::new(&config.image_path), &digest.0) {
+                Ok(kernel::Kernel::Enforced) => Ok(format!(
+                    "{}; fs-verity {} (computed, and enforced by the kernel)",
                     v.signer, v.fsverity_digest
-                ),
-            )
+                )),
+                Ok(kernel::Kernel::Unsupported(why)) => Ok(format!(
+                    "{}; fs-verity {} (computed in userspace; the kernel cannot enforce it here: {why})",
+                    v.signer, v.fsverity_digest
+                )),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+    let (state, reason) = match outcome {
+        Ok(summary) => {
+            tracing::info!(module = %config.name, digest = %config.digest, %summary,
+                ms = started.elapsed().as_millis() as u64, "module verified");
+            (VerifyState::Verified, summary)
         }
         Err(reason) => {
             tracing::warn!(module = %config.name, digest = %config.digest, %reason, "module rejected");
