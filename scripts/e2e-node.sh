@@ -11,8 +11,9 @@
 #   6. a second node with the used bootstrap token: BadToken, never enrolled;
 #   7. modules assigned through the controller (built, pushed to a loopback docker-registry and
 #      signed with the controller's tooling): two signed ones stacked by priority with files of
-#      both in the union, an unsigned one refused; all of it reported to the controller; then
-#      one removed: the stack switches (needs root and docker-registry; skipped without).
+#      both in the union, an unsigned one refused; all of it reported to the controller; every
+#      agent restarted without the stack changing; then one removed: the stack switches (needs
+#      root and docker-registry; skipped without).
 # Uses the debug binaries `cargo test` builds (or BIN=dir). Run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -216,6 +217,26 @@ if $modules; then
     reason=$(reported rogue error)
     case $reason in *signature*) ;; *) fail "the controller's reason for rogue does not name the signature: $reason" ;; esac
     ok "modules: base and tools stacked by priority, rogue refused ($reason), all reported"
+
+    # Every agent restarted: the stack stays mounted throughout, nothing is collected from the
+    # store, and the modules come back Active.
+    blobs=$(ls "$node/persist/powernode/store/sha256" | wc -l)
+    mount_generation() {
+        "$agent" --root "$node" wait mountmgr/MountStatus --key modules --field state=Mounted --timeout 30 2>/dev/null |
+            python3 -c "import json,sys; print(json.load(sys.stdin)['value']['generation'])"
+    }
+    generation=$(mount_generation)
+    scripts/device-steps.sh --root "$node" --stop >/dev/null
+    [ "$(union etc/tools.txt)" = tools ] || fail "the stack went away when the agents stopped"
+    scripts/device-steps.sh --root "$node" --bin "$bin" --timeout 60 >/dev/null || fail "the node did not come back"
+    for name in base tools; do
+        "$agent" --root "$node" wait modulemgr/ModuleStatus --key "$name" --field state=Active --timeout 60 >/dev/null ||
+            fail "$name is not active again after the restart (it is $(module_state "$name"))"
+    done
+    [ "$(union etc/tools.txt)" = tools ] && [ "$(union etc/base.txt)" = base ] || fail "the stack changed across the restart"
+    [ "$(ls "$node/persist/powernode/store/sha256" | wc -l)" -ge "$blobs" ] || fail "blobs were collected across the restart"
+    [ "$(mount_generation)" = "$generation" ] || fail "the restart built a new stack (generation $generation -> $(mount_generation))"
+    ok "modules: every agent restarted, the stack stayed, nothing re-downloaded"
 
     "$ctl" module assign --node "$node_id" --data "$data" --plain-http --priority base=10 "$registry/e2e/base:1" >/dev/null ||
         fail "module assign (one)"

@@ -17,10 +17,13 @@ pub struct ModuleConfig {
     pub generation: u64,
 }
 
+// Persistent: the desired modules are the node's desired state, which must outlive a reboot
+// (DESIGN §7) so that a node whose controller is down at boot keeps running its modules, and
+// modulemgr can read the assignment before heartbeatd is up.
 impl Topic for ModuleConfig {
     const NAME: &'static str = "ModuleConfig";
     const SCHEMA_VERSION: u32 = 1;
-    const PERSISTENT: bool = false;
+    const PERSISTENT: bool = true;
     fn key(&self) -> String {
         self.name.clone()
     }

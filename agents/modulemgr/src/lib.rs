@@ -41,7 +41,7 @@ use powernode_modules::store::Store;
 use powernode_pubsub::{Event, Publication, Subscription};
 use powernode_types::{
     ModuleConfig, ModuleState, ModuleStatus, MountConfig, MountLayer, MountState, MountStatus,
-    UpperMode, VerifyConfig, VerifyState, VerifyStatus,
+    Topic, UpperMode, VerifyConfig, VerifyState, VerifyStatus,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,9 @@ pub const VERIFIER_AGENT: &str = "verifier";
 pub const MOUNT_AGENT: &str = "mountmgr";
 /// The digest store, under the root.
 pub const STORE_DIR: &str = "persist/powernode/store";
+/// How long modulemgr waits for heartbeatd's assignment before it takes the local ones as
+/// the whole desired set (a node without a controller).
+const DESIRED_GRACE: Duration = Duration::from_secs(5);
 /// How often the local assignments are re-read besides when inotify says they changed.
 const LOCAL_POLL: Duration = Duration::from_secs(5);
 
@@ -95,6 +98,17 @@ struct Agent {
     mount_status: Option<MountStatus>,
     /// The verifier's latest verdict per module.
     verdicts: BTreeMap<String, VerifyStatus>,
+    /// Image digests the verifier rejected: never stacked, not even as the old layer of a
+    /// module whose new version is still on its way.
+    rejected: HashSet<String>,
+    /// Whether the controller's assignment is known (heartbeatd's snapshot arrived, or the
+    /// grace period for a node without heartbeatd ran out). Until it is, nothing is taken out
+    /// of the stack and nothing is collected: an empty subscription is not an empty assignment.
+    desired_known: bool,
+    /// Whether a stack has been published since the start. The first one waits until the
+    /// assignment is known and every module has been verified or has failed, so a restart or a
+    /// reboot does not tear down the stack mountmgr kept or rebuilt.
+    published_since_start: bool,
     /// The last stack mountmgr reported Mounted (at start: the last one published, until
     /// mountmgr says otherwise).
     applied: Option<MountConfig>,
@@ -156,8 +170,17 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         mounted: Vec::new(),
         mount_status: None,
         verdicts: BTreeMap::new(),
+        rejected: HashSet::new(),
+        desired_known: false,
+        published_since_start: false,
         ctx,
     };
+    // A node where heartbeatd never published an assignment (no controller, or its first
+    // boot) has nothing to wait for; otherwise the assignment is read from heartbeatd (live,
+    // or from its persistent checkpoints) before anything leaves the stack.
+    agent.desired_known = !powernode_pubsub::inspect::list(&agent.ctx.dirs)
+        .iter()
+        .any(|p| p.agent == HEARTBEAT_AGENT && p.topic == ModuleConfig::NAME);
     let mut desired_sub = Subscription::<ModuleConfig>::connect(&agent.ctx.dirs, HEARTBEAT_AGENT);
     let mut verify_sub = Subscription::<VerifyStatus>::connect(&agent.ctx.dirs, VERIFIER_AGENT);
     let mut mount_sub = Subscription::<MountStatus>::connect(&agent.ctx.dirs, MOUNT_AGENT);
@@ -174,9 +197,16 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     };
     let mut beat = tokio::time::interval(agent.ctx.beat_interval());
     let shutdown = agent.ctx.shutdown.clone();
+    let grace = tokio::time::sleep(DESIRED_GRACE);
+    tokio::pin!(grace);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            () = &mut grace, if !agent.desired_known => {
+                tracing::info!(grace_s = DESIRED_GRACE.as_secs(), "no assignment from heartbeatd; going on with the local ones");
+                agent.desired_known = true;
+                agent.restack();
+            }
             event = desired_sub.next() => agent.on_desired(event),
             event = verify_sub.next() => match event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => {
@@ -239,6 +269,7 @@ impl Agent {
             Event::Delete { key, .. } => {
                 self.controller.remove(&key);
             }
+            Event::Synchronized if !self.desired_known => self.desired_known = true,
             // After a reconnect the snapshot's deletes arrive as Delete events; until then the
             // last known assignment stands.
             _ => return,
@@ -296,8 +327,14 @@ impl Agent {
             self.report(self.verify_pub.unpublish(&name));
             tracing::info!(module = %name, "module removed");
         }
-        // Statuses left from an earlier run for modules no longer wanted.
-        for key in self.status_pub.keys() {
+        // Statuses left from an earlier run for modules no longer wanted (only once the
+        // assignment is known: before that, a missing module may just not have arrived yet).
+        for key in self
+            .status_pub
+            .keys()
+            .into_iter()
+            .filter(|_| self.desired_known)
+        {
             if !desired.contains_key(&key) {
                 self.report(self.status_pub.unpublish(&key));
                 self.report(self.verify_pub.unpublish(&key));
@@ -440,11 +477,33 @@ impl Agent {
     }
 
     fn on_verify(&mut self, v: &VerifyStatus) {
+        match v.state {
+            VerifyState::Failed => {
+                self.rejected.insert(v.digest.clone());
+            }
+            VerifyState::Verified => {
+                self.rejected.remove(&v.digest);
+            }
+            VerifyState::Verifying => {}
+        }
         let Some(m) = self.modules.get_mut(&v.name) else {
             return;
         };
         let Some(fetched) = &m.fetched else { return };
-        if fetched.resolved.image.digest != v.digest || m.status.state != ModuleState::Verifying {
+        if fetched.resolved.image.digest != v.digest {
+            return;
+        }
+        if m.status.state != ModuleState::Verifying {
+            // A verdict that withdraws an image already in use (the policy changed and the
+            // verifier restarted): it leaves the stack.
+            if v.state == VerifyState::Failed && m.status.state != ModuleState::Failed {
+                let reason = format!(
+                    "verification failed: {}",
+                    v.reason.as_deref().unwrap_or("no reason given")
+                );
+                self.fail(&v.name, reason);
+                self.restack();
+            }
             return;
         }
         match v.state {
@@ -498,16 +557,30 @@ impl Agent {
                 }
                 _ => current(&m.config.name),
             })
+            .filter(|l| !self.rejected.contains(&l.digest))
             .collect();
         layers.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
         layers
     }
 
-    /// Publishes a new `MountConfig` if the stack changed.
+    /// Publishes a new `MountConfig` if the stack changed (see `published_since_start` for
+    /// when the first one after a start may go out).
     fn restack(&mut self) {
+        if !self.published_since_start {
+            let pending = self.modules.values().any(|m| {
+                matches!(
+                    m.status.state,
+                    ModuleState::Resolving | ModuleState::Downloading | ModuleState::Verifying
+                )
+            });
+            if !self.desired_known || pending {
+                return;
+            }
+        }
         let layers = self.wanted_stack();
         if let Some(stack) = &self.stack {
             if stack.layers == layers && stack.upper == self.upper {
+                self.published_since_start = true;
                 return;
             }
         }
@@ -527,6 +600,7 @@ impl Agent {
         let result = self.mount_pub.publish(&config);
         self.report(result);
         self.stack = Some(config);
+        self.published_since_start = true;
     }
 
     fn on_mount(&mut self, status: &MountStatus) {
@@ -582,6 +656,9 @@ impl Agent {
 
     /// Removes store blobs no desired module and no mounted layer uses.
     fn collect_garbage(&mut self) {
+        if !self.desired_known {
+            return;
+        }
         let mut keep: HashSet<Digest> = HashSet::new();
         for m in self.modules.values() {
             if let Some(d) = m

@@ -320,11 +320,36 @@ impl Registry {
             )));
         }
         let expected = Digest::parse(&descriptor.digest)?;
-        let mut out = Vec::with_capacity(descriptor.size as usize);
-        self.client
-            .pull_blob(reference, descriptor.digest.as_str(), &mut out)
+        // Read no more than the limit whatever the server sends: the size in the descriptor is
+        // only a claim.
+        let mut stream = self
+            .client
+            .pull_blob_stream(reference, descriptor.digest.as_str())
             .await
             .map_err(|e| RegistryError::from_oci(&format!("blob {}", descriptor.digest), e))?;
+        let too_big = || {
+            RegistryError::Invalid(format!(
+                "blob {} is larger than the {limit} bytes allowed",
+                descriptor.digest
+            ))
+        };
+        if stream.content_length.is_some_and(|len| len > limit) {
+            return Err(too_big());
+        }
+        let mut out = Vec::with_capacity(descriptor.size as usize);
+        while let Some(chunk) = stream.stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                RegistryError::Unreachable(format!(
+                    "reading blob {}: {}",
+                    descriptor.digest,
+                    chain(&e)
+                ))
+            })?;
+            if (out.len() + chunk.len()) as u64 > limit {
+                return Err(too_big());
+            }
+            out.extend_from_slice(&chunk);
+        }
         let actual = Digest::of(&out);
         if actual != expected {
             return Err(RegistryError::Invalid(format!(
@@ -431,20 +456,33 @@ impl Registry {
         // released at once instead of living on in the queues, which keeps memory flat (a few
         // pieces in flight) whatever the blob's size, at the cost of one memcpy.
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIECES_IN_FLIGHT);
-        let sink = tokio::task::spawn_blocking(move || -> Result<PathBuf, StoreError> {
+        // The writer completes the blob only when told the stream ended whole; a stream that
+        // broke off leaves the partial file, synced, for the next attempt to resume.
+        let complete = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let whole = complete.clone();
+        let sink = tokio::task::spawn_blocking(move || -> Result<Option<PathBuf>, StoreError> {
             while let Some(piece) = rx.blocking_recv() {
                 writer.write(piece)?;
             }
-            writer.finish()
+            if whole.load(std::sync::atomic::Ordering::Acquire) {
+                writer.finish().map(Some)
+            } else {
+                writer.keep_partial().map(|()| None)
+            }
         });
         let mut done = offset;
         let pool = PiecePool::new(PIECES_IN_FLIGHT + 8);
         let mut piece = pool.take();
+        let mut broken = None;
         if let Some(mut sized) = stream {
-            while let Some(chunk) = sized.stream.next().await {
-                let chunk = chunk.map_err(|e| {
-                    RegistryError::Unreachable(format!("reading blob {digest}: {}", chain(&e)))
-                })?;
+            'stream: while let Some(chunk) = sized.stream.next().await {
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
+                    Err(e) => {
+                        broken = Some(format!("reading blob {digest}: {}", chain(&e)));
+                        break;
+                    }
+                };
                 done += chunk.len() as u64;
                 let mut rest = &chunk[..];
                 while !rest.is_empty() {
@@ -454,7 +492,7 @@ impl Registry {
                     if piece.len() == PIECE_BYTES {
                         let full = std::mem::replace(&mut piece, pool.take());
                         if tx.send(pool.share(full)).await.is_err() {
-                            break; // the writer stopped; its error is reported below
+                            break 'stream; // the writer stopped; its error is reported below
                         }
                     }
                 }
@@ -464,17 +502,25 @@ impl Registry {
         if !piece.is_empty() {
             let _ = tx.send(pool.share(piece)).await;
         }
+        if broken.is_none() && done < size {
+            broken = Some(format!(
+                "blob {digest}: connection ended after {done} of {size} bytes"
+            ));
+        }
+        complete.store(broken.is_none(), std::sync::atomic::Ordering::Release);
         drop(tx);
-        let path = sink
+        // Always wait for the writer: a retry must not open the partial file while it is
+        // still being written.
+        let written = sink
             .await
             .map_err(|e| RegistryError::Invalid(format!("store task failed: {e}")))??;
-        if done < size {
-            // finish() would have failed on the digest; this is only reached if it did not.
-            return Err(RegistryError::Unreachable(format!(
-                "blob {digest}: connection ended after {done} of {size} bytes"
-            )));
+        match (broken, written) {
+            (Some(reason), _) => Err(RegistryError::Unreachable(reason)),
+            (None, Some(path)) => Ok(path),
+            (None, None) => Err(RegistryError::Invalid(format!(
+                "blob {digest}: the store kept it partial"
+            ))),
         }
-        Ok(path)
     }
 
     /// The cosign signatures stored for `manifest_digest` in `repository` (tag

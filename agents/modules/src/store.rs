@@ -205,6 +205,15 @@ impl BlobWriter {
         Ok(())
     }
 
+    /// Stops without completing: what was written stays in the partial file (synced), for a
+    /// later [`Store::begin`] to resume from.
+    pub fn keep_partial(self) -> Result<(), StoreError> {
+        drop(self.hasher.finish());
+        self.file
+            .sync_data()
+            .map_err(io_err("syncing", &self.partial))
+    }
+
     /// Checks the digest; if it matches, makes the blob durable and moves it into place, else
     /// removes the partial file.
     pub fn finish(self) -> Result<PathBuf, StoreError> {
