@@ -58,6 +58,9 @@ pub struct VerifyStatus {
     pub name: String,
     /// The digest this verdict is about; modulemgr ignores a verdict for another digest.
     pub digest: String,
+    /// The manifest (and so the signatures' subject) the verdict is about: the same image can
+    /// come with another manifest, whose verdict must not stand for this one.
+    pub manifest_digest: String,
     /// The verdict.
     pub state: VerifyState,
     /// Why verification failed, if it did.
@@ -77,7 +80,7 @@ pub enum VerifyState {
 
 impl Topic for VerifyStatus {
     const NAME: &'static str = "VerifyStatus";
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.name.clone()

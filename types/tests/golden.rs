@@ -332,6 +332,7 @@ fn run_all(g: &mut Golden) {
         VerifyStatus {
             name: s("tools"),
             digest: s("sha256:aaaa"),
+            manifest_digest: s("sha256:dddd"),
             state: VerifyState::Verified,
             reason: Some(s("signature checked against key ops-2024")),
         },

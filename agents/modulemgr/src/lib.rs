@@ -490,7 +490,9 @@ impl Agent {
             return;
         };
         let Some(fetched) = &m.fetched else { return };
-        if fetched.resolved.image.digest != v.digest {
+        if fetched.resolved.image.digest != v.digest
+            || fetched.resolved.manifest_digest.to_string() != v.manifest_digest
+        {
             return;
         }
         if m.status.state != ModuleState::Verifying {

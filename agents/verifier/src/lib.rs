@@ -11,15 +11,16 @@
 //!
 //! An image that passes is then sealed with fs-verity where the kernel and file system have it
 //! ([`kernel`]); the verdict says whether the kernel enforces the digest or only userspace
-//! computed it. Checks run on blocking threads, one module at a time per name; a verdict for a config that
-//! changed meanwhile is dropped and the newer config is checked. Nothing is cached across
-//! configs: every new config is checked from the bytes on disk.
+//! computed it. Checks run on blocking threads, one at a time per name and at most
+//! [`MAX_CHECKS`] at once; a verdict for a config that changed meanwhile is dropped and the
+//! newer config is checked. Nothing is cached across configs: every new config is checked from
+//! the bytes on disk.
 
 pub mod check;
 pub mod kernel;
 pub mod policy;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use agentbase::Context;
@@ -27,6 +28,8 @@ use powernode_pubsub::{Event, Subscription};
 use powernode_types::{VerifyConfig, VerifyState, VerifyStatus};
 use tokio::sync::mpsc;
 
+/// The most checks that run at once.
+pub const MAX_CHECKS: usize = 2;
 /// The agent whose `VerifyConfig` it checks.
 pub const MODULE_AGENT: &str = "modulemgr";
 
@@ -47,6 +50,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     };
     ctx.ready();
     let mut beat = tokio::time::interval(ctx.beat_interval());
+    // Names with a check in flight, and the config each was last answered for: at most one
+    // check per name, at most MAX_CHECKS at once (each reads the whole image on two threads).
+    let mut running: BTreeSet<String> = BTreeSet::new();
+    let mut answered: BTreeMap<String, VerifyConfig> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
@@ -56,27 +63,15 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                     publish(&VerifyStatus {
                         name: value.name.clone(),
                         digest: value.digest.clone(),
+                        manifest_digest: value.manifest_digest.clone(),
                         state: VerifyState::Verifying,
                         reason: None,
                     });
-                    current.insert(value.name.clone(), value.clone());
-                    let trust_dir = trust_dir.clone();
-                    let done = done_tx.clone();
-                    ctx.tasks.spawn(async move {
-                        let config = value.clone();
-                        let status = tokio::task::spawn_blocking(move || verdict(&trust_dir, &config))
-                            .await
-                            .unwrap_or_else(|e| VerifyStatus {
-                                name: value.name.clone(),
-                                digest: value.digest.clone(),
-                                state: VerifyState::Failed,
-                                reason: Some(format!("the check did not finish: {e}")),
-                            });
-                        let _ = done.send((value, status)).await;
-                    });
+                    current.insert(value.name.clone(), value);
                 }
                 Event::Delete { key, .. } => {
                     current.remove(&key);
+                    answered.remove(&key);
                     if let Err(e) = status_pub.unpublish(&key) {
                         tracing::warn!(error = %e, module = %key, "unpublishing VerifyStatus failed");
                     }
@@ -84,10 +79,38 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 _ => {}
             },
             Some((config, status)) = done_rx.recv() => {
+                running.remove(&config.name);
+                // A verdict for a config that changed meanwhile is dropped; the newer one is
+                // checked next.
                 if current.get(&config.name) == Some(&config) {
                     publish(&status);
+                    answered.insert(config.name.clone(), config);
                 }
             }
+        }
+        let waiting: Vec<VerifyConfig> = current
+            .values()
+            .filter(|c| !running.contains(&c.name) && answered.get(&c.name) != Some(*c))
+            .take(MAX_CHECKS.saturating_sub(running.len()))
+            .cloned()
+            .collect();
+        for config in waiting {
+            running.insert(config.name.clone());
+            let trust_dir = trust_dir.clone();
+            let done = done_tx.clone();
+            ctx.tasks.spawn(async move {
+                let checked = config.clone();
+                let status = tokio::task::spawn_blocking(move || verdict(&trust_dir, &checked))
+                    .await
+                    .unwrap_or_else(|e| VerifyStatus {
+                        name: config.name.clone(),
+                        digest: config.digest.clone(),
+                        manifest_digest: config.manifest_digest.clone(),
+                        state: VerifyState::Failed,
+                        reason: Some(format!("the check did not finish: {e}")),
+                    });
+                let _ = done.send((config, status)).await;
+            });
         }
     }
     Ok(())
@@ -129,6 +152,7 @@ fn verdict(trust_dir: &std::path::Path, config: &VerifyConfig) -> VerifyStatus {
     VerifyStatus {
         name: config.name.clone(),
         digest: config.digest.clone(),
+        manifest_digest: config.manifest_digest.clone(),
         state,
         reason: Some(reason),
     }
