@@ -92,10 +92,7 @@ pub fn recover_target(
             problems.push(e.to_string());
             None
         }
-        Err(e) => {
-            problems.push(format!("reading the record: {e}"));
-            None
-        }
+        Err(e) => return Err(StackError::RecordUnreadable(e.to_string())),
     };
     let target_dir = layout.target_dir(target);
     let entries = mountinfo::read()?;

@@ -95,6 +95,10 @@ pub enum StackError {
     /// The mount table could not be read.
     #[error(transparent)]
     Mountinfo(#[from] MountinfoError),
+    /// The applied-stack record could not be read (not corrupt: unreadable). Recovery stops
+    /// rather than take the target for empty and unmount what is running.
+    #[error("cannot read the record of the applied stack ({0}); leaving the target as it is")]
+    RecordUnreadable(String),
     /// An unmount failed.
     #[error(transparent)]
     Unmount(SysError),
