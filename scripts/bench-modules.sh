@@ -15,6 +15,7 @@
 # JSON object.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/registry.sh
 
 size_mib=${1:-256}
 [ "$(id -u)" = 0 ] || { echo "bench-modules: needs root (it mounts erofs and overlayfs)" >&2; exit 2; }
@@ -41,21 +42,8 @@ cleanup() {
 trap cleanup EXIT
 
 # The registry, on a free loopback port.
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-registry=127.0.0.1:$port
-mkdir -p "$work/registry"
-cat >"$work/registry.yml" <<EOF
-version: 0.1
-log: {level: error, accesslog: {disabled: true}}
-storage: {filesystem: {rootdirectory: $work/registry}}
-http: {addr: $registry}
-EOF
-docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-    python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null && break
-    sleep 0.1
-done
+start_registry "$work/registry"
+pids+=("$registry_pid")
 
 # The module: one file of random bytes (erofs stores it uncompressed: the image is as big).
 mkdir -p "$work/tree"

@@ -8,6 +8,7 @@
 # everything it started, by pid, and removes the sandbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/registry.sh
 bin=$PWD/dist
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] || {
     echo "demo: run 'make dist' first (make demo does)" >&2
@@ -57,13 +58,7 @@ modules=false
 if [ "$(id -u)" = 0 ] && command -v docker-registry >/dev/null && command -v mkfs.erofs >/dev/null; then
     modules=true
     step "a module registry on loopback (docker-registry), and a signing key"
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    registry=127.0.0.1:$port
-    mkdir -p "$work/registry"
-    printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
-        "$work/registry" "$registry" >"$work/registry.yml"
-    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-    registry_pid=$!
+    start_registry "$work/registry"
     echo "registry at $registry"
     export COSIGN_PASSWORD=demo
     run "$bin/powernode-controller" module keygen --out "$work/keys"

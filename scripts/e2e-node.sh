@@ -17,6 +17,7 @@
 # Uses the debug binaries `cargo test` builds (or BIN=dir). Run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/registry.sh
 bin=${BIN:-$PWD/target/debug}
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] ||
     cargo build --quiet -p powernode-agent -p powernode-controller
@@ -80,13 +81,7 @@ stop_controller() { kill "$controller_pid"; wait "$controller_pid" 2>/dev/null |
 modules=false
 if [ "$(id -u)" = 0 ] && command -v docker-registry >/dev/null && command -v mkfs.erofs >/dev/null; then
     modules=true
-    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    registry=127.0.0.1:$port
-    mkdir -p "$work/registry"
-    printf 'version: 0.1\nlog: {level: error, accesslog: {disabled: true}}\nstorage: {filesystem: {rootdirectory: %s}}\nhttp: {addr: %s}\n' \
-        "$work/registry" "$registry" >"$work/registry.yml"
-    docker-registry serve "$work/registry.yml" >"$work/registry.log" 2>&1 &
-    registry_pid=$!
+    start_registry "$work/registry"
     export COSIGN_PASSWORD=e2e
     "$ctl" module keygen --out "$work/keys" >/dev/null
 fi
