@@ -204,21 +204,33 @@ impl ModuleSettings {
                 "must be \"tmpfs\" or a relative directory under the root without '..'",
             ));
         }
-        for (field, value, range) in [
-            ("modules.max_backoff_s", self.max_backoff_s, 1..=3600),
-            (
-                "modules.connect_timeout_ms",
-                self.connect_timeout_ms,
-                100..=120_000,
-            ),
-        ] {
-            if !range.contains(&value) {
-                let reason = format!("must be between {} and {}", range.start(), range.end());
-                return Err(invalid(field, value.to_string(), &reason));
-            }
-        }
-        Ok(())
+        check_ranges(
+            &invalid,
+            &[
+                ("modules.max_backoff_s", self.max_backoff_s, 1..=3600),
+                (
+                    "modules.connect_timeout_ms",
+                    self.connect_timeout_ms,
+                    100..=120_000,
+                ),
+            ],
+        )
     }
+}
+
+/// Checks that each `(field, value, range)` has its value in range; the first that does not
+/// is the error.
+fn check_ranges(
+    invalid: &impl Fn(&'static str, String, &str) -> SettingsError,
+    checks: &[(&'static str, u64, std::ops::RangeInclusive<u64>)],
+) -> Result<(), SettingsError> {
+    for (field, value, range) in checks {
+        if !range.contains(value) {
+            let reason = format!("must be between {} and {}", range.start(), range.end());
+            return Err(invalid(field, value.to_string(), &reason));
+        }
+    }
+    Ok(())
 }
 
 /// The `[controller]` table.
@@ -280,25 +292,22 @@ impl ControllerSettings {
                 ));
             }
         }
-        for (field, value, range) in [
-            (
-                "controller.request_timeout_ms",
-                self.request_timeout_ms,
-                100..=120_000,
-            ),
-            (
-                "controller.heartbeat_interval_s",
-                self.heartbeat_interval_s,
-                1..=3600,
-            ),
-            ("controller.max_backoff_s", self.max_backoff_s, 1..=3600),
-        ] {
-            if !range.contains(&value) {
-                let reason = format!("must be between {} and {}", range.start(), range.end());
-                return Err(invalid(field, value.to_string(), &reason));
-            }
-        }
-        Ok(())
+        check_ranges(
+            &invalid,
+            &[
+                (
+                    "controller.request_timeout_ms",
+                    self.request_timeout_ms,
+                    100..=120_000,
+                ),
+                (
+                    "controller.heartbeat_interval_s",
+                    self.heartbeat_interval_s,
+                    1..=3600,
+                ),
+                ("controller.max_backoff_s", self.max_backoff_s, 1..=3600),
+            ],
+        )
     }
 }
 
@@ -749,6 +758,34 @@ mod tests {
                 err.contains(field) && err.contains("50-ctl.toml"),
                 "{line}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn modules_table() {
+        let (_dir, got) = load(&[(
+            "agent.toml",
+            "[modules]\nplain_http = [\"127.0.0.1:5000\"]\nupper = \"persist/powernode/upper\"\n\
+             [[modules.credentials]]\nregistry = \"reg.example\"\nusername = \"node\"\n\
+             password_file = \"etc/powernode/registry.pass\"\n",
+        )]);
+        let m = got.unwrap().modules;
+        assert_eq!(m.plain_http, ["127.0.0.1:5000"]);
+        assert_eq!(m.upper, "persist/powernode/upper");
+        assert_eq!(m.trust_policy, "default");
+        assert_eq!(m.credentials[0].username, "node");
+        let bad: &[(&str, &str)] = &[
+            ("upper = \"/abs\"", "modules.upper"),
+            ("upper = \"a/../b\"", "modules.upper"),
+            ("trust_policy = \"../x\"", "modules.trust_policy"),
+            ("mount_target = \"a b\"", "modules.mount_target"),
+            ("max_backoff_s = 0", "modules.max_backoff_s"),
+            ("connect_timeout_ms = 1", "modules.connect_timeout_ms"),
+        ];
+        for (line, field) in bad {
+            let (_dir, got) = load(&[("agent.toml", &format!("[modules]\n{line}\n"))]);
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains(field), "{line}: {err}");
         }
     }
 
