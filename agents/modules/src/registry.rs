@@ -339,11 +339,16 @@ impl Registry {
         let mut out = Vec::with_capacity(descriptor.size as usize);
         while let Some(chunk) = stream.stream.next().await {
             let chunk = chunk.map_err(|e| {
-                RegistryError::Unreachable(format!(
-                    "reading blob {}: {}",
-                    descriptor.digest,
-                    chain(&e)
-                ))
+                let text = format!("reading blob {}: {}", descriptor.digest, chain(&e));
+                // Content that does not match its digest is bad input, not an outage: no retry.
+                let wrong_digest = e
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<oci_client::errors::DigestError>());
+                if wrong_digest {
+                    RegistryError::Invalid(text)
+                } else {
+                    RegistryError::Unreachable(text)
+                }
             })?;
             if (out.len() + chunk.len()) as u64 > limit {
                 return Err(too_big());

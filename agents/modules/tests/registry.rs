@@ -34,6 +34,15 @@ fn options(arch: &str) -> BuildOptions {
     }
 }
 
+/// The config blob's digest, from the built platform manifest.
+fn resolved_config_digest(built: &package::Built) -> String {
+    let manifest = fs::read(&built.manifest).unwrap();
+    powernode_modules::format::ImageManifest::parse_module(&manifest)
+        .unwrap()
+        .config
+        .digest
+}
+
 #[tokio::test]
 async fn build_push_sign_resolve_pull() {
     if !can_run() {
@@ -166,6 +175,18 @@ async fn build_push_sign_resolve_pull() {
         .unwrap_err();
     assert!(err.to_string().contains("arrived with digest"), "{err}");
     assert!(!store2.contains(&digest));
+
+    // A config blob tampered with: refused for good, not retried as an outage.
+    let config = Digest::parse(&resolved_config_digest(&built)).unwrap();
+    let blob = server.blob_file(config.hex());
+    let mut data = fs::read(&blob).unwrap();
+    data[0] ^= 1;
+    fs::write(&blob, data).unwrap();
+    let err = registry
+        .resolve(&format!("{repository}:1.0"), host)
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
 
     // Registry down: a transient error.
     server.stop();
