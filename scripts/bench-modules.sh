@@ -16,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
+. scripts/lib/cleanup.sh
 
 size_mib=${1:-256}
 [ "$(id -u)" = 0 ] || { echo "bench-modules: needs root (it mounts erofs and overlayfs)" >&2; exit 2; }
@@ -34,9 +35,7 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    grep " $root" /proc/self/mountinfo | awk '{print $5}' | sort -r | while read -r m; do
-        umount -l "$m" 2>/dev/null || true
-    done || true
+    unmount_under "$work"
     rm -rf "$work"
 }
 trap cleanup EXIT

@@ -9,6 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
+. scripts/lib/cleanup.sh
 bin=$PWD/dist
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] || {
     echo "demo: run 'make dist' first (make demo does)" >&2
@@ -22,12 +23,9 @@ controller_pid=
 registry_pid=
 cleanup() {
     scripts/device-steps.sh --root "$root" --stop >/dev/null 2>&1 || true
-    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && { wait "$controller_pid" 2>/dev/null || true; }
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
-    # mountmgr leaves the stack mounted when it stops (a node keeps running its modules).
-    grep " $work/" /proc/self/mountinfo 2>/dev/null | awk '{print $5}' | sort -r | while read -r m; do
-        umount -l "$m" 2>/dev/null || true
-    done || true
+    stop_pid "$controller_pid"
+    stop_pid "$registry_pid"
+    unmount_under "$work"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -124,7 +122,7 @@ if $modules; then
 fi
 
 step "the controller goes away: the node notices and backs off"
-kill "$controller_pid"; wait "$controller_pid" 2>/dev/null || true; controller_pid=
+stop_pid "$controller_pid"; controller_pid=
 run "$bin/powernode-agent" --root "$root" wait heartbeatd/ControllerStatus --field reachable=false --timeout 60
 step "it comes back on the same address: the node recovers, nothing is enrolled again"
 start_controller "$listen"

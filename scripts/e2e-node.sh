@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
+. scripts/lib/cleanup.sh
 bin=${BIN:-$PWD/target/debug}
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] ||
     cargo build --quiet -p powernode-agent -p powernode-controller
@@ -33,12 +34,9 @@ registry_pid=
 cleanup() {
     scripts/device-steps.sh --root "$node" --stop >/dev/null 2>&1 || true
     scripts/device-steps.sh --root "$other" --stop >/dev/null 2>&1 || true
-    [ -n "$controller_pid" ] && kill "$controller_pid" 2>/dev/null && { wait "$controller_pid" 2>/dev/null || true; }
-    [ -n "$registry_pid" ] && kill "$registry_pid" 2>/dev/null && { wait "$registry_pid" 2>/dev/null || true; }
-    # mountmgr leaves its stacks mounted when it stops (by design): unmount them, deepest first.
-    grep " $work/" /proc/self/mountinfo 2>/dev/null | awk '{print $5}' | sort -r | while read -r m; do
-        umount -l "$m" 2>/dev/null || true
-    done || true
+    stop_pid "$controller_pid"
+    stop_pid "$registry_pid"
+    unmount_under "$work"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -75,7 +73,7 @@ start_controller() { # [listen address]
     listen=$(sed -n 's/^listening on //p' "$work/controller.out")
     [ -n "$listen" ] || fail "the controller did not start"
 }
-stop_controller() { kill "$controller_pid"; wait "$controller_pid" 2>/dev/null || true; controller_pid=; }
+stop_controller() { stop_pid "$controller_pid"; controller_pid=; }
 
 # A registry for the module step, when this machine can run one.
 modules=false
