@@ -71,8 +71,11 @@ print(f"{best(['openssl', 'dgst', '-sha256', path]):.1f} {best(['sha256sum', pat
 EOF
 )
 
-# The node.
-mkdir -p "$root/etc/powernode/trust"
+# The node. Its run/ is a tmpfs, as on a real node (DESIGN: sockets and non-persistent
+# checkpoints): on the disk, every status checkpoint's fsync would queue behind the writeback
+# of the image being stored.
+mkdir -p "$root/etc/powernode/trust" "$root/run"
+mount -t tmpfs -o mode=0755 tmpfs "$root/run"
 cat >"$root/etc/powernode/agent.toml" <<EOF
 [modules]
 plain_http = ["$registry"]

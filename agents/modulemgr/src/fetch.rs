@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use powernode_modules::digest::Digest;
 use powernode_modules::registry::{Registry, RegistryError, Resolved};
 use powernode_modules::store::Store;
 use powernode_types::CosignSignature;
@@ -41,8 +42,18 @@ pub enum Report {
         /// The delay before the next try.
         retry_in: Duration,
     },
-    /// The image is in the store, digest-checked.
+    /// The image is in the store, digest-checked (not yet synced: see `Durable`).
     Done(Box<Fetched>),
+    /// The image is synced to disk: it may join the mount stack, which outlives a power cut.
+    Durable,
+    /// The stored image of a rejected module was read again (`intact`: it still hashes to its
+    /// digest); `verdict` is the verifier's reason.
+    Rechecked {
+        /// Whether the stored bytes still match their digest.
+        intact: bool,
+        /// The verifier's reason for the rejection.
+        verdict: String,
+    },
     /// The fetch failed for good.
     Failed(String),
 }
@@ -94,7 +105,13 @@ pub async fn run(
             r = attempt(&job, &registry, &store, &reports, epoch) => r,
         };
         match attempt {
-            Ok(fetched) => return send(Report::Done(Box::new(fetched))).await,
+            Ok(fetched) => {
+                let digest = fetched.resolved.image.digest.clone();
+                send(Report::Done(Box::new(fetched))).await;
+                // Synced while the verifier reads the image from the page cache: both take
+                // about as long, and this way they overlap.
+                return send(make_durable(&store, &digest).await).await;
+            }
             Err(e) if e.is_transient() => {
                 tracing::warn!(module = %job.name, error = %e, retry_in_ms = delay.as_millis() as u64, "fetch failed; retrying");
                 send(Report::Retrying {
@@ -114,6 +131,43 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Syncs the stored image `digest`.
+async fn make_durable(store: &Store, digest: &str) -> Report {
+    let store = store.clone();
+    let digest = digest.to_owned();
+    let synced = tokio::task::spawn_blocking(move || {
+        let digest = Digest::parse(&digest).map_err(|e| e.to_string())?;
+        store.make_durable(&digest).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    match synced {
+        Ok(()) => Report::Durable,
+        Err(e) => Report::Failed(format!("cannot make the image durable: {e}")),
+    }
+}
+
+/// Reads the stored image `digest` again for a module the verifier rejected; the answer comes
+/// back as [`Report::Rechecked`] for `name` at `epoch`.
+pub async fn recheck(
+    store: Store,
+    digest: String,
+    verdict: String,
+    reports: mpsc::Sender<(String, u64, Report)>,
+    name: String,
+    epoch: u64,
+) {
+    let intact = tokio::task::spawn_blocking(move || {
+        // Unreadable or gone counts as damaged: downloading it again is the remedy either way.
+        Digest::parse(&digest).is_ok_and(|d| store.intact(&d).unwrap_or(false))
+    })
+    .await
+    .unwrap_or(false);
+    let _ = reports
+        .send((name, epoch, Report::Rechecked { intact, verdict }))
+        .await;
 }
 
 async fn attempt(

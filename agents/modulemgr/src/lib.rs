@@ -17,13 +17,15 @@
 //! A fetch ([`fetch`]) resolves the reference for this node's architecture, reads its cosign
 //! signatures and streams the image into the digest store `persist/powernode/store`, resuming
 //! a partial download after a crash. The fetched module is handed to the verifier as a
-//! `VerifyConfig`; once `verifier/VerifyStatus` says Verified for the same digest it joins the
-//! stack, published as one `MountConfig` (target from settings, layers by priority); when
+//! `VerifyConfig` at once, while the image is synced to disk; once `verifier/VerifyStatus`
+//! says Verified for the same digest and the sync is done, it joins the stack, published as one `MountConfig` (target from settings, layers by priority); when
 //! `mountmgr/MountStatus` reports that generation Mounted, its modules are Active. A stack
 //! that fails to mount marks the modules it added Failed (the running stack stays) and the
 //! stack is recomputed without them. A change of reference restarts a module; a removal
 //! cancels its fetch, takes it out of the stack and, once the smaller stack is mounted, lets
-//! the store's garbage collection remove its blobs.
+//! the store's garbage collection remove its blobs. A rejected module's stored image is read
+//! again: if it no longer hashes to its digest (a power cut before the sync, a failing disk),
+//! the rejection is about the copy, not the module, and the image is downloaded again, once.
 
 pub mod fetch;
 pub mod local;
@@ -72,6 +74,11 @@ struct Module {
     cancel: Option<CancellationToken>,
     fetched: Option<Fetched>,
     verified: bool,
+    /// Whether the fetched image is synced to disk (it joins the stack only then).
+    durable: bool,
+    /// Whether this module's image was already downloaded again after the verifier rejected a
+    /// damaged stored copy: a second rejection is final.
+    refetched: bool,
 }
 
 /// The agent's state.
@@ -393,6 +400,8 @@ impl Agent {
                 cancel: Some(cancel),
                 fetched: None,
                 verified: false,
+                durable: false,
+                refetched: false,
             },
         );
     }
@@ -440,8 +449,19 @@ impl Agent {
                 ));
             }
             Report::Failed(reason) => return self.fail(name, reason),
+            Report::Durable => {
+                m.durable = true;
+                return self.advance(name);
+            }
+            Report::Rechecked { intact, verdict } => {
+                if intact {
+                    self.fail(name, verdict);
+                    return self.restack();
+                }
+                tracing::warn!(module = %name, "the stored image no longer matches its digest (a power cut before it was synced, or a failing disk); downloading it again");
+                return self.refetch(name);
+            }
             Report::Done(fetched) => {
-                m.cancel = None;
                 m.status.state = ModuleState::Verifying;
                 m.status.bytes_done = fetched.resolved.image.size;
                 m.status.error = None;
@@ -457,6 +477,7 @@ impl Agent {
                 };
                 m.fetched = Some(*fetched);
                 m.verified = false;
+                m.durable = false;
                 // The same config as already handed over (a restart, or the same module
                 // fetched again): the verifier will not see a change, and its verdict on it
                 // stands, so take that verdict rather than wait for one that will not come.
@@ -512,25 +533,70 @@ impl Agent {
             VerifyState::Verifying => {}
             VerifyState::Verified => {
                 m.verified = true;
-                m.status.state = ModuleState::Mounting;
-                self.publish_status(&v.name);
-                self.restack();
-                // The stack may not have changed (a restart re-verifies what is mounted): then
-                // the status mountmgr already gave answers it.
-                if let Some(status) = self.mount_status.clone() {
-                    if status.state == MountState::Mounted {
-                        self.on_mount(&status);
-                    }
-                }
+                self.advance(&v.name);
             }
             VerifyState::Failed => {
                 let reason = format!(
                     "verification failed: {}",
                     v.reason.as_deref().unwrap_or("no reason given")
                 );
-                self.fail(&v.name, reason);
-                self.restack();
+                if m.refetched {
+                    self.fail(&v.name, reason);
+                    return self.restack();
+                }
+                // The stored copy may be what is wrong, not the module: read it again first.
+                self.ctx.tasks.spawn(fetch::recheck(
+                    self.store.clone(),
+                    v.digest.clone(),
+                    reason,
+                    self.reports_tx.clone(),
+                    v.name.clone(),
+                    m.epoch,
+                ));
             }
+        }
+    }
+
+    /// Moves a module on to Mounting once its image is both verified and durable.
+    fn advance(&mut self, name: &str) {
+        let Some(m) = self.modules.get_mut(name) else {
+            return;
+        };
+        if m.status.state != ModuleState::Verifying || !m.verified || !m.durable {
+            return;
+        }
+        m.status.state = ModuleState::Mounting;
+        self.publish_status(name);
+        self.restack();
+        // The stack may not have changed (a restart re-verifies what is mounted): then the
+        // status mountmgr already gave answers it.
+        if let Some(status) = self.mount_status.clone() {
+            if status.state == MountState::Mounted {
+                self.on_mount(&status);
+            }
+        }
+    }
+
+    /// Throws away a module's damaged stored image and downloads it again, once.
+    fn refetch(&mut self, name: &str) {
+        let Some(m) = self.modules.get(name) else {
+            return;
+        };
+        let config = m.config.clone();
+        if let Some(fetched) = &m.fetched {
+            if let Ok(digest) = Digest::parse(&fetched.resolved.image.digest) {
+                if let Err(e) = self.store.remove(&digest) {
+                    return self.fail(name, format!("cannot remove the damaged image: {e}"));
+                }
+            }
+            self.rejected.remove(&fetched.resolved.image.digest);
+        }
+        // Withdrawn so that the new download's config is news to the verifier, which then
+        // checks it afresh instead of its verdict on the damaged copy standing.
+        self.report(self.verify_pub.unpublish(name));
+        self.start(config);
+        if let Some(m) = self.modules.get_mut(name) {
+            m.refetched = true;
         }
     }
 
@@ -548,7 +614,7 @@ impl Agent {
             .modules
             .values()
             .filter_map(|m| match &m.fetched {
-                Some(f) if m.verified && m.status.state != ModuleState::Failed => {
+                Some(f) if m.verified && m.durable && m.status.state != ModuleState::Failed => {
                     Some(MountLayer {
                         name: m.config.name.clone(),
                         image_path: f.image_path.to_string_lossy().into_owned(),

@@ -414,7 +414,7 @@ impl Registry {
 
     /// Streams blob `descriptor` of `repository` into `store`, hashing as it writes, resuming a
     /// partial download. `progress(done, total)` is called as bytes arrive. Returns the path of
-    /// the complete, digest-checked blob.
+    /// the complete, digest-checked blob, not yet synced ([`Store::make_durable`]).
     pub async fn pull_blob(
         &self,
         repository: &str,

@@ -4,6 +4,13 @@
 //! A download that dies leaves its `.partial` behind; the next [`Store::begin`] re-hashes what
 //! is there and the download resumes at its end. Garbage collection removes every blob and
 //! partial that is not in the set a caller keeps.
+//!
+//! A completed blob is renamed into place before it is synced, and [`Store::make_durable`]
+//! syncs it afterwards: the sync of a large image costs about as long as verifying it, so the
+//! two overlap instead of adding up. A caller makes a blob durable before anything that
+//! outlives a power cut refers to it (modulemgr: before the image joins the mount stack). A cut
+//! in between can leave a complete-looking blob with the wrong bytes; [`Store::intact`] finds
+//! that, and [`Store::remove`] lets it be downloaded again.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -76,6 +83,42 @@ impl Store {
         self.blobs.join(format!("{}.partial", digest.hex()))
     }
 
+    /// Syncs blob `digest` and the store directory, so the blob survives a power cut as it is.
+    pub fn make_durable(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.path(digest);
+        File::open(&path)
+            .and_then(|f| f.sync_data())
+            .map_err(io_err("syncing", &path))?;
+        File::open(&self.blobs)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing", &self.blobs))
+    }
+
+    /// Whether blob `digest` still hashes to its digest (reads it whole).
+    pub fn intact(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let path = self.path(digest);
+        let mut file = File::open(&path).map_err(io_err("opening", &path))?;
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(io_err("reading", &path))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        Ok(Digest::from_sha256(hasher.finish().as_ref()) == *digest)
+    }
+
+    /// Removes blob `digest` (nothing to do if it is not there).
+    pub fn remove(&self, digest: &Digest) -> Result<(), StoreError> {
+        let path = self.path(digest);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("removing", &path)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the complete blob is present.
     pub fn contains(&self, digest: &Digest) -> bool {
         self.path(digest).is_file()
@@ -110,7 +153,6 @@ impl Store {
             digest: digest.clone(),
             partial,
             complete: self.path(digest),
-            dir: self.blobs.clone(),
         };
         if written > size {
             writer.restart()?;
@@ -156,7 +198,6 @@ pub struct BlobWriter {
     digest: Digest,
     partial: PathBuf,
     complete: PathBuf,
-    dir: PathBuf,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -214,8 +255,8 @@ impl BlobWriter {
             .map_err(io_err("syncing", &self.partial))
     }
 
-    /// Checks the digest; if it matches, makes the blob durable and moves it into place, else
-    /// removes the partial file.
+    /// Checks the digest; if it matches, moves the blob into place (not yet synced: see
+    /// [`Store::make_durable`]), else removes the partial file.
     pub fn finish(self) -> Result<PathBuf, StoreError> {
         let actual = self.hasher.finish();
         if actual != self.digest {
@@ -226,13 +267,7 @@ impl BlobWriter {
                 bytes: self.written,
             });
         }
-        self.file
-            .sync_data()
-            .map_err(io_err("syncing", &self.partial))?;
         fs::rename(&self.partial, &self.complete).map_err(io_err("renaming", &self.partial))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("syncing", &self.dir))?;
         Ok(self.complete)
     }
 }
@@ -318,6 +353,8 @@ mod tests {
         let path = w.finish().unwrap();
         assert_eq!(fs::read(&path).unwrap(), data);
         assert!(store.contains(&digest));
+        store.make_durable(&digest).unwrap();
+        assert!(store.intact(&digest).unwrap());
 
         let other = Digest::of(b"other");
         let mut w = store.begin(&other, 5).unwrap();
@@ -333,5 +370,22 @@ mod tests {
         assert!(store.contains(&digest));
         let (removed, freed) = store.gc(&HashSet::new()).unwrap();
         assert_eq!((removed, freed), (vec![digest], 100_000));
+    }
+
+    #[test]
+    fn a_blob_changed_on_disk_is_found_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = Digest::of(b"module image");
+        let mut w = store.begin(&digest, 12).unwrap();
+        w.write(bytes::Bytes::from_static(b"module image")).unwrap();
+        w.finish().unwrap();
+        // What a power cut between the rename and the sync can leave behind.
+        fs::write(store.path(&digest), b"\0\0\0\0\0\0").unwrap();
+        assert!(!store.intact(&digest).unwrap());
+        store.remove(&digest).unwrap();
+        assert!(!store.contains(&digest));
+        store.remove(&digest).unwrap();
+        assert!(store.make_durable(&digest).is_err(), "nothing to sync");
     }
 }

@@ -557,3 +557,34 @@ fn download_resumes_after_kill9_and_registry_outage_is_retried() {
         96 << 20
     );
 }
+
+#[test]
+fn a_damaged_stored_image_is_downloaded_again() {
+    if !can_run("a_damaged_stored_image_is_downloaded_again") {
+        return;
+    }
+    let node = Node::new(true);
+    let files: &[(&str, &[u8])] = &[("m.txt", b"intact")];
+    let reference = node.publish("mod", files, Publish::default());
+    let built = node.build("mod", files, &Publish::default());
+    // What a power cut between the store's rename and its sync can leave: the blob under its
+    // name, the right length, other bytes.
+    let store = node.root().join("persist/powernode/store/sha256");
+    fs::create_dir_all(&store).unwrap();
+    let blob = store.join(built.image_digest.strip_prefix("sha256:").unwrap());
+    let len = fs::metadata(&built.image).unwrap().len() as usize;
+    fs::write(&blob, vec![0u8; len]).unwrap();
+
+    node.attach("mod", &reference, 10);
+    node.wait_active("mod");
+    assert_eq!(node.union_file("m.txt").as_deref(), Some("intact"));
+    assert!(
+        node.log("modulemgr").contains("downloading it again"),
+        "{}",
+        node.log("modulemgr")
+    );
+    assert_eq!(
+        powernode_modules::digest::Digest::of(&fs::read(&blob).unwrap()).to_string(),
+        built.image_digest
+    );
+}
