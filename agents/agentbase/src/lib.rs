@@ -32,6 +32,7 @@
 //! }
 //! ```
 
+pub mod fsutil;
 pub mod health;
 pub mod liveness;
 pub mod logging;
@@ -39,6 +40,7 @@ pub mod notify;
 pub mod root;
 pub mod settings;
 pub mod shutdown;
+pub mod watch;
 
 use std::ffi::OsString;
 use std::future::Future;

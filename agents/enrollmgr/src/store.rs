@@ -27,9 +27,8 @@
 //! After repair `key.pem` and `cert.pem` are always a matching pair (or both absent), and
 //! [`Store::load`] checks that they are before anything uses them.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write as _};
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -372,27 +371,9 @@ impl Store {
     }
 }
 
-/// Writes `data` to `path` atomically with `mode`: temp file, fsync, rename, fsync the
-/// directory.
+/// Writes `data` to `path` atomically and durably with `mode` ([`agentbase::fsutil`]).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let _ = fs::remove_file(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_at(&tmp))?;
-    file.write_all(data).map_err(io_at(&tmp))?;
-    file.sync_all().map_err(io_at(&tmp))?;
-    drop(file);
-    rename(&tmp, path)?;
-    sync_dir(dir)
+    agentbase::fsutil::write_atomic(path, data, mode).map_err(io_at(path))
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {

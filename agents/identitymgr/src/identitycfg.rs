@@ -227,9 +227,11 @@ pub fn store_uuid(root: &agentbase::Root, uuid: &str) -> Result<PathBuf, StoreEr
         text.push_str("# Written by identitymgr: this node's generated identity.\n");
     }
     text.push_str(&format!("{INSTANCE_UUID}={uuid}\n"));
-    write_atomic(&path, text.as_bytes()).map_err(|source| StoreError::Io {
-        path: path.clone(),
-        source,
+    agentbase::fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(|source| {
+        StoreError::Io {
+            path: path.clone(),
+            source,
+        }
     })?;
     Ok(path)
 }
@@ -259,36 +261,6 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
-}
-
-fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("identity.cfg"),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// Makes a [`ValueError`] name the file and key it came from.

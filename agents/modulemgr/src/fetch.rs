@@ -2,6 +2,11 @@
 //! signatures, stream its image into the store. Transient failures (registry down, 5xx,
 //! connection cut) are retried with backoff; the rest end the fetch with a reason.
 //!
+//! Each resolution is kept ([`LastKnown`]). When the registry cannot be reached and the image
+//! the reference last resolved to is in the store, the fetch goes on with that (a node booting
+//! offline brings its modules up), then keeps trying the registry in the background and
+//! reports [`Report::Moved`] if the reference has come to name another manifest meanwhile.
+//!
 //! The fetch runs as its own task and reports to the agent's main loop through a channel;
 //! the main loop cancels it when the module's reference changes or it is removed.
 
@@ -11,6 +16,8 @@ use std::time::{Duration, Instant};
 use powernode_modules::digest::Digest;
 use powernode_modules::registry::{Registry, RegistryError, Resolved};
 use powernode_modules::store::Store;
+
+use crate::lastknown::LastKnown;
 use powernode_types::CosignSignature;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +63,9 @@ pub enum Report {
     },
     /// The fetch failed for good.
     Failed(String),
+    /// The fetch went on offline with the last resolution, and the registry, reachable again,
+    /// now resolves the reference to another manifest: the module should be fetched again.
+    Moved,
 }
 
 /// A module ready for verification.
@@ -67,6 +77,9 @@ pub struct Fetched {
     pub image_path: PathBuf,
     /// Its signatures, as found in the registry.
     pub signatures: Vec<CosignSignature>,
+    /// Whether this is the last resolution kept from before, because the registry could not
+    /// be reached.
+    pub offline: bool,
 }
 
 /// A fetch's inputs.
@@ -87,6 +100,7 @@ pub async fn run(
     job: Job,
     registry: Registry,
     store: Store,
+    lastknown: LastKnown,
     reports: mpsc::Sender<(String, u64, Report)>,
     epoch: u64,
     cancel: CancellationToken,
@@ -102,15 +116,27 @@ pub async fn run(
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = attempt(&job, &registry, &store, &reports, epoch) => r,
+            r = attempt(&job, &registry, &store, &lastknown, &reports, epoch) => r,
         };
         match attempt {
             Ok(fetched) => {
                 let digest = fetched.resolved.image.digest.clone();
+                let offline = fetched
+                    .offline
+                    .then(|| fetched.resolved.manifest_digest.clone());
                 send(Report::Done(Box::new(fetched))).await;
                 // Synced while the verifier reads the image from the page cache: both take
                 // about as long, and this way they overlap.
-                return send(make_durable(&store, &digest).await).await;
+                send(make_durable(&store, &digest).await).await;
+                if let Some(kept) = offline {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        moved = refresh(&job, &registry, &lastknown, &kept) => if moved {
+                            send(Report::Moved).await;
+                        }
+                    }
+                }
+                return;
             }
             Err(e) if e.is_transient() => {
                 tracing::warn!(module = %job.name, error = %e, retry_in_ms = delay.as_millis() as u64, "fetch failed; retrying");
@@ -170,17 +196,85 @@ pub async fn recheck(
         .await;
 }
 
-async fn attempt(
+/// After going on offline: tries the registry again, backing off, until the reference
+/// resolves; true if it now names another manifest than `kept`.
+async fn refresh(job: &Job, registry: &Registry, lastknown: &LastKnown, kept: &Digest) -> bool {
+    let mut delay = RETRY_MIN;
+    loop {
+        tokio::time::sleep(delay).await;
+        match resolve_signed(job, registry, lastknown).await {
+            Ok((resolved, _)) => {
+                let moved = resolved.manifest_digest != *kept;
+                tracing::info!(module = %job.name, moved, "the registry is reachable again");
+                return moved;
+            }
+            Err(e) if e.is_transient() => delay = (delay * 2).min(job.max_backoff),
+            Err(e) => {
+                tracing::warn!(module = %job.name, error = %e, "the registry is reachable again, but the reference no longer resolves; the module stays as it is");
+                return false;
+            }
+        }
+    }
+}
+
+/// Resolves the reference and reads its signatures; keeps what it found.
+async fn resolve_signed(
     job: &Job,
     registry: &Registry,
-    store: &Store,
-    reports: &mpsc::Sender<(String, u64, Report)>,
-    epoch: u64,
-) -> Result<Fetched, RegistryError> {
+    lastknown: &LastKnown,
+) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
     let resolved = registry.resolve(&job.reference, &job.architecture).await?;
     let signatures = registry
         .signatures(&resolved.repository, &resolved.manifest_digest)
         .await?;
+    let (lastknown, reference, architecture) = (
+        lastknown.clone(),
+        job.reference.clone(),
+        job.architecture.clone(),
+    );
+    let (kept, kept_signatures) = (resolved.clone(), signatures.clone());
+    let saved = tokio::task::spawn_blocking(move || {
+        lastknown.save(&reference, &architecture, &kept, &kept_signatures)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    if let Err(e) = saved {
+        // Only an offline boot would miss it.
+        tracing::warn!(module = %job.name, error = %e, "cannot keep the resolution");
+    }
+    Ok((resolved, signatures))
+}
+
+async fn attempt(
+    job: &Job,
+    registry: &Registry,
+    store: &Store,
+    lastknown: &LastKnown,
+    reports: &mpsc::Sender<(String, u64, Report)>,
+    epoch: u64,
+) -> Result<Fetched, RegistryError> {
+    let (resolved, signatures) = match resolve_signed(job, registry, lastknown).await {
+        Ok(found) => found,
+        Err(e) if e.is_transient() => {
+            let kept = lastknown.load(&job.reference, &job.architecture);
+            let in_store =
+                |r: &Resolved| Digest::parse(&r.image.digest).is_ok_and(|d| store.contains(&d));
+            match kept {
+                Some((resolved, signatures)) if in_store(&resolved) => {
+                    tracing::warn!(module = %job.name, error = %e, manifest = %resolved.manifest_digest,
+                        "registry unreachable; going on with the module as last resolved (its image is in the store)");
+                    return Ok(Fetched {
+                        image_path: store.path(&Digest::parse(&resolved.image.digest)?),
+                        resolved,
+                        signatures,
+                        offline: true,
+                    });
+                }
+                _ => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
     let _ = reports
         .send((
             job.name.clone(),
@@ -208,5 +302,6 @@ async fn attempt(
         resolved,
         image_path,
         signatures,
+        offline: false,
     })
 }

@@ -28,8 +28,8 @@
 //! the rejection is about the copy, not the module, and the image is downloaded again, once.
 
 pub mod fetch;
+pub mod lastknown;
 pub mod local;
-pub mod watch;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -86,6 +86,7 @@ struct Agent {
     ctx: Context,
     registry: Registry,
     store: Store,
+    lastknown: lastknown::LastKnown,
     status_pub: Publication<ModuleStatus>,
     verify_pub: Publication<VerifyConfig>,
     mount_pub: Publication<MountConfig>,
@@ -161,6 +162,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let mut agent = Agent {
         registry,
         store,
+        lastknown: lastknown::LastKnown::new(ctx.root.path(lastknown::DIR)),
         status_pub,
         verify_pub,
         mount_pub,
@@ -195,7 +197,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     agent.reconcile();
     agent.ctx.ready();
     let mut poll = tokio::time::interval(LOCAL_POLL);
-    let mut watch = match watch::DirWatch::new(&agent.ctx.root.path(local::DIR)) {
+    let mut watch = match agentbase::watch::DirWatch::new(&agent.ctx.root.path(local::DIR)) {
         Ok(w) => Some(w),
         Err(e) => {
             tracing::warn!(error = %e, "cannot watch the local assignments; polling every {}s", LOCAL_POLL.as_secs());
@@ -377,6 +379,7 @@ impl Agent {
             job,
             self.registry.clone(),
             self.store.clone(),
+            self.lastknown.clone(),
             self.reports_tx.clone(),
             epoch,
             cancel.clone(),
@@ -449,6 +452,11 @@ impl Agent {
                 ));
             }
             Report::Failed(reason) => return self.fail(name, reason),
+            Report::Moved => {
+                tracing::info!(module = %name, "the reference names another manifest now; fetching it");
+                let config = m.config.clone();
+                return self.start(config);
+            }
             Report::Durable => {
                 m.durable = true;
                 return self.advance(name);

@@ -220,8 +220,50 @@ pub struct Resolved {
     pub index_digest: Option<Digest>,
     /// The erofs image layer.
     pub image: Descriptor,
-    /// The module manifest (config blob).
+    /// The module manifest (config blob), exactly as pulled.
+    pub config: String,
+    /// The module manifest, parsed.
     pub module: ModuleManifest,
+}
+
+impl Resolved {
+    /// Puts a resolution together from what was pulled (or kept from an earlier pull), checking
+    /// what binds the parts: the manifest must be a module's, the config must hash to the digest
+    /// the manifest names and be for `architecture`. Whatever the source, the verifier later
+    /// checks the manifest against its signatures.
+    pub fn from_parts(
+        repository: String,
+        manifest: String,
+        index_digest: Option<Digest>,
+        config: String,
+        architecture: &str,
+    ) -> Result<Resolved, RegistryError> {
+        let parsed = ImageManifest::parse_module(manifest.as_bytes())?;
+        let config_digest = Digest::of(config.as_bytes());
+        if config_digest.to_string() != parsed.config.digest {
+            return Err(RegistryError::Invalid(format!(
+                "module manifest {config_digest} is not the {} the image manifest names",
+                parsed.config.digest
+            )));
+        }
+        let module = ModuleManifest::parse(config.as_bytes())?;
+        if module.architecture != architecture {
+            return Err(FormatError::WrongArchitecture {
+                wanted: architecture.to_owned(),
+                found: module.architecture,
+            }
+            .into());
+        }
+        Ok(Resolved {
+            repository,
+            image: parsed.image().clone(),
+            manifest_digest: Digest::of(manifest.as_bytes()),
+            manifest,
+            index_digest,
+            config,
+            module,
+        })
+    }
 }
 
 /// A registry client.
@@ -392,24 +434,19 @@ impl Registry {
         let config = self
             .small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64)
             .await?;
-        let module = ModuleManifest::parse(&config)?;
-        if module.architecture != architecture {
-            return Err(FormatError::WrongArchitecture {
-                wanted: architecture.to_owned(),
-                found: module.architecture,
-            }
-            .into());
-        }
         let manifest_text = String::from_utf8(manifest_bytes)
             .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
-        Ok(Resolved {
-            repository: repository_of(&reference),
-            image: manifest.image().clone(),
-            manifest: manifest_text,
-            manifest_digest,
+        let config_text = String::from_utf8(config)
+            .map_err(|_| RegistryError::Invalid("module manifest is not UTF-8".into()))?;
+        let resolved = Resolved::from_parts(
+            repository_of(&reference),
+            manifest_text,
             index_digest,
-            module,
-        })
+            config_text,
+            architecture,
+        )?;
+        debug_assert_eq!(resolved.manifest_digest, manifest_digest);
+        Ok(resolved)
     }
 
     /// Streams blob `descriptor` of `repository` into `store`, hashing as it writes, resuming a

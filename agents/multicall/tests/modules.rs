@@ -588,3 +588,51 @@ fn a_damaged_stored_image_is_downloaded_again() {
         built.image_digest
     );
 }
+
+#[test]
+fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
+    if !can_run("an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later") {
+        return;
+    }
+    let mut node = Node::new(true);
+    let reference = node.publish("app", &[("app.txt", b"v1")], Publish::default());
+    node.attach("app", &reference, 10);
+    node.wait_active("app");
+
+    // The agents come back without their registry.
+    for agent in ["modulemgr", "verifier", "mountmgr"] {
+        node.kill9(agent);
+    }
+    node.registry.stop();
+    for agent in ["verifier", "mountmgr", "modulemgr"] {
+        node.start(agent);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !node
+        .log("modulemgr")
+        .contains("going on with the module as last resolved")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "modulemgr did not go on offline:\n{}",
+            node.log("modulemgr")
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.wait_active("app");
+    assert_eq!(node.union_file("app.txt").as_deref(), Some("v1"));
+
+    // The registry is back, and the tag was moved meanwhile: the node follows it.
+    node.registry.resume().unwrap();
+    node.publish("app", &[("app.txt", b"v2")], Publish::default());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while node.union_file("app.txt").as_deref() != Some("v2") {
+        assert!(
+            Instant::now() < deadline,
+            "the moved tag was not followed:\n{}",
+            node.log("modulemgr")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    node.wait_active("app");
+}

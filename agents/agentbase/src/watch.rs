@@ -1,5 +1,6 @@
-//! Notices changes to the local assignments directory at once (inotify), so `attach` does not
-//! wait for the next poll. The poll stays as a safety net: a directory that is replaced, or an
+//! Notices changes to a directory at once (inotify): modulemgr's local assignments, so
+//! `attach` does not wait for a poll, and the verifier's trust policies, so an edit re-checks
+//! the modules. Callers keep a slow poll as a safety net: a directory that is replaced, or an
 //! inotify that cannot be had, only delays a change to the next poll.
 
 use std::os::fd::AsFd;
