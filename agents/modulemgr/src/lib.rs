@@ -79,6 +79,9 @@ struct Module {
     /// Whether this module's image was already downloaded again after the verifier rejected a
     /// damaged stored copy: a second rejection is final.
     refetched: bool,
+    /// Whether the module failed because the verifier rejected it: a later verdict that accepts
+    /// it (the trust policy changed) brings it back.
+    rejected: bool,
 }
 
 /// The agent's state.
@@ -405,6 +408,7 @@ impl Agent {
                 verified: false,
                 durable: false,
                 refetched: false,
+                rejected: false,
             },
         );
     }
@@ -463,8 +467,7 @@ impl Agent {
             }
             Report::Rechecked { intact, verdict } => {
                 if intact {
-                    self.fail(name, verdict);
-                    return self.restack();
+                    return self.reject(name, verdict);
                 }
                 tracing::warn!(module = %name, "the stored image no longer matches its digest (a power cut before it was synced, or a failing disk); downloading it again");
                 return self.refetch(name);
@@ -525,15 +528,24 @@ impl Agent {
             return;
         }
         if m.status.state != ModuleState::Verifying {
-            // A verdict that withdraws an image already in use (the policy changed and the
-            // verifier restarted): it leaves the stack.
+            // A verdict that withdraws an image already in use (the trust policy changed): it
+            // leaves the stack.
             if v.state == VerifyState::Failed && m.status.state != ModuleState::Failed {
                 let reason = format!(
                     "verification failed: {}",
                     v.reason.as_deref().unwrap_or("no reason given")
                 );
-                self.fail(&v.name, reason);
-                self.restack();
+                return self.reject(&v.name, reason);
+            }
+            // A rejected module the verifier now accepts (a key was added to the policy): it
+            // goes on to the stack.
+            if v.state == VerifyState::Verified && m.rejected {
+                tracing::info!(module = %v.name, "the verifier accepts the module now");
+                m.rejected = false;
+                m.verified = true;
+                m.status.state = ModuleState::Verifying;
+                m.status.error = None;
+                self.advance(&v.name);
             }
             return;
         }
@@ -549,8 +561,7 @@ impl Agent {
                     v.reason.as_deref().unwrap_or("no reason given")
                 );
                 if m.refetched {
-                    self.fail(&v.name, reason);
-                    return self.restack();
+                    return self.reject(&v.name, reason);
                 }
                 // The stored copy may be what is wrong, not the module: read it again first.
                 self.ctx.tasks.spawn(fetch::recheck(
@@ -563,6 +574,15 @@ impl Agent {
                 ));
             }
         }
+    }
+
+    /// Fails a module the verifier rejected and takes it out of the stack.
+    fn reject(&mut self, name: &str, reason: String) {
+        self.fail(name, reason);
+        if let Some(m) = self.modules.get_mut(name) {
+            m.rejected = true;
+        }
+        self.restack();
     }
 
     /// Moves a module on to Mounting once its image is both verified and durable.

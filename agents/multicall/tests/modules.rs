@@ -636,3 +636,50 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
     }
     node.wait_active("app");
 }
+
+#[test]
+fn a_trust_policy_edit_checks_the_modules_again() {
+    if !can_run("a_trust_policy_edit_checks_the_modules_again") {
+        return;
+    }
+    let node = Node::new(true);
+    let good = node.publish("good", &[("good.txt", b"good")], Publish::default());
+    node.attach("good", &good, 10);
+    node.wait_active("good");
+    let unsigned = Publish {
+        signer: Signer::None,
+        ..Publish::default()
+    };
+    let reference = node.publish("unsigned", &[("u.txt", b"unsigned")], unsigned);
+    node.attach("unsigned", &reference, 20);
+    let status = node.wait_failed("unsigned");
+    assert!(status.error.unwrap_or_default().contains("no signatures"));
+
+    let policy = node.root().join("etc/powernode/trust/default.toml");
+    let write_policy = |require: bool| {
+        fs::write(
+            &policy,
+            format!("require_signature = {require}\nkeys = [\"cosign.pub\"]\n"),
+        )
+        .unwrap()
+    };
+    // Signatures are no longer required: the unsigned module comes in.
+    write_policy(false);
+    node.wait_module("unsigned", |s| s.state == ModuleState::Active);
+    assert_eq!(node.union_file("u.txt").as_deref(), Some("unsigned"));
+
+    // Required again: it leaves the stack, the signed one stays.
+    write_policy(true);
+    let status = node.wait_module("unsigned", |s| s.state == ModuleState::Failed);
+    assert!(status.error.unwrap_or_default().contains("no signatures"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.union_file("u.txt").is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the rejected module stayed stacked"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.union_file("good.txt").as_deref(), Some("good"));
+    node.wait_active("good");
+}

@@ -7,6 +7,7 @@
 //!   VerifyConfig created/changed ──► Verifying ──► Verified (reason: who signed, fs-verity)
 //!                                         └──────► Failed   (reason: the first check that failed)
 //!   VerifyConfig deleted ──► status removed
+//!   trust policy edited  ──► every module checked again under the new policy
 //! ```
 //!
 //! An image that passes is then sealed with fs-verity where the kernel and file system have it
@@ -37,7 +38,8 @@ pub const MODULE_AGENT: &str = "modulemgr";
 pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let status_pub = ctx.open_publication::<VerifyStatus>()?;
     let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
-    let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, VerifyStatus)>(16);
+    // Each verdict comes back with the policy generation it was reached under.
+    let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, u64, VerifyStatus)>(16);
     // The config each name should be answered for: a verdict for anything else is stale.
     let mut current: BTreeMap<String, VerifyConfig> = BTreeMap::new();
     let trust_dir = ctx.root.path(policy::DIR);
@@ -54,10 +56,33 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     // check per name, at most MAX_CHECKS at once (each reads the whole image on two threads).
     let mut running: BTreeSet<String> = BTreeSet::new();
     let mut answered: BTreeMap<String, VerifyConfig> = BTreeMap::new();
+    // Bumped when a file in the trust directory changes: every verdict reached under an older
+    // policy is void, and each module is checked again (a key revoked takes a module out of
+    // the stack; a key added brings a rejected one in).
+    let mut policy_generation = 0u64;
+    let mut policy_watch = match agentbase::watch::DirWatch::new(&trust_dir) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %trust_dir.display(), "cannot watch the trust policies; an edit takes effect at the next restart");
+            None
+        }
+    };
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = beat.tick() => ctx.beat(),
+            changed = async { policy_watch.as_mut()?.changed().await.ok() }, if policy_watch.is_some() => {
+                if changed.is_none() {
+                    tracing::warn!("watching the trust policies failed; an edit takes effect at the next restart");
+                    policy_watch = None;
+                } else {
+                    policy_generation += 1;
+                    answered.clear();
+                    if !current.is_empty() {
+                        tracing::info!(modules = current.len(), "trust policy changed; checking every module again");
+                    }
+                }
+            }
             event = configs.next() => match event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => {
                     publish(&VerifyStatus {
@@ -78,11 +103,11 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 }
                 _ => {}
             },
-            Some((config, status)) = done_rx.recv() => {
+            Some((config, generation, status)) = done_rx.recv() => {
                 running.remove(&config.name);
-                // A verdict for a config that changed meanwhile is dropped; the newer one is
-                // checked next.
-                if current.get(&config.name) == Some(&config) {
+                // A verdict for a config that changed meanwhile, or reached under a policy
+                // that changed meanwhile, is dropped; the module is checked again.
+                if current.get(&config.name) == Some(&config) && generation == policy_generation {
                     publish(&status);
                     answered.insert(config.name.clone(), config);
                 }
@@ -98,6 +123,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             running.insert(config.name.clone());
             let trust_dir = trust_dir.clone();
             let done = done_tx.clone();
+            let generation = policy_generation;
             ctx.tasks.spawn(async move {
                 let checked = config.clone();
                 let status = tokio::task::spawn_blocking(move || verdict(&trust_dir, &checked))
@@ -109,7 +135,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                         state: VerifyState::Failed,
                         reason: Some(format!("the check did not finish: {e}")),
                     });
-                let _ = done.send((config, status)).await;
+                let _ = done.send((config, generation, status)).await;
             });
         }
     }
