@@ -632,7 +632,9 @@ impl Agent {
     /// version is not verified (still in the pipeline, or failed), the layer it has in the
     /// current stack, so an upgrade replaces the old image only once the new one is ready.
     /// Sorted by priority (mountmgr orders by priority itself; this keeps the config stable).
-    fn wanted_stack(&self) -> Vec<MountLayer> {
+    /// A module whose dependencies are not all in the stack is held out of it, with the reason:
+    /// the second list.
+    fn wanted_stack(&self) -> (Vec<MountLayer>, Vec<(String, String)>) {
         let current = |name: &str| {
             self.applied
                 .as_ref()
@@ -655,8 +657,44 @@ impl Agent {
             })
             .filter(|l| !self.rejected.contains(&l.digest))
             .collect();
+        // Holding one module out can leave another without its dependency: until nothing
+        // changes.
+        let mut held = Vec::new();
+        loop {
+            let stacked: HashSet<String> = layers.iter().map(|l| l.name.clone()).collect();
+            let before = layers.len();
+            layers.retain(
+                |layer| match self.missing_dependency(&layer.name, &stacked) {
+                    None => true,
+                    Some(reason) => {
+                        held.push((layer.name.clone(), reason));
+                        false
+                    }
+                },
+            );
+            if layers.len() == before {
+                break;
+            }
+        }
         layers.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
-        layers
+        (layers, held)
+    }
+
+    /// Why module `name` cannot be stacked with the modules `stacked`: the first dependency
+    /// its module manifest names that is not among them.
+    fn missing_dependency(&self, name: &str, stacked: &HashSet<String>) -> Option<String> {
+        let fetched = self.modules.get(name)?.fetched.as_ref()?;
+        let missing = fetched
+            .resolved
+            .module
+            .dependencies
+            .iter()
+            .find(|d| !stacked.contains(*d))?;
+        Some(if self.modules.contains_key(missing) {
+            format!("waiting for module {missing}, which it depends on")
+        } else {
+            format!("depends on module {missing}, which is not assigned to this node")
+        })
     }
 
     /// Publishes a new `MountConfig` if the stack changed (see `published_since_start` for
@@ -673,7 +711,21 @@ impl Agent {
                 return;
             }
         }
-        let layers = self.wanted_stack();
+        let (layers, held) = self.wanted_stack();
+        for (name, reason) in held {
+            let Some(m) = self.modules.get_mut(&name) else {
+                continue;
+            };
+            // A module on its way into the stack, or in it until now, waits (and says why); an
+            // old layer kept for a module still in the pipeline has its own state to show.
+            let waits = matches!(m.status.state, ModuleState::Mounting | ModuleState::Active);
+            if waits && m.status.error.as_ref() != Some(&reason) {
+                tracing::info!(module = %name, %reason, "held out of the stack");
+                m.status.state = ModuleState::Mounting;
+                m.status.error = Some(reason);
+                self.publish_status(&name);
+            }
+        }
         if let Some(stack) = &self.stack {
             if stack.layers == layers && stack.upper == self.upper {
                 self.published_since_start = true;

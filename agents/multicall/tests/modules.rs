@@ -182,7 +182,7 @@ impl Node {
                     .architecture
                     .unwrap_or(host_architecture())
                     .to_owned(),
-                dependencies: Vec::new(),
+                dependencies: options.dependencies.iter().map(|d| d.to_string()).collect(),
                 services: Vec::new(),
                 health_check: None,
             },
@@ -325,6 +325,7 @@ struct Publish {
     signer: Signer,
     architecture: Option<&'static str>,
     edit_manifest: Option<fn(&str) -> String>,
+    dependencies: &'static [&'static str],
 }
 
 impl Default for Publish {
@@ -333,6 +334,7 @@ impl Default for Publish {
             signer: Signer::Trusted,
             architecture: None,
             edit_manifest: None,
+            dependencies: &[],
         }
     }
 }
@@ -682,4 +684,46 @@ fn a_trust_policy_edit_checks_the_modules_again() {
     }
     assert_eq!(node.union_file("good.txt").as_deref(), Some("good"));
     node.wait_active("good");
+}
+
+#[test]
+fn a_module_is_stacked_only_with_its_dependencies() {
+    if !can_run("a_module_is_stacked_only_with_its_dependencies") {
+        return;
+    }
+    let node = Node::new(true);
+    let needs_base = Publish {
+        dependencies: &["base"],
+        ..Publish::default()
+    };
+    let app = node.publish("app", &[("app.txt", b"app")], needs_base);
+    node.attach("app", &app, 20);
+    let status = node.wait_module("app", |s| s.error.is_some());
+    assert_eq!(status.state, ModuleState::Mounting, "{status:?}");
+    assert!(
+        status
+            .error
+            .unwrap()
+            .contains("depends on module base, which is not assigned"),
+        "{}",
+        node.log("modulemgr")
+    );
+    assert_eq!(node.union_file("app.txt"), None);
+
+    let base = node.publish("base", &[("base.txt", b"base")], Publish::default());
+    node.attach("base", &base, 10);
+    node.wait_active("base");
+    node.wait_active("app");
+    assert_eq!(node.union_file("app.txt").as_deref(), Some("app"));
+    assert_eq!(node.union_file("base.txt").as_deref(), Some("base"));
+
+    // Without its dependency the module leaves the stack too, and waits.
+    node.detach("base");
+    let status = node.wait_module("app", |s| s.state == ModuleState::Mounting);
+    assert!(status.error.unwrap_or_default().contains("base"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while node.union_file("app.txt").is_some() {
+        assert!(Instant::now() < deadline, "app stayed stacked without base");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
