@@ -196,3 +196,73 @@ async fn build_push_sign_resolve_pull() {
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
 }
+
+#[tokio::test]
+async fn a_registry_that_wants_a_password_gets_it_and_refuses_without() {
+    if !can_run() {
+        return;
+    }
+    if Command::new("htpasswd").arg("-h").output().is_err() {
+        eprintln!("skipped: needs htpasswd (apache2-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server =
+        TestRegistry::start_with_password(&dir.path().join("registry"), "node", "s3cret").unwrap();
+    let login = |password: &str| {
+        Registry::new(RegistryConfig {
+            plain_http: vec![server.host.clone()],
+            credentials: vec![powernode_modules::registry::Credential {
+                registry: server.host.clone(),
+                username: "node".into(),
+                password: password.into(),
+            }],
+            ..RegistryConfig::default()
+        })
+    };
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("README"), "behind a password").unwrap();
+    let built = package::build(
+        &tree,
+        &options(host_architecture()),
+        &dir.path().join("out"),
+    )
+    .unwrap();
+    let repository = format!("{}/modules/tools", server.host);
+    let reference = format!("{repository}:1.0");
+
+    let registry = login("s3cret");
+    package::push(&registry, &repository, "1.0", &[built.clone()])
+        .await
+        .unwrap();
+    let resolved = registry
+        .resolve(&reference, host_architecture())
+        .await
+        .unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let path = registry
+        .pull_blob(
+            &resolved.repository,
+            &resolved.image,
+            &store,
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(fs::read(path).unwrap(), fs::read(&built.image).unwrap());
+
+    // No password, or a wrong one: refused, and not taken for an outage worth retrying.
+    let anonymous = Registry::new(RegistryConfig {
+        plain_http: vec![server.host.clone()],
+        ..RegistryConfig::default()
+    });
+    for registry in [anonymous, login("wrong")] {
+        let e = registry
+            .resolve(&reference, host_architecture())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::Refused(_)), "{e:?}");
+        assert!(!e.is_transient());
+    }
+}

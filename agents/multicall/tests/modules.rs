@@ -16,7 +16,7 @@ use common::bin;
 use powernode_modules::cosign::SigningKey;
 use powernode_modules::format::host_architecture;
 use powernode_modules::package::{self, BuildOptions, Built};
-use powernode_modules::registry::{Registry, RegistryConfig};
+use powernode_modules::registry::{Credential, Registry, RegistryConfig};
 use powernode_modules::testing::TestRegistry;
 use powernode_pubsub::{Dirs, Subscription};
 use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus};
@@ -48,22 +48,42 @@ struct Node {
     key: SigningKey,
     agents: Vec<(String, Child)>,
     rt: tokio::runtime::Runtime,
+    /// The registry's password for user `node`, if it wants one.
+    password: Option<String>,
 }
 
 impl Node {
     fn new(require_signature: bool) -> Node {
+        Node::with_registry_password(require_signature, None)
+    }
+
+    /// A node whose registry wants user `node` and `password`: the agents read it from the
+    /// settings' password file.
+    fn with_registry_password(require_signature: bool, password: Option<&str>) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let registry = TestRegistry::start(&dir.path().join("registry")).unwrap();
+        let registry = match password {
+            None => TestRegistry::start(&dir.path().join("registry")),
+            Some(p) => TestRegistry::start_with_password(&dir.path().join("registry"), "node", p),
+        }
+        .unwrap();
         let root = dir.path().join("root");
         fs::create_dir_all(root.join("etc/powernode/trust")).unwrap();
-        fs::write(
-            root.join("etc/powernode/agent.toml"),
-            format!(
-                "[modules]\nplain_http = [\"{}\"]\nmax_backoff_s = 2\n",
+        let mut settings = format!(
+            "[modules]\nplain_http = [\"{}\"]\nmax_backoff_s = 2\n",
+            registry.host
+        );
+        if let Some(password) = password {
+            fs::write(
+                root.join("etc/powernode/registry.pass"),
+                format!("{password}\n"),
+            )
+            .unwrap();
+            settings.push_str(&format!(
+                "[[modules.credentials]]\nregistry = \"{}\"\nusername = \"node\"\npassword_file = \"etc/powernode/registry.pass\"\n",
                 registry.host
-            ),
-        )
-        .unwrap();
+            ));
+        }
+        fs::write(root.join("etc/powernode/agent.toml"), settings).unwrap();
         let key = SigningKey::generate().unwrap();
         fs::write(
             root.join("etc/powernode/trust/cosign.pub"),
@@ -85,6 +105,7 @@ impl Node {
             key,
             agents: Vec::new(),
             rt,
+            password: password.map(str::to_owned),
         };
         for agent in ["verifier", "mountmgr", "modulemgr"] {
             node.start(agent);
@@ -99,6 +120,15 @@ impl Node {
     fn registry_client(&self) -> Registry {
         Registry::new(RegistryConfig {
             plain_http: vec![self.registry.host.clone()],
+            credentials: self
+                .password
+                .iter()
+                .map(|password| Credential {
+                    registry: self.registry.host.clone(),
+                    username: "node".into(),
+                    password: password.clone(),
+                })
+                .collect(),
             ..RegistryConfig::default()
         })
     }
@@ -726,4 +756,20 @@ fn a_module_is_stacked_only_with_its_dependencies() {
         assert!(Instant::now() < deadline, "app stayed stacked without base");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_registry_password_comes_from_the_settings() {
+    if !can_run("a_registry_password_comes_from_the_settings") {
+        return;
+    }
+    if Command::new("htpasswd").arg("-h").output().is_err() {
+        eprintln!("skipped a_registry_password_comes_from_the_settings: needs htpasswd");
+        return;
+    }
+    let node = Node::with_registry_password(true, Some("s3cret"));
+    let reference = node.publish("private", &[("p.txt", b"private")], Publish::default());
+    node.attach("private", &reference, 10);
+    node.wait_active("private");
+    assert_eq!(node.union_file("p.txt").as_deref(), Some("private"));
 }
