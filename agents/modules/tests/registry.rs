@@ -233,7 +233,7 @@ async fn a_registry_that_wants_a_password_gets_it_and_refuses_without() {
     let reference = format!("{repository}:1.0");
 
     let registry = login("s3cret");
-    package::push(&registry, &repository, "1.0", &[built.clone()])
+    package::push(&registry, &repository, "1.0", std::slice::from_ref(&built))
         .await
         .unwrap();
     let resolved = registry
