@@ -25,6 +25,10 @@ pub struct VerifyConfig {
     pub signatures: Vec<CosignSignature>,
     /// Name of the trust policy the signature is checked against.
     pub trust_policy: String,
+    /// Counts the times this image was downloaded anew for the module after a damaged stored
+    /// copy was found: a new count makes an otherwise equal config news to the verifier, which
+    /// then checks the new copy instead of letting its verdict on the old one stand.
+    pub attempt: u32,
 }
 
 /// One cosign signature as stored in the registry (a layer of the `sha256-<hex>.sig` manifest).
@@ -44,7 +48,7 @@ pub struct CosignSignature {
 
 impl Topic for VerifyConfig {
     const NAME: &'static str = "VerifyConfig";
-    const SCHEMA_VERSION: u32 = 2;
+    const SCHEMA_VERSION: u32 = 3;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.name.clone()

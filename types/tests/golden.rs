@@ -326,6 +326,7 @@ fn run_all(g: &mut Golden) {
             },
         ],
         trust_policy: s("default"),
+        attempt: 2,
     }]);
 
     g.check(with_each(

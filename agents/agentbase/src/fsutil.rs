@@ -5,10 +5,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Writes `data` to `path` atomically and durably, the file with permissions `mode`: a temp
 /// file in the same directory, fsync, rename over `path`, fsync the directory. The directory
-/// is created if missing; a temp file a crash left behind is replaced.
+/// is created if missing. The temp file's name is this call's own (process id and a counter),
+/// so two writers of the same path each rename a whole file: the last one wins.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -18,9 +20,16 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::other(format!("{} names no file", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    // Removed rather than truncated: a leftover keeps its own permissions, and `mode` applies
-    // only to a file this call creates (a key must not inherit a leftover's 0644).
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        WRITES.fetch_add(1, Ordering::Relaxed)
+    ));
+    // A leftover of a crashed process that had this id is removed rather than truncated: it
+    // keeps its own permissions, and `mode` applies only to a file this call creates (a key
+    // must not inherit a leftover's 0644).
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -49,14 +58,32 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
+    fn concurrent_writers_of_one_path_each_leave_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let contents: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 64 << 10]).collect();
+        std::thread::scope(|scope| {
+            for data in &contents {
+                let path = &path;
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        write_atomic(path, data, 0o600).unwrap();
+                    }
+                });
+            }
+        });
+        let last = fs::read(&path).unwrap();
+        assert!(
+            contents.contains(&last),
+            "a torn file: {} bytes",
+            last.len()
+        );
+    }
+
+    #[test]
     fn replaces_whole_with_the_mode_asked_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/state.json");
-        // A temp file from a crash mid-write is not in the way.
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let leftover = dir.path().join("sub/.state.json.tmp");
-        fs::write(&leftover, b"torn").unwrap();
-        fs::set_permissions(&leftover, fs::Permissions::from_mode(0o644)).unwrap();
         write_atomic(&path, b"one", 0o600).unwrap();
         write_atomic(&path, b"two", 0o600).unwrap();
         assert_eq!(fs::read(&path).unwrap(), b"two");
@@ -80,7 +107,12 @@ mod tests {
         let blocked = dir.path().join("blocked");
         fs::create_dir_all(blocked.join("inside")).unwrap();
         assert!(write_atomic(&blocked, b"new", 0o644).is_err());
-        assert!(!dir.path().join(".blocked.tmp").exists());
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         assert_eq!(fs::read(&path).unwrap(), b"old");
     }
 }

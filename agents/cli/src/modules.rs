@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _};
 use ipcmonitor::tool::Exit;
 use modulemgr::local::{self, LocalModule};
 use powernode_modules::format::host_architecture;
-use powernode_modules::registry::{Registry, RegistryConfig};
+use powernode_modules::registry::Registry;
 use powernode_modules::store::Store;
 use powernode_pubsub::{Dirs, Event, Subscription};
 use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, VerifyConfig};
@@ -163,7 +163,7 @@ pub async fn verify(
     let config = if Path::new(target).exists() || target.ends_with(".json") {
         built_config(target, policy_name)?
     } else {
-        pulled_config(settings, target, tmp.path(), policy_name).await?
+        pulled_config(root, settings, target, tmp.path(), policy_name).await?
     };
     let policy = verifier::policy::load(&root.path(verifier::policy::DIR), policy_name)?;
     let outcome = tokio::task::spawn_blocking(move || {
@@ -213,21 +213,19 @@ fn built_config(path: &str, policy: &str) -> anyhow::Result<VerifyConfig> {
         repository: String::new(),
         signatures: Vec::new(),
         trust_policy: policy.to_owned(),
+        attempt: 0,
     })
 }
 
 /// A module in a registry, pulled into `dir` for the check.
 async fn pulled_config(
+    root: &Root,
     settings: &Settings,
     reference: &str,
     dir: &Path,
     policy: &str,
 ) -> anyhow::Result<VerifyConfig> {
-    let registry = Registry::new(RegistryConfig {
-        plain_http: settings.modules.plain_http.clone(),
-        credentials: Vec::new(),
-        connect_timeout: Some(Duration::from_millis(settings.modules.connect_timeout_ms)),
-    });
+    let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
     let resolved = registry.resolve(reference, host_architecture()).await?;
     let signatures = registry
         .signatures(&resolved.repository, &resolved.manifest_digest)
@@ -246,6 +244,7 @@ async fn pulled_config(
         repository: resolved.repository.clone(),
         signatures,
         trust_policy: policy.to_owned(),
+        attempt: 0,
     })
 }
 
@@ -314,11 +313,7 @@ pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyho
                 .tag()
                 .with_context(|| format!("{to}: give a tag to push to (…:TAG)"))?
                 .to_owned();
-            let registry = Registry::new(RegistryConfig {
-                plain_http: settings.modules.plain_http.clone(),
-                credentials: Vec::new(),
-                connect_timeout: Some(Duration::from_millis(settings.modules.connect_timeout_ms)),
-            });
+            let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
             let repository = powernode_modules::registry::repository_of(&reference);
             Some(
                 powernode_modules::package::push(

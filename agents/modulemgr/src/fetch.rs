@@ -53,11 +53,12 @@ pub enum Report {
     Done(Box<Fetched>),
     /// The image is synced to disk: it may join the mount stack, which outlives a power cut.
     Durable,
-    /// The stored image of a rejected module was read again (`intact`: it still hashes to its
-    /// digest); `verdict` is the verifier's reason.
+    /// The stored image of a rejected module was read again; `verdict` is the verifier's
+    /// reason.
     Rechecked {
-        /// Whether the stored bytes still match their digest.
-        intact: bool,
+        /// What is wrong with the stored copy (it hashes to another digest, or cannot be
+        /// read); `None` if it is intact.
+        damage: Option<String>,
         /// The verifier's reason for the rejection.
         verdict: String,
     },
@@ -185,14 +186,21 @@ pub async fn recheck(
     name: String,
     epoch: u64,
 ) {
-    let intact = tokio::task::spawn_blocking(move || {
+    let damage = tokio::task::spawn_blocking(move || {
         // Unreadable or gone counts as damaged: downloading it again is the remedy either way.
-        Digest::parse(&digest).is_ok_and(|d| store.intact(&d).unwrap_or(false))
+        let digest = Digest::parse(&digest).map_err(|e| e.to_string())?;
+        match store.intact(&digest) {
+            Ok(true) => Ok(None),
+            Ok(false) => Ok(Some(format!("it no longer hashes to {digest}"))),
+            Err(e) => Ok(Some(e.to_string())),
+        }
     })
     .await
-    .unwrap_or(false);
+    .unwrap_or_else(|e| Err(e.to_string()));
+    // A check that could not run at all leaves the verdict standing.
+    let damage = damage.unwrap_or(None);
     let _ = reports
-        .send((name, epoch, Report::Rechecked { intact, verdict }))
+        .send((name, epoch, Report::Rechecked { damage, verdict }))
         .await;
 }
 
@@ -202,10 +210,13 @@ async fn refresh(job: &Job, registry: &Registry, lastknown: &LastKnown, kept: &D
     let mut delay = RETRY_MIN;
     loop {
         tokio::time::sleep(delay).await;
-        match resolve_signed(job, registry, lastknown).await {
-            Ok((resolved, _)) => {
+        match resolve_signed(job, registry).await {
+            Ok((resolved, signatures)) => {
                 let moved = resolved.manifest_digest != *kept;
                 tracing::info!(module = %job.name, moved, "the registry is reachable again");
+                if !moved {
+                    keep(job, lastknown, &resolved, &signatures).await;
+                }
                 return moved;
             }
             Err(e) if e.is_transient() => delay = (delay * 2).min(job.max_backoff),
@@ -217,32 +228,42 @@ async fn refresh(job: &Job, registry: &Registry, lastknown: &LastKnown, kept: &D
     }
 }
 
-/// Resolves the reference and reads its signatures; keeps what it found.
+/// Resolves the reference and reads its signatures.
 async fn resolve_signed(
     job: &Job,
     registry: &Registry,
-    lastknown: &LastKnown,
 ) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
     let resolved = registry.resolve(&job.reference, &job.architecture).await?;
     let signatures = registry
         .signatures(&resolved.repository, &resolved.manifest_digest)
         .await?;
+    Ok((resolved, signatures))
+}
+
+/// Keeps a resolution whose image is in the store, for an offline start. Only then: a
+/// resolution kept before its download finished would replace the last one an offline start
+/// could use.
+async fn keep(
+    job: &Job,
+    lastknown: &LastKnown,
+    resolved: &Resolved,
+    signatures: &[CosignSignature],
+) {
     let (lastknown, reference, architecture) = (
         lastknown.clone(),
         job.reference.clone(),
         job.architecture.clone(),
     );
-    let (kept, kept_signatures) = (resolved.clone(), signatures.clone());
+    let (resolved, signatures) = (resolved.clone(), signatures.to_vec());
     let saved = tokio::task::spawn_blocking(move || {
-        lastknown.save(&reference, &architecture, &kept, &kept_signatures)
+        lastknown.save(&reference, &architecture, &resolved, &signatures)
     })
     .await
     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
     if let Err(e) = saved {
-        // Only an offline boot would miss it.
+        // Only an offline start would miss it.
         tracing::warn!(module = %job.name, error = %e, "cannot keep the resolution");
     }
-    Ok((resolved, signatures))
 }
 
 async fn attempt(
@@ -253,7 +274,7 @@ async fn attempt(
     reports: &mpsc::Sender<(String, u64, Report)>,
     epoch: u64,
 ) -> Result<Fetched, RegistryError> {
-    let (resolved, signatures) = match resolve_signed(job, registry, lastknown).await {
+    let (resolved, signatures) = match resolve_signed(job, registry).await {
         Ok(found) => found,
         Err(e) if e.is_transient() => {
             let kept = lastknown.load(&job.reference, &job.architecture);
@@ -298,6 +319,7 @@ async fn attempt(
     let image_path = registry
         .pull_blob(&resolved.repository, &resolved.image, store, &mut progress)
         .await?;
+    keep(job, lastknown, &resolved, &signatures).await;
     Ok(Fetched {
         resolved,
         image_path,

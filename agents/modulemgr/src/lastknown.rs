@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 
 use powernode_modules::digest::Digest;
-use powernode_modules::registry::{parse_reference, Resolved};
+use powernode_modules::registry::{parse_reference, repository_of, Resolved};
 use powernode_types::CosignSignature;
 use serde::{Deserialize, Serialize};
 
@@ -114,6 +114,14 @@ fn read(
             entry.reference, entry.architecture
         ));
     }
+    // The repository is what signatures must name: it must be the reference's own.
+    let parsed = parse_reference(reference).map_err(|e| e.to_string())?;
+    if entry.repository != repository_of(&parsed) {
+        return Err(format!(
+            "it names repository {}, not the reference's",
+            entry.repository
+        ));
+    }
     let index_digest = entry
         .index_digest
         .as_deref()
@@ -129,11 +137,7 @@ fn read(
     )
     .map_err(|e| e.to_string())?;
     // A reference pinned to a digest must still name what was kept.
-    let pinned = parse_reference(reference)
-        .map_err(|e| e.to_string())?
-        .digest()
-        .map(str::to_owned);
-    if let Some(pinned) = pinned {
+    if let Some(pinned) = parsed.digest() {
         let kept = resolved
             .index_digest
             .as_ref()
@@ -231,6 +235,12 @@ mod tests {
             .unwrap()
             .replace("\"priority\":10", "\"priority\":99");
         entry["config"] = config.into();
+        std::fs::write(&path, entry.to_string()).unwrap();
+        assert!(kept.load(REFERENCE, "amd64").is_none());
+
+        // Another repository's signed manifest paired with this reference.
+        let mut entry: serde_json::Value = serde_json::from_str(&text).unwrap();
+        entry["repository"] = "registry.test/modules/other".into();
         std::fs::write(&path, entry.to_string()).unwrap();
         assert!(kept.load(REFERENCE, "amd64").is_none());
 

@@ -37,7 +37,7 @@ use std::time::Duration;
 use agentbase::Context;
 use anyhow::Context as _;
 use powernode_modules::digest::Digest;
-use powernode_modules::format::host_architecture;
+use powernode_modules::format::{host_architecture, ModuleManifest};
 use powernode_modules::registry::{Credential, Registry, RegistryConfig};
 use powernode_modules::store::Store;
 use powernode_pubsub::{Event, Publication, Subscription};
@@ -112,6 +112,9 @@ struct Agent {
     /// Image digests the verifier rejected: never stacked, not even as the old layer of a
     /// module whose new version is still on its way.
     rejected: HashSet<String>,
+    /// The module manifest of each image fetched (by image digest): a layer's dependencies are
+    /// those of the version it holds. Pruned with the store.
+    layer_manifests: std::collections::HashMap<String, ModuleManifest>,
     /// Whether the controller's assignment is known (heartbeatd's snapshot arrived, or the
     /// grace period for a node without heartbeatd ran out). Until it is, nothing is taken out
     /// of the stack and nothing is collected: an empty subscription is not an empty assignment.
@@ -125,12 +128,15 @@ struct Agent {
     applied: Option<MountConfig>,
 }
 
-/// The agent's main future.
-pub async fn run(ctx: Context) -> anyhow::Result<()> {
-    let settings = ctx.settings.modules.clone();
+/// How to reach registries, from the `[modules]` settings: plain-HTTP registries, timeouts,
+/// and each credential's password read from its file under `root`.
+pub fn registry_config(
+    settings: &agentbase::settings::ModuleSettings,
+    root: &agentbase::root::Root,
+) -> anyhow::Result<RegistryConfig> {
     let mut credentials = Vec::new();
     for c in &settings.credentials {
-        let path = ctx.root.path(&c.password_file);
+        let path = root.path(&c.password_file);
         let password = std::fs::read_to_string(&path).with_context(|| {
             format!(
                 "reading the password of {} from {}",
@@ -144,11 +150,17 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             password: password.trim_end().to_owned(),
         });
     }
-    let registry = Registry::new(RegistryConfig {
+    Ok(RegistryConfig {
         plain_http: settings.plain_http.clone(),
         credentials,
         connect_timeout: Some(Duration::from_millis(settings.connect_timeout_ms)),
-    });
+    })
+}
+
+/// The agent's main future.
+pub async fn run(ctx: Context) -> anyhow::Result<()> {
+    let settings = ctx.settings.modules.clone();
+    let registry = Registry::new(registry_config(&settings, &ctx.root)?);
     let store = Store::open(&ctx.root.path(STORE_DIR)).context("opening the digest store")?;
     let upper = if settings.upper == "tmpfs" {
         UpperMode::Tmpfs
@@ -183,6 +195,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         mount_status: None,
         verdicts: BTreeMap::new(),
         rejected: HashSet::new(),
+        layer_manifests: std::collections::HashMap::new(),
         desired_known: false,
         published_since_start: false,
         ctx,
@@ -426,7 +439,8 @@ impl Agent {
             m.status.state = ModuleState::Failed;
             m.status.error = Some(reason);
             m.verified = false;
-            m.cancel = None;
+            // The token stays: the fetch task may still be running (a background refresh after
+            // an offline start), and a removal or restart must still stop it.
         }
         self.publish_status(name);
     }
@@ -465,15 +479,31 @@ impl Agent {
                 m.durable = true;
                 return self.advance(name);
             }
-            Report::Rechecked { intact, verdict } => {
-                if intact {
-                    return self.reject(name, verdict);
+            Report::Rechecked { damage, verdict } => {
+                // Only while the rejection still stands: a later verdict (the trust policy
+                // changed meanwhile) has moved the module on, and this answer is stale.
+                let digest = m.fetched.as_ref().map(|f| f.resolved.image.digest.clone());
+                let still_rejected = m.status.state == ModuleState::Verifying
+                    && !m.verified
+                    && self.verdicts.get(name).is_some_and(|v| {
+                        v.state == VerifyState::Failed && Some(&v.digest) == digest.as_ref()
+                    });
+                if !still_rejected {
+                    return;
                 }
-                tracing::warn!(module = %name, "the stored image no longer matches its digest (a power cut before it was synced, or a failing disk); downloading it again");
-                return self.refetch(name);
+                return match damage {
+                    None => self.reject(name, verdict),
+                    Some(damage) => {
+                        tracing::warn!(module = %name, %damage, "the stored image is damaged (a power cut before it was synced, or a failing disk); downloading it again");
+                        self.refetch(name)
+                    }
+                };
             }
             Report::Done(fetched) => {
                 m.status.state = ModuleState::Verifying;
+                // Set here too: an offline start reports no Resolved.
+                m.status.digest = Some(fetched.resolved.image.digest.clone());
+                m.status.bytes_total = Some(fetched.resolved.image.size);
                 m.status.bytes_done = fetched.resolved.image.size;
                 m.status.error = None;
                 let verify = VerifyConfig {
@@ -485,7 +515,12 @@ impl Agent {
                     repository: fetched.resolved.repository.clone(),
                     signatures: fetched.signatures.clone(),
                     trust_policy: self.ctx.settings.modules.trust_policy.clone(),
+                    attempt: u32::from(m.refetched),
                 };
+                self.layer_manifests.insert(
+                    fetched.resolved.image.digest.clone(),
+                    fetched.resolved.module.clone(),
+                );
                 m.fetched = Some(*fetched);
                 m.verified = false;
                 m.durable = false;
@@ -560,6 +595,7 @@ impl Agent {
                     "verification failed: {}",
                     v.reason.as_deref().unwrap_or("no reason given")
                 );
+                m.verified = false;
                 if m.refetched {
                     return self.reject(&v.name, reason);
                 }
@@ -632,69 +668,95 @@ impl Agent {
     /// version is not verified (still in the pipeline, or failed), the layer it has in the
     /// current stack, so an upgrade replaces the old image only once the new one is ready.
     /// Sorted by priority (mountmgr orders by priority itself; this keeps the config stable).
-    /// A module whose dependencies are not all in the stack is held out of it, with the reason:
-    /// the second list.
+    /// A new version whose dependencies are not all in the stack is held out of it (the reason
+    /// is in the second list) and the module keeps its current layer, if that one's are.
     fn wanted_stack(&self) -> (Vec<MountLayer>, Vec<(String, String)>) {
         let current = |name: &str| {
             self.applied
                 .as_ref()
                 .and_then(|s| s.layers.iter().find(|l| l.name == name).cloned())
+                .filter(|l| !self.rejected.contains(&l.digest))
         };
-        let mut layers: Vec<MountLayer> = self
+        // Each module's first choice, and the layer to fall back to.
+        let mut choices: Vec<(MountLayer, Option<MountLayer>)> = self
             .modules
             .values()
             .filter_map(|m| match &m.fetched {
                 Some(f) if m.verified && m.durable && m.status.state != ModuleState::Failed => {
-                    Some(MountLayer {
+                    let new = MountLayer {
                         name: m.config.name.clone(),
                         image_path: f.image_path.to_string_lossy().into_owned(),
                         digest: f.resolved.image.digest.clone(),
                         priority: m.config.priority,
                         health_check: f.resolved.module.health_check(),
-                    })
+                    };
+                    let old = current(&m.config.name).filter(|old| old.digest != new.digest);
+                    Some((new, old))
                 }
-                _ => current(&m.config.name),
+                _ => current(&m.config.name).map(|old| (old, None)),
             })
-            .filter(|l| !self.rejected.contains(&l.digest))
+            .filter(|(layer, _)| !self.rejected.contains(&layer.digest))
             .collect();
         // Holding one module out can leave another without its dependency: until nothing
         // changes.
         let mut held = Vec::new();
         loop {
-            let stacked: HashSet<String> = layers.iter().map(|l| l.name.clone()).collect();
-            let before = layers.len();
-            layers.retain(
-                |layer| match self.missing_dependency(&layer.name, &stacked) {
-                    None => true,
-                    Some(reason) => {
-                        held.push((layer.name.clone(), reason));
-                        false
+            let stacked: HashSet<String> = choices
+                .iter()
+                .map(|(l, _)| self.module_name(l).to_owned())
+                .collect();
+            let mut changed = false;
+            choices.retain_mut(|(layer, fallback)| {
+                let Some(reason) = self.missing_dependency(layer, &stacked) else {
+                    return true;
+                };
+                held.push((layer.name.clone(), reason));
+                changed = true;
+                match fallback.take() {
+                    Some(old) => {
+                        *layer = old;
+                        true
                     }
-                },
-            );
-            if layers.len() == before {
+                    None => false,
+                }
+            });
+            if !changed {
                 break;
             }
         }
+        let mut layers: Vec<MountLayer> = choices.into_iter().map(|(l, _)| l).collect();
         layers.sort_by(|a, b| a.priority.cmp(&b.priority).then(a.name.cmp(&b.name)));
         (layers, held)
     }
 
-    /// Why module `name` cannot be stacked with the modules `stacked`: the first dependency
-    /// its module manifest names that is not among them.
-    fn missing_dependency(&self, name: &str, stacked: &HashSet<String>) -> Option<String> {
-        let fetched = self.modules.get(name)?.fetched.as_ref()?;
-        let missing = fetched
-            .resolved
-            .module
+    /// Why `layer` cannot be stacked with the modules `stacked` (by module name): the first
+    /// dependency its module manifest names that is not among them. The manifest is the one of
+    /// the image in the layer, which for a module being upgraded is the old version's.
+    fn missing_dependency(&self, layer: &MountLayer, stacked: &HashSet<String>) -> Option<String> {
+        let manifest = self.layer_manifests.get(&layer.digest)?;
+        let missing = manifest
             .dependencies
             .iter()
             .find(|d| !stacked.contains(*d))?;
-        Some(if self.modules.contains_key(missing) {
+        let assigned = self.modules.values().any(|m| {
+            m.config.name == *missing
+                || m.fetched
+                    .as_ref()
+                    .is_some_and(|f| f.resolved.module.name == *missing)
+        });
+        Some(if assigned {
             format!("waiting for module {missing}, which it depends on")
         } else {
             format!("depends on module {missing}, which is not assigned to this node")
         })
+    }
+
+    /// The name a layer's module goes by in other modules' dependencies: the name in its
+    /// module manifest (the assignment's name when the manifest is not known).
+    fn module_name<'a>(&'a self, layer: &'a MountLayer) -> &'a str {
+        self.layer_manifests
+            .get(&layer.digest)
+            .map_or(layer.name.as_str(), |m| m.name.as_str())
     }
 
     /// Publishes a new `MountConfig` if the stack changed (see `published_since_start` for
@@ -769,7 +831,12 @@ impl Agent {
                 self.applied = Some(stack.clone());
                 for layer in &stack.layers {
                     if let Some(m) = self.modules.get_mut(&layer.name) {
-                        if m.verified && m.status.state == ModuleState::Mounting {
+                        // The layer may be the old version, kept while the new one waits.
+                        let is_new = m
+                            .fetched
+                            .as_ref()
+                            .is_some_and(|f| f.resolved.image.digest == layer.digest);
+                        if m.verified && is_new && m.status.state == ModuleState::Mounting {
                             m.status.state = ModuleState::Active;
                             m.status.error = None;
                             tracing::info!(module = %layer.name, digest = %layer.digest, "module active");
@@ -831,6 +898,8 @@ impl Agent {
         {
             return;
         }
+        self.layer_manifests
+            .retain(|digest, _| Digest::parse(digest).is_ok_and(|d| keep.contains(&d)));
         match self.store.gc(&keep) {
             Ok((removed, freed)) if !removed.is_empty() => {
                 tracing::info!(

@@ -631,10 +631,12 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
     node.attach("app", &reference, 10);
     node.wait_active("app");
 
-    // The agents come back without their registry.
+    // The node goes down; meanwhile the tag is moved to a new version, and the node comes back
+    // without its registry.
     for agent in ["modulemgr", "verifier", "mountmgr"] {
         node.kill9(agent);
     }
+    node.publish("app", &[("app.txt", b"v2")], Publish::default());
     node.registry.stop();
     for agent in ["verifier", "mountmgr", "modulemgr"] {
         node.start(agent);
@@ -654,9 +656,8 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
     node.wait_active("app");
     assert_eq!(node.union_file("app.txt").as_deref(), Some("v1"));
 
-    // The registry is back, and the tag was moved meanwhile: the node follows it.
+    // The registry is back: the node finds the tag moved and follows it.
     node.registry.resume().unwrap();
-    node.publish("app", &[("app.txt", b"v2")], Publish::default());
     let deadline = Instant::now() + Duration::from_secs(60);
     while node.union_file("app.txt").as_deref() != Some("v2") {
         assert!(
@@ -772,4 +773,34 @@ fn a_registry_password_comes_from_the_settings() {
     node.attach("private", &reference, 10);
     node.wait_active("private");
     assert_eq!(node.union_file("p.txt").as_deref(), Some("private"));
+}
+
+#[test]
+fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
+    if !can_run("an_upgrade_waiting_for_a_dependency_keeps_the_old_version") {
+        return;
+    }
+    let node = Node::new(true);
+    let v1 = node.publish("tool", &[("tool.txt", b"v1")], Publish::default());
+    node.attach("tool", &v1, 20);
+    node.wait_active("tool");
+
+    // The new version needs a module the node does not have yet.
+    let needs_base = Publish {
+        dependencies: &["base"],
+        ..Publish::default()
+    };
+    let v2 = node.publish("tool2", &[("tool.txt", b"v2")], needs_base);
+    node.attach("tool", &v2, 20);
+    let status = node.wait_module("tool", |s| {
+        s.state == ModuleState::Mounting && s.error.is_some()
+    });
+    assert!(status.error.unwrap().contains("base"));
+    assert_eq!(node.union_file("tool.txt").as_deref(), Some("v1"));
+
+    let base = node.publish("base", &[("base.txt", b"base")], Publish::default());
+    node.attach("base", &base, 10);
+    node.wait_active("base");
+    node.wait_active("tool");
+    assert_eq!(node.union_file("tool.txt").as_deref(), Some("v2"));
 }

@@ -8,6 +8,7 @@
 //!                                         └──────► Failed   (reason: the first check that failed)
 //!   VerifyConfig deleted ──► status removed
 //!   trust policy edited  ──► every module checked again under the new policy
+//!                            (unreadable: the standing verdicts stay, the error is reported)
 //! ```
 //!
 //! An image that passes is then sealed with fs-verity where the kernel and file system have it
@@ -17,6 +18,7 @@
 //! newer config is checked. Nothing is cached across configs: every new config is checked from
 //! the bytes on disk.
 
+pub mod changes;
 pub mod check;
 pub mod kernel;
 pub mod policy;
@@ -39,7 +41,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let status_pub = ctx.open_publication::<VerifyStatus>()?;
     let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
     // Each verdict comes back with the policy generation it was reached under.
-    let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, u64, VerifyStatus)>(16);
+    let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, u64, Checked)>(16);
     // The config each name should be answered for: a verdict for anything else is stale.
     let mut current: BTreeMap<String, VerifyConfig> = BTreeMap::new();
     let trust_dir = ctx.root.path(policy::DIR);
@@ -60,27 +62,16 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     // policy is void, and each module is checked again (a key revoked takes a module out of
     // the stack; a key added brings a rejected one in).
     let mut policy_generation = 0u64;
-    let mut policy_watch = match agentbase::watch::DirWatch::new(&trust_dir) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(error = %e, dir = %trust_dir.display(), "cannot watch the trust policies; an edit takes effect at the next restart");
-            None
-        }
-    };
+    let mut policy_changes = changes::PolicyChanges::new(&trust_dir);
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = beat.tick() => ctx.beat(),
-            changed = async { policy_watch.as_mut()?.changed().await.ok() }, if policy_watch.is_some() => {
-                if changed.is_none() {
-                    tracing::warn!("watching the trust policies failed; an edit takes effect at the next restart");
-                    policy_watch = None;
-                } else {
-                    policy_generation += 1;
-                    answered.clear();
-                    if !current.is_empty() {
-                        tracing::info!(modules = current.len(), "trust policy changed; checking every module again");
-                    }
+            () = policy_changes.next() => {
+                policy_generation += 1;
+                answered.clear();
+                if !current.is_empty() {
+                    tracing::info!(modules = current.len(), "trust policy changed; checking every module again");
                 }
             }
             event = configs.next() => match event {
@@ -103,13 +94,33 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 }
                 _ => {}
             },
-            Some((config, generation, status)) = done_rx.recv() => {
+            Some((config, generation, checked)) = done_rx.recv() => {
                 running.remove(&config.name);
                 // A verdict for a config that changed meanwhile, or reached under a policy
                 // that changed meanwhile, is dropped; the module is checked again.
                 if current.get(&config.name) == Some(&config) && generation == policy_generation {
-                    publish(&status);
-                    answered.insert(config.name.clone(), config);
+                match checked {
+                    Checked::Verdict(status) => publish(&status),
+                    // A policy edited into something unreadable (a typo, a file half written)
+                    // does not take down what it had passed: the verdict reached under the last
+                    // readable policy stands, and the error is reported until the policy is
+                    // fixed. A revocation is an edit that removes the key.
+                    Checked::PolicyUnreadable(status) => {
+                        let standing = status_pub.get(&config.name).filter(|s| {
+                            s.state != VerifyState::Verifying
+                                && s.digest == config.digest
+                                && s.manifest_digest == config.manifest_digest
+                        });
+                        if standing.is_some() {
+                            let reason = status.reason.unwrap_or_default();
+                            tracing::error!(module = %config.name, %reason, "the trust policy cannot be read; the module's verdict stands");
+                            ctx.health.report_error(&reason);
+                        } else {
+                            publish(&status);
+                        }
+                    }
+                }
+                answered.insert(config.name.clone(), config);
                 }
             }
         }
@@ -126,28 +137,53 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             let generation = policy_generation;
             ctx.tasks.spawn(async move {
                 let checked = config.clone();
-                let status = tokio::task::spawn_blocking(move || verdict(&trust_dir, &checked))
+                let checked = tokio::task::spawn_blocking(move || verdict(&trust_dir, &checked))
                     .await
-                    .unwrap_or_else(|e| VerifyStatus {
-                        name: config.name.clone(),
-                        digest: config.digest.clone(),
-                        manifest_digest: config.manifest_digest.clone(),
-                        state: VerifyState::Failed,
-                        reason: Some(format!("the check did not finish: {e}")),
+                    .unwrap_or_else(|e| {
+                        Checked::Verdict(failed(&config, format!("the check did not finish: {e}")))
                     });
-                let _ = done.send((config, generation, status)).await;
+                let _ = done.send((config, generation, checked)).await;
             });
         }
     }
     Ok(())
 }
 
-/// Loads the policy and runs the checks; the outcome as a status.
-fn verdict(trust_dir: &std::path::Path, config: &VerifyConfig) -> VerifyStatus {
+/// What a check came to.
+enum Checked {
+    /// The checks ran under the policy: Verified or Failed.
+    Verdict(VerifyStatus),
+    /// The policy could not be read: a Failed status saying why.
+    PolicyUnreadable(VerifyStatus),
+}
+
+fn failed(config: &VerifyConfig, reason: String) -> VerifyStatus {
+    VerifyStatus {
+        name: config.name.clone(),
+        digest: config.digest.clone(),
+        manifest_digest: config.manifest_digest.clone(),
+        state: VerifyState::Failed,
+        reason: Some(reason),
+    }
+}
+
+/// Loads the policy and runs the checks.
+fn verdict(trust_dir: &std::path::Path, config: &VerifyConfig) -> Checked {
+    let policy = match policy::load(trust_dir, &config.trust_policy) {
+        Ok(policy) => policy,
+        Err(e) => {
+            tracing::warn!(module = %config.name, error = %e, "module rejected: no readable trust policy");
+            return Checked::PolicyUnreadable(failed(config, e.to_string()));
+        }
+    };
+    Checked::Verdict(checked(config, &policy))
+}
+
+/// Runs the checks under `policy`; the outcome as a status.
+fn checked(config: &VerifyConfig, policy: &powernode_modules::cosign::Policy) -> VerifyStatus {
     let started = std::time::Instant::now();
-    let outcome = policy::load(trust_dir, &config.trust_policy)
+    let outcome = check::check(config, policy, SystemTime::now())
         .map_err(|e| e.to_string())
-        .and_then(|p| check::check(config, &p, SystemTime::now()).map_err(|e| e.to_string()))
         .and_then(|v| {
             // Only an image that passed every check is sealed: fs-verity makes it immutable.
             let digest = powernode_modules::fsverity::Digest::parse(&v.fsverity_digest)
