@@ -71,6 +71,26 @@ impl LastKnown {
         agentbase::fsutil::write_atomic(&self.path(reference, architecture), &json, 0o600)
     }
 
+    /// Removes the kept resolutions of every reference not in `references` (with
+    /// `architecture`): a module unassigned, or assigned another tag, no longer needs its own.
+    pub fn retain(&self, references: &[&str], architecture: &str) {
+        let keep: std::collections::HashSet<PathBuf> = references
+            .iter()
+            .map(|r| self.path(r, architecture))
+            .collect();
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") && !keep.contains(&path) {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a kept resolution");
+                }
+            }
+        }
+    }
+
     /// The last resolution of `reference` for `architecture`, if one was kept and still holds
     /// together.
     pub fn load(
@@ -217,6 +237,12 @@ mod tests {
         assert!(signatures.is_empty());
         assert!(kept.load(REFERENCE, "arm64").is_none());
         assert!(kept.load("registry.test/modules/app:2", "amd64").is_none());
+
+        // Kept only while some module is assigned the reference.
+        kept.retain(&[REFERENCE], "amd64");
+        assert!(kept.load(REFERENCE, "amd64").is_some());
+        kept.retain(&["registry.test/modules/app:2"], "amd64");
+        assert!(kept.load(REFERENCE, "amd64").is_none());
     }
 
     #[test]

@@ -869,11 +869,18 @@ impl Agent {
         }
     }
 
-    /// Removes store blobs no desired module and no mounted layer uses.
+    /// Removes store blobs no desired module and no mounted layer uses, and the kept
+    /// resolutions of references no module is assigned any more.
     fn collect_garbage(&mut self) {
         if !self.desired_known {
             return;
         }
+        let references: Vec<&str> = self
+            .modules
+            .values()
+            .map(|m| m.config.reference.as_str())
+            .collect();
+        self.lastknown.retain(&references, host_architecture());
         let mut keep: HashSet<Digest> = HashSet::new();
         for m in self.modules.values() {
             if let Some(d) = m
