@@ -55,6 +55,12 @@ impl PolicyChanges {
         }
     }
 
+    /// Whether the directory was seen changing and has not been still long enough yet: a
+    /// verdict reached now may be under the old policy or a half-written one.
+    pub fn settling(&self) -> bool {
+        self.settle_until.is_some()
+    }
+
     /// Waits for the next change. Cancel-safe: what was seen so far is kept in `self`.
     pub async fn next(&mut self) {
         loop {

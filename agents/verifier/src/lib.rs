@@ -97,8 +97,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             Some((config, generation, checked)) = done_rx.recv() => {
                 running.remove(&config.name);
                 // A verdict for a config that changed meanwhile, or reached under a policy
-                // that changed meanwhile, is dropped; the module is checked again.
-                if current.get(&config.name) == Some(&config) && generation == policy_generation {
+                // that changed (or is changing) meanwhile, is dropped; the module is checked
+                // again.
+                let fresh = generation == policy_generation && !policy_changes.settling();
+                if current.get(&config.name) == Some(&config) && fresh {
                 match checked {
                     Checked::Verdict(status) => publish(&status),
                     // A policy edited into something unreadable (a typo, a file half written)
@@ -124,8 +126,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 }
             }
         }
+        // While the policy files are changing, checks wait for them to settle.
         let waiting: Vec<VerifyConfig> = current
             .values()
+            .filter(|_| !policy_changes.settling())
             .filter(|c| !running.contains(&c.name) && answered.get(&c.name) != Some(*c))
             .take(MAX_CHECKS.saturating_sub(running.len()))
             .cloned()
