@@ -16,16 +16,23 @@
 //!
 //! A fetch ([`fetch`]) resolves the reference for this node's architecture, reads its cosign
 //! signatures and streams the image into the digest store `persist/powernode/store`, resuming
-//! a partial download after a crash. The fetched module is handed to the verifier as a
-//! `VerifyConfig` at once, while the image is synced to disk; once `verifier/VerifyStatus`
-//! says Verified for the same digest and the sync is done, it joins the stack, published as one `MountConfig` (target from settings, layers by priority); when
-//! `mountmgr/MountStatus` reports that generation Mounted, its modules are Active. A stack
-//! that fails to mount marks the modules it added Failed (the running stack stays) and the
-//! stack is recomputed without them. A change of reference restarts a module; a removal
-//! cancels its fetch, takes it out of the stack and, once the smaller stack is mounted, lets
-//! the store's garbage collection remove its blobs. A rejected module's stored image is read
-//! again: if it no longer hashes to its digest (a power cut before the sync, a failing disk),
-//! the rejection is about the copy, not the module, and the image is downloaded again, once.
+//! a partial download after a crash; with the registry unreachable it goes on with the last
+//! resolution kept ([`lastknown`]) if the image is in the store. The fetched module is handed
+//! to the verifier as a `VerifyConfig` at once, while the image is synced to disk; once
+//! `verifier/VerifyStatus` says Verified for the same digest and the sync is done, it joins the
+//! stack, published as one `MountConfig` (target from settings, layers by priority), unless a
+//! module it depends on is not stacked (it then waits in Mounting, and an upgrade keeps the old
+//! version stacked). When `mountmgr/MountStatus` reports that generation Mounted, its modules
+//! are Active. A stack that fails to mount marks the modules it added Failed (the running stack
+//! stays) and the stack is recomputed without them.
+//!
+//! A change of reference restarts a module; a removal cancels its fetch, takes it out of the
+//! stack and, once the smaller stack is mounted, lets the store's garbage collection remove its
+//! blobs. A rejected module's stored image is read again: if it no longer hashes to its digest
+//! (a power cut before the sync, a failing disk), the rejection is about the copy, not the
+//! module, and the image is downloaded again, once. A later verdict on the same image (the
+//! trust policy was edited) takes an Active module out of the stack, or brings a rejected one
+//! back.
 
 pub mod fetch;
 pub mod lastknown;
