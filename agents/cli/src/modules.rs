@@ -226,9 +226,8 @@ async fn pulled_config(
     policy: &str,
 ) -> anyhow::Result<VerifyConfig> {
     let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
-    let resolved = registry.resolve(reference, host_architecture()).await?;
-    let signatures = registry
-        .signatures(&resolved.repository, &resolved.manifest_digest)
+    let (resolved, signatures) = registry
+        .resolve_signed(reference, host_architecture())
         .await?;
     let store = Store::open(dir)?;
     let mut progress = |_: u64, _: u64| {};

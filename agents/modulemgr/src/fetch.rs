@@ -210,7 +210,10 @@ async fn refresh(job: &Job, registry: &Registry, lastknown: &LastKnown, kept: &D
     let mut delay = RETRY_MIN;
     loop {
         tokio::time::sleep(delay).await;
-        match resolve_signed(job, registry).await {
+        match registry
+            .resolve_signed(&job.reference, &job.architecture)
+            .await
+        {
             Ok((resolved, signatures)) => {
                 let moved = resolved.manifest_digest != *kept;
                 tracing::info!(module = %job.name, moved, "the registry is reachable again");
@@ -226,18 +229,6 @@ async fn refresh(job: &Job, registry: &Registry, lastknown: &LastKnown, kept: &D
             }
         }
     }
-}
-
-/// Resolves the reference and reads its signatures.
-async fn resolve_signed(
-    job: &Job,
-    registry: &Registry,
-) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
-    let resolved = registry.resolve(&job.reference, &job.architecture).await?;
-    let signatures = registry
-        .signatures(&resolved.repository, &resolved.manifest_digest)
-        .await?;
-    Ok((resolved, signatures))
 }
 
 /// Keeps a resolution whose image is in the store, for an offline start. Only then: a
@@ -274,7 +265,10 @@ async fn attempt(
     reports: &mpsc::Sender<(String, u64, Report)>,
     epoch: u64,
 ) -> Result<Fetched, RegistryError> {
-    let (resolved, signatures) = match resolve_signed(job, registry).await {
+    let (resolved, signatures) = match registry
+        .resolve_signed(&job.reference, &job.architecture)
+        .await
+    {
         Ok(found) => found,
         Err(e) if e.is_transient() => {
             let kept = lastknown.load(&job.reference, &job.architecture);

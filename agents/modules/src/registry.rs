@@ -413,6 +413,26 @@ impl Registry {
         reference: &str,
         architecture: &str,
     ) -> Result<Resolved, RegistryError> {
+        Ok(self.resolve_with(reference, architecture, false).await?.0)
+    }
+
+    /// [`Registry::resolve`], and the platform manifest's cosign signatures
+    /// ([`Registry::signatures`]), read at the same time as the module manifest: one round
+    /// trip to a distant registry less.
+    pub async fn resolve_signed(
+        &self,
+        reference: &str,
+        architecture: &str,
+    ) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
+        self.resolve_with(reference, architecture, true).await
+    }
+
+    async fn resolve_with(
+        &self,
+        reference: &str,
+        architecture: &str,
+        with_signatures: bool,
+    ) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
         let reference = parse_reference(reference)?;
         let (bytes, digest) = self
             .manifest_raw(&reference, &[OCI_INDEX, OCI_MANIFEST])
@@ -431,22 +451,31 @@ impl Registry {
                 (bytes, digest, None)
             };
         let manifest = ImageManifest::parse_module(&manifest_bytes)?;
-        let config = self
-            .small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64)
-            .await?;
+        let repository = repository_of(&reference);
+        let signatures = async {
+            if with_signatures {
+                self.signatures(&repository, &manifest_digest).await
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let (config, signatures) = tokio::try_join!(
+            self.small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64),
+            signatures
+        )?;
         let manifest_text = String::from_utf8(manifest_bytes)
             .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
         let config_text = String::from_utf8(config)
             .map_err(|_| RegistryError::Invalid("module manifest is not UTF-8".into()))?;
         let resolved = Resolved::from_parts(
-            repository_of(&reference),
+            repository,
             manifest_text,
             index_digest,
             config_text,
             architecture,
         )?;
         debug_assert_eq!(resolved.manifest_digest, manifest_digest);
-        Ok(resolved)
+        Ok((resolved, signatures))
     }
 
     /// Streams blob `descriptor` of `repository` into `store`, hashing as it writes, resuming a

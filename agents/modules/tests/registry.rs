@@ -109,6 +109,12 @@ async fn build_push_sign_resolve_pull() {
         .await
         .unwrap();
     assert_eq!(signatures.len(), 1);
+    let (together, their_signatures) = registry
+        .resolve_signed(&format!("{repository}:1.0"), host)
+        .await
+        .unwrap();
+    assert_eq!(together.manifest_digest, resolved.manifest_digest);
+    assert_eq!(their_signatures, signatures);
     let policy = Policy {
         keys: vec![key.public_key().clone()],
         keyless: None,
