@@ -8,13 +8,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use common::{csr_pem, enroll_body, heartbeat_body, post_json, TestServer};
+use common::{heartbeat_body, post_json, TestServer};
 use powernode_modules::cosign::{self, Policy, PublicKey, SigningKey, Verified};
 use powernode_modules::digest::Digest;
 use powernode_modules::format::host_architecture;
 use powernode_modules::registry::{Registry, RegistryConfig};
 use powernode_modules::testing::TestRegistry;
-use rcgen::KeyPair;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
@@ -222,22 +221,9 @@ async fn build_push_keygen_sign_and_assign() {
     // assign to an enrolled node of this architecture.
     let server = TestServer::start(Duration::from_secs(3600)).await;
     let data = server.data().to_str().unwrap().to_owned();
-    let token = server.token(json!({})).await;
-    let node_key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
-    let mut body = enroll_body(&token, &csr_pem(&node_key), "uuid-modules");
-    body["identity"]["arch"] = json!(std::env::consts::ARCH);
-    let (status, reply) = post_json(
-        &server.anonymous(),
-        server.url("/node_api/v1/enroll"),
-        &body,
-    )
-    .await;
-    assert_eq!(status, 200, "{reply}");
-    let node = common::NodeCreds {
-        node_id: reply["node_id"].as_str().unwrap().to_owned(),
-        cert_pem: reply["cert_pem"].as_str().unwrap().to_owned(),
-        key_pem: node_key.serialize_pem(),
-    };
+    let node = server
+        .enroll_new_with_arch("uuid-modules", std::env::consts::ARCH)
+        .await;
     let assigned = run_json(
         &[
             "module",

@@ -99,14 +99,7 @@ impl Store {
         let path = self.path(digest);
         let mut file = File::open(&path).map_err(io_err("opening", &path))?;
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(io_err("reading", &path))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        hash_to_end(&mut file, &mut hasher).map_err(io_err("reading", &path))?;
         Ok(Digest::from_sha256(hasher.finish().as_ref()) == *digest)
     }
 
@@ -135,16 +128,7 @@ impl Store {
             .open(&partial)
             .map_err(io_err("opening", &partial))?;
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut written = 0u64;
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = file.read(&mut buf).map_err(io_err("reading", &partial))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            written += n as u64;
-        }
+        let written = hash_to_end(&mut file, &mut hasher).map_err(io_err("reading", &partial))?;
         let mut writer = BlobWriter {
             file,
             hasher: HashThread::start(hasher),
@@ -184,6 +168,20 @@ impl Store {
             removed.push(digest);
         }
         Ok((removed, freed))
+    }
+}
+
+/// Feeds `file` from its position to its end into `hasher`; returns the bytes read.
+fn hash_to_end(file: &mut File, hasher: &mut ring::digest::Context) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut read = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(read);
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
     }
 }
 

@@ -418,9 +418,7 @@ impl Agent {
                 // A new generation of the same stack: nothing to mount, only to remember.
                 active.config = config.clone();
                 state.record.applied = Some(active.clone());
-                if let Err(e) = self.store.save(&state.record) {
-                    tracing::warn!(target = %target, error = %e, "could not save the record");
-                }
+                self.store.save_or_warn(&state.record, target);
                 return Step::Done(Outcome::Mounted);
             }
         }
@@ -525,9 +523,7 @@ impl Agent {
             Ok(()) => {}
             Err(e @ SwitchError::NotSwitched { .. }) => {
                 state.record.switching_to = None;
-                if let Err(e) = self.store.save(&state.record) {
-                    tracing::warn!(target = %target, error = %e, "could not save the record");
-                }
+                self.store.save_or_warn(&state.record, target);
                 return Step::Discard {
                     slot: plan.slot,
                     outcome: Outcome::RolledBack(e.to_string()),
@@ -543,9 +539,7 @@ impl Agent {
                 match back {
                     Ok(()) => {
                         state.record.switching_to = None;
-                        if let Err(e) = self.store.save(&state.record) {
-                            tracing::warn!(target = %target, error = %e, "could not save the record");
-                        }
+                        self.store.save_or_warn(&state.record, target);
                         return Step::Discard {
                             slot: plan.slot,
                             outcome: Outcome::RolledBack(e.to_string()),
@@ -608,9 +602,7 @@ impl Agent {
                     state.record.loops.drain(..).partition(|l| l.slot == slot);
                 recover::release_loops(&mine, None);
                 state.record.loops = rest;
-                if let Err(e) = self.store.save(&state.record) {
-                    tracing::warn!(target, error = %e, "could not save the record");
-                }
+                self.store.save_or_warn(&state.record, target);
             }
         }
         result.map(|lazy| {

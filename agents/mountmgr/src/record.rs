@@ -215,6 +215,14 @@ impl RecordStore {
         }
     }
 
+    /// Saves `record` for `target`, logging a failure: for the saves whose loss recovery
+    /// tolerates (it finds the mounts and reconciles), so the agent goes on.
+    pub fn save_or_warn(&self, record: &Record, target: &str) {
+        if let Err(e) = self.save(record) {
+            tracing::warn!(target, error = %e, "could not save the record");
+        }
+    }
+
     /// Saves `record` durably (see the module documentation for the order).
     pub fn save(&self, record: &Record) -> Result<(), RecordError> {
         let io_error = |path: &Path| {

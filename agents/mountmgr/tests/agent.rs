@@ -15,9 +15,7 @@ async fn two_layers_compose_and_writes_land_in_upper() {
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "from low"), ("shared.txt", "low")]);
     let high = sandbox.image("high", &[("b.txt", "from high"), ("shared.txt", "high")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
 
     let low_layer = layer("low", &low, 10);
     let high_layer = layer("high", &high, 20);
@@ -58,9 +56,7 @@ async fn changes_switch_slots_and_retire_the_old_one() {
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "from low"), ("shared.txt", "low")]);
     let high = sandbox.image("high", &[("b.txt", "from high"), ("shared.txt", "high")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
 
     configs
         .publish(&config(
@@ -142,9 +138,7 @@ async fn bad_input_fails_and_keeps_the_running_stack() {
     let good = sandbox.image("good", &[("a.txt", "good")]);
     let garbage = sandbox.garbage_image("junk");
     let outside = tempfile::NamedTempFile::new().unwrap();
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
 
     configs
         .publish(&config(1, vec![layer("good", &good, 1)]))
@@ -216,9 +210,7 @@ async fn health_checks_gate_the_switch() {
     let sandbox = Sandbox::new();
     let base = sandbox.image("base", &[("a.txt", "a")]);
     let tools = sandbox.image("tools", &[("bin/tool", "#!/bin/sh\nexit 0\n")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
 
     configs
         .publish(&config(1, vec![layer("base", &base, 1)]))
@@ -276,9 +268,7 @@ async fn restart_adopts_the_mounted_stack() {
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "a")]);
     let high = sandbox.image("high", &[("b.txt", "b")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
     configs
         .publish(&config(
             1,
@@ -326,9 +316,7 @@ async fn after_a_reboot_the_recorded_stack_is_rebuilt() {
     let low = sandbox.image("low", &[("a.txt", "a")]);
     let high = sandbox.image("high", &[("b.txt", "b")]);
     {
-        let configs = config_publisher(&sandbox);
-        let agent = Agent::start(&sandbox.root).await;
-        let mut status = status_subscription(&sandbox);
+        let (configs, agent, mut status) = start_agent(&sandbox).await;
         configs
             .publish(&config(
                 1,
@@ -365,9 +353,7 @@ async fn a_corrupt_record_is_not_trusted() {
     }
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "a")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
     configs
         .publish(&config(1, vec![layer("low", &low, 1)]))
         .unwrap();
@@ -408,9 +394,7 @@ async fn a_failed_rename_rolls_back() {
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "a")]);
     let high = sandbox.image("high", &[("b.txt", "b")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
     configs
         .publish(&config(1, vec![layer("low", &low, 1)]))
         .unwrap();
@@ -455,9 +439,7 @@ async fn a_persistent_upper_keeps_writes_across_switches() {
     let sandbox = Sandbox::new();
     let low = sandbox.image("low", &[("a.txt", "a")]);
     let high = sandbox.image("high", &[("b.txt", "b")]);
-    let configs = config_publisher(&sandbox);
-    let agent = Agent::start(&sandbox.root).await;
-    let mut status = status_subscription(&sandbox);
+    let (configs, agent, mut status) = start_agent(&sandbox).await;
     let persistent = |generation, layers| {
         let mut c = config(generation, layers);
         c.upper = UpperMode::Persistent {

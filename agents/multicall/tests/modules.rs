@@ -19,7 +19,7 @@ use powernode_modules::package::{self, BuildOptions, Built};
 use powernode_modules::registry::{Credential, Registry, RegistryConfig};
 use powernode_modules::testing::TestRegistry;
 use powernode_pubsub::{Dirs, Subscription};
-use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus};
+use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus, Topic};
 
 /// The mount target modulemgr stacks at (settings default).
 const TARGET: &str = "modules";
@@ -242,29 +242,42 @@ impl Node {
         assert!(out.status.success(), "{out:?}");
     }
 
-    /// Waits until module `name`'s status satisfies `done`.
-    fn wait_module(&self, name: &str, done: impl Fn(&ModuleStatus) -> bool) -> ModuleStatus {
+    /// Waits (60 s at most) until item `key` of `agent`'s topic `T` satisfies `done`; on
+    /// timeout, panics with the last item and `logs`.
+    fn wait_item<T: Topic + Clone + std::fmt::Debug>(
+        &self,
+        agent: &str,
+        key: &str,
+        done: impl Fn(&T) -> bool,
+        logs: &[&str],
+    ) -> T {
         let dirs = Dirs::under_root(self.root());
         self.rt.block_on(async {
-            let mut sub = Subscription::<ModuleStatus>::connect(&dirs, "modulemgr");
+            let mut sub = Subscription::<T>::connect(&dirs, agent);
             let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
             loop {
-                if let Some(status) = sub.get(name) {
-                    if done(status) {
-                        return status.clone();
-                    }
+                if let Some(item) = sub.get(key).filter(|item| done(item)) {
+                    return item.clone();
                 }
                 if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
-                    panic!(
-                        "module {name}: last {:?}\nmodulemgr log:\n{}\nverifier log:\n{}\nmountmgr log:\n{}",
-                        sub.get(name),
-                        self.log("modulemgr"),
-                        self.log("verifier"),
-                        self.log("mountmgr")
-                    );
+                    let logs: Vec<String> = logs
+                        .iter()
+                        .map(|a| format!("{a} log:\n{}", self.log(a)))
+                        .collect();
+                    panic!("{key}: last {:?}\n{}", sub.get(key), logs.join("\n"));
                 }
             }
         })
+    }
+
+    /// Waits until module `name`'s status satisfies `done`.
+    fn wait_module(&self, name: &str, done: impl Fn(&ModuleStatus) -> bool) -> ModuleStatus {
+        self.wait_item(
+            "modulemgr",
+            name,
+            done,
+            &["modulemgr", "verifier", "mountmgr"],
+        )
     }
 
     fn wait_active(&self, name: &str) -> ModuleStatus {
@@ -283,25 +296,7 @@ impl Node {
 
     /// Waits until the mount status satisfies `done`.
     fn wait_mount(&self, done: impl Fn(&MountStatus) -> bool) -> MountStatus {
-        let dirs = Dirs::under_root(self.root());
-        self.rt.block_on(async {
-            let mut sub = Subscription::<MountStatus>::connect(&dirs, "mountmgr");
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Some(status) = sub.get(TARGET) {
-                    if done(status) {
-                        return status.clone();
-                    }
-                }
-                if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
-                    panic!(
-                        "mount: last {:?}\nmountmgr log:\n{}",
-                        sub.get(TARGET),
-                        self.log("mountmgr")
-                    );
-                }
-            }
-        })
+        self.wait_item("mountmgr", TARGET, done, &["mountmgr"])
     }
 
     /// Where a file is seen through the union.
@@ -341,6 +336,16 @@ impl Drop for Node {
         for m in mounts {
             let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
         }
+    }
+}
+
+/// Polls `done` every 50 ms for up to `timeout_s` seconds; panics with `why()` if it never
+/// holds.
+fn wait_until(timeout_s: u64, mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -429,11 +434,11 @@ fn two_modules_stack_by_priority_and_switch() {
     let before = active_lines(&node);
     node.kill9("modulemgr");
     node.start("modulemgr");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while active_lines(&node) == before {
-        assert!(Instant::now() < deadline, "{}", node.log("modulemgr"));
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        60,
+        || active_lines(&node) != before,
+        || node.log("modulemgr"),
+    );
     node.wait_active("base");
     let after = node.wait_mount(|m| m.state == MountState::Mounted);
     assert_eq!(
@@ -641,32 +646,29 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
     for agent in ["verifier", "mountmgr", "modulemgr"] {
         node.start(agent);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !node
-        .log("modulemgr")
-        .contains("going on with the module as last resolved")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "modulemgr did not go on offline:\n{}",
+    wait_until(
+        30,
+        || {
             node.log("modulemgr")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+                .contains("going on with the module as last resolved")
+        },
+        || {
+            format!(
+                "modulemgr did not go on offline:\n{}",
+                node.log("modulemgr")
+            )
+        },
+    );
     node.wait_active("app");
     assert_eq!(node.union_file("app.txt").as_deref(), Some("v1"));
 
     // The registry is back: the node finds the tag moved and follows it.
     node.registry.resume().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while node.union_file("app.txt").as_deref() != Some("v2") {
-        assert!(
-            Instant::now() < deadline,
-            "the moved tag was not followed:\n{}",
-            node.log("modulemgr")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        60,
+        || node.union_file("app.txt").as_deref() == Some("v2"),
+        || format!("the moved tag was not followed:\n{}", node.log("modulemgr")),
+    );
     node.wait_active("app");
 }
 
@@ -705,14 +707,11 @@ fn a_trust_policy_edit_checks_the_modules_again() {
     write_policy(true);
     let status = node.wait_module("unsigned", |s| s.state == ModuleState::Failed);
     assert!(status.error.unwrap_or_default().contains("no signatures"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node.union_file("u.txt").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the rejected module stayed stacked"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        30,
+        || node.union_file("u.txt").is_none(),
+        || "the rejected module stayed stacked".into(),
+    );
     assert_eq!(node.union_file("good.txt").as_deref(), Some("good"));
     node.wait_active("good");
 }
@@ -752,11 +751,11 @@ fn a_module_is_stacked_only_with_its_dependencies() {
     node.detach("base");
     let status = node.wait_module("app", |s| s.state == ModuleState::Mounting);
     assert!(status.error.unwrap_or_default().contains("base"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while node.union_file("app.txt").is_some() {
-        assert!(Instant::now() < deadline, "app stayed stacked without base");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        30,
+        || node.union_file("app.txt").is_none(),
+        || "app stayed stacked without base".into(),
+    );
 }
 
 #[test]

@@ -76,13 +76,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             }
             event = configs.next() => match event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => {
-                    publish(&VerifyStatus {
-                        name: value.name.clone(),
-                        digest: value.digest.clone(),
-                        manifest_digest: value.manifest_digest.clone(),
-                        state: VerifyState::Verifying,
-                        reason: None,
-                    });
+                    publish(&status(&value, VerifyState::Verifying, None));
                     current.insert(value.name.clone(), value);
                 }
                 Event::Delete { key, .. } => {
@@ -161,14 +155,19 @@ enum Checked {
     PolicyUnreadable(VerifyStatus),
 }
 
-fn failed(config: &VerifyConfig, reason: String) -> VerifyStatus {
+/// `config`'s verdict.
+fn status(config: &VerifyConfig, state: VerifyState, reason: Option<String>) -> VerifyStatus {
     VerifyStatus {
         name: config.name.clone(),
         digest: config.digest.clone(),
         manifest_digest: config.manifest_digest.clone(),
-        state: VerifyState::Failed,
-        reason: Some(reason),
+        state,
+        reason,
     }
+}
+
+fn failed(config: &VerifyConfig, reason: String) -> VerifyStatus {
+    status(config, VerifyState::Failed, Some(reason))
 }
 
 /// Loads the policy and runs the checks.
@@ -215,11 +214,5 @@ fn checked(config: &VerifyConfig, policy: &powernode_modules::cosign::Policy) ->
             (VerifyState::Failed, reason)
         }
     };
-    VerifyStatus {
-        name: config.name.clone(),
-        digest: config.digest.clone(),
-        manifest_digest: config.manifest_digest.clone(),
-        state,
-        reason: Some(reason),
-    }
+    status(config, state, Some(reason))
 }

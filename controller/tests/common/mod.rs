@@ -85,12 +85,19 @@ impl TestServer {
 
     /// Enrolls a fresh node with a fresh token; panics unless it works.
     pub async fn enroll_new(&self, uuid: &str) -> NodeCreds {
+        self.enroll_new_with_arch(uuid, "x86_64").await
+    }
+
+    /// [`TestServer::enroll_new`] for a node that reports `arch`.
+    pub async fn enroll_new_with_arch(&self, uuid: &str, arch: &str) -> NodeCreds {
         let token = self.token(json!({})).await;
         let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let mut body = enroll_body(&token, &csr_pem(&key), uuid);
+        body["identity"]["arch"] = json!(arch);
         let reply = self
             .anonymous()
             .post(self.url("/node_api/v1/enroll"))
-            .json(&enroll_body(&token, &csr_pem(&key), uuid))
+            .json(&body)
             .send()
             .await
             .unwrap();

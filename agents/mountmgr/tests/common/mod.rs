@@ -208,6 +208,16 @@ pub fn config_publisher(sandbox: &Sandbox) -> Publication<MountConfig> {
     Publication::<MountConfig>::open(&sandbox.dirs(), "modulemgr").unwrap()
 }
 
+/// modulemgr's `MountConfig` publication (open before the agent starts, as on a node), the
+/// agent, and a subscription to its status.
+pub async fn start_agent(
+    sandbox: &Sandbox,
+) -> (Publication<MountConfig>, Agent, Subscription<MountStatus>) {
+    let configs = config_publisher(sandbox);
+    let agent = Agent::start(&sandbox.root).await;
+    (configs, agent, status_subscription(sandbox))
+}
+
 /// A subscription to `mountmgr/MountStatus`.
 pub fn status_subscription(sandbox: &Sandbox) -> Subscription<MountStatus> {
     Subscription::<MountStatus>::connect(&sandbox.dirs(), "mountmgr")
