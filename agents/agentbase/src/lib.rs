@@ -187,24 +187,15 @@ impl Context {
         })
     }
 
-    /// Opens the agent's publication of topic `T`. Checkpoint files it found bad (and moved
-    /// aside) are added to the agent's `AgentStatus.quarantined_checkpoints` and, while any
-    /// are, reported as its last error, so `powernode-agent status` shows them.
+    /// Opens the agent's publication of topic `T` and follows its health: checkpoint files it
+    /// moved aside are counted in the agent's `AgentStatus.quarantined_checkpoints` and, like
+    /// checkpoint writes that keep failing, reported as an error until their cause is gone
+    /// ([`Health::follow`]), so `powernode-agent status` shows them.
     pub fn open_publication<T: powernode_types::Topic>(
         &self,
     ) -> Result<powernode_pubsub::Publication<T>, powernode_pubsub::Error> {
         let publication = powernode_pubsub::Publication::<T>::open(&self.dirs, self.agent)?;
-        let quarantined = publication.status().quarantined;
-        if !quarantined.is_empty() {
-            self.health.add_quarantined(quarantined.len());
-            self.health.report_error(&format!(
-                "{} bad checkpoint file(s) of {} moved aside (first: {}: {})",
-                quarantined.len(),
-                T::NAME,
-                quarantined[0].key,
-                quarantined[0].reason
-            ));
-        }
+        self.health.follow::<T>(publication.watch_health());
         Ok(publication)
     }
 
