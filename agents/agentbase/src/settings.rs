@@ -605,10 +605,13 @@ fn quoted(s: &str) -> String {
 /// Dotted field name → where it was last set.
 type Origins = BTreeMap<String, Origin>;
 
+/// Dotted field name → 1-based line and column of its value in one file.
+type Positions = BTreeMap<String, (usize, usize)>;
+
 /// One file being merged: its path and where each of its values stands.
 struct FileOrigins<'a> {
     path: &'a Path,
-    positions: &'a BTreeMap<String, (usize, usize)>,
+    positions: &'a Positions,
 }
 
 /// The files to read, in merge order: the base file if present, then the drop-ins sorted by
@@ -665,9 +668,7 @@ fn settings_files(etc_dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), Setting
 
 /// Reads one file, checks it against [`Settings`] on its own, and returns its table with the
 /// line and column of each value (by dotted name).
-fn parse_file(
-    path: &Path,
-) -> Result<(toml::Table, BTreeMap<String, (usize, usize)>), SettingsError> {
+fn parse_file(path: &Path) -> Result<(toml::Table, Positions), SettingsError> {
     let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
         path: path.to_owned(),
         source,
@@ -693,12 +694,7 @@ fn parse_file(
 }
 
 /// Records the line and column of every value that is not a table, by dotted name.
-fn value_positions(
-    table: &toml::de::DeTable<'_>,
-    text: &str,
-    prefix: &str,
-    out: &mut BTreeMap<String, (usize, usize)>,
-) {
+fn value_positions(table: &toml::de::DeTable<'_>, text: &str, prefix: &str, out: &mut Positions) {
     for (key, value) in table {
         let dotted = if prefix.is_empty() {
             key.get_ref().to_string()
