@@ -325,3 +325,59 @@ async fn cancelled_next_calls_still_reach_the_reconnect() {
         let _ = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
     }
 }
+
+/// The publisher dies (SIGKILL, from the named crash point) inside the checkpoint write of its
+/// third item: after the temp file is written, or after the rename before the directory sync.
+/// The restarted publisher finds a whole old state or a whole new one, never a torn file, and
+/// sweeps the temp file.
+#[test]
+fn killed_inside_a_checkpoint_write_the_publisher_restarts_whole() {
+    use std::os::unix::process::ExitStatusExt;
+    for (point, reloaded) in [
+        ("checkpoint.after_temp", "reloaded 2 quarantined 0"),
+        ("checkpoint.after_rename", "reloaded 3 quarantined 0"),
+    ] {
+        let root = Root::new();
+        let cp_dir = root.dirs().checkpoints("fp", "TestItem", false);
+        let mut armed = Peer::spawn_armed(
+            &[
+                "publish",
+                "--root",
+                root.arg(),
+                "--agent",
+                "fp",
+                "--keys",
+                "5",
+            ],
+            &format!("{point}:3"),
+        );
+        let status = armed.wait_exit();
+        assert_eq!(status.signal(), Some(9), "{point}: {status}");
+        assert!(
+            armed.stderr().contains(&format!("failpoint {point} hit")),
+            "{point}: {}",
+            armed.stderr()
+        );
+        let temps: Vec<_> = std::fs::read_dir(&cp_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert_eq!(
+            temps.len(),
+            usize::from(point == "checkpoint.after_temp"),
+            "{point}"
+        );
+
+        let mut second = Peer::publisher(&root, "fp", 0, &[]);
+        let line = second.wait_line(|l| l.starts_with("reloaded "));
+        assert_eq!(line, reloaded, "{point}");
+        second.wait_published();
+        second.kill();
+        assert!(
+            !cp_dir.join(".k2.tmp").exists() && !cp_dir.join(checkpoint::QUARANTINE_DIR).exists(),
+            "{point}: {:?}",
+            checkpoint_files(&cp_dir)
+        );
+    }
+}
