@@ -134,6 +134,11 @@ impl Node {
     }
 
     fn start(&mut self, agent: &str) {
+        self.start_armed(agent, "");
+    }
+
+    /// Starts `agent` with the named crash points `failpoints` armed.
+    fn start_armed(&mut self, agent: &str, failpoints: &str) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -143,6 +148,7 @@ impl Node {
             .args(["run", agent, "--root"])
             .arg(self.root())
             .env("RUST_LOG", "info")
+            .env("POWERNODE_FAILPOINTS", failpoints)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -157,6 +163,24 @@ impl Node {
         let (_, mut child) = self.agents.remove(i);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Waits (60 s at most) for `agent` to end by itself; its exit status.
+    fn wait_exit(&mut self, agent: &str) -> std::process::ExitStatus {
+        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.agents[i].1.try_wait().unwrap() {
+                self.agents.remove(i);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{agent} did not end:\n{}",
+                self.log(agent)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log(&self, agent: &str) -> String {
@@ -802,4 +826,34 @@ fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
     node.wait_active("base");
     node.wait_active("tool");
     assert_eq!(node.union_file("tool.txt").as_deref(), Some("v2"));
+}
+
+/// modulemgr dies (SIGKILL, at the named crash point) right after a downloaded image is
+/// renamed into the store, before it is synced or verified. Restarted, it takes the stored
+/// image as it is (checked again, not trusted), and the module becomes Active, mounted once.
+#[test]
+fn killed_right_after_storing_an_image_modulemgr_finishes_the_module() {
+    use std::os::unix::process::ExitStatusExt;
+    if !can_run("killed_right_after_storing_an_image_modulemgr_finishes_the_module") {
+        return;
+    }
+    let mut node = Node::new(true);
+    node.kill9("modulemgr");
+    node.start_armed("modulemgr", "store.installed");
+    let reference = node.publish("app", &[("app.txt", b"stored once")], Publish::default());
+    node.attach("app", &reference, 10);
+    let exit = node.wait_exit("modulemgr");
+    assert_eq!(exit.signal(), Some(9), "{exit}");
+    assert!(node
+        .log("modulemgr")
+        .contains("failpoint store.installed hit"));
+
+    node.start("modulemgr");
+    node.wait_active("app");
+    assert_eq!(node.union_file("app.txt").as_deref(), Some("stored once"));
+    let mut mounts = node.mounts();
+    let all = mounts.len();
+    mounts.sort();
+    mounts.dedup();
+    assert_eq!(mounts.len(), all, "a mount point mounted twice: {mounts:?}");
 }
