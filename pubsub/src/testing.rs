@@ -1,6 +1,8 @@
-//! Topic types for the pubsub's own integration tests and benchmark (`pubsub-peer`).
+//! Test support: topic types for the pubsub's own integration tests and benchmark
+//! (`pubsub-peer`), and the one place every test in the workspace decides that it cannot run
+//! on this machine ([`require`], [`skip`]).
 //!
-//! They are real topics, published over real sockets; they exist so the library can be
+//! The topics are real topics, published over real sockets; they exist so the library can be
 //! exercised by separate processes without depending on any agent's types.
 
 use powernode_types::Topic;
@@ -119,5 +121,91 @@ impl Drop for SmallTmpfs {
         if unmounted {
             let _ = std::fs::remove_dir(&self.dir);
         }
+    }
+}
+
+/// The environment variable that, set to `true`, turns every skip into a failure.
+pub const CI_ENV: &str = "CI";
+
+/// Whether this machine has everything a test needs; each of `needs` is `"root"` (effective
+/// uid 0) or a program looked up on `PATH`. When one is missing the test should return at
+/// once: this reports it through [`skip`], which panics under `CI=true`.
+///
+/// ```no_run
+/// # fn test() {
+/// if !powernode_pubsub::testing::require(&["root", "mkfs.erofs"]) {
+///     return;
+/// }
+/// # }
+/// ```
+#[track_caller]
+pub fn require(needs: &[&str]) -> bool {
+    match needs.iter().find(|need| !present(need)) {
+        None => true,
+        Some(&"root") => {
+            skip("needs root");
+            false
+        }
+        Some(missing) => {
+            skip(&format!("needs {missing}, which is not on PATH"));
+            false
+        }
+    }
+}
+
+/// Reports that the running test cannot run here, and `why`. Prints `skipped <test>: <why>`;
+/// when the environment variable [`CI_ENV`] is `true` it panics instead, so that CI can never
+/// pass by testing nothing (`.ci/run` runs as root and installs every tool the tests use).
+#[track_caller]
+pub fn skip(why: &str) {
+    let ci = std::env::var(CI_ENV).is_ok_and(|v| v == "true");
+    report_skip(ci, why);
+}
+
+#[track_caller]
+fn report_skip(ci: bool, why: &str) {
+    let thread = std::thread::current();
+    // libtest runs each test on a thread named after it.
+    let test = thread.name().unwrap_or("a test");
+    if ci {
+        panic!("{test} cannot run: {why}; under {CI_ENV}=true a test may not skip");
+    }
+    eprintln!("skipped {test}: {why}");
+}
+
+/// Whether `need` is met: `"root"` is the effective uid, anything else an executable file in
+/// one of `PATH`'s directories.
+fn present(need: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    if need == "root" {
+        return nix::unistd::geteuid().is_root();
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(need))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn needs_are_root_or_programs_on_path() {
+        assert_eq!(present("root"), nix::unistd::geteuid().is_root());
+        assert!(present("sh"));
+        assert!(!present("powernode-no-such-tool"));
+    }
+
+    #[test]
+    fn a_skip_is_a_line_outside_ci() {
+        report_skip(false, "needs nothing");
+    }
+
+    #[test]
+    #[should_panic(expected = "under CI=true a test may not skip")]
+    fn a_skip_fails_under_ci() {
+        report_skip(true, "needs powernode-no-such-tool");
     }
 }

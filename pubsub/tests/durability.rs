@@ -45,13 +45,7 @@ fn stray_temps(dir: &std::path::Path) -> Vec<String> {
 /// clears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_delays_checkpoints_but_loses_nothing() {
-    if !nix::unistd::geteuid().is_root() {
-        assert_ne!(
-            std::env::var("CI").as_deref(),
-            Ok("true"),
-            "a_full_disk_delays_checkpoints_but_loses_nothing needs root (mount tmpfs)"
-        );
-        eprintln!("SKIPPED a_full_disk_delays_checkpoints_but_loses_nothing: needs root");
+    if !powernode_pubsub::testing::require(&["root", "mount"]) {
         return;
     }
     let disk = SmallTmpfs::mount("1m").unwrap();

@@ -124,16 +124,23 @@ async fn reconnect_snapshot_sweeps_keys_the_new_publisher_lacks() {
     assert!(sub.is_synchronized());
 }
 
-/// SIGKILL a publisher in the middle of a burst of checkpoint writes, ten times at varying
-/// moments: every checkpoint file left is whole (header, CRC, topic, schema), and the restarted
-/// publisher quarantines nothing and reloads every key.
+/// SIGKILL a publisher in the middle of a burst of checkpoint writes, at varying moments:
+/// every checkpoint file left is whole (header, CRC, topic, schema), and the restarted
+/// publisher quarantines nothing and reloads every key. At least one kill must land mid-write
+/// (a temp file left behind), or the test proved nothing: ten rounds, then more until one has
+/// (a kill lands mid-write in roughly a third of the rounds).
 #[test]
 fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
     const KEYS: u64 = 50;
+    const ROUNDS: u64 = 10;
+    const MAX_ROUNDS: u64 = 60;
     let root = Root::new();
     let cp_dir = root.dirs().checkpoints("burst", "TestItem", false);
     let mut killed_mid_write = 0;
-    for round in 0..10u64 {
+    let mut rounds = 0;
+    while rounds < ROUNDS || (killed_mid_write == 0 && rounds < MAX_ROUNDS) {
+        let round = rounds;
+        rounds += 1;
         let mut burst = Peer::burst(&root, "burst", KEYS);
         burst.wait_line(|l| l == "bursting");
         // Not a timing assertion: only varies where in the write sequence the kill lands.
@@ -171,7 +178,11 @@ fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
             "round {round}: nothing quarantined"
         );
     }
-    eprintln!("{killed_mid_write} of 10 kills left a temp file behind (swept on reload)");
+    eprintln!("{killed_mid_write} of {rounds} kills left a temp file behind (swept on reload)");
+    assert!(
+        killed_mid_write > 0,
+        "none of {rounds} kills landed mid-write: no torn write was ever tested"
+    );
 }
 
 /// A persistent topic is readable from its checkpoint files before its publisher is up; when

@@ -507,13 +507,7 @@ mod tests {
     async fn failing_checkpoint_writes_degrade_the_agent_until_they_succeed() {
         use powernode_pubsub::testing::{SmallTmpfs, TestItem};
         use powernode_types::AgentState;
-        if !nix::unistd::geteuid().is_root() {
-            assert_ne!(
-                std::env::var("CI").as_deref(),
-                Ok("true"),
-                "needs root (mount tmpfs)"
-            );
-            eprintln!("SKIPPED failing_checkpoint_writes_degrade_the_agent: needs root");
+        if !powernode_pubsub::testing::require(&["root", "mount"]) {
             return;
         }
         let disk = SmallTmpfs::mount("1m").unwrap();

@@ -8,10 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use powernode_pubsub::testing::{require, skip};
 use powernode_pubsub::Subscription;
 use powernode_types::{AgentState, AgentStatus, MountState, Slot};
 
-/// The multi-call binary, freshly built; `None` (with the reason printed) if it cannot be had.
+/// The multi-call binary, freshly built; `None` (after [`skip`]) if it cannot be had.
 fn agent_binary() -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -61,10 +62,10 @@ fn agent_binary() -> Option<PathBuf> {
             Some(binary)
         }
         (_, false) => {
-            eprintln!(
-                "skipped: {} is missing and could not be built",
+            skip(&format!(
+                "needs {}, which is missing and could not be built",
                 binary.display()
-            );
+            ));
             None
         }
     }
@@ -189,7 +190,7 @@ async fn wait_b_built(sandbox: &Sandbox) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let Some(binary) = agent_binary() else {
@@ -260,7 +261,7 @@ async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_each_step_of_a_switch_it_recovers_one_stack() {
     use std::os::unix::process::ExitStatusExt;
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let Some(binary) = agent_binary() else {

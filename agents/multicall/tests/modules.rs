@@ -3,7 +3,7 @@
 //! modulemgr, verifier and mountmgr processes mounting real erofs and overlayfs.
 //!
 //! Needs root (mounts), `docker-registry` and `mkfs.erofs`; each test says so and skips when
-//! one is missing. CI runs as root with both installed.
+//! one is missing, and fails instead under `CI=true`. CI runs as root with both installed.
 
 mod common;
 
@@ -17,27 +17,17 @@ use powernode_modules::cosign::SigningKey;
 use powernode_modules::format::host_architecture;
 use powernode_modules::package::{self, BuildOptions, Built};
 use powernode_modules::registry::{Credential, Registry, RegistryConfig};
-use powernode_modules::testing::TestRegistry;
+use powernode_modules::testing::{TestRegistry, REGISTRY_BIN};
+use powernode_pubsub::testing::require;
 use powernode_pubsub::{Dirs, Subscription};
 use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus, Topic};
 
 /// The mount target modulemgr stacks at (settings default).
 const TARGET: &str = "modules";
 
-fn can_run(test: &str) -> bool {
-    let missing = if !nix::unistd::geteuid().is_root() {
-        Some("root")
-    } else if !TestRegistry::available() {
-        Some("docker-registry")
-    } else if Command::new("mkfs.erofs").arg("--help").output().is_err() {
-        Some("mkfs.erofs")
-    } else {
-        None
-    };
-    if let Some(what) = missing {
-        eprintln!("skipped {test}: needs {what}");
-    }
-    missing.is_none()
+/// What these tests need of the machine ([`require`]: a skip, or a failure under `CI=true`).
+fn can_run() -> bool {
+    require(&["root", REGISTRY_BIN, "mkfs.erofs"])
 }
 
 /// A node: a root directory with settings and a trust policy, the three module agents, and a
@@ -400,7 +390,7 @@ impl Default for Publish {
 
 #[test]
 fn two_modules_stack_by_priority_and_switch() {
-    if !can_run("two_modules_stack_by_priority_and_switch") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -474,7 +464,7 @@ fn two_modules_stack_by_priority_and_switch() {
 
 #[test]
 fn bad_modules_are_never_mounted() {
-    if !can_run("bad_modules_are_never_mounted") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -566,7 +556,7 @@ fn bad_modules_are_never_mounted() {
 
 #[test]
 fn download_resumes_after_kill9_and_registry_outage_is_retried() {
-    if !can_run("download_resumes_after_kill9_and_registry_outage_is_retried") {
+    if !can_run() {
         return;
     }
     let mut node = Node::new(true);
@@ -621,7 +611,7 @@ fn download_resumes_after_kill9_and_registry_outage_is_retried() {
 
 #[test]
 fn a_damaged_stored_image_is_downloaded_again() {
-    if !can_run("a_damaged_stored_image_is_downloaded_again") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -652,7 +642,7 @@ fn a_damaged_stored_image_is_downloaded_again() {
 
 #[test]
 fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
-    if !can_run("an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later") {
+    if !can_run() {
         return;
     }
     let mut node = Node::new(true);
@@ -698,7 +688,7 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
 
 #[test]
 fn a_trust_policy_edit_checks_the_modules_again() {
-    if !can_run("a_trust_policy_edit_checks_the_modules_again") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -742,7 +732,7 @@ fn a_trust_policy_edit_checks_the_modules_again() {
 
 #[test]
 fn a_module_is_stacked_only_with_its_dependencies() {
-    if !can_run("a_module_is_stacked_only_with_its_dependencies") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -784,11 +774,10 @@ fn a_module_is_stacked_only_with_its_dependencies() {
 
 #[test]
 fn a_registry_password_comes_from_the_settings() {
-    if !can_run("a_registry_password_comes_from_the_settings") {
+    if !can_run() {
         return;
     }
-    if Command::new("htpasswd").arg("-h").output().is_err() {
-        eprintln!("skipped a_registry_password_comes_from_the_settings: needs htpasswd");
+    if !require(&["htpasswd"]) {
         return;
     }
     let node = Node::with_registry_password(true, Some("s3cret"));
@@ -800,7 +789,7 @@ fn a_registry_password_comes_from_the_settings() {
 
 #[test]
 fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
-    if !can_run("an_upgrade_waiting_for_a_dependency_keeps_the_old_version") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -834,7 +823,7 @@ fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
 #[test]
 fn killed_right_after_storing_an_image_modulemgr_finishes_the_module() {
     use std::os::unix::process::ExitStatusExt;
-    if !can_run("killed_right_after_storing_an_image_modulemgr_finishes_the_module") {
+    if !can_run() {
         return;
     }
     let mut node = Node::new(true);
