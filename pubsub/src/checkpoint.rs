@@ -197,6 +197,15 @@ pub struct Quarantined {
     pub moved_to: PathBuf,
 }
 
+/// What [`CheckpointDir::reopen_if_replaced`] found when it had to make the directory again.
+#[derive(Debug, Default)]
+pub struct Reopened {
+    /// What stood in the directory's way and was moved aside.
+    pub moved: Vec<Quarantined>,
+    /// Keys whose files the new directory already holds.
+    pub strays: Vec<String>,
+}
+
 /// What loading a checkpoint directory found.
 #[derive(Debug, Default)]
 pub struct Loaded {
@@ -223,7 +232,7 @@ impl CheckpointDir {
     /// stands where it or its parent belongs (returned, to report).
     pub fn open(path: impl Into<PathBuf>) -> io::Result<(Self, Vec<Quarantined>)> {
         let path = path.into();
-        let moved = make_dir(&path)?;
+        let moved = make_dir(&path, 2)?;
         let dir = File::open(&path).map_err(|e| at(&path, e))?;
         Ok((CheckpointDir { path, dir }, moved))
     }
@@ -255,12 +264,26 @@ impl CheckpointDir {
     }
 
     fn write_temp(&self, tmp: &str, contents: &[u8]) -> io::Result<()> {
-        let fd = openat(
-            &self.dir,
-            tmp,
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )?;
+        let open = || {
+            openat(
+                &self.dir,
+                tmp,
+                OFlag::O_WRONLY
+                    | OFlag::O_CREAT
+                    | OFlag::O_TRUNC
+                    | OFlag::O_CLOEXEC
+                    | OFlag::O_NOFOLLOW,
+                Mode::from_bits_truncate(0o600),
+            )
+        };
+        let fd = match open() {
+            // Something not ours holds the temp name (a directory, a symlink): out of the way.
+            Err(Errno::EISDIR | Errno::ELOOP) => {
+                self.set_aside(OsStr::new(tmp), tmp, "stood where a temp file is written")?;
+                open()?
+            }
+            other => other?,
+        };
         let mut f = File::from(fd);
         f.write_all(contents)?;
         f.sync_data()
@@ -285,7 +308,16 @@ impl CheckpointDir {
     pub fn remove(&self, key: &str) -> io::Result<Option<Quarantined>> {
         let moved = match unlinkat(&self.dir, key, UnlinkatFlags::NoRemoveDir) {
             Ok(()) => None,
-            Err(Errno::ENOENT) => return Ok(None),
+            // Gone already — unless the directory itself is (deleted under us, which only the
+            // retry's reopen can mend). Synced all the same: an earlier unlink may have
+            // succeeded and its directory sync failed.
+            Err(Errno::ENOENT) if self.dir.metadata()?.nlink() == 0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "the checkpoint directory was deleted",
+                ))
+            }
+            Err(Errno::ENOENT) => None,
             Err(Errno::EISDIR) => {
                 Some(self.quarantine(key, "a directory stood where the checkpoint file belongs")?)
             }
@@ -297,9 +329,10 @@ impl CheckpointDir {
 
     /// Whether the open directory is still the one at its path. When it is not (deleted,
     /// renamed, a file put in its place), the path is made a directory again and reopened:
-    /// `Some` with what was moved aside, and the caller must rewrite every item, since the
-    /// new directory holds none of them.
-    pub fn reopen_if_replaced(&mut self) -> io::Result<Option<Vec<Quarantined>>> {
+    /// `Some` with what was moved aside and the keys whose files the new directory holds. The
+    /// caller must then write every item again and remove the files of keys it does not
+    /// hold (a restored copy of an old directory would bring them back to life).
+    pub fn reopen_if_replaced(&mut self) -> io::Result<Option<Reopened>> {
         let ours = self.dir.metadata()?;
         if let Ok(now) = fs::metadata(&self.path) {
             if now.is_dir() && now.dev() == ours.dev() && now.ino() == ours.ino() {
@@ -307,8 +340,15 @@ impl CheckpointDir {
             }
         }
         let (fresh, moved) = CheckpointDir::open(self.path.clone())?;
+        let strays = fs::read_dir(&fresh.path)
+            .map_err(|e| at(&fresh.path, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter(|name| validate_key(name).is_ok())
+            .collect();
         *self = fresh;
-        Ok(Some(moved))
+        Ok(Some(Reopened { moved, strays }))
     }
 
     /// Loads every valid item, moves every bad file to [`QUARANTINE_DIR`] and deletes temp
@@ -349,13 +389,18 @@ impl CheckpointDir {
                 loaded.quarantined.push(self.quarantine(name, &reason)?);
                 continue;
             }
-            let verdict = fs::read(entry.path())
-                .map_err(|e| format!("unreadable: {e}"))
-                .and_then(|bytes| {
-                    decode_for(&bytes, topic, schema_version)
-                        .map_err(|e| e.to_string())
-                        .and_then(|payload| check(payload).map(|()| payload.to_vec()))
-                });
+            let bytes = match fs::read(entry.path()) {
+                Ok(bytes) => Ok(bytes),
+                // The medium failed this file: moving it aside keeps the rest loadable.
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => Err(format!("unreadable: {e}")),
+                // Out of fds or memory says nothing about the file: fail the load, keep it.
+                Err(e) => return Err(at(&entry.path(), e)),
+            };
+            let verdict = bytes.and_then(|bytes| {
+                decode_for(&bytes, topic, schema_version)
+                    .map_err(|e| e.to_string())
+                    .and_then(|payload| check(payload).map(|()| payload.to_vec()))
+            });
             match verdict {
                 Ok(payload) => loaded.items.push((name.to_owned(), payload)),
                 Err(reason) => loaded.quarantined.push(self.quarantine(name, &reason)?),
@@ -382,8 +427,10 @@ impl CheckpointDir {
 }
 
 /// Makes `path` a directory (mode 0700), moving aside whatever non-directory stands where it
-/// or its parent belongs (into a `.quarantine` beside the obstacle).
-pub(crate) fn make_dir(path: &Path) -> io::Result<Vec<Quarantined>> {
+/// belongs or, with `levels` 2, where its parent belongs (into a `.quarantine` beside the
+/// obstacle). Only a path that exists as something else is cleared: a full disk, a read-only
+/// file system or a symlink to a directory is never moved.
+pub(crate) fn make_dir(path: &Path, levels: usize) -> io::Result<Vec<Quarantined>> {
     let mut moved = Vec::new();
     loop {
         let err = match fs::DirBuilder::new()
@@ -394,12 +441,17 @@ pub(crate) fn make_dir(path: &Path) -> io::Result<Vec<Quarantined>> {
             Ok(()) => return Ok(moved),
             Err(e) => e,
         };
+        let in_the_way =
+            err.kind() == io::ErrorKind::AlreadyExists || err.raw_os_error() == Some(libc::ENOTDIR);
         // Only the directory itself and its parent (the agent's directory) are ours to clear:
         // anything higher up is the node's, not a publisher's, to repair.
-        let obstacle = [Some(path), path.parent()]
-            .into_iter()
-            .flatten()
-            .find(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()));
+        let obstacle = path
+            .ancestors()
+            .take(levels)
+            .filter(|_| in_the_way)
+            .find(|p| {
+                fs::symlink_metadata(p).is_ok() && !fs::metadata(p).is_ok_and(|m| m.is_dir())
+            });
         let (Some(obstacle), true) = (obstacle, moved.len() < 2) else {
             return Err(at(path, err));
         };
@@ -417,15 +469,20 @@ pub(crate) fn make_dir(path: &Path) -> io::Result<Vec<Quarantined>> {
 
 /// Renames `from` into `qdir` under a name no earlier quarantined copy has, durably.
 fn move_aside(from: &Path, qdir: &Path, key: &str, reason: &str) -> io::Result<Quarantined> {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    if fs::symlink_metadata(qdir).is_ok_and(|m| !m.is_dir()) {
+        // A stray file named like the quarantine must not stop every quarantine.
+        let renamed = qdir.with_file_name(format!("{QUARANTINE_DIR}.{stamp}.not-a-directory"));
+        fs::rename(qdir, &renamed).map_err(|e| at(qdir, e))?;
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(qdir)
         .map_err(|e| at(qdir, e))?;
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
     let moved_to = (0..)
         .map(|n| match n {
             0 => qdir.join(format!("{key}.{stamp}")),

@@ -124,9 +124,6 @@ struct State {
     conns: HashMap<u64, Conn>,
     next_conn: u64,
     restarted: u64,
-    quarantined: Vec<Quarantined>,
-    /// Keys whose file does not hold their current value (or still exists after a delete).
-    not_durable: BTreeMap<String, String>,
 }
 
 struct Conn {
@@ -235,7 +232,6 @@ impl<T: Topic> Publication<T> {
                 .into_iter()
                 .map(|(k, v)| (k, Arc::from(v)))
                 .collect(),
-            quarantined: moved.clone(),
             ..State::default()
         };
 
@@ -342,17 +338,17 @@ impl<T: Topic> Publication<T> {
         PublicationStatus {
             items: st.table.len(),
             subscribers: st.conns.len(),
-            quarantined: st.quarantined.clone(),
+            quarantined: self.inner.health.borrow().quarantined.clone(),
             refused_peers: self.inner.refused.load(Ordering::Relaxed),
             dropped_peers: self.inner.dropped.load(Ordering::Relaxed),
-            not_durable: st.not_durable.clone(),
+            not_durable: self.inner.health.borrow().not_durable.clone(),
         }
     }
 
     /// Whether the checkpoint file of `key` holds its current value (for a removed key: is
     /// gone).
     pub fn is_durable(&self, key: &str) -> bool {
-        !self.inner.lock().not_durable.contains_key(key)
+        !self.inner.is_pending(key)
     }
 
     /// Follows the publication's [`PublicationHealth`]: it changes when a checkpoint write
@@ -407,7 +403,7 @@ impl Inner {
         {
             let mut st = self.lock();
             if st.table.get(&key).is_some_and(|old| **old == *value) {
-                if !st.not_durable.contains_key(&key) {
+                if !self.is_pending(&key) {
                     return Ok(());
                 }
                 // Unchanged but never written: writing it now is what makes it durable.
@@ -431,7 +427,7 @@ impl Inner {
         let dir = self.checkpoint_dir();
         {
             let mut st = self.lock();
-            if st.table.remove(key).is_none() && !st.not_durable.contains_key(key) {
+            if st.table.remove(key).is_none() && !self.is_pending(key) {
                 return Ok(());
             }
             let frame = Frame::Delete { key }.encode();
@@ -441,87 +437,106 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether `key`'s checkpoint is waiting for a retry. The publication's health is the one
+    /// record of that, so what the agent reports and what the retry does cannot disagree.
+    fn is_pending(&self, key: &str) -> bool {
+        self.health.borrow().not_durable.contains_key(key)
+    }
+
     /// Records how a checkpoint write or removal of `key` went: a failure marks the key not
     /// durable and wakes the retry task; a success clears it. Either way the health follows.
     fn settle(&self, key: &str, op: &str, outcome: std::io::Result<Option<Quarantined>>) {
-        let mut st = self.lock();
-        match outcome {
+        let outcome = outcome.map_err(|e| {
+            format!(
+                "{op} checkpoint {}: {e}",
+                self.checkpoint_path.join(key).display()
+            )
+        });
+        self.health.send_if_modified(|h| match outcome {
             Ok(moved) => {
+                let mut changed = false;
                 if let Some(q) = moved {
                     tracing::error!(topic = self.topic, key, reason = %q.reason, moved_to = %q.moved_to.display(),
                         "moved aside what stood in a checkpoint's way");
-                    st.quarantined.push(q);
+                    h.quarantined.push(q);
+                    changed = true;
                 }
-                if st.not_durable.remove(key).is_some() {
+                if h.not_durable.remove(key).is_some() {
                     tracing::info!(
                         topic = self.topic,
                         key,
                         "checkpoint written after earlier failures"
                     );
+                    changed = true;
                 }
+                changed
             }
-            Err(e) => {
-                let error = format!(
-                    "{op} checkpoint {}: {e}",
-                    self.checkpoint_path.join(key).display()
-                );
-                if !st.not_durable.contains_key(key) {
-                    tracing::warn!(topic = self.topic, key, %error, "checkpoint not written; published anyway, retrying");
-                }
-                st.not_durable.insert(key.to_owned(), error);
+            Err(error) => {
                 self.retry_wake.notify_one();
+                match h.not_durable.get(key) {
+                    Some(known) if *known == error => false,
+                    known => {
+                        if known.is_none() {
+                            tracing::warn!(topic = self.topic, key, %error,
+                                "checkpoint not written; published anyway, retrying");
+                        }
+                        h.not_durable.insert(key.to_owned(), error);
+                        true
+                    }
+                }
             }
-        }
-        let health = PublicationHealth {
-            not_durable: st.not_durable.clone(),
-            quarantined: st.quarantined.clone(),
-        };
-        drop(st);
-        self.health.send_if_modified(|h| {
-            let changed = *h != health;
-            *h = health;
-            changed
         });
     }
 
-    /// Writes (or removes) every key that is not durable, once. When the directory itself
-    /// was replaced, every item is written again. Returns whether all are durable now.
+    /// Writes (or removes) every key that is not durable, once, each under the directory's
+    /// lock of its own so publishing goes on meanwhile. When the directory itself was
+    /// replaced, every item is written again and every file the table lacks removed. Returns
+    /// whether all are durable now.
     fn retry_not_durable(&self) -> bool {
-        let mut dir = self.checkpoint_dir();
-        match dir.reopen_if_replaced() {
+        let replaced = self.checkpoint_dir().reopen_if_replaced();
+        match replaced {
             Ok(None) => {}
-            Ok(Some(moved)) => {
+            Ok(Some(reopened)) => {
                 tracing::warn!(topic = self.topic, dir = %self.checkpoint_path.display(),
                     "checkpoint directory was replaced; writing every item again");
-                let mut st = self.lock();
-                st.quarantined.extend(moved);
-                let all: Vec<String> = st.table.keys().cloned().collect();
-                for key in all {
-                    st.not_durable
-                        .entry(key)
-                        .or_insert_with(|| "checkpoint directory replaced".into());
-                }
+                let mut keys: Vec<String> = self.lock().table.keys().cloned().collect();
+                keys.extend(reopened.strays);
+                self.health.send_modify(|h| {
+                    h.quarantined.extend(reopened.moved);
+                    for key in keys {
+                        h.not_durable
+                            .entry(key)
+                            .or_insert_with(|| "checkpoint directory replaced".into());
+                    }
+                });
             }
             Err(e) => {
-                let first = self.lock().not_durable.keys().next().cloned();
+                let first = self.health.borrow().not_durable.keys().next().cloned();
                 if let Some(key) = first {
-                    self.settle(&key, "reopen", Err(e));
+                    self.settle(&key, "reopen the directory of", Err(e));
                 }
                 return false;
             }
         }
-        let keys: Vec<String> = self.lock().not_durable.keys().cloned().collect();
+        let keys: Vec<String> = self.health.borrow().not_durable.keys().cloned().collect();
         for key in keys {
+            let dir = self.checkpoint_dir();
+            // Read under the directory's lock: a publish meanwhile either wrote first (and
+            // this writes the same value again) or waits and writes after.
             let value = self.lock().table.get(&key).cloned();
-            match value {
-                Some(v) => {
-                    let file = checkpoint::encode(self.topic, self.schema_version, &v);
-                    self.settle(&key, "write", dir.write(&key, &file));
-                }
-                None => self.settle(&key, "remove", dir.remove(&key)),
-            }
+            let (op, outcome) = match value {
+                Some(v) => (
+                    "write",
+                    dir.write(
+                        &key,
+                        &checkpoint::encode(self.topic, self.schema_version, &v),
+                    ),
+                ),
+                None => ("remove", dir.remove(&key)),
+            };
+            self.settle(&key, op, outcome);
         }
-        self.lock().not_durable.is_empty()
+        self.health.borrow().not_durable.is_empty()
     }
 
     fn hello(&self) -> Vec<u8> {
@@ -686,14 +701,17 @@ fn new_generation() -> u64 {
 async fn retry_loop(inner: Arc<Inner>) {
     let mut delay = RETRY_MIN;
     loop {
-        if inner.lock().not_durable.is_empty() {
+        if inner.health.borrow().not_durable.is_empty() {
             delay = RETRY_MIN;
             inner.retry_wake.notified().await;
             continue;
         }
         tokio::time::sleep(delay).await;
-        // A few small file writes, as `publish` itself does on the caller's thread.
-        delay = if inner.retry_not_durable() {
+        let round = inner.clone();
+        let all_durable = tokio::task::spawn_blocking(move || round.retry_not_durable())
+            .await
+            .unwrap_or(false);
+        delay = if all_durable {
             RETRY_MIN
         } else {
             (delay * 2).min(RETRY_MAX)
@@ -704,7 +722,7 @@ async fn retry_loop(inner: Arc<Inner>) {
 /// Creates `dir` mode 0700 (moving aside a file in its way, returned), or tightens it to 0700
 /// if it exists with looser permissions.
 pub(crate) fn create_private_dir(dir: &Path) -> Result<Vec<Quarantined>> {
-    let moved = checkpoint::make_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
+    let moved = checkpoint::make_dir(dir, 1).map_err(|e| Error::io("create directory", dir, e))?;
     let meta = fs::metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))

@@ -187,3 +187,51 @@ async fn files_named_like_no_key_are_quarantined() {
         .unwrap();
     assert_eq!(info.checkpoint_count(), 1);
 }
+
+/// The checkpoint directory deleted under a running publisher and made again by someone else
+/// with a stale file in it: an unpublish alone notices (its file is gone because the directory
+/// is), the directory is reopened, every item written again and the stale file removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_directory_is_noticed_and_its_stale_files_removed() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let publication = Publication::<TestItem>::open(&dirs, "deleted").unwrap();
+    let mut health = publication.watch_health();
+    publication.publish(&test_item("a", 1, 8)).unwrap();
+    publication.publish(&test_item("b", 1, 8)).unwrap();
+    let cp_dir = dirs.checkpoints("deleted", "TestItem", false);
+    fs::remove_dir_all(&cp_dir).unwrap();
+    fs::create_dir(&cp_dir).unwrap();
+    fs::write(
+        cp_dir.join("stale"),
+        checkpoint::encode("TestItem", 1, b"old"),
+    )
+    .unwrap();
+    publication.unpublish("a").unwrap();
+    assert!(!publication.is_durable("a"), "the deletion went unnoticed");
+    health_until(&mut health, "durable again", |h| h.not_durable.is_empty()).await;
+    assert_eq!(checkpoint_files(&cp_dir), ["b"]);
+}
+
+/// A symlink to a directory where the agent's checkpoint directory belongs is a directory,
+/// not an obstacle: nothing is moved aside, the files go where it points.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_directory_is_never_moved_aside() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let elsewhere = root.path().join("elsewhere");
+    fs::create_dir_all(&elsewhere).unwrap();
+    let agent_dir = dirs.persist_status().join("sym");
+    fs::create_dir_all(dirs.persist_status()).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, &agent_dir).unwrap();
+    let publication = Publication::<PersistentTestItem>::open(&dirs, "sym").unwrap();
+    publication
+        .publish(&PersistentTestItem(test_item("k", 1, 8)))
+        .unwrap();
+    assert!(publication.status().quarantined.is_empty());
+    assert!(fs::symlink_metadata(&agent_dir).unwrap().is_symlink());
+    assert_eq!(
+        checkpoint_files(&elsewhere.join("PersistentTestItem")),
+        ["k"]
+    );
+}

@@ -196,6 +196,10 @@ impl Health {
                 let now = rx.borrow_and_update().clone();
                 Health { inner }.apply_publication_health(T::NAME, &now);
             }
+            // The publication is closed: what it reported is no longer outstanding.
+            if let Some(inner) = weak.upgrade() {
+                Health { inner }.apply_publication_health(T::NAME, &PublicationHealth::default());
+            }
         });
     }
 

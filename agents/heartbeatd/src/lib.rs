@@ -425,7 +425,7 @@ impl Agent {
                 .post(HEARTBEAT_CALL, &request)
                 .await
                 .map_err(|e| Failure {
-                    refused: matches!(e, TransportError::Connect { .. }),
+                    refused: matches!(e, TransportError::Refused { .. }),
                     error: e.to_string(),
                 })?;
         let received_ms = now_ms();

@@ -146,7 +146,13 @@ impl ControllerClient {
         };
         let tcp = TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| connect(e.to_string()))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => TransportError::Refused {
+                    url: url.to_owned(),
+                    detail: e.to_string(),
+                },
+                _ => connect(e.to_string()),
+            })?;
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         let stream = TlsConnector::from(tls)

@@ -32,7 +32,17 @@ pub enum TransportError {
         /// What the TLS layer reported.
         detail: String,
     },
-    /// No connection could be made (refused, unreachable, DNS).
+    /// The controller's host answered the TCP connect with a refusal: nothing listens on the
+    /// port (the controller is down or restarting). Costs the controller nothing, unlike
+    /// every other failure.
+    #[error("cannot connect to {url}: {detail}")]
+    Refused {
+        /// The URL called.
+        url: String,
+        /// Why.
+        detail: String,
+    },
+    /// No connection could be made otherwise (unreachable, DNS), or it broke before an answer.
     #[error("cannot connect to {url}: {detail}")]
     Connect {
         /// The URL called.
@@ -77,6 +87,7 @@ impl TransportError {
     pub fn is_retryable(&self) -> bool {
         match self {
             TransportError::Connect { .. }
+            | TransportError::Refused { .. }
             | TransportError::Timeout { .. }
             | TransportError::Handshake { .. } => true,
             TransportError::Status { status, .. } => {

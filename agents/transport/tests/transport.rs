@@ -337,7 +337,7 @@ async fn a_controller_that_is_down_is_a_retryable_connect_error() {
         .post::<_, Value>("echo", &json!({}))
         .await
         .unwrap_err();
-    assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
+    assert!(matches!(err, TransportError::Refused { .. }), "{err:?}");
     assert!(err.is_retryable());
 }
 
