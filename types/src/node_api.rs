@@ -195,3 +195,48 @@ pub struct HeartbeatResponse {
     /// What the node should run.
     pub desired: DesiredState,
 }
+
+/// One event as it travels to the controller (`POST /events`): the node's [`crate::Event`]
+/// and what its journal knows of it.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EventRecord {
+    /// Globally unique id: the controller accepts a repeated id once.
+    pub id: String,
+    /// The agent that raised it.
+    pub agent: String,
+    /// The agent's sequence number of it.
+    pub seq: u64,
+    /// How bad it is.
+    pub severity: crate::Severity,
+    /// Machine-readable kind, dotted lower-case words: `cert.rotation_failing`.
+    pub kind: String,
+    /// Human-readable message.
+    pub message: String,
+    /// When it was raised on the node, milliseconds since the epoch.
+    pub at_ms: u64,
+    /// Structured context as key/value pairs, in order.
+    #[serde(default)]
+    pub fields: Vec<(String, String)>,
+    /// Events of the same agent dropped (over a buffer's bound) since the one before this.
+    #[serde(default)]
+    pub dropped_before: u64,
+}
+
+/// `POST /events`: a batch, oldest first.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsRequest {
+    /// The events.
+    pub events: Vec<EventRecord>,
+}
+
+/// Reply to `POST /events`: every event of the batch is stored (`accepted` new ones,
+/// `duplicates` already held).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EventsResponse {
+    /// Events stored by this call.
+    pub accepted: u64,
+    /// Events whose id the controller already held (a redelivery): not stored again.
+    pub duplicates: u64,
+}
