@@ -180,215 +180,253 @@ struct Agent {
 impl Agent {
     /// Runs one state: publishes it, acts, waits; returns the next state (`None`: shutdown).
     async fn step(&mut self, state: State) -> anyhow::Result<Option<State>> {
-        Ok(match state {
-            State::Loading => Some(self.load().await),
-            State::NotEnrolled { why } => {
-                self.publish(EnrollmentState::NotEnrolled, None, None, Some(why.clone()))?;
-                tracing::warn!(reason = %why, "not enrolled: cannot enroll yet");
-                self.ctx
-                    .health
-                    .report_error(&format!("not enrolled: {why}"));
-                self.ctx.status(&format!("not enrolled: {why}"));
-                loop {
-                    match self.wait(None).await {
-                        Wake::Shutdown => return Ok(None),
-                        Wake::Deadline => {}
-                        Wake::IdentityChanged => match self.inputs() {
-                            Ok(inputs) => break Some(self.enrolling(inputs)),
-                            Err(w) if w != why => break Some(State::NotEnrolled { why: w }),
-                            Err(_) => {}
-                        },
-                    }
-                }
-            }
+        match state {
+            State::Loading => Ok(Some(self.load().await)),
+            State::NotEnrolled { why } => self.not_enrolled(why).await,
             State::Enrolling {
                 inputs,
-                mut backoff,
+                backoff,
                 last_error,
-            } => {
-                self.publish(EnrollmentState::Enrolling, None, None, last_error)?;
-                self.ctx.status("enrolling");
-                let attempt = enroll(&self.ctx, &self.store, &inputs);
-                let outcome = tokio::select! {
-                    _ = self.ctx.shutdown.cancelled() => return Ok(None),
-                    outcome = attempt => outcome,
-                };
-                match outcome {
-                    Ok(installed) => {
-                        tracing::info!(
-                            node_id = %installed.meta.node_id,
-                            fingerprint = %installed.cert.fingerprint,
-                            not_after_ms = installed.cert.not_after_ms,
-                            "enrolled"
-                        );
-                        Some(State::Enrolled(installed))
-                    }
-                    Err(Failure::Retry(error)) => {
-                        let delay = backoff.next_delay();
-                        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "enrollment failed; retrying");
-                        self.ctx
-                            .health
-                            .report_error(&format!("enrollment: {error}"));
-                        self.publish(EnrollmentState::Enrolling, None, None, Some(error.clone()))?;
-                        match self.wait(Some(Instant::now() + delay)).await {
-                            Wake::Shutdown => None,
-                            Wake::Deadline | Wake::IdentityChanged => match self.inputs() {
-                                Ok(inputs) => Some(State::Enrolling {
-                                    inputs,
-                                    backoff,
-                                    last_error: Some(error),
-                                }),
-                                Err(why) => Some(State::NotEnrolled { why }),
-                            },
-                        }
-                    }
-                    Err(Failure::Refused(state, error)) => Some(State::Refused {
-                        state,
-                        error,
-                        refused: Some(inputs),
-                        cert: None,
-                    }),
-                }
-            }
-            State::Enrolled(installed) => {
-                self.publish(EnrollmentState::Enrolled, Some(&installed), None, None)?;
-                self.ctx.health.clear_error();
-                self.ctx.status(&format!(
-                    "enrolled as {}; rotation at {} ms",
-                    installed.meta.node_id,
-                    installed.rotate_at_ms()
-                ));
-                loop {
-                    let now = now_ms();
-                    if now >= installed.rotate_at_ms() {
-                        break Some(State::Rotating {
-                            current: installed,
-                            backoff: self.backoff(),
-                            failing: None,
-                        });
-                    }
-                    match self.wait(Some(deadline(installed.rotate_at_ms()))).await {
-                        Wake::Shutdown => return Ok(None),
-                        Wake::Deadline | Wake::IdentityChanged => {}
-                    }
-                }
-            }
+            } => self.enroll(inputs, backoff, last_error).await,
+            State::Enrolled(installed) => self.enrolled(installed).await,
             State::Rotating {
                 current,
-                mut backoff,
+                backoff,
                 failing,
-            } => {
-                if now_ms() >= current.cert.not_after_ms {
-                    return Ok(Some(self.expired(current)));
-                }
-                match &failing {
-                    None => {
-                        tracing::info!(fingerprint = %current.cert.fingerprint, "rotating the certificate");
-                        self.publish(EnrollmentState::Rotating, Some(&current), None, None)?;
-                    }
-                    Some(f) => self.publish(
-                        f.state,
-                        Some(&current),
-                        Some(f.since_ms),
-                        Some(f.error.clone()),
-                    )?,
-                }
-                let attempt = rotate(&self.ctx, &self.store, &current);
-                let outcome = tokio::select! {
-                    _ = self.ctx.shutdown.cancelled() => return Ok(None),
-                    outcome = attempt => outcome,
-                };
-                match outcome {
-                    Ok(installed) => {
-                        tracing::info!(
-                            old = %current.cert.fingerprint,
-                            new = %installed.cert.fingerprint,
-                            not_after_ms = installed.cert.not_after_ms,
-                            "certificate rotated"
-                        );
-                        Some(State::Enrolled(installed))
-                    }
-                    Err(Failure::Refused(EnrollmentState::CertExpired, error)) => {
-                        tracing::error!(%error, "certificate expired before it could be rotated");
-                        Some(self.refused(EnrollmentState::CertExpired, error, Some(current)))
-                    }
-                    Err(Failure::Refused(EnrollmentState::Revoked, error)) => {
-                        Some(self.refused(EnrollmentState::Revoked, error, Some(current)))
-                    }
-                    Err(failure) => {
-                        let (state, error) = match failure {
-                            Failure::Retry(e) => (EnrollmentState::RotationFailing, e),
-                            Failure::Refused(EnrollmentState::CaMismatch, e) => {
-                                (EnrollmentState::CaMismatch, e)
-                            }
-                            Failure::Refused(_, e) => (EnrollmentState::RotationFailing, e),
-                        };
-                        let since_ms = failing.as_ref().map_or_else(now_ms, |f| f.since_ms);
-                        let delay = backoff.next_delay();
-                        tracing::warn!(
-                            %error,
-                            failing_since_ms = since_ms,
-                            retry_in_ms = delay.as_millis() as u64,
-                            "certificate rotation failed"
-                        );
-                        self.ctx
-                            .health
-                            .report_error(&format!("certificate rotation failing: {error}"));
-                        self.publish(state, Some(&current), Some(since_ms), Some(error.clone()))?;
-                        let retry_at = Instant::now() + delay;
-                        let expiry = deadline(current.cert.not_after_ms);
-                        loop {
-                            if now_ms() >= current.cert.not_after_ms {
-                                return Ok(Some(self.expired(current)));
-                            }
-                            if Instant::now() >= retry_at {
-                                break;
-                            }
-                            match self.wait(Some(retry_at.min(expiry))).await {
-                                Wake::Shutdown => return Ok(None),
-                                Wake::Deadline | Wake::IdentityChanged => {}
-                            }
-                        }
-                        Some(State::Rotating {
-                            current,
-                            backoff,
-                            failing: Some(Failing {
-                                since_ms,
-                                error,
-                                state,
-                            }),
-                        })
-                    }
-                }
-            }
+            } => self.rotate(current, backoff, failing).await,
             State::Refused {
                 state,
                 error,
                 refused,
                 cert,
             } => {
-                self.log_refusal(state, &error);
-                self.ctx.health.report_error(&format!("{state:?}: {error}"));
-                self.ctx.status(&format!("{state:?}: {error}"));
-                self.publish(state, cert.as_ref(), None, Some(error.clone()))?;
-                let used_token = cert.as_ref().and_then(|c| c.meta.token_sha256.clone());
-                loop {
-                    match self.wait(None).await {
-                        Wake::Shutdown => return Ok(None),
-                        Wake::Deadline => {}
-                        Wake::IdentityChanged => {
-                            let Ok(inputs) = self.inputs() else { continue };
-                            let same = refused.as_ref() == Some(&inputs);
-                            let used = used_token.as_deref()
-                                == Some(sha256_hex(inputs.token.as_bytes()).as_str());
-                            if !same && !used {
-                                break Some(self.enrolling(inputs));
-                            }
-                        }
+                self.refused_until_new_inputs(state, error, refused, cert)
+                    .await
+            }
+        }
+    }
+
+    /// NotEnrolled: says why, then waits for a NodeIdentity that makes enrollment possible.
+    async fn not_enrolled(&mut self, why: String) -> anyhow::Result<Option<State>> {
+        self.publish(EnrollmentState::NotEnrolled, None, None, Some(why.clone()))?;
+        tracing::warn!(reason = %why, "not enrolled: cannot enroll yet");
+        self.ctx
+            .health
+            .report_error(&format!("not enrolled: {why}"));
+        self.ctx.status(&format!("not enrolled: {why}"));
+        loop {
+            match self.wait(None).await {
+                Wake::Shutdown => return Ok(None),
+                Wake::Deadline => {}
+                Wake::IdentityChanged => match self.inputs() {
+                    Ok(inputs) => return Ok(Some(self.enrolling(inputs))),
+                    Err(w) if w != why => return Ok(Some(State::NotEnrolled { why: w })),
+                    Err(_) => {}
+                },
+            }
+        }
+    }
+
+    /// Enrolling: one enroll attempt; a retryable failure waits out the backoff (or a new
+    /// NodeIdentity) and tries again, a refusal is final.
+    async fn enroll(
+        &mut self,
+        inputs: EnrollInputs,
+        mut backoff: Backoff,
+        last_error: Option<String>,
+    ) -> anyhow::Result<Option<State>> {
+        self.publish(EnrollmentState::Enrolling, None, None, last_error)?;
+        self.ctx.status("enrolling");
+        let Some(outcome) = self.attempt(enroll(&self.ctx, &self.store, &inputs)).await else {
+            return Ok(None);
+        };
+        let error = match outcome {
+            Ok(installed) => {
+                tracing::info!(
+                    node_id = %installed.meta.node_id,
+                    fingerprint = %installed.cert.fingerprint,
+                    not_after_ms = installed.cert.not_after_ms,
+                    "enrolled"
+                );
+                return Ok(Some(State::Enrolled(installed)));
+            }
+            Err(Failure::Refused(state, error)) => {
+                return Ok(Some(State::Refused {
+                    state,
+                    error,
+                    refused: Some(inputs),
+                    cert: None,
+                }))
+            }
+            Err(Failure::Retry(error)) => error,
+        };
+        let delay = backoff.next_delay();
+        tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "enrollment failed; retrying");
+        self.ctx
+            .health
+            .report_error(&format!("enrollment: {error}"));
+        self.publish(EnrollmentState::Enrolling, None, None, Some(error.clone()))?;
+        Ok(match self.wait(Some(Instant::now() + delay)).await {
+            Wake::Shutdown => None,
+            Wake::Deadline | Wake::IdentityChanged => Some(match self.inputs() {
+                Ok(inputs) => State::Enrolling {
+                    inputs,
+                    backoff,
+                    last_error: Some(error),
+                },
+                Err(why) => State::NotEnrolled { why },
+            }),
+        })
+    }
+
+    /// Enrolled: waits for the rotation time (75% of the lifetime).
+    async fn enrolled(&mut self, installed: Installed) -> anyhow::Result<Option<State>> {
+        self.publish(EnrollmentState::Enrolled, Some(&installed), None, None)?;
+        self.ctx.health.clear_error();
+        self.ctx.status(&format!(
+            "enrolled as {}; rotation at {} ms",
+            installed.meta.node_id,
+            installed.rotate_at_ms()
+        ));
+        while now_ms() < installed.rotate_at_ms() {
+            if let Wake::Shutdown = self.wait(Some(deadline(installed.rotate_at_ms()))).await {
+                return Ok(None);
+            }
+        }
+        Ok(Some(State::Rotating {
+            current: installed,
+            backoff: self.backoff(),
+            failing: None,
+        }))
+    }
+
+    /// Rotating (or RotationFailing): one rotate attempt with the current, still valid
+    /// credentials; a failure is published with when failing began and retried after the
+    /// backoff, until the certificate expires.
+    async fn rotate(
+        &mut self,
+        current: Installed,
+        mut backoff: Backoff,
+        failing: Option<Failing>,
+    ) -> anyhow::Result<Option<State>> {
+        if now_ms() >= current.cert.not_after_ms {
+            return Ok(Some(self.expired(current)));
+        }
+        match &failing {
+            None => {
+                tracing::info!(fingerprint = %current.cert.fingerprint, "rotating the certificate");
+                self.publish(EnrollmentState::Rotating, Some(&current), None, None)?;
+            }
+            Some(f) => self.publish(
+                f.state,
+                Some(&current),
+                Some(f.since_ms),
+                Some(f.error.clone()),
+            )?,
+        }
+        let Some(outcome) = self.attempt(rotate(&self.ctx, &self.store, &current)).await else {
+            return Ok(None);
+        };
+        let (state, error) = match outcome {
+            Ok(installed) => {
+                tracing::info!(
+                    old = %current.cert.fingerprint,
+                    new = %installed.cert.fingerprint,
+                    not_after_ms = installed.cert.not_after_ms,
+                    "certificate rotated"
+                );
+                return Ok(Some(State::Enrolled(installed)));
+            }
+            Err(Failure::Refused(EnrollmentState::CertExpired, error)) => {
+                tracing::error!(%error, "certificate expired before it could be rotated");
+                let refused = self.refused(EnrollmentState::CertExpired, error, Some(current));
+                return Ok(Some(refused));
+            }
+            Err(Failure::Refused(EnrollmentState::Revoked, error)) => {
+                let refused = self.refused(EnrollmentState::Revoked, error, Some(current));
+                return Ok(Some(refused));
+            }
+            Err(Failure::Refused(EnrollmentState::CaMismatch, e)) => {
+                (EnrollmentState::CaMismatch, e)
+            }
+            Err(Failure::Retry(e) | Failure::Refused(_, e)) => {
+                (EnrollmentState::RotationFailing, e)
+            }
+        };
+        let since_ms = failing.as_ref().map_or_else(now_ms, |f| f.since_ms);
+        let delay = backoff.next_delay();
+        tracing::warn!(
+            %error,
+            failing_since_ms = since_ms,
+            retry_in_ms = delay.as_millis() as u64,
+            "certificate rotation failed"
+        );
+        self.ctx
+            .health
+            .report_error(&format!("certificate rotation failing: {error}"));
+        self.publish(state, Some(&current), Some(since_ms), Some(error.clone()))?;
+        let retry_at = Instant::now() + delay;
+        let expiry = deadline(current.cert.not_after_ms);
+        while Instant::now() < retry_at {
+            if now_ms() >= current.cert.not_after_ms {
+                return Ok(Some(self.expired(current)));
+            }
+            if let Wake::Shutdown = self.wait(Some(retry_at.min(expiry))).await {
+                return Ok(None);
+            }
+        }
+        Ok(Some(State::Rotating {
+            current,
+            backoff,
+            failing: Some(Failing {
+                since_ms,
+                error,
+                state,
+            }),
+        }))
+    }
+
+    /// Refused: says why, then waits for enrollment inputs that differ from the refused ones
+    /// (and whose token is not the one already used).
+    async fn refused_until_new_inputs(
+        &mut self,
+        state: EnrollmentState,
+        error: String,
+        refused: Option<EnrollInputs>,
+        cert: Option<Installed>,
+    ) -> anyhow::Result<Option<State>> {
+        self.log_refusal(state, &error);
+        self.ctx.health.report_error(&format!("{state:?}: {error}"));
+        self.ctx.status(&format!("{state:?}: {error}"));
+        self.publish(state, cert.as_ref(), None, Some(error.clone()))?;
+        let used_token = cert.as_ref().and_then(|c| c.meta.token_sha256.clone());
+        loop {
+            match self.wait(None).await {
+                Wake::Shutdown => return Ok(None),
+                Wake::Deadline => {}
+                Wake::IdentityChanged => {
+                    let Ok(inputs) = self.inputs() else { continue };
+                    let same = refused.as_ref() == Some(&inputs);
+                    let used =
+                        used_token.as_deref() == Some(sha256_hex(inputs.token.as_bytes()).as_str());
+                    if !same && !used {
+                        return Ok(Some(self.enrolling(inputs)));
                     }
                 }
             }
-        })
+        }
+    }
+
+    /// Runs one call to the controller unless shutdown comes first (`None`); a call dropped
+    /// mid-way is harmless, the store being crash-safe.
+    async fn attempt(
+        &self,
+        call: impl std::future::Future<Output = Result<Installed, Failure>>,
+    ) -> Option<Result<Installed, Failure>> {
+        tokio::select! {
+            _ = self.ctx.shutdown.cancelled() => None,
+            outcome = call => Some(outcome),
+        }
     }
 
     /// Repairs and reads `pki/`: the state to start in.
