@@ -24,6 +24,9 @@ pub struct Event {
     pub at_ms: u64,
     /// Structured context (module name, digest, …) as key/value pairs, in order.
     pub fields: Vec<(String, String)>,
+    /// Events of this agent dropped (over its bound, while eventd was away) since the one
+    /// before this.
+    pub dropped_before: u64,
 }
 
 /// Severity of an event.
@@ -41,7 +44,8 @@ pub enum Severity {
 
 impl Topic for Event {
     const NAME: &'static str = "Event";
-    const SCHEMA_VERSION: u32 = 1;
+    // v2: `dropped_before`.
+    const SCHEMA_VERSION: u32 = 2;
     // An event raised just before a reboot must still reach eventd's journal (DESIGN §7).
     const PERSISTENT: bool = true;
     fn key(&self) -> String {

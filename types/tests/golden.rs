@@ -444,6 +444,7 @@ fn run_all(g: &mut Golden) {
             message: s("signature does not match"),
             at_ms: 1_700_000_000_051,
             fields: vec![(s("module"), s("tools")), (s("digest"), s("sha256:aaaa"))],
+            dropped_before: 3,
         },
         SEVERITIES,
         |x, v| x.severity = v,

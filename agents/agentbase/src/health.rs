@@ -28,6 +28,10 @@ pub struct Health {
 struct Inner {
     publication: Publication<AgentStatus>,
     current: Mutex<Current>,
+    /// The state the agent's previous run last published, if its checkpoint survived.
+    previous: Option<AgentState>,
+    /// Where files moved aside are reported as events, once the agent's raiser exists.
+    events: std::sync::OnceLock<crate::events::Events>,
 }
 
 /// The status and what it is derived from.
@@ -91,8 +95,11 @@ impl Health {
             quarantined_checkpoints: 0,
         };
         let own = publication.watch_health();
+        let previous = publication.get(agent).map(|s| s.state);
         let health = Health {
             inner: Arc::new(Inner {
+                previous,
+                events: std::sync::OnceLock::new(),
                 publication,
                 current: Mutex::new(Current {
                     status,
@@ -125,6 +132,18 @@ impl Health {
             // Health is best-effort: failing to report must not stop the agent's real work.
             tracing::warn!(error = %e, "could not publish AgentStatus");
         }
+    }
+
+    /// What the agent's previous run last said of itself (`Stopping` after a clean stop), if
+    /// its status checkpoint survived (it does across restarts, not across reboots).
+    pub fn previous_state(&self) -> Option<AgentState> {
+        self.inner.previous
+    }
+
+    /// From now on, files a publication moves aside are also raised as
+    /// `checkpoint.quarantined` events.
+    pub fn raise_with(&self, events: crate::events::Events) {
+        let _ = self.inner.events.set(events);
     }
 
     /// The agent is serving.
@@ -213,6 +232,17 @@ impl Health {
             .find(|(t, _)| *t == topic)
             .map_or(0, |(_, n)| *n);
         if count != known {
+            if let Some(events) = self.inner.events.get() {
+                for q in h.quarantined.iter().skip(known as usize) {
+                    let moved_to = q.moved_to.display().to_string();
+                    events.report(
+                        powernode_types::Severity::Warning,
+                        "checkpoint.quarantined",
+                        &format!("a checkpoint of {topic} was moved aside: {}", q.reason),
+                        &[("topic", topic), ("key", &q.key), ("moved_to", &moved_to)],
+                    );
+                }
+            }
             self.update(|c| {
                 c.quarantined.retain(|(t, _)| *t != topic);
                 c.quarantined.push((topic, count));

@@ -32,6 +32,7 @@
 //! }
 //! ```
 
+pub mod events;
 pub mod fsutil;
 pub mod health;
 pub mod liveness;
@@ -53,6 +54,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::events::Events;
 pub use crate::health::Health;
 pub use crate::liveness::Liveness;
 pub use crate::notify::Notifier;
@@ -155,6 +157,8 @@ pub struct Context {
     pub health: Health,
     /// Where the agent's publications live.
     pub dirs: powernode_pubsub::Dirs,
+    /// The agent's events: `ctx.events.raise(..)` (docs/events.md).
+    pub events: Events,
     ready_sent: Arc<AtomicBool>,
 }
 
@@ -173,6 +177,9 @@ impl Context {
             Liveness::with_notifier(&root, agent, notifier.clone(), notify::watchdog_interval());
         let dirs = powernode_pubsub::Dirs::under_root(root.base());
         let health = Health::open(&dirs, agent)?;
+        let events = Events::open(&dirs, &root, agent)?;
+        health.raise_with(events.clone());
+        health.follow::<powernode_types::Event>(events.watch_health());
         if !settings.notes.is_empty() {
             health.report("settings", &settings.notes.join("; "));
         }
@@ -186,6 +193,7 @@ impl Context {
             notifier,
             health,
             dirs,
+            events,
             ready_sent: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -320,6 +328,7 @@ where
         let ctx = Context::new(agent, root, settings).inspect_err(|e| {
             tracing::error!(error = %e, "could not publish the agent's status");
         })?;
+        raise_started(&ctx);
         run_in_runtime(ctx, main).await
     });
     runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
@@ -362,6 +371,40 @@ where
         }
         AgentError::Failed(err)
     })
+}
+
+/// The `agent.started` event: how many starts before this one, and whether the previous run
+/// ended without a clean stop (its last `AgentStatus` was not Stopping).
+fn raise_started(ctx: &Context) {
+    let restarts = ctx.events.starts().saturating_sub(1).to_string();
+    let unclean = ctx
+        .health
+        .previous_state()
+        .is_some_and(|s| s != powernode_types::AgentState::Stopping);
+    let (severity, message) = if unclean {
+        (
+            powernode_types::Severity::Warning,
+            format!(
+                "{} started; its previous run ended without a clean stop",
+                ctx.agent
+            ),
+        )
+    } else {
+        (
+            powernode_types::Severity::Info,
+            format!("{} started", ctx.agent),
+        )
+    };
+    ctx.events.report(
+        severity,
+        "agent.started",
+        &message,
+        &[
+            ("restarts", &restarts),
+            ("unclean_stop", if unclean { "true" } else { "false" }),
+            ("version", env!("CARGO_PKG_VERSION")),
+        ],
+    );
 }
 
 /// Waits up to [`DRAIN_TIMEOUT`] for the tracked tasks to finish.

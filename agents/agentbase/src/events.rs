@@ -1,0 +1,472 @@
+//! Raising events: the one way every agent reports what happened to it (DESIGN §2, eventd
+//! row; §7; docs/events.md).
+//!
+//! [`Events::raise`] publishes the event on the agent's persistent `<agent>/Event` topic —
+//! checkpointed under `persist`, so it survives a crash or a reboot the moment `raise`
+//! returns — with a globally unique id and a per-agent sequence number that keeps growing
+//! across restarts. eventd journals it and publishes `eventd/EventAck` for the agent; every
+//! event the acknowledgement covers is then unpublished here. While eventd is away the events
+//! wait, at most [`PENDING_CAP`] of them: past that the oldest Info or Warning goes first,
+//! then the oldest Error, never a Critical, and the count of what went travels in the next
+//! event's `dropped_before`.
+//!
+//! Sequence numbers are reserved on disk [`SEQ_BLOCK`] at a time
+//! (`persist/powernode/events/<agent>.state`), so a raise costs one checkpoint write, not
+//! two, and a restart never reuses a number eventd may already have acknowledged.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+
+use powernode_pubsub::{Dirs, Publication, Subscription};
+use powernode_types::{Event, EventAck, Severity};
+use serde::{Deserialize, Serialize};
+
+use crate::health::now_ms;
+use crate::root::Root;
+
+/// Most events an agent keeps while eventd has not acknowledged them.
+pub const PENDING_CAP: usize = 1000;
+/// Sequence numbers reserved on disk at a time.
+pub const SEQ_BLOCK: u64 = 1000;
+/// The agent that acknowledges events.
+pub const EVENTD: &str = "eventd";
+/// The longest kind accepted, in bytes.
+pub const MAX_KIND_LEN: usize = 128;
+
+/// Why a raise did not go as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum RaiseError {
+    /// The kind is not dotted lower-case words (`cert.rotation_failing`): a bug in the caller.
+    #[error("invalid event kind {0:?}: use dotted lower-case words such as cert.rotation_failing")]
+    InvalidKind(String),
+    /// The event is published but not (yet) on disk: the checkpoint write failed and is being
+    /// retried (the agent reports it as Degraded meanwhile).
+    #[error("event {id} raised but not yet on disk (its checkpoint write is retried)")]
+    NotDurable {
+        /// The event's id.
+        id: String,
+    },
+    /// The event could not be published at all.
+    #[error("publishing the event: {0}")]
+    Publish(#[from] powernode_pubsub::Error),
+}
+
+/// The agent's event raiser, shared by every clone of its context.
+#[derive(Clone)]
+pub struct Events {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("agent", &self.inner.agent)
+            .finish()
+    }
+}
+
+struct Inner {
+    agent: &'static str,
+    publication: Publication<Event>,
+    state_file: PathBuf,
+    raising: Mutex<Raising>,
+}
+
+/// What [`Events::raise`] keeps between calls.
+struct Raising {
+    next_seq: u64,
+    /// Sequence numbers below this are reserved on disk.
+    reserved: u64,
+    /// Events not yet acknowledged: seq → (id, severity).
+    pending: BTreeMap<u64, (String, Severity)>,
+    /// Dropped since the last raise.
+    dropped: u64,
+    /// Starts of this agent, this one included.
+    starts: u64,
+}
+
+/// `persist/powernode/events/<agent>.state`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SavedState {
+    /// Every sequence number below this may have been used.
+    reserved_seq: u64,
+    /// How many times the agent has started.
+    starts: u64,
+}
+
+impl Events {
+    /// Opens `<agent>/Event` (reloading the events not yet acknowledged), counts this start,
+    /// and follows eventd's acknowledgements. Must run inside a tokio runtime.
+    pub fn open(
+        dirs: &Dirs,
+        root: &Root,
+        agent: &'static str,
+    ) -> Result<Events, powernode_pubsub::Error> {
+        let publication = Publication::<Event>::open(dirs, agent)?;
+        let pending: BTreeMap<u64, (String, Severity)> = publication
+            .keys()
+            .into_iter()
+            .filter_map(|key| publication.get(&key))
+            .map(|e| (e.seq, (e.id, e.severity)))
+            .collect();
+        let state_file = root
+            .persist_dir()
+            .join("events")
+            .join(format!("{agent}.state"));
+        let saved: SavedState = std::fs::read(&state_file)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let next_seq = saved
+            .reserved_seq
+            .max(pending.keys().next_back().map_or(1, |s| s + 1))
+            .max(1);
+        let inner = Arc::new(Inner {
+            agent,
+            publication,
+            state_file,
+            raising: Mutex::new(Raising {
+                next_seq,
+                reserved: next_seq,
+                pending,
+                dropped: 0,
+                starts: saved.starts + 1,
+            }),
+        });
+        {
+            let mut r = inner.lock();
+            if let Err(e) = inner.reserve(&mut r) {
+                tracing::warn!(error = %e, "could not record this start and reserve event numbers");
+            }
+        }
+        tokio::spawn(follow_acks(Arc::downgrade(&inner), dirs.clone(), agent));
+        Ok(Events { inner })
+    }
+
+    /// Raises an event: published and checkpointed when this returns `Ok`. `kind` is dotted
+    /// lower-case words (`module.rejected`); `fields` is structured context, in order.
+    pub fn raise(
+        &self,
+        severity: Severity,
+        kind: &str,
+        message: &str,
+        fields: &[(&str, &str)],
+    ) -> Result<(), RaiseError> {
+        check_kind(kind)?;
+        let inner = &self.inner;
+        let mut r = inner.lock();
+        if r.next_seq >= r.reserved {
+            if let Err(e) = inner.reserve(&mut r) {
+                // Numbers are still handed out: losing the reservation only risks a reuse
+                // after a crash, which eventd's acknowledgement then settles.
+                tracing::warn!(error = %e, "could not reserve event numbers");
+            }
+        }
+        while r.pending.len() >= PENDING_CAP {
+            let Some(victim) = drop_candidate(&r.pending) else {
+                break; // only Critical events: never dropped
+            };
+            if let Some((id, _)) = r.pending.remove(&victim) {
+                inner.publication.unpublish(&id)?;
+                r.dropped += 1;
+            }
+        }
+        let seq = r.next_seq;
+        let event = Event {
+            id: new_id(),
+            agent: inner.agent.to_owned(),
+            seq,
+            severity,
+            kind: kind.to_owned(),
+            message: message.to_owned(),
+            at_ms: now_ms(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            dropped_before: r.dropped,
+        };
+        inner.publication.publish(&event)?;
+        r.next_seq += 1;
+        r.dropped = 0;
+        r.pending.insert(seq, (event.id.clone(), severity));
+        drop(r);
+        match severity {
+            Severity::Critical | Severity::Error => {
+                tracing::warn!(kind, %message, seq, "event raised")
+            }
+            Severity::Warning | Severity::Info => {
+                tracing::info!(kind, %message, seq, "event raised")
+            }
+        }
+        if inner.publication.is_durable(&event.id) {
+            Ok(())
+        } else {
+            Err(RaiseError::NotDurable { id: event.id })
+        }
+    }
+
+    /// Raises and logs a failure to raise instead of returning it: for the many call sites
+    /// where the event is a report, not the work.
+    pub fn report(&self, severity: Severity, kind: &str, message: &str, fields: &[(&str, &str)]) {
+        if let Err(e) = self.raise(severity, kind, message, fields) {
+            tracing::warn!(kind, error = %e, "event not raised durably");
+        }
+    }
+
+    /// Follows the health of the `Event` publication (for the agent's status).
+    pub fn watch_health(
+        &self,
+    ) -> tokio::sync::watch::Receiver<powernode_pubsub::PublicationHealth> {
+        self.inner.publication.watch_health()
+    }
+
+    /// Events raised and not yet acknowledged by eventd.
+    pub fn pending(&self) -> usize {
+        self.inner.lock().pending.len()
+    }
+
+    /// How many times this agent has started, this start included.
+    pub fn starts(&self) -> u64 {
+        self.inner.lock().starts
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Raising> {
+        self.raising.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the next block of sequence numbers (and the start count) to disk.
+    fn reserve(&self, r: &mut Raising) -> std::io::Result<()> {
+        let reserved = r.next_seq + SEQ_BLOCK;
+        let saved = SavedState {
+            reserved_seq: reserved,
+            starts: r.starts,
+        };
+        if let Some(dir) = self.state_file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+        crate::fsutil::write_atomic(&self.state_file, &bytes, 0o600)?;
+        r.reserved = reserved;
+        Ok(())
+    }
+
+    /// Forgets (unpublishes) every event with `seq <= through`: eventd has journalled them.
+    fn acknowledged(&self, through: u64) {
+        let mut r = self.lock();
+        let done: Vec<u64> = r.pending.range(..=through).map(|(s, _)| *s).collect();
+        for seq in done {
+            if let Some((id, _)) = r.pending.remove(&seq) {
+                if let Err(e) = self.publication.unpublish(&id) {
+                    tracing::warn!(%id, error = %e, "could not forget an acknowledged event");
+                }
+            }
+        }
+        // A reservation lost to a full disk must not let numbers eventd has seen come back.
+        if r.next_seq <= through {
+            r.next_seq = through + 1;
+        }
+    }
+}
+
+/// The event to drop when over the cap: the oldest Info or Warning, else the oldest Error.
+fn drop_candidate(pending: &BTreeMap<u64, (String, Severity)>) -> Option<u64> {
+    let oldest = |pred: fn(Severity) -> bool| {
+        pending
+            .iter()
+            .find(|(_, (_, sev))| pred(*sev))
+            .map(|(seq, _)| *seq)
+    };
+    oldest(|s| matches!(s, Severity::Info | Severity::Warning))
+        .or_else(|| oldest(|s| s == Severity::Error))
+}
+
+/// Follows `eventd/EventAck` for `agent` for as long as the raiser lives.
+async fn follow_acks(inner: Weak<Inner>, dirs: Dirs, agent: &'static str) {
+    let mut sub = Subscription::<EventAck>::connect(&dirs, EVENTD);
+    loop {
+        sub.next().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if let Some(ack) = sub.get(agent) {
+            inner.acknowledged(ack.through_seq);
+        }
+    }
+}
+
+/// Dotted lower-case words: `[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*`.
+pub fn check_kind(kind: &str) -> Result<(), RaiseError> {
+    let word_ok = |w: &str| {
+        w.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+            && w.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    };
+    if kind.len() <= MAX_KIND_LEN && kind.split('.').all(word_ok) {
+        Ok(())
+    } else {
+        Err(RaiseError::InvalidKind(kind.to_owned()))
+    }
+}
+
+/// 128 random bits in hex: unique across a fleet without coordination.
+fn new_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No entropy source at all: time and pid still make it unique on this node.
+        let t = now_ms().to_le_bytes();
+        bytes[..8].copy_from_slice(&t);
+        bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds() {
+        for good in ["cert.rotation_failing", "agent.started", "a", "module.v2_x"] {
+            assert!(check_kind(good).is_ok(), "{good}");
+        }
+        for bad in ["", "Cert.x", "cert..x", ".x", "x.", "2x", "cert-x", "x y"] {
+            assert!(check_kind(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn drop_order_spares_critical() {
+        let p = |list: &[(u64, Severity)]| -> BTreeMap<u64, (String, Severity)> {
+            list.iter()
+                .map(|(s, v)| (*s, (s.to_string(), *v)))
+                .collect()
+        };
+        use Severity::*;
+        assert_eq!(
+            drop_candidate(&p(&[(1, Critical), (2, Error), (3, Info)])),
+            Some(3)
+        );
+        assert_eq!(
+            drop_candidate(&p(&[(1, Critical), (2, Error), (3, Error)])),
+            Some(2)
+        );
+        assert_eq!(drop_candidate(&p(&[(1, Critical), (2, Critical)])), None);
+    }
+}
+
+#[cfg(test)]
+mod raise_tests {
+    use super::*;
+    use crate::{Context, Settings};
+    use powernode_pubsub::Event as PubEvent;
+
+    async fn until<T: powernode_types::Topic>(
+        sub: &mut Subscription<T>,
+        what: &str,
+        done: impl Fn(&Subscription<T>) -> bool,
+    ) {
+        let found = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            while !done(sub) {
+                if let PubEvent::Disconnected = sub.next().await {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
+        })
+        .await;
+        assert!(found.is_ok(), "not {what} within 20 s");
+    }
+
+    /// A raised event is on the agent's persistent topic (and its checkpoint) at once, stays
+    /// across a restart of the agent until eventd acknowledges it, is forgotten then, and the
+    /// numbers keep growing across restarts even once nothing is pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn raised_events_wait_for_the_acknowledgement() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::new(dir.path());
+        let ctx = Context::new("raiser", root.clone(), Settings::default()).unwrap();
+        ctx.events
+            .raise(
+                Severity::Warning,
+                "module.rejected",
+                "bad signature",
+                &[("module", "tools")],
+            )
+            .unwrap();
+        let cp = ctx.dirs.checkpoints("raiser", "Event", true);
+        assert_eq!(std::fs::read_dir(&cp).unwrap().count(), 1);
+        assert!(matches!(
+            ctx.events.raise(Severity::Info, "Bad Kind", "x", &[]),
+            Err(RaiseError::InvalidKind(_))
+        ));
+        drop(ctx);
+
+        let ctx = Context::new("raiser", root.clone(), Settings::default()).unwrap();
+        assert_eq!(ctx.events.pending(), 1, "kept across the restart");
+        assert_eq!(ctx.events.starts(), 2);
+        ctx.events
+            .raise(Severity::Info, "agent.started", "again", &[])
+            .unwrap();
+        let mut sub = Subscription::<Event>::connect(&ctx.dirs, "raiser");
+        until(&mut sub, "two events", |s| s.items().count() == 2).await;
+        let mut seqs: Vec<u64> = sub.items().map(|(_, e)| e.seq).collect();
+        seqs.sort();
+        assert!(seqs[0] < seqs[1], "{seqs:?}");
+        let first = sub
+            .items()
+            .find(|(_, e)| e.seq == seqs[0])
+            .unwrap()
+            .1
+            .clone();
+        assert_eq!(first.kind, "module.rejected");
+        assert_eq!(first.fields, [("module".to_owned(), "tools".to_owned())]);
+
+        let acks = Publication::<EventAck>::open(&ctx.dirs, EVENTD).unwrap();
+        acks.publish(&EventAck {
+            agent: "raiser".into(),
+            through_seq: seqs[1],
+        })
+        .unwrap();
+        until(&mut sub, "both forgotten", |s| s.items().count() == 0).await;
+        assert_eq!(ctx.events.pending(), 0);
+        drop(ctx);
+        drop(acks);
+
+        let ctx = Context::new("raiser", root, Settings::default()).unwrap();
+        ctx.events
+            .raise(Severity::Info, "agent.started", "third", &[])
+            .unwrap();
+        let mut sub = Subscription::<Event>::connect(&ctx.dirs, "raiser");
+        until(&mut sub, "the third event", |s| s.items().count() == 1).await;
+        let third = sub.items().next().unwrap().1.seq;
+        assert!(third > seqs[1], "{third} reused a number up to {}", seqs[1]);
+    }
+
+    /// Over the cap, the oldest Info go first, Critical never, and the next event says how
+    /// many went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn over_the_cap_the_oldest_minor_events_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::new("capped", Root::new(dir.path()), Settings::default()).unwrap();
+        ctx.events
+            .raise(Severity::Critical, "cert.rotation_failing", "first", &[])
+            .unwrap();
+        for i in 0..PENDING_CAP + 4 {
+            ctx.events
+                .raise(Severity::Info, "test.filler", &i.to_string(), &[])
+                .unwrap();
+        }
+        assert_eq!(ctx.events.pending(), PENDING_CAP);
+        let mut sub = Subscription::<Event>::connect(&ctx.dirs, "capped");
+        until(&mut sub, "the capped set", |s| {
+            s.items().count() == PENDING_CAP
+        })
+        .await;
+        assert!(sub.items().any(|(_, e)| e.severity == Severity::Critical));
+        let last = sub.items().max_by_key(|(_, e)| e.seq).unwrap().1.clone();
+        assert_eq!(last.dropped_before, 1, "{last:?}");
+        let dropped: u64 = sub.items().map(|(_, e)| e.dropped_before).sum();
+        assert_eq!(dropped, 5);
+    }
+}
