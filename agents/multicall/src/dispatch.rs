@@ -23,6 +23,8 @@ pub enum Program {
     Verifier,
     /// The mount agent.
     Mountmgr,
+    /// The event agent: journals every agent's events, delivers them.
+    Eventd,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
@@ -36,6 +38,7 @@ const PROGRAMS: &[(&str, Program)] = &[
     ("modulemgr", Program::Modulemgr),
     ("verifier", Program::Verifier),
     ("mountmgr", Program::Mountmgr),
+    ("eventd", Program::Eventd),
 ];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
@@ -53,6 +56,16 @@ pub fn by_name(name: &str) -> Option<Program> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, program)| *program)
+}
+
+/// The agents whose `Event` topics eventd journals: every program in the table but the tools,
+/// so an agent added to the table is covered without touching eventd.
+pub fn event_sources() -> Vec<&'static str> {
+    PROGRAMS
+        .iter()
+        .filter(|(_, program)| !matches!(program, Program::Ipcmonitor | Program::Cli))
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 /// The names `run` accepts.

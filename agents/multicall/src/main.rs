@@ -52,6 +52,12 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
             "mountmgr",
             agentbase::run_agent("mountmgr", args, mountmgr::run),
         ),
+        Program::Eventd => agentbase::exit_code(
+            "eventd",
+            agentbase::run_agent("eventd", args, |ctx| {
+                eventd::run(ctx, dispatch::event_sources())
+            }),
+        ),
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {
