@@ -1,6 +1,7 @@
-//! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`, and
-//! `module …` (in [`crate::module_cli`]). Everything but `serve` and the registry side of
-//! `module` works directly on the database in the data directory.
+//! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`,
+//! `events` (in [`crate::events_cli`]) and `module …` (in [`crate::module_cli`]). Everything
+//! but `serve` and the registry side of `module` works directly on the database in the data
+//! directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::duration::parse_duration;
+use crate::events::{EventRetention, DEFAULT_RETENTION_COUNT, DEFAULT_RETENTION_DAYS};
+use crate::events_cli::{self, EventsArgs};
 use crate::module_cli::{self, ModuleCommand};
 use crate::server::{ensure_data_dir, Controller, ServeOptions};
 use crate::storage::{NodeDetail, NodeSummary, Storage};
@@ -50,6 +53,9 @@ enum Command {
     /// One enrolled node.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Fleet events, oldest first: the last --limit matching ones, then new ones with
+    /// --follow.
+    Events(EventsArgs),
     /// Modules: build, push, sign, and assign them to nodes.
     #[command(subcommand)]
     Module(ModuleCommand),
@@ -80,6 +86,14 @@ struct ServeArgs {
     /// localhost, 127.0.0.1, ::1 and the listen address.
     #[arg(long = "hostname", value_name = "NAME")]
     hostnames: Vec<String>,
+    /// Delete events received more than this many days ago.
+    #[arg(long, value_name = "DAYS", default_value_t = DEFAULT_RETENTION_DAYS,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    event_retention_days: u32,
+    /// Keep at most this many events per node (the newest).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RETENTION_COUNT,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    event_retention_count: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,7 +125,7 @@ enum NodesCommand {
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
-    /// Show one node: identity, certificates, latest heartbeat, desired state.
+    /// Show one node: identity, certificates, latest heartbeat, desired state, last events.
     Show {
         /// The node id (as `nodes list` prints it).
         id: String,
@@ -223,6 +237,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("revoked {id}");
             Ok(())
         }
+        Command::Events(args) => events_cli::run(args).await,
         Command::Module(command) => module_cli::run(command).await,
     }
 }
@@ -241,7 +256,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         hostnames: args.hostnames,
         heartbeat_interval_s: u32::try_from(args.heartbeat_interval.as_secs()).unwrap_or(u32::MAX),
     };
-    let controller = Controller::start(&opts).await?;
+    let retention = EventRetention {
+        max_age: Duration::from_secs(u64::from(args.event_retention_days) * 86_400),
+        max_per_node: args.event_retention_count,
+    };
+    let controller = Controller::start_with(&opts, retention).await?;
     // Scripts and tests read these two lines.
     println!("listening on {}", controller.local_addr());
     println!("ca certificate {}", controller.ca_cert_path().display());
@@ -249,6 +268,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %controller.local_addr(),
         ca = %controller.ca_cert_path().display(),
         cert_lifetime_s = opts.cert_lifetime.as_secs(),
+        event_retention_days = args.event_retention_days,
+        event_retention_count = args.event_retention_count,
         "controller started"
     );
     let shutdown = CancellationToken::new();
@@ -382,6 +403,14 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
                 ""
             },
         ));
+    }
+    if d.last_events.is_empty() {
+        out.push_str("last events: -\n");
+    } else {
+        out.push_str("last events:\n");
+        for event in &d.last_events {
+            out.push_str(&format!("  {}\n", events_cli::event_line(event)));
+        }
     }
     out
 }

@@ -9,6 +9,8 @@ pub mod ca;
 pub mod cli;
 pub mod duration;
 pub mod errors;
+pub mod events;
+pub mod events_cli;
 pub mod fsutil;
 pub mod module_cli;
 pub mod secrets;

@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::api::extract::ClientCert;
 use crate::api::{self, AppState};
 use crate::ca::{self, CertAuthority};
+use crate::events::{self, EventRetention};
 use crate::fsutil::write_atomic;
 use crate::secrets;
 use crate::storage::Storage;
@@ -55,6 +56,7 @@ pub struct Controller {
     acceptor: TlsAcceptor,
     router: Router,
     storage: Storage,
+    event_retention: EventRetention,
     ca_cert_path: PathBuf,
     local_addr: SocketAddr,
 }
@@ -69,9 +71,17 @@ pub struct RunningController {
 }
 
 impl RunningController {
-    /// Binds and starts serving (inside a tokio runtime).
+    /// Binds and starts serving (inside a tokio runtime), events kept as by default.
     pub async fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
-        let controller = Controller::start(opts).await?;
+        Self::start_with(opts, EventRetention::default()).await
+    }
+
+    /// [`RunningController::start`] keeping events as `event_retention` says.
+    pub async fn start_with(
+        opts: &ServeOptions,
+        event_retention: EventRetention,
+    ) -> anyhow::Result<Self> {
+        let controller = Controller::start_with(opts, event_retention).await?;
         let addr = controller.local_addr();
         let ca_path = controller.ca_cert_path().to_owned();
         let ca_pem = std::fs::read_to_string(&ca_path)
@@ -156,8 +166,18 @@ impl std::fmt::Debug for Controller {
 }
 
 impl Controller {
-    /// Opens (or creates) everything in the data directory and binds the listener.
+    /// Opens (or creates) everything in the data directory and binds the listener; events
+    /// are kept as by default.
     pub async fn start(opts: &ServeOptions) -> anyhow::Result<Self> {
+        Self::start_with(opts, EventRetention::default()).await
+    }
+
+    /// [`Controller::start`] keeping events as `event_retention` says. (An argument rather
+    /// than a [`ServeOptions`] field, so the struct literals of the agents' tests stand.)
+    pub async fn start_with(
+        opts: &ServeOptions,
+        event_retention: EventRetention,
+    ) -> anyhow::Result<Self> {
         ensure_data_dir(&opts.data)?;
         let ca = Arc::new(CertAuthority::load_or_create(&opts.data)?);
         let hostnames = if opts.hostnames.is_empty() {
@@ -174,6 +194,7 @@ impl Controller {
             opts.cert_lifetime,
             opts.heartbeat_interval_s,
             operator_token_hash(&opts.data)?,
+            event_retention,
         );
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -184,6 +205,7 @@ impl Controller {
             acceptor: TlsAcceptor::from(tls_config),
             router: api::router(state),
             storage,
+            event_retention,
             ca_cert_path: ca.cert_path().to_owned(),
             local_addr,
         })
@@ -200,9 +222,14 @@ impl Controller {
     }
 
     /// Accepts connections until `shutdown` is cancelled, then lets open connections finish
-    /// their requests (up to a bound) and closes the database.
+    /// their requests (up to a bound) and closes the database. Event retention runs beside.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let tracker = TaskTracker::new();
+        tracker.spawn(events::retention_task(
+            self.storage.clone(),
+            self.event_retention,
+            shutdown.clone(),
+        ));
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,

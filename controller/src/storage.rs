@@ -10,14 +10,18 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{FromRow, SqlitePool};
 
 use crate::ca::{CaError, CertInfo, IssuedCert};
+use crate::events::{self, EventRetention};
 use crate::secrets::{self, RandomError};
-use crate::wire::{DesiredModule, DesiredNetwork, DesiredState, Identity};
+use crate::wire::{DesiredModule, DesiredNetwork, DesiredState, EventRecord, Identity};
+use powernode_types::Severity;
 
 /// File name of the database in the data directory.
 pub const DB_FILE: &str = "controller.db";
 /// Heartbeats kept per node, the latest included. Enforced by the `heartbeats_trim` trigger
 /// (migration 0002), whose `OFFSET 100` must stay equal to this.
 pub const HEARTBEAT_HISTORY: i64 = 100;
+/// Events `node show` lists.
+pub const NODE_SHOW_EVENTS: u32 = 10;
 
 /// Errors of the storage layer.
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +183,66 @@ pub struct NodeDetail {
     pub certificates: Vec<CertRecord>,
     /// Its desired state.
     pub desired: DesiredState,
+    /// Its last [`NODE_SHOW_EVENTS`] events, oldest first.
+    pub last_events: Vec<StoredEvent>,
+}
+
+/// An event as stored: what the node sent, who sent it, when it arrived.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct StoredEvent {
+    /// Position in arrival order; what [`EventQuery::after`] pages by.
+    pub cursor: i64,
+    /// The node that sent it (from its client certificate).
+    pub node_id: String,
+    /// The event's id (unique per node).
+    pub id: String,
+    /// The agent that raised it.
+    pub agent: String,
+    /// The agent's sequence number of it.
+    pub seq: i64,
+    /// How bad it is.
+    pub severity: Severity,
+    /// Machine-readable kind.
+    pub kind: String,
+    /// Human-readable message.
+    pub message: String,
+    /// When it was raised, by the node's clock, ms.
+    pub at_ms: i64,
+    /// When the controller received it, by its clock, ms.
+    pub received_ms: i64,
+    /// Structured context, in order.
+    pub fields: Vec<(String, String)>,
+    /// Events the agent dropped just before this one.
+    pub dropped_before: i64,
+}
+
+/// Which events to list, in arrival order.
+#[derive(Clone, Debug, Default)]
+pub struct EventQuery {
+    /// Only this node's.
+    pub node: Option<String>,
+    /// Only at least this severe.
+    pub min_severity: Option<Severity>,
+    /// Only of exactly this kind.
+    pub kind: Option<String>,
+    /// Only raised at or after this (node clock), ms.
+    pub since_ms: Option<i64>,
+    /// Only after this cursor.
+    pub after: Option<i64>,
+    /// At most this many.
+    pub limit: u32,
+    /// Take the newest `limit` matching events instead of the oldest (still returned oldest
+    /// first).
+    pub newest: bool,
+}
+
+/// What storing a batch of events did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoredBatch {
+    /// New rows.
+    pub accepted: u64,
+    /// Events whose id the node had sent before.
+    pub duplicates: u64,
 }
 
 /// What a heartbeat stores besides its body.
@@ -199,6 +263,53 @@ struct TokenRow {
     expires_at_ms: i64,
     used_at_ms: Option<i64>,
     node_uuid: Option<String>,
+}
+
+#[derive(FromRow)]
+struct EventRow {
+    cursor: i64,
+    node_id: String,
+    id: String,
+    agent: String,
+    seq: i64,
+    severity: i64,
+    kind: String,
+    message: String,
+    at_ms: i64,
+    received_ms: i64,
+    fields: String,
+    dropped_before: i64,
+}
+
+impl EventRow {
+    fn decode(self) -> Result<StoredEvent, StorageError> {
+        let decode = |source| StorageError::Decode {
+            what: "event fields",
+            node_id: self.node_id.clone(),
+            source,
+        };
+        let fields = serde_json::from_str(&self.fields).map_err(decode)?;
+        let severity = events::severity_of_rank(self.severity).ok_or_else(|| {
+            decode(serde::de::Error::custom(format!(
+                "severity rank {}",
+                self.severity
+            )))
+        })?;
+        Ok(StoredEvent {
+            cursor: self.cursor,
+            node_id: self.node_id,
+            id: self.id,
+            agent: self.agent,
+            seq: self.seq,
+            severity,
+            kind: self.kind,
+            message: self.message,
+            at_ms: self.at_ms,
+            received_ms: self.received_ms,
+            fields,
+            dropped_before: self.dropped_before,
+        })
+    }
 }
 
 #[derive(FromRow)]
@@ -666,13 +777,152 @@ impl Storage {
             })
             .transpose()?;
         let desired = self.desired(id).await?;
+        let last_events = self
+            .events(&EventQuery {
+                node: Some(id.to_owned()),
+                limit: NODE_SHOW_EVENTS,
+                newest: true,
+                ..EventQuery::default()
+            })
+            .await?;
         Ok(Some(NodeDetail {
             node,
             last_heartbeat,
             certificates,
             desired,
+            last_events,
         }))
     }
+
+    /// Stores a validated batch of `node_id`'s events received at `received_ms`, in one
+    /// transaction: an id the node sent before counts as a duplicate and is not stored again.
+    /// The node's events are then trimmed to `retention.max_per_node` in the same transaction,
+    /// and the whole is synced before returning: the node forgets what this acknowledges.
+    pub async fn insert_events(
+        &self,
+        node_id: &str,
+        batch: &[EventRecord],
+        received_ms: i64,
+        retention: &EventRetention,
+    ) -> Result<StoredBatch, StorageError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("begin events"))?;
+        let mut accepted = 0;
+        for event in batch {
+            let fields =
+                serde_json::to_string(&event.fields).map_err(|source| StorageError::Decode {
+                    what: "event fields",
+                    node_id: node_id.to_owned(),
+                    source,
+                })?;
+            let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            accepted += sqlx::query(
+                "INSERT INTO events (node_id, id, agent, seq, severity, kind, message, at_ms,
+                                     received_ms, fields, dropped_before)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (node_id, id) DO NOTHING",
+            )
+            .bind(node_id)
+            .bind(&event.id)
+            .bind(&event.agent)
+            .bind(as_i64(event.seq))
+            .bind(events::severity_rank(event.severity))
+            .bind(&event.kind)
+            .bind(&event.message)
+            .bind(as_i64(event.at_ms))
+            .bind(received_ms)
+            .bind(fields)
+            .bind(as_i64(event.dropped_before))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("insert event"))?
+            .rows_affected();
+        }
+        if accepted > 0 {
+            trim_node_events(&mut tx, node_id, retention.max_per_node).await?;
+        }
+        tx.commit().await.map_err(query_err("commit events"))?;
+        if accepted > 0 {
+            self.durable("sync events").await?;
+        }
+        let total = u64::try_from(batch.len()).unwrap_or(u64::MAX);
+        Ok(StoredBatch {
+            accepted,
+            duplicates: total - accepted,
+        })
+    }
+
+    /// Applies `retention` to every node: deletes events received before its cutoff at
+    /// `now_ms`, then trims each node to its count. Returns how many rows went.
+    pub async fn trim_events(
+        &self,
+        now_ms: i64,
+        retention: &EventRetention,
+    ) -> Result<u64, StorageError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("begin trim"))?;
+        let mut deleted = sqlx::query("DELETE FROM events WHERE received_ms < ?")
+            .bind(retention.cutoff_ms(now_ms))
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("delete old events"))?
+            .rows_affected();
+        let nodes: Vec<String> = sqlx::query_scalar("SELECT id FROM nodes")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err("list nodes for trim"))?;
+        for node_id in &nodes {
+            deleted += trim_node_events(&mut tx, node_id, retention.max_per_node).await?;
+        }
+        tx.commit().await.map_err(query_err("commit trim"))?;
+        Ok(deleted)
+    }
+
+    /// Events matching `query`, in arrival order (oldest first).
+    pub async fn events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StorageError> {
+        const MATCHING: &str = "SELECT * FROM events
+             WHERE cursor > ?
+               AND (? IS NULL OR node_id = ?)
+               AND severity >= ?
+               AND (? IS NULL OR kind = ?)
+               AND at_ms >= ?";
+        let sql = if query.newest {
+            format!("SELECT * FROM ({MATCHING} ORDER BY cursor DESC LIMIT ?) ORDER BY cursor")
+        } else {
+            format!("{MATCHING} ORDER BY cursor LIMIT ?")
+        };
+        let rows: Vec<EventRow> = sqlx::query_as(&sql)
+            .bind(query.after.unwrap_or(0))
+            .bind(&query.node)
+            .bind(&query.node)
+            .bind(query.min_severity.map_or(0, events::severity_rank))
+            .bind(&query.kind)
+            .bind(&query.kind)
+            .bind(query.since_ms.unwrap_or(i64::MIN))
+            .bind(i64::from(query.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list events"))?;
+        rows.into_iter().map(EventRow::decode).collect()
+    }
+}
+
+/// Deletes all but the newest `keep` events of a node: an index range on `events_by_node`
+/// that finds nothing while the node has `keep` events or fewer.
+async fn trim_node_events(
+    conn: &mut sqlx::SqliteConnection,
+    node_id: &str,
+    keep: u32,
+) -> Result<u64, StorageError> {
+    Ok(sqlx::query(
+        "DELETE FROM events WHERE node_id = ? AND cursor <=
+            (SELECT cursor FROM events WHERE node_id = ? ORDER BY cursor DESC LIMIT 1 OFFSET ?)",
+    )
+    .bind(node_id)
+    .bind(node_id)
+    .bind(i64::from(keep))
+    .execute(conn)
+    .await
+    .map_err(query_err("trim events"))?
+    .rows_affected())
 }
 
 async fn insert_cert(

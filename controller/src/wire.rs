@@ -5,6 +5,8 @@ use serde::{Deserialize, Serialize};
 
 pub use powernode_types::node_api::*;
 
+use crate::storage::StoredEvent;
+
 /// Operator: `POST /api/v1/tokens`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -47,4 +49,32 @@ pub struct SetNetworkRequest {
 pub struct GenerationResponse {
     /// The generation the change created.
     pub generation: u64,
+}
+
+/// Operator: the query of `GET /api/v1/events`, every parameter optional.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsParams {
+    /// Only this node's events.
+    pub node: Option<String>,
+    /// Only events at least this severe (`Info` < `Warning` < `Error` < `Critical`, any case).
+    pub severity: Option<String>,
+    /// Only events of exactly this kind.
+    pub kind: Option<String>,
+    /// Only events raised at or after this (node clock): ms since the epoch or RFC 3339.
+    pub since: Option<String>,
+    /// At most this many (default 100, at most 1000).
+    pub limit: Option<u32>,
+    /// Only events after this cursor (a previous page's `next`).
+    pub after: Option<i64>,
+}
+
+/// Operator: reply to `GET /api/v1/events`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct EventsPage {
+    /// The events, oldest first (in the order the controller received them).
+    pub events: Vec<StoredEvent>,
+    /// What to pass as `after` for the next page: the last event's cursor, or the `after`
+    /// asked with (0 when none) when the page is empty.
+    pub next: i64,
 }

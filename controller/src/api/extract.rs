@@ -18,16 +18,19 @@ use crate::storage::Node;
 #[derive(Clone, Debug)]
 pub struct ClientCert(pub Option<Arc<CertInfo>>);
 
-/// A JSON request body: `value` typed, `raw` as parsed (what the node sent, for storage).
+/// A JSON request body of at most `LIMIT` bytes: `value` typed, `raw` as parsed (what the
+/// node sent, for storage).
 #[derive(Debug)]
-pub struct JsonBody<T> {
+pub struct JsonBody<T, const LIMIT: usize = BODY_LIMIT> {
     /// The body as `T`.
     pub value: T,
     /// The body as untyped JSON.
     pub raw: serde_json::Value,
 }
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
+    for JsonBody<T, LIMIT>
+{
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
@@ -48,7 +51,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("the body must be at most {BODY_LIMIT} bytes"),
+                format!("the body must be at most {LIMIT} bytes"),
             )
         };
         let declared = req
@@ -56,10 +59,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        if declared.is_some_and(|n| n > LIMIT as u64) {
             return Err(too_large());
         }
-        let bytes = axum::body::to_bytes(req.into_body(), BODY_LIMIT)
+        let bytes = axum::body::to_bytes(req.into_body(), LIMIT)
             .await
             .map_err(|err| {
                 let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&err);

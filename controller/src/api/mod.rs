@@ -13,6 +13,7 @@ use axum::Router;
 
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
+use crate::events::EventRetention;
 use crate::storage::Storage;
 
 /// Largest request body accepted, in bytes.
@@ -31,18 +32,20 @@ struct Shared {
     cert_lifetime: Duration,
     heartbeat_interval_s: u32,
     operator_token_hash: String,
+    event_retention: EventRetention,
 }
 
 impl AppState {
     /// State over `storage` and `ca`; node certificates live `cert_lifetime`; nodes are asked
     /// to send a heartbeat every `heartbeat_interval_s`; the operator bearer token is the one
-    /// whose SHA-256 hex is `operator_token_hash`.
+    /// whose SHA-256 hex is `operator_token_hash`; events are kept as `event_retention` says.
     pub fn new(
         storage: Storage,
         ca: Arc<CertAuthority>,
         cert_lifetime: Duration,
         heartbeat_interval_s: u32,
         operator_token_hash: String,
+        event_retention: EventRetention,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
@@ -51,6 +54,7 @@ impl AppState {
                 cert_lifetime,
                 heartbeat_interval_s,
                 operator_token_hash,
+                event_retention,
             }),
         }
     }
@@ -79,6 +83,11 @@ impl AppState {
     pub fn operator_token_hash(&self) -> &str {
         &self.inner.operator_token_hash
     }
+
+    /// How long and how many events are kept.
+    pub fn event_retention(&self) -> &EventRetention {
+        &self.inner.event_retention
+    }
 }
 
 /// Every route of the controller.
@@ -87,6 +96,8 @@ pub fn router(state: AppState) -> Router {
         .route("/node_api/v1/enroll", post(node::enroll))
         .route("/node_api/v1/certificates/rotate", post(node::rotate))
         .route("/node_api/v1/status/heartbeat", post(node::heartbeat))
+        .route("/node_api/v1/events", post(node::events))
+        .route("/api/v1/events", get(operator::list_events))
         .route("/api/v1/nodes", get(operator::list_nodes))
         .route("/api/v1/nodes/{id}", get(operator::show_node))
         .route("/api/v1/nodes/{id}/revoke", post(operator::revoke_node))

@@ -1,4 +1,4 @@
-//! The node API: enroll, rotate, heartbeat.
+//! The node API: enroll, rotate, heartbeat, events.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -8,11 +8,12 @@ use super::extract::{AuthedNode, JsonBody};
 use super::AppState;
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
+use crate::events::{self, BatchError};
 use crate::secrets;
 use crate::storage::{EnrollError, HeartbeatFacts};
 use crate::wire::{
-    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, RotateRequest,
-    RotateResponse,
+    EnrollRequest, EnrollResponse, EventsRequest, EventsResponse, HeartbeatRequest,
+    HeartbeatResponse, RotateRequest, RotateResponse,
 };
 
 /// Longest identity field, version or boot id accepted.
@@ -173,5 +174,45 @@ pub async fn heartbeat(
         server_time_ms: now,
         next_interval_s: state.heartbeat_interval_s(),
         desired,
+    }))
+}
+
+/// `POST /node_api/v1/events`: stores a batch of the calling node's events, all or nothing.
+/// A batch that breaks a limit is refused whole; an id the node sent before is counted as a
+/// duplicate and not stored again.
+pub async fn events(
+    State(state): State<AppState>,
+    authed: AuthedNode,
+    body: JsonBody<EventsRequest, { events::MAX_BODY }>,
+) -> Result<Json<EventsResponse>, ApiError> {
+    let batch = &body.value.events;
+    events::validate_batch(batch).map_err(|err| {
+        let message = err.to_string();
+        match err {
+            BatchError::TooMany(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", message)
+            }
+            BatchError::Invalid { .. } => ApiError::bad_request("invalid_event", message),
+            BatchError::Duplicate(_) => ApiError::bad_request("duplicate_event_id", message),
+        }
+    })?;
+    let stored = state
+        .storage()
+        .insert_events(
+            &authed.node.id,
+            batch,
+            crate::now_ms(),
+            state.event_retention(),
+        )
+        .await?;
+    tracing::debug!(
+        node_id = %authed.node.id,
+        accepted = stored.accepted,
+        duplicates = stored.duplicates,
+        "events"
+    );
+    Ok(Json(EventsResponse {
+        accepted: stored.accepted,
+        duplicates: stored.duplicates,
     }))
 }

@@ -1,19 +1,21 @@
-//! The operator API (bearer token): nodes, bootstrap tokens, desired state, revocation.
+//! The operator API (bearer token): nodes, bootstrap tokens, desired state, revocation,
+//! events.
 
 use std::collections::HashSet;
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::Json;
 
 use super::extract::{JsonBody, Operator};
 use super::AppState;
 use crate::errors::ApiError;
-use crate::storage::{NodeDetail, NodeSummary};
+use crate::events;
+use crate::storage::{EventQuery, NodeDetail, NodeSummary};
 use crate::tokens;
 use crate::wire::{
-    CreateTokenRequest, CreateTokenResponse, GenerationResponse, SetModulesRequest,
-    SetNetworkRequest,
+    CreateTokenRequest, CreateTokenResponse, EventsPage, EventsParams, GenerationResponse,
+    SetModulesRequest, SetNetworkRequest,
 };
 
 fn node_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -130,4 +132,43 @@ pub async fn create_token(
         .await
         .map_err(|e| ApiError::internal(&e))?;
     Ok(Json(created))
+}
+
+/// `GET /api/v1/events?node=&severity=&kind=&since=&limit=&after=`: events oldest first,
+/// a page at a time; `next` is the cursor to pass as `after` for the following page.
+pub async fn list_events(
+    _: Operator,
+    State(state): State<AppState>,
+    params: Result<Query<EventsParams>, QueryRejection>,
+) -> Result<Json<EventsPage>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let query = event_query(params).map_err(|e| ApiError::bad_request("invalid_query", e))?;
+    let events = state.storage().events(&query).await?;
+    let next = events.last().map_or(query.after.unwrap_or(0), |e| e.cursor);
+    Ok(Json(EventsPage { events, next }))
+}
+
+fn event_query(params: EventsParams) -> Result<EventQuery, String> {
+    let limit = params.limit.unwrap_or(events::DEFAULT_PAGE);
+    if limit == 0 || limit > events::MAX_PAGE {
+        return Err(format!("limit must be 1 to {}", events::MAX_PAGE));
+    }
+    Ok(EventQuery {
+        node: params.node,
+        min_severity: params
+            .severity
+            .as_deref()
+            .map(events::parse_severity)
+            .transpose()?,
+        kind: params.kind,
+        since_ms: params
+            .since
+            .as_deref()
+            .map(events::parse_time)
+            .transpose()?,
+        after: params.after,
+        limit,
+        newest: false,
+    })
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use powernode_controller::events::EventRetention;
 use powernode_controller::server::{RunningController, ServeOptions};
 use rcgen::{CertificateParams, DnType, KeyPair};
 use rustls::pki_types::pem::PemObject;
@@ -26,6 +27,11 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(cert_lifetime: Duration) -> Self {
+        Self::start_with(cert_lifetime, EventRetention::default()).await
+    }
+
+    /// [`TestServer::start`] keeping events as `event_retention` says.
+    pub async fn start_with(cert_lifetime: Duration, event_retention: EventRetention) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let opts = ServeOptions {
             data: dir.path().join("data"),
@@ -34,7 +40,9 @@ impl TestServer {
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
         };
-        let running = RunningController::start(&opts).await.unwrap();
+        let running = RunningController::start_with(&opts, event_retention)
+            .await
+            .unwrap();
         let base = format!("https://127.0.0.1:{}", running.addr().port());
         let ca_pem = running.ca_pem().to_owned();
         let operator_token = std::fs::read_to_string(opts.data.join("operator.token"))
@@ -108,6 +116,18 @@ impl TestServer {
             cert_pem: body["cert_pem"].as_str().unwrap().to_owned(),
             key_pem: key.serialize_pem(),
         }
+    }
+
+    /// `GET path` on the operator API with the operator token: status and JSON body.
+    pub async fn operator_get(&self, path: &str) -> (u16, Value) {
+        let reply = self
+            .anonymous()
+            .get(self.url(path))
+            .bearer_auth(&self.operator_token)
+            .send()
+            .await
+            .unwrap();
+        status_json(reply).await
     }
 
     pub async fn stop(self) {

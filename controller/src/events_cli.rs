@@ -1,0 +1,222 @@
+//! `powernode-controller events …`: the fleet's events from the database in the data
+//! directory, as a table or one JSON object per line, optionally following new ones.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use powernode_types::Severity;
+
+use crate::cli::{open, DataArg};
+use crate::duration::parse_duration;
+use crate::events;
+use crate::storage::{EventQuery, Storage, StoredEvent};
+
+/// How often `--follow` looks for new events.
+const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
+
+/// `events` arguments.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// Only this node's events.
+    #[arg(long, value_name = "ID")]
+    node: Option<String>,
+    /// Only events at least this severe: info, warning, error, critical.
+    #[arg(long, value_name = "S", value_parser = events::parse_severity)]
+    severity: Option<Severity>,
+    /// Only events of exactly this kind.
+    #[arg(long, value_name = "K")]
+    kind: Option<String>,
+    /// Only events raised at or after T (node clock): ms since the epoch, an RFC 3339 time, or
+    /// a duration ago (10m, 2h, 7d).
+    #[arg(long, value_name = "T", value_parser = parse_since)]
+    since: Option<i64>,
+    /// Print the last N matching events (oldest first).
+    #[arg(long, value_name = "N", default_value_t = events::DEFAULT_PAGE,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(events::MAX_PAGE)))]
+    limit: u32,
+    /// Keep printing new events as they arrive (every second) until Ctrl-C.
+    #[arg(long)]
+    follow: bool,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `--since`: [`events::parse_time`], or a duration before now.
+fn parse_since(text: &str) -> Result<i64, String> {
+    events::parse_time(text).or_else(|time_err| {
+        let ago = parse_duration(text).map_err(|_| time_err)?;
+        let ago = i64::try_from(ago.as_millis()).unwrap_or(i64::MAX);
+        Ok(crate::now_ms().saturating_sub(ago))
+    })
+}
+
+/// Runs `events`.
+pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    let storage = open(&args.data.data).await?;
+    let result = print_events(&storage, &args).await;
+    storage.close().await;
+    result
+}
+
+async fn print_events(storage: &Storage, args: &EventsArgs) -> anyhow::Result<()> {
+    let mut query = EventQuery {
+        node: args.node.clone(),
+        min_severity: args.severity,
+        kind: args.kind.clone(),
+        since_ms: args.since,
+        after: None,
+        limit: args.limit,
+        newest: true,
+    };
+    let tail = storage.events(&query).await?;
+    if !args.json {
+        println!("{}", header());
+    }
+    print_batch(&tail, args.json)?;
+    if !args.follow {
+        return Ok(());
+    }
+    query.after = tail.last().map(|e| e.cursor);
+    query.newest = false;
+    query.limit = events::MAX_PAGE;
+    loop {
+        let batch = storage.events(&query).await?;
+        print_batch(&batch, args.json)?;
+        if let Some(last) = batch.last() {
+            query.after = Some(last.cursor);
+        }
+        if batch.len() < events::MAX_PAGE as usize {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+                () = tokio::time::sleep(FOLLOW_INTERVAL) => {}
+            }
+        }
+    }
+}
+
+fn print_batch(batch: &[StoredEvent], json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for event in batch {
+        if json {
+            serde_json::to_writer(&mut out, event)?;
+            writeln!(out)?;
+        } else {
+            writeln!(out, "{}", event_line(event))?;
+        }
+    }
+    out.flush().context("cannot write to stdout")
+}
+
+/// The header of the events table.
+pub fn header() -> String {
+    row([
+        "TIME", "NODE", "SEVERITY", "KIND", "AGENT", "MESSAGE", "FIELDS",
+    ])
+}
+
+/// One event as a row of the events table: time (node clock), node, severity, kind, agent,
+/// message, fields as `key=value`. Control characters are escaped, so a row is one line.
+pub fn event_line(e: &StoredEvent) -> String {
+    let fields: Vec<String> = e
+        .fields
+        .iter()
+        .map(|(k, v)| format!("{}={}", one_line(k), one_line(v)))
+        .collect();
+    let mut message = one_line(&e.message);
+    if e.dropped_before > 0 {
+        message = format!("({} dropped before) {message}", e.dropped_before);
+    }
+    row([
+        &time_ms(e.at_ms),
+        &e.node_id,
+        &format!("{:?}", e.severity),
+        &e.kind,
+        &e.agent,
+        &message,
+        &fields.join(" "),
+    ])
+}
+
+/// Fixed column widths (the widest usual value), so that rows printed apart still line up.
+fn row(cells: [&str; 7]) -> String {
+    const WIDTHS: [usize; 6] = [24, 21, 8, 28, 12, 0];
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let width = WIDTHS.get(i).copied().unwrap_or(0);
+        line.push_str(&format!("{cell:<width$}  "));
+    }
+    line.trim_end().to_owned()
+}
+
+fn one_line(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// `2023-11-14T22:13:20.000Z`.
+fn time_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .and_then(|text| {
+            let seconds = text.strip_suffix('Z')?;
+            Some(format!("{seconds}.{:03}Z", ms.rem_euclid(1000)))
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_row_is_one_aligned_line() {
+        let event = StoredEvent {
+            cursor: 1,
+            node_id: "node-0123456789abcdef".into(),
+            id: "e-1".into(),
+            agent: "modulemgr".into(),
+            seq: 1,
+            severity: Severity::Warning,
+            kind: "module.start_failed".into(),
+            message: "tools\nfailed".into(),
+            at_ms: 1_700_000_000_123,
+            received_ms: 1_700_000_000_500,
+            fields: vec![("module".into(), "tools".into())],
+            dropped_before: 2,
+        };
+        let line = event_line(&event);
+        assert_eq!(
+            line,
+            "2023-11-14T22:13:20.123Z  node-0123456789abcdef  Warning   \
+             module.start_failed           modulemgr     (2 dropped before) tools\\nfailed  \
+             module=tools"
+        );
+        assert_eq!(header().find("NODE"), line.find("node-"));
+        assert_eq!(header().find("MESSAGE"), line.find("(2 dropped"));
+    }
+
+    #[test]
+    fn since_takes_times_and_durations_ago() {
+        assert_eq!(parse_since("1700000000000"), Ok(1_700_000_000_000));
+        assert_eq!(parse_since("2023-11-14T22:13:20Z"), Ok(1_700_000_000_000));
+        let ago = crate::now_ms() - parse_since("10m").unwrap();
+        assert!((600_000..610_000).contains(&ago), "{ago}");
+        assert!(parse_since("soon").is_err());
+    }
+}
