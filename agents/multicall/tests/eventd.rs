@@ -6,29 +6,13 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agentbase::{Context, Root, Settings};
-use common::bin;
+use common::{controller, spawn_agent};
 use powernode_types::node_api::EventRecord;
 use powernode_types::Severity;
-
-fn eventd(root: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(root.join("eventd.log"))
-        .unwrap();
-    Command::new(bin())
-        .args(["run", "eventd", "--root"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
 
 fn kill9(mut child: Child) {
     let _ = child.kill();
@@ -55,7 +39,7 @@ async fn kill_9_of_eventd_during_a_burst_loses_nothing() {
     let root = dir.path().join("root");
     std::fs::create_dir_all(&root).unwrap();
     let ctx = Context::new("heartbeatd", Root::new(&root), Settings::default()).unwrap();
-    let mut child = Some(eventd(&root));
+    let mut child = Some(spawn_agent(&root, "eventd", ""));
     let mut kills = 0;
     for i in 0..2000u32 {
         // Sequence numbers come from agentbase; the id is what the controller counts by.
@@ -66,7 +50,7 @@ async fn kill_9_of_eventd_during_a_burst_loses_nothing() {
             kill9(child.take().unwrap());
             kills += 1;
             tokio::time::sleep(Duration::from_millis(u64::from(i % 7) * 10)).await;
-            child = Some(eventd(&root));
+            child = Some(spawn_agent(&root, "eventd", ""));
         }
         if i % 50 == 0 {
             tokio::task::yield_now().await;
@@ -98,4 +82,117 @@ async fn kill_9_of_eventd_during_a_burst_loses_nothing() {
         .filter(|e| e.agent == "eventd" && e.kind == "agent.started")
         .count();
     assert!(starts >= 1, "eventd's own events are journalled");
+}
+
+/// A node enrolled with the real controller (the real enrollmgr), then eventd: 300 events
+/// raised while the controller is down reach it once it is back, each exactly once, and
+/// eventd says what it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_raised_during_an_outage_reach_the_controller_once() {
+    use powernode_controller::server::{RunningController, ServeOptions};
+    use powernode_controller::storage::{EventQuery, Storage};
+    use powernode_pubsub::{Dirs, Publication, Subscription};
+    use powernode_types::{EventdStatus, IdentitySource, IdentityState, NodeIdentity};
+
+    let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
+    std::fs::write(
+        root.join("etc/powernode/agent.toml"),
+        "[controller]\nmax_backoff_s = 1\nrequest_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    let (ctl, token) = controller(dir.path(), Duration::from_secs(3600)).await;
+    let addr = ctl.addr();
+    let identity =
+        Publication::<NodeIdentity>::open(&Dirs::under_root(&root), "identitymgr").unwrap();
+    identity
+        .publish(&NodeIdentity {
+            state: IdentityState::Resolved,
+            uuid: Some("uuid-events".into()),
+            source: Some(IdentitySource::IdentityCfg),
+            boot_id: "boot-1".into(),
+            hostname: "edge-1".into(),
+            arch: "amd64".into(),
+            dmi_uuid: None,
+            bootstrap_token: Some(token),
+            controller_url: Some(format!("https://127.0.0.1:{}", addr.port())),
+            ca_pem: Some(ctl.ca_pem().to_owned()),
+            last_error: None,
+        })
+        .unwrap();
+    let enrollmgr = spawn_agent(&root, "enrollmgr", "");
+    let eventd = spawn_agent(&root, "eventd", "");
+    let ctx = Context::new("heartbeatd", Root::new(&root), Settings::default()).unwrap();
+
+    ctl.stop().await.unwrap();
+    for i in 0..300u32 {
+        ctx.events
+            .raise(
+                Severity::Warning,
+                "test.outage",
+                &i.to_string(),
+                &[("i", &i.to_string())],
+            )
+            .unwrap();
+    }
+    let opts = ServeOptions {
+        data: dir.path().join("data"),
+        listen: addr,
+        cert_lifetime: Duration::from_secs(3600),
+        hostnames: Vec::new(),
+        heartbeat_interval_s: 15,
+    };
+    let ctl = RunningController::start(&opts).await.unwrap();
+
+    let storage = Storage::open(&opts.data).await.unwrap();
+    let query = EventQuery {
+        kind: Some("test.outage".into()),
+        limit: 1000,
+        ..EventQuery::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stored = loop {
+        let stored = storage.events(&query).await.unwrap();
+        if stored.len() >= 300 {
+            break stored;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of 300 delivered\n{}",
+            stored.len(),
+            std::fs::read_to_string(root.join("eventd.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let messages: BTreeSet<u32> = stored.iter().map(|e| e.message.parse().unwrap()).collect();
+    assert_eq!(messages, (0..300).collect());
+    assert_eq!(stored.len(), 300, "an event stored twice");
+    assert_eq!(
+        stored[7].fields,
+        [("i".to_owned(), stored[7].message.clone())]
+    );
+    assert_eq!(stored[7].agent, "heartbeatd");
+    assert_eq!(stored[7].severity, Severity::Warning);
+
+    let mut status = Subscription::<EventdStatus>::connect(&ctx.dirs, "eventd");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = status
+            .get("global")
+            .filter(|s| s.pending == 0 && s.delivered_total >= 300)
+        {
+            assert!(
+                s.last_delivery_ms.is_some() && s.last_error.is_none(),
+                "{s:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{:?}", status.get("global"));
+        let _ = tokio::time::timeout(Duration::from_millis(200), status.next()).await;
+    }
+    storage.close().await;
+    kill9(eventd);
+    kill9(enrollmgr);
+    ctl.stop().await.unwrap();
 }

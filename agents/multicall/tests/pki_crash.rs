@@ -8,12 +8,10 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
-use common::bin;
-use powernode_controller::server::{RunningController, ServeOptions};
-use powernode_controller::storage::Storage;
+use common::{controller, spawn_agent};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
 use powernode_transport::ControllerClient;
@@ -23,43 +21,6 @@ use powernode_types::{
 };
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The controller with a fresh token for one node.
-async fn controller(dir: &Path) -> (RunningController, String) {
-    let opts = ServeOptions {
-        data: dir.join("data"),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        cert_lifetime: Duration::from_secs(8),
-        hostnames: Vec::new(),
-        heartbeat_interval_s: 15,
-    };
-    let running = RunningController::start(&opts).await.unwrap();
-    let storage = Storage::open(&opts.data).await.unwrap();
-    let token = powernode_controller::tokens::create(&storage, Duration::from_secs(600), None)
-        .await
-        .unwrap()
-        .token;
-    storage.close().await;
-    (running, token)
-}
-
-/// `powernode-agent run enrollmgr` under `root`, logging to `root/enrollmgr.log`.
-fn enrollmgr(root: &Path, failpoints: &str) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(root.join("enrollmgr.log"))
-        .unwrap();
-    Command::new(bin())
-        .args(["run", "enrollmgr", "--root"])
-        .arg(root)
-        .env("POWERNODE_FAILPOINTS", failpoints)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
 
 async fn wait_status(
     root: &Path,
@@ -102,7 +63,7 @@ async fn kill_at(point: &str) {
         "[controller]\nmax_backoff_s = 1\nrequest_timeout_ms = 3000\n",
     )
     .unwrap();
-    let (ctl, token) = controller(dir.path()).await;
+    let (ctl, token) = controller(dir.path(), Duration::from_secs(8)).await;
     let url = format!("https://127.0.0.1:{}", ctl.addr().port());
     let identity =
         Publication::<NodeIdentity>::open(&Dirs::under_root(&root), "identitymgr").unwrap();
@@ -123,7 +84,7 @@ async fn kill_at(point: &str) {
         .unwrap();
 
     // Hit 1 is the enrollment's switch, hit 2 the rotation's (at 6 s of 8).
-    let mut child = enrollmgr(&root, &format!("{point}:2"));
+    let mut child = spawn_agent(&root, "enrollmgr", &format!("{point}:2"));
     let first = wait_status(&root, "Enrolled", |s| s.state == EnrollmentState::Enrolled).await;
     let exit = wait_exit(&mut child).await;
     assert_eq!(exit.signal(), Some(9), "{point}: {exit}");
@@ -133,7 +94,7 @@ async fn kill_at(point: &str) {
         "{point}: {log}"
     );
 
-    let mut child = enrollmgr(&root, "");
+    let mut child = spawn_agent(&root, "enrollmgr", "");
     let after = wait_status(&root, "Enrolled with a rotated certificate", |s| {
         s.state == EnrollmentState::Enrolled && s.cert_fingerprint != first.cert_fingerprint
     })

@@ -273,3 +273,48 @@ fn wait_for_line(rx: &Receiver<String>, name: &str, wanted: impl Fn(&str) -> boo
         }
     }
 }
+
+/// A controller in this process on loopback, issuing certificates of `lifetime`, and a fresh
+/// bootstrap token for one node.
+pub async fn controller(
+    dir: &Path,
+    lifetime: Duration,
+) -> (powernode_controller::server::RunningController, String) {
+    use powernode_controller::server::{RunningController, ServeOptions};
+    let opts = ServeOptions {
+        data: dir.join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        cert_lifetime: lifetime,
+        hostnames: Vec::new(),
+        heartbeat_interval_s: 15,
+    };
+    let running = RunningController::start(&opts).await.unwrap();
+    let storage = powernode_controller::storage::Storage::open(&opts.data)
+        .await
+        .unwrap();
+    let token = powernode_controller::tokens::create(&storage, Duration::from_secs(600), None)
+        .await
+        .unwrap()
+        .token;
+    storage.close().await;
+    (running, token)
+}
+
+/// `powernode-agent run <agent>` under `root` with the crash points `failpoints` armed,
+/// logging to `root/<agent>.log`.
+pub fn spawn_agent(root: &Path, agent: &str, failpoints: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(root.join(format!("{agent}.log")))
+        .unwrap();
+    Command::new(bin())
+        .args(["run", agent, "--root"])
+        .arg(root)
+        .env("POWERNODE_FAILPOINTS", failpoints)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
