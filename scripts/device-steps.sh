@@ -30,6 +30,7 @@ mkdir -p "$run_dir"
 steps=(
     "identitymgr identitymgr/NodeIdentity --field state=Resolved"
     "enrollmgr enrollmgr/EnrollmentStatus --field state=Enrolled"
+    "eventd eventd/AgentStatus --field state=Running"
     "verifier verifier/AgentStatus --field state=Running"
     "mountmgr mountmgr/AgentStatus --field state=Running"
     "modulemgr modulemgr/AgentStatus --field state=Running"
