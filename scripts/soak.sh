@@ -288,9 +288,17 @@ moment_restart() {
     sleep_ms $((RANDOM % 300))
 }
 
+# Half the time the kill lands anywhere in the 1.5 s after the assignment; the other half
+# within 50 ms of mountmgr starting to build the new stack (health check, switch, retire).
 moment_switch() {
     assign "$(other_mask)"
-    sleep_ms $((RANDOM % 1500))
+    if ((RANDOM % 2)); then
+        sleep_ms $((RANDOM % 1500))
+    else
+        "$agent_bin" --root "$root" wait mountmgr/MountStatus --key modules --field state=Mounting \
+            --timeout 3 >/dev/null 2>&1 && moment=switch-mounting || moment=switch-mounting-missed
+        sleep_ms $((RANDOM % 50))
+    fi
 }
 
 # Falls back to a switch that takes big away when it is assigned (the next download round can
