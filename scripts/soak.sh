@@ -19,7 +19,8 @@
 #   restart   right after a restart: the agent is restarted (SIGTERM, as `systemctl restart`),
 #             then killed 0-0.3 s into its new life (settings, checkpoints, recovery);
 #   switch    during a switch: a new module set is assigned on the controller, the kill lands
-#             0-1.5 s later (heartbeat reply, resolve, verify, the mount switch);
+#             0-1.5 s later (heartbeat reply, resolve, verify, the mount switch), or, half the
+#             time, within 50 ms of mountmgr starting to build the new stack;
 #   download  mid-download: an assignment that brings the large module back (it was
 #             garbage-collected when it left), the kill lands once it is Downloading.
 # The agent is restarted at once with the command line device-steps.sh uses (its unit's
