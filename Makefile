@@ -7,22 +7,29 @@ PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mount
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint unit units e2e soak dist demo demo-pubsub bench clean
+.PHONY: all build test fmt lint deps unit units e2e soak dist demo demo-pubsub bench clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace
 
-## test: formatting, lints, every unit and integration test, the systemd units, a node
-## booted against the real controller (scripts/e2e-node.sh), then 100 kills of the soak.
-test: fmt lint unit units e2e soak
+## test: formatting, lints, the dependency fence, every unit and integration test, the systemd
+## units, a node booted against the real controller (scripts/e2e-node.sh), then 100 kills of
+## the soak (scripts/soak.sh).
+test: fmt lint deps unit units e2e soak
 
 fmt:
 	$(CARGO) fmt --all -- --check
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## deps: banned crates, licenses and duplicate versions against deny.toml (docs/dependencies.md),
+## after the checker's own tests.
+deps:
+	python3 scripts/test-check-deps.py
+	CARGO=$(CARGO) scripts/check-deps.py
 
 unit:
 	$(CARGO) test --workspace

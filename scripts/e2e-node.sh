@@ -13,12 +13,13 @@
 #      signed with the controller's tooling): two signed ones stacked by priority with files of
 #      both in the union, an unsigned one refused; all of it reported to the controller; every
 #      agent restarted without the stack changing; then one removed: the stack switches (needs
-#      root and docker-registry; skipped without).
+#      root, docker-registry and mkfs.erofs; skipped without, a failure under CI=true).
 # Uses the debug binaries `cargo test` builds (or BIN=dir). Run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
 . scripts/lib/cleanup.sh
+. scripts/lib/require.sh
 bin=${BIN:-$PWD/target/debug}
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] ||
     cargo build --quiet -p powernode-agent -p powernode-controller
@@ -77,7 +78,7 @@ stop_controller() { stop_pid "$controller_pid"; controller_pid=; }
 
 # A registry for the module step, when this machine can run one.
 modules=false
-if [ "$(id -u)" = 0 ] && command -v docker-registry >/dev/null && command -v mkfs.erofs >/dev/null; then
+if require "e2e step 7 (modules)" root docker-registry mkfs.erofs; then
     modules=true
     start_registry "$work/registry"
     export COSIGN_PASSWORD=e2e
@@ -241,7 +242,7 @@ if $modules; then
     [ "$(union etc/shared.txt)" = "from base" ] || fail "after the switch shared.txt is $(union etc/shared.txt)"
     ok "modules: tools removed, the stack switched"
 else
-    echo "e2e skipped: modules (needs root, docker-registry and mkfs.erofs)"
+    echo "e2e skipped: step 7 (modules)"
 fi
 
 echo "$passed passed, 0 failed"

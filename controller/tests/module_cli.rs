@@ -13,7 +13,8 @@ use powernode_modules::cosign::{self, Policy, PublicKey, SigningKey, Verified};
 use powernode_modules::digest::Digest;
 use powernode_modules::format::host_architecture;
 use powernode_modules::registry::{Registry, RegistryConfig};
-use powernode_modules::testing::TestRegistry;
+use powernode_modules::testing::{TestRegistry, REGISTRY_BIN};
+use powernode_pubsub::testing::require;
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
@@ -41,19 +42,9 @@ fn run_json(args: &[&str], password: Option<&str>) -> Value {
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
 }
 
-/// Whether the real tools are here; prints why a test is skipped when they are not.
-fn tools_present(test: &str) -> bool {
-    // mkfs.erofs has no --version (1.5); whether it runs at all is the question.
-    let mkfs = Command::new("mkfs.erofs").arg("--help").output().is_ok();
-    if !mkfs {
-        println!("skipping {test}: mkfs.erofs is not installed (erofs-utils)");
-        return false;
-    }
-    if !TestRegistry::available() {
-        println!("skipping {test}: docker-registry is not installed");
-        return false;
-    }
-    true
+/// What these tests need of the machine ([`require`]: a skip, or a failure under `CI=true`).
+fn tools_present() -> bool {
+    require(&["mkfs.erofs", REGISTRY_BIN])
 }
 
 /// A module source tree with two files.
@@ -72,7 +63,7 @@ fn module_tree(dir: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_push_keygen_sign_and_assign() {
-    if !tools_present("build_push_keygen_sign_and_assign") {
+    if !tools_present() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

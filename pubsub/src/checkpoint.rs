@@ -10,10 +10,12 @@
 //! file is always detected. Files are replaced by write-temp, fsync, rename, fsync-directory, so
 //! a crash at any instant leaves either the old or the new file.
 
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 
+use nix::errno::Errno;
 use nix::fcntl::{openat, renameat, OFlag};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
@@ -184,10 +186,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// A file that failed its checks and was moved aside.
+/// A file that failed its checks, or stood in a checkpoint's way, and was moved aside.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
-    /// The key (file name) it was stored under.
+    /// The key (file name) it was stored under, or the name of the directory it blocked.
     pub key: String,
     /// Why it was not trusted.
     pub reason: String,
@@ -205,6 +207,11 @@ pub struct Loaded {
 }
 
 /// A topic's checkpoint directory, held open so each write costs one directory fsync by fd.
+///
+/// Nothing found in the way stops it: a non-directory where the directory (or its parent)
+/// belongs, a directory where a key's file belongs, a file whose name is no key, are each
+/// moved to a `.quarantine` directory beside them, returned to the caller to report, and the
+/// operation goes on.
 #[derive(Debug)]
 pub struct CheckpointDir {
     path: PathBuf,
@@ -212,15 +219,13 @@ pub struct CheckpointDir {
 }
 
 impl CheckpointDir {
-    /// Creates (mode 0700) and opens the directory.
-    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+    /// Creates (mode 0700) and opens the directory, first moving aside any non-directory that
+    /// stands where it or its parent belongs (returned, to report).
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<(Self, Vec<Quarantined>)> {
         let path = path.into();
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&path)?;
-        let dir = File::open(&path)?;
-        Ok(CheckpointDir { path, dir })
+        let moved = make_dir(&path)?;
+        let dir = File::open(&path).map_err(|e| at(&path, e))?;
+        Ok((CheckpointDir { path, dir }, moved))
     }
 
     /// The directory's path.
@@ -228,38 +233,88 @@ impl CheckpointDir {
         &self.path
     }
 
-    /// Atomically replaces the file for `key` with `contents`.
+    /// Atomically replaces the file for `key` with `contents`. A directory standing in the
+    /// file's place is moved aside first (and returned). A failed write leaves no temp file.
     ///
     /// Names are resolved against the open directory (`openat`, `renameat`), which spares a
     /// path walk per step on the hot path.
-    pub fn write(&self, key: &str, contents: &[u8]) -> io::Result<()> {
+    pub fn write(&self, key: &str, contents: &[u8]) -> io::Result<Option<Quarantined>> {
         let tmp = format!(".{key}.tmp");
+        let placed = self.write_temp(&tmp, contents).and_then(|()| {
+            failpoint::hit("checkpoint.after_temp");
+            self.rename_into_place(&tmp, key)
+        });
+        if placed.is_err() {
+            // ENOSPC and friends must not leave a zero-length temp behind until the next load.
+            let _ = unlinkat(&self.dir, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        let moved = placed?;
+        failpoint::hit("checkpoint.after_rename");
+        self.dir.sync_all()?;
+        Ok(moved)
+    }
+
+    fn write_temp(&self, tmp: &str, contents: &[u8]) -> io::Result<()> {
         let fd = openat(
             &self.dir,
-            tmp.as_str(),
+            tmp,
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )?;
         let mut f = File::from(fd);
         f.write_all(contents)?;
-        f.sync_data()?;
-        drop(f);
-        renameat(&self.dir, tmp.as_str(), &self.dir, key)?;
-        self.dir.sync_all()
+        f.sync_data()
     }
 
-    /// Removes the file for `key`, durably; a missing file is not an error.
-    pub fn remove(&self, key: &str) -> io::Result<()> {
-        match unlinkat(&self.dir, key, UnlinkatFlags::NoRemoveDir) {
-            Ok(()) => self.dir.sync_all(),
-            Err(nix::errno::Errno::ENOENT) => Ok(()),
+    fn rename_into_place(&self, tmp: &str, key: &str) -> io::Result<Option<Quarantined>> {
+        match renameat(&self.dir, tmp, &self.dir, key) {
+            Ok(()) => Ok(None),
+            // rename(2) will not replace a directory with a file.
+            Err(Errno::EISDIR | Errno::ENOTEMPTY | Errno::EEXIST) => {
+                let moved =
+                    self.quarantine(key, "a directory stood where the checkpoint file belongs")?;
+                renameat(&self.dir, tmp, &self.dir, key)?;
+                Ok(Some(moved))
+            }
             Err(e) => Err(e.into()),
         }
     }
 
+    /// Removes the file for `key`, durably; a missing file is not an error. A directory in
+    /// its place is moved aside (and returned).
+    pub fn remove(&self, key: &str) -> io::Result<Option<Quarantined>> {
+        let moved = match unlinkat(&self.dir, key, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) => None,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(Errno::EISDIR) => {
+                Some(self.quarantine(key, "a directory stood where the checkpoint file belongs")?)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.dir.sync_all()?;
+        Ok(moved)
+    }
+
+    /// Whether the open directory is still the one at its path. When it is not (deleted,
+    /// renamed, a file put in its place), the path is made a directory again and reopened:
+    /// `Some` with what was moved aside, and the caller must rewrite every item, since the
+    /// new directory holds none of them.
+    pub fn reopen_if_replaced(&mut self) -> io::Result<Option<Vec<Quarantined>>> {
+        let ours = self.dir.metadata()?;
+        if let Ok(now) = fs::metadata(&self.path) {
+            if now.is_dir() && now.dev() == ours.dev() && now.ino() == ours.ino() {
+                return Ok(None);
+            }
+        }
+        let (fresh, moved) = CheckpointDir::open(self.path.clone())?;
+        *self = fresh;
+        Ok(Some(moved))
+    }
+
     /// Loads every valid item, moves every bad file to [`QUARANTINE_DIR`] and deletes temp
     /// files a crash left behind. `check` vets each payload that passed the file's own checks
-    /// (the publisher decodes it as its type): a payload it refuses is quarantined too.
+    /// (the publisher decodes it as its type): a payload it refuses is quarantined too, and so
+    /// is any entry that is not a regular file named by a valid key.
     pub fn load(
         &self,
         topic: &str,
@@ -270,20 +325,39 @@ impl CheckpointDir {
         for entry in fs::read_dir(&self.path).map_err(|e| at(&self.path, e))? {
             let entry = entry.map_err(|e| at(&self.path, e))?;
             let name = entry.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with('.') && name.ends_with(".tmp") {
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            let Some(name) = name.to_str() else {
+                let lossy = name.to_string_lossy().into_owned();
+                loaded
+                    .quarantined
+                    .push(self.set_aside(&name, &lossy, "the name is not UTF-8")?);
+                continue;
+            };
+            if name == QUARANTINE_DIR {
+                continue;
+            }
+            if name.starts_with('.') && name.ends_with(".tmp") && is_file {
                 fs::remove_file(entry.path()).map_err(|e| at(&entry.path(), e))?;
                 continue;
             }
-            if validate_key(name).is_err() || !entry.file_type().is_ok_and(|t| t.is_file()) {
+            let refusal = match validate_key(name) {
+                Err(e) => Some(format!("the name is not a key: {e}")),
+                Ok(()) if !is_file => Some("not a regular file".to_owned()),
+                Ok(()) => None,
+            };
+            if let Some(reason) = refusal {
+                loaded.quarantined.push(self.quarantine(name, &reason)?);
                 continue;
             }
-            let bytes = fs::read(entry.path()).map_err(|e| at(&entry.path(), e))?;
-            let verdict = decode_for(&bytes, topic, schema_version)
-                .map_err(|e| e.to_string())
-                .and_then(|payload| check(payload).map(|()| payload));
+            let verdict = fs::read(entry.path())
+                .map_err(|e| format!("unreadable: {e}"))
+                .and_then(|bytes| {
+                    decode_for(&bytes, topic, schema_version)
+                        .map_err(|e| e.to_string())
+                        .and_then(|payload| check(payload).map(|()| payload.to_vec()))
+                });
             match verdict {
-                Ok(payload) => loaded.items.push((name.to_owned(), payload.to_vec())),
+                Ok(payload) => loaded.items.push((name.to_owned(), payload)),
                 Err(reason) => loaded.quarantined.push(self.quarantine(name, &reason)?),
             }
         }
@@ -294,33 +368,82 @@ impl CheckpointDir {
 
     /// Moves a file the caller found wanting out of the way, durably, keeping it for inspection.
     pub fn quarantine(&self, key: &str, reason: &str) -> io::Result<Quarantined> {
-        let qdir = self.path.join(QUARANTINE_DIR);
-        fs::DirBuilder::new()
+        self.set_aside(OsStr::new(key), key, reason)
+    }
+
+    fn set_aside(&self, name: &OsStr, key: &str, reason: &str) -> io::Result<Quarantined> {
+        move_aside(
+            &self.path.join(name),
+            &self.path.join(QUARANTINE_DIR),
+            key,
+            reason,
+        )
+    }
+}
+
+/// Makes `path` a directory (mode 0700), moving aside whatever non-directory stands where it
+/// or its parent belongs (into a `.quarantine` beside the obstacle).
+pub(crate) fn make_dir(path: &Path) -> io::Result<Vec<Quarantined>> {
+    let mut moved = Vec::new();
+    loop {
+        let err = match fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(&qdir)?;
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0);
-        // Never overwrite an earlier quarantined copy of the same key.
-        let moved_to = (0..)
-            .map(|n| match n {
-                0 => qdir.join(format!("{key}.{stamp}")),
-                n => qdir.join(format!("{key}.{stamp}.{n}")),
-            })
-            .find(|p| !p.exists())
-            .expect("an unused name exists");
-        fs::rename(self.path.join(key), &moved_to).map_err(|e| at(&moved_to, e))?;
-        File::open(&qdir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| at(&qdir, e))?;
-        Ok(Quarantined {
-            key: key.to_owned(),
-            reason: reason.to_owned(),
-            moved_to,
-        })
+            .create(path)
+        {
+            Ok(()) => return Ok(moved),
+            Err(e) => e,
+        };
+        // Only the directory itself and its parent (the agent's directory) are ours to clear:
+        // anything higher up is the node's, not a publisher's, to repair.
+        let obstacle = [Some(path), path.parent()]
+            .into_iter()
+            .flatten()
+            .find(|p| fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()));
+        let (Some(obstacle), true) = (obstacle, moved.len() < 2) else {
+            return Err(at(path, err));
+        };
+        let (Some(parent), Some(name)) = (obstacle.parent(), obstacle.file_name()) else {
+            return Err(at(path, err));
+        };
+        moved.push(move_aside(
+            obstacle,
+            &parent.join(QUARANTINE_DIR),
+            &name.to_string_lossy(),
+            "a file stood where a checkpoint directory belongs",
+        )?);
     }
+}
+
+/// Renames `from` into `qdir` under a name no earlier quarantined copy has, durably.
+fn move_aside(from: &Path, qdir: &Path, key: &str, reason: &str) -> io::Result<Quarantined> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(qdir)
+        .map_err(|e| at(qdir, e))?;
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let moved_to = (0..)
+        .map(|n| match n {
+            0 => qdir.join(format!("{key}.{stamp}")),
+            n => qdir.join(format!("{key}.{stamp}.{n}")),
+        })
+        .find(|p| fs::symlink_metadata(p).is_err())
+        .expect("an unused name exists");
+    fs::rename(from, &moved_to).map_err(|e| at(&moved_to, e))?;
+    for dir in [qdir, from.parent().unwrap_or(qdir)] {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| at(dir, e))?;
+    }
+    Ok(Quarantined {
+        key: key.to_owned(),
+        reason: reason.to_owned(),
+        moved_to,
+    })
 }
 
 /// Puts the path that failed into an I/O error's message.
@@ -430,7 +553,8 @@ mod tests {
     #[test]
     fn load_quarantines_bad_files_and_sweeps_temps() {
         let tmp = tempfile::tempdir().unwrap();
-        let dir = CheckpointDir::open(tmp.path().join("T")).unwrap();
+        let (dir, moved) = CheckpointDir::open(tmp.path().join("T")).unwrap();
+        assert!(moved.is_empty());
         dir.write("good", &encode("T", 1, b"g")).unwrap();
         dir.write("flipped", &encode("T", 1, b"f")).unwrap();
         dir.write("old", &encode("T", 0, b"o")).unwrap();

@@ -10,7 +10,7 @@ use tokio_seqpacket::UnixSeqpacket;
 
 use crate::checkpoint::{self, CheckpointError};
 use crate::dirs::Dirs;
-use crate::key::validate_name;
+use crate::key::{validate_key, validate_name};
 use crate::subscription::{RawEvent, RawSubscription};
 
 /// One publication found on disk.
@@ -39,7 +39,12 @@ impl PublicationInfo {
         fs::read_dir(&self.checkpoint_dir)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
-                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .filter(|e| {
+                        e.file_name()
+                            .to_str()
+                            .is_some_and(|n| validate_key(n).is_ok())
+                    })
                     .count()
             })
             .unwrap_or(0)

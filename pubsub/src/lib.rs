@@ -21,5 +21,5 @@ pub use dirs::Dirs;
 pub use error::{Error, Result};
 pub use key::{validate_key, validate_name, MAX_KEY_LEN};
 pub use peer::PeerPolicy;
-pub use publication::{Publication, PublicationStatus};
+pub use publication::{Publication, PublicationHealth, PublicationStatus};
 pub use subscription::{Event, RawEvent, RawSubscription, SubscribeOptions, Subscription};

@@ -5,6 +5,12 @@
 //! dirty since its last send, each with the value current at send time. A slow subscriber
 //! therefore only grows its own set of dirty keys — bounded by the number of keys — and never
 //! blocks `publish`, which writes the checkpoint, updates the map and marks keys, then returns.
+//!
+//! A checkpoint write that fails (a full disk, a directory in the file's place, the directory
+//! deleted) never undoes or refuses the change: the map and the subscribers have it, the key is
+//! remembered as not durable, and a retry task writes the key's current value again, with
+//! backoff, until it is on disk. Meanwhile [`Publication::watch_health`] says so, and the agent
+//! reports itself Degraded; the error clears when the write finally succeeds.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -12,7 +18,7 @@ use std::io::IoSlice;
 use std::marker::PhantomData;
 use std::ops::Bound;
 use std::os::fd::RawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use indexmap::IndexSet;
 use nix::fcntl::{Flock, FlockArg};
 use powernode_types::Topic;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 
@@ -42,6 +48,11 @@ const SNAPSHOT_BATCH: usize = 128;
 const MAX_CONNECTIONS: usize = 256;
 /// A subscriber only ever sends its `Hello`; anything longer than this is not one.
 const CLIENT_FRAME_MAX: usize = 1024;
+/// The first delay before a failed checkpoint write is tried again; doubles up to
+/// [`RETRY_MAX`], so a full disk costs a few cheap failed writes a minute.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+/// The longest delay between two retries of a failed checkpoint write.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// What a publication has to report about itself (folded into the agent's `AgentStatus`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -56,6 +67,19 @@ pub struct PublicationStatus {
     pub refused_peers: u64,
     /// Connections dropped for sending something that is not the protocol.
     pub dropped_peers: u64,
+    /// Keys whose checkpoint write failed and is being retried, with the last error.
+    pub not_durable: BTreeMap<String, String>,
+}
+
+/// Whether a publication's checkpoints hold what it publishes: what its agent reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublicationHealth {
+    /// Keys whose latest change is not on disk yet, with the last write error; retried until
+    /// they are.
+    pub not_durable: BTreeMap<String, String>,
+    /// Files moved aside since the publication opened: bad checkpoints found at load, and
+    /// whatever stood where a checkpoint file or directory belongs.
+    pub quarantined: Vec<Quarantined>,
 }
 
 /// A topic published by this process.
@@ -65,6 +89,7 @@ pub struct PublicationStatus {
 pub struct Publication<T: Topic> {
     inner: Arc<Inner>,
     accept: JoinHandle<()>,
+    retry: JoinHandle<()>,
     _lock: Flock<File>,
     _topic: PhantomData<fn(T)>,
 }
@@ -75,11 +100,15 @@ struct Inner {
     persistent: bool,
     generation: u64,
     socket: PathBuf,
-    checkpoints: CheckpointDir,
+    /// Also serialises checkpoint writes with map updates, so files and map change in the
+    /// same order. Taken before `state`, never while holding it.
+    checkpoints: Mutex<CheckpointDir>,
+    checkpoint_path: PathBuf,
     policy: PeerPolicy,
-    /// Serialises checkpoint writes with map updates so files and map change in the same order.
-    write_lock: Mutex<()>,
     state: Mutex<State>,
+    health: watch::Sender<PublicationHealth>,
+    /// Wakes the retry task when a write fails.
+    retry_wake: Notify,
     closed: AtomicBool,
     /// Limits the warnings a misbehaving peer can cause.
     peer_log: RateLimit,
@@ -96,6 +125,8 @@ struct State {
     next_conn: u64,
     restarted: u64,
     quarantined: Vec<Quarantined>,
+    /// Keys whose file does not hold their current value (or still exists after a delete).
+    not_durable: BTreeMap<String, String>,
 }
 
 struct Conn {
@@ -152,7 +183,7 @@ impl<T: Topic> Publication<T> {
         validate_name("agent", agent)?;
         validate_name("topic", T::NAME)?;
         let run_dir = dirs.agent_run_dir(agent);
-        create_private_dir(&run_dir)?;
+        let mut moved = create_private_dir(&run_dir)?;
 
         let lock_path = dirs.lock(agent, T::NAME);
         let lock_file = OpenOptions::new()
@@ -175,9 +206,10 @@ impl<T: Topic> Publication<T> {
             })?;
 
         let cp_path = dirs.checkpoints(agent, T::NAME, T::PERSISTENT);
-        let checkpoints = CheckpointDir::open(&cp_path)
+        let (checkpoints, moved_for_dir) = CheckpointDir::open(&cp_path)
             .map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
-        let loaded = checkpoints
+        moved.extend(moved_for_dir);
+        let mut loaded = checkpoints
             .load(T::NAME, T::SCHEMA_VERSION, |payload| {
                 // A file can pass its CRC and still not be a `T` (a writer bug, a type changed
                 // without a schema bump): never serve what we could not read ourselves.
@@ -192,7 +224,8 @@ impl<T: Topic> Publication<T> {
                     .map_err(|e| format!("does not decode as {}: {e}", T::NAME))
             })
             .map_err(|e| Error::io("load checkpoints", &cp_path, e))?;
-        for q in &loaded.quarantined {
+        moved.append(&mut loaded.quarantined);
+        for q in &moved {
             tracing::error!(topic = T::NAME, key = %q.key, reason = %q.reason, moved_to = %q.moved_to.display(),
                 "bad checkpoint moved aside, not trusted");
         }
@@ -202,7 +235,7 @@ impl<T: Topic> Publication<T> {
                 .into_iter()
                 .map(|(k, v)| (k, Arc::from(v)))
                 .collect(),
-            quarantined: loaded.quarantined,
+            quarantined: moved.clone(),
             ..State::default()
         };
 
@@ -214,10 +247,15 @@ impl<T: Topic> Publication<T> {
             persistent: T::PERSISTENT,
             generation: new_generation(),
             socket,
-            checkpoints,
+            checkpoints: Mutex::new(checkpoints),
+            checkpoint_path: cp_path,
             policy: PeerPolicy::current(),
-            write_lock: Mutex::new(()),
             state: Mutex::new(state),
+            health: watch::Sender::new(PublicationHealth {
+                not_durable: BTreeMap::new(),
+                quarantined: moved,
+            }),
+            retry_wake: Notify::new(),
             closed: AtomicBool::new(false),
             peer_log: RateLimit::new(10, Duration::from_secs(60)),
             connections: AtomicUsize::new(0),
@@ -225,18 +263,27 @@ impl<T: Topic> Publication<T> {
             dropped: AtomicU64::new(0),
         });
         let accept = tokio::spawn(accept_loop(inner.clone(), listener));
+        let retry = tokio::spawn(retry_loop(inner.clone()));
         Ok(Publication {
             inner,
             accept,
+            retry,
             _lock: lock,
             _topic: PhantomData,
         })
     }
 
-    /// Publishes `item` under its key: checkpoints it durably, then lets every subscriber know.
+    /// Publishes `item` under its key: lets every subscriber know and checkpoints it durably.
     ///
     /// Blocks the calling thread for the checkpoint write (a few microseconds on tmpfs) and for
-    /// nothing else. Publishing a value equal to the current one writes and sends nothing.
+    /// nothing else. Publishing a value equal to the current one sends nothing, and writes
+    /// nothing unless its earlier write failed.
+    ///
+    /// An error means nothing was published (an invalid key, an item too large or that does
+    /// not encode). A failed checkpoint write is no error here: the item is published, the
+    /// write is retried until it succeeds, and [`Publication::watch_health`] reports it
+    /// meanwhile (see the module documentation). [`Publication::is_durable`] tells a caller
+    /// that needs the disk to hold the item whether it does.
     pub fn publish(&self, item: &T) -> Result<()> {
         let key = item.key();
         validate_key(&key)?;
@@ -256,7 +303,8 @@ impl<T: Topic> Publication<T> {
         self.inner.put(key, value)
     }
 
-    /// Removes the item with `key`; removing a key that does not exist does nothing.
+    /// Removes the item with `key`; removing a key that does not exist does nothing. A
+    /// failed file removal is retried like a failed write.
     pub fn unpublish(&self, key: &str) -> Result<()> {
         validate_key(key)?;
         self.inner.remove(key)
@@ -297,7 +345,20 @@ impl<T: Topic> Publication<T> {
             quarantined: st.quarantined.clone(),
             refused_peers: self.inner.refused.load(Ordering::Relaxed),
             dropped_peers: self.inner.dropped.load(Ordering::Relaxed),
+            not_durable: st.not_durable.clone(),
         }
+    }
+
+    /// Whether the checkpoint file of `key` holds its current value (for a removed key: is
+    /// gone).
+    pub fn is_durable(&self, key: &str) -> bool {
+        !self.inner.lock().not_durable.contains_key(key)
+    }
+
+    /// Follows the publication's [`PublicationHealth`]: it changes when a checkpoint write
+    /// fails or is retried successfully, and when a file is moved aside.
+    pub fn watch_health(&self) -> watch::Receiver<PublicationHealth> {
+        self.inner.health.subscribe()
     }
 
     /// This publisher instance's generation, as sent in its `Hello`.
@@ -314,6 +375,7 @@ impl<T: Topic> Publication<T> {
 impl<T: Topic> Drop for Publication<T> {
     fn drop(&mut self) {
         self.accept.abort();
+        self.retry.abort();
         self.inner.closed.store(true, Ordering::SeqCst);
         // Hang up on every subscriber now, not when (or if) the runtime next polls their tasks.
         for conn in self.inner.lock().conns.values() {
@@ -332,44 +394,134 @@ impl Inner {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn checkpoint_dir(&self) -> MutexGuard<'_, CheckpointDir> {
+        // Every use of the directory is one system call sequence that leaves it consistent.
+        self.checkpoints.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Updates the map, delivers, then checkpoints. Delivery overlaps the checkpoint write
     /// rather than waiting for it: see docs/pubsub.md ("Ordering and durability").
     fn put(&self, key: String, value: Vec<u8>) -> Result<()> {
-        let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.checkpoint_dir();
         let value: Arc<[u8]> = Arc::from(value);
         {
             let mut st = self.lock();
             if st.table.get(&key).is_some_and(|old| **old == *value) {
-                return Ok(());
+                if !st.not_durable.contains_key(&key) {
+                    return Ok(());
+                }
+                // Unchanged but never written: writing it now is what makes it durable.
+            } else {
+                st.table.insert(key.clone(), value.clone());
+                let mut header = Vec::with_capacity(key.len() + 8);
+                frame::update_header(&key, value.len(), &mut header);
+                deliver(
+                    &mut st.conns,
+                    &key,
+                    &[IoSlice::new(&header), IoSlice::new(&value)],
+                );
             }
-            st.table.insert(key.clone(), value.clone());
-            let mut header = Vec::with_capacity(key.len() + 8);
-            frame::update_header(&key, value.len(), &mut header);
-            deliver(
-                &mut st.conns,
-                &key,
-                &[IoSlice::new(&header), IoSlice::new(&value)],
-            );
         }
         let file = checkpoint::encode(self.topic, self.schema_version, &value);
-        self.checkpoints
-            .write(&key, &file)
-            .map_err(|e| Error::io("write checkpoint", self.checkpoints.path().join(&key), e))
+        self.settle(&key, "write", dir.write(&key, &file));
+        Ok(())
     }
 
     fn remove(&self, key: &str) -> Result<()> {
-        let _w = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = self.checkpoint_dir();
         {
             let mut st = self.lock();
-            if st.table.remove(key).is_none() {
+            if st.table.remove(key).is_none() && !st.not_durable.contains_key(key) {
                 return Ok(());
             }
             let frame = Frame::Delete { key }.encode();
             deliver(&mut st.conns, key, &[IoSlice::new(&frame)]);
         }
-        self.checkpoints
-            .remove(key)
-            .map_err(|e| Error::io("remove checkpoint", self.checkpoints.path().join(key), e))
+        self.settle(key, "remove", dir.remove(key));
+        Ok(())
+    }
+
+    /// Records how a checkpoint write or removal of `key` went: a failure marks the key not
+    /// durable and wakes the retry task; a success clears it. Either way the health follows.
+    fn settle(&self, key: &str, op: &str, outcome: std::io::Result<Option<Quarantined>>) {
+        let mut st = self.lock();
+        match outcome {
+            Ok(moved) => {
+                if let Some(q) = moved {
+                    tracing::error!(topic = self.topic, key, reason = %q.reason, moved_to = %q.moved_to.display(),
+                        "moved aside what stood in a checkpoint's way");
+                    st.quarantined.push(q);
+                }
+                if st.not_durable.remove(key).is_some() {
+                    tracing::info!(
+                        topic = self.topic,
+                        key,
+                        "checkpoint written after earlier failures"
+                    );
+                }
+            }
+            Err(e) => {
+                let error = format!(
+                    "{op} checkpoint {}: {e}",
+                    self.checkpoint_path.join(key).display()
+                );
+                if !st.not_durable.contains_key(key) {
+                    tracing::warn!(topic = self.topic, key, %error, "checkpoint not written; published anyway, retrying");
+                }
+                st.not_durable.insert(key.to_owned(), error);
+                self.retry_wake.notify_one();
+            }
+        }
+        let health = PublicationHealth {
+            not_durable: st.not_durable.clone(),
+            quarantined: st.quarantined.clone(),
+        };
+        drop(st);
+        self.health.send_if_modified(|h| {
+            let changed = *h != health;
+            *h = health;
+            changed
+        });
+    }
+
+    /// Writes (or removes) every key that is not durable, once. When the directory itself
+    /// was replaced, every item is written again. Returns whether all are durable now.
+    fn retry_not_durable(&self) -> bool {
+        let mut dir = self.checkpoint_dir();
+        match dir.reopen_if_replaced() {
+            Ok(None) => {}
+            Ok(Some(moved)) => {
+                tracing::warn!(topic = self.topic, dir = %self.checkpoint_path.display(),
+                    "checkpoint directory was replaced; writing every item again");
+                let mut st = self.lock();
+                st.quarantined.extend(moved);
+                let all: Vec<String> = st.table.keys().cloned().collect();
+                for key in all {
+                    st.not_durable
+                        .entry(key)
+                        .or_insert_with(|| "checkpoint directory replaced".into());
+                }
+            }
+            Err(e) => {
+                let first = self.lock().not_durable.keys().next().cloned();
+                if let Some(key) = first {
+                    self.settle(&key, "reopen", Err(e));
+                }
+                return false;
+            }
+        }
+        let keys: Vec<String> = self.lock().not_durable.keys().cloned().collect();
+        for key in keys {
+            let value = self.lock().table.get(&key).cloned();
+            match value {
+                Some(v) => {
+                    let file = checkpoint::encode(self.topic, self.schema_version, &v);
+                    self.settle(&key, "write", dir.write(&key, &file));
+                }
+                None => self.settle(&key, "remove", dir.remove(&key)),
+            }
+        }
+        self.lock().not_durable.is_empty()
     }
 
     fn hello(&self) -> Vec<u8> {
@@ -530,19 +682,35 @@ fn new_generation() -> u64 {
     nanos ^ (u64::from(std::process::id()) << 40)
 }
 
-/// Creates `dir` mode 0700, or tightens it to 0700 if it exists with looser permissions.
-pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::io("create directory", dir, e))?;
+/// Retries the writes that failed, with backoff, for as long as the publication lives.
+async fn retry_loop(inner: Arc<Inner>) {
+    let mut delay = RETRY_MIN;
+    loop {
+        if inner.lock().not_durable.is_empty() {
+            delay = RETRY_MIN;
+            inner.retry_wake.notified().await;
+            continue;
+        }
+        tokio::time::sleep(delay).await;
+        // A few small file writes, as `publish` itself does on the caller's thread.
+        delay = if inner.retry_not_durable() {
+            RETRY_MIN
+        } else {
+            (delay * 2).min(RETRY_MAX)
+        };
+    }
+}
+
+/// Creates `dir` mode 0700 (moving aside a file in its way, returned), or tightens it to 0700
+/// if it exists with looser permissions.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<Vec<Quarantined>> {
+    let moved = checkpoint::make_dir(dir).map_err(|e| Error::io("create directory", dir, e))?;
     let meta = fs::metadata(dir).map_err(|e| Error::io("stat", dir, e))?;
     if meta.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("chmod 0700", dir, e))?;
     }
-    Ok(())
+    Ok(moved)
 }
 
 fn bind(socket: &Path) -> Result<UnixSeqpacketListener> {

@@ -124,16 +124,23 @@ async fn reconnect_snapshot_sweeps_keys_the_new_publisher_lacks() {
     assert!(sub.is_synchronized());
 }
 
-/// SIGKILL a publisher in the middle of a burst of checkpoint writes, ten times at varying
-/// moments: every checkpoint file left is whole (header, CRC, topic, schema), and the restarted
-/// publisher quarantines nothing and reloads every key.
+/// SIGKILL a publisher in the middle of a burst of checkpoint writes, at varying moments:
+/// every checkpoint file left is whole (header, CRC, topic, schema), and the restarted
+/// publisher quarantines nothing and reloads every key. At least one kill must land mid-write
+/// (a temp file left behind), or the test proved nothing: ten rounds, then more until one has
+/// (a kill lands mid-write in roughly a third of the rounds).
 #[test]
 fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
     const KEYS: u64 = 50;
+    const ROUNDS: u64 = 10;
+    const MAX_ROUNDS: u64 = 60;
     let root = Root::new();
     let cp_dir = root.dirs().checkpoints("burst", "TestItem", false);
     let mut killed_mid_write = 0;
-    for round in 0..10u64 {
+    let mut rounds = 0;
+    while rounds < ROUNDS || (killed_mid_write == 0 && rounds < MAX_ROUNDS) {
+        let round = rounds;
+        rounds += 1;
         let mut burst = Peer::burst(&root, "burst", KEYS);
         burst.wait_line(|l| l == "bursting");
         // Not a timing assertion: only varies where in the write sequence the kill lands.
@@ -171,7 +178,11 @@ fn sigkill_during_a_burst_never_leaves_a_torn_checkpoint() {
             "round {round}: nothing quarantined"
         );
     }
-    eprintln!("{killed_mid_write} of 10 kills left a temp file behind (swept on reload)");
+    eprintln!("{killed_mid_write} of {rounds} kills left a temp file behind (swept on reload)");
+    assert!(
+        killed_mid_write > 0,
+        "none of {rounds} kills landed mid-write: no torn write was ever tested"
+    );
 }
 
 /// A persistent topic is readable from its checkpoint files before its publisher is up; when
@@ -323,5 +334,61 @@ async fn cancelled_next_calls_still_reach_the_reconnect() {
             "never reconnected while every next() was cancelled after 300 ms"
         );
         let _ = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
+    }
+}
+
+/// The publisher dies (SIGKILL, from the named crash point) inside the checkpoint write of its
+/// third item: after the temp file is written, or after the rename before the directory sync.
+/// The restarted publisher finds a whole old state or a whole new one, never a torn file, and
+/// sweeps the temp file.
+#[test]
+fn killed_inside_a_checkpoint_write_the_publisher_restarts_whole() {
+    use std::os::unix::process::ExitStatusExt;
+    for (point, reloaded) in [
+        ("checkpoint.after_temp", "reloaded 2 quarantined 0"),
+        ("checkpoint.after_rename", "reloaded 3 quarantined 0"),
+    ] {
+        let root = Root::new();
+        let cp_dir = root.dirs().checkpoints("fp", "TestItem", false);
+        let mut armed = Peer::spawn_armed(
+            &[
+                "publish",
+                "--root",
+                root.arg(),
+                "--agent",
+                "fp",
+                "--keys",
+                "5",
+            ],
+            &format!("{point}:3"),
+        );
+        let status = armed.wait_exit();
+        assert_eq!(status.signal(), Some(9), "{point}: {status}");
+        assert!(
+            armed.stderr().contains(&format!("failpoint {point} hit")),
+            "{point}: {}",
+            armed.stderr()
+        );
+        let temps: Vec<_> = std::fs::read_dir(&cp_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert_eq!(
+            temps.len(),
+            usize::from(point == "checkpoint.after_temp"),
+            "{point}"
+        );
+
+        let mut second = Peer::publisher(&root, "fp", 0, &[]);
+        let line = second.wait_line(|l| l.starts_with("reloaded "));
+        assert_eq!(line, reloaded, "{point}");
+        second.wait_published();
+        second.kill();
+        assert!(
+            !cp_dir.join(".k2.tmp").exists() && !cp_dir.join(checkpoint::QUARANTINE_DIR).exists(),
+            "{point}: {:?}",
+            checkpoint_files(&cp_dir)
+        );
     }
 }

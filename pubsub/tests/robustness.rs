@@ -12,7 +12,7 @@ use std::process::Command;
 use common::*;
 use powernode_pubsub::checkpoint::{self, QUARANTINE_DIR};
 use powernode_pubsub::frame::{Frame, Hello, MAX_FRAME, MAX_ITEM, PROTOCOL_VERSION};
-use powernode_pubsub::testing::TestItem;
+use powernode_pubsub::testing::{require, TestItem};
 use powernode_pubsub::{Dirs, Error, Event, Publication, Subscription, MAX_KEY_LEN};
 use tokio_seqpacket::UnixSeqpacket;
 
@@ -214,10 +214,8 @@ fn peer_bin_for_nobody(dir: &Path) -> PathBuf {
 /// nor the agents' uid or gid) is refused by the `SO_PEERCRED` check; root is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_of_another_uid_are_refused() {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED peers_of_another_uid_are_refused: needs root to run a client as uid 65534"
-        );
+    // Root runs a client as uid 65534.
+    if !require(&["root"]) {
         return;
     }
     let root = Root::new();

@@ -1,14 +1,23 @@
 //! The agent's own health, published as `<agent>/AgentStatus` for `powernode-agent status`.
 //!
 //! The state moves Starting → Running (at [`crate::Context::ready`]) → Stopping (at shutdown),
-//! and to Degraded while an error the agent reported is outstanding. `last_loop_ms` follows
-//! the main loop's liveness beats, so a wedged loop shows as a stale timestamp.
+//! and to Degraded while any reported error is outstanding. `last_loop_ms` follows the main
+//! loop's liveness beats, so a wedged loop shows as a stale timestamp.
+//!
+//! Errors come from several sources at once: the agent's own logic ([`Health::report_error`]),
+//! and each of its publications (a checkpoint write that keeps failing, files moved aside).
+//! Each source sets and clears only its own error, so an error clears when its cause does and
+//! never because another cause went away. `last_error` shows the latest outstanding one.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use powernode_pubsub::{Dirs, Publication};
-use powernode_types::{AgentState, AgentStatus};
+use powernode_pubsub::{Dirs, Publication, PublicationHealth};
+use powernode_types::{AgentState, AgentStatus, Topic};
+use tokio::sync::watch;
+
+/// The error source of [`Health::report_error`]: the agent's own logic.
+const AGENT_SOURCE: &str = "agent";
 
 /// The publication of one agent's [`AgentStatus`], shared by every clone of the context.
 #[derive(Clone)]
@@ -18,13 +27,42 @@ pub struct Health {
 
 struct Inner {
     publication: Publication<AgentStatus>,
-    current: Mutex<AgentStatus>,
+    current: Mutex<Current>,
+}
+
+/// The status and what it is derived from.
+struct Current {
+    status: AgentStatus,
+    /// Outstanding errors by source, oldest report first.
+    errors: Vec<(String, String)>,
+    /// Files each publication moved aside, by topic.
+    quarantined: Vec<(&'static str, u32)>,
+}
+
+impl Current {
+    /// Derives `last_error`, the Degraded state and the quarantine count from the sources.
+    fn settle(&mut self) {
+        let s = &mut self.status;
+        s.last_error = self
+            .errors
+            .last()
+            .map(|(_, message)| match self.errors.len() {
+                1 => message.clone(),
+                n => format!("{message} (and {} more)", n - 1),
+            });
+        s.state = match (s.state, self.errors.is_empty()) {
+            (AgentState::Running, false) => AgentState::Degraded,
+            (AgentState::Degraded, true) => AgentState::Running,
+            (state, _) => state,
+        };
+        s.quarantined_checkpoints = self.quarantined.iter().map(|(_, n)| n).sum();
+    }
 }
 
 impl std::fmt::Debug for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Health")
-            .field("status", &*self.lock())
+            .field("status", &self.lock().status)
             .finish()
     }
 }
@@ -50,29 +88,39 @@ impl Health {
             last_loop_ms: now,
             state: AgentState::Starting,
             last_error: None,
-            quarantined_checkpoints: publication.status().quarantined.len() as u32,
+            quarantined_checkpoints: 0,
         };
+        let own = publication.watch_health();
         let health = Health {
             inner: Arc::new(Inner {
                 publication,
-                current: Mutex::new(status),
+                current: Mutex::new(Current {
+                    status,
+                    errors: Vec::new(),
+                    quarantined: Vec::new(),
+                }),
             }),
         };
         health.publish();
+        health.follow::<AgentStatus>(own);
         Ok(health)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, AgentStatus> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Current> {
         self.inner.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn update(&self, change: impl FnOnce(&mut AgentStatus)) {
-        change(&mut self.lock());
+    fn update(&self, change: impl FnOnce(&mut Current)) {
+        {
+            let mut current = self.lock();
+            change(&mut current);
+            current.settle();
+        }
         self.publish();
     }
 
     fn publish(&self) {
-        let status = self.lock().clone();
+        let status = self.lock().status.clone();
         if let Err(e) = self.inner.publication.publish(&status) {
             // Health is best-effort: failing to report must not stop the agent's real work.
             tracing::warn!(error = %e, "could not publish AgentStatus");
@@ -81,57 +129,117 @@ impl Health {
 
     /// The agent is serving.
     pub fn running(&self) {
-        self.update(|s| {
-            if s.state == AgentState::Starting {
-                s.state = if s.last_error.is_some() {
-                    AgentState::Degraded
-                } else {
-                    AgentState::Running
-                };
+        self.update(|c| {
+            if c.status.state == AgentState::Starting {
+                c.status.state = AgentState::Running;
             }
         });
     }
 
     /// The agent is shutting down.
     pub fn stopping(&self) {
-        self.update(|s| s.state = AgentState::Stopping);
+        self.update(|c| c.status.state = AgentState::Stopping);
     }
 
     /// The main loop went round (called on each liveness beat that touched the disk).
     pub fn loop_beat(&self) {
-        self.update(|s| s.last_loop_ms = now_ms());
+        self.update(|c| c.status.last_loop_ms = now_ms());
     }
 
-    /// An error that stays until [`Health::clear_error`]: the agent is Degraded meanwhile.
+    /// An error of the agent's own that stays until [`Health::clear_error`]: the agent is
+    /// Degraded meanwhile.
     pub fn report_error(&self, message: &str) {
-        self.update(|s| {
-            s.last_error = Some(message.to_owned());
-            if s.state == AgentState::Running {
-                s.state = AgentState::Degraded;
-            }
-        });
+        self.report(AGENT_SOURCE, message);
     }
 
-    /// The reported error is resolved.
+    /// The error reported with [`Health::report_error`] is resolved (errors of other sources
+    /// stay).
     pub fn clear_error(&self) {
-        self.update(|s| {
-            s.last_error = None;
-            if s.state == AgentState::Degraded {
-                s.state = AgentState::Running;
+        self.clear(AGENT_SOURCE);
+    }
+
+    /// An error of `source` that stays until [`Health::clear`] of the same source; a new
+    /// report of a source replaces its earlier one.
+    pub fn report(&self, source: &str, message: &str) {
+        let unchanged = self
+            .lock()
+            .errors
+            .last()
+            .is_some_and(|(s, m)| s == source && m == message);
+        if unchanged {
+            return;
+        }
+        self.update(|c| {
+            c.errors.retain(|(s, _)| s != source);
+            c.errors.push((source.to_owned(), message.to_owned()));
+        });
+    }
+
+    /// The error of `source` is resolved.
+    pub fn clear(&self, source: &str) {
+        if self.lock().errors.iter().any(|(s, _)| s == source) {
+            self.update(|c| c.errors.retain(|(s, _)| s != source));
+        }
+    }
+
+    /// Reports, from now on, what the publication of topic `T` says of its checkpoints
+    /// (writes failing and retried, files moved aside) as this agent's error of source
+    /// `checkpoints/<T>`, and counts what it moved aside in `quarantined_checkpoints`.
+    pub fn follow<T: Topic>(&self, mut rx: watch::Receiver<PublicationHealth>) {
+        let first = rx.borrow_and_update().clone();
+        self.apply_publication_health(T::NAME, &first);
+        // Weak, so the task never keeps the health (and its publication) alive.
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(inner) = weak.upgrade() else { return };
+                let now = rx.borrow_and_update().clone();
+                Health { inner }.apply_publication_health(T::NAME, &now);
             }
         });
     }
 
-    /// Adds checkpoint files another of the agent's publications moved aside at start-up.
-    pub fn add_quarantined(&self, count: usize) {
-        if count > 0 {
-            self.update(|s| s.quarantined_checkpoints += count as u32);
+    fn apply_publication_health(&self, topic: &'static str, h: &PublicationHealth) {
+        let source = format!("checkpoints/{topic}");
+        let count = h.quarantined.len() as u32;
+        let known = self
+            .lock()
+            .quarantined
+            .iter()
+            .find(|(t, _)| *t == topic)
+            .map_or(0, |(_, n)| *n);
+        if count != known {
+            self.update(|c| {
+                c.quarantined.retain(|(t, _)| *t != topic);
+                c.quarantined.push((topic, count));
+            });
+        }
+        if let Some((key, error)) = h.not_durable.iter().next() {
+            self.report(
+                &source,
+                &format!(
+                    "{} item(s) of {topic} not written to disk, retrying (first: {key}: {error})",
+                    h.not_durable.len()
+                ),
+            );
+        } else if let Some(first) = h.quarantined.first() {
+            self.report(
+                &source,
+                &format!(
+                    "{} bad checkpoint file(s) of {topic} moved aside (first: {}: {})",
+                    h.quarantined.len(),
+                    first.key,
+                    first.reason
+                ),
+            );
+        } else {
+            self.clear(&source);
         }
     }
 
     /// The status as last published.
     pub fn current(&self) -> AgentStatus {
-        self.lock().clone()
+        self.lock().status.clone()
     }
 }
 

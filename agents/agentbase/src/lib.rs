@@ -173,6 +173,9 @@ impl Context {
             Liveness::with_notifier(&root, agent, notifier.clone(), notify::watchdog_interval());
         let dirs = powernode_pubsub::Dirs::under_root(root.base());
         let health = Health::open(&dirs, agent)?;
+        if !settings.notes.is_empty() {
+            health.report("settings", &settings.notes.join("; "));
+        }
         Ok(Context {
             agent,
             root,
@@ -187,24 +190,15 @@ impl Context {
         })
     }
 
-    /// Opens the agent's publication of topic `T`. Checkpoint files it found bad (and moved
-    /// aside) are added to the agent's `AgentStatus.quarantined_checkpoints` and, while any
-    /// are, reported as its last error, so `powernode-agent status` shows them.
+    /// Opens the agent's publication of topic `T` and follows its health: checkpoint files it
+    /// moved aside are counted in the agent's `AgentStatus.quarantined_checkpoints` and, like
+    /// checkpoint writes that keep failing, reported as an error until their cause is gone
+    /// ([`Health::follow`]), so `powernode-agent status` shows them.
     pub fn open_publication<T: powernode_types::Topic>(
         &self,
     ) -> Result<powernode_pubsub::Publication<T>, powernode_pubsub::Error> {
         let publication = powernode_pubsub::Publication::<T>::open(&self.dirs, self.agent)?;
-        let quarantined = publication.status().quarantined;
-        if !quarantined.is_empty() {
-            self.health.add_quarantined(quarantined.len());
-            self.health.report_error(&format!(
-                "{} bad checkpoint file(s) of {} moved aside (first: {}: {})",
-                quarantined.len(),
-                T::NAME,
-                quarantined[0].key,
-                quarantined[0].reason
-            ));
-        }
+        self.health.follow::<T>(publication.watch_health());
         Ok(publication)
     }
 
@@ -309,6 +303,9 @@ where
         version = env!("CARGO_PKG_VERSION"),
         "starting"
     );
+    for note in &settings.notes {
+        tracing::warn!(%note, "settings");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -487,6 +484,70 @@ mod tests {
         assert!(status.last_error.unwrap().contains("EventAck"));
         ctx.ready();
         assert_eq!(ctx.health.current().state, AgentState::Degraded);
+    }
+
+    /// A settings note (a directory named like a drop-in) keeps the agent Degraded and says why.
+    #[tokio::test]
+    async fn settings_notes_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            notes: vec!["agent.toml.d/x.toml is not a file: it is not read as settings".into()],
+            ..Settings::default()
+        };
+        let ctx = Context::new("testagent", Root::new(dir.path()), settings).unwrap();
+        ctx.ready();
+        let status = ctx.health.current();
+        assert_eq!(status.state, powernode_types::AgentState::Degraded);
+        assert!(status.last_error.unwrap().contains("x.toml is not a file"));
+    }
+
+    /// A publication whose checkpoint writes fail makes the agent Degraded with the error, and
+    /// Running again once the writes succeed; its own errors are untouched meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_checkpoint_writes_degrade_the_agent_until_they_succeed() {
+        use powernode_pubsub::testing::{SmallTmpfs, TestItem};
+        use powernode_types::AgentState;
+        if !powernode_pubsub::testing::require(&["root", "mount"]) {
+            return;
+        }
+        let disk = SmallTmpfs::mount("1m").unwrap();
+        let ctx = Context::new("testagent", Root::new(disk.path()), Settings::default()).unwrap();
+        let publication = ctx.open_publication::<TestItem>().unwrap();
+        ctx.ready();
+        let filler = disk.fill("filler").unwrap();
+        publication
+            .publish(&TestItem {
+                key: "k".into(),
+                seq: 1,
+                sent_ns: 0,
+                payload: vec![1; 64],
+            })
+            .unwrap();
+        let wait = |want: AgentState| {
+            let health = ctx.health.clone();
+            async move {
+                for _ in 0..400 {
+                    if health.current().state == want {
+                        return health.current();
+                    }
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                panic!("not {want:?}: {:?}", health.current());
+            }
+        };
+        let degraded = wait(AgentState::Degraded).await;
+        assert!(
+            degraded
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("not written to disk"),
+            "{degraded:?}"
+        );
+        std::fs::remove_file(filler).unwrap();
+        let running = wait(AgentState::Running).await;
+        assert_eq!(running.last_error, None);
+        assert!(publication.is_durable("k"));
     }
 
     #[tokio::test]

@@ -57,7 +57,7 @@ pub enum SettingsError {
     /// A value has the right type but is out of range or otherwise not acceptable.
     #[error(
         "{}: invalid value {value} for `{field}`: {reason}",
-        origin.as_deref().map_or_else(|| "built-in default".to_owned(), |p| p.display().to_string())
+        origin.as_ref().map_or_else(|| "built-in default".to_owned(), |o| o.to_string())
     )]
     Invalid {
         /// Dotted name of the field, e.g. `pubsub.connect_timeout_ms`.
@@ -66,9 +66,24 @@ pub enum SettingsError {
         value: String,
         /// What an acceptable value looks like.
         reason: String,
-        /// The file that last set the field, or `None` for a built-in default.
-        origin: Option<PathBuf>,
+        /// Where the value was last set, or `None` for a built-in default.
+        origin: Option<Origin>,
     },
+}
+
+/// Where a settings value was set: the file, and the line and column of the value in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file that last set the value.
+    pub path: PathBuf,
+    /// 1-based line and column of the value in that file, when known.
+    pub position: Option<(usize, usize)>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        Location(&self.path, self.position).fmt(f)
+    }
 }
 
 /// `path:line:column`, or `path` when the position is unknown.
@@ -119,6 +134,10 @@ pub struct Settings {
     pub controller: ControllerSettings,
     /// Modules: registries, trust policy, the mount target (modulemgr, verifier, mountmgr).
     pub modules: ModuleSettings,
+    /// What loading noticed that is not worth refusing the settings for (a directory named
+    /// like a drop-in): logged at start and reported as the agent's error until fixed.
+    #[serde(skip)]
+    pub notes: Vec<String>,
 }
 
 /// The `[modules]` table.
@@ -352,6 +371,7 @@ impl Default for Settings {
             identity: IdentitySettings::default(),
             controller: ControllerSettings::default(),
             modules: ModuleSettings::default(),
+            notes: Vec::new(),
         }
     }
 }
@@ -483,11 +503,16 @@ impl Settings {
     pub fn load_from(etc_dir: &Path) -> Result<Settings, SettingsError> {
         let mut merged = toml::Table::new();
         let mut origins = Origins::new();
-        for path in settings_files(etc_dir)? {
-            let table = parse_file(&path)?;
-            merge(&mut merged, table, "", &path, &mut origins);
+        let (files, notes) = settings_files(etc_dir)?;
+        for path in files {
+            let (table, positions) = parse_file(&path)?;
+            let file = FileOrigins {
+                path: &path,
+                positions: &positions,
+            };
+            merge(&mut merged, table, "", &file, &mut origins);
         }
-        let settings: Settings = merged.try_into().map_err(|e: toml::de::Error| {
+        let mut settings: Settings = merged.try_into().map_err(|e: toml::de::Error| {
             // Every file deserialised on its own, so this only fails if merging broke a type;
             // report it against the directory rather than panic.
             SettingsError::Parse {
@@ -498,6 +523,7 @@ impl Settings {
             }
         })?;
         settings.validate(&origins)?;
+        settings.notes = notes;
         Ok(settings)
     }
 
@@ -576,11 +602,21 @@ fn quoted(s: &str) -> String {
     format!("{s:?}")
 }
 
-/// Dotted field name → the file that last set it.
-type Origins = BTreeMap<String, PathBuf>;
+/// Dotted field name → where it was last set.
+type Origins = BTreeMap<String, Origin>;
 
-/// The files to read, in merge order: the base file if present, then the drop-ins sorted by name.
-fn settings_files(etc_dir: &Path) -> Result<Vec<PathBuf>, SettingsError> {
+/// Dotted field name → 1-based line and column of its value in one file.
+type Positions = BTreeMap<String, (usize, usize)>;
+
+/// One file being merged: its path and where each of its values stands.
+struct FileOrigins<'a> {
+    path: &'a Path,
+    positions: &'a Positions,
+}
+
+/// The files to read, in merge order: the base file if present, then the drop-ins sorted by
+/// name; and notes on entries that look like drop-ins but are not files.
+fn settings_files(etc_dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), SettingsError> {
     let mut files = Vec::new();
     let base = etc_dir.join(BASE_FILE);
     match std::fs::metadata(&base) {
@@ -592,10 +628,11 @@ fn settings_files(etc_dir: &Path) -> Result<Vec<PathBuf>, SettingsError> {
     let dir = etc_dir.join(DROPIN_DIR);
     let entries = match std::fs::read_dir(&dir) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((files, Vec::new())),
         Err(source) => return Err(SettingsError::Read { path: dir, source }),
     };
     let mut dropins = Vec::new();
+    let mut notes = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| SettingsError::Read {
             path: dir.clone(),
@@ -616,15 +653,22 @@ fn settings_files(etc_dir: &Path) -> Result<Vec<PathBuf>, SettingsError> {
         })?;
         if meta.is_file() {
             dropins.push((name, path));
+        } else {
+            notes.push(format!(
+                "{} is not a file: it is not read as settings",
+                path.display()
+            ));
         }
     }
     dropins.sort();
+    notes.sort();
     files.extend(dropins.into_iter().map(|(_, path)| path));
-    Ok(files)
+    Ok((files, notes))
 }
 
-/// Reads one file, checks it against [`Settings`] on its own, and returns its table.
-fn parse_file(path: &Path) -> Result<toml::Table, SettingsError> {
+/// Reads one file, checks it against [`Settings`] on its own, and returns its table with the
+/// line and column of each value (by dotted name).
+fn parse_file(path: &Path) -> Result<(toml::Table, Positions), SettingsError> {
     let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
         path: path.to_owned(),
         source,
@@ -643,7 +687,27 @@ fn parse_file(path: &Path) -> Result<toml::Table, SettingsError> {
     };
     let doc = toml::de::DeTable::parse(&text).map_err(|e| parse_error(e, None))?;
     toml::from_str::<Settings>(&text).map_err(|e| parse_error(e, Some(doc.get_ref())))?;
-    toml::from_str::<toml::Table>(&text).map_err(|e| parse_error(e, None))
+    let table = toml::from_str::<toml::Table>(&text).map_err(|e| parse_error(e, None))?;
+    let mut positions = BTreeMap::new();
+    value_positions(doc.get_ref(), &text, "", &mut positions);
+    Ok((table, positions))
+}
+
+/// Records the line and column of every value that is not a table, by dotted name.
+fn value_positions(table: &toml::de::DeTable<'_>, text: &str, prefix: &str, out: &mut Positions) {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", key.get_ref())
+        };
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => value_positions(inner, text, &dotted, out),
+            _ => {
+                out.insert(dotted, line_column(text, value.span().start));
+            }
+        }
+    }
 }
 
 /// Dotted name of the deepest key whose name or value covers byte `pos`.
@@ -680,12 +744,12 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// Deep-merges `src` into `dst`, recording in `origins` which file set each leaf.
+/// Deep-merges `src` into `dst`, recording in `origins` where each leaf was set.
 fn merge(
     dst: &mut toml::Table,
     src: toml::Table,
     prefix: &str,
-    file: &Path,
+    file: &FileOrigins<'_>,
     origins: &mut Origins,
 ) {
     for (key, value) in src {
@@ -704,7 +768,14 @@ fn merge(
                 dst.insert(key, toml::Value::Table(fresh));
             }
             (_, value) => {
-                origins.insert(dotted, file.to_owned());
+                let position = file.positions.get(&dotted).copied();
+                origins.insert(
+                    dotted,
+                    Origin {
+                        path: file.path.to_owned(),
+                        position,
+                    },
+                );
                 dst.insert(key, value);
             }
         }
@@ -972,24 +1043,24 @@ mod tests {
                     ("agent.toml.d/20-zero.toml", "touch_interval_s = 0\n"),
                 ],
                 want: &[
-                    "{dir}/agent.toml.d/20-zero.toml: invalid value 0 for `touch_interval_s`",
+                    "{dir}/agent.toml.d/20-zero.toml:1:20: invalid value 0 for `touch_interval_s`",
                     "between 1 and 3600",
                 ],
             },
             Case {
                 name: "too large",
                 files: &[("agent.toml", "touch_interval_s = 3601\n")],
-                want: &["{dir}/agent.toml: invalid value 3601 for `touch_interval_s`"],
+                want: &["{dir}/agent.toml:1:20: invalid value 3601 for `touch_interval_s`"],
             },
             Case {
                 name: "zero timeout",
                 files: &[("agent.toml", "[pubsub]\nconnect_timeout_ms = 0\n")],
-                want: &["{dir}/agent.toml: invalid value 0 for `pubsub.connect_timeout_ms`"],
+                want: &["{dir}/agent.toml:2:22: invalid value 0 for `pubsub.connect_timeout_ms`"],
             },
             Case {
                 name: "identity timeout out of range",
                 files: &[("agent.toml", "[identity]\nsource_timeout_ms = 0\n")],
-                want: &["{dir}/agent.toml: invalid value 0 for `identity.source_timeout_ms`"],
+                want: &["{dir}/agent.toml:2:21: invalid value 0 for `identity.source_timeout_ms`"],
             },
             Case {
                 name: "unknown identity source",
@@ -1003,7 +1074,7 @@ mod tests {
                     "[identity]\nsources = [\"Aws\", \"IdentityCfg\", \"Aws\"]\n",
                 )],
                 want: &[
-                    "{dir}/agent.toml.d/5.toml: invalid value [Aws, IdentityCfg, Aws] for `identity.sources`",
+                    "{dir}/agent.toml.d/5.toml:2:11: invalid value [Aws, IdentityCfg, Aws] for `identity.sources`",
                     "`Aws` is listed twice",
                 ],
             },
@@ -1039,7 +1110,7 @@ mod tests {
                 name: "misspelt level",
                 files: &[("agent.toml.d/1.toml", "log_level = \"verbose\"\n")],
                 want: &[
-                    "{dir}/agent.toml.d/1.toml: invalid value \"verbose\" for `log_level`",
+                    "{dir}/agent.toml.d/1.toml:1:13: invalid value \"verbose\" for `log_level`",
                     "`verbose` is not a level",
                 ],
             },
@@ -1098,6 +1169,25 @@ mod tests {
         fs::write(dir.path().join(DROPIN_DIR), "not a directory").unwrap();
         let err = Settings::load_from(dir.path()).unwrap_err();
         assert!(matches!(&err, SettingsError::Read { path, .. } if path.ends_with(DROPIN_DIR)));
+    }
+
+    #[test]
+    fn a_directory_named_like_a_dropin_is_noted_not_skipped_silently() {
+        let (dir, got) = load(&[(
+            "agent.toml.d/10-real.toml",
+            "touch_interval_s = 7
+",
+        )]);
+        assert!(got.unwrap().notes.is_empty());
+        fs::create_dir(dir.path().join(DROPIN_DIR).join("20-dir.toml")).unwrap();
+        let settings = Settings::load_from(dir.path()).unwrap();
+        assert_eq!(settings.touch_interval_s, 7);
+        assert_eq!(settings.notes.len(), 1, "{:?}", settings.notes);
+        assert!(
+            settings.notes[0].contains("20-dir.toml is not a file"),
+            "{:?}",
+            settings.notes
+        );
     }
 
     #[test]

@@ -354,11 +354,14 @@ impl Store {
         })?;
         write_atomic(&self.file(META_FILE), &meta, 0o644)?;
         write_atomic(&self.file(KEY_NEW_FILE), new.key_pem.as_bytes(), 0o600)?;
+        failpoint::hit("pki.key_staged");
         write_atomic(&self.file(CERT_NEW_FILE), new.cert_pem.as_bytes(), 0o644)?;
+        failpoint::hit("pki.both_staged");
         if let Some(old) = read_opt(&self.paths.cert())? {
             write_atomic(&self.archive_path(archive_ms), old.as_bytes(), 0o644)?;
         }
         rename(&self.file(KEY_NEW_FILE), &self.paths.key())?;
+        failpoint::hit("pki.key_switched");
         rename(&self.file(CERT_NEW_FILE), &self.paths.cert())?;
         sync_dir(dir)
     }

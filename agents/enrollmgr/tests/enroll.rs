@@ -509,3 +509,93 @@ async fn an_expired_certificate_needs_a_new_token() {
     assert_eq!(again.node_id, first.node_id);
     node.stop().await;
 }
+
+/// `persist` fills up while rotation is due: the agent stays up, publishes RotationFailing
+/// with the write error (its status is reported not durable, the agent Degraded), and once
+/// space is back it rotates and its status reaches the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_rotation_keeps_the_agent_up() {
+    use powernode_pubsub::testing::SmallTmpfs;
+    use powernode_types::{AgentState, AgentStatus};
+    if !powernode_pubsub::testing::require(&["root", "mount"]) {
+        return;
+    }
+    let disk = SmallTmpfs::mount("2m").unwrap();
+    let ctl = Ctl::start(Duration::from_secs(14)).await;
+    let mut node = Node::new();
+    std::os::unix::fs::symlink(disk.path(), node.root.path().join("persist")).unwrap();
+    let token = ctl.token().await;
+    node.give("uuid-full", Some(&token), &ctl.url(), Some(&ctl.ca_pem));
+    node.start();
+    let first = node
+        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
+        .await;
+    let filler = disk.fill("filler").unwrap();
+
+    let failing = node
+        .wait_for(WAIT, "RotationFailing", |s| {
+            s.state == EnrollmentState::RotationFailing
+        })
+        .await;
+    assert!(
+        failing
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("No space left on device"),
+        "{failing:?}"
+    );
+    let mut agent = Subscription::<AgentStatus>::connect(&node.dirs(), "enrollmgr");
+    let degraded = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Event::Create { value, .. } | Event::Modify { new: value, .. } =
+                agent.next().await
+            {
+                if value.state == AgentState::Degraded {
+                    return value;
+                }
+            }
+        }
+    })
+    .await
+    .expect("enrollmgr reports Degraded while the disk is full");
+    assert!(degraded.last_error.is_some(), "{degraded:?}");
+    assert!(
+        !node.agent.as_ref().unwrap().1.is_finished(),
+        "enrollmgr exited on a full disk"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let rotated = node
+        .wait_for(WAIT, "Enrolled with a new certificate", |s| {
+            s.state == EnrollmentState::Enrolled && s.cert_fingerprint != first.cert_fingerprint
+        })
+        .await;
+    // The status on disk catches up: a boot now would read the new certificate's facts.
+    let cp = node
+        .dirs()
+        .checkpoints("enrollmgr", "EnrollmentStatus", true)
+        .join("global");
+    let on_disk = tokio::time::timeout(WAIT, async {
+        loop {
+            let status = std::fs::read(&cp).ok().and_then(|bytes| {
+                let payload = powernode_pubsub::checkpoint::decode_for(
+                    &bytes,
+                    "EnrollmentStatus",
+                    <EnrollmentStatus as powernode_types::Topic>::SCHEMA_VERSION,
+                )
+                .ok()?
+                .to_vec();
+                postcard::from_bytes::<EnrollmentStatus>(&payload).ok()
+            });
+            match status {
+                Some(s) if s.cert_fingerprint == rotated.cert_fingerprint => return s,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("the rotated status reaches the disk");
+    assert_eq!(on_disk.state, EnrollmentState::Enrolled);
+    node.stop().await;
+}

@@ -35,7 +35,10 @@
 //! [`DEBOUNCE`]. A new certificate fingerprint makes the client reload the PKI files and swap
 //! its TLS identity ([`ControllerClient::set_identity`]) before the next call. While failing,
 //! the delay is the transport [`Backoff`] (from [`BACKOFF_MIN`], doubling, jittered, capped by
-//! `max_backoff_s`) instead of the interval. Every state publishes `ControllerStatus` when it
+//! `max_backoff_s`) instead of the interval, except that a connection the controller's host
+//! refused (it is down or restarting) is tried again within one interval: such an attempt
+//! costs the controller nothing, and the node is back within an interval of its return
+//! (docs/heartbeat.md, "Failing"). Every state publishes `ControllerStatus` when it
 //! is entered; the main loop beats in every state and shutdown ends it at once, also during a
 //! request.
 
@@ -49,7 +52,7 @@ use agentbase::Context;
 use anyhow::Context as _;
 use powernode_pubsub::{Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
-use powernode_transport::{Backoff, ControllerClient};
+use powernode_transport::{Backoff, ControllerClient, TransportError};
 use powernode_types::node_api::{HeartbeatRequest, HeartbeatResponse};
 use powernode_types::{
     ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, ModuleStatus, MountStatus,
@@ -110,6 +113,22 @@ impl State {
             State::Failing { retry_at } => State::Failing {
                 retry_at: retry_at.min(at),
             },
+        }
+    }
+}
+
+/// Why a heartbeat failed: the reason to report, and whether no connection could be made at
+/// all (which decides how soon to try again).
+struct Failure {
+    error: String,
+    refused: bool,
+}
+
+impl From<String> for Failure {
+    fn from(error: String) -> Failure {
+        Failure {
+            error,
+            refused: false,
         }
     }
 }
@@ -371,8 +390,12 @@ impl Agent {
                     due: Instant::now() + self.interval,
                 })
             }
-            Err(error) => {
-                let delay = self.backoff.next_delay();
+            Err(Failure { error, refused }) => {
+                let delay = if refused {
+                    self.backoff.next_delay_within(self.interval)
+                } else {
+                    self.backoff.next_delay()
+                };
                 let failures = self.status.consecutive_failures.saturating_add(1);
                 let changed = self.status.last_error.as_deref() != Some(error.as_str());
                 // One line per new error, then only at 1, 2, 4, 8… failures while it repeats.
@@ -392,15 +415,19 @@ impl Agent {
         }
     }
 
-    /// The request, the reply, the desired state published. Errors are the reason to report.
-    async fn exchange(&mut self, target: &Target) -> Result<(), String> {
+    /// The request, the reply, the desired state published.
+    async fn exchange(&mut self, target: &Target) -> Result<(), Failure> {
         let request = self.request(target).await;
         let client = self.client(target)?;
         let sent_ms = now_ms();
-        let reply: HeartbeatResponse = client
-            .post(HEARTBEAT_CALL, &request)
-            .await
-            .map_err(|e| e.to_string())?;
+        let reply: HeartbeatResponse =
+            client
+                .post(HEARTBEAT_CALL, &request)
+                .await
+                .map_err(|e| Failure {
+                    refused: matches!(e, TransportError::Connect { .. }),
+                    error: e.to_string(),
+                })?;
         let received_ms = now_ms();
         let midpoint = (u128::from(sent_ms) + u128::from(received_ms)) / 2;
         let midpoint = i64::try_from(midpoint).unwrap_or(i64::MAX);
@@ -423,7 +450,7 @@ impl Agent {
         self.status.heartbeat_interval_s = interval_s;
         let generation = reply.desired.generation;
         desired::apply(&reply.desired, &self.modules_pub, &self.network_pub)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failure::from(e.to_string()))?;
         if generation != self.status.applied_generation {
             tracing::info!(
                 generation,

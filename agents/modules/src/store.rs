@@ -266,6 +266,8 @@ impl BlobWriter {
             });
         }
         fs::rename(&self.partial, &self.complete).map_err(io_err("renaming", &self.partial))?;
+        // Installed but not synced: the window a power cut or a kill can leave a blob in.
+        failpoint::hit("store.installed");
         Ok(self.complete)
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The registry server binary.
+/// The registry server binary (tests check for it with `powernode_pubsub::testing::require`).
 pub const REGISTRY_BIN: &str = "docker-registry";
 
 /// A running registry.
@@ -23,16 +23,6 @@ pub struct TestRegistry {
 }
 
 impl TestRegistry {
-    /// Whether the server binary is installed (tests print a skip line when it is not).
-    pub fn available() -> bool {
-        Command::new(REGISTRY_BIN)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
     /// Starts a registry storing under `dir` on a free loopback port; waits until it answers.
     pub fn start(dir: &Path) -> std::io::Result<TestRegistry> {
         Self::start_with(dir, None)

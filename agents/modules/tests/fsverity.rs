@@ -6,14 +6,15 @@ use std::path::Path;
 use std::process::Command;
 
 use powernode_modules::fsverity::{self, Digest, Hasher, BLOCK_SIZE};
+use powernode_pubsub::testing::require;
 
-/// What `fsverity digest` prints for `path`, or `None` when the tool is not installed.
-fn tool_digest(path: &Path) -> Option<Digest> {
-    let output = match Command::new("fsverity").arg("digest").arg(path).output() {
-        Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-        Err(e) => panic!("running fsverity: {e}"),
-    };
+/// What `fsverity digest` prints for `path`.
+fn tool_digest(path: &Path) -> Digest {
+    let output = Command::new("fsverity")
+        .arg("digest")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("running fsverity: {e}"));
     assert!(
         output.status.success(),
         "fsverity digest failed: {}",
@@ -24,7 +25,7 @@ fn tool_digest(path: &Path) -> Option<Digest> {
         .split_whitespace()
         .next()
         .expect("fsverity printed a digest");
-    Some(Digest::parse(first).expect("fsverity printed sha256:<hex>"))
+    Digest::parse(first).expect("fsverity printed sha256:<hex>")
 }
 
 /// Deterministic, non-repeating content so that a block mix-up changes the digest.
@@ -49,15 +50,12 @@ fn chunked(data: &[u8], chunk: usize) -> Digest {
     hasher.finish()
 }
 
-fn check_size(len: usize) -> bool {
+fn check_size(len: usize) {
     let data = content(len);
     let mut file = tempfile::NamedTempFile::new().unwrap();
     file.write_all(&data).unwrap();
     file.flush().unwrap();
-    let Some(expected) = tool_digest(file.path()) else {
-        println!("skipped: the fsverity tool (fsverity-utils) is not on PATH");
-        return false;
-    };
+    let expected = tool_digest(file.path());
     let whole = {
         let mut hasher = Hasher::default();
         hasher.update(&data);
@@ -80,11 +78,13 @@ fn check_size(len: usize) -> bool {
         expected,
         "size {len}, digest_file"
     );
-    true
 }
 
 #[test]
 fn matches_fsverity_tool_at_block_boundaries() {
+    if !require(&["fsverity"]) {
+        return;
+    }
     for len in [
         0,
         1,
@@ -96,26 +96,33 @@ fn matches_fsverity_tool_at_block_boundaries() {
         128 * BLOCK_SIZE + 1,
         129 * BLOCK_SIZE,
     ] {
-        if !check_size(len) {
-            return;
-        }
+        check_size(len);
     }
 }
 
 #[test]
 fn matches_fsverity_tool_for_a_two_level_tree() {
+    if !require(&["fsverity"]) {
+        return;
+    }
     // About 5 MiB: two tree levels, the upper one partial.
     check_size(5 * 1024 * 1024 + 12345);
 }
 
 #[test]
 fn matches_fsverity_tool_for_a_three_level_tree() {
+    if !require(&["fsverity"]) {
+        return;
+    }
     // 128 * 128 data blocks fill one level-1 block exactly; 5 more bytes need a third level.
     check_size(128 * 128 * BLOCK_SIZE + 5);
 }
 
 #[test]
 fn matches_fsverity_tool_when_a_full_level_is_the_top() {
+    if !require(&["fsverity"]) {
+        return;
+    }
     // Exactly 128 * 128 blocks: the level-1 block is full and is itself the top of the tree.
     check_size(128 * 128 * BLOCK_SIZE);
 }

@@ -1,10 +1,9 @@
 //! Build, push, sign, resolve and pull a module against the real `docker-registry` server on
-//! loopback. Skips (saying so) without `docker-registry` or `mkfs.erofs`.
+//! loopback. Skips (saying so; failing under `CI=true`) without `docker-registry` or `mkfs.erofs`.
 
 #![cfg(feature = "testing")]
 
 use std::fs;
-use std::process::Command;
 
 use powernode_modules::cosign::{self, Policy, SigningKey};
 use powernode_modules::digest::Digest;
@@ -12,14 +11,12 @@ use powernode_modules::format::{host_architecture, FormatError};
 use powernode_modules::package::{self, BuildOptions};
 use powernode_modules::registry::{Registry, RegistryConfig, RegistryError};
 use powernode_modules::store::Store;
-use powernode_modules::testing::TestRegistry;
+use powernode_modules::testing::{TestRegistry, REGISTRY_BIN};
+use powernode_pubsub::testing::require;
 
+/// What these tests need of the machine ([`require`]: a skip, or a failure under `CI=true`).
 fn can_run() -> bool {
-    let ok = TestRegistry::available() && Command::new("mkfs.erofs").arg("--help").output().is_ok();
-    if !ok {
-        eprintln!("skipped: needs docker-registry and mkfs.erofs");
-    }
-    ok
+    require(&[REGISTRY_BIN, "mkfs.erofs"])
 }
 
 fn options(arch: &str) -> BuildOptions {
@@ -208,8 +205,7 @@ async fn a_registry_that_wants_a_password_gets_it_and_refuses_without() {
     if !can_run() {
         return;
     }
-    if Command::new("htpasswd").arg("-h").output().is_err() {
-        eprintln!("skipped: needs htpasswd (apache2-utils)");
+    if !require(&["htpasswd"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -351,7 +351,11 @@ impl Agent {
                     Ok(()) => Step::Done(Outcome::Mounted),
                     Err(e) => Step::Done(Outcome::Failed(e)),
                 },
-                Step::Build(plan) => self.build_step(plan, generation),
+                Step::Build(plan) => {
+                    let next = self.build_step(plan, generation);
+                    failpoint::hit("mountmgr.built");
+                    next
+                }
                 Step::Check(plan) => self.check_step(plan).await,
                 Step::Switch(plan) => self.switch_step(&config, plan),
                 Step::Retire { old } => {
@@ -519,8 +523,9 @@ impl Agent {
                 outcome: Outcome::Failed(format!("recording the switch: {e}")),
             };
         }
+        failpoint::hit("mountmgr.intent_recorded");
         match current::switch(&target_dir, plan.slot) {
-            Ok(()) => {}
+            Ok(()) => failpoint::hit("mountmgr.switched"),
             Err(e @ SwitchError::NotSwitched { .. }) => {
                 state.record.switching_to = None;
                 self.store.save_or_warn(&state.record, target);
@@ -558,7 +563,9 @@ impl Agent {
         state.record.applied = Some(new.clone());
         state.record.switching_to = None;
         state.active = Some(new);
-        if let Err(e) = self.store.save(&state.record) {
+        let saved = self.store.save(&state.record);
+        failpoint::hit("mountmgr.result_recorded");
+        if let Err(e) = saved {
             // Recovery still finds the switch: the intent names the slot `current` names.
             tracing::warn!(target = %target, error = %e, "could not record the switch result");
             self.ctx

@@ -5,11 +5,12 @@ mod common;
 
 use common::*;
 use mountmgr::record::RecordStore;
+use powernode_pubsub::testing::require;
 use powernode_types::{MountState, Slot, UpperMode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_layers_compose_and_writes_land_in_upper() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -50,7 +51,7 @@ async fn two_layers_compose_and_writes_land_in_upper() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_switch_slots_and_retire_the_old_one() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -131,7 +132,7 @@ async fn changes_switch_slots_and_retire_the_old_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_fails_and_keeps_the_running_stack() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -204,7 +205,7 @@ async fn bad_input_fails_and_keeps_the_running_stack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_gate_the_switch() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -262,7 +263,7 @@ async fn health_checks_gate_the_switch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_adopts_the_mounted_stack() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -309,7 +310,7 @@ async fn restart_adopts_the_mounted_stack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reboot_the_recorded_stack_is_rebuilt() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -348,7 +349,7 @@ async fn after_a_reboot_the_recorded_stack_is_rebuilt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_record_is_not_trusted() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -388,7 +389,7 @@ async fn a_corrupt_record_is_not_trusted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_rename_rolls_back() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -433,7 +434,7 @@ async fn a_failed_rename_rolls_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistent_upper_keeps_writes_across_switches() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();

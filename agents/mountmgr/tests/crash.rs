@@ -8,10 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
+use powernode_pubsub::testing::{require, skip};
 use powernode_pubsub::Subscription;
 use powernode_types::{AgentState, AgentStatus, MountState, Slot};
 
-/// The multi-call binary, freshly built; `None` (with the reason printed) if it cannot be had.
+/// The multi-call binary, freshly built; `None` (after [`skip`]) if it cannot be had.
 fn agent_binary() -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
@@ -21,7 +22,15 @@ fn agent_binary() -> Option<PathBuf> {
     // Always ask cargo: a no-op when fresh, and a stale binary would test old code.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "powernode-agent"])
+        // With the crash points, as the powernode-agent tests build it: the same binary.
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "powernode-agent",
+            "--features",
+            "failpoints",
+        ])
         .current_dir(&workspace)
         .stdin(Stdio::null())
         .spawn();
@@ -53,10 +62,10 @@ fn agent_binary() -> Option<PathBuf> {
             Some(binary)
         }
         (_, false) => {
-            eprintln!(
-                "skipped: {} is missing and could not be built",
+            skip(&format!(
+                "needs {}, which is missing and could not be built",
                 binary.display()
-            );
+            ));
             None
         }
     }
@@ -70,6 +79,11 @@ struct Process {
 
 impl Process {
     fn start(binary: &Path, sandbox: &Sandbox) -> Process {
+        Process::start_armed(binary, sandbox, "")
+    }
+
+    /// Starts the agent with the named crash points `failpoints` armed.
+    fn start_armed(binary: &Path, sandbox: &Sandbox, failpoints: &str) -> Process {
         let log_path = sandbox.root.join("mountmgr.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -79,6 +93,7 @@ impl Process {
         let child = Command::new(binary)
             .args(["run", "mountmgr", "--root"])
             .arg(&sandbox.root)
+            .env("POWERNODE_FAILPOINTS", failpoints)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -92,6 +107,18 @@ impl Process {
 
     fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the process to end by itself; its exit status.
+    fn wait_exit(mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "did not end");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn kill9(mut self) {
@@ -163,7 +190,7 @@ async fn wait_b_built(sandbox: &Sandbox) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let Some(binary) = agent_binary() else {
@@ -224,4 +251,66 @@ async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
     let exit = process.terminate();
     assert!(exit.success(), "{exit}");
     assert_one_stack(&sandbox, Slot::B, 2);
+}
+
+/// The agent dies (SIGKILL, from the named crash point) at each step of switching from
+/// generation 1 (slot A) to generation 2 (slot B): after building B, after recording the
+/// intent, after renaming `current`, after recording the result. At the instant of death
+/// `current` names A before the rename and B after it; restarted, the agent recovers one
+/// consistent stack and converges to generation 2 in slot B, with nothing leaked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_step_of_a_switch_it_recovers_one_stack() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require(&["root"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    for (point, current_at_death) in [
+        ("mountmgr.built", "A/merged"),
+        ("mountmgr.intent_recorded", "A/merged"),
+        ("mountmgr.switched", "B/merged"),
+        ("mountmgr.result_recorded", "B/merged"),
+    ] {
+        let sandbox = Sandbox::new();
+        let low = sandbox.image("low", &[("a.txt", "a")]);
+        let high = sandbox.image("high", &[("b.txt", "b")]);
+        let configs = config_publisher(&sandbox);
+        let mut status = status_subscription(&sandbox);
+        // The second hit of each point is generation 2's switch.
+        let process = Process::start_armed(&binary, &sandbox, &format!("{point}:2"));
+        configs
+            .publish(&config(1, vec![layer("low", &low, 1)]))
+            .unwrap();
+        wait_answer(&mut status, 1, MountState::Mounted).await;
+        configs
+            .publish(&config(
+                2,
+                vec![layer("low", &low, 1), layer("high", &high, 2)],
+            ))
+            .unwrap();
+        let log_path = sandbox.root.join("mountmgr.log");
+        let exit = process.wait_exit();
+        assert_eq!(exit.signal(), Some(9), "{point}: {exit}");
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        assert!(
+            log.contains(&format!("failpoint {point} hit")),
+            "{point}: {log}"
+        );
+        assert_eq!(
+            sandbox.current_link(),
+            Some(PathBuf::from(current_at_death)),
+            "{point}"
+        );
+
+        let process = Process::start(&binary, &sandbox);
+        let s = wait_answer(&mut status, 2, MountState::Mounted).await;
+        assert_eq!(s.slot, Some(Slot::B), "{point}");
+        assert_one_stack(&sandbox, Slot::B, 2);
+        assert_eq!(sandbox.read("b.txt").as_deref(), Some("b"), "{point}");
+        let exit = process.terminate();
+        assert!(exit.success(), "{point}: {exit}");
+        assert_one_stack(&sandbox, Slot::B, 2);
+    }
 }

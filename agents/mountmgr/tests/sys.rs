@@ -8,10 +8,11 @@ use std::time::Duration;
 use common::*;
 use mountmgr::sys::{self, loopdev, Unmounted};
 use nix::mount::MsFlags;
+use powernode_pubsub::testing::require;
 
 #[test]
 fn erofs_mounts_directly_and_garbage_is_refused() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -38,7 +39,7 @@ fn erofs_mounts_directly_and_garbage_is_refused() {
 
 #[test]
 fn a_busy_mount_is_detached_lazily() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();
@@ -54,7 +55,7 @@ fn a_busy_mount_is_detached_lazily() {
 
 #[test]
 fn loop_devices_mount_and_are_released() {
-    if !root_or_skip() {
+    if !require(&["root"]) {
         return;
     }
     let sandbox = Sandbox::new();

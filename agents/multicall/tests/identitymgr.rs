@@ -197,3 +197,53 @@ fn unresolvable_until_identity_cfg_appears() {
     assert_eq!(out.json()["value"]["last_error"], Value::Null);
     stop(&sandbox, child);
 }
+
+/// What stands in a checkpoint's way at start — a directory where the `NodeIdentity` file
+/// belongs, a regular file where the `AgentStatus` directory belongs — is moved aside and
+/// reported: the agent starts, resolves, says Degraded with the reason, and restarts cleanly.
+#[test]
+fn obstacles_where_checkpoints_belong_are_moved_aside() {
+    let sandbox = Sandbox::new();
+    let root = sandbox.root();
+    settings(&root, "");
+    write(
+        &root,
+        "proc/cmdline",
+        &format!("ro powernode.instance_uuid={UUID}\n"),
+    );
+    let run_dir = root.join("run/powernode/identitymgr");
+    std::fs::create_dir_all(run_dir.join("NodeIdentity/global/inside")).unwrap();
+    std::fs::write(run_dir.join("AgentStatus"), "not a directory").unwrap();
+
+    let child = start(&sandbox);
+    let item = wait_for(&sandbox, "Resolved");
+    assert_eq!(item["uuid"], UUID, "{item}");
+    let out = run(&mut sandbox.cli(&[
+        "wait",
+        "identitymgr/AgentStatus",
+        "--field",
+        "state=Degraded",
+        "--timeout",
+        "15",
+    ]));
+    out.assert_code(0);
+    let status = out.json()["value"].clone();
+    assert_eq!(status["quarantined_checkpoints"], 2, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("moved aside")),
+        "{status}"
+    );
+    for moved in ["NodeIdentity/.quarantine", ".quarantine"] {
+        assert_eq!(
+            std::fs::read_dir(run_dir.join(moved)).unwrap().count(),
+            1,
+            "{moved}"
+        );
+    }
+    stop(&sandbox, child);
+    let child = start(&sandbox);
+    wait_for(&sandbox, "Resolved");
+    stop(&sandbox, child);
+}

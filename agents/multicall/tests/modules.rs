@@ -3,7 +3,7 @@
 //! modulemgr, verifier and mountmgr processes mounting real erofs and overlayfs.
 //!
 //! Needs root (mounts), `docker-registry` and `mkfs.erofs`; each test says so and skips when
-//! one is missing. CI runs as root with both installed.
+//! one is missing, and fails instead under `CI=true`. CI runs as root with both installed.
 
 mod common;
 
@@ -17,27 +17,17 @@ use powernode_modules::cosign::SigningKey;
 use powernode_modules::format::host_architecture;
 use powernode_modules::package::{self, BuildOptions, Built};
 use powernode_modules::registry::{Credential, Registry, RegistryConfig};
-use powernode_modules::testing::TestRegistry;
+use powernode_modules::testing::{TestRegistry, REGISTRY_BIN};
+use powernode_pubsub::testing::require;
 use powernode_pubsub::{Dirs, Subscription};
 use powernode_types::{ModuleState, ModuleStatus, MountState, MountStatus, Topic};
 
 /// The mount target modulemgr stacks at (settings default).
 const TARGET: &str = "modules";
 
-fn can_run(test: &str) -> bool {
-    let missing = if !nix::unistd::geteuid().is_root() {
-        Some("root")
-    } else if !TestRegistry::available() {
-        Some("docker-registry")
-    } else if Command::new("mkfs.erofs").arg("--help").output().is_err() {
-        Some("mkfs.erofs")
-    } else {
-        None
-    };
-    if let Some(what) = missing {
-        eprintln!("skipped {test}: needs {what}");
-    }
-    missing.is_none()
+/// What these tests need of the machine ([`require`]: a skip, or a failure under `CI=true`).
+fn can_run() -> bool {
+    require(&["root", REGISTRY_BIN, "mkfs.erofs"])
 }
 
 /// A node: a root directory with settings and a trust policy, the three module agents, and a
@@ -134,6 +124,11 @@ impl Node {
     }
 
     fn start(&mut self, agent: &str) {
+        self.start_armed(agent, "");
+    }
+
+    /// Starts `agent` with the named crash points `failpoints` armed.
+    fn start_armed(&mut self, agent: &str, failpoints: &str) {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -143,6 +138,7 @@ impl Node {
             .args(["run", agent, "--root"])
             .arg(self.root())
             .env("RUST_LOG", "info")
+            .env("POWERNODE_FAILPOINTS", failpoints)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -157,6 +153,24 @@ impl Node {
         let (_, mut child) = self.agents.remove(i);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    /// Waits (60 s at most) for `agent` to end by itself; its exit status.
+    fn wait_exit(&mut self, agent: &str) -> std::process::ExitStatus {
+        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.agents[i].1.try_wait().unwrap() {
+                self.agents.remove(i);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{agent} did not end:\n{}",
+                self.log(agent)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn log(&self, agent: &str) -> String {
@@ -376,7 +390,7 @@ impl Default for Publish {
 
 #[test]
 fn two_modules_stack_by_priority_and_switch() {
-    if !can_run("two_modules_stack_by_priority_and_switch") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -450,7 +464,7 @@ fn two_modules_stack_by_priority_and_switch() {
 
 #[test]
 fn bad_modules_are_never_mounted() {
-    if !can_run("bad_modules_are_never_mounted") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -542,7 +556,7 @@ fn bad_modules_are_never_mounted() {
 
 #[test]
 fn download_resumes_after_kill9_and_registry_outage_is_retried() {
-    if !can_run("download_resumes_after_kill9_and_registry_outage_is_retried") {
+    if !can_run() {
         return;
     }
     let mut node = Node::new(true);
@@ -597,7 +611,7 @@ fn download_resumes_after_kill9_and_registry_outage_is_retried() {
 
 #[test]
 fn a_damaged_stored_image_is_downloaded_again() {
-    if !can_run("a_damaged_stored_image_is_downloaded_again") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -628,7 +642,7 @@ fn a_damaged_stored_image_is_downloaded_again() {
 
 #[test]
 fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
-    if !can_run("an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later") {
+    if !can_run() {
         return;
     }
     let mut node = Node::new(true);
@@ -674,7 +688,7 @@ fn an_offline_restart_keeps_its_modules_and_follows_a_moved_tag_later() {
 
 #[test]
 fn a_trust_policy_edit_checks_the_modules_again() {
-    if !can_run("a_trust_policy_edit_checks_the_modules_again") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -718,7 +732,7 @@ fn a_trust_policy_edit_checks_the_modules_again() {
 
 #[test]
 fn a_module_is_stacked_only_with_its_dependencies() {
-    if !can_run("a_module_is_stacked_only_with_its_dependencies") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -760,11 +774,10 @@ fn a_module_is_stacked_only_with_its_dependencies() {
 
 #[test]
 fn a_registry_password_comes_from_the_settings() {
-    if !can_run("a_registry_password_comes_from_the_settings") {
+    if !can_run() {
         return;
     }
-    if Command::new("htpasswd").arg("-h").output().is_err() {
-        eprintln!("skipped a_registry_password_comes_from_the_settings: needs htpasswd");
+    if !require(&["htpasswd"]) {
         return;
     }
     let node = Node::with_registry_password(true, Some("s3cret"));
@@ -776,7 +789,7 @@ fn a_registry_password_comes_from_the_settings() {
 
 #[test]
 fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
-    if !can_run("an_upgrade_waiting_for_a_dependency_keeps_the_old_version") {
+    if !can_run() {
         return;
     }
     let node = Node::new(true);
@@ -802,4 +815,34 @@ fn an_upgrade_waiting_for_a_dependency_keeps_the_old_version() {
     node.wait_active("base");
     node.wait_active("tool");
     assert_eq!(node.union_file("tool.txt").as_deref(), Some("v2"));
+}
+
+/// modulemgr dies (SIGKILL, at the named crash point) right after a downloaded image is
+/// renamed into the store, before it is synced or verified. Restarted, it takes the stored
+/// image as it is (checked again, not trusted), and the module becomes Active, mounted once.
+#[test]
+fn killed_right_after_storing_an_image_modulemgr_finishes_the_module() {
+    use std::os::unix::process::ExitStatusExt;
+    if !can_run() {
+        return;
+    }
+    let mut node = Node::new(true);
+    node.kill9("modulemgr");
+    node.start_armed("modulemgr", "store.installed");
+    let reference = node.publish("app", &[("app.txt", b"stored once")], Publish::default());
+    node.attach("app", &reference, 10);
+    let exit = node.wait_exit("modulemgr");
+    assert_eq!(exit.signal(), Some(9), "{exit}");
+    assert!(node
+        .log("modulemgr")
+        .contains("failpoint store.installed hit"));
+
+    node.start("modulemgr");
+    node.wait_active("app");
+    assert_eq!(node.union_file("app.txt").as_deref(), Some("stored once"));
+    let mut mounts = node.mounts();
+    let all = mounts.len();
+    mounts.sort();
+    mounts.dedup();
+    assert_eq!(mounts.len(), all, "a mount point mounted twice: {mounts:?}");
 }

@@ -29,6 +29,19 @@ impl Backoff {
         jitter(base)
     }
 
+    /// The delay before the next attempt, but never longer than `cap`: for failures that
+    /// cost the other side nothing (a refused connection), so that recovery after an outage
+    /// never waits out a long backoff. A capped delay is spread over [cap/2, cap], so a fleet
+    /// that lost its controller at one moment does not come back in lock-step.
+    pub fn next_delay_within(&mut self, cap: Duration) -> Duration {
+        let delay = self.next_delay();
+        if delay <= cap {
+            return delay;
+        }
+        let r = getrandom::u64().unwrap_or(0) % 5001; // 0..=5000
+        cap.mul_f64(0.5 + r as f64 / 10_000.0)
+    }
+
     /// After a success: the next failure waits `min` again.
     pub fn reset(&mut self) {
         self.next = self.min;
@@ -57,6 +70,11 @@ mod tests {
                 "{d} ms for base {base}"
             );
         }
+        let capped = b.next_delay_within(Duration::from_millis(300));
+        assert!(
+            capped >= Duration::from_millis(150) && capped <= Duration::from_millis(300),
+            "{capped:?}"
+        );
         b.reset();
         let d = b.next_delay().as_millis();
         assert!((80..=120).contains(&d), "{d}");

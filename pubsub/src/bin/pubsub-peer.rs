@@ -525,7 +525,7 @@ async fn bench_sub(f: &Flags) -> Res {
 fn bench_atomic(f: &Flags) -> Res {
     let size = f.num("size", 1024)? as usize;
     let count = f.num("count", 20_000)?;
-    let dir = CheckpointDir::open(PathBuf::from(f.str("dir")?).join("atomic"))?;
+    let (dir, _) = CheckpointDir::open(PathBuf::from(f.str("dir")?).join("atomic"))?;
     let payload = vec![5u8; size];
     let start = Instant::now();
     for i in 0..count {

@@ -243,6 +243,26 @@ impl Peer {
         self.wait_line_async(|l| l.starts_with("published ")).await
     }
 
+    /// Runs `pubsub-peer ARGS...` with the named crash points `failpoints` armed
+    /// (`POWERNODE_FAILPOINTS`).
+    pub fn spawn_armed(args: &[&str], failpoints: &str) -> Peer {
+        let mut cmd = Command::new(peer_bin());
+        cmd.args(args).env("POWERNODE_FAILPOINTS", failpoints);
+        Peer::spawn_command(format!("{} [{failpoints}]", args.join(" ")), cmd)
+    }
+
+    /// What the process wrote to stderr, once it has closed it.
+    pub fn stderr(&self) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let text = self.out.state.lock().unwrap().stderr.clone();
+            if !text.is_empty() || Instant::now() >= deadline {
+                return text;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for the process to exit by itself, then for its output to be read to the end.
     pub fn wait_exit(&mut self) -> ExitStatus {
         let deadline = Instant::now() + DEADLINE;

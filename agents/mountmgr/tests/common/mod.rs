@@ -20,16 +20,6 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// The target every test uses.
 pub const TARGET: &str = "app";
 
-/// Whether the test can run; prints the skip message when not.
-pub fn root_or_skip() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        true
-    } else {
-        eprintln!("skipped: needs root");
-        false
-    }
-}
-
 /// A temporary root. Dropping it lazily unmounts every mount below it (deepest first), even
 /// when the test failed, then removes it.
 pub struct Sandbox {
