@@ -35,11 +35,13 @@
 # converge_p50_s, converge_p99_s, converge_max_s (over the converged kills), leaked_mounts
 # (mounts and loop devices still there at a failed check), quarantined (files found),
 # events_lost, events_duplicated (no agent raises events yet: see docs/reliability.md).
-# Needs root, docker-registry and mkfs.erofs (skipped, exit 0, without). Exit 1 if any kill failed.
+# Needs root, docker-registry and mkfs.erofs: skipped (exit 0) without them, a failure under
+# CI=true (scripts/lib/require.sh). Exit 1 if any kill failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
 . scripts/lib/cleanup.sh
+. scripts/lib/require.sh
 
 kills_wanted=1000
 seconds=0
@@ -62,10 +64,7 @@ done
 for n in "$kills_wanted" "$seconds" "$timeout" "$seed"; do
     [[ $n =~ ^[0-9]+$ ]] || { echo "soak: $n is not a whole number (see --help)" >&2; exit 2; }
 done
-if [ "$(id -u)" != 0 ] || ! command -v docker-registry >/dev/null || ! command -v mkfs.erofs >/dev/null; then
-    echo "soak skipped: it needs root, docker-registry and mkfs.erofs"
-    exit 0
-fi
+require soak root docker-registry mkfs.erofs || exit 0
 [ -x "$bin/powernode-agent" ] && [ -x "$bin/powernode-controller" ] || {
     echo "soak: no powernode-agent or powernode-controller in $bin (make dist)" >&2
     exit 1
