@@ -230,29 +230,30 @@ make_sandbox() { # TOKEN
 # --- Desired state: a subset of module_names, as a bit mask (bit i = module_names[i]).
 
 assigned=0
+mask=0
 generation=0
 
 assign() { # MASK
-    local mask=$1 i refs=() out
+    local i refs=() out
     for i in "${!module_names[@]}"; do
-        ((mask >> i & 1)) && refs+=("${ref[${module_names[$i]}]}")
+        (($1 >> i & 1)) && refs+=("${ref[${module_names[$i]}]}")
     done
     [ ${#refs[@]} -gt 0 ] || refs=(--none)
     out=$("$ctl" module assign --node "$node_id" --data "$data" --plain-http --json "${refs[@]}")
     generation=$(json_field "$out" generation)
-    assigned=$mask
+    assigned=$1
 }
 
-# other_mask [WITH] [WITHOUT]: a random set other than the assigned one, with module bit
-# WITH set and bit WITHOUT clear where given.
+# other_mask [WITH] [WITHOUT]: sets $mask to a random set other than the assigned one, with
+# module bit WITH set and bit WITHOUT clear where given. (Not echoed: $RANDOM in a command
+# substitution is reseeded, and --seed would no longer replay the choices.)
 other_mask() {
-    local with=${1:-} without=${2:-} m
+    local with=${1:-} without=${2:-}
     while :; do
-        m=$((RANDOM % (1 << ${#module_names[@]})))
-        [ "$m" != "$assigned" ] || continue
-        [ -z "$with" ] || ((m >> with & 1)) || continue
-        [ -z "$without" ] || ! ((m >> without & 1)) || continue
-        echo "$m"
+        mask=$((RANDOM % (1 << ${#module_names[@]})))
+        [ "$mask" != "$assigned" ] || continue
+        [ -z "$with" ] || ((mask >> with & 1)) || continue
+        [ -z "$without" ] || ! ((mask >> without & 1)) || continue
         return
     done
 }
@@ -291,7 +292,8 @@ moment_restart() {
 # Half the time the kill lands anywhere in the 1.5 s after the assignment; the other half
 # within 50 ms of mountmgr starting to build the new stack (health check, switch, retire).
 moment_switch() {
-    assign "$(other_mask)"
+    other_mask
+    assign "$mask"
     if ((RANDOM % 2)); then
         sleep_ms $((RANDOM % 1500))
     else
@@ -306,11 +308,13 @@ moment_switch() {
 moment_download() {
     if ((assigned >> big_bit & 1)); then
         moment=switch
-        assign "$(other_mask "" "$big_bit")"
+        other_mask "" "$big_bit"
+        assign "$mask"
         sleep_ms $((RANDOM % 1500))
         return
     fi
-    assign "$(other_mask "$big_bit")"
+    other_mask "$big_bit"
+    assign "$mask"
     "$agent_bin" --root "$root" wait modulemgr/ModuleStatus --key big --field state=Downloading \
         --timeout 5 >/dev/null 2>&1 || moment=download-missed
     sleep_ms $((RANDOM % 100))
