@@ -7,7 +7,7 @@ PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mount
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint deps unit units e2e dist demo demo-pubsub bench clean
+.PHONY: all build test fmt lint deps unit units e2e soak dist demo demo-pubsub bench clean
 
 all: build
 
@@ -15,8 +15,9 @@ build:
 	$(CARGO) build --workspace
 
 ## test: formatting, lints, the dependency fence, every unit and integration test, the systemd
-## units, then a node booted against the real controller (scripts/e2e-node.sh).
-test: fmt lint deps unit units e2e
+## units, a node booted against the real controller (scripts/e2e-node.sh), then 100 kills of
+## the soak (scripts/soak.sh).
+test: fmt lint deps unit units e2e soak
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -38,6 +39,11 @@ units:
 
 e2e:
 	scripts/e2e-node.sh
+
+## soak: a whole node (release build) whose agents are SIGKILLed at random moments while its
+## desired state changes; every kill must converge (scripts/soak.sh, docs/reliability.md).
+soak: dist
+	scripts/soak.sh --kills 100
 
 ## dist: the release binaries (the node's multi-call executable and the reference controller),
 ## the argv[0] symlinks and the systemd units, in dist/.

@@ -5,6 +5,7 @@
 #
 #   device-steps.sh [--root DIR] [--bin DIR] [--timeout SECONDS]   start and wait
 #   device-steps.sh [--root DIR] --stop                            stop the agents it started
+#   device-steps.sh --list                                         the agents it starts, in order
 #
 # Agents log to <root>/run/powernode/<agent>.log; their pids are in <root>/run/powernode/<agent>.pid.
 set -euo pipefail
@@ -13,18 +14,19 @@ root=${POWERNODE_ROOT:-/}
 bin=$(cd "$(dirname "$0")/.." && pwd)/dist
 timeout=60
 stop=false
+list=false
 while [ $# -gt 0 ]; do
     case $1 in
         --root) root=$2; shift 2 ;;
         --bin) bin=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --stop) stop=true; shift ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --list) list=true; shift ;;
+        -h|--help) sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0"; exit 0 ;;
         *) echo "device-steps: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 run_dir=$root/run/powernode
-mkdir -p "$run_dir"
 
 # The boot order: agent, then the condition that must hold before the next one starts.
 steps=(
@@ -36,6 +38,12 @@ steps=(
     "modulemgr modulemgr/AgentStatus --field state=Running"
     "heartbeatd heartbeatd/ControllerStatus --field reachable=true"
 )
+
+if $list; then
+    for step in "${steps[@]}"; do echo "${step%% *}"; done
+    exit 0
+fi
+mkdir -p "$run_dir"
 
 if $stop; then
     for ((i = ${#steps[@]} - 1; i >= 0; i--)); do

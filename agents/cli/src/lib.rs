@@ -9,6 +9,7 @@
 //! powernode-agent [--root DIR] verify REF|BUILT [--policy NAME] [--json]
 //! powernode-agent [--root DIR] commit --name N --version V [--push REF] [--json]
 //! powernode-agent version [--json]
+//! powernode-agent agents
 //! powernode-agent [--root DIR] run <program> [ARGS]...
 //! ```
 //!
@@ -58,6 +59,8 @@ pub struct Host {
     pub build: BuildInfo,
     /// The names `run` accepts.
     pub programs: Vec<&'static str>,
+    /// The agents among them (the rest are tools), for `agents`.
+    pub agents: Vec<&'static str>,
     /// Starts the program `name` with `args` (`args[0]` is `name`) and returns its exit status;
     /// `None` if the binary has no such program.
     pub start: fn(&str, Vec<OsString>) -> Option<ExitCode>,
@@ -176,6 +179,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the agents of this binary, one name a line (the programs `run` accepts that are
+    /// daemons rather than tools), for scripts that must cover every agent.
+    Agents,
     /// Run a program of this binary by name, as if invoked under that name.
     ///
     /// E.g. `run ipcmonitor --list`. A --root given before `run` is passed on to the program.
@@ -241,6 +247,9 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
         )
         .context("writing to stdout")
         .map(|()| Exit::Success),
+        Command::Agents => agents(&mut std::io::stdout().lock(), &host.agents)
+            .context("writing to stdout")
+            .map(|()| Exit::Success),
         Command::Run { command } => return start(host, cli.root, command),
         Command::Attach {
             reference,
@@ -304,6 +313,14 @@ async fn wait(root: Root, args: WaitArgs) -> anyhow::Result<Exit> {
     let (key, item) = wait::wait(&dirs, &condition, args.timeout).await?;
     println!("{}", Value::Object(item.to_json(&key)));
     Ok(Exit::Success)
+}
+
+/// `agents`: one name a line.
+fn agents(out: &mut impl std::io::Write, names: &[&str]) -> std::io::Result<()> {
+    for name in names {
+        writeln!(out, "{name}")?;
+    }
+    out.flush()
 }
 
 /// `run <program> [args]`: hands over to another program of the binary.
@@ -422,6 +439,18 @@ mod tests {
         assert!(parse(&["pa", "run"]).is_err(), "run without a program");
         let help = parse(&["pa", "run", "--help"]).unwrap_err();
         assert_eq!(help.kind(), clap::error::ErrorKind::DisplayHelp);
+    }
+
+    #[test]
+    fn agents_lists_one_name_a_line() {
+        assert!(matches!(
+            parse(&["pa", "agents"]).unwrap().command,
+            Command::Agents
+        ));
+        assert!(parse(&["pa", "agents", "extra"]).is_err());
+        let mut out = Vec::new();
+        agents(&mut out, &["identitymgr", "enrollmgr"]).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "identitymgr\nenrollmgr\n");
     }
 
     #[test]

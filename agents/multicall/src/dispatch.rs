@@ -29,6 +29,23 @@ pub enum Program {
     Cli,
 }
 
+impl Program {
+    /// Whether the program is an agent (a daemon with a unit of its own, started by
+    /// device-steps.sh) rather than a tool. A match without a wildcard, so that a new program
+    /// cannot be added without saying which it is.
+    pub fn is_agent(self) -> bool {
+        match self {
+            Program::Identitymgr
+            | Program::Enrollmgr
+            | Program::Heartbeatd
+            | Program::Modulemgr
+            | Program::Verifier
+            | Program::Mountmgr => true,
+            Program::Ipcmonitor | Program::Cli => false,
+        }
+    }
+}
+
 /// Every program that has a name of its own. Agents are added here as they arrive.
 const PROGRAMS: &[(&str, Program)] = &[
     ("ipcmonitor", Program::Ipcmonitor),
@@ -71,6 +88,15 @@ pub fn event_sources() -> Vec<&'static str> {
 /// The names `run` accepts.
 pub fn names() -> Vec<&'static str> {
     PROGRAMS.iter().map(|(name, _)| *name).collect()
+}
+
+/// The names of the agents among them, in table order, for `agents`.
+pub fn agents() -> Vec<&'static str> {
+    PROGRAMS
+        .iter()
+        .filter(|(_, program)| program.is_agent())
+        .map(|(name, _)| *name)
+        .collect()
 }
 
 #[cfg(test)]
@@ -137,6 +163,26 @@ mod tests {
         for name in names() {
             assert!(by_name(name).is_some());
             assert_ne!(by_name(name), Some(Program::Cli));
+        }
+    }
+
+    #[test]
+    fn agents_are_the_programs_that_are_not_tools() {
+        assert_eq!(
+            agents(),
+            [
+                "identitymgr",
+                "enrollmgr",
+                "heartbeatd",
+                "modulemgr",
+                "verifier",
+                "mountmgr"
+            ]
+        );
+        assert!(!Program::Ipcmonitor.is_agent());
+        assert!(!Program::Cli.is_agent());
+        for name in agents() {
+            assert!(names().contains(&name), "{name} is not a run name");
         }
     }
 }

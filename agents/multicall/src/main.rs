@@ -63,6 +63,7 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
             &powernode_cli::Host {
                 build: BUILD,
                 programs: dispatch::names(),
+                agents: dispatch::agents(),
                 start: start_by_name,
             },
         ),

@@ -172,6 +172,16 @@ fn run_starts_programs_by_name() {
 }
 
 #[test]
+fn agents_lists_the_agents_of_the_dispatch_table() {
+    let out = run(std::process::Command::new(bin()).arg("agents"));
+    out.assert_code(0);
+    assert_eq!(
+        out.stdout,
+        "identitymgr\nenrollmgr\nheartbeatd\nmodulemgr\nverifier\nmountmgr\n"
+    );
+}
+
+#[test]
 fn version_and_help() {
     let out = run(std::process::Command::new(bin()).args(["version", "--json"]));
     out.assert_code(0);
@@ -189,7 +199,7 @@ fn version_and_help() {
         "{doc}"
     );
 
-    for command in ["status", "wait", "version", "run"] {
+    for command in ["status", "wait", "version", "agents", "run"] {
         let out = run(std::process::Command::new(bin()).args([command, "--help"]));
         assert_eq!(out.code(), Some(0), "{command}: {out:?}");
         assert!(
