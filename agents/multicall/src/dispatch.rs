@@ -40,7 +40,8 @@ impl Program {
             | Program::Heartbeatd
             | Program::Modulemgr
             | Program::Verifier
-            | Program::Mountmgr => true,
+            | Program::Mountmgr
+            | Program::Eventd => true,
             Program::Ipcmonitor | Program::Cli => false,
         }
     }
@@ -73,16 +74,6 @@ pub fn by_name(name: &str) -> Option<Program> {
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, program)| *program)
-}
-
-/// The agents whose `Event` topics eventd journals: every program in the table but the tools,
-/// so an agent added to the table is covered without touching eventd.
-pub fn event_sources() -> Vec<&'static str> {
-    PROGRAMS
-        .iter()
-        .filter(|(_, program)| !matches!(program, Program::Ipcmonitor | Program::Cli))
-        .map(|(name, _)| *name)
-        .collect()
 }
 
 /// The names `run` accepts.
@@ -157,7 +148,8 @@ mod tests {
                 "heartbeatd",
                 "modulemgr",
                 "verifier",
-                "mountmgr"
+                "mountmgr",
+                "eventd"
             ]
         );
         for name in names() {
@@ -176,7 +168,8 @@ mod tests {
                 "heartbeatd",
                 "modulemgr",
                 "verifier",
-                "mountmgr"
+                "mountmgr",
+                "eventd"
             ]
         );
         assert!(!Program::Ipcmonitor.is_agent());

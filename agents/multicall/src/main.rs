@@ -54,9 +54,7 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
         ),
         Program::Eventd => agentbase::exit_code(
             "eventd",
-            agentbase::run_agent("eventd", args, |ctx| {
-                eventd::run(ctx, dispatch::event_sources())
-            }),
+            agentbase::run_agent("eventd", args, |ctx| eventd::run(ctx, dispatch::agents())),
         ),
         Program::Cli => powernode_cli::run(
             args,
