@@ -86,15 +86,18 @@ printf '%-26s %14s %8s %8s\n' TARGET EXECS CRASHES SECONDS
 for t in "${targets[@]}"; do
     out="$out_root/$t"
     rm -rf "$out"
-    mkdir -p "$out/tmp"
+    mkdir -p "$out"
+    # The settings target writes its files under TMPDIR on every input: in memory if possible.
+    tmp="$(mktemp -d "${FUZZ_TMP:-/dev/shm}/powernode-fuzz.XXXXXX" 2>/dev/null || mktemp -d)"
     args=(-i "fuzz/corpus/$t" -o "$out" -V "$seconds")
     [ -n "$execs" ] && args+=(-E "$execs")
-    # The settings target writes its files under TMPDIR: keep them with this run's output.
-    if ! TMPDIR="$out/tmp" cargo afl fuzz "${args[@]}" -- "$harness" "$t" >"$out/afl.log" 2>&1; then
+    if ! TMPDIR="$tmp" cargo afl fuzz "${args[@]}" -- "$harness" "$t" >"$out/afl.log" 2>&1; then
+        rm -rf "$tmp"
         echo "fuzz.sh: afl-fuzz failed for $t; the end of $out/afl.log:" >&2
         tail -n 20 "$out/afl.log" >&2
         exit 1
     fi
+    rm -rf "$tmp"
     stats="$out/default/fuzzer_stats"
     run_execs="$(stat "$stats" execs_done)"
     run_seconds="$(stat "$stats" run_time)"
