@@ -7,7 +7,7 @@ PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mount
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint deps unit units e2e soak dist demo demo-pubsub bench clean
+.PHONY: all build test fmt lint deps unit units e2e soak dist demo demo-pubsub bench fuzz clean
 
 all: build
 
@@ -66,6 +66,11 @@ demo-pubsub: dist
 ## bench: the pubsub benchmark (release build, pinned, ratios against floors).
 bench:
 	scripts/bench-pubsub.sh
+
+## fuzz: every fuzz target in turn with afl.rs (scripts/fuzz.sh; needs `cargo install cargo-afl`).
+## Not part of `make test`, which replays the corpora without afl. FUZZ_ARGS="--seconds 60".
+fuzz:
+	scripts/fuzz.sh $(FUZZ_ARGS)
 
 clean:
 	$(CARGO) clean

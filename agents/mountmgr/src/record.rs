@@ -176,20 +176,10 @@ impl RecordStore {
                 }
             }
         };
-        let record: Record = match serde_json::from_slice(&bytes) {
-            Ok(r) => r,
-            Err(e) => return Err(self.quarantine(target, &format!("not a record: {e}"))),
-        };
-        if record.version != RECORD_VERSION {
-            return Err(self.quarantine(
-                target,
-                &format!("version {} (want {RECORD_VERSION})", record.version),
-            ));
+        match parse(&bytes, target) {
+            Ok(record) => Ok(Some(record)),
+            Err(reason) => Err(self.quarantine(target, &reason)),
         }
-        if record.target != target {
-            return Err(self.quarantine(target, &format!("names target {:?}", record.target)));
-        }
-        Ok(Some(record))
     }
 
     /// Moves the record and its checksum aside as `<name>.corrupt-<ms>`.
@@ -266,6 +256,23 @@ impl RecordStore {
             _ => Ok(()),
         }
     }
+}
+
+/// Decodes the bytes of `target`'s record, once its checksum matched: JSON of this
+/// [`RECORD_VERSION`], naming `target`. The error is the reason [`RecordStore::load`] gives when
+/// it quarantines the record. Public so that the fuzz targets (`fuzz/`) run this very decoder.
+pub fn parse(bytes: &[u8], target: &str) -> Result<Record, String> {
+    let record: Record = serde_json::from_slice(bytes).map_err(|e| format!("not a record: {e}"))?;
+    if record.version != RECORD_VERSION {
+        return Err(format!(
+            "version {} (want {RECORD_VERSION})",
+            record.version
+        ));
+    }
+    if record.target != target {
+        return Err(format!("names target {:?}", record.target));
+    }
+    Ok(record)
 }
 
 fn read_optional(path: &Path) -> io::Result<Option<Vec<u8>>> {
