@@ -192,14 +192,8 @@ impl Events {
         r.dropped = 0;
         r.pending.insert(seq, (event.id.clone(), severity));
         drop(r);
-        match severity {
-            Severity::Critical | Severity::Error => {
-                tracing::warn!(kind, %message, seq, "event raised")
-            }
-            Severity::Warning | Severity::Info => {
-                tracing::info!(kind, %message, seq, "event raised")
-            }
-        }
+        // The event itself is the record; a log line per raise would double a burst.
+        tracing::debug!(kind, %message, seq, ?severity, "event raised");
         if inner.publication.is_durable(&event.id) {
             Ok(())
         } else {
