@@ -10,7 +10,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agentbase::{Context, Root, Settings};
-use common::{controller, spawn_agent};
+use common::{controller, resolved_identity, spawn_agent};
 use powernode_types::node_api::EventRecord;
 use powernode_types::Severity;
 
@@ -92,7 +92,7 @@ async fn events_raised_during_an_outage_reach_the_controller_once() {
     use powernode_controller::server::{RunningController, ServeOptions};
     use powernode_controller::storage::{EventQuery, Storage};
     use powernode_pubsub::{Dirs, Publication, Subscription};
-    use powernode_types::{EventdStatus, IdentitySource, IdentityState, NodeIdentity};
+    use powernode_types::{EventdStatus, NodeIdentity};
 
     let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
     let root = dir.path().join("root");
@@ -107,19 +107,12 @@ async fn events_raised_during_an_outage_reach_the_controller_once() {
     let identity =
         Publication::<NodeIdentity>::open(&Dirs::under_root(&root), "identitymgr").unwrap();
     identity
-        .publish(&NodeIdentity {
-            state: IdentityState::Resolved,
-            uuid: Some("uuid-events".into()),
-            source: Some(IdentitySource::IdentityCfg),
-            boot_id: "boot-1".into(),
-            hostname: "edge-1".into(),
-            arch: "amd64".into(),
-            dmi_uuid: None,
-            bootstrap_token: Some(token),
-            controller_url: Some(format!("https://127.0.0.1:{}", addr.port())),
-            ca_pem: Some(ctl.ca_pem().to_owned()),
-            last_error: None,
-        })
+        .publish(&resolved_identity(
+            "uuid-events",
+            token,
+            &format!("https://127.0.0.1:{}", addr.port()),
+            ctl.ca_pem(),
+        ))
         .unwrap();
     let enrollmgr = spawn_agent(&root, "enrollmgr", "");
     let eventd = spawn_agent(&root, "eventd", "");

@@ -11,14 +11,12 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
-use common::{controller, spawn_agent};
+use common::{controller, resolved_identity, spawn_agent};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
 use powernode_transport::ControllerClient;
 use powernode_types::node_api::{HeartbeatRequest, HeartbeatResponse};
-use powernode_types::{
-    EnrollmentState, EnrollmentStatus, IdentitySource, IdentityState, NodeIdentity,
-};
+use powernode_types::{EnrollmentState, EnrollmentStatus, NodeIdentity};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -68,19 +66,12 @@ async fn kill_at(point: &str) {
     let identity =
         Publication::<NodeIdentity>::open(&Dirs::under_root(&root), "identitymgr").unwrap();
     identity
-        .publish(&NodeIdentity {
-            state: IdentityState::Resolved,
-            uuid: Some(format!("uuid-{point}")),
-            source: Some(IdentitySource::IdentityCfg),
-            boot_id: "boot-1".into(),
-            hostname: "edge-1".into(),
-            arch: "amd64".into(),
-            dmi_uuid: None,
-            bootstrap_token: Some(token),
-            controller_url: Some(url.clone()),
-            ca_pem: Some(ctl.ca_pem().to_owned()),
-            last_error: None,
-        })
+        .publish(&resolved_identity(
+            &format!("uuid-{point}"),
+            token,
+            &url,
+            ctl.ca_pem(),
+        ))
         .unwrap();
 
     // Hit 1 is the enrollment's switch, hit 2 the rotation's (at 6 s of 8).

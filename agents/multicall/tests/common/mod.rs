@@ -318,3 +318,25 @@ pub fn spawn_agent(root: &Path, agent: &str, failpoints: &str) -> Child {
         .spawn()
         .unwrap()
 }
+
+/// What identitymgr publishes for a node that enrolls with `token` at `url`, pinning `ca_pem`.
+pub fn resolved_identity(
+    uuid: &str,
+    token: String,
+    url: &str,
+    ca_pem: &str,
+) -> powernode_types::NodeIdentity {
+    powernode_types::NodeIdentity {
+        state: powernode_types::IdentityState::Resolved,
+        uuid: Some(uuid.to_owned()),
+        source: Some(powernode_types::IdentitySource::IdentityCfg),
+        boot_id: "boot-1".into(),
+        hostname: "edge-1".into(),
+        arch: "amd64".into(),
+        dmi_uuid: None,
+        bootstrap_token: Some(token),
+        controller_url: Some(url.to_owned()),
+        ca_pem: Some(ca_pem.to_owned()),
+        last_error: None,
+    }
+}
