@@ -34,9 +34,10 @@
 # The last line is one JSON object: kills, converged, failures (converged + failures = kills),
 # converge_p50_s, converge_p99_s, converge_max_s (over the converged kills), leaked_mounts
 # (mounts and loop devices still there at a failed check), quarantined (files found),
-# events_lost, events_duplicated (no agent raises events yet: see docs/reliability.md).
+# events_lost, events_duplicated (of the agent.started event every start raises, counted on
+# the controller once the node has delivered everything: scripts/lib/soak_events.py).
 # Needs root, docker-registry and mkfs.erofs: skipped (exit 0) without them, a failure under
-# CI=true (scripts/lib/require.sh). Exit 1 if any kill failed.
+# CI=true (scripts/lib/require.sh). Exit 1 if any kill failed or an event was lost or duplicated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
@@ -283,9 +284,11 @@ big_bit=2
 
 moment_idle() { sleep_ms $((RANDOM % 500)); }
 
+# The process started here may die before it raises agent.started: the event tally allows it.
 moment_restart() {
     stop_agent "$victim"
     start_agent "$victim"
+    early_starts[$victim]=$((${early_starts[$victim]:-0} + 1))
     sleep_ms $((RANDOM % 300))
 }
 
@@ -340,6 +343,9 @@ pick_moment() {
 # --- Bookkeeping.
 
 kills=0
+# Per agent, for the event tally: processes seen Running (each raised agent.started), and those
+# killed too early, or never seen converged, to be sure they did.
+declare -A running_starts early_starts
 converged=0
 failures=0
 : >"$work/times" >"$work/leaks" >"$work/quarantined"
@@ -371,21 +377,42 @@ keep_failure() {
     grep " $root/" /proc/self/mountinfo >"$failed_dir/kill-$1/mountinfo.txt" || true
 }
 
+# tally_events: sets $events_lost and $events_duplicated from the controller's agent.started
+# events, once nothing is left to deliver. Without eventd nothing is delivered: nothing counted.
+events_lost=0
+events_duplicated=0
+tally_events() {
+    local args=() a tally
+    if ! printf '%s\n' "${agents[@]}" | grep -qx eventd; then
+        say "no eventd among the agents: events not counted (events_lost and events_duplicated are 0)"
+        return
+    fi
+    for a in "${agents[@]}"; do
+        args+=(--started "$a=${running_starts[$a]}" --early "$a=${early_starts[$a]:-0}")
+    done
+    tally=$("$python" scripts/lib/soak_events.py --root "$root" --agent-bin "$agent_bin" \
+        --data "$data" --listen "$listen" --node-id "$node_id" "${args[@]}")
+    events_lost=$(json_field "$tally" events_lost)
+    events_duplicated=$(json_field "$tally" events_duplicated)
+    say "agent.started events: $(json_field "$tally" delivered) on the controller for at least" \
+        "$(json_field "$tally" raised_at_least) starts raised; $events_lost lost, $events_duplicated duplicated"
+    json_field "$tally" problems | while read -r p; do [ -z "$p" ] || say "events: $p"; done
+}
+
 summary() { # the last line
     "$python" - "$work/times" "$kills" "$converged" "$failures" \
-        "$(sort -u "$work/leaks" | grep -c . || true)" "$(sort -u "$work/quarantined" | grep -c . || true)" <<'EOF'
+        "$(sort -u "$work/leaks" | grep -c . || true)" "$(sort -u "$work/quarantined" | grep -c . || true)" \
+        "$events_lost" "$events_duplicated" <<'EOF'
 import json, math, sys
 times = sorted(float(t) for t in open(sys.argv[1]).read().split())
 def rank(p):  # nearest rank
     return times[max(0, math.ceil(p * len(times)) - 1)] if times else None
-kills, converged, failures, leaked, quarantined = (int(x) for x in sys.argv[2:7])
+kills, converged, failures, leaked, quarantined, lost, duplicated = (int(x) for x in sys.argv[2:9])
 print(json.dumps({"kills": kills, "converged": converged, "failures": failures,
                   "converge_p50_s": rank(0.50), "converge_p99_s": rank(0.99),
                   "converge_max_s": times[-1] if times else None,
                   "leaked_mounts": leaked, "quarantined": quarantined,
-                  # No agent raises events yet (eventd is not in the dispatch table): nothing
-                  # raised, nothing lost or duplicated. docs/reliability.md says so.
-                  "events_lost": 0, "events_duplicated": 0}))
+                  "events_lost": lost, "events_duplicated": duplicated}))
 EOF
 }
 
@@ -409,6 +436,7 @@ cert_sha256=$(sha256sum "$root/persist/powernode/pki/cert.pem" | cut -d' ' -f1)
 assign 7
 converge "$EPOCHREALTIME" 120 || { say "the node never converged before the first kill: $result"; exit 1; }
 stack=$(json_field "$result" stack)
+for a in "${agents[@]}"; do running_starts[$a]=1; done
 say "node $node_id booted, all modules active; soaking"
 
 started=$SECONDS
@@ -426,14 +454,17 @@ while ((kills < kills_wanted)) && { ((seconds == 0)) || ((SECONDS - started < se
     if converge "$killed_at" "$timeout" "$keep"; then
         record "$round" "$victim" "$moment" yes
         stack=$(json_field "$result" stack)
+        running_starts[$victim]=$((running_starts[$victim] + 1))
     else
         record "$round" "$victim" "$moment" no
         stack=
+        early_starts[$victim]=$((${early_starts[$victim]:-0} + 1))
     fi
     ((kills % 50)) || say "$kills kills, $failures failed, $((SECONDS - started)) s"
 done
 say "$kills kills in $((SECONDS - started)) s"
 [ -z "$keep_log" ] || cp "$log" "$keep_log"
 [ -z "$failed_dir" ] || { cp "$log" "$failed_dir/"; say "failures kept in $failed_dir"; }
+tally_events
 summary
-[ "$failures" = 0 ]
+[ "$failures" = 0 ] && [ "$events_lost" = 0 ] && [ "$events_duplicated" = 0 ]
