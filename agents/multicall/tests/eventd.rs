@@ -10,7 +10,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agentbase::{Context, Root, Settings};
-use common::{controller, resolved_identity, spawn_agent};
+use common::{controller, node_root, resolved_identity, spawn_agent};
 use powernode_types::node_api::EventRecord;
 use powernode_types::Severity;
 
@@ -94,14 +94,7 @@ async fn events_raised_during_an_outage_reach_the_controller_once() {
     use powernode_pubsub::{Dirs, Publication, Subscription};
     use powernode_types::{EventdStatus, NodeIdentity};
 
-    let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
-    std::fs::write(
-        root.join("etc/powernode/agent.toml"),
-        "[controller]\nmax_backoff_s = 1\nrequest_timeout_ms = 3000\n",
-    )
-    .unwrap();
+    let (dir, root) = node_root();
     let (ctl, token) = controller(dir.path(), Duration::from_secs(3600)).await;
     let addr = ctl.addr();
     let identity =

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
-use common::{controller, resolved_identity, spawn_agent};
+use common::{controller, node_root, resolved_identity, spawn_agent};
 use powernode_pubsub::{Dirs, Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
 use powernode_transport::ControllerClient;
@@ -53,14 +53,7 @@ async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
 
 /// One crash point: enroll, die at the rotation's switch, restart, converge.
 async fn kill_at(point: &str) {
-    let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
-    let root = dir.path().join("root");
-    std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
-    std::fs::write(
-        root.join("etc/powernode/agent.toml"),
-        "[controller]\nmax_backoff_s = 1\nrequest_timeout_ms = 3000\n",
-    )
-    .unwrap();
+    let (dir, root) = node_root();
     let (ctl, token) = controller(dir.path(), Duration::from_secs(8)).await;
     let url = format!("https://127.0.0.1:{}", ctl.addr().port());
     let identity =

@@ -340,3 +340,17 @@ pub fn resolved_identity(
         last_error: None,
     }
 }
+
+/// A temp directory with a node root in `root/` whose agents retry the controller every second
+/// at most: the directory (removed when dropped) and the root.
+pub fn node_root() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
+    std::fs::write(
+        root.join("etc/powernode/agent.toml"),
+        "[controller]\nmax_backoff_s = 1\nrequest_timeout_ms = 3000\n",
+    )
+    .unwrap();
+    (dir, root)
+}
