@@ -188,6 +188,8 @@ impl Events {
             dropped_before: r.dropped,
         };
         inner.publication.publish(&event)?;
+        // A kill right after the event is on disk: it must still reach the controller.
+        failpoint::hit("events.raised");
         r.next_seq += 1;
         r.dropped = 0;
         r.pending.insert(seq, (event.id.clone(), severity));

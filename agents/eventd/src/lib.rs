@@ -345,9 +345,13 @@ async fn send_batch(
         return Ok(0);
     };
     let through = last + 1;
+    // An event journalled twice (eventd killed between the sync and the acknowledgement) may
+    // sit twice in one batch, which the controller refuses whole: send it once.
+    let mut seen = std::collections::HashSet::new();
     let events: Vec<EventRecord> = records
         .iter()
-        .filter_map(|(_, bytes)| postcard::from_bytes(bytes).ok())
+        .filter_map(|(_, bytes)| postcard::from_bytes::<EventRecord>(bytes).ok())
+        .filter(|e| seen.insert(e.id.clone()))
         .collect();
     let client = controller(ctx, enrollment, client)?;
     let reply: EventsResponse = client

@@ -1,0 +1,353 @@
+//! The events benchmark's measurement (scripts/bench-events.sh runs it beside its floor):
+//! events raised by one agent → journalled by the real eventd → accepted by the real
+//! controller, a separate process on loopback. Prints one JSON line.
+//!
+//! ```text
+//! bench-events --agent-bin B --controller-bin C --dir D [--count N] [--latency-count M]
+//!              [--rate R] [--size S] [--controller-cpu K]
+//! ```
+//!
+//! This process plays the raising agent (`heartbeatd`, through agentbase as the real agent
+//! raises) and publishes the node's identity; it starts the real enrollmgr and eventd from
+//! `--agent-bin` under a node root in `D`, and the controller from `--controller-bin` (pinned
+//! to `--controller-cpu`: the controller is another machine in a fleet, so it does not share
+//! the node's CPU). Two phases:
+//!
+//! - **throughput**: `N` events raised back to back; `events_per_s` is `N` over the time from
+//!   the first raise until eventd has acknowledged the last (journalled and synced). The raiser
+//!   waits while its pending events near the per-agent bound, so the rate is eventd's, not a
+//!   rate bought by dropping events.
+//! - **latency**: `M` events raised at `R` a second while the controller is up; the latency of
+//!   each is the controller's receive time minus the raise time (one clock, milliseconds).
+//!
+//! Then every event of both phases is looked up on the controller by its message:
+//! `events_lost` are missing ones, `events_duplicated` rows beyond one per event.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentbase::events::PENDING_CAP;
+use agentbase::{Context, Root, Settings};
+use powernode_controller::storage::{EventQuery, Storage};
+use powernode_pubsub::{Dirs, Publication, Subscription};
+use powernode_types::{
+    EnrollmentState, EnrollmentStatus, IdentitySource, IdentityState, NodeIdentity, Severity,
+};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const USAGE: &str = "usage: bench-events --agent-bin B --controller-bin C --dir D [--count N] \
+                     [--latency-count M] [--rate R] [--size S] [--controller-cpu K]";
+
+struct Args {
+    agent_bin: PathBuf,
+    controller_bin: PathBuf,
+    dir: PathBuf,
+    count: u32,
+    latency_count: u32,
+    rate: u32,
+    size: usize,
+    controller_cpu: Option<u32>,
+}
+
+impl Args {
+    fn parse() -> Res<Args> {
+        let mut flags = BTreeMap::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(flag) = it.next() {
+            let name = flag.strip_prefix("--").ok_or(USAGE)?.to_owned();
+            let value = it.next().ok_or(USAGE)?;
+            flags.insert(name, value);
+        }
+        let path =
+            |name: &str| -> Res<PathBuf> { Ok(PathBuf::from(flags.get(name).ok_or(USAGE)?)) };
+        let num = |name: &str, default: u32| -> Res<u32> {
+            flags
+                .get(name)
+                .map_or(Ok(default), |v| v.parse().map_err(|_| USAGE.into()))
+        };
+        Ok(Args {
+            agent_bin: path("agent-bin")?,
+            controller_bin: path("controller-bin")?,
+            dir: path("dir")?,
+            count: num("count", 20_000)?,
+            latency_count: num("latency-count", 2_000)?,
+            rate: num("rate", 500)?.max(1),
+            size: num("size", 1024)? as usize,
+            controller_cpu: flags.get("controller-cpu").map(|v| v.parse()).transpose()?,
+        })
+    }
+}
+
+/// Children killed when the benchmark ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn main() {
+    let result = Args::parse().and_then(|args| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(bench(&args))
+    });
+    if let Err(e) = result {
+        eprintln!("bench-events: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn bench(args: &Args) -> Res<()> {
+    let data = args.dir.join("controller");
+    let root = args.dir.join("root");
+    std::fs::create_dir_all(root.join("etc/powernode"))?;
+    std::fs::write(
+        root.join("etc/powernode/agent.toml"),
+        "[controller]\nmax_backoff_s = 1\n",
+    )?;
+    let mut children = Children(Vec::new());
+
+    let (controller, listen) = start_controller(args, &data)?;
+    children.0.push(controller);
+    let token = capture(
+        Command::new(&args.controller_bin)
+            .args(["token", "create", "--data"])
+            .arg(&data)
+            .args(["--ttl", "10m"]),
+    )?;
+    let ca_pem = std::fs::read_to_string(data.join("ca.crt.pem"))?;
+    let dirs = Dirs::under_root(&root);
+    let identity = Publication::<NodeIdentity>::open(&dirs, "identitymgr")?;
+    identity.publish(&NodeIdentity {
+        state: IdentityState::Resolved,
+        uuid: Some("bench-events".into()),
+        source: Some(IdentitySource::IdentityCfg),
+        boot_id: "boot-1".into(),
+        hostname: "bench".into(),
+        arch: "amd64".into(),
+        dmi_uuid: None,
+        bootstrap_token: Some(token.trim().to_owned()),
+        controller_url: Some(format!("https://{listen}")),
+        ca_pem: Some(ca_pem),
+        last_error: None,
+    })?;
+    children.0.push(agent(args, &root, "enrollmgr")?);
+    wait_enrolled(&dirs).await?;
+    let eventd = agent(args, &root, "eventd")?;
+    let eventd_pid = eventd.id();
+    children.0.push(eventd);
+
+    let ctx = Context::new("heartbeatd", Root::new(&root), Settings::default())?;
+    let padding = "x".repeat(args.size.saturating_sub(200));
+
+    // Throughput: back to back, until eventd has acknowledged the last.
+    let start = Instant::now();
+    for i in 0..args.count {
+        while ctx.events.pending() >= PENDING_CAP - 100 {
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        ctx.events.raise(
+            Severity::Info,
+            "bench.throughput",
+            &i.to_string(),
+            &[("padding", &padding)],
+        )?;
+        if i % 32 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    while ctx.events.pending() > 0 {
+        if start.elapsed() > Duration::from_secs(600) {
+            return Err("eventd did not acknowledge the burst within 10 minutes".into());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let events_per_s = f64::from(args.count) / start.elapsed().as_secs_f64();
+
+    // Let delivery of the burst finish, so the latency phase measures a controller that is
+    // up and idle, not the tail of the burst's backlog.
+    wait_stored(&data, "bench.throughput", args.count as usize).await?;
+
+    // Latency: a steady rate.
+    let period = Duration::from_secs(1) / args.rate;
+    let mut next = tokio::time::Instant::now();
+    for i in 0..args.latency_count {
+        tokio::time::sleep_until(next).await;
+        next += period;
+        ctx.events.raise(
+            Severity::Info,
+            "bench.latency",
+            &i.to_string(),
+            &[("padding", &padding)],
+        )?;
+    }
+    let latency_events = wait_stored(&data, "bench.latency", args.latency_count as usize).await?;
+    let mut latencies: Vec<i64> = latency_events
+        .values()
+        .flatten()
+        .map(|(at, received)| received - at)
+        .collect();
+    latencies.sort_unstable();
+    let throughput_events = wait_stored(&data, "bench.throughput", 0).await?;
+
+    let (lost, duplicated) = [
+        (throughput_events, args.count),
+        (latency_events, args.latency_count),
+    ]
+    .iter()
+    .fold((0, 0), |(lost, dup), (stored, count)| {
+        let missing = (0..*count).filter(|i| !stored.contains_key(i)).count();
+        let extra: usize = stored.values().map(|rows| rows.len() - 1).sum();
+        (lost + missing, dup + extra)
+    });
+    let rss_mib = peak_rss_kib(eventd_pid)? as f64 / 1024.0;
+    println!(
+        "{{\"events\":{},\"latency_events\":{},\"rate\":{},\"size\":{},\
+         \"events_per_s\":{events_per_s:.0},\"raise_to_controller_p50_ms\":{},\
+         \"raise_to_controller_p99_ms\":{},\"raise_to_controller_max_ms\":{},\
+         \"events_lost\":{lost},\"events_duplicated\":{duplicated},\
+         \"eventd_peak_rss_mib\":{rss_mib:.1}}}",
+        args.count,
+        args.latency_count,
+        args.rate,
+        args.size,
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        latencies.last().copied().unwrap_or(0),
+    );
+    Ok(())
+}
+
+/// The controller on a free loopback port: the child and the address it listens on.
+fn start_controller(args: &Args, data: &Path) -> Res<(Child, String)> {
+    let out = args.dir.join("controller.out");
+    let mut command = match args.controller_cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string()]).arg(&args.controller_bin);
+            c
+        }
+        None => Command::new(&args.controller_bin),
+    };
+    let child = command
+        .args(["serve", "--data"])
+        .arg(data)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(std::fs::File::create(args.dir.join("controller.log"))?)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(addr) = text.lines().find_map(|l| l.strip_prefix("listening on ")) {
+            return Ok((child, addr.trim().to_owned()));
+        }
+        if Instant::now() > deadline {
+            return Err("the controller did not start (see controller.log)".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `powernode-agent run <agent> --root <root>`, logging to `<dir>/<agent>.log`.
+fn agent(args: &Args, root: &Path, name: &str) -> Res<Child> {
+    let log = std::fs::File::create(args.dir.join(format!("{name}.log")))?;
+    Ok(Command::new(&args.agent_bin)
+        .args(["run", name, "--root"])
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+fn capture(command: &mut Command) -> Res<String> {
+    let out = command.stderr(Stdio::inherit()).output()?;
+    if !out.status.success() {
+        return Err(format!("{command:?} failed: {}", out.status).into());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+async fn wait_enrolled(dirs: &Dirs) -> Res<()> {
+    let mut status = Subscription::<EnrollmentStatus>::connect(dirs, "enrollmgr");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if status
+            .get(powernode_types::GLOBAL_KEY)
+            .is_some_and(|s| s.state == EnrollmentState::Enrolled)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err("the node did not enroll within 60 s (see enrollmgr.log)".into());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), status.next()).await;
+    }
+}
+
+/// The controller's events of `kind` by message number: (raised, received) ms of each row,
+/// once at least `want` distinct messages are stored (at most 120 s).
+async fn wait_stored(data: &Path, kind: &str, want: usize) -> Res<BTreeMap<u32, Vec<(i64, i64)>>> {
+    let storage = Storage::open(data).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let result = loop {
+        let mut by_message: BTreeMap<u32, Vec<(i64, i64)>> = BTreeMap::new();
+        let mut after = None;
+        loop {
+            let page = storage
+                .events(&EventQuery {
+                    kind: Some(kind.to_owned()),
+                    after,
+                    limit: 5000,
+                    ..EventQuery::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.cursor);
+            for e in &page {
+                let n: u32 = e.message.parse()?;
+                by_message
+                    .entry(n)
+                    .or_default()
+                    .push((e.at_ms, e.received_ms));
+            }
+        }
+        if by_message.len() >= want || Instant::now() > deadline {
+            break by_message;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    storage.close().await;
+    Ok(result)
+}
+
+/// The `p`th percentile of sorted values (nearest rank).
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// A process's peak resident set (`VmHWM`), KiB.
+fn peak_rss_kib(pid: u32) -> Res<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| format!("no VmHWM for pid {pid}").into())
+}
