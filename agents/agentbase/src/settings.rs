@@ -961,10 +961,7 @@ mod tests {
             ("journal_max_mib = \"big\"", "events.journal_max_mib"),
             ("journal_max = 3", "journal_max"),
         ] {
-            let (_dir, got) = load(&[(
-                "agent.toml.d/50-ev.toml",
-                &format!("[events]\n{line}\n"),
-            )]);
+            let (_dir, got) = load(&[("agent.toml.d/50-ev.toml", &format!("[events]\n{line}\n"))]);
             let err = got.unwrap_err().to_string();
             assert!(
                 err.contains(want) && err.contains("50-ev.toml"),

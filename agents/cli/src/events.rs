@@ -2,7 +2,8 @@
 //! it: nothing here repairs, moves or deletes a file; [`eventd::view`] copes with segments
 //! appended, compacted or deleted while it reads).
 //!
-//! One line per event, oldest first: time (the node's clock, UTC), agent, severity, kind,
+//! One line per event, oldest first (by the time raised; under `--follow`, new ones as they
+//! are journalled): time (the node's clock, UTC), agent, severity, kind,
 //! message, fields as `key=value`. `--pending` keeps only what the controller has not
 //! accepted yet: the journal's records past the delivery cursor, then the events agents have
 //! raised that eventd has not journalled yet (read from their `<agent>/Event` checkpoints,
@@ -72,7 +73,10 @@ pub async fn run(root: &Root, options: Options) -> anyhow::Result<Exit> {
 
 async fn show(root: &Root, options: Options) -> anyhow::Result<Exit> {
     let dir = journal_dir(root);
-    let view = read(&dir, None)?;
+    let mut view = read(&dir, None)?;
+    // The journal's order is arrival order; an agent's snapshot arrives in key order.
+    view.records
+        .sort_by(|(_, a), (_, b)| (a.at_ms, &a.agent, a.seq).cmp(&(b.at_ms, &b.agent, b.seq)));
     if !dir.exists() {
         eprintln!("no event journal at {} (eventd has not run)", dir.display());
     }
@@ -81,7 +85,7 @@ async fn show(root: &Root, options: Options) -> anyhow::Result<Exit> {
     let mut last = None;
     for (index, record) in &view.records {
         seen.insert(record.id.clone());
-        last = Some(*index);
+        last = last.max(Some(*index));
         let stage = if *index < view.cursor {
             Stage::Delivered
         } else {
