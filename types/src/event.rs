@@ -78,6 +78,10 @@ impl Topic for EventAck {
 pub struct EventdStatus {
     /// Events in the journal.
     pub journal_len: u64,
+    /// Bytes the journal's segments take on disk.
+    pub journal_bytes: u64,
+    /// The journal's bound (`events.journal_max_mib`), in bytes.
+    pub journal_max_bytes: u64,
     /// Journalled events not yet accepted by the controller.
     pub pending: u64,
     /// Events accepted by the controller since eventd started.
@@ -86,11 +90,19 @@ pub struct EventdStatus {
     pub last_delivery_ms: Option<u64>,
     /// The last delivery error, if any.
     pub last_error: Option<String>,
+    /// Info events dropped by the journal's compaction since eventd started.
+    pub dropped_info: u64,
+    /// Warning events dropped by the journal's compaction since eventd started.
+    pub dropped_warning: u64,
+    /// Error events dropped by the journal's compaction since eventd started (a Critical is
+    /// never dropped).
+    pub dropped_error: u64,
 }
 
 impl Topic for EventdStatus {
     const NAME: &'static str = "EventdStatus";
-    const SCHEMA_VERSION: u32 = 1;
+    // v2: the journal's bytes and bound, and the events its compaction dropped.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         GLOBAL_KEY.to_owned()

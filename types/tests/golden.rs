@@ -457,10 +457,15 @@ fn run_all(g: &mut Golden) {
 
     g.check(vec![EventdStatus {
         journal_len: 120,
+        journal_bytes: 48_200,
+        journal_max_bytes: 67_108_864,
         pending: 5,
         delivered_total: 115,
         last_delivery_ms: Some(1_700_000_000_061),
         last_error: Some(s("events: 502 Bad Gateway")),
+        dropped_info: 7,
+        dropped_warning: 9,
+        dropped_error: 2,
     }]);
 }
 

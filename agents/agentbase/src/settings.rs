@@ -134,6 +134,8 @@ pub struct Settings {
     pub controller: ControllerSettings,
     /// Modules: registries, trust policy, the mount target (modulemgr, verifier, mountmgr).
     pub modules: ModuleSettings,
+    /// Events: eventd's journal (docs/events.md).
+    pub events: EventSettings,
     /// What loading noticed that is not worth refusing the settings for (a directory named
     /// like a drop-in): logged at start and reported as the agent's error until fixed.
     #[serde(skip)]
@@ -234,6 +236,85 @@ impl ModuleSettings {
                 ),
             ],
         )
+    }
+}
+
+/// The `[events]` table: eventd's journal (docs/events.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventSettings {
+    /// The most the journal may hold on disk, in MiB (a fraction is allowed: `0.25`; from
+    /// 0.0625, i.e. 64 KiB, to 1048576). Over it, eventd compacts: delivered records go first,
+    /// then the oldest Info and Warning events, then the oldest Error; never a Critical.
+    pub journal_max_mib: Mib,
+}
+
+impl Default for EventSettings {
+    fn default() -> Self {
+        EventSettings {
+            journal_max_mib: Mib::from_bytes(64 * Mib::BYTES),
+        }
+    }
+}
+
+impl EventSettings {
+    /// The smallest journal bound accepted: room for a few hundred events.
+    pub const MIN_JOURNAL: u64 = 64 << 10;
+    /// The largest journal bound accepted (1 TiB).
+    pub const MAX_JOURNAL: u64 = 1 << 40;
+
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        let bytes = self.journal_max_mib.bytes();
+        if !(Self::MIN_JOURNAL..=Self::MAX_JOURNAL).contains(&bytes) {
+            return Err(invalid(
+                "events.journal_max_mib",
+                self.journal_max_mib.to_string(),
+                "must be between 0.0625 (64 KiB) and 1048576 MiB",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A size that settings write in MiB — a whole number (`64`) or a fraction (`0.25`, so that
+/// a test can bound a journal to a few hundred KiB) — held in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mib(u64);
+
+impl Mib {
+    /// Bytes in one MiB.
+    pub const BYTES: u64 = 1 << 20;
+
+    /// The size of `bytes` bytes.
+    pub const fn from_bytes(bytes: u64) -> Mib {
+        Mib(bytes)
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for Mib {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0 as f64 / Self::BYTES as f64)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mib {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Mib, D::Error> {
+        // An integer deserialises as a float too, so `64` and `0.25` both land here.
+        let mib = f64::deserialize(d)?;
+        if !mib.is_finite() || mib < 0.0 || mib > (u64::MAX / Self::BYTES) as f64 {
+            return Err(serde::de::Error::custom(format!(
+                "{mib} is not a size in MiB (a number >= 0, such as 64 or 0.25)"
+            )));
+        }
+        Ok(Mib((mib * Self::BYTES as f64).round() as u64))
     }
 }
 
@@ -371,6 +452,7 @@ impl Default for Settings {
             identity: IdentitySettings::default(),
             controller: ControllerSettings::default(),
             modules: ModuleSettings::default(),
+            events: EventSettings::default(),
             notes: Vec::new(),
         }
     }
@@ -558,7 +640,8 @@ impl Settings {
         }
         self.identity.validate(invalid)?;
         self.controller.validate(invalid)?;
-        self.modules.validate(invalid)
+        self.modules.validate(invalid)?;
+        self.events.validate(invalid)
     }
 }
 
@@ -857,6 +940,33 @@ mod tests {
             let (_dir, got) = load(&[("agent.toml", &format!("[modules]\n{line}\n"))]);
             let err = got.unwrap_err().to_string();
             assert!(err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn events_table() {
+        let (_dir, got) = load(&[]);
+        assert_eq!(got.unwrap().events.journal_max_mib.bytes(), 64 << 20);
+        for (text, bytes) in [("8", 8 << 20), ("0.25", 256 << 10), ("0.0625", 64 << 10)] {
+            let (_dir, got) = load(&[(
+                "agent.toml",
+                &format!("[events]\njournal_max_mib = {text}\n"),
+            )]);
+            assert_eq!(got.unwrap().events.journal_max_mib.bytes(), bytes, "{text}");
+        }
+        for (line, want) in [
+            ("journal_max_mib = 0.01", "between 0.0625"),
+            ("journal_max_mib = 0", "between 0.0625"),
+            ("journal_max_mib = -1", "not a size in MiB"),
+            ("journal_max_mib = \"big\"", "events.journal_max_mib"),
+            ("journal_max = 3", "journal_max"),
+        ] {
+            let (_dir, got) = load(&[("agent.toml.d/50-ev.toml", &format!("[events]\n{line}\n"))]);
+            let err = got.unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("50-ev.toml"),
+                "{line}: {err}"
+            );
         }
     }
 

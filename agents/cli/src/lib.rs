@@ -4,6 +4,7 @@
 //! ```text
 //! powernode-agent [--root DIR] status [--json]
 //! powernode-agent [--root DIR] wait <agent>/<Topic> [--key K] [--field F=V]... [--timeout S]
+//! powernode-agent [--root DIR] events [--pending] [--follow] [--json]
 //! powernode-agent [--root DIR] attach REF [--name N] [--priority P] [--no-wait] [--json]
 //! powernode-agent [--root DIR] detach NAME
 //! powernode-agent [--root DIR] verify REF|BUILT [--policy NAME] [--json]
@@ -15,6 +16,7 @@
 //!
 //! Exit status: 0 ok, 1 failure (for `wait`: timed out), 2 usage error.
 
+pub mod events;
 pub mod field;
 pub mod modules;
 pub mod output;
@@ -99,6 +101,28 @@ enum Command {
     /// satisfied from their checkpoint files before their publisher is up. On timeout, exits 1
     /// saying what it last saw.
     Wait(WaitArgs),
+    /// Show the node's events, oldest first, from eventd's journal.
+    ///
+    /// One line per event: time (node clock, UTC), agent, severity, kind, message (with
+    /// "(N dropped before)" when events of that agent were dropped ahead of it), fields as
+    /// key=value. The journal is only read: eventd owns it, and this is safe while eventd
+    /// runs. The journal keeps what the controller has not accepted and, until eventd deletes
+    /// them, some that it has; see docs/events.md.
+    Events {
+        /// Only events the controller has not accepted yet: the journal's records past the
+        /// delivery cursor, then events agents have raised that eventd has not journalled yet
+        /// (read from their <agent>/Event checkpoints, marked "[not yet journalled]").
+        #[arg(long)]
+        pending: bool,
+        /// After what is there, keep printing events as eventd journals them, until
+        /// interrupted (SIGINT or SIGTERM end it with status 0).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line: the event's fields, "stage" (delivered, journalled or
+        /// raised) and "index" (its place in the journal; null for a raised event).
+        #[arg(long)]
+        json: bool,
+    },
     /// Attach a module locally (without a controller) and follow it until it is active.
     ///
     /// Writes etc/powernode/modules.d/<name>.toml, which modulemgr reads: the module is
@@ -240,6 +264,18 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
     let outcome = match cli.command {
         Command::Status { json } => tool::block_on(status(root, Format::json_if(json))),
         Command::Wait(args) => tool::block_on(wait(root, args)),
+        Command::Events {
+            pending,
+            follow,
+            json,
+        } => tool::block_on(events::run(
+            &root,
+            events::Options {
+                pending,
+                follow,
+                json,
+            },
+        )),
         Command::Version { json } => output::version(
             &mut std::io::stdout().lock(),
             &host.build,
@@ -451,6 +487,22 @@ mod tests {
         let mut out = Vec::new();
         agents(&mut out, &["identitymgr", "enrollmgr"]).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "identitymgr\nenrollmgr\n");
+    }
+
+    #[test]
+    fn events_flags() {
+        let Command::Events {
+            pending,
+            follow,
+            json,
+        } = parse(&["pa", "events", "--pending", "--json"])
+            .unwrap()
+            .command
+        else {
+            panic!("not events");
+        };
+        assert!(pending && json && !follow);
+        assert!(parse(&["pa", "events", "--since", "1"]).is_err());
     }
 
     #[test]

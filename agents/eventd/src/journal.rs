@@ -1,9 +1,10 @@
 //! eventd's journal: append-only segment files of length- and CRC-framed records, under
-//! `persist/powernode/eventd/journal/` (docs/events.md).
+//! `persist/powernode/eventd/journal/` (docs/events.md; the format is in [`crate::segment`]).
 //!
 //! ```text
-//! <first index, 20 digits>.seg : record*      record = len u32 LE | crc32 u32 LE | payload
-//! cursor                       : the index of the first record not yet delivered (text)
+//! <first index, 20 digits>.seg          : record*   record = len u32 LE | crc32 u32 LE | payload
+//! <first>-<upto>.seg                    : record*   a compaction's output
+//! cursor                                : the index of the first record not yet delivered (text)
 //! ```
 //!
 //! Every record has an index, counted from 0 over the journal's whole life; a segment's name is
@@ -12,16 +13,29 @@
 //! power cut mid-append) is cut at the last whole record; a bad record anywhere else makes its
 //! segment unreadable from there, so the segment is moved to `.quarantine/`. Both are returned
 //! as [`Repair`]s, never a crash.
+//!
+//! [`Journal::rewrite`] is the compaction's mechanism (its policy is [`crate::compact`]): the
+//! undelivered records a caller keeps are written to one new file, synced, renamed into place
+//! as `<first>-<upto>.seg` — the switch — and only then are the old segments removed. The
+//! survivors are numbered so they end where the journal ended (`upto`), which keeps the cursor
+//! and every later index valid. A crash before the rename leaves the old journal (and a temp
+//! file that open discards); after it, the new one (open removes the superseded files). Crash
+//! points: `eventd.journal_written` (a batch written, not synced), `eventd.compact_written`
+//! (the new segment synced, not renamed), `eventd.compact_renamed` (renamed, nothing removed),
+//! `eventd.compact_removing` (before each old segment's removal), `eventd.cursor_written` (the
+//! cursor moved, delivered segments not yet deleted).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-/// A segment is closed and a new one begun past this size.
+use crate::segment::{self, SegmentName, COMPACT_TEMP};
+
+pub use crate::segment::RECORD_MAX;
+
+/// A segment is closed and a new one begun past this size (unless set lower).
 pub const SEGMENT_MAX: u64 = 1 << 20;
-/// The largest record payload accepted (an event is far smaller).
-pub const RECORD_MAX: usize = 256 << 10;
 /// The name of the delivery cursor file.
 pub const CURSOR_FILE: &str = "cursor";
 
@@ -61,12 +75,37 @@ impl std::fmt::Display for Repair {
     }
 }
 
-/// One segment file: where its records start and how many it holds.
+/// One segment file: where its records start, how many it holds, how big it is.
 #[derive(Debug, Clone)]
 struct Segment {
     first: u64,
     count: u64,
+    bytes: u64,
     path: PathBuf,
+    /// A compaction's output: never appended to.
+    compacted: bool,
+}
+
+/// What a rewrite does with one undelivered record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// Leave it out.
+    Drop,
+    /// Keep it as it is.
+    Same,
+    /// Keep it with this payload instead.
+    Changed(Vec<u8>),
+}
+
+/// What a rewrite did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    /// Records kept.
+    pub kept: u64,
+    /// Bytes on disk before.
+    pub bytes_before: u64,
+    /// Bytes on disk after.
+    pub bytes_after: u64,
 }
 
 /// The journal, open for appending.
@@ -78,27 +117,39 @@ pub struct Journal {
     tail: Option<(File, u64)>,
     /// The first record not yet delivered.
     cursor: u64,
+    segment_max: u64,
+    /// Rewrites since open: a reader that saw another number saw other indexes.
+    generation: u64,
 }
 
 impl Journal {
     /// Opens (creating) the journal in `dir`, repairing what a crash or a bad disk left.
+    /// Finishing or discarding a compaction a crash interrupted is not a repair: the journal
+    /// is whole either way.
     pub fn open(dir: &Path) -> io::Result<(Journal, Vec<Repair>)> {
         fs::create_dir_all(dir)?;
-        let mut names: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.to_owned();
-                let first = name.strip_suffix(".seg")?.parse::<u64>().ok()?;
-                Some((first, e.path()))
-            })
-            .collect();
-        names.sort();
+        let listing = segment::list(dir)?;
+        if let Some(temp) = &listing.temp {
+            fs::remove_file(temp)?;
+            tracing::info!(path = %temp.display(), "unfinished compaction discarded");
+        }
+        for old in &listing.superseded {
+            match fs::remove_file(&old.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            tracing::info!(segment = %old.path.display(), "compacted segment removed");
+        }
+        if listing.temp.is_some() || !listing.superseded.is_empty() {
+            sync_dir(dir)?;
+        }
         let mut repairs = Vec::new();
         let mut segments = Vec::new();
-        let last = names.len().saturating_sub(1);
-        for (i, (first, path)) in names.into_iter().enumerate() {
-            let bytes = fs::read(&path)?;
-            let scan = scan(&bytes);
+        let last = listing.live.len().saturating_sub(1);
+        for (i, name) in listing.live.into_iter().enumerate() {
+            let path = name.path;
+            let scan = segment::read(&path, |_, _| true)?;
             match scan.bad {
                 None => {}
                 Some(reason) if i == last => {
@@ -109,7 +160,7 @@ impl Journal {
                     repairs.push(Repair::TornTail {
                         segment: path.clone(),
                         at: scan.good_len,
-                        lost: bytes.len() as u64 - scan.good_len,
+                        lost: scan.file_len - scan.good_len,
                     });
                     tracing::warn!(segment = %path.display(), %reason, "journal tail repaired");
                 }
@@ -121,15 +172,15 @@ impl Journal {
                 }
             }
             segments.push(Segment {
-                first,
+                first: name.first,
                 count: scan.records,
+                bytes: scan.good_len,
                 path,
+                compacted: name.upto.is_some(),
             });
         }
         let end = segments.last().map_or(0, |s| s.first + s.count);
-        let cursor = fs::read_to_string(dir.join(CURSOR_FILE))
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok())
+        let cursor = read_cursor(dir)
             .unwrap_or_else(|| segments.first().map_or(0, |s| s.first))
             .min(end);
         let mut journal = Journal {
@@ -137,9 +188,17 @@ impl Journal {
             segments,
             tail: None,
             cursor,
+            segment_max: SEGMENT_MAX,
+            generation: 0,
         };
         journal.drop_delivered_segments()?;
         Ok((journal, repairs))
+    }
+
+    /// Closes segments past `bytes` instead of [`SEGMENT_MAX`] (a small journal bound wants
+    /// small segments, so delivered ones can be deleted).
+    pub fn set_segment_max(&mut self, bytes: u64) {
+        self.segment_max = bytes.clamp(4096, SEGMENT_MAX);
     }
 
     /// The index the next appended record gets.
@@ -164,16 +223,21 @@ impl Journal {
 
     /// Records not yet delivered.
     pub fn pending(&self) -> u64 {
-        self.end().saturating_sub(self.cursor)
+        self.segments
+            .iter()
+            .map(|s| (s.first + s.count).saturating_sub(s.first.max(self.cursor)))
+            .sum()
     }
 
     /// Bytes on disk in segment files.
     pub fn bytes(&self) -> u64 {
-        self.segments
-            .iter()
-            .filter_map(|s| fs::metadata(&s.path).ok())
-            .map(|m| m.len())
-            .sum()
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// How many rewrites there have been since open: indexes read under another number may
+    /// name other records now.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Appends `payloads` as records and syncs once: durable when this returns `Ok`.
@@ -183,15 +247,7 @@ impl Journal {
         }
         let mut buf = Vec::new();
         for p in payloads {
-            if p.len() > RECORD_MAX {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("a {}-byte record is over {RECORD_MAX}", p.len()),
-                ));
-            }
-            buf.extend_from_slice(&(p.len() as u32).to_le_bytes());
-            buf.extend_from_slice(&crc32fast::hash(p).to_le_bytes());
-            buf.extend_from_slice(p);
+            segment::frame(&mut buf, p)?;
         }
         let (file, len) = self.tail_for(buf.len() as u64)?;
         let written = file.write_all(&buf).and_then(|()| {
@@ -206,17 +262,20 @@ impl Journal {
         *len += buf.len() as u64;
         if let Some(last) = self.segments.last_mut() {
             last.count += payloads.len() as u64;
+            last.bytes += buf.len() as u64;
         }
         Ok(())
     }
 
-    /// The open last segment, after starting a new one when this batch would overfill it.
+    /// The open last segment, after starting a new one when this batch would overfill it
+    /// (or the last one is a compaction's output).
     fn tail_for(&mut self, adding: u64) -> io::Result<&mut (File, u64)> {
         let full = self
             .tail
             .as_ref()
-            .is_some_and(|(_, len)| *len > 0 && len + adding > SEGMENT_MAX);
-        if full || self.segments.is_empty() {
+            .is_some_and(|(_, len)| *len > 0 && len + adding > self.segment_max);
+        let sealed = self.segments.last().is_none_or(|s| s.compacted);
+        if full || sealed {
             self.start_segment()?;
         } else if self.tail.is_none() {
             let path = self
@@ -236,56 +295,69 @@ impl Journal {
 
     fn start_segment(&mut self) -> io::Result<()> {
         let first = self.end();
-        let path = self.dir.join(format!("{first:020}.seg"));
+        let path = self.dir.join(SegmentName::appended(first));
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(&path)?;
-        File::open(&self.dir)?.sync_all()?;
+        sync_dir(&self.dir)?;
         self.segments.push(Segment {
             first,
             count: 0,
+            bytes: 0,
             path,
+            compacted: false,
         });
         self.tail = Some((file, 0));
+        Ok(())
+    }
+
+    /// Hands every record from index `from` on to `visit`, oldest first, until it returns
+    /// `false`.
+    pub fn visit(&self, from: u64, mut visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<()> {
+        for seg in &self.segments {
+            if seg.first + seg.count <= from {
+                continue;
+            }
+            let mut more = true;
+            segment::read(&seg.path, |i, payload| {
+                if i >= seg.count {
+                    return false; // past what this process counted: not ours to read
+                }
+                let index = seg.first + i;
+                if index >= from {
+                    more = visit(index, payload);
+                }
+                more
+            })?;
+            if !more {
+                break;
+            }
+        }
         Ok(())
     }
 
     /// Up to `max` undelivered records, from the cursor on: their indexes and payloads.
     pub fn undelivered(&self, max: usize) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for seg in &self.segments {
-            if seg.first + seg.count <= self.cursor {
-                continue;
-            }
-            let mut bytes = Vec::new();
-            File::open(&seg.path)?.read_to_end(&mut bytes)?;
-            for (i, payload) in records(&bytes).enumerate() {
-                let index = seg.first + i as u64;
-                if index >= self.cursor && index < seg.first + seg.count {
-                    out.push((index, payload.to_vec()));
-                    if out.len() == max {
-                        return Ok(out);
-                    }
-                }
-            }
+        if max == 0 {
+            return Ok(out);
         }
+        self.visit(self.cursor, |index, payload| {
+            out.push((index, payload.to_vec()));
+            out.len() < max
+        })?;
         Ok(out)
     }
 
     /// Every record still on disk, delivered or not: for `powernode-agent events`.
     pub fn all(&self) -> io::Result<Vec<(u64, Vec<u8>)>> {
         let mut out = Vec::new();
-        for seg in &self.segments {
-            let bytes = fs::read(&seg.path)?;
-            out.extend(
-                records(&bytes)
-                    .take(seg.count as usize)
-                    .enumerate()
-                    .map(|(i, p)| (seg.first + i as u64, p.to_vec())),
-            );
-        }
+        self.visit(0, |index, payload| {
+            out.push((index, payload.to_vec()));
+            true
+        })?;
         Ok(out)
     }
 
@@ -301,6 +373,7 @@ impl Journal {
             self.cursor.to_string().as_bytes(),
             0o600,
         )?;
+        failpoint::hit("eventd.cursor_written");
         self.drop_delivered_segments()
     }
 
@@ -311,69 +384,130 @@ impl Journal {
             if seg.first + seg.count > self.cursor {
                 break;
             }
-            fs::remove_file(&seg.path)?;
+            match fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             self.segments.remove(0);
         }
         Ok(())
     }
-}
 
-/// What reading a segment found.
-struct Scan {
-    records: u64,
-    good_len: u64,
-    bad: Option<String>,
-}
-
-fn scan(bytes: &[u8]) -> Scan {
-    let mut pos = 0usize;
-    let mut records = 0;
-    while pos < bytes.len() {
-        match record_at(bytes, pos) {
-            Ok(next) => {
-                pos = next;
-                records += 1;
+    /// Replaces the whole journal by the undelivered records `decide` keeps, in order, in one
+    /// new segment — crash-safely (module doc). Delivered records are left out. On an error
+    /// before the switch the journal is as it was.
+    pub fn rewrite(&mut self, mut decide: impl FnMut(u64, &[u8]) -> Keep) -> io::Result<Rewritten> {
+        // The tail's file is about to be replaced; the next append starts a new segment.
+        self.tail = None;
+        let bytes_before = self.bytes();
+        let upto = self.end();
+        let temp = self.dir.join(COMPACT_TEMP);
+        let (kept, bytes_after) = match self.write_survivors(&temp, &mut decide) {
+            Ok(written) => written,
+            Err(e) => {
+                let _ = fs::remove_file(&temp);
+                return Err(e);
             }
-            Err(reason) => {
-                return Scan {
-                    records,
-                    good_len: pos as u64,
-                    bad: Some(format!("record {records} at byte {pos}: {reason}")),
+        };
+        failpoint::hit("eventd.compact_written");
+        let first = upto - kept;
+        let path = self.dir.join(SegmentName::compacted(first, upto));
+        if let Err(e) = fs::rename(&temp, &path) {
+            let _ = fs::remove_file(&temp);
+            return Err(e);
+        }
+        // From here the new state is in effect, whatever fails next.
+        if let Err(e) = sync_dir(&self.dir) {
+            tracing::warn!(error = %e, "journal directory not synced after a compaction");
+        }
+        failpoint::hit("eventd.compact_renamed");
+        let old = std::mem::replace(
+            &mut self.segments,
+            vec![Segment {
+                first,
+                count: kept,
+                bytes: bytes_after,
+                path: path.clone(),
+                compacted: true,
+            }],
+        );
+        self.generation += 1;
+        for seg in old.iter().filter(|s| s.path != path) {
+            failpoint::hit("eventd.compact_removing");
+            match fs::remove_file(&seg.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                // Superseded all the same: ignored by readers, removed at the next open.
+                Err(e) => {
+                    tracing::warn!(segment = %seg.path.display(), error = %e, "compacted segment not removed")
                 }
             }
         }
+        if let Err(e) = sync_dir(&self.dir) {
+            tracing::warn!(error = %e, "journal directory not synced after a compaction");
+        }
+        Ok(Rewritten {
+            kept,
+            bytes_before,
+            bytes_after,
+        })
     }
-    Scan {
-        records,
-        good_len: pos as u64,
-        bad: None,
+
+    /// Writes the kept undelivered records to `temp` and syncs it: how many, how many bytes.
+    fn write_survivors(
+        &self,
+        temp: &Path,
+        decide: &mut impl FnMut(u64, &[u8]) -> Keep,
+    ) -> io::Result<(u64, u64)> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(temp)?;
+        let mut out = BufWriter::with_capacity(64 << 10, file);
+        let mut kept = 0u64;
+        let mut bytes = 0u64;
+        let mut failed = None;
+        let mut frame = Vec::new();
+        self.visit(self.cursor, |index, payload| {
+            frame.clear();
+            let framed = match decide(index, payload) {
+                Keep::Drop => return true,
+                Keep::Same => segment::frame(&mut frame, payload),
+                Keep::Changed(new) => segment::frame(&mut frame, &new),
+            };
+            match framed.and_then(|()| out.write_all(&frame)) {
+                Ok(()) => {
+                    kept += 1;
+                    bytes += frame.len() as u64;
+                    true
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        Ok((kept, bytes))
     }
 }
 
-/// Checks the record at `pos`; the position after it.
-fn record_at(bytes: &[u8], pos: usize) -> Result<usize, &'static str> {
-    let header = bytes.get(pos..pos + 8).ok_or("partial header")?;
-    let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default()) as usize;
-    let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
-    if len > RECORD_MAX {
-        return Err("length over the record limit");
-    }
-    let payload = bytes.get(pos + 8..pos + 8 + len).ok_or("partial payload")?;
-    if crc32fast::hash(payload) != crc {
-        return Err("CRC mismatch");
-    }
-    Ok(pos + 8 + len)
+/// The cursor on disk, if there is a readable one.
+pub(crate) fn read_cursor(dir: &Path) -> Option<u64> {
+    fs::read_to_string(dir.join(CURSOR_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
 }
 
-/// The payloads of a segment's whole records, in order.
-fn records(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
-    let mut pos = 0;
-    std::iter::from_fn(move || {
-        let next = record_at(bytes, pos).ok()?;
-        let payload = &bytes[pos + 8..next];
-        pos = next;
-        Some(payload)
-    })
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn quarantine(dir: &Path, path: &Path) -> io::Result<PathBuf> {
@@ -382,7 +516,7 @@ fn quarantine(dir: &Path, path: &Path) -> io::Result<PathBuf> {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let moved_to = qdir.join(format!("{name}.{}", agentbase::health::now_ms()));
     fs::rename(path, &moved_to)?;
-    File::open(dir)?.sync_all()?;
+    sync_dir(dir)?;
     Ok(moved_to)
 }
 
@@ -458,5 +592,73 @@ mod tests {
         let left = j.undelivered(10).unwrap();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].1, b"event 5");
+    }
+
+    /// The survivors keep their order, end where the journal ended, and the journal goes on
+    /// from there; a crash on either side of the switch leaves one whole state.
+    #[test]
+    fn a_rewrite_switches_crash_safely() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_max(4096);
+        for i in 0..12u8 {
+            j.append(&[vec![i; 1000]]).unwrap();
+        }
+        j.delivered_through(2).unwrap();
+        let old: Vec<(PathBuf, Vec<u8>)> = j
+            .segments
+            .iter()
+            .map(|s| (s.path.clone(), fs::read(&s.path).unwrap()))
+            .collect();
+        assert!(old.len() >= 3, "{:?}", j.segments);
+        let done = j
+            .rewrite(|i, p| match i % 3 {
+                0 => Keep::Drop,
+                1 => Keep::Same,
+                _ => Keep::Changed(vec![p[0]; 10]),
+            })
+            .unwrap();
+        // Undelivered 2..12; 3, 6, 9 dropped: 7 kept, numbered 5..12.
+        assert_eq!(done.kept, 7);
+        assert_eq!(j.segments.len(), 1);
+        let after = j.undelivered(100).unwrap();
+        assert_eq!(after.first().map(|r| r.0), Some(5));
+        assert_eq!(after.last().map(|r| r.0), Some(11));
+        assert_eq!(after[0].1, vec![2u8; 10]);
+        assert_eq!(after[1].1, vec![4u8; 1000]);
+        assert_eq!(j.pending(), 7);
+        assert_eq!(j.bytes(), done.bytes_after);
+        j.append(&payloads(0..1)).unwrap();
+        assert_eq!(
+            j.end(),
+            13,
+            "the next record follows where the journal ended"
+        );
+        let new_state = j.all().unwrap();
+        drop(j);
+
+        // Killed after the rename, before the old segments went: the new state.
+        for (path, bytes) in &old {
+            fs::write(path, bytes).unwrap();
+        }
+        let (j, repairs) = Journal::open(dir.path()).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert_eq!(j.all().unwrap(), new_state);
+        for (path, _) in &old {
+            assert!(!path.exists(), "{} left", path.display());
+        }
+        drop(j);
+
+        // Killed before the rename: the old state, the unfinished file discarded.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(&payloads(0..5)).unwrap();
+        let before = j.all().unwrap();
+        drop(j);
+        fs::write(dir.path().join(COMPACT_TEMP), b"half a compaction").unwrap();
+        let (j, repairs) = Journal::open(dir.path()).unwrap();
+        assert!(repairs.is_empty(), "{repairs:?}");
+        assert_eq!(j.all().unwrap(), before);
+        assert!(!dir.path().join(COMPACT_TEMP).exists());
     }
 }

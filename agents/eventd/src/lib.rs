@@ -17,10 +17,18 @@
 //! transport, with backoff while the controller is unreachable, and moves the cursor only
 //! past what the controller accepted. The controller accepts a repeated id once, so a batch
 //! sent again after a crash is harmless.
+//!
+//! The journal is bounded (`events.journal_max_mib`): past it, [`compact`] drops what the
+//! policy says, counts it in `EventdStatus` and raises `events.dropped`. Crash points, besides
+//! the journal's own ([`journal`]): `eventd.delivered` (the controller accepted a batch, the
+//! cursor has not moved).
 
+pub mod compact;
 pub mod journal;
+pub mod segment;
+pub mod view;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,14 +44,26 @@ use powernode_types::{
 };
 use tokio::sync::{mpsc, Mutex, Notify};
 
+use crate::compact::{Compactor, Outcome};
 use crate::journal::Journal;
 
 /// Events posted to the controller in one call at most.
 pub const BATCH: usize = 500;
 /// The node API call.
 pub const EVENTS_CALL: &str = "events";
+/// Per agent, the most journalled-but-unacknowledged ids remembered at start (twice the
+/// agents' pending cap).
+pub const UNACKED_MAX: usize = 2 * agentbase::events::PENDING_CAP;
 /// The agent whose `EnrollmentStatus` says where the controller is.
 pub const ENROLLMENT_AGENT: &str = "enrollmgr";
+
+/// What compaction has dropped since start, for `EventdStatus`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Dropped {
+    info: u64,
+    warning: u64,
+    error: u64,
+}
 
 /// What the subscriptions hand the journal writer.
 enum Incoming {
@@ -57,10 +77,13 @@ enum Incoming {
 pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> {
     let dir = ctx.root.persist_dir().join("eventd/journal");
     let opening = dir.clone();
-    let (journal, repairs) = tokio::task::spawn_blocking(move || Journal::open(&opening))
+    let max = ctx.settings.events.journal_max_mib.bytes();
+    let (mut journal, repairs) = tokio::task::spawn_blocking(move || Journal::open(&opening))
         .await
         .context("opening the journal")?
         .with_context(|| format!("opening the journal in {}", dir.display()))?;
+    // A small bound wants small segments, so delivered ones can be deleted on their own.
+    journal.set_segment_max(max / 8);
     for repair in &repairs {
         ctx.events.report(
             Severity::Warning,
@@ -77,6 +100,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         .context("opening EventdStatus")?;
     let journal = Arc::new(Mutex::new(journal));
     let appended = Arc::new(Notify::new());
+    let dropped = Arc::new(std::sync::Mutex::new(Dropped::default()));
 
     let (tx, mut rx) = mpsc::channel::<Incoming>(4096);
     for agent in agents {
@@ -88,6 +112,10 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         journal.clone(),
         appended.clone(),
         status_pub,
+        Stats {
+            max,
+            dropped: dropped.clone(),
+        },
     ));
 
     let mut writer = Writer {
@@ -99,7 +127,14 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         synchronized: BTreeMap::new(),
         unwritten: Vec::new(),
         appended,
+        compactor: Compactor::new(max),
+        carried: BTreeMap::new(),
+        unacked: HashSet::new(),
+        dropped,
     };
+    writer.find_unacknowledged().await;
+    // The bound may have been lowered since the journal was written.
+    writer.compact().await;
     ctx.ready();
     let mut tick = tokio::time::interval(ctx.beat_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -166,6 +201,15 @@ struct Writer {
     /// Records a failed append left: (agent, seq, bytes), written first next time.
     unwritten: Vec<(String, u64, Vec<u8>)>,
     appended: Arc<Notify>,
+    compactor: Compactor,
+    /// Per agent: events compaction dropped that no event in the journal counts yet; the
+    /// agent's next journalled event carries them in `dropped_before`.
+    carried: BTreeMap<String, u64>,
+    /// Ids journalled but not acknowledged when eventd started (it was killed between the
+    /// sync and the acknowledgement): the agent offers them again; they are acknowledged,
+    /// not journalled twice.
+    unacked: HashSet<String>,
+    dropped: Arc<std::sync::Mutex<Dropped>>,
 }
 
 impl Writer {
@@ -178,7 +222,17 @@ impl Writer {
                     if event.seq <= self.acked_through(&event.agent) {
                         continue; // journalled before, the agent has not forgotten it yet
                     }
-                    match postcard::to_stdvec(&record_of(&event)) {
+                    if self.unacked.remove(&event.id) {
+                        // Journalled before a crash took the acknowledgement with it.
+                        let held = self.held.entry(event.agent.clone()).or_default();
+                        *held = (*held).max(event.seq);
+                        continue;
+                    }
+                    let mut record = record_of(&event);
+                    if let Some(n) = self.carried.remove(&event.agent) {
+                        record.dropped_before += n;
+                    }
+                    match postcard::to_stdvec(&record) {
                         Ok(bytes) => records.push((event.agent.clone(), event.seq, bytes)),
                         Err(e) => {
                             tracing::error!(id = %event.id, error = %e, "event not encodable")
@@ -233,6 +287,134 @@ impl Writer {
                 self.acked.insert(agent, through_seq);
             }
         }
+        self.compact().await;
+    }
+
+    /// Compacts the journal if it is over its bound, and reports what that dropped.
+    async fn compact(&mut self) {
+        let journal = self.journal.clone();
+        let mut compactor = self.compactor.clone();
+        let ran = tokio::task::spawn_blocking(move || {
+            let outcome = compactor.run(&mut journal.blocking_lock());
+            (compactor, outcome)
+        })
+        .await;
+        let outcome = match ran {
+            Ok((compactor, outcome)) => {
+                self.compactor = compactor;
+                outcome
+            }
+            Err(e) => Err(std::io::Error::other(e)),
+        };
+        match outcome {
+            Ok(None) => {}
+            Ok(Some(outcome)) => {
+                self.ctx.health.clear("compaction");
+                self.dropped_by(outcome);
+                self.appended.notify_one();
+            }
+            Err(e) => {
+                // The journal is as it was; the next batch tries again.
+                tracing::error!(error = %e, "journal compaction failed");
+                self.ctx
+                    .health
+                    .report("compaction", &format!("journal compaction failed: {e}"));
+            }
+        }
+    }
+
+    /// Counts and reports what a compaction dropped.
+    fn dropped_by(&mut self, outcome: Outcome) {
+        tracing::info!(
+            info = outcome.info,
+            warning = outcome.warning,
+            error = outcome.error,
+            bytes_before = outcome.bytes_before,
+            bytes_after = outcome.bytes_after,
+            "journal compacted"
+        );
+        if outcome.over_target {
+            tracing::warn!(
+                bytes = outcome.bytes_after,
+                max = self.compactor.max(),
+                "the journal stays near its bound: what is left is Critical (never dropped)"
+            );
+        }
+        for (agent, n) in &outcome.carried {
+            *self.carried.entry(agent.clone()).or_default() += n;
+        }
+        {
+            let mut d = self.dropped.lock().unwrap_or_else(|e| e.into_inner());
+            d.info += outcome.info;
+            d.warning += outcome.warning;
+            d.error += outcome.error + outcome.undecodable;
+        }
+        if outcome.dropped() == 0 {
+            return;
+        }
+        let (info, warning, error) = (
+            outcome.info.to_string(),
+            outcome.warning.to_string(),
+            (outcome.error + outcome.undecodable).to_string(),
+        );
+        let (before, after, max) = (
+            outcome.bytes_before.to_string(),
+            outcome.bytes_after.to_string(),
+            self.compactor.max().to_string(),
+        );
+        self.ctx.events.report(
+            Severity::Warning,
+            "events.dropped",
+            &format!(
+                "journal over its bound of {max} bytes: {} events dropped \
+                 (oldest Info/Warning first, then Error; Critical never)",
+                outcome.dropped()
+            ),
+            &[
+                ("info", &info),
+                ("warning", &warning),
+                ("error", &error),
+                ("bytes_before", &before),
+                ("bytes_after", &after),
+                ("max_bytes", &max),
+            ],
+        );
+    }
+
+    /// Finds the events journalled but not acknowledged (a crash between the sync and the
+    /// acknowledgement, or before an agent's snapshot was complete): per agent, those with a
+    /// number past its acknowledgement, at most the newest [`UNACKED_MAX`] — an agent holds no
+    /// more than its pending cap, and only what it holds can be offered again.
+    async fn find_unacknowledged(&mut self) {
+        let journal = self.journal.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            let j = journal.blocking_lock();
+            let mut found: BTreeMap<String, BTreeMap<u64, String>> = BTreeMap::new();
+            j.visit(0, |_, payload| {
+                if let Ok(r) = postcard::from_bytes::<EventRecord>(payload) {
+                    let newest = found.entry(r.agent).or_default();
+                    newest.insert(r.seq, r.id);
+                    if newest.len() > UNACKED_MAX {
+                        newest.pop_first();
+                    }
+                }
+                true
+            })
+            .map(|()| found)
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        match found {
+            Ok(found) => {
+                for (agent, newest) in found {
+                    let acked = self.acked_through(&agent);
+                    self.unacked
+                        .extend(newest.range(acked + 1..).map(|(_, id)| id.clone()));
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "journal not read for unacknowledged events"),
+        }
     }
 
     fn acked_through(&mut self, agent: &str) -> u64 {
@@ -260,12 +442,19 @@ fn record_of(e: &Event) -> EventRecord {
     }
 }
 
+/// What `EventdStatus` says besides the journal's own numbers.
+struct Stats {
+    max: u64,
+    dropped: Arc<std::sync::Mutex<Dropped>>,
+}
+
 /// Posts undelivered records to the controller, oldest first, for as long as the agent runs.
 async fn deliver(
     ctx: Context,
     journal: Arc<Mutex<Journal>>,
     appended: Arc<Notify>,
     status_pub: Publication<EventdStatus>,
+    stats: Stats,
 ) {
     let mut enrollment = Subscription::<EnrollmentStatus>::connect(&ctx.dirs, ENROLLMENT_AGENT);
     let mut backoff = Backoff::new(
@@ -274,10 +463,15 @@ async fn deliver(
     );
     let mut status = EventdStatus {
         journal_len: 0,
+        journal_bytes: 0,
+        journal_max_bytes: stats.max,
         pending: 0,
         delivered_total: 0,
         last_delivery_ms: None,
         last_error: None,
+        dropped_info: 0,
+        dropped_warning: 0,
+        dropped_error: 0,
     };
     let mut client: Option<(String, String, ControllerClient)> = None;
     loop {
@@ -285,6 +479,13 @@ async fn deliver(
             let j = journal.lock().await;
             status.pending = j.pending();
             status.journal_len = j.len();
+            status.journal_bytes = j.bytes();
+        }
+        {
+            let d = *stats.dropped.lock().unwrap_or_else(|e| e.into_inner());
+            status.dropped_info = d.info;
+            status.dropped_warning = d.warning;
+            status.dropped_error = d.error;
         }
         if let Err(e) = status_pub.publish(&status) {
             tracing::warn!(error = %e, "EventdStatus not published");
@@ -336,10 +537,12 @@ async fn send_batch(
     enrollment: &Subscription<EnrollmentStatus>,
     client: &mut Option<(String, String, ControllerClient)>,
 ) -> Result<u64, String> {
-    let records = {
+    let (generation, records) = {
         let j = journal.lock().await;
-        j.undelivered(BATCH)
-            .map_err(|e| format!("reading the journal: {e}"))?
+        let records = j
+            .undelivered(BATCH)
+            .map_err(|e| format!("reading the journal: {e}"))?;
+        (j.generation(), records)
     };
     let Some((last, _)) = records.last() else {
         return Ok(0);
@@ -358,11 +561,14 @@ async fn send_batch(
         .post(EVENTS_CALL, &EventsRequest { events })
         .await
         .map_err(|e| e.to_string())?;
-    journal
-        .lock()
-        .await
-        .delivered_through(through)
-        .map_err(|e| format!("recording the delivery: {e}"))?;
+    failpoint::hit("eventd.delivered");
+    let mut j = journal.lock().await;
+    // A compaction meanwhile renumbered the records: the cursor stays, and the batch is
+    // sent again (the controller accepts a repeated id once).
+    if j.generation() == generation {
+        j.delivered_through(through)
+            .map_err(|e| format!("recording the delivery: {e}"))?;
+    }
     Ok(reply.accepted)
 }
 
