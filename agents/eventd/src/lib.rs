@@ -37,7 +37,7 @@ use agentbase::Context;
 use anyhow::Context as _;
 use powernode_pubsub::{Event as PubEvent, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
-use powernode_transport::{Backoff, ControllerClient};
+use powernode_transport::{Backoff, ControllerClient, TransportError};
 use powernode_types::node_api::{EventRecord, EventsRequest, EventsResponse};
 use powernode_types::{
     EnrollmentState, EnrollmentStatus, Event, EventAck, EventdStatus, Severity, GLOBAL_KEY,
@@ -531,6 +531,11 @@ async fn deliver(
 
 /// One batch: read, post, move the cursor past what the controller accepted. The number of
 /// new events the controller stored, or why nothing was delivered.
+///
+/// A batch the controller refuses for its content (400, 413, 422: a bug or a version skew,
+/// never cured by sending the same bytes again) would stop delivery for good, so its events
+/// are then sent one by one: each the controller refuses alone is passed over, counted and
+/// raised as `events.refused`, and the others are delivered.
 async fn send_batch(
     ctx: &Context,
     journal: &Arc<Mutex<Journal>>,
@@ -551,16 +556,32 @@ async fn send_batch(
     // An event journalled twice (eventd killed between the sync and the acknowledgement) may
     // sit twice in one batch, which the controller refuses whole: send it once.
     let mut seen = std::collections::HashSet::new();
-    let events: Vec<EventRecord> = records
+    let events: Vec<(u64, EventRecord)> = records
         .iter()
-        .filter_map(|(_, bytes)| postcard::from_bytes::<EventRecord>(bytes).ok())
-        .filter(|e| seen.insert(e.id.clone()))
+        .filter_map(|(index, bytes)| {
+            let event = postcard::from_bytes::<EventRecord>(bytes).ok()?;
+            Some((*index, event))
+        })
+        .filter(|(_, e)| seen.insert(e.id.clone()))
         .collect();
     let client = controller(ctx, enrollment, client)?;
-    let reply: EventsResponse = client
-        .post(EVENTS_CALL, &EventsRequest { events })
-        .await
-        .map_err(|e| e.to_string())?;
+    let batch = EventsRequest {
+        events: events.iter().map(|(_, e)| e.clone()).collect(),
+    };
+    let accepted = match client.post::<_, EventsResponse>(EVENTS_CALL, &batch).await {
+        Ok(reply) => reply.accepted,
+        Err(e) if is_refusal(&e) && events.len() > 1 => {
+            tracing::warn!(error = %e, events = events.len(), "batch refused; sending its events one by one");
+            one_by_one(ctx, client, &events).await?
+        }
+        Err(e) if is_refusal(&e) => {
+            if let Some((_, event)) = events.first() {
+                report_refused(ctx, event, &e);
+            }
+            0
+        }
+        Err(e) => return Err(e.to_string()),
+    };
     failpoint::hit("eventd.delivered");
     let mut j = journal.lock().await;
     // A compaction meanwhile renumbered the records: the cursor stays, and the batch is
@@ -569,7 +590,58 @@ async fn send_batch(
         j.delivered_through(through)
             .map_err(|e| format!("recording the delivery: {e}"))?;
     }
-    Ok(reply.accepted)
+    Ok(accepted)
+}
+
+/// The controller refused the content of the call: sending the same again cannot succeed.
+fn is_refusal(e: &TransportError) -> bool {
+    matches!(
+        e,
+        TransportError::Status {
+            status: 400 | 413 | 422,
+            ..
+        }
+    )
+}
+
+/// Sends `events` singly after their batch was refused: the number the controller stored.
+/// Any failure other than a refusal of one event ends it, and the batch is tried again later.
+async fn one_by_one(
+    ctx: &Context,
+    client: &ControllerClient,
+    events: &[(u64, EventRecord)],
+) -> Result<u64, String> {
+    let mut accepted = 0;
+    for (_, event) in events {
+        let one = EventsRequest {
+            events: vec![event.clone()],
+        };
+        match client.post::<_, EventsResponse>(EVENTS_CALL, &one).await {
+            Ok(reply) => accepted += reply.accepted,
+            Err(e) if is_refusal(&e) => report_refused(ctx, event, &e),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(accepted)
+}
+
+/// An event the controller will not take: passed over, logged and raised.
+fn report_refused(ctx: &Context, event: &EventRecord, e: &TransportError) {
+    tracing::error!(id = %event.id, agent = %event.agent, kind = %event.kind, error = %e, "the controller refused an event; passing over it");
+    ctx.events.report(
+        Severity::Error,
+        "events.refused",
+        &format!(
+            "the controller refused event {} of {}: {e}",
+            event.id, event.agent
+        ),
+        &[
+            ("id", &event.id),
+            ("agent", &event.agent),
+            ("kind", &event.kind),
+            ("error", &e.to_string()),
+        ],
+    );
 }
 
 /// The client for the controller the enrollment names, built (again) when the URL or the

@@ -367,6 +367,66 @@ async fn an_agent_killed_right_after_raising_still_delivers_the_event() {
     node.end().await;
 }
 
+/// A journal holding an event the controller refuses (its kind breaks the controller's
+/// rule; a version skew or a bug could write one) between good ones: the controller refuses
+/// the batch whole, so eventd sends its events one by one, delivers the good ones, passes over
+/// the bad one and raises `events.refused` — delivery never stops on one event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_the_controller_refuses_does_not_stop_delivery() {
+    let node = EnrolledNode::new("uuid-refused").await;
+    let record = |seq: u64, kind: &str| EventRecord {
+        id: format!("{seq:032x}"),
+        agent: "heartbeatd".into(),
+        seq,
+        severity: Severity::Info,
+        kind: kind.into(),
+        message: seq.to_string(),
+        at_ms: now_ms(),
+        fields: Vec::new(),
+        dropped_before: 0,
+    };
+    let records = [
+        record(1, "test.refused"),
+        record(2, "Not A Kind!"),
+        record(3, "test.refused"),
+    ];
+    {
+        let dir = node.root.join("persist/powernode/eventd/journal");
+        let (mut journal, _) = eventd::journal::Journal::open(&dir).unwrap();
+        let payloads: Vec<Vec<u8>> = records
+            .iter()
+            .map(|r| postcard::to_stdvec(r).unwrap())
+            .collect();
+        journal.append(&payloads).unwrap();
+    }
+    let eventd = spawn_agent(&node.root, "eventd", "");
+    let good = node
+        .stored("test.refused", None, 2, Duration::from_secs(30))
+        .await;
+    let messages: Vec<&str> = good.iter().map(|e| e.message.as_str()).collect();
+    assert_eq!(messages, ["1", "3"], "{}", node.log("eventd"));
+    let refused = node
+        .stored("events.refused", Some("eventd"), 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(refused.len(), 1, "{}", node.log("eventd"));
+    let field = |name: &str| {
+        refused[0]
+            .fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("id").as_deref(), Some(records[1].id.as_str()));
+    assert_eq!(field("kind").as_deref(), Some("Not A Kind!"));
+    assert!(
+        field("error").is_some_and(|e| e.contains("400")),
+        "{:?}",
+        refused[0].fields
+    );
+    kill9(eventd);
+    node.end().await;
+}
+
 /// xorshift64: random moments, reproducible from the seed the test prints when it fails.
 struct Rng(u64);
 
