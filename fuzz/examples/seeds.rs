@@ -26,7 +26,7 @@ use powernode_modules::digest::Digest;
 use powernode_modules::format::*;
 use powernode_pubsub::checkpoint;
 use powernode_pubsub::frame::{Frame, Hello, PROTOCOL_VERSION};
-use powernode_types::{registry, HealthCheck, MountConfig, MountLayer, Slot, UpperMode};
+use powernode_types::{registry, HealthCheck, MountConfig, MountLayer, Severity, Slot, UpperMode};
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -66,8 +66,14 @@ fn main() {
         ("cosign_signature_layers", signature_layers(&cosign)),
         ("cosign_keyless_bundle", keyless_bundles(&cosign)),
         ("node_api_body", node_api_bodies()),
+        ("eventd_journal", journal_segments()),
     ];
+    // `--only NAME` rewrites one corpus: the others' seeds hold fresh random keys each run.
+    let only = std::env::args().skip_while(|a| a != "--only").nth(1);
     for (target, seeds) in corpora {
+        if only.as_deref().is_some_and(|o| o != target) {
+            continue;
+        }
         assert!(
             powernode_fuzz::target(target).is_some(),
             "no target {target}"
@@ -766,4 +772,48 @@ fn dummy_pem(label: &str) -> String {
 
 fn json<T: serde::Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("a body serialises")
+}
+
+/// Segments as eventd writes them: a few real records, one cut mid-record (a power cut), one
+/// with a flipped byte (a bad disk), one empty, one with zeros past the end.
+fn journal_segments() -> Seeds {
+    use eventd::segment::frame;
+    use powernode_types::node_api::EventRecord;
+    let record = |seq: u64, severity: Severity, fields: Vec<(String, String)>| EventRecord {
+        id: format!("{seq:032x}"),
+        agent: "enrollmgr".into(),
+        seq,
+        severity,
+        kind: "cert.rotation_failing".into(),
+        message: format!("rotation failing ({seq} attempts)"),
+        at_ms: 1_796_000_000_000 + seq,
+        fields,
+        dropped_before: seq % 3,
+    };
+    let mut whole = Vec::new();
+    for (seq, severity) in [
+        (1, Severity::Info),
+        (2, Severity::Warning),
+        (3, Severity::Error),
+        (4, Severity::Critical),
+    ] {
+        let fields = vec![("attempts".to_owned(), seq.to_string())];
+        let payload = postcard::to_stdvec(&record(seq, severity, fields)).unwrap();
+        frame(&mut whole, &payload).unwrap();
+    }
+    let torn = whole[..whole.len() - 5].to_vec();
+    let mut flipped = whole.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let zeros = [whole.clone(), vec![0; 16]].concat();
+    let mut not_a_record = Vec::new();
+    frame(&mut not_a_record, b"not postcard").unwrap();
+    vec![
+        ("four".to_owned(), whole),
+        ("torn".to_owned(), torn),
+        ("flipped".to_owned(), flipped),
+        ("zeros".to_owned(), zeros),
+        ("empty".to_owned(), Vec::new()),
+        ("not-a-record".to_owned(), not_a_record),
+    ]
 }

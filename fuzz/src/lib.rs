@@ -12,6 +12,7 @@
 //! several settings files) separate them with a NUL byte, which none of the formats can hold
 //! unescaped: see [`split`].
 
+pub mod events;
 pub mod fixture;
 pub mod modules;
 pub mod mounts;
@@ -92,6 +93,11 @@ pub const TARGETS: &[Target] = &[
         name: "node_api_body",
         reads: "node API bodies: requests the controller extracts (JsonBody, CSR), replies nodes decode",
         run: node_api::body,
+    },
+    Target {
+        name: "eventd_journal",
+        reads: "eventd's journal segments read back after a crash (segment::scan) and their records",
+        run: events::journal_segment,
     },
 ];
 

@@ -151,10 +151,18 @@ pub struct Scan {
 /// Reads the segment at `path` record by record, handing each good payload to `visit`
 /// (which returns `false` to stop early), and says where and why it stopped. Streams, so a
 /// large compacted segment is never held in memory whole.
-pub fn read(path: &Path, mut visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<Scan> {
+pub fn read(path: &Path, visit: impl FnMut(u64, &[u8]) -> bool) -> io::Result<Scan> {
     let file = fs::File::open(path)?;
     let file_len = file.metadata()?.len();
-    let mut reader = BufReader::with_capacity(64 << 10, file);
+    scan(BufReader::with_capacity(64 << 10, file), file_len, visit)
+}
+
+/// [`read`] over any reader of a segment's `file_len` bytes: what the fuzz target drives.
+pub fn scan(
+    mut reader: impl BufRead,
+    file_len: u64,
+    mut visit: impl FnMut(u64, &[u8]) -> bool,
+) -> io::Result<Scan> {
     let mut pos = 0u64;
     let mut records = 0u64;
     let mut payload = Vec::new();
