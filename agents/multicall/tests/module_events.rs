@@ -264,17 +264,6 @@ impl Node {
             .map(|(_, bytes)| postcard::from_bytes::<EventRecord>(&bytes).unwrap())
             .collect()
     }
-
-    /// Mount points under the node's root, from /proc/self/mountinfo.
-    fn mounts(&self) -> Vec<String> {
-        let root = self.root.display().to_string();
-        fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-            .filter(|p| p.starts_with(&root))
-            .collect()
-    }
 }
 
 impl Drop for Node {
@@ -283,11 +272,7 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let mut mounts = self.mounts();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        common::unmount_under(&self.root);
     }
 }
 
