@@ -2,10 +2,13 @@
 # The demo (`make demo`): a controller on loopback with its embedded database, a bootstrap token,
 # and a node in a sandbox root booted by device-steps.sh (identitymgr → enrollmgr → verifier,
 # mountmgr, modulemgr → heartbeatd); a sample module built with mkfs.erofs, pushed to a loopback
-# docker-registry, signed and assigned to the node, which pulls, verifies and mounts it; then the
-# operator's view from both sides, and the controller stopped and restarted to show the node
-# noticing and recovering. (The module part needs root, docker-registry and erofs-utils.) On a terminal it keeps running until Ctrl-C; either way it stops
-# everything it started, by pid, and removes the sandbox.
+# docker-registry, signed and assigned to the node, which pulls, verifies and mounts it, and a
+# second one signed by a key the node does not trust, which its verifier rejects; then the
+# operator's view from both sides, the controller stopped and restarted to show the node
+# noticing and recovering, and the events the node's agents raised as the controller stored
+# them. (The module part needs root, docker-registry and erofs-utils.) On a terminal it keeps
+# running until Ctrl-C; either way it stops everything it started, by pid, and removes the
+# sandbox.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
@@ -84,6 +87,8 @@ fi
 
 step "booting it with device-steps.sh"
 run scripts/device-steps.sh --root "$root" --timeout 60
+node_id=$("$bin/powernode-agent" --root "$root" wait enrollmgr/EnrollmentStatus --timeout 5 |
+    python3 -c "import json,sys; print(json.load(sys.stdin)['value']['node_id'])")
 
 if $modules; then
     step "a sample module: built with mkfs.erofs, pushed, signed, assigned to the node"
@@ -96,13 +101,28 @@ if $modules; then
     run "$bin/powernode-controller" module push "$work"/out/hello-1.0-*.manifest.json \
         --to "$registry/demo/hello:1.0" --plain-http
     run "$bin/powernode-controller" module sign "$registry/demo/hello:1.0" --key "$work/keys/cosign.key" --plain-http
-    node_id=$("$bin/powernode-agent" --root "$root" wait enrollmgr/EnrollmentStatus --timeout 5 |
-        python3 -c "import json,sys; print(json.load(sys.stdin)['value']['node_id'])")
     run "$bin/powernode-controller" module assign --node "$node_id" --data "$data" --plain-http "$registry/demo/hello:1.0"
     step "the next heartbeat reply carries the assignment: pulled, verified, mounted"
     run "$bin/powernode-agent" --root "$root" wait modulemgr/ModuleStatus --key hello --field state=Active --timeout 120
     run cat "$root/run/powernode-mounts/modules/current/etc/motd"
     run "$root/run/powernode-mounts/modules/current/bin/hello"
+
+    step "a module signed by a key the node does not trust: the verifier rejects it, the stack stays"
+    run "$bin/powernode-controller" module keygen --out "$work/untrusted-keys"
+    mkdir -p "$work/rogue/etc"
+    echo "This file must never be mounted." >"$work/rogue/etc/rogue"
+    run "$bin/powernode-controller" module build "$work/rogue" --name rogue --version 1.0 --out "$work/out"
+    run "$bin/powernode-controller" module push "$work"/out/rogue-1.0-*.manifest.json \
+        --to "$registry/demo/rogue:1.0" --plain-http
+    run "$bin/powernode-controller" module sign "$registry/demo/rogue:1.0" --key "$work/untrusted-keys/cosign.key" --plain-http
+    run "$bin/powernode-controller" module assign --node "$node_id" --data "$data" --plain-http \
+        "$registry/demo/hello:1.0" "$registry/demo/rogue:1.0"
+    run "$bin/powernode-agent" --root "$root" wait modulemgr/ModuleStatus --key rogue --field state=Failed --timeout 120
+    if [ -e "$root/run/powernode-mounts/modules/current/etc/rogue" ]; then
+        echo "demo: the rejected module was mounted" >&2
+        exit 1
+    fi
+    echo "etc/rogue is not in the stack; etc/motd still is: $(cat "$root/run/powernode-mounts/modules/current/etc/motd")"
 fi
 
 step "the node's view"
@@ -128,6 +148,22 @@ step "it comes back on the same address: the node recovers, nothing is enrolled 
 start_controller "$listen"
 run "$bin/powernode-agent" --root "$root" wait heartbeatd/ControllerStatus --field reachable=true --timeout 90
 run "$bin/powernode-controller" nodes list --data "$data"
+
+step "the node's events, journalled by its eventd and delivered to the controller"
+if $modules; then
+    # eventd delivers in order and backed off while the controller was away: wait for the
+    # rejection to arrive.
+    for _ in $(seq 60); do
+        [ -n "$("$bin/powernode-controller" events --data "$data" --kind module.rejected --json)" ] && break
+        sleep 1
+    done
+fi
+run "$bin/powernode-controller" events --data "$data" --node "$node_id"
+run "$bin/powernode-controller" events --data "$data" --node "$node_id" --severity warning
+if "$bin/powernode-agent" events --help >/dev/null 2>&1; then
+    step "the same events on the node"
+    run "$bin/powernode-agent" --root "$root" events
+fi
 
 if [ -t 0 ]; then
     step "running; press Ctrl-C to stop everything"

@@ -33,6 +33,15 @@ pub const SEQ_BLOCK: u64 = 1000;
 pub const EVENTD: &str = "eventd";
 /// The longest kind accepted, in bytes.
 pub const MAX_KIND_LEN: usize = 128;
+/// The longest message kept, in bytes; a longer one is cut. The controller refuses a batch
+/// holding a longer one, so one overlong message would stop every event behind it.
+pub const MAX_MESSAGE_LEN: usize = 4096;
+/// The most fields kept; the rest are left out (the controller's bound, as above).
+pub const MAX_FIELDS: usize = 32;
+/// The longest field key kept, in bytes; a longer one is cut (the controller's bound).
+pub const MAX_FIELD_KEY_LEN: usize = 64;
+/// The longest field value kept, in bytes; a longer one is cut (the controller's bound).
+pub const MAX_FIELD_VALUE_LEN: usize = 1024;
 
 /// Why a raise did not go as asked.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +154,10 @@ impl Events {
     }
 
     /// Raises an event: published and checkpointed when this returns `Ok`. `kind` is dotted
-    /// lower-case words (`module.rejected`); `fields` is structured context, in order.
+    /// lower-case words (`module.rejected`); `fields` is structured context, in order. Text
+    /// past the controller's bounds ([`MAX_MESSAGE_LEN`], [`MAX_FIELDS`], [`MAX_FIELD_KEY_LEN`],
+    /// [`MAX_FIELD_VALUE_LEN`]) is cut, marked with `…`: an error quoting a long registry reply
+    /// or a command's output must still reach the controller.
     pub fn raise(
         &self,
         severity: Severity,
@@ -179,11 +191,12 @@ impl Events {
             seq,
             severity,
             kind: kind.to_owned(),
-            message: message.to_owned(),
+            message: cut(message, MAX_MESSAGE_LEN),
             at_ms: now_ms(),
             fields: fields
                 .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .take(MAX_FIELDS)
+                .map(|(k, v)| (cut(k, MAX_FIELD_KEY_LEN), cut(v, MAX_FIELD_VALUE_LEN)))
                 .collect(),
             dropped_before: r.dropped,
         };
@@ -306,6 +319,20 @@ pub fn check_kind(kind: &str) -> Result<(), RaiseError> {
     }
 }
 
+/// `text`, or its longest start that fits `max` bytes with a `…` after it, cut at a character
+/// boundary.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    const MARK: &str = "…";
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
+
 /// 128 random bits in hex: unique across a fleet without coordination.
 fn new_id() -> String {
     let mut bytes = [0u8; 16];
@@ -330,6 +357,20 @@ mod tests {
         for bad in ["", "Cert.x", "cert..x", ".x", "x.", "2x", "cert-x", "x y"] {
             assert!(check_kind(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn overlong_text_is_cut_within_the_bound() {
+        assert_eq!(cut("short", 10), "short");
+        assert_eq!(cut("exactly10!", 10), "exactly10!");
+        let long = "é".repeat(100); // two bytes each
+        let c = cut(&long, 51);
+        assert!(c.len() <= 51 && c.ends_with('…'), "{c}");
+        assert!(c.starts_with("éé"));
+        assert_eq!(
+            cut(&"x".repeat(5000), MAX_MESSAGE_LEN).len(),
+            MAX_MESSAGE_LEN
+        );
     }
 
     #[test]
@@ -437,6 +478,29 @@ mod raise_tests {
         until(&mut sub, "the third event", |s| s.items().count() == 1).await;
         let third = sub.items().next().unwrap().1.seq;
         assert!(third > seqs[1], "{third} reused a number up to {}", seqs[1]);
+    }
+
+    /// An event whose text passes the controller's bounds is raised cut to them, not refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overlong_events_are_cut_to_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::new("long", Root::new(dir.path()), Settings::default()).unwrap();
+        let value = "v".repeat(5000);
+        let keys: Vec<String> = (0..40).map(|i| format!("k{i}")).collect();
+        let fields: Vec<(&str, &str)> = keys.iter().map(|k| (k.as_str(), value.as_str())).collect();
+        ctx.events
+            .raise(Severity::Error, "test.long", &"m".repeat(9000), &fields)
+            .unwrap();
+        let mut sub = Subscription::<Event>::connect(&ctx.dirs, "long");
+        until(&mut sub, "the event", |s| s.items().count() == 1).await;
+        let event = sub.items().next().unwrap().1.clone();
+        assert_eq!(event.message.len(), MAX_MESSAGE_LEN);
+        assert_eq!(event.fields.len(), MAX_FIELDS);
+        assert!(event
+            .fields
+            .iter()
+            .all(|(_, v)| v.len() == MAX_FIELD_VALUE_LEN));
+        assert_eq!(event.fields[0].0, "k0");
     }
 
     /// Over the cap, the oldest Info go first, Critical never, and the next event says how

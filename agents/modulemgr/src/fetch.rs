@@ -46,6 +46,8 @@ pub enum Report {
     Retrying {
         /// What failed.
         error: String,
+        /// How many attempts of this fetch have failed so far, this one included.
+        attempt: u32,
         /// The delay before the next try.
         retry_in: Duration,
     },
@@ -114,6 +116,7 @@ pub async fn run(
         }
     };
     let mut delay = RETRY_MIN;
+    let mut failures = 0u32;
     loop {
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -140,9 +143,11 @@ pub async fn run(
                 return;
             }
             Err(e) if e.is_transient() => {
-                tracing::warn!(module = %job.name, error = %e, retry_in_ms = delay.as_millis() as u64, "fetch failed; retrying");
+                failures = failures.saturating_add(1);
+                tracing::warn!(module = %job.name, error = %e, attempt = failures, retry_in_ms = delay.as_millis() as u64, "fetch failed; retrying");
                 send(Report::Retrying {
                     error: e.to_string(),
+                    attempt: failures,
                     retry_in: delay,
                 })
                 .await;

@@ -33,13 +33,19 @@
 //! module, and the image is downloaded again, once. A later verdict on the same image (the
 //! trust policy was edited) takes an Active module out of the stack, or brings a rejected one
 //! back.
+//!
+//! Raised as events ([`events`]): a module becoming Active (not again for the same image
+//! after a restart of modulemgr), a download failing and retried (at growing intervals) and
+//! then going through, a download failing for good. The verifier raises the rejections and
+//! mountmgr the stack's switches.
 
+pub mod events;
 pub mod fetch;
 pub mod lastknown;
 pub mod local;
 
-use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use agentbase::Context;
 use anyhow::Context as _;
@@ -89,6 +95,16 @@ struct Module {
     /// Whether the module failed because the verifier rejected it: a later verdict that accepts
     /// it (the trust policy changed) brings it back.
     rejected: bool,
+    /// Since when, and how many attempts in a row, its download has been failing (transient
+    /// failures being retried); `None` while it is not.
+    failing: Option<Failing>,
+}
+
+/// A download being retried: for `module.download_recovered`.
+#[derive(Debug)]
+struct Failing {
+    since: Instant,
+    attempts: u32,
 }
 
 /// The agent's state.
@@ -133,6 +149,9 @@ struct Agent {
     /// The last stack mountmgr reported Mounted (at start: the last one published, until
     /// mountmgr says otherwise).
     applied: Option<MountConfig>,
+    /// The modules (name → image digest) an earlier run of modulemgr left Active: the same
+    /// image becoming Active again after a restart is not news, and raises nothing.
+    active_before: HashMap<String, String>,
 }
 
 /// How to reach registries, from the `[modules]` settings: plain-HTTP registries, timeouts,
@@ -180,6 +199,13 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let verify_pub = ctx.open_publication::<VerifyConfig>()?;
     let mount_pub = ctx.open_publication::<MountConfig>()?;
     let stack = mount_pub.get(&settings.mount_target);
+    let active_before = status_pub
+        .keys()
+        .into_iter()
+        .filter_map(|key| status_pub.get(&key))
+        .filter(|s| s.state == ModuleState::Active)
+        .filter_map(|s| Some((s.name, s.digest?)))
+        .collect();
     let (reports_tx, mut reports_rx) = mpsc::channel(64);
     let mut agent = Agent {
         registry,
@@ -205,6 +231,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         layer_manifests: std::collections::HashMap::new(),
         desired_known: false,
         published_since_start: false,
+        active_before,
         ctx,
     };
     // A node where heartbeatd never published an assignment (no controller, or its first
@@ -429,6 +456,7 @@ impl Agent {
                 durable: false,
                 refetched: false,
                 rejected: false,
+                failing: None,
             },
         );
     }
@@ -446,9 +474,12 @@ impl Agent {
             m.status.state = ModuleState::Failed;
             m.status.error = Some(reason);
             m.verified = false;
+            m.failing = None;
             // The token stays: the fetch task may still be running (a background refresh after
             // an offline start), and a removal or restart must still stop it.
         }
+        // Should it come back, that is news again.
+        self.active_before.remove(name);
         self.publish_status(name);
     }
 
@@ -470,13 +501,36 @@ impl Agent {
                 m.status.state = ModuleState::Downloading;
                 m.status.bytes_done = done;
             }
-            Report::Retrying { error, retry_in } => {
+            Report::Retrying {
+                error,
+                attempt,
+                retry_in,
+            } => {
                 m.status.error = Some(format!(
                     "{error}; retrying in {:.1}s",
                     retry_in.as_secs_f64()
                 ));
+                let failing = m.failing.get_or_insert(Failing {
+                    since: Instant::now(),
+                    attempts: 0,
+                });
+                failing.attempts = attempt;
+                if events::failing_worth_raising(attempt) {
+                    let reference = &m.config.reference;
+                    events::download_failing(
+                        &self.ctx.events,
+                        name,
+                        reference,
+                        &error,
+                        attempt,
+                        retry_in,
+                    );
+                }
             }
-            Report::Failed(reason) => return self.fail(name, reason),
+            Report::Failed(reason) => {
+                events::download_failed(&self.ctx.events, name, &m.config.reference, &reason);
+                return self.fail(name, reason);
+            }
             Report::Moved => {
                 tracing::info!(module = %name, "the reference names another manifest now; fetching it");
                 let config = m.config.clone();
@@ -507,6 +561,15 @@ impl Agent {
                 };
             }
             Report::Done(fetched) => {
+                if let Some(failing) = m.failing.take() {
+                    events::download_recovered(
+                        &self.ctx.events,
+                        name,
+                        &m.config.reference,
+                        failing.attempts,
+                        failing.since.elapsed(),
+                    );
+                }
                 m.status.state = ModuleState::Verifying;
                 // Set here too: an offline start reports no Resolved.
                 m.status.digest = Some(fetched.resolved.image.digest.clone());
@@ -846,6 +909,25 @@ impl Agent {
                         if m.verified && is_new && m.status.state == ModuleState::Mounting {
                             m.status.state = ModuleState::Active;
                             m.status.error = None;
+                            let again = self
+                                .active_before
+                                .remove(&layer.name)
+                                .is_some_and(|d| d == layer.digest);
+                            if !again {
+                                let version = m
+                                    .fetched
+                                    .as_ref()
+                                    .map_or("", |f| f.resolved.module.version.as_str());
+                                events::active(
+                                    &self.ctx.events,
+                                    &layer.name,
+                                    &m.config.reference,
+                                    &layer.digest,
+                                    version,
+                                    stack.generation,
+                                );
+                            }
+                            // After the raise: a test that sees this line finds the event.
                             tracing::info!(module = %layer.name, digest = %layer.digest, "module active");
                         }
                     }

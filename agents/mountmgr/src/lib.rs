@@ -38,9 +38,13 @@
 //! to before `current` moves) and from [`recover`], which at every start decides from the
 //! record, `current` and the real mount table which slot is active; everything else under the
 //! agent's directory is unmounted.
+//!
+//! Raised as events ([`events`]): each switch (and teardown), a health check that refused
+//! one, and per target at every start what recovery found and did.
 
 pub mod check;
 pub mod current;
+pub mod events;
 pub mod layout;
 pub mod mountinfo;
 pub mod record;
@@ -223,6 +227,7 @@ impl Agent {
                     .health
                     .report_error(&format!("recovering {name}: {problem}"));
             }
+            events::recovered(&name, &recovered).raise(&self.ctx.events);
             if let Some(record) = recovered.record {
                 self.targets.insert(
                     name.clone(),
@@ -342,13 +347,23 @@ impl Agent {
             target: target.clone(),
             generation,
         });
+        let previous = self
+            .targets
+            .get(&target)
+            .and_then(|t| t.active.as_ref())
+            .map(|a| a.config.generation);
+        // Whether the active stack changed: switched to the new one, or torn down.
+        let mut changed = false;
         let mut step = Step::Plan;
         let outcome = loop {
             tracing::debug!(target = %target, generation, step = step_name(&step), "step");
             step = match step {
                 Step::Plan => self.plan_step(&config),
                 Step::TearDown => match self.tear_down(&target) {
-                    Ok(()) => Step::Done(Outcome::Mounted),
+                    Ok(()) => {
+                        changed = previous.is_some();
+                        Step::Done(Outcome::Mounted)
+                    }
                     Err(e) => Step::Done(Outcome::Failed(e)),
                 },
                 Step::Build(plan) => {
@@ -356,10 +371,11 @@ impl Agent {
                     failpoint::hit("mountmgr.built");
                     next
                 }
-                Step::Check(plan) => self.check_step(plan).await,
+                Step::Check(plan) => self.check_step(plan, generation).await,
                 Step::Switch(plan) => self.switch_step(&config, plan),
                 Step::Retire { old } => {
                     self.retire(&target, old);
+                    changed = true;
                     Step::Done(Outcome::Mounted)
                 }
                 Step::Discard { slot, outcome } => {
@@ -398,10 +414,15 @@ impl Agent {
             Outcome::Failed(e) | Outcome::RolledBack(e) => Some(e),
             Outcome::Mounted | Outcome::Abandoned => None,
         };
-        self.targets
+        let answered = self
+            .targets
             .entry(target.clone())
-            .or_insert_with(|| TargetState::new(&target))
-            .handled = Some(generation);
+            .or_insert_with(|| TargetState::new(&target));
+        answered.handled = Some(generation);
+        if changed {
+            let slot = answered.active.as_ref().map(|a| a.slot);
+            events::switched(&config, slot, previous).raise(&self.ctx.events);
+        }
         self.publish(&target, generation, state, error);
     }
 
@@ -474,7 +495,7 @@ impl Agent {
         }
     }
 
-    async fn check_step(&mut self, plan: Plan) -> Step {
+    async fn check_step(&mut self, plan: Plan, generation: u64) -> Step {
         for layer in &plan.layers {
             let Some(health_check) = &layer.health_check else {
                 continue;
@@ -489,10 +510,17 @@ impl Agent {
                     }
                 }
                 Err(e) => {
+                    let active = self
+                        .targets
+                        .get(&plan.target)
+                        .and_then(|t| t.active.as_ref())
+                        .map(|a| a.config.generation);
+                    events::health_check_failed(&plan.target, generation, layer, &e, active)
+                        .raise(&self.ctx.events);
                     return Step::Discard {
                         slot: plan.slot,
                         outcome: Outcome::Failed(e.to_string()),
-                    }
+                    };
                 }
             }
         }

@@ -66,9 +66,28 @@ pub fn decide(
     }
 }
 
+/// What recovery found of one target, before it acted: for its report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// A record was there but could not be trusted (bad checksum, unknown version).
+    pub corrupt_record: bool,
+    /// Whether a record was there at all.
+    pub record: bool,
+    /// The record's applied stack: generation and slot.
+    pub applied: Option<(u64, Slot)>,
+    /// The switch the record says was under way: generation and slot.
+    pub switching_to: Option<(u64, Slot)>,
+    /// The slot `current` named.
+    pub current: Option<Slot>,
+}
+
 /// The outcome of recovering one target.
 #[derive(Debug)]
 pub struct Recovered {
+    /// What was there.
+    pub found: Found,
+    /// What was decided.
+    pub decision: Decision,
     /// The record as it is now on disk (`None`: the target is forgotten).
     pub record: Option<Record>,
     /// The stack adopted as active.
@@ -86,10 +105,12 @@ pub fn recover_target(
     target: &str,
 ) -> Result<Recovered, StackError> {
     let mut problems = Vec::new();
+    let mut corrupt_record = false;
     let record = match store.load(target) {
         Ok(record) => record,
         Err(e @ RecordError::Corrupt { .. }) => {
             problems.push(e.to_string());
+            corrupt_record = true;
             None
         }
         Err(e) => return Err(StackError::RecordUnreadable(e.to_string())),
@@ -102,7 +123,18 @@ pub fn recover_target(
         is_mounted(layout, stack, &entries, &loops)
     });
     tracing::info!(target, ?current_slot, decision = %summary(&decision), "recovering");
-    match decision {
+    let placed = |s: &AppliedStack| (s.config.generation, s.slot);
+    let found = Found {
+        corrupt_record,
+        record: record.is_some(),
+        applied: record.as_ref().and_then(|r| r.applied.as_ref()).map(placed),
+        switching_to: record
+            .as_ref()
+            .and_then(|r| r.switching_to.as_ref())
+            .map(placed),
+        current: current_slot,
+    };
+    match decision.clone() {
         Decision::Adopt(stack) => {
             let keep = layout.slot_dir(target, stack.slot);
             if let Err(e) = stack::unmount_under(&target_dir, Some(&keep)) {
@@ -122,6 +154,8 @@ pub fn recover_target(
             new.loops = kept_loops;
             let record = save(store, new, &mut problems);
             Ok(Recovered {
+                found,
+                decision,
                 record: Some(record),
                 active: Some(stack),
                 rebuild: None,
@@ -152,6 +186,8 @@ pub fn recover_target(
                 None
             };
             Ok(Recovered {
+                found,
+                decision,
                 record: Some(record),
                 active: None,
                 rebuild,
@@ -168,6 +204,8 @@ pub fn recover_target(
                 problems.push(format!("removing the record: {e}"));
             }
             Ok(Recovered {
+                found,
+                decision,
                 record: None,
                 active: None,
                 rebuild: None,

@@ -327,15 +327,9 @@ impl Node {
         fs::read_to_string(self.union_file_path(path)).ok()
     }
 
-    /// Mount points under the node's root, from /proc/self/mountinfo.
+    /// Mount points under the node's root.
     fn mounts(&self) -> Vec<String> {
-        let root = self.root().display().to_string();
-        fs::read_to_string("/proc/self/mountinfo")
-            .unwrap()
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-            .filter(|p| p.starts_with(&root))
-            .collect()
+        common::mounts_under(&self.root())
     }
 }
 
@@ -345,11 +339,7 @@ impl Drop for Node {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let mut mounts = self.mounts();
-        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in mounts {
-            let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
-        }
+        common::unmount_under(&self.root());
     }
 }
 

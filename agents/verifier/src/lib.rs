@@ -17,11 +17,14 @@
 //! [`MAX_CHECKS`] at once; a verdict for a config that changed meanwhile is dropped and the
 //! newer config is checked. Nothing is cached across configs: every new config is checked from
 //! the bytes on disk.
+//!
+//! A rejection is raised as `module.rejected` ([`rejections`]), once per image and reason.
 
 pub mod changes;
 pub mod check;
 pub mod kernel;
 pub mod policy;
+pub mod rejections;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
@@ -39,6 +42,13 @@ pub const MODULE_AGENT: &str = "modulemgr";
 /// The agent's main future.
 pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let status_pub = ctx.open_publication::<VerifyStatus>()?;
+    // Verdicts left by an earlier run: their rejections were raised then.
+    let mut rejections = rejections::Rejections::standing(
+        status_pub
+            .keys()
+            .into_iter()
+            .filter_map(|key| status_pub.get(&key)),
+    );
     let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
     // Each verdict comes back with the policy generation it was reached under.
     let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, u64, Checked)>(16);
@@ -82,6 +92,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 Event::Delete { key, .. } => {
                     current.remove(&key);
                     answered.remove(&key);
+                    rejections.forget(&key);
                     if let Err(e) = status_pub.unpublish(&key) {
                         tracing::warn!(error = %e, module = %key, "unpublishing VerifyStatus failed");
                     }
@@ -96,7 +107,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 let fresh = generation == policy_generation && !policy_changes.settling();
                 if current.get(&config.name) == Some(&config) && fresh {
                 match checked {
-                    Checked::Verdict(status) => publish(&status),
+                    Checked::Verdict(status) => {
+                        publish(&status);
+                        rejections.published(&ctx.events, &config, &status);
+                    }
                     // A policy edited into something unreadable (a typo, a file half written)
                     // does not take down what it had passed: the verdict reached under the last
                     // readable policy stands, and the error is reported until the policy is
@@ -113,6 +127,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                             ctx.health.report_error(&reason);
                         } else {
                             publish(&status);
+                            rejections.published(&ctx.events, &config, &status);
                         }
                     }
                 }

@@ -354,3 +354,24 @@ pub fn node_root() -> (tempfile::TempDir, PathBuf) {
     .unwrap();
     (dir, root)
 }
+
+/// Mount points at or below `root`, from /proc/self/mountinfo.
+pub fn mounts_under(root: &Path) -> Vec<String> {
+    let root = root.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|p| p.starts_with(&root))
+        .collect()
+}
+
+/// Detaches every mount at or below `root`, deepest first: what a test's agents mounted must
+/// not outlive its temp directory, also when the test fails.
+pub fn unmount_under(root: &Path) {
+    let mut mounts = mounts_under(root);
+    mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in mounts {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}

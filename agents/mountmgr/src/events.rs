@@ -1,0 +1,399 @@
+//! What mountmgr raises (docs/events.md, "Events raised"): a target's stack switched, a health
+//! check that refused a switch, and what start-up recovery found and did. Each event is built
+//! apart from raising it, so its wording and fields are tested without an agent.
+
+use agentbase::events::Events;
+use powernode_types::{MountConfig, Severity, Slot};
+
+use crate::check::CheckError;
+use crate::layout::slot_name;
+use crate::recover::{Decision, Found, Recovered};
+use crate::stack::{self, PlannedLayer};
+
+/// A target's stack was switched to a new generation, or torn down (Info).
+pub const SWITCHED: &str = "stack.switched";
+/// A layer's health check failed in a new stack, which was not switched to (Error).
+pub const HEALTH_CHECK_FAILED: &str = "stack.health_check_failed";
+/// What a start found of a target and what it did with it (Info, Warning if something was
+/// cut short or wrong).
+pub const RECOVERED: &str = "stack.recovered";
+
+/// An event to raise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raised {
+    /// How bad.
+    pub severity: Severity,
+    /// One of the kinds above.
+    pub kind: &'static str,
+    /// Human text.
+    pub message: String,
+    /// Structured context, in order.
+    pub fields: Vec<(&'static str, String)>,
+}
+
+impl Raised {
+    /// Raises it (a failure to raise is logged: the event is a report, not the work).
+    pub fn raise(&self, events: &Events) {
+        let fields: Vec<(&str, &str)> = self.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        events.report(self.severity, self.kind, &self.message, &fields);
+    }
+
+    /// The value of field `key` (for tests).
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `A`, `B`, or `none`.
+fn slot_text(slot: Option<Slot>) -> &'static str {
+    slot.map_or("none", slot_name)
+}
+
+/// `stack.switched`: `config` is now the target's stack, in `slot` (`None`: torn down, no
+/// layers); `previous` is the generation switched away from.
+pub fn switched(config: &MountConfig, slot: Option<Slot>, previous: Option<u64>) -> Raised {
+    let layers = stack::ordered_layers(&config.layers);
+    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    let digests: Vec<&str> = layers.iter().map(|l| l.digest.as_str()).collect();
+    let message = match slot {
+        Some(slot) => format!(
+            "target {} switched to generation {} in slot {}: {}",
+            config.target,
+            config.generation,
+            slot_name(slot),
+            names.join(", ")
+        ),
+        None => format!(
+            "target {} torn down: generation {} has no layers",
+            config.target, config.generation
+        ),
+    };
+    let mut fields = vec![
+        ("target", config.target.clone()),
+        ("generation", config.generation.to_string()),
+        ("slot", slot_text(slot).to_owned()),
+        ("layers", names.join(",")),
+        ("digests", digests.join(",")),
+    ];
+    if let Some(previous) = previous {
+        fields.push(("previous_generation", previous.to_string()));
+    }
+    Raised {
+        severity: Severity::Info,
+        kind: SWITCHED,
+        message,
+        fields,
+    }
+}
+
+/// `stack.health_check_failed`: `layer`'s check failed with `error` in the new stack of
+/// `target` for `generation`; `active` is the generation that stays.
+pub fn health_check_failed(
+    target: &str,
+    generation: u64,
+    layer: &PlannedLayer,
+    error: &CheckError,
+    active: Option<u64>,
+) -> Raised {
+    let stays = match active {
+        Some(g) => format!("generation {g} stays active"),
+        None => "nothing is active".to_owned(),
+    };
+    let command = layer
+        .health_check
+        .as_ref()
+        .map(|c| c.command.join(" "))
+        .unwrap_or_default();
+    let output = match error {
+        CheckError::Failed { stderr, .. } | CheckError::TimedOut { stderr, .. } => stderr.clone(),
+        _ => String::new(),
+    };
+    let mut fields = vec![
+        ("target", target.to_owned()),
+        ("generation", generation.to_string()),
+        ("module", layer.name.clone()),
+        ("digest", layer.digest.clone()),
+        ("check", command),
+        ("reason", error.to_string()),
+        ("output", output),
+    ];
+    if let Some(g) = active {
+        fields.push(("active_generation", g.to_string()));
+    }
+    Raised {
+        severity: Severity::Error,
+        kind: HEALTH_CHECK_FAILED,
+        message: format!(
+            "switch of target {target} to generation {generation} refused ({stays}): {error}"
+        ),
+        fields,
+    }
+}
+
+/// `stack.recovered`: what the start found of `target` and what it did.
+pub fn recovered(target: &str, r: &Recovered) -> Raised {
+    let found = found_text(&r.found);
+    let interrupted = r.found.switching_to;
+    let (decision, generation, slot, done) = match &r.decision {
+        Decision::Adopt(s) => {
+            let (g, slot) = (s.config.generation, slot_name(s.slot));
+            let done = match interrupted {
+                Some((to, _)) if to == g => format!(
+                    "a switch to generation {g} had moved current when it was cut short: \
+                     adopted generation {g} in slot {slot}, cleaned the other slot"
+                ),
+                Some((to, to_slot)) => format!(
+                    "a switch to generation {to} was cut short before current moved: kept \
+                     generation {g} in slot {slot}, removed the half-built slot {}",
+                    slot_name(to_slot)
+                ),
+                None => format!("kept generation {g} in slot {slot}, mounted as recorded"),
+            };
+            ("adopt", Some(g), Some(s.slot), done)
+        }
+        Decision::Rebuild(s) => {
+            let g = s.config.generation;
+            let done = if r.rebuild.is_some() {
+                format!("generation {g} is not mounted (a reboot, or left half-mounted): building it again")
+            } else {
+                format!(
+                    "generation {g} is not mounted and its images are gone: waiting for the \
+                     next stack from modulemgr"
+                )
+            };
+            ("rebuild", Some(g), None, done)
+        }
+        Decision::Clean => (
+            "clean",
+            None,
+            None,
+            "nothing usable: unmounted what was left and forgot the target".to_owned(),
+        ),
+    };
+    let settled = matches!(r.decision, Decision::Adopt(_))
+        || (matches!(r.decision, Decision::Rebuild(_)) && r.rebuild.is_some());
+    let severity = if settled && interrupted.is_none() && r.problems.is_empty() {
+        Severity::Info
+    } else {
+        Severity::Warning
+    };
+    let mut fields = vec![
+        ("target", target.to_owned()),
+        ("decision", decision.to_owned()),
+        ("found", found),
+        ("done", done.clone()),
+        ("interrupted_switch", interrupted.is_some().to_string()),
+    ];
+    if let Some(g) = generation {
+        fields.push(("generation", g.to_string()));
+    }
+    if let Some(slot) = slot {
+        fields.push(("slot", slot_name(slot).to_owned()));
+    }
+    if !r.problems.is_empty() {
+        fields.push(("problems", r.problems.join("; ")));
+    }
+    Raised {
+        severity,
+        kind: RECOVERED,
+        message: format!("target {target} recovered at start-up: {done}"),
+        fields,
+    }
+}
+
+/// `record: generation 1 in slot A, switching to generation 2 in slot B; current: B`.
+fn found_text(f: &Found) -> String {
+    let record = if f.corrupt_record {
+        "record: unreadable".to_owned()
+    } else if !f.record {
+        "record: none".to_owned()
+    } else {
+        let mut text = match f.applied {
+            Some((g, slot)) => format!("record: generation {g} in slot {}", slot_name(slot)),
+            None => "record: nothing applied".to_owned(),
+        };
+        if let Some((g, slot)) = f.switching_to {
+            text.push_str(&format!(
+                ", switching to generation {g} in slot {}",
+                slot_name(slot)
+            ));
+        }
+        text
+    };
+    format!("{record}; current: {}", slot_text(f.current))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::AppliedStack;
+    use powernode_types::{MountLayer, UpperMode};
+
+    fn config(generation: u64, layers: &[(&str, u32)]) -> MountConfig {
+        MountConfig {
+            target: "modules".into(),
+            generation,
+            layers: layers
+                .iter()
+                .map(|(name, priority)| MountLayer {
+                    name: (*name).into(),
+                    image_path: format!("/store/{name}"),
+                    digest: format!("sha256:{name}"),
+                    priority: *priority,
+                    health_check: None,
+                })
+                .collect(),
+            upper: UpperMode::Tmpfs,
+        }
+    }
+
+    fn recovered(found: Found, decision: Decision, rebuild: bool, problems: &[&str]) -> Raised {
+        let rebuild = match (&decision, rebuild) {
+            (Decision::Rebuild(s), true) => Some(s.config.clone()),
+            _ => None,
+        };
+        let r = Recovered {
+            found,
+            decision,
+            record: None,
+            active: None,
+            rebuild,
+            problems: problems.iter().map(|p| (*p).to_owned()).collect(),
+        };
+        super::recovered("modules", &r)
+    }
+
+    #[test]
+    fn switched_lists_the_layers_bottom_first() {
+        let e = switched(
+            &config(3, &[("top", 20), ("base", 10)]),
+            Some(Slot::B),
+            Some(2),
+        );
+        assert_eq!(e.kind, SWITCHED);
+        assert_eq!(e.field("layers"), Some("base,top"));
+        assert_eq!(e.field("digests"), Some("sha256:base,sha256:top"));
+        assert_eq!(e.field("slot"), Some("B"));
+        assert_eq!(e.field("previous_generation"), Some("2"));
+        let e = switched(&config(4, &[]), None, Some(3));
+        assert_eq!(e.field("slot"), Some("none"));
+        assert!(e.message.contains("torn down"), "{}", e.message);
+    }
+
+    /// One row per recovery the module table of `recover` names: severity, decision, and the
+    /// words that say what was done.
+    #[test]
+    fn recovery_reports() {
+        let stack = |g: u64, slot: Slot| AppliedStack {
+            slot,
+            config: config(g, &[("base", 10)]),
+        };
+        let found = |applied, switching_to, current| Found {
+            corrupt_record: false,
+            record: true,
+            applied,
+            switching_to,
+            current,
+        };
+        use Severity::*;
+        let rows = [
+            // Steady state.
+            (
+                recovered(
+                    found(Some((1, Slot::A)), None, Some(Slot::A)),
+                    Decision::Adopt(stack(1, Slot::A)),
+                    false,
+                    &[],
+                ),
+                Info,
+                "adopt",
+                "kept generation 1 in slot A",
+            ),
+            // Killed after the rename, before the result was recorded.
+            (
+                recovered(
+                    found(Some((1, Slot::A)), Some((2, Slot::B)), Some(Slot::B)),
+                    Decision::Adopt(stack(2, Slot::B)),
+                    false,
+                    &[],
+                ),
+                Warning,
+                "adopt",
+                "had moved current",
+            ),
+            // Killed before the rename.
+            (
+                recovered(
+                    found(Some((1, Slot::A)), Some((2, Slot::B)), Some(Slot::A)),
+                    Decision::Adopt(stack(1, Slot::A)),
+                    false,
+                    &[],
+                ),
+                Warning,
+                "adopt",
+                "removed the half-built slot B",
+            ),
+            // A reboot.
+            (
+                recovered(
+                    found(Some((1, Slot::A)), None, None),
+                    Decision::Rebuild(stack(1, Slot::A)),
+                    true,
+                    &[],
+                ),
+                Info,
+                "rebuild",
+                "building it again",
+            ),
+            // A reboot, and the images are gone.
+            (
+                recovered(
+                    found(Some((1, Slot::A)), None, None),
+                    Decision::Rebuild(stack(1, Slot::A)),
+                    false,
+                    &[],
+                ),
+                Warning,
+                "rebuild",
+                "images are gone",
+            ),
+            // A corrupt record: nothing is trusted.
+            (
+                recovered(
+                    Found {
+                        corrupt_record: true,
+                        record: false,
+                        applied: None,
+                        switching_to: None,
+                        current: Some(Slot::A),
+                    },
+                    Decision::Clean,
+                    false,
+                    &["record corrupt"],
+                ),
+                Warning,
+                "clean",
+                "forgot the target",
+            ),
+        ];
+        for (i, (e, severity, decision, done)) in rows.iter().enumerate() {
+            assert_eq!(e.kind, RECOVERED, "row {i}");
+            assert_eq!(e.severity, *severity, "row {i}: {e:?}");
+            assert_eq!(e.field("decision"), Some(*decision), "row {i}");
+            assert!(e.field("done").unwrap().contains(done), "row {i}: {e:?}");
+        }
+        assert_eq!(
+            rows[1].0.field("found"),
+            Some("record: generation 1 in slot A, switching to generation 2 in slot B; current: B")
+        );
+        assert_eq!(rows[1].0.field("interrupted_switch"), Some("true"));
+        assert_eq!(rows[5].0.field("problems"), Some("record corrupt"));
+        assert_eq!(
+            rows[5].0.field("found"),
+            Some("record: unreadable; current: A")
+        );
+    }
+}
