@@ -10,24 +10,8 @@ use tokio_util::sync::CancellationToken;
 use crate::storage::Storage;
 use crate::wire::EventRecord;
 
-/// Most events in one `POST /events` batch.
-pub const MAX_BATCH: usize = 1000;
-/// Largest `POST /events` body, bytes.
-pub const MAX_BODY: usize = 1024 * 1024;
-/// Longest event id, bytes (ids are `[A-Za-z0-9._:@+-]`, at least one).
-pub const MAX_ID: usize = 128;
-/// Longest agent name, bytes (`[A-Za-z0-9_-]`, at least one).
-pub const MAX_AGENT: usize = 64;
-/// Longest kind, bytes (dotted lower-case words `[a-z][a-z0-9_]*`).
-pub const MAX_KIND: usize = 128;
-/// Longest message, bytes.
-pub const MAX_MESSAGE: usize = 4096;
-/// Most fields of one event.
-pub const MAX_FIELDS: usize = 32;
-/// Longest field key, bytes (at least one).
-pub const MAX_FIELD_KEY: usize = 64;
-/// Longest field value, bytes.
-pub const MAX_FIELD_VALUE: usize = 1024;
+// The bounds of `POST /events` are the node API's: agents cut what they raise to them.
+pub use powernode_types::node_api::event_limits::*;
 
 /// Events in a page of `GET /api/v1/events` unless `limit` says otherwise.
 pub const DEFAULT_PAGE: u32 = 100;

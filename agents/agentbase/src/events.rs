@@ -19,6 +19,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use powernode_pubsub::{Dirs, Publication, Subscription};
+use powernode_types::node_api::event_limits::{
+    MAX_FIELDS, MAX_FIELD_KEY, MAX_FIELD_VALUE, MAX_KIND, MAX_MESSAGE,
+};
 use powernode_types::{Event, EventAck, Severity};
 use serde::{Deserialize, Serialize};
 
@@ -31,18 +34,6 @@ pub const PENDING_CAP: usize = 1000;
 pub const SEQ_BLOCK: u64 = 1000;
 /// The agent that acknowledges events.
 pub const EVENTD: &str = "eventd";
-/// The longest kind accepted, in bytes.
-pub const MAX_KIND_LEN: usize = 128;
-/// The longest message kept, in bytes; a longer one is cut. The controller refuses a batch
-/// holding a longer one, so one overlong message would stop every event behind it.
-pub const MAX_MESSAGE_LEN: usize = 4096;
-/// The most fields kept; the rest are left out (the controller's bound, as above).
-pub const MAX_FIELDS: usize = 32;
-/// The longest field key kept, in bytes; a longer one is cut (the controller's bound).
-pub const MAX_FIELD_KEY_LEN: usize = 64;
-/// The longest field value kept, in bytes; a longer one is cut (the controller's bound).
-pub const MAX_FIELD_VALUE_LEN: usize = 1024;
-
 /// Why a raise did not go as asked.
 #[derive(Debug, thiserror::Error)]
 pub enum RaiseError {
@@ -155,8 +146,8 @@ impl Events {
 
     /// Raises an event: published and checkpointed when this returns `Ok`. `kind` is dotted
     /// lower-case words (`module.rejected`); `fields` is structured context, in order. Text
-    /// past the controller's bounds ([`MAX_MESSAGE_LEN`], [`MAX_FIELDS`], [`MAX_FIELD_KEY_LEN`],
-    /// [`MAX_FIELD_VALUE_LEN`]) is cut, marked with `…`: an error quoting a long registry reply
+    /// past the controller's bounds ([`MAX_MESSAGE`], [`MAX_FIELDS`], [`MAX_FIELD_KEY`],
+    /// [`MAX_FIELD_VALUE`]) is cut, marked with `…`: an error quoting a long registry reply
     /// or a command's output must still reach the controller.
     pub fn raise(
         &self,
@@ -191,12 +182,12 @@ impl Events {
             seq,
             severity,
             kind: kind.to_owned(),
-            message: cut(message, MAX_MESSAGE_LEN),
+            message: cut(message, MAX_MESSAGE),
             at_ms: now_ms(),
             fields: fields
                 .iter()
                 .take(MAX_FIELDS)
-                .map(|(k, v)| (cut(k, MAX_FIELD_KEY_LEN), cut(v, MAX_FIELD_VALUE_LEN)))
+                .map(|(k, v)| (cut(k, MAX_FIELD_KEY), cut(v, MAX_FIELD_VALUE)))
                 .collect(),
             dropped_before: r.dropped,
         };
@@ -312,7 +303,7 @@ pub fn check_kind(kind: &str) -> Result<(), RaiseError> {
             && w.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     };
-    if kind.len() <= MAX_KIND_LEN && kind.split('.').all(word_ok) {
+    if kind.len() <= MAX_KIND && kind.split('.').all(word_ok) {
         Ok(())
     } else {
         Err(RaiseError::InvalidKind(kind.to_owned()))
@@ -367,10 +358,7 @@ mod tests {
         let c = cut(&long, 51);
         assert!(c.len() <= 51 && c.ends_with('…'), "{c}");
         assert!(c.starts_with("éé"));
-        assert_eq!(
-            cut(&"x".repeat(5000), MAX_MESSAGE_LEN).len(),
-            MAX_MESSAGE_LEN
-        );
+        assert_eq!(cut(&"x".repeat(5000), MAX_MESSAGE).len(), MAX_MESSAGE);
     }
 
     #[test]
@@ -494,12 +482,9 @@ mod raise_tests {
         let mut sub = Subscription::<Event>::connect(&ctx.dirs, "long");
         until(&mut sub, "the event", |s| s.items().count() == 1).await;
         let event = sub.items().next().unwrap().1.clone();
-        assert_eq!(event.message.len(), MAX_MESSAGE_LEN);
+        assert_eq!(event.message.len(), MAX_MESSAGE);
         assert_eq!(event.fields.len(), MAX_FIELDS);
-        assert!(event
-            .fields
-            .iter()
-            .all(|(_, v)| v.len() == MAX_FIELD_VALUE_LEN));
+        assert!(event.fields.iter().all(|(_, v)| v.len() == MAX_FIELD_VALUE));
         assert_eq!(event.fields[0].0, "k0");
     }
 
