@@ -695,6 +695,7 @@ fn node_api_bodies() -> Seeds {
                 )])),
                 network: None,
                 applied_generation: Some(7),
+                enrollment: None,
             }),
         ),
         seed(
