@@ -24,13 +24,26 @@ pub fn reasons(outcome: &Outcome) -> Vec<(String, String)> {
         .collect()
 }
 
-/// What to raise for `current` after `previous`, if anything: the kind, severity, message
-/// and fields. `reasons` are the sources' reasons of the outcome behind `current`.
+/// An event to raise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raised {
+    /// [`RESOLVED`] or [`UNRESOLVABLE`].
+    pub kind: &'static str,
+    /// How bad it is.
+    pub severity: Severity,
+    /// For people.
+    pub message: String,
+    /// For machines.
+    pub fields: Vec<(String, String)>,
+}
+
+/// What to raise for `current` after `previous`, if anything. `reasons` are the sources'
+/// reasons of the outcome behind `current`.
 pub fn event_for(
     previous: Option<&NodeIdentity>,
     current: &NodeIdentity,
     reasons: &[(String, String)],
-) -> Option<(&'static str, Severity, String, Vec<(String, String)>)> {
+) -> Option<Raised> {
     match current.state {
         IdentityState::Resolved => {
             let same = previous.is_some_and(|p| {
@@ -74,7 +87,12 @@ pub fn event_for(
                     current.hostname
                 ),
             };
-            Some((RESOLVED, Severity::Info, message, fields))
+            Some(Raised {
+                kind: RESOLVED,
+                severity: Severity::Info,
+                message,
+                fields,
+            })
         }
         IdentityState::Unresolvable => {
             let same = previous.is_some_and(|p| {
@@ -91,7 +109,12 @@ pub fn event_for(
                 "no identity source yields a node identity: {}",
                 current.last_error.as_deref().unwrap_or("no reason given")
             );
-            Some((UNRESOLVABLE, Severity::Error, message, fields))
+            Some(Raised {
+                kind: UNRESOLVABLE,
+                severity: Severity::Error,
+                message,
+                fields,
+            })
         }
     }
 }
@@ -103,12 +126,13 @@ pub fn raise(
     current: &NodeIdentity,
     reasons: &[(String, String)],
 ) {
-    if let Some((kind, severity, message, fields)) = event_for(previous, current, reasons) {
-        let fields: Vec<(&str, &str)> = fields
+    if let Some(raised) = event_for(previous, current, reasons) {
+        let fields: Vec<(&str, &str)> = raised
+            .fields
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        events.report(severity, kind, &message, &fields);
+        events.report(raised.severity, raised.kind, &raised.message, &fields);
     }
 }
 
@@ -145,7 +169,7 @@ mod tests {
 
     fn kind(previous: Option<&NodeIdentity>, current: &NodeIdentity) -> Option<&'static str> {
         let reasons = [("Dmi".to_owned(), "no file".to_owned())];
-        event_for(previous, current, &reasons).map(|(k, ..)| k)
+        event_for(previous, current, &reasons).map(|r| r.kind)
     }
 
     #[test]
@@ -171,16 +195,18 @@ mod tests {
 
     #[test]
     fn fields_name_the_source_and_every_reason() {
-        let (_, _, _, fields) = event_for(Some(&resolved("a")), &resolved("b"), &[]).unwrap();
+        let fields = event_for(Some(&resolved("a")), &resolved("b"), &[])
+            .unwrap()
+            .fields;
         assert!(fields.contains(&("source".into(), "IdentityCfg".into())));
         assert!(fields.contains(&("previous_uuid".into(), "a".into())));
         let reasons = vec![
             ("KernelCmdline".to_owned(), "none".to_owned()),
             ("Dmi".to_owned(), "no file".to_owned()),
         ];
-        let (_, severity, _, fields) = event_for(None, &unresolvable("x"), &reasons).unwrap();
-        assert_eq!(severity, Severity::Error);
-        assert_eq!(fields, reasons);
+        let raised = event_for(None, &unresolvable("x"), &reasons).unwrap();
+        assert_eq!(raised.severity, Severity::Error);
+        assert_eq!(raised.fields, reasons);
         for k in [RESOLVED, UNRESOLVABLE] {
             agentbase::events::check_kind(k).unwrap();
         }

@@ -119,6 +119,45 @@ impl Ctl {
         }
     }
 
+    /// Every event of `agent` once the controller holds all it raised in `starts` runs: a
+    /// start takes its numbers from a block of 1,000 of its own (agentbase), so each block
+    /// must be there from its first number on, without a hole.
+    async fn all_of(&self, node: &Node, agent: &str, starts: usize) -> Vec<StoredEvent> {
+        let query = EventQuery {
+            limit: 1000,
+            ..EventQuery::default()
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let mine: Vec<StoredEvent> = self
+                .storage()
+                .events(&query)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|e| e.agent == agent)
+                .collect();
+            let mut blocks = std::collections::BTreeMap::<i64, Vec<i64>>::new();
+            for e in &mine {
+                blocks.entry((e.seq - 1) / 1000).or_default().push(e.seq);
+            }
+            let whole = blocks.iter_mut().all(|(block, seqs)| {
+                seqs.sort_unstable();
+                seqs.iter()
+                    .copied()
+                    .eq(block * 1000 + 1..=block * 1000 + seqs.len() as i64)
+            });
+            if whole && blocks.len() == starts {
+                return mine;
+            }
+            node.check(
+                deadline,
+                &format!("not all {agent} events of {starts} starts: {blocks:?}"),
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The node's enrollment state as stored from its heartbeats, once `wanted` accepts it.
     async fn enrollment(
         &self,
@@ -175,6 +214,17 @@ impl Node {
             .push((agent, spawn_agent(&self.root, agent, "")));
     }
 
+    /// Kills `agent` with SIGKILL; starts it again unless `stay_down`.
+    fn kill(&mut self, agent: &str, stay_down: bool) {
+        let i = self.agents.iter().position(|(a, _)| *a == agent).unwrap();
+        let (name, mut child) = self.agents.remove(i);
+        let _ = child.kill();
+        let _ = child.wait();
+        if !stay_down {
+            self.start(name);
+        }
+    }
+
     fn pid(&self, agent: &str) -> Pid {
         let (_, child) = self.agents.iter().find(|(a, _)| *a == agent).unwrap();
         Pid::from_raw(i32::try_from(child.id()).unwrap())
@@ -224,6 +274,36 @@ impl Node {
             }
             self.check(deadline, &format!("enrollmgr never published {what}"));
             let _ = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+        }
+    }
+}
+
+impl Node {
+    /// Waits until enrollmgr's `EnrollmentStatus` checkpoint on disk is in `state`:
+    /// subscribers see a publish before its checkpoint is written, and a kill in between
+    /// would have the restart read the state before it.
+    async fn checkpointed(&self, state: EnrollmentState) {
+        let file = self
+            .dirs()
+            .checkpoints("enrollmgr", "EnrollmentStatus", true)
+            .join("global");
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let on_disk = std::fs::read(&file).ok().and_then(|bytes| {
+                let payload = powernode_pubsub::checkpoint::decode_for(
+                    &bytes,
+                    "EnrollmentStatus",
+                    <EnrollmentStatus as powernode_types::Topic>::SCHEMA_VERSION,
+                )
+                .ok()?
+                .to_vec();
+                postcard::from_bytes::<EnrollmentStatus>(&payload).ok()
+            });
+            if on_disk.is_some_and(|s| s.state == state) {
+                return;
+            }
+            self.check(deadline, &format!("{state:?} never checkpointed"));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -450,7 +530,12 @@ async fn a_bad_token_reaches_the_controller_once_the_node_enrolls() {
     ));
     ctl.events(&node, "enroll.enrolled", 1).await;
 
-    let refused = ctl.events(&node, "enroll.bad_token", 1).await;
+    ctl.events(&node, "enroll.bad_token", 1).await;
+    let all = ctl.all_of(&node, "enrollmgr", 1).await;
+    let refused: Vec<&StoredEvent> = all
+        .iter()
+        .filter(|e| e.kind == "enroll.bad_token")
+        .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     let e = &refused[0];
     assert_eq!(
@@ -496,13 +581,79 @@ async fn a_ca_mismatch_reaches_the_controller_once_the_node_enrolls() {
     ));
     ctl.events(&node, "enroll.enrolled", 1).await;
 
-    let refused = ctl.events(&node, "enroll.ca_mismatch", 1).await;
+    ctl.events(&node, "enroll.ca_mismatch", 1).await;
+    let all = ctl.all_of(&node, "enrollmgr", 1).await;
+    let refused: Vec<&StoredEvent> = all
+        .iter()
+        .filter(|e| e.kind == "enroll.ca_mismatch")
+        .collect();
     assert_eq!(refused.len(), 1, "{refused:?}");
     let e = &refused[0];
     assert_eq!(e.severity, Severity::Critical);
     assert_eq!(Some(field(e, "reason")), mismatch.last_error.as_deref());
     assert_eq!(field(e, "state"), "CaMismatch");
     assert_eq!(field(e, "controller_url"), ctl.url());
+}
+
+/// The certificate expires while enrollmgr is down (3 s lifetime, killed before rotation):
+/// started again it raises `cert.expired` (Critical) with the expiry, and a second restart
+/// into the same refusal raises nothing; the event reaches the controller once a new token
+/// has re-enrolled the node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_raised_once_and_delivered_after_re_enrollment() {
+    let ctl = Ctl::start(Duration::from_secs(3), 15).await;
+    let mut node = Node::new(15, 3, "");
+    let token = ctl.token().await;
+    node.give(resolved_identity(
+        "uuid-expired",
+        token,
+        &ctl.url(),
+        &ctl.ca_pem,
+    ));
+    node.start("enrollmgr");
+    node.start("eventd");
+    let mut status = Subscription::<EnrollmentStatus>::connect(&node.dirs(), "enrollmgr");
+    let first = node
+        .enrollment(&mut status, "Enrolled", |s| {
+            s.state == EnrollmentState::Enrolled
+        })
+        .await;
+    node.kill("enrollmgr", true);
+    let expiry = first.not_after_ms.unwrap();
+    let wait = (expiry + 300).saturating_sub(common::now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    node.start("enrollmgr");
+    node.enrollment(&mut status, "CertExpired", |s| {
+        s.state == EnrollmentState::CertExpired
+    })
+    .await;
+    node.checkpointed(EnrollmentState::CertExpired).await;
+    node.kill("enrollmgr", false);
+    // The restarted agent is in the same refusal (its own agent.started says it ran).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let token = ctl.token().await;
+    node.give(resolved_identity(
+        "uuid-expired",
+        token,
+        &ctl.url(),
+        &ctl.ca_pem,
+    ));
+
+    ctl.events(&node, "enroll.enrolled", 2).await;
+    // eventd delivers in the order it journalled, which across a restart of the raiser is
+    // not the order raised: wait until every start's events are all there, without holes.
+    let all = ctl.all_of(&node, "enrollmgr", 3).await;
+    let expired: Vec<&StoredEvent> = all.iter().filter(|e| e.kind == "cert.expired").collect();
+    assert_eq!(expired.len(), 1, "once, not per restart: {expired:?}");
+    let e = &expired[0];
+    assert_eq!(
+        (e.agent.as_str(), e.severity),
+        ("enrollmgr", Severity::Critical)
+    );
+    assert_eq!(number(e, "not_after_ms"), expiry);
+    assert_eq!(Some(field(e, "node_id")), first.node_id.as_deref());
+    assert!(field(e, "reason").contains("expired"), "{e:?}");
+    assert_eq!(field(e, "state"), "CertExpired");
 }
 
 /// The operator revokes the node (through the controller's storage, as `node revoke` does):
@@ -541,7 +692,8 @@ async fn a_revoked_node_says_so_to_the_controller() {
     assert_eq!(field(e, "state"), "Revoked");
     // Once: the refusal is final, nothing retries it.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(ctl.events(&node, "enroll.revoked", 1).await.len(), 1);
+    let all = ctl.all_of(&node, "enrollmgr", 1).await;
+    assert_eq!(all.iter().filter(|e| e.kind == "enroll.revoked").count(), 1);
 }
 
 /// The controller is away for more than two heartbeat intervals (1 s each): heartbeatd raises
@@ -570,8 +722,12 @@ async fn a_controller_outage_is_raised_once_and_its_end_with_its_length() {
     tokio::time::sleep(Duration::from_millis(4500)).await;
     ctl.up().await;
 
-    let reachable = ctl.events(&node, "controller.reachable", 1).await;
-    let unreachable = ctl.events(&node, "controller.unreachable", 1).await;
+    ctl.events(&node, "controller.reachable", 1).await;
+    let all = ctl.all_of(&node, "heartbeatd", 1).await;
+    let of = |kind: &str| -> Vec<StoredEvent> {
+        all.iter().filter(|e| e.kind == kind).cloned().collect()
+    };
+    let (reachable, unreachable) = (of("controller.reachable"), of("controller.unreachable"));
     let outage_max = u64::try_from(down_for.elapsed().as_millis()).unwrap();
     assert_eq!(unreachable.len(), 1, "raised once: {unreachable:?}");
     let u = &unreachable[0];
@@ -658,8 +814,12 @@ async fn identity_unresolvable_then_resolved_reach_the_controller() {
         ),
     );
 
-    let resolved = ctl.events(&node, "identity.resolved", 1).await;
-    let unresolvable = ctl.events(&node, "identity.unresolvable", 1).await;
+    ctl.events(&node, "identity.resolved", 1).await;
+    let all = ctl.all_of(&node, "identitymgr", 1).await;
+    let of = |kind: &str| -> Vec<StoredEvent> {
+        all.iter().filter(|e| e.kind == kind).cloned().collect()
+    };
+    let (resolved, unresolvable) = (of("identity.resolved"), of("identity.unresolvable"));
     assert_eq!(
         unresolvable.len(),
         1,
