@@ -309,7 +309,13 @@ impl Agent {
                     self.inputs_changed(state)?
                 }
                 event = enrollments.next() => {
+                    let before = self.enrollment.clone();
                     if !apply_event(&mut self.enrollment, event) {
+                        continue;
+                    }
+                    if !enrollment_matters(before.as_ref(), self.enrollment.as_ref()) {
+                        // Another failed attempt: the next heartbeat carries it, no sooner,
+                        // so a rotation retrying does not make heartbeats retry with it.
                         continue;
                     }
                     self.inputs_changed(state)?
@@ -576,6 +582,17 @@ impl Agent {
     }
 }
 
+/// Whether an enrollment change is worth an early heartbeat: anything but the count and
+/// error of failed rotation attempts.
+fn enrollment_matters(old: Option<&EnrollmentStatus>, new: Option<&EnrollmentStatus>) -> bool {
+    let essential = |s: &EnrollmentStatus| EnrollmentStatus {
+        rotation_attempts: 0,
+        last_error: None,
+        ..s.clone()
+    };
+    old.map(essential) != new.map(essential)
+}
+
 /// Applies a subscription event to the value it tracks (key `global`); whether it changed.
 fn apply_event<T>(slot: &mut Option<T>, event: Event<T>) -> bool {
     match event {
@@ -688,6 +705,29 @@ mod tests {
         let mut id3 = id.clone();
         id3.boot_id.clear();
         assert!(target(None, Some(&id3), Some(&e), now).is_err());
+    }
+
+    #[test]
+    fn only_a_new_rotation_attempt_is_not_worth_an_early_heartbeat() {
+        let failing = EnrollmentStatus {
+            rotation_failing_since_ms: Some(1_600),
+            rotation_attempts: 1,
+            last_error: Some("refused".to_owned()),
+            ..enrollment(EnrollmentState::RotationFailing)
+        };
+        let again = EnrollmentStatus {
+            rotation_attempts: 2,
+            last_error: Some("timed out".to_owned()),
+            ..failing.clone()
+        };
+        assert!(!enrollment_matters(Some(&failing), Some(&again)));
+        let rotated = enrollment(EnrollmentState::Enrolled);
+        assert!(enrollment_matters(Some(&again), Some(&rotated)));
+        assert!(enrollment_matters(
+            Some(&enrollment(EnrollmentState::Enrolled)),
+            Some(&failing)
+        ));
+        assert!(enrollment_matters(None, Some(&failing)));
     }
 
     #[test]
