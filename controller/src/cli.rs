@@ -367,6 +367,10 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
         timestamp(d.node.revoked_at_ms),
         ago(now_ms, d.last_heartbeat.as_ref().map(|h| h.received_at_ms)),
     );
+    out.push_str(&format!(
+        "certificate:     {}\n",
+        certificate_text(d, now_ms)
+    ));
     if let Some(hb) = &d.last_heartbeat {
         out.push_str(&format!(
             "agent version:   {}\nboot id:         {}\napplied gen:     {}\n",
@@ -413,6 +417,50 @@ fn node_text(d: &NodeDetail, now_ms: i64) -> String {
         }
     }
     out
+}
+
+/// The `certificate:` line of `node show`: what the node last reported of its certificate and
+/// its rotation — "expires …, rotation failing since … (N attempts): error" while failing.
+fn certificate_text(d: &NodeDetail, now_ms: i64) -> String {
+    let Some(e) = &d.enrollment else {
+        return "- (no heartbeat has reported it)".to_owned();
+    };
+    let r = &e.report;
+    let ms = |v: Option<u64>| v.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
+    let mut text = match ms(r.not_after_ms) {
+        Some(at) if at <= now_ms => format!("expired {}", timestamp(Some(at))),
+        Some(at) => format!(
+            "expires {} (in {})",
+            timestamp(Some(at)),
+            crate::duration::human(Duration::from_millis(
+                u64::try_from(at - now_ms).unwrap_or(0)
+            ))
+        ),
+        None => "no certificate".to_owned(),
+    };
+    match ms(r.rotation_failing_since_ms) {
+        Some(since) => {
+            text.push_str(&format!(
+                ", rotation failing since {} ({} attempt{})",
+                timestamp(Some(since)),
+                r.rotation_attempts,
+                if r.rotation_attempts == 1 { "" } else { "s" },
+            ));
+            if let Some(error) = &r.last_error {
+                text.push_str(&format!(": {error}"));
+            }
+        }
+        None => {
+            text.push_str(&format!(", {}", r.state));
+            if let Some(rotate_at) = ms(r.rotate_at_ms).filter(|_| r.state == "Enrolled") {
+                text.push_str(&format!(", rotation at {}", timestamp(Some(rotate_at))));
+            }
+            if let Some(error) = r.last_error.as_ref().filter(|_| r.state != "Enrolled") {
+                text.push_str(&format!(": {error}"));
+            }
+        }
+    }
+    text
 }
 
 /// What `node show --json` prints: the node's detail and the module states of its latest
@@ -530,6 +578,78 @@ mod tests {
         );
         assert_eq!(modules_text(&[]), "modules (reported): -\n");
         assert_eq!(short_digest("sha256:00"), "sha256:00");
+    }
+
+    fn detail(enrollment: Option<crate::wire::EnrollmentReport>) -> NodeDetail {
+        NodeDetail {
+            node: crate::storage::Node {
+                id: "node-1".into(),
+                uuid: "u".into(),
+                hostname: "edge".into(),
+                arch: "amd64".into(),
+                enrolled_at_ms: 0,
+                revoked_at_ms: None,
+            },
+            enrollment: enrollment.map(|report| crate::storage::NodeEnrollment {
+                report,
+                changed_at_ms: 0,
+            }),
+            last_heartbeat: None,
+            certificates: Vec::new(),
+            desired: crate::wire::DesiredState {
+                generation: 0,
+                modules: Vec::new(),
+                network: None,
+            },
+            last_events: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn certificate_line_says_when_rotation_has_been_failing() {
+        let day = 86_400_000;
+        let now = 1_700_000_000_000;
+        let failing = crate::wire::EnrollmentReport {
+            state: "RotationFailing".into(),
+            cert_fingerprint: Some("ab".into()),
+            not_after_ms: Some(now as u64 + 3 * day),
+            rotate_at_ms: Some(now as u64 - day),
+            rotation_failing_since_ms: Some(1_699_913_600_000),
+            rotation_attempts: 7,
+            last_error: Some("controller answered 503".into()),
+        };
+        assert_eq!(
+            certificate_text(&detail(Some(failing.clone())), now),
+            "expires 2023-11-17T22:13:20Z (in 3d), rotation failing since \
+             2023-11-13T22:13:20Z (7 attempts): controller answered 503"
+        );
+        let fine = crate::wire::EnrollmentReport {
+            state: "Enrolled".into(),
+            rotation_failing_since_ms: None,
+            rotation_attempts: 0,
+            last_error: None,
+            rotate_at_ms: Some(now as u64 + day),
+            ..failing.clone()
+        };
+        assert_eq!(
+            certificate_text(&detail(Some(fine)), now),
+            "expires 2023-11-17T22:13:20Z (in 3d), Enrolled, rotation at 2023-11-15T22:13:20Z"
+        );
+        let expired = crate::wire::EnrollmentReport {
+            state: "CertExpired".into(),
+            not_after_ms: Some(now as u64 - 1000),
+            rotation_failing_since_ms: None,
+            last_error: Some("expired".into()),
+            ..failing
+        };
+        assert_eq!(
+            certificate_text(&detail(Some(expired)), now),
+            "expired 2023-11-14T22:13:19Z, CertExpired: expired"
+        );
+        assert_eq!(
+            certificate_text(&detail(None), now),
+            "- (no heartbeat has reported it)"
+        );
     }
 
     #[test]

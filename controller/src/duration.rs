@@ -32,9 +32,37 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// The inverse of [`parse_duration`] for display: the largest unit that fits, rounded down
+/// (`89d`, `3h`, `20s`; `0s` under a second).
+pub fn human(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        86_400.. => format!("{}d", secs / 86_400),
+        3600.. => format!("{}h", secs / 3600),
+        60.. => format!("{}m", secs / 60),
+        _ => format!("{secs}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn human_takes_the_largest_unit() {
+        for (secs, text) in [
+            (0, "0s"),
+            (59, "59s"),
+            (60, "1m"),
+            (7300, "2h"),
+            (7_776_000, "90d"),
+        ] {
+            assert_eq!(human(Duration::from_secs(secs)), text);
+            if secs > 0 {
+                assert!(parse_duration(text).is_ok());
+            }
+        }
+    }
 
     #[test]
     fn parses_units_and_refuses_garbage() {

@@ -12,7 +12,9 @@ use sqlx::{FromRow, SqlitePool};
 use crate::ca::{CaError, CertInfo, IssuedCert};
 use crate::events::{self, EventRetention};
 use crate::secrets::{self, RandomError};
-use crate::wire::{DesiredModule, DesiredNetwork, DesiredState, EventRecord, Identity};
+use crate::wire::{
+    DesiredModule, DesiredNetwork, DesiredState, EnrollmentReport, EventRecord, Identity,
+};
 use powernode_types::Severity;
 
 /// File name of the database in the data directory.
@@ -171,12 +173,24 @@ pub struct HeartbeatRecord {
     pub body: serde_json::Value,
 }
 
+/// The node's enrollment and rotation as its heartbeats last reported them.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct NodeEnrollment {
+    /// What the node said.
+    #[serde(flatten)]
+    pub report: EnrollmentReport,
+    /// When the stored report last changed, ms.
+    pub changed_at_ms: i64,
+}
+
 /// Everything `node show` prints.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeDetail {
     /// The node.
     #[serde(flatten)]
     pub node: Node,
+    /// Its enrollment and rotation as last reported (`None` before a heartbeat carried it).
+    pub enrollment: Option<NodeEnrollment>,
     /// Its latest heartbeat.
     pub last_heartbeat: Option<HeartbeatRecord>,
     /// Its certificates, newest first.
@@ -254,6 +268,8 @@ pub struct HeartbeatFacts<'a> {
     pub agent_version: &'a str,
     /// Applied generation.
     pub applied_generation: Option<u64>,
+    /// The enrollment and rotation state, when the heartbeat carried it.
+    pub enrollment: Option<&'a EnrollmentReport>,
     /// The whole body, JSON text.
     pub body: &'a str,
 }
@@ -612,7 +628,63 @@ impl Storage {
         .execute(&self.pool)
         .await
         .map_err(query_err("insert heartbeat"))?;
+        if let Some(report) = facts.enrollment {
+            self.record_enrollment(node_id, now_ms, report).await?;
+        }
         Ok(())
+    }
+
+    /// Stores a node's reported enrollment state if it differs from the stored one: a
+    /// heartbeat that reports the same thing matches no row and writes nothing.
+    async fn record_enrollment(
+        &self,
+        node_id: &str,
+        now_ms: i64,
+        report: &EnrollmentReport,
+    ) -> Result<(), StorageError> {
+        let json = serde_json::to_string(&report.clone().bounded()).map_err(|source| {
+            StorageError::Decode {
+                what: "enrollment",
+                node_id: node_id.to_owned(),
+                source,
+            }
+        })?;
+        sqlx::query(
+            "UPDATE nodes SET enrollment = ?1, enrollment_at_ms = ?2
+             WHERE id = ?3 AND enrollment IS NOT ?1",
+        )
+        .bind(json)
+        .bind(now_ms)
+        .bind(node_id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("record enrollment"))?;
+        Ok(())
+    }
+
+    /// A node's enrollment state as last reported.
+    pub async fn node_enrollment(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<NodeEnrollment>, StorageError> {
+        let row: Option<(Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT enrollment, enrollment_at_ms FROM nodes WHERE id = ?")
+                .bind(node_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(query_err("get enrollment"))?;
+        let Some((Some(json), at)) = row else {
+            return Ok(None);
+        };
+        let report = serde_json::from_str(&json).map_err(|source| StorageError::Decode {
+            what: "enrollment",
+            node_id: node_id.to_owned(),
+            source,
+        })?;
+        Ok(Some(NodeEnrollment {
+            report,
+            changed_at_ms: at.unwrap_or_default(),
+        }))
     }
 
     /// How many heartbeats are kept for a node.
@@ -777,6 +849,7 @@ impl Storage {
             })
             .transpose()?;
         let desired = self.desired(id).await?;
+        let enrollment = self.node_enrollment(id).await?;
         let last_events = self
             .events(&EventQuery {
                 node: Some(id.to_owned()),
@@ -787,6 +860,7 @@ impl Storage {
             .await?;
         Ok(Some(NodeDetail {
             node,
+            enrollment,
             last_heartbeat,
             certificates,
             desired,

@@ -13,6 +13,14 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
 
+/// `ms` as `node show` prints a time (RFC 3339, seconds).
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().unwrap();
     (
@@ -100,6 +108,67 @@ async fn serve_token_create_enroll_and_list() {
     assert_eq!(code, 0);
     let detail: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(detail["desired"]["generation"], 0);
+    assert_eq!(detail["enrollment"], Value::Null, "{detail}");
+    let (_, out, _) = run(&["node", "show", &node_id, "--data", data_s]);
+    assert!(
+        out.contains("certificate:     - (no heartbeat has reported it)"),
+        "{out}"
+    );
+
+    // A heartbeat that reports failing rotation: `node show` says since when, how often, why.
+    let cert_pem = reply["cert_pem"].as_str().unwrap().to_owned();
+    let node = client(&ca_pem, Some((&cert_pem, &key.serialize_pem())));
+    let since_ms = now - 60_000;
+    let mut hb = common::heartbeat_body(0);
+    hb["enrollment"] = serde_json::json!({
+        "state": "RotationFailing",
+        "cert_fingerprint": "ab12",
+        "not_after_ms": not_after,
+        "rotate_at_ms": since_ms,
+        "rotation_failing_since_ms": since_ms,
+        "rotation_attempts": 3,
+        "last_error": "controller answered 503 unavailable",
+    });
+    let heartbeat = format!("https://{addr}/node_api/v1/status/heartbeat");
+    let (status, reply) = post_json(&node, heartbeat.clone(), &hb).await;
+    assert_eq!(status, 200, "{reply}");
+    let (code, out, stderr) = run(&["node", "show", &node_id, "--data", data_s]);
+    assert_eq!(code, 0, "{stderr}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("certificate:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("expires "), "{line}");
+    assert!(
+        line.ends_with(
+            "rotation failing since {since} (3 attempts): controller answered 503 unavailable"
+                .replace("{since}", &rfc3339(since_ms))
+                .as_str()
+        ),
+        "{line}"
+    );
+    let (_, out, _) = run(&["node", "show", &node_id, "--json", "--data", data_s]);
+    let detail: Value = serde_json::from_str(&out).unwrap();
+    let enrollment = &detail["enrollment"];
+    assert_eq!(enrollment["state"], "RotationFailing", "{detail}");
+    assert_eq!(enrollment["rotation_failing_since_ms"], since_ms);
+    assert_eq!(enrollment["rotation_attempts"], 3);
+    let changed = enrollment["changed_at_ms"].as_i64().unwrap();
+
+    // The same report again, then a heartbeat without one (an older agent): the stored
+    // state stays as it was, unchanged since the first report.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(post_json(&node, heartbeat.clone(), &hb).await.0, 200);
+    assert_eq!(
+        post_json(&node, heartbeat.clone(), &common::heartbeat_body(0))
+            .await
+            .0,
+        200
+    );
+    let (_, out, _) = run(&["node", "show", &node_id, "--json", "--data", data_s]);
+    let detail: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(detail["enrollment"]["changed_at_ms"], changed, "{detail}");
+    assert_eq!(detail["enrollment"]["rotation_attempts"], 3);
 
     let (code, _, stderr) = run(&["node", "show", "node-nope", "--data", data_s]);
     assert_eq!(code, 1);

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{code, post_json, NodeCreds, TestServer};
+use common::{code, heartbeat_body, post_json, NodeCreds, TestServer};
 use powernode_controller::events::{EventRetention, MAX_BATCH, MAX_BODY, MAX_FIELD_VALUE};
 use powernode_controller::storage::Storage;
 use powernode_controller::wire::EventRecord;
@@ -200,8 +200,11 @@ async fn malformed_batches_are_refused_whole() {
     server.stop().await;
 }
 
+/// Events need an enrolled node's certificate; a revoked node may still deliver them (its
+/// last events, `enroll.revoked` among them, are what the operator wants to see), while its
+/// heartbeat is refused.
 #[tokio::test]
-async fn only_an_enrolled_unrevoked_node_may_send_events() {
+async fn only_an_enrolled_node_may_send_events_and_a_revoked_one_still_may() {
     let server = TestServer::start(LIFETIME).await;
     let node = server.enroll_new("uuid-auth-ev").await;
     let body = batch(&[event("a-1", "Info", "x", 1)]);
@@ -223,8 +226,16 @@ async fn only_an_enrolled_unrevoked_node_may_send_events() {
         .unwrap();
     assert_eq!(status, 200);
     let (status, reply) = send(&server, &node, &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["accepted"], 1, "{reply}");
+    assert_eq!(ids(&all_events(&server).await), ["a-1"]);
+    let (status, reply) = post_json(
+        &server.as_node(&node),
+        server.url("/node_api/v1/status/heartbeat"),
+        &heartbeat_body(0),
+    )
+    .await;
     assert_eq!((status, code(&reply)), (403, "revoked"));
-    assert!(all_events(&server).await.is_empty());
 
     // The operator API wants its token.
     let reply = server

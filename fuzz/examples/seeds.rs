@@ -701,6 +701,7 @@ fn node_api_bodies() -> Seeds {
                 )])),
                 network: None,
                 applied_generation: Some(7),
+                enrollment: None,
             }),
         ),
         seed(

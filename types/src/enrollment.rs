@@ -24,8 +24,12 @@ pub struct EnrollmentStatus {
     pub rotate_at_ms: Option<u64>,
     /// The controller this node is enrolled with.
     pub controller_url: Option<String>,
-    /// Since when rotation has been failing; heartbeatd raises a critical event while set.
+    /// Since when rotation has been failing (enrollmgr raises `cert.rotation_failing` while
+    /// set, and heartbeatd reports it to the controller).
     pub rotation_failing_since_ms: Option<u64>,
+    /// Failed rotation attempts since `rotation_failing_since_ms` (0 while rotation is not
+    /// failing).
+    pub rotation_attempts: u32,
     /// The last enrollment or rotation error, if any.
     pub last_error: Option<String>,
 }
@@ -57,7 +61,8 @@ pub enum EnrollmentState {
 
 impl Topic for EnrollmentStatus {
     const NAME: &'static str = "EnrollmentStatus";
-    const SCHEMA_VERSION: u32 = 1;
+    // v2: `rotation_attempts`.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = true;
     fn key(&self) -> String {
         GLOBAL_KEY.to_owned()

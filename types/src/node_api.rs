@@ -127,6 +127,83 @@ pub struct HeartbeatRequest {
     /// The desired-state generation the node has applied.
     #[serde(default)]
     pub applied_generation: Option<u64>,
+    /// The node's enrollment and certificate rotation, as enrollmgr last said (absent from
+    /// agents older than this field, and while enrollmgr has said nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrollment: Option<EnrollmentReport>,
+}
+
+/// Where the node's enrollment and certificate rotation stand: what `node show` prints as
+/// "certificate: expires …, rotation failing since … (N attempts): error".
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct EnrollmentReport {
+    /// enrollmgr's state, as its name (`Enrolled`, `RotationFailing`, …): text, so that a
+    /// state added later does not make an older controller refuse the heartbeat.
+    pub state: String,
+    /// SHA-256 of the certificate the node holds, hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_fingerprint: Option<String>,
+    /// End of the certificate's validity, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after_ms: Option<u64>,
+    /// When the node rotates (or began to), ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_at_ms: Option<u64>,
+    /// Since when rotation has been failing, ms since the epoch; absent while it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_failing_since_ms: Option<u64>,
+    /// Failed rotation attempts since then.
+    #[serde(default)]
+    pub rotation_attempts: u32,
+    /// The last enrollment or rotation error, at most [`EnrollmentReport::MAX_ERROR`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+impl EnrollmentReport {
+    /// The longest `last_error` a node sends (and a controller stores): longer ones are cut
+    /// at a character boundary.
+    pub const MAX_ERROR: usize = 1024;
+    /// The longest `state` or `cert_fingerprint` a controller stores.
+    pub const MAX_FIELD: usize = 128;
+
+    /// What enrollmgr's `status` says, in the heartbeat's words.
+    pub fn from_status(status: &crate::EnrollmentStatus) -> EnrollmentReport {
+        EnrollmentReport {
+            state: format!("{:?}", status.state),
+            cert_fingerprint: status.cert_fingerprint.clone(),
+            not_after_ms: status.not_after_ms,
+            rotate_at_ms: status.rotate_at_ms,
+            rotation_failing_since_ms: status.rotation_failing_since_ms,
+            rotation_attempts: status.rotation_attempts,
+            last_error: status.last_error.clone(),
+        }
+        .bounded()
+    }
+
+    /// The same report with every text cut to its limit, so that a long error never makes a
+    /// heartbeat (or a stored row) unbounded.
+    pub fn bounded(mut self) -> EnrollmentReport {
+        cut(&mut self.state, Self::MAX_FIELD);
+        if let Some(f) = &mut self.cert_fingerprint {
+            cut(f, Self::MAX_FIELD);
+        }
+        if let Some(e) = &mut self.last_error {
+            cut(e, Self::MAX_ERROR);
+        }
+        self
+    }
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn cut(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
 }
 
 /// A module the controller wants on a node (mirrors `powernode_types::ModuleConfig` without
@@ -263,4 +340,40 @@ pub struct EventsResponse {
     pub accepted: u64,
     /// Events whose id the controller already held (a redelivery): not stored again.
     pub duplicates: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heartbeat_without_enrollment_still_parses_and_none_is_not_sent() {
+        let old = r#"{"boot_id":"b","agent_version":"0.1.0"}"#;
+        let hb: HeartbeatRequest = serde_json::from_str(old).unwrap();
+        assert!(hb.enrollment.is_none());
+        let text = serde_json::to_string(&hb).unwrap();
+        assert!(!text.contains("enrollment"), "{text}");
+    }
+
+    #[test]
+    fn the_report_is_bounded_at_character_boundaries() {
+        let status = crate::EnrollmentStatus {
+            state: crate::EnrollmentState::RotationFailing,
+            node_id: Some("node-1".into()),
+            cert_fingerprint: Some("ab".into()),
+            not_before_ms: Some(1),
+            not_after_ms: Some(3),
+            rotate_at_ms: Some(2),
+            controller_url: None,
+            rotation_failing_since_ms: Some(2),
+            rotation_attempts: 4,
+            last_error: Some("é".repeat(EnrollmentReport::MAX_ERROR)),
+        };
+        let report = EnrollmentReport::from_status(&status);
+        assert_eq!(report.state, "RotationFailing");
+        assert_eq!(report.rotation_attempts, 4);
+        let error = report.last_error.unwrap();
+        assert_eq!(error.len(), EnrollmentReport::MAX_ERROR);
+        assert!(error.chars().all(|c| c == 'é'));
+    }
 }

@@ -265,6 +265,7 @@ fn run_all(g: &mut Golden) {
             rotate_at_ms: Some(1_700_000_000_013),
             controller_url: Some(s("https://controller.example:8443")),
             rotation_failing_since_ms: Some(1_700_000_000_014),
+            rotation_attempts: 15,
             last_error: Some(s("rotate: 503 Service Unavailable")),
         },
         ENROLLMENT_STATES,

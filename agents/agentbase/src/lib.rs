@@ -41,6 +41,7 @@ pub mod notify;
 pub mod root;
 pub mod settings;
 pub mod shutdown;
+pub mod timefmt;
 pub mod watch;
 
 use std::ffi::OsString;

@@ -347,6 +347,9 @@ pub struct ControllerSettings {
     pub heartbeat_interval_s: u64,
     /// Longest wait between retries of a failing call, in seconds (1..=3600).
     pub max_backoff_s: u64,
+    /// heartbeatd raises `controller.unreachable` once the controller has been unreachable
+    /// for more than this many heartbeat intervals (1..=1000).
+    pub unreachable_after_intervals: u64,
 }
 
 impl Default for ControllerSettings {
@@ -356,6 +359,7 @@ impl Default for ControllerSettings {
             request_timeout_ms: 10_000,
             heartbeat_interval_s: 30,
             max_backoff_s: 60,
+            unreachable_after_intervals: 3,
         }
     }
 }
@@ -406,6 +410,11 @@ impl ControllerSettings {
                     1..=3600,
                 ),
                 ("controller.max_backoff_s", self.max_backoff_s, 1..=3600),
+                (
+                    "controller.unreachable_after_intervals",
+                    self.unreachable_after_intervals,
+                    1..=1000,
+                ),
             ],
         )
     }
@@ -892,6 +901,7 @@ mod tests {
         assert_eq!(c.url.as_deref(), Some("https://ctl.example:8443"));
         assert_eq!(c.heartbeat_interval(), Duration::from_secs(5));
         assert_eq!(c.request_timeout(), Duration::from_secs(10));
+        assert_eq!(c.unreachable_after_intervals, 3);
         let bad: &[(&str, &str)] = &[
             ("url = \"http://ctl:80\"", "controller.url"),
             ("url = \"https://\"", "controller.url"),
@@ -901,6 +911,10 @@ mod tests {
                 "controller.heartbeat_interval_s",
             ),
             ("max_backoff_s = 99999", "controller.max_backoff_s"),
+            (
+                "unreachable_after_intervals = 0",
+                "controller.unreachable_after_intervals",
+            ),
         ];
         for (line, field) in bad {
             let (_dir, got) = load(&[(

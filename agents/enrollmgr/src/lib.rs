@@ -34,7 +34,20 @@
 //!   node does not retry the token it already used.
 //! * Every loop beats (`ctx.beat()`) and shutdown ends it at once; a request in flight is
 //!   dropped, which the crash-safe [`store`] makes harmless.
+//!
+//! # Events
+//!
+//! Raised once per transition, never per retry ([`events`]): `enroll.enrolled` and
+//! `cert.rotated` when a call succeeds; a refusal (`enroll.bad_token`, `enroll.revoked`,
+//! `enroll.ca_mismatch`, `cert.expired`, `enroll.failed`) when the agent enters Refused with
+//! a state or reason other than the one it last published, so a restart into the same refusal
+//! says nothing new. The exception is the seed agent's rule: `cert.rotation_failing`
+//! (Critical) is raised at the first failed rotation and then once every heartbeat interval
+//! while rotation keeps failing — the interval heartbeatd is using
+//! (`heartbeatd/ControllerStatus`, which the controller sets), else `[controller]
+//! heartbeat_interval_s`.
 
+pub mod events;
 pub mod store;
 
 use std::time::Duration;
@@ -48,7 +61,9 @@ use powernode_transport::{Backoff, ControllerClient, TlsIdentity, TransportError
 use powernode_types::node_api::{
     EnrollRequest, EnrollResponse, Identity, RotateRequest, RotateResponse,
 };
-use powernode_types::{EnrollmentState, EnrollmentStatus, IdentityState, NodeIdentity};
+use powernode_types::{
+    ControllerStatus, EnrollmentState, EnrollmentStatus, IdentityState, NodeIdentity, GLOBAL_KEY,
+};
 use tokio::time::Instant;
 
 use crate::store::{
@@ -63,6 +78,8 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 pub const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// The agent whose `NodeIdentity` is read.
 pub const IDENTITY_AGENT: &str = "identitymgr";
+/// The agent whose `ControllerStatus` says the heartbeat interval in use.
+pub const HEARTBEAT_AGENT: &str = "heartbeatd";
 
 /// What an enrollment needs, taken from `NodeIdentity` and the settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -135,6 +152,17 @@ pub struct Failing {
     pub error: String,
     /// The state published for it: RotationFailing, or CaMismatch.
     pub state: EnrollmentState,
+    /// Failed attempts since `since_ms`.
+    pub attempts: u32,
+    /// When `cert.rotation_failing` was last raised for this failure.
+    pub raised_at: Option<Instant>,
+}
+
+impl Failing {
+    /// Whether `cert.rotation_failing` is due again, raising every `interval`.
+    fn raise_due(&self, interval: Duration) -> bool {
+        self.raised_at.is_none_or(|at| at.elapsed() >= interval)
+    }
 }
 
 /// What woke a wait.
@@ -151,6 +179,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         .context("opening EnrollmentStatus")?;
     let mut agent = Agent {
         identity: Subscription::connect(&ctx.dirs, IDENTITY_AGENT),
+        heartbeat: Subscription::connect(&ctx.dirs, HEARTBEAT_AGENT),
         store: Store::new(PkiPaths::under(ctx.root.persist_dir())),
         tick: {
             let mut t = tokio::time::interval(ctx.beat_interval());
@@ -173,6 +202,8 @@ struct Agent {
     ctx: Context,
     publication: Publication<EnrollmentStatus>,
     identity: Subscription<NodeIdentity>,
+    /// Only for the heartbeat interval in use: the cadence of `cert.rotation_failing`.
+    heartbeat: Subscription<ControllerStatus>,
     store: Store,
     tick: tokio::time::Interval,
 }
@@ -248,6 +279,7 @@ impl Agent {
                     not_after_ms = installed.cert.not_after_ms,
                     "enrolled"
                 );
+                events::enrolled(&self.ctx.events, &installed, &inputs.uuid);
                 return Ok(Some(State::Enrolled(installed)));
             }
             Err(Failure::Refused(state, error)) => {
@@ -317,12 +349,7 @@ impl Agent {
                 tracing::info!(fingerprint = %current.cert.fingerprint, "rotating the certificate");
                 self.publish(EnrollmentState::Rotating, Some(&current), None, None)?;
             }
-            Some(f) => self.publish(
-                f.state,
-                Some(&current),
-                Some(f.since_ms),
-                Some(f.error.clone()),
-            )?,
+            Some(f) => self.publish(f.state, Some(&current), Some(f), Some(f.error.clone()))?,
         }
         let Some(outcome) = self.attempt(rotate(&self.ctx, &self.store, &current)).await else {
             return Ok(None);
@@ -335,6 +362,7 @@ impl Agent {
                     not_after_ms = installed.cert.not_after_ms,
                     "certificate rotated"
                 );
+                events::rotated(&self.ctx.events, &current, &installed, failing.as_ref());
                 return Ok(Some(State::Enrolled(installed)));
             }
             Err(Failure::Refused(EnrollmentState::CertExpired, error)) => {
@@ -353,37 +381,71 @@ impl Agent {
                 (EnrollmentState::RotationFailing, e)
             }
         };
-        let since_ms = failing.as_ref().map_or_else(now_ms, |f| f.since_ms);
+        let mut failing = match failing {
+            Some(f) => Failing {
+                error,
+                state,
+                attempts: f.attempts.saturating_add(1),
+                ..f
+            },
+            None => Failing {
+                since_ms: now_ms(),
+                error,
+                state,
+                attempts: 1,
+                raised_at: None,
+            },
+        };
         let delay = backoff.next_delay();
         tracing::warn!(
-            %error,
-            failing_since_ms = since_ms,
+            error = %failing.error,
+            failing_since_ms = failing.since_ms,
+            attempts = failing.attempts,
             retry_in_ms = delay.as_millis() as u64,
             "certificate rotation failed"
         );
         self.ctx
             .health
-            .report_error(&format!("certificate rotation failing: {error}"));
-        self.publish(state, Some(&current), Some(since_ms), Some(error.clone()))?;
+            .report_error(&format!("certificate rotation failing: {}", failing.error));
+        self.publish(
+            state,
+            Some(&current),
+            Some(&failing),
+            Some(failing.error.clone()),
+        )?;
         let retry_at = Instant::now() + delay;
         let expiry = deadline(current.cert.not_after_ms);
         while Instant::now() < retry_at {
             if now_ms() >= current.cert.not_after_ms {
                 return Ok(Some(self.expired(current)));
             }
-            if let Wake::Shutdown = self.wait(Some(retry_at.min(expiry))).await {
+            // Every interval, also while a long backoff keeps the next attempt away.
+            let interval = self.heartbeat_interval();
+            if failing.raise_due(interval) {
+                events::rotation_failing(&self.ctx.events, &current, &failing);
+                failing.raised_at = Some(Instant::now());
+            }
+            let next_raise = failing.raised_at.map_or(retry_at, |at| at + interval);
+            let until = retry_at.min(expiry).min(next_raise);
+            if let Wake::Shutdown = self.wait(Some(until)).await {
                 return Ok(None);
             }
         }
         Ok(Some(State::Rotating {
             current,
             backoff,
-            failing: Some(Failing {
-                since_ms,
-                error,
-                state,
-            }),
+            failing: Some(failing),
         }))
+    }
+
+    /// The heartbeat interval in use: heartbeatd's (which the controller sets), else the
+    /// settings'.
+    fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat
+            .get(GLOBAL_KEY)
+            .map(|s| Duration::from_secs(s.heartbeat_interval_s.into()))
+            .filter(|d| !d.is_zero())
+            .unwrap_or_else(|| self.ctx.settings.controller.heartbeat_interval())
     }
 
     /// Refused: says why, then waits for enrollment inputs that differ from the refused ones
@@ -398,6 +460,16 @@ impl Agent {
         self.log_refusal(state, &error);
         self.ctx.health.report_error(&format!("{state:?}: {error}"));
         self.ctx.status(&format!("{state:?}: {error}"));
+        let previous = self.publication.get(GLOBAL_KEY);
+        let repeated = previous
+            .is_some_and(|p| p.state == state && p.last_error.as_deref() == Some(error.as_str()));
+        if !repeated {
+            let url = refused
+                .as_ref()
+                .map(|i| i.url.as_str())
+                .or(cert.as_ref().map(|c| c.meta.controller_url.as_str()));
+            events::refused(&self.ctx.events, state, &error, url, cert.as_ref());
+        }
         self.publish(state, cert.as_ref(), None, Some(error.clone()))?;
         let used_token = cert.as_ref().and_then(|c| c.meta.token_sha256.clone());
         loop {
@@ -508,6 +580,7 @@ impl Agent {
                 _ = self.ctx.shutdown.cancelled() => return Wake::Shutdown,
                 _ = self.tick.tick() => self.ctx.beat(),
                 _ = tokio::time::sleep_until(until) => return Wake::Deadline,
+                _ = self.heartbeat.next() => {}
                 event = self.identity.next() => match event {
                     Event::Create { .. } | Event::Modify { .. } | Event::Delete { .. } => {
                         return Wake::IdentityChanged
@@ -585,7 +658,7 @@ impl Agent {
         &self,
         state: EnrollmentState,
         installed: Option<&Installed>,
-        failing_since_ms: Option<u64>,
+        failing: Option<&Failing>,
         last_error: Option<String>,
     ) -> anyhow::Result<()> {
         let status = EnrollmentStatus {
@@ -596,7 +669,8 @@ impl Agent {
             not_after_ms: installed.map(|i| i.cert.not_after_ms),
             rotate_at_ms: installed.map(|i| i.rotate_at_ms()),
             controller_url: installed.map(|i| i.meta.controller_url.clone()),
-            rotation_failing_since_ms: failing_since_ms,
+            rotation_failing_since_ms: failing.map(|f| f.since_ms),
+            rotation_attempts: failing.map_or(0, |f| f.attempts),
             last_error,
         };
         self.publication

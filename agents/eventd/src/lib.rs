@@ -654,9 +654,14 @@ fn controller<'a>(
     let status = enrollment
         .get(GLOBAL_KEY)
         .ok_or("not enrolled yet (no EnrollmentStatus)")?;
+    // Revoked too: the controller still takes a revoked node's events (enroll.revoked among
+    // them) while its certificate is valid.
     if !matches!(
         status.state,
-        EnrollmentState::Enrolled | EnrollmentState::Rotating | EnrollmentState::RotationFailing
+        EnrollmentState::Enrolled
+            | EnrollmentState::Rotating
+            | EnrollmentState::RotationFailing
+            | EnrollmentState::Revoked
     ) {
         return Err(format!(
             "not enrolled (enrollment state {:?})",

@@ -41,9 +41,20 @@
 //! (docs/heartbeat.md, "Failing"). Every state publishes `ControllerStatus` when it
 //! is entered; the main loop beats in every state and shutdown ends it at once, also during a
 //! request.
+//!
+//! The heartbeat carries the node's enrollment and rotation state as enrollmgr last published
+//! it (`enrollment`), so the controller knows when a node's rotation has been failing since.
+//!
+//! # Events
+//!
+//! An [`outage`] starts at the first failed heartbeat. Once it has lasted more than
+//! `[controller] unreachable_after_intervals` heartbeat intervals, `controller.unreachable`
+//! is raised (once); when a heartbeat succeeds after that, `controller.reachable` says how long
+//! the outage was. A failure shorter than that raises nothing.
 
 pub mod desired;
 pub mod host;
+pub mod outage;
 pub mod report;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,7 +64,7 @@ use anyhow::Context as _;
 use powernode_pubsub::{Event, Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
 use powernode_transport::{Backoff, ControllerClient, TransportError};
-use powernode_types::node_api::{HeartbeatRequest, HeartbeatResponse};
+use powernode_types::node_api::{EnrollmentReport, HeartbeatRequest, HeartbeatResponse};
 use powernode_types::{
     ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, ModuleStatus, MountStatus,
     NetworkConfig, NodeIdentity, GLOBAL_KEY,
@@ -205,6 +216,8 @@ struct Agent {
     modules: Vec<powernode_types::node_api::ModuleReport>,
     module_fingerprint: Vec<String>,
     mounts: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Since the first failed heartbeat, until one succeeds.
+    outage: Option<outage::Outage>,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -250,6 +263,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         modules: Vec::new(),
         module_fingerprint: Vec::new(),
         mounts: None,
+        outage: None,
     };
     agent.publish_status()?;
     agent.ctx.ready();
@@ -282,6 +296,10 @@ impl Agent {
                 _ = ctx.shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     ctx.beat();
+                    // A long backoff must not hold back `controller.unreachable`.
+                    if let State::Failing { .. } = state {
+                        self.check_outage();
+                    }
                     state
                 }
                 event = identities.next() => {
@@ -291,7 +309,13 @@ impl Agent {
                     self.inputs_changed(state)?
                 }
                 event = enrollments.next() => {
+                    let before = self.enrollment.clone();
                     if !apply_event(&mut self.enrollment, event) {
+                        continue;
+                    }
+                    if !enrollment_matters(before.as_ref(), self.enrollment.as_ref()) {
+                        // Another failed attempt: the next heartbeat carries it, no sooner,
+                        // so a rotation retrying does not make heartbeats retry with it.
                         continue;
                     }
                     self.inputs_changed(state)?
@@ -378,6 +402,13 @@ impl Agent {
                     );
                     self.ctx.health.clear_error();
                 }
+                if let Some(outage) = self.outage.take() {
+                    outage.ended(
+                        &self.ctx.events,
+                        self.status.consecutive_failures,
+                        &target.url,
+                    );
+                }
                 self.status.reachable = true;
                 self.status.consecutive_failures = 0;
                 self.status.last_error = None;
@@ -408,6 +439,9 @@ impl Agent {
                 self.status.consecutive_failures = failures;
                 self.status.last_error = Some(error);
                 self.publish_status()?;
+                self.outage
+                    .get_or_insert_with(|| outage::Outage::begin(target.url.clone()));
+                self.check_outage();
                 Ok(State::Failing {
                     retry_at: Instant::now() + delay,
                 })
@@ -481,6 +515,7 @@ impl Agent {
             mounts: self.mounts.clone(),
             network: None,
             applied_generation: Some(self.status.applied_generation),
+            enrollment: self.enrollment.as_ref().map(EnrollmentReport::from_status),
         }
     }
 
@@ -522,11 +557,40 @@ impl Agent {
         }
     }
 
+    /// Raises `controller.unreachable` once the outage has lasted long enough.
+    fn check_outage(&mut self) {
+        let Some(outage) = &mut self.outage else {
+            return;
+        };
+        let after = self.ctx.settings.controller.unreachable_after_intervals;
+        let threshold = self
+            .interval
+            .saturating_mul(u32::try_from(after).unwrap_or(u32::MAX));
+        outage.check(
+            &self.ctx.events,
+            threshold,
+            after,
+            self.status.consecutive_failures,
+            self.status.last_error.as_deref().unwrap_or_default(),
+        );
+    }
+
     fn publish_status(&self) -> anyhow::Result<()> {
         self.status_pub
             .publish(&self.status)
             .context("publishing ControllerStatus")
     }
+}
+
+/// Whether an enrollment change is worth an early heartbeat: anything but the count and
+/// error of failed rotation attempts.
+fn enrollment_matters(old: Option<&EnrollmentStatus>, new: Option<&EnrollmentStatus>) -> bool {
+    let essential = |s: &EnrollmentStatus| EnrollmentStatus {
+        rotation_attempts: 0,
+        last_error: None,
+        ..s.clone()
+    };
+    old.map(essential) != new.map(essential)
 }
 
 /// Applies a subscription event to the value it tracks (key `global`); whether it changed.
@@ -582,6 +646,7 @@ mod tests {
             rotate_at_ms: Some(1_500),
             controller_url: Some("https://from-enrollment".to_owned()),
             rotation_failing_since_ms: None,
+            rotation_attempts: 0,
             last_error: None,
         }
     }
@@ -640,6 +705,29 @@ mod tests {
         let mut id3 = id.clone();
         id3.boot_id.clear();
         assert!(target(None, Some(&id3), Some(&e), now).is_err());
+    }
+
+    #[test]
+    fn only_a_new_rotation_attempt_is_not_worth_an_early_heartbeat() {
+        let failing = EnrollmentStatus {
+            rotation_failing_since_ms: Some(1_600),
+            rotation_attempts: 1,
+            last_error: Some("refused".to_owned()),
+            ..enrollment(EnrollmentState::RotationFailing)
+        };
+        let again = EnrollmentStatus {
+            rotation_attempts: 2,
+            last_error: Some("timed out".to_owned()),
+            ..failing.clone()
+        };
+        assert!(!enrollment_matters(Some(&failing), Some(&again)));
+        let rotated = enrollment(EnrollmentState::Enrolled);
+        assert!(enrollment_matters(Some(&again), Some(&rotated)));
+        assert!(enrollment_matters(
+            Some(&enrollment(EnrollmentState::Enrolled)),
+            Some(&failing)
+        ));
+        assert!(enrollment_matters(None, Some(&failing)));
     }
 
     #[test]

@@ -263,6 +263,7 @@ impl Node {
                 rotate_at_ms: None,
                 controller_url: Some(ctl.url("")),
                 rotation_failing_since_ms: None,
+                rotation_attempts: 0,
                 last_error: None,
             })
             .unwrap();

@@ -20,11 +20,19 @@
 //! delay starts at [`RETRY_INITIAL`] and doubles up to [`RETRY_MAX`]. Once resolved the
 //! identity does not change until the agent restarts. In every state the main loop beats
 //! (`ctx.beat()`) and shutdown ends it at once.
+//!
+//! # Events
+//!
+//! Each outcome is compared with the `NodeIdentity` published before it (this run's, or the
+//! checkpoint a restart reloads): `identity.resolved` when the node becomes resolved or its
+//! uuid, name or source changes; `identity.unresolvable` when it becomes unresolvable or the
+//! sources' reasons change — not again for a retry that fails the same way ([`events`]).
 
 pub mod cascade;
 pub mod cloud;
 pub mod cmdline;
 pub mod dmi;
+pub mod events;
 pub mod fwcfg;
 pub mod identitycfg;
 pub mod validate;
@@ -93,10 +101,13 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                         outcome = &mut attempt => break outcome,
                     }
                 };
+                let reasons = events::reasons(&outcome);
                 let identity = node_identity(&ctx.root, outcome).await;
+                let previous = publication.get(powernode_types::GLOBAL_KEY);
                 publication
                     .publish(&identity)
                     .context("publishing NodeIdentity")?;
+                events::raise(&ctx.events, previous.as_ref(), &identity, &reasons);
                 ctx.ready();
                 match identity.state {
                     IdentityState::Resolved => {

@@ -97,50 +97,83 @@ impl FromRequestParts<AppState> for AuthedNode {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let cert = parts
-            .extensions
-            .get::<ClientCert>()
-            .and_then(|c| c.0.clone())
-            .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "client_certificate_required",
-                    "this call needs the node's client certificate",
-                )
-            })?;
-        let unknown = || {
-            ApiError::unauthorized(
-                "unknown_certificate",
-                "the client certificate was not issued to an enrolled node",
-            )
-        };
-        let node_id = cert
-            .common_name
-            .clone()
-            .or_else(|| cert.alt_names.first().cloned())
-            .ok_or_else(unknown)?;
-        let node = state
-            .storage()
-            .node_by_cert_fingerprint(&cert.fingerprint)
-            .await?
-            .ok_or_else(unknown)?;
-        if node.id != node_id {
-            return Err(unknown());
-        }
-        if cert.not_after_ms <= crate::now_ms() {
-            return Err(ApiError::unauthorized(
-                "certificate_expired",
-                "the client certificate has expired",
-            ));
-        }
-        if node.revoked_at_ms.is_some() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "revoked",
-                format!("node {node_id} is revoked"),
-            ));
-        }
-        Ok(Self { node, cert })
+        authenticate(parts, state, Revoked::Refused).await
     }
+}
+
+/// A node allowed to deliver its events: as [`AuthedNode`], except that a revoked node is
+/// still accepted, so the operator sees what the node said up to and about its revocation
+/// (`enroll.revoked`). Everything else a revoked node asks for is refused (403 `revoked`).
+#[derive(Debug)]
+pub struct EventSender(pub AuthedNode);
+
+impl FromRequestParts<AppState> for EventSender {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(parts, state, Revoked::Accepted)
+            .await
+            .map(EventSender)
+    }
+}
+
+/// Whether a revoked node passes [`authenticate`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Revoked {
+    Refused,
+    Accepted,
+}
+
+/// The node of the request's client certificate: issued by this controller to an enrolled
+/// node, not expired, and (unless `revoked` accepts it) not revoked.
+async fn authenticate(
+    parts: &mut Parts,
+    state: &AppState,
+    revoked: Revoked,
+) -> Result<AuthedNode, ApiError> {
+    let cert = parts
+        .extensions
+        .get::<ClientCert>()
+        .and_then(|c| c.0.clone())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "client_certificate_required",
+                "this call needs the node's client certificate",
+            )
+        })?;
+    let unknown = || {
+        ApiError::unauthorized(
+            "unknown_certificate",
+            "the client certificate was not issued to an enrolled node",
+        )
+    };
+    let node_id = cert
+        .common_name
+        .clone()
+        .or_else(|| cert.alt_names.first().cloned())
+        .ok_or_else(unknown)?;
+    let node = state
+        .storage()
+        .node_by_cert_fingerprint(&cert.fingerprint)
+        .await?
+        .ok_or_else(unknown)?;
+    if node.id != node_id {
+        return Err(unknown());
+    }
+    if cert.not_after_ms <= crate::now_ms() {
+        return Err(ApiError::unauthorized(
+            "certificate_expired",
+            "the client certificate has expired",
+        ));
+    }
+    if node.revoked_at_ms.is_some() && revoked == Revoked::Refused {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "revoked",
+            format!("node {node_id} is revoked"),
+        ));
+    }
+    Ok(AuthedNode { node, cert })
 }
 
 /// The operator, authenticated by `Authorization: Bearer <DIR/operator.token>`.

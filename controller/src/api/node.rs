@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::extract::{AuthedNode, JsonBody};
+use super::extract::{AuthedNode, EventSender, JsonBody};
 use super::AppState;
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
@@ -159,6 +159,7 @@ pub async fn heartbeat(
                 boot_id: &hb.boot_id,
                 agent_version: &hb.agent_version,
                 applied_generation: hb.applied_generation,
+                enrollment: hb.enrollment.as_ref(),
                 body: &raw,
             },
         )
@@ -179,10 +180,10 @@ pub async fn heartbeat(
 
 /// `POST /node_api/v1/events`: stores a batch of the calling node's events, all or nothing.
 /// A batch that breaks a limit is refused whole; an id the node sent before is counted as a
-/// duplicate and not stored again.
+/// duplicate and not stored again. A revoked node may still deliver (see [`EventSender`]).
 pub async fn events(
     State(state): State<AppState>,
-    authed: AuthedNode,
+    EventSender(authed): EventSender,
     body: JsonBody<EventsRequest, { events::MAX_BODY }>,
 ) -> Result<Json<EventsResponse>, ApiError> {
     let batch = &body.value.events;

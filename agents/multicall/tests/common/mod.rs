@@ -104,6 +104,7 @@ pub fn enrollment(state: EnrollmentState) -> EnrollmentStatus {
         rotate_at_ms: None,
         controller_url: None,
         rotation_failing_since_ms: None,
+        rotation_attempts: 0,
         last_error: None,
     }
 }
