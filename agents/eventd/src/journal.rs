@@ -241,13 +241,13 @@ impl Journal {
     }
 
     /// Appends `payloads` as records and syncs once: durable when this returns `Ok`.
-    pub fn append(&mut self, payloads: &[Vec<u8>]) -> io::Result<()> {
+    pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> io::Result<()> {
         if payloads.is_empty() {
             return Ok(());
         }
         let mut buf = Vec::new();
         for p in payloads {
-            segment::frame(&mut buf, p)?;
+            segment::frame(&mut buf, p.as_ref())?;
         }
         let (file, len) = self.tail_for(buf.len() as u64)?;
         let written = file.write_all(&buf).and_then(|()| {

@@ -49,6 +49,10 @@ use crate::journal::Journal;
 
 /// Events posted to the controller in one call at most.
 pub const BATCH: usize = 500;
+/// Events journalled with one sync at most, and events waiting for the writer at most: a
+/// burst larger than this is several group commits, so memory stays bounded (about 1 KiB an
+/// event) while a sync is still shared by hundreds.
+pub const GROUP_MAX: usize = 1024;
 /// The node API call.
 pub const EVENTS_CALL: &str = "events";
 /// Per agent, the most journalled-but-unacknowledged ids remembered at start (twice the
@@ -102,7 +106,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
     let appended = Arc::new(Notify::new());
     let dropped = Arc::new(std::sync::Mutex::new(Dropped::default()));
 
-    let (tx, mut rx) = mpsc::channel::<Incoming>(4096);
+    let (tx, mut rx) = mpsc::channel::<Incoming>(GROUP_MAX);
     for agent in agents {
         ctx.tasks.spawn(forward(ctx.clone(), agent, tx.clone()));
     }
@@ -155,7 +159,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         };
         // Group commit: everything already waiting goes into the same sync.
         let mut batch = vec![first];
-        while batch.len() < 4096 {
+        while batch.len() < GROUP_MAX {
             match rx.try_recv() {
                 Ok(i) => batch.push(i),
                 Err(_) => break,
@@ -246,12 +250,24 @@ impl Writer {
         }
         if !records.is_empty() {
             let journal = self.journal.clone();
-            let payloads: Vec<Vec<u8>> = records.iter().map(|(_, _, b)| b.clone()).collect();
-            let written =
-                tokio::task::spawn_blocking(move || journal.blocking_lock().append(&payloads))
-                    .await
-                    .map_err(std::io::Error::other)
-                    .and_then(|r| r);
+            // The records travel to the blocking writer and back: no copy of a batch's bytes.
+            let appended = tokio::task::spawn_blocking(move || {
+                let payloads: Vec<&[u8]> = records.iter().map(|(_, _, b)| b.as_slice()).collect();
+                let written = journal.blocking_lock().append(&payloads);
+                (records, written)
+            })
+            .await;
+            let (records, written) = match appended {
+                Ok(done) => done,
+                Err(e) => {
+                    // A bug in the writer; the agents still hold the events, unacknowledged.
+                    tracing::error!(error = %e, "the journal writer failed");
+                    self.ctx
+                        .health
+                        .report("journal", &format!("journal writer failed: {e}"));
+                    return;
+                }
+            };
             if let Err(e) = written {
                 // Not journalled, so not acknowledged: the agents keep them, and they are
                 // written first at the next batch or beat.
