@@ -857,3 +857,70 @@ async fn identity_unresolvable_then_resolved_reach_the_controller() {
     let enrolled = ctl.events(&node, "enroll.enrolled", 1).await;
     assert_eq!(field(&enrolled[0], "uuid"), UUID);
 }
+
+/// The node's PKI on disk made unusable (the certificate overwritten, as a bad disk would)
+/// under an enrolled node: enrollmgr, restarted, refuses to go on with it and raises
+/// `enroll.failed` (Error) with the reason. With no usable certificate the node cannot reach
+/// the controller, so the event is read where an operator on the node reads it: its journal,
+/// through `powernode-agent events --json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_pki_on_disk_raises_enroll_failed_on_the_node() {
+    let ctl = Ctl::start(Duration::from_secs(3600), 15).await;
+    let mut node = Node::new(15, 3, "");
+    let token = ctl.token().await;
+    node.give(resolved_identity(
+        "uuid-pki",
+        token,
+        &ctl.url(),
+        &ctl.ca_pem,
+    ));
+    node.start("enrollmgr");
+    node.start("eventd");
+    let mut status = Subscription::<EnrollmentStatus>::connect(&node.dirs(), "enrollmgr");
+    node.enrollment(&mut status, "Enrolled", |s| {
+        s.state == EnrollmentState::Enrolled
+    })
+    .await;
+    node.kill("enrollmgr", true);
+    let cert = powernode_transport::pki::PkiPaths::under(node.root.join("persist/powernode"))
+        .dir()
+        .join(powernode_transport::pki::CERT_FILE);
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n").unwrap();
+    node.start("enrollmgr");
+    let failed = node
+        .enrollment(&mut status, "Failed", |s| {
+            s.state == EnrollmentState::Failed
+        })
+        .await;
+    let deadline = Instant::now() + WAIT;
+    let event = loop {
+        let out = common::run(
+            std::process::Command::new(common::bin())
+                .arg("--root")
+                .arg(&node.root)
+                .args(["events", "--json"])
+                .env_remove("POWERNODE_ROOT"),
+        );
+        out.assert_code(0);
+        let found = out
+            .json_lines()
+            .into_iter()
+            .find(|e| e["kind"] == "enroll.failed");
+        if let Some(event) = found {
+            break event;
+        }
+        node.check(deadline, "enroll.failed never journalled");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(event["agent"], "enrollmgr");
+    assert_eq!(event["severity"], "Error");
+    let text = event.to_string();
+    assert!(
+        text.contains("unusable")
+            && failed
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("unusable")),
+        "the reason travels with the event: {text}"
+    );
+}
