@@ -51,8 +51,9 @@ use crate::journal::Journal;
 pub const BATCH: usize = 500;
 /// Events journalled with one sync at most, and events waiting for the writer at most: a
 /// burst larger than this is several group commits, so memory stays bounded (about 1 KiB an
-/// event) while a sync is still shared by hundreds.
-pub const GROUP_MAX: usize = 1024;
+/// event, held three times: queued, batched, encoded) while a sync is still shared by
+/// hundreds.
+pub const GROUP_MAX: usize = 256;
 /// The node API call.
 pub const EVENTS_CALL: &str = "events";
 /// Per agent, the most journalled-but-unacknowledged ids remembered at start (twice the
