@@ -84,6 +84,7 @@ out = {
     "rounds": int(sys.argv[2]),
     "floor_items_per_s": round(floor),
     "events_per_s": round(eps),
+    "delivered_per_s": round(med("events", "delivered_per_s")),
     "raise_to_controller_p50_ms": med("events", "raise_to_controller_p50_ms"),
     "raise_to_controller_p99_ms": med("events", "raise_to_controller_p99_ms"),
     "raise_to_controller_max_ms": max(each("events", "raise_to_controller_max_ms")),

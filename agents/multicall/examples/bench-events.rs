@@ -192,6 +192,7 @@ async fn bench(args: &Args) -> Res<()> {
     // Let delivery of the burst finish, so the latency phase measures a controller that is
     // up and idle, not the tail of the burst's backlog.
     wait_stored(&data, "bench.throughput", args.count as usize).await?;
+    let delivered_per_s = f64::from(args.count) / start.elapsed().as_secs_f64();
 
     // Latency: a steady rate.
     let period = Duration::from_secs(1) / args.rate;
@@ -213,7 +214,7 @@ async fn bench(args: &Args) -> Res<()> {
         .map(|(at, received)| received - at)
         .collect();
     latencies.sort_unstable();
-    let throughput_events = wait_stored(&data, "bench.throughput", 0).await?;
+    let throughput_events = wait_stored(&data, "bench.throughput", args.count as usize).await?;
 
     let (lost, duplicated) = [
         (throughput_events, args.count),
@@ -230,7 +231,7 @@ async fn bench(args: &Args) -> Res<()> {
     let anon_mib = anon_peak.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0;
     println!(
         "{{\"events\":{},\"latency_events\":{},\"rate\":{},\"size\":{},\
-         \"events_per_s\":{events_per_s:.0},\"raise_to_controller_p50_ms\":{},\
+         \"events_per_s\":{events_per_s:.0},\"delivered_per_s\":{delivered_per_s:.0},\"raise_to_controller_p50_ms\":{},\
          \"raise_to_controller_p99_ms\":{},\"raise_to_controller_max_ms\":{},\
          \"events_lost\":{lost},\"events_duplicated\":{duplicated},\
          \"eventd_peak_rss_mib\":{rss_mib:.1},\"eventd_peak_anon_mib\":{anon_mib:.1}}}",
@@ -260,6 +261,9 @@ fn start_controller(args: &Args, data: &Path) -> Res<(Child, String)> {
         .args(["serve", "--data"])
         .arg(data)
         .args(["--listen", "127.0.0.1:0"])
+        // Every event of the run is counted: none may be trimmed by retention (100,000 a node
+        // by default) before it is.
+        .args(["--event-retention-count", "10000000"])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out)?)
         .stderr(std::fs::File::create(args.dir.join("controller.log"))?)
@@ -315,39 +319,38 @@ async fn wait_enrolled(dirs: &Dirs) -> Res<()> {
 }
 
 /// The controller's events of `kind` by message number: (raised, received) ms of each row,
-/// once at least `want` distinct messages are stored (at most 120 s).
+/// once at least `want` distinct messages are stored (at most 600 s: then what there is, and
+/// the missing ones count as lost).
 async fn wait_stored(data: &Path, kind: &str, want: usize) -> Res<BTreeMap<u32, Vec<(i64, i64)>>> {
     let storage = Storage::open(data).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let result = loop {
-        let mut by_message: BTreeMap<u32, Vec<(i64, i64)>> = BTreeMap::new();
-        let mut after = None;
-        loop {
-            let page = storage
-                .events(&EventQuery {
-                    kind: Some(kind.to_owned()),
-                    after,
-                    limit: 5000,
-                    ..EventQuery::default()
-                })
-                .await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.cursor);
-            for e in &page {
-                let n: u32 = e.message.parse()?;
-                by_message
-                    .entry(n)
-                    .or_default()
-                    .push((e.at_ms, e.received_ms));
-            }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    // Read on from the last row seen: the reader shares the node's CPU with eventd.
+    let mut by_message: BTreeMap<u32, Vec<(i64, i64)>> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = storage
+            .events(&EventQuery {
+                kind: Some(kind.to_owned()),
+                after,
+                limit: 20_000,
+                ..EventQuery::default()
+            })
+            .await?;
+        for e in &page {
+            let n: u32 = e.message.parse()?;
+            by_message
+                .entry(n)
+                .or_default()
+                .push((e.at_ms, e.received_ms));
         }
-        if by_message.len() >= want || Instant::now() > deadline {
-            break by_message;
+        match page.last() {
+            Some(last) => after = Some(last.cursor),
+            None if by_message.len() >= want || Instant::now() > deadline => break,
+            None => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
     storage.close().await;
-    Ok(result)
+    Ok(by_message)
 }
 
 /// The `p`th percentile of sorted values (nearest rank).
