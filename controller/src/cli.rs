@@ -304,13 +304,7 @@ fn timestamp(ms: Option<i64>) -> String {
     let Some(ms) = ms else {
         return "-".to_owned();
     };
-    time::OffsetDateTime::from_unix_timestamp(ms / 1000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
+    powernode_types::text::rfc3339(ms.div_euclid(1000))
 }
 
 fn nodes_table(nodes: &[NodeSummary], now_ms: i64) -> String {

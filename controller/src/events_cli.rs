@@ -1,6 +1,7 @@
 //! `powernode-controller events …`: the fleet's events from the database in the data
 //! directory, as a table or one JSON object per line, optionally following new ones.
 
+use powernode_types::text::{one_line, rfc3339_millis};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -132,7 +133,7 @@ pub fn event_line(e: &StoredEvent) -> String {
         message = format!("({} dropped before) {message}", e.dropped_before);
     }
     row([
-        &time_ms(e.at_ms),
+        &rfc3339_millis(e.at_ms),
         &e.node_id,
         &format!("{:?}", e.severity),
         &e.kind,
@@ -151,33 +152,6 @@ fn row(cells: [&str; 7]) -> String {
         line.push_str(&format!("{cell:<width$}  "));
     }
     line.trim_end().to_owned()
-}
-
-fn one_line(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
-/// `2023-11-14T22:13:20.000Z`.
-fn time_ms(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .and_then(|text| {
-            let seconds = text.strip_suffix('Z')?;
-            Some(format!("{seconds}.{:03}Z", ms.rem_euclid(1000)))
-        })
-        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ pub mod network;
 pub mod node_api;
 pub mod registry;
 pub mod task;
+pub mod text;
 mod topic;
 pub mod verify;
 

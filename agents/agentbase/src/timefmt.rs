@@ -3,25 +3,7 @@
 
 /// `ms` since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC; milliseconds dropped).
 pub fn rfc3339_ms(ms: u64) -> String {
-    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
-    let days = secs.div_euclid(86_400);
-    let second_of_day = secs.rem_euclid(86_400);
-    // Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        second_of_day / 3600,
-        second_of_day % 3600 / 60,
-        second_of_day % 60
-    )
+    powernode_types::text::rfc3339(i64::try_from(ms / 1000).unwrap_or(i64::MAX))
 }
 
 /// A duration in ms as its two largest units: `1d 4h`, `3m 20s`, `12s`, `850ms`.

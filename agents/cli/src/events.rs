@@ -20,6 +20,7 @@ use anyhow::Context as _;
 use ipcmonitor::tool::{self, Exit};
 use powernode_pubsub::{checkpoint, Dirs};
 use powernode_types::node_api::EventRecord;
+use powernode_types::text::{one_line, rfc3339_millis};
 use powernode_types::{Event, Topic};
 use serde_json::{json, Value};
 
@@ -255,7 +256,7 @@ pub fn line(e: &EventRecord, stage: Stage) -> String {
         message = format!("[not yet journalled] {message}");
     }
     let cells = [
-        time_ms(e.at_ms),
+        rfc3339_millis(i64::try_from(e.at_ms).unwrap_or(i64::MAX)),
         one_line(&e.agent),
         format!("{:?}", e.severity),
         one_line(&e.kind),
@@ -269,30 +270,6 @@ pub fn line(e: &EventRecord, stage: Stage) -> String {
         text.push_str(&format!("{cell:<width$}  "));
     }
     text.trim_end().to_owned()
-}
-
-fn one_line(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
-
-/// `2023-11-14T22:13:20.000Z`.
-fn time_ms(ms: u64) -> String {
-    let nanos = i128::from(ms) * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]
