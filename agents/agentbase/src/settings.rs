@@ -664,12 +664,15 @@ impl PubsubSettings {
 /// The level names accepted on their own as `log_level`.
 const LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
 
-/// Accepts a bare level, or an `EnvFilter` directive list in which every directive either is a
-/// bare level or has the form `target[span{field}]=level`.
+/// Accepts a bare level, or a directive list in which every directive is a bare level or
+/// `target=level` (`target` a module path: letters, digits, `_`, `-`, `::`).
 ///
 /// A bare word that is not a level (`verbose`, `inf`) is valid `EnvFilter` syntax — it means
 /// "everything from target `verbose`" — but in a settings file it is almost always a misspelt
-/// level, so it is rejected.
+/// level, so it is rejected. `EnvFilter`'s span and field filters (`target[span{field=…}]`)
+/// are refused too: a field value is compiled as a regular expression, and the fuzzer found
+/// values that take seconds to compile, so a settings file could stall every agent's start.
+/// `RUST_LOG`, set by whoever runs the agent, still takes the full syntax.
 pub fn validate_log_level(value: &str) -> Result<(), String> {
     let expected = "expected one of trace, debug, info, warn, error, off, \
                     or a filter such as `info,powernode_pubsub=debug`";
@@ -677,10 +680,23 @@ pub fn validate_log_level(value: &str) -> Result<(), String> {
     if trimmed.is_empty() {
         return Err(format!("empty; {expected}"));
     }
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
+    let is_target = |word: &str| {
+        let word = word.trim();
+        !word.is_empty()
+            && word
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | ':'))
+    };
     for directive in trimmed.split(',').map(str::trim) {
-        let is_level = LEVELS.iter().any(|l| l.eq_ignore_ascii_case(directive));
-        if !is_level && !directive.contains('=') {
-            return Err(format!("`{directive}` is not a level; {expected}"));
+        let ok = match directive.split_once('=') {
+            Some((target, level)) => is_target(target) && is_level(level),
+            None => is_level(directive),
+        };
+        if !ok {
+            return Err(format!(
+                "`{directive}` is neither a level nor `target=level`; {expected}"
+            ));
         }
     }
     EnvFilter::builder()
@@ -1235,7 +1251,7 @@ mod tests {
                 files: &[("agent.toml.d/1.toml", "log_level = \"verbose\"\n")],
                 want: &[
                     "{dir}/agent.toml.d/1.toml:1:13: invalid value \"verbose\" for `log_level`",
-                    "`verbose` is not a level",
+                    "`verbose` is neither a level nor `target=level`",
                 ],
             },
             Case {
@@ -1282,7 +1298,18 @@ mod tests {
         ] {
             validate_log_level(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
-        for bad in ["", "verbose", "inf", "info,", "info,x=loud"] {
+        for bad in [
+            "",
+            "verbose",
+            "inf",
+            "info,",
+            "info,x=loud",
+            "x[span]=debug",
+            "x[{f=a.*b}]=debug",
+            "=debug",
+            // What the fuzzer found: a field filter whose regular expression took seconds.
+            "[ ={l!= ''''F'....]",
+        ] {
             assert!(validate_log_level(bad).is_err(), "{bad:?} accepted");
         }
     }
