@@ -1,7 +1,7 @@
 //! `powernode-controller events …`: the fleet's events from the database in the data
 //! directory, as a table or one JSON object per line, optionally following new ones.
 
-use powernode_types::text::{one_line, rfc3339_millis};
+use powernode_types::text::{columns, one_line, rfc3339_millis};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -145,13 +145,7 @@ pub fn event_line(e: &StoredEvent) -> String {
 
 /// Fixed column widths (the widest usual value), so that rows printed apart still line up.
 fn row(cells: [&str; 7]) -> String {
-    const WIDTHS: [usize; 6] = [24, 21, 8, 28, 12, 0];
-    let mut line = String::new();
-    for (i, cell) in cells.iter().enumerate() {
-        let width = WIDTHS.get(i).copied().unwrap_or(0);
-        line.push_str(&format!("{cell:<width$}  "));
-    }
-    line.trim_end().to_owned()
+    columns(&cells, &[24, 21, 8, 28, 12, 0])
 }
 
 #[cfg(test)]

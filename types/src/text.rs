@@ -45,6 +45,18 @@ pub fn one_line(text: &str) -> String {
         .collect()
 }
 
+/// `cells` on one line, each padded to its width in `widths` (a cell past the widths, or one
+/// wider than its width, is not padded), two spaces apart, with no trailing space: rows
+/// printed apart (a `--follow`) still line up.
+pub fn columns<S: AsRef<str>>(cells: &[S], widths: &[usize]) -> String {
+    let mut line = String::new();
+    for (i, cell) in cells.iter().enumerate() {
+        let width = widths.get(i).copied().unwrap_or(0);
+        line.push_str(&format!("{:<width$}  ", cell.as_ref()));
+    }
+    line.trim_end().to_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,6 +72,13 @@ mod tests {
             "2023-11-14T22:13:20.007Z"
         );
         assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn columns_line_up_without_trailing_space() {
+        assert_eq!(columns(&["a", "bb", "c"], &[3, 3]), "a    bb   c");
+        assert_eq!(columns(&["toolong", "x"], &[3]), "toolong  x");
+        assert_eq!(columns(&["a", ""], &[3, 3]), "a");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use anyhow::Context as _;
 use ipcmonitor::tool::{self, Exit};
 use powernode_pubsub::{checkpoint, Dirs};
 use powernode_types::node_api::EventRecord;
-use powernode_types::text::{one_line, rfc3339_millis};
+use powernode_types::text::{columns, one_line, rfc3339_millis};
 use powernode_types::{Event, Topic};
 use serde_json::{json, Value};
 
@@ -263,13 +263,7 @@ pub fn line(e: &EventRecord, stage: Stage) -> String {
         message,
         fields.join(" "),
     ];
-    const WIDTHS: [usize; 4] = [24, 12, 8, 28];
-    let mut text = String::new();
-    for (i, cell) in cells.iter().enumerate() {
-        let width = WIDTHS.get(i).copied().unwrap_or(0);
-        text.push_str(&format!("{cell:<width$}  "));
-    }
-    text.trim_end().to_owned()
+    columns(&cells, &[24, 12, 8, 28])
 }
 
 #[cfg(test)]
