@@ -5,12 +5,12 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
 use agentbase::{Context, Root, Settings};
-use common::{controller, node_root, now_ms, resolved_identity, spawn_agent};
+use common::{controller, journalled, node_root, now_ms, resolved_identity, spawn_agent};
 use powernode_controller::server::{RunningController, ServeOptions};
 use powernode_controller::storage::{EventQuery, Storage, StoredEvent};
 use powernode_pubsub::{Dirs, Publication, Subscription};
@@ -20,18 +20,6 @@ use powernode_types::{EventdStatus, NodeIdentity, Severity};
 fn kill9(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Every event in eventd's journal.
-fn journalled(root: &Path) -> Vec<EventRecord> {
-    let dir = root.join("persist/powernode/eventd/journal");
-    let (journal, _) = eventd::journal::Journal::open(&dir).unwrap();
-    journal
-        .all()
-        .unwrap()
-        .into_iter()
-        .map(|(_, bytes)| postcard::from_bytes::<EventRecord>(&bytes).unwrap())
-        .collect()
 }
 
 /// 2,000 events raised while eventd is killed five times: every one is journalled (none

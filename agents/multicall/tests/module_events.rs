@@ -255,14 +255,7 @@ impl Node {
 
     /// Every event in eventd's journal (eventd must not be running).
     fn journal(&self) -> Vec<EventRecord> {
-        let dir = self.root.join("persist/powernode/eventd/journal");
-        let (journal, _) = eventd::journal::Journal::open(&dir).unwrap();
-        journal
-            .all()
-            .unwrap()
-            .into_iter()
-            .map(|(_, bytes)| postcard::from_bytes::<EventRecord>(&bytes).unwrap())
-            .collect()
+        common::journalled(&self.root)
     }
 }
 

@@ -376,3 +376,15 @@ pub fn unmount_under(root: &Path) {
         let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
     }
 }
+
+/// Every event in eventd's journal under `root` (eventd must not be running: opening repairs).
+pub fn journalled(root: &Path) -> Vec<powernode_types::node_api::EventRecord> {
+    let dir = root.join("persist/powernode/eventd/journal");
+    let (journal, _) = eventd::journal::Journal::open(&dir).unwrap();
+    journal
+        .all()
+        .unwrap()
+        .into_iter()
+        .map(|(_, bytes)| postcard::from_bytes(&bytes).unwrap())
+        .collect()
+}
