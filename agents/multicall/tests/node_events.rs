@@ -887,11 +887,9 @@ async fn an_unusable_pki_on_disk_raises_enroll_failed_on_the_node() {
         .join(powernode_transport::pki::CERT_FILE);
     std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n").unwrap();
     node.start("enrollmgr");
-    let failed = node
-        .enrollment(&mut status, "Failed", |s| {
-            s.state == EnrollmentState::Failed
-        })
-        .await;
+    // enrollmgr goes Failed, then tries its (already used) bootstrap token and goes BadToken:
+    // a subscriber may see only the second state (delivery is state-based), so the event on
+    // the node's journal is what this test waits for, not the Failed state.
     let deadline = Instant::now() + WAIT;
     let event = loop {
         let out = common::run(
@@ -916,11 +914,7 @@ async fn an_unusable_pki_on_disk_raises_enroll_failed_on_the_node() {
     assert_eq!(event["severity"], "Error");
     let text = event.to_string();
     assert!(
-        text.contains("unusable")
-            && failed
-                .last_error
-                .as_deref()
-                .is_some_and(|e| e.contains("unusable")),
+        text.contains("unusable"),
         "the reason travels with the event: {text}"
     );
 }
