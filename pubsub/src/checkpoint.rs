@@ -306,6 +306,29 @@ impl CheckpointDir {
     /// Removes the file for `key`, durably; a missing file is not an error. A directory in
     /// its place is moved aside (and returned).
     pub fn remove(&self, key: &str) -> io::Result<Option<Quarantined>> {
+        let moved = self.unlink(key)?;
+        self.dir.sync_all()?;
+        Ok(moved)
+    }
+
+    /// Removes the files of `keys` with one directory sync for all of them: what each key's
+    /// removal came to, in order. A failed sync fails every removal that had succeeded,
+    /// since none of them is durable then.
+    pub fn remove_many<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Vec<io::Result<Option<Quarantined>>> {
+        let mut outcomes: Vec<_> = keys.into_iter().map(|key| self.unlink(key)).collect();
+        if let Err(e) = self.dir.sync_all() {
+            for outcome in outcomes.iter_mut().filter(|o| o.is_ok()) {
+                *outcome = Err(io::Error::new(e.kind(), e.to_string()));
+            }
+        }
+        outcomes
+    }
+
+    /// Unlinks the file for `key` without syncing the directory.
+    fn unlink(&self, key: &str) -> io::Result<Option<Quarantined>> {
         let moved = match unlinkat(&self.dir, key, UnlinkatFlags::NoRemoveDir) {
             Ok(()) => None,
             // Gone already — unless the directory itself is (deleted under us, which only the
@@ -323,7 +346,6 @@ impl CheckpointDir {
             }
             Err(e) => return Err(e.into()),
         };
-        self.dir.sync_all()?;
         Ok(moved)
     }
 

@@ -306,6 +306,18 @@ impl<T: Topic> Publication<T> {
         self.inner.remove(key)
     }
 
+    /// Removes the items with `keys` as [`Publication::unpublish`] does each, with one
+    /// directory sync for all their checkpoint files: what a publisher that forgets a range of
+    /// items at once (an agent whose events eventd acknowledged) does instead of one sync per
+    /// item. An invalid key refuses the whole call before anything is removed.
+    pub fn unpublish_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<()> {
+        for key in keys {
+            validate_key(key.as_ref())?;
+        }
+        self.inner.remove_many(keys);
+        Ok(())
+    }
+
     /// Tells subscribers that everything this publisher had to publish at start-up is out.
     pub fn signal_restarted(&self) {
         let mut st = self.inner.lock();
@@ -435,6 +447,29 @@ impl Inner {
         }
         self.settle(key, "remove", dir.remove(key));
         Ok(())
+    }
+
+    fn remove_many<K: AsRef<str>>(&self, keys: &[K]) {
+        let dir = self.checkpoint_dir();
+        let mut gone = Vec::with_capacity(keys.len());
+        {
+            let mut st = self.lock();
+            for key in keys.iter().map(AsRef::as_ref) {
+                if st.table.remove(key).is_none() && !self.is_pending(key) {
+                    continue;
+                }
+                let frame = Frame::Delete { key }.encode();
+                deliver(&mut st.conns, key, &[IoSlice::new(&frame)]);
+                gone.push(key);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let outcomes = dir.remove_many(gone.iter().copied());
+        for (key, outcome) in gone.into_iter().zip(outcomes) {
+            self.settle(key, "remove", outcome);
+        }
     }
 
     /// Whether `key`'s checkpoint is waiting for a retry. The publication's health is the one

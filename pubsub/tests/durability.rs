@@ -235,3 +235,56 @@ async fn a_symlinked_directory_is_never_moved_aside() {
         ["k"]
     );
 }
+
+/// `unpublish_many` removes a range of items as one unpublish each would: the files are gone,
+/// a subscriber sees each delete, keys not held are passed over, and a directory standing
+/// where one of the files belongs is moved aside without stopping the others' removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_many_removes_every_file_and_tells_subscribers() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let publication = Publication::<TestItem>::open(&dirs, "many").unwrap();
+    for key in ["a", "b", "c", "d"] {
+        publication.publish(&test_item(key, 1, 8)).unwrap();
+    }
+    let mut sub = Subscription::<TestItem>::connect(&dirs, "many");
+    until_synchronized(&mut sub).await;
+    let cp_dir = dirs.checkpoints("many", "TestItem", false);
+    fs::remove_file(cp_dir.join("c")).unwrap();
+    fs::create_dir(cp_dir.join("c")).unwrap();
+
+    publication
+        .unpublish_many(&["a", "c", "never-published", "d"])
+        .unwrap();
+
+    let mut deleted = Vec::new();
+    while deleted.len() < 3 {
+        match next_event(&mut sub).await {
+            Event::Delete { key, .. } => deleted.push(key),
+            other => panic!("expected deletes, got {other:?}"),
+        }
+    }
+    deleted.sort();
+    assert_eq!(deleted, ["a", "c", "d"]);
+    assert_eq!(publication.keys(), ["b"]);
+    assert_eq!(checkpoint_files(&cp_dir), ["b"]);
+    let status = publication.status();
+    assert!(status.not_durable.is_empty(), "{status:?}");
+    assert_eq!(status.quarantined.len(), 1, "{status:?}");
+    assert_eq!(status.quarantined[0].key, "c");
+}
+
+/// An invalid key refuses the whole `unpublish_many`: nothing is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpublish_many_with_an_invalid_key_removes_nothing() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let publication = Publication::<TestItem>::open(&dirs, "refused").unwrap();
+    publication.publish(&test_item("a", 1, 8)).unwrap();
+    assert!(publication.unpublish_many(&["a", "../x"]).is_err());
+    assert_eq!(publication.keys(), ["a"]);
+    assert_eq!(
+        checkpoint_files(&dirs.checkpoints("refused", "TestItem", false)),
+        ["a"]
+    );
+}

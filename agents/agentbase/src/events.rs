@@ -255,19 +255,20 @@ impl Inner {
     }
 
     /// Forgets (unpublishes) every event with `seq <= through`: eventd has journalled them.
+    ///
+    /// The whole acknowledged range goes in one unpublish, so a burst costs one directory
+    /// sync per acknowledgement rather than one per event (docs/performance.md, events).
     fn acknowledged(&self, through: u64) {
         let mut r = self.lock();
-        let done: Vec<u64> = r.pending.range(..=through).map(|(s, _)| *s).collect();
-        for seq in done {
-            if let Some((id, _)) = r.pending.remove(&seq) {
-                if let Err(e) = self.publication.unpublish(&id) {
-                    tracing::warn!(%id, error = %e, "could not forget an acknowledged event");
-                }
-            }
-        }
+        let rest = r.pending.split_off(&through.saturating_add(1));
+        let done = std::mem::replace(&mut r.pending, rest);
         // A reservation lost to a full disk must not let numbers eventd has seen come back.
         if r.next_seq <= through {
             r.next_seq = through + 1;
+        }
+        let ids: Vec<String> = done.into_values().map(|(id, _)| id).collect();
+        if let Err(e) = self.publication.unpublish_many(&ids) {
+            tracing::warn!(events = ids.len(), error = %e, "could not forget acknowledged events");
         }
     }
 }
