@@ -7,7 +7,7 @@
 //! 2. resolves the [`Root`] (flag, then `POWERNODE_ROOT`, then `/`),
 //! 3. loads and validates the [`Settings`] from `<root>/etc/powernode`,
 //! 4. starts logging ([`logging::init`]),
-//! 5. builds a multi-thread tokio runtime and installs the SIGTERM/SIGINT handler
+//! 5. limits malloc to one arena ([`memory`]), builds a multi-thread tokio runtime and installs the SIGTERM/SIGINT handler
 //!    ([`shutdown::install`]),
 //! 6. runs the agent's future with a [`Context`]; the agent calls [`Context::ready`] once it is
 //!    serving, which sends `READY=1` to systemd,
@@ -37,6 +37,7 @@ pub mod fsutil;
 pub mod health;
 pub mod liveness;
 pub mod logging;
+pub mod memory;
 pub mod notify;
 pub mod root;
 pub mod settings;
@@ -316,6 +317,7 @@ where
         tracing::warn!(%note, "settings");
     }
 
+    memory::limit_malloc_arenas();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name(agent)

@@ -571,28 +571,28 @@ async fn send_batch(
     };
     let through = last + 1;
     // An event journalled twice (eventd killed between the sync and the acknowledgement) may
-    // sit twice in one batch, which the controller refuses whole: send it once.
+    // sit twice in one batch, which the controller refuses whole: send it once. The records
+    // are decoded into the request itself and dropped, so a batch is held once as records
+    // and once as JSON, never more (eventd's memory bound, docs/performance.md).
     let mut seen = std::collections::HashSet::new();
-    let events: Vec<(u64, EventRecord)> = records
-        .iter()
-        .filter_map(|(index, bytes)| {
-            let event = postcard::from_bytes::<EventRecord>(bytes).ok()?;
-            Some((*index, event))
-        })
-        .filter(|(_, e)| seen.insert(e.id.clone()))
-        .collect();
-    let client = controller(ctx, enrollment, client)?;
     let batch = EventsRequest {
-        events: events.iter().map(|(_, e)| e.clone()).collect(),
+        events: records
+            .into_iter()
+            .filter_map(|(_, bytes)| postcard::from_bytes::<EventRecord>(&bytes).ok())
+            .filter(|e| seen.insert(e.id.clone()))
+            .collect(),
     };
+    drop(seen);
+    let client = controller(ctx, enrollment, client)?;
+    let events = &batch.events;
     let accepted = match client.post::<_, EventsResponse>(EVENTS_CALL, &batch).await {
         Ok(reply) => reply.accepted,
         Err(e) if is_refusal(&e) && events.len() > 1 => {
             tracing::warn!(error = %e, events = events.len(), "batch refused; sending its events one by one");
-            one_by_one(ctx, client, &events).await?
+            one_by_one(ctx, client, events).await?
         }
         Err(e) if is_refusal(&e) => {
-            if let Some((_, event)) = events.first() {
+            if let Some(event) = events.first() {
                 report_refused(ctx, event, &e);
             }
             0
@@ -626,10 +626,10 @@ fn is_refusal(e: &TransportError) -> bool {
 async fn one_by_one(
     ctx: &Context,
     client: &ControllerClient,
-    events: &[(u64, EventRecord)],
+    events: &[EventRecord],
 ) -> Result<u64, String> {
     let mut accepted = 0;
-    for (_, event) in events {
+    for event in events {
         let one = EventsRequest {
             events: vec![event.clone()],
         };

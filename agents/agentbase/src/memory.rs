@@ -1,0 +1,25 @@
+//! How an agent's process uses memory.
+//!
+//! glibc gives each thread that allocates its own malloc arena (up to eight per core), and
+//! memory freed into one arena is not reused by another: a tokio runtime's workers and its
+//! blocking pool each end up holding a few hundred KiB of freed buffers. An agent makes few
+//! allocations on its threads at once, so one arena costs it no measurable contention
+//! (glibc's per-thread cache serves the small ones without the lock) and saves it that
+//! memory: 0.7 MiB of eventd's 6.8 MiB under the events benchmark (docs/performance.md).
+
+/// The arenas an agent's allocator may use; `MALLOC_ARENA_MAX` in the environment overrides it.
+pub const MALLOC_ARENAS: i32 = 1;
+
+/// Limits the process's malloc arenas to [`MALLOC_ARENAS`], unless the environment already
+/// sets `MALLOC_ARENA_MAX` (glibc reads that itself). Call before any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before the runtime's threads
+        // exist, so no allocation races with the change.
+        let ok = unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_ARENA_MAX) refused; arenas left at glibc's default");
+        }
+    }
+}
