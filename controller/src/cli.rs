@@ -1,5 +1,6 @@
 //! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`,
-//! `events` (in [`crate::events_cli`]) and `module …` (in [`crate::module_cli`]). Everything
+//! `events` (in [`crate::events_cli`]), `module …` (in [`crate::module_cli`]) and `task …`,
+//! `tasks` (in [`crate::task_cli`]). Everything
 //! but `serve` and the registry side of `module` works directly on the database in the data
 //! directory.
 
@@ -12,14 +13,17 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::api::tasks::DEFAULT_OUTPUT_MAX;
+use crate::api::Policy;
 use crate::duration::parse_duration;
 use crate::events::{EventRetention, DEFAULT_RETENTION_COUNT, DEFAULT_RETENTION_DAYS};
 use crate::events_cli::{self, EventsArgs};
 use crate::module_cli::{self, ModuleCommand};
 use crate::server::{ensure_data_dir, Controller, ServeOptions};
 use crate::storage::{NodeDetail, NodeSummary, Storage};
+use crate::task_cli::{self, TaskCommand, TasksArgs};
 use crate::tokens;
-use crate::wire::ModuleReport;
+use crate::wire::{task_limits::MAX_COMPLETE_BODY, ModuleReport};
 
 /// Exit code of a usage error.
 pub const EXIT_USAGE: u8 = 2;
@@ -59,6 +63,11 @@ enum Command {
     /// Modules: build, push, sign, and assign them to nodes.
     #[command(subcommand)]
     Module(ModuleCommand),
+    /// One task: create, show, cancel.
+    #[command(subcommand)]
+    Task(TaskCommand),
+    /// Tasks, oldest first among the newest --limit.
+    Tasks(TasksArgs),
 }
 
 /// `--data DIR`.
@@ -94,6 +103,10 @@ struct ServeArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_RETENTION_COUNT,
           value_parser = clap::value_parser!(u32).range(1..))]
     event_retention_count: u32,
+    /// Bytes of a task's output stored; longer output is cut, with a marker line.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_OUTPUT_MAX,
+          value_parser = clap::value_parser!(u64).range(1..=(MAX_COMPLETE_BODY as u64)))]
+    task_output_max: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -239,6 +252,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Events(args) => events_cli::run(args).await,
         Command::Module(command) => module_cli::run(command).await,
+        Command::Task(command) => task_cli::run(command).await,
+        Command::Tasks(args) => task_cli::list(args).await,
     }
 }
 
@@ -260,7 +275,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_age: Duration::from_secs(u64::from(args.event_retention_days) * 86_400),
         max_per_node: args.event_retention_count,
     };
-    let controller = Controller::start_with(&opts, retention).await?;
+    let policy = Policy {
+        event_retention: retention,
+        task_output_max: usize::try_from(args.task_output_max).unwrap_or(usize::MAX),
+    };
+    let controller = Controller::start_with(&opts, policy).await?;
     // Scripts and tests read these two lines.
     println!("listening on {}", controller.local_addr());
     println!("ca certificate {}", controller.ca_cert_path().display());

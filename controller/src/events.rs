@@ -193,7 +193,7 @@ fn validate_event(e: &EventRecord) -> Result<(), String> {
 }
 
 /// `[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*`.
-fn is_kind(kind: &str) -> bool {
+pub(crate) fn is_kind(kind: &str) -> bool {
     kind.split('.').all(|word| {
         let mut bytes = word.bytes();
         bytes.next().is_some_and(|b| b.is_ascii_lowercase())

@@ -16,8 +16,10 @@ pub mod module_cli;
 pub mod secrets;
 pub mod server;
 pub mod storage;
+pub mod task_cli;
 pub mod tls;
 pub mod tokens;
+pub mod watch;
 pub mod wire;
 
 /// Milliseconds since the Unix epoch, the unit of every timestamp the controller stores.

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api::extract::ClientCert;
-use crate::api::{self, AppState};
+use crate::api::{self, AppState, Policy};
 use crate::ca::{self, CertAuthority};
 use crate::events::{self, EventRetention};
 use crate::fsutil::write_atomic;
@@ -55,7 +55,10 @@ pub struct Controller {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: Router,
+    state: AppState,
     storage: Storage,
+    /// Cancelled once shutdown begins: held watches answer, the watch scanner stops.
+    closing: CancellationToken,
     event_retention: EventRetention,
     ca_cert_path: PathBuf,
     local_addr: SocketAddr,
@@ -76,12 +79,13 @@ impl RunningController {
         Self::start_with(opts, EventRetention::default()).await
     }
 
-    /// [`RunningController::start`] keeping events as `event_retention` says.
+    /// [`RunningController::start`] keeping what nodes send as `policy` says (an
+    /// [`EventRetention`] alone will do).
     pub async fn start_with(
         opts: &ServeOptions,
-        event_retention: EventRetention,
+        policy: impl Into<Policy>,
     ) -> anyhow::Result<Self> {
-        let controller = Controller::start_with(opts, event_retention).await?;
+        let controller = Controller::start_with(opts, policy).await?;
         let addr = controller.local_addr();
         let ca_path = controller.ca_cert_path().to_owned();
         let ca_pem = std::fs::read_to_string(&ca_path)
@@ -172,12 +176,14 @@ impl Controller {
         Self::start_with(opts, EventRetention::default()).await
     }
 
-    /// [`Controller::start`] keeping events as `event_retention` says. (An argument rather
-    /// than a [`ServeOptions`] field, so the struct literals of the agents' tests stand.)
+    /// [`Controller::start`] keeping what nodes send as `policy` says (an [`EventRetention`]
+    /// alone will do). An argument rather than [`ServeOptions`] fields, so the struct
+    /// literals of the agents' tests stand.
     pub async fn start_with(
         opts: &ServeOptions,
-        event_retention: EventRetention,
+        policy: impl Into<Policy>,
     ) -> anyhow::Result<Self> {
+        let policy = policy.into();
         ensure_data_dir(&opts.data)?;
         let ca = Arc::new(CertAuthority::load_or_create(&opts.data)?);
         let hostnames = if opts.hostnames.is_empty() {
@@ -188,13 +194,15 @@ impl Controller {
         let (cert_pem, key_pem) = ca.ensure_server_cert(&opts.data, &hostnames)?;
         let tls_config = tls::server_config(ca.cert_der(), &cert_pem, &key_pem)?;
         let storage = Storage::open(&opts.data).await?;
+        let closing = CancellationToken::new();
         let state = AppState::new(
             storage.clone(),
             ca.clone(),
             opts.cert_lifetime,
             opts.heartbeat_interval_s,
             operator_token_hash(&opts.data)?,
-            event_retention,
+            policy,
+            closing.clone(),
         );
         let listener = TcpListener::bind(opts.listen)
             .await
@@ -203,9 +211,11 @@ impl Controller {
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(tls_config),
-            router: api::router(state),
+            router: api::router(state.clone()),
+            state,
             storage,
-            event_retention,
+            closing,
+            event_retention: policy.event_retention,
             ca_cert_path: ca.cert_path().to_owned(),
             local_addr,
         })
@@ -230,6 +240,12 @@ impl Controller {
             self.event_retention,
             shutdown.clone(),
         ));
+        tracker.spawn(
+            self.state
+                .watches()
+                .clone()
+                .run_scanner(self.storage.clone(), self.closing.clone()),
+        );
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -249,6 +265,8 @@ impl Controller {
                 }
             }
         }
+        // Held watches answer now rather than holding the drain up for their whole time.
+        self.closing.cancel();
         tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
             .await

@@ -344,10 +344,19 @@ struct HeartbeatRow {
     body: String,
 }
 
+mod tasks;
+
+pub use tasks::{
+    state as task_state, ChangeProbe, Completed, Completion, Lease, NewTask, Task, TaskQuery,
+    TaskRefusal, WatchState,
+};
+
 /// Handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Storage {
     pool: SqlitePool,
+    /// How the pool connects: for a connection of its own ([`Storage::change_probe`]).
+    options: SqliteConnectOptions,
 }
 
 impl Storage {
@@ -368,7 +377,7 @@ impl Storage {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(open_err)?;
         sqlx::migrate!("./migrations")
@@ -378,7 +387,7 @@ impl Storage {
                 path: path.clone(),
                 source,
             })?;
-        Ok(Self { pool })
+        Ok(Self { pool, options })
     }
 
     /// Makes everything committed so far survive a power loss. The database runs WAL with

@@ -78,3 +78,39 @@ pub struct EventsPage {
     /// asked with (0 when none) when the page is empty.
     pub next: i64,
 }
+
+/// Operator: `POST /api/v1/tasks`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTaskRequest {
+    /// The node that is to run it.
+    pub node: String,
+    /// What to do: dotted lower-case words, e.g. `node.exec`.
+    pub kind: String,
+    /// Its arguments (any JSON; `{}` when left out), at most `task_limits::MAX_ARGS` bytes.
+    #[serde(default = "empty_args")]
+    pub args: serde_json::Value,
+    /// How long one attempt may run before its lease expires, seconds (default 300).
+    #[serde(default)]
+    pub timeout_s: Option<u32>,
+    /// How many leases the task gets before an expired one fails it (default 3).
+    #[serde(default)]
+    pub max_attempts: Option<u32>,
+}
+
+fn empty_args() -> serde_json::Value {
+    serde_json::Value::Object(serde_json::Map::new())
+}
+
+/// Operator: the query of `GET /api/v1/tasks`, every parameter optional.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksParams {
+    /// Only this node's tasks.
+    pub node: Option<String>,
+    /// Only tasks in this state (`queued`, `leased`, `succeeded`, `failed`, `interrupted`,
+    /// `cancelled`).
+    pub state: Option<String>,
+    /// At most this many, the newest (default 100, at most 1000).
+    pub limit: Option<u32>,
+}

@@ -342,6 +342,117 @@ pub struct EventsResponse {
     pub duplicates: u64,
 }
 
+/// The bounds of the task calls (`/tasks/lease`, `/tasks/{id}/complete`) and of a task as the
+/// operator creates it.
+pub mod task_limits {
+    /// Most tasks one `POST /tasks/lease` hands out.
+    pub const MAX_LEASE: u32 = 100;
+    /// Largest `POST /tasks/{id}/complete` body, bytes: room for an output at the default cap
+    /// and its JSON escaping. Output past the controller's cap is stored cut, with a marker.
+    pub const MAX_COMPLETE_BODY: usize = 1024 * 1024;
+    /// Longest kind, bytes (dotted lower-case words `[a-z][a-z0-9_]*`, as event kinds).
+    pub const MAX_KIND: usize = 128;
+    /// Largest arguments of a task, bytes of JSON.
+    pub const MAX_ARGS: usize = 16 * 1024;
+    /// Longest `GET /watch` the controller holds when the node asks for no other, seconds:
+    /// under the idle timeouts of common proxies (60 s).
+    pub const DEFAULT_WATCH_S: u32 = 55;
+    /// Longest `GET /watch` a node may ask for, seconds.
+    pub const MAX_WATCH_S: u32 = 300;
+}
+
+/// `POST /tasks/lease`: up to `max` of the node's queued tasks.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskLeaseRequest {
+    /// How many tasks the node takes at most (1 to [`task_limits::MAX_LEASE`]).
+    pub max: u32,
+}
+
+/// A task leased to the calling node: it is the node's until `lease_expires_at_ms`, which
+/// `POST /tasks/{id}/renew` moves on; past it the controller may give it out again.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LeasedTask {
+    /// The controller's task id.
+    pub id: String,
+    /// What to do, e.g. `node.exec`; selects the agent that runs it.
+    pub kind: String,
+    /// The task's arguments, as the operator gave them.
+    pub args: serde_json::Value,
+    /// Which lease of the task this is, from 1: more than 1 when an earlier lease expired.
+    pub attempt: u32,
+    /// How long the task may run, seconds: the lease lasts this long from each lease or renew.
+    pub timeout_s: u32,
+    /// When the lease runs out, milliseconds since the epoch (controller clock).
+    pub lease_expires_at_ms: u64,
+}
+
+/// Reply to `POST /tasks/lease`: the tasks leased, oldest first; empty when none is queued.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskLeaseResponse {
+    /// The tasks now leased to the node.
+    pub tasks: Vec<LeasedTask>,
+}
+
+/// How a task ended on the node.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+pub enum TaskOutcome {
+    /// It did what it was asked.
+    Succeeded,
+    /// It failed (the output says why).
+    Failed,
+    /// It was running when its agent died or was stopped, and its kind is not safe to run
+    /// again: it will not be.
+    Interrupted,
+}
+
+/// `POST /tasks/{id}/complete`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCompleteRequest {
+    /// How it ended.
+    pub outcome: TaskOutcome,
+    /// What it printed or produced (text).
+    #[serde(default)]
+    pub output: String,
+}
+
+/// Reply to `POST /tasks/{id}/complete`: the task's state now. Completing a task twice is
+/// answered the same way both times; a completion that came after the lease ran out (the task
+/// expired, was given out again or cancelled) is recorded with `late`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCompleteResponse {
+    /// The task's state: `succeeded`, `failed`, `interrupted` or `cancelled`.
+    pub state: String,
+    /// The completion arrived after the node's lease had run out.
+    pub late: bool,
+}
+
+/// Reply to `POST /tasks/{id}/renew`.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskRenewResponse {
+    /// The lease's new end, milliseconds since the epoch (controller clock).
+    pub lease_expires_at_ms: u64,
+}
+
+/// Reply to `GET /watch?generation=G`: answered at once when the node's desired-state
+/// generation is past `G` or a task is queued for it, otherwise when that happens or the
+/// watch's time is up (`changed` false).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct WatchResponse {
+    /// The node's desired-state generation now.
+    pub generation: u64,
+    /// Tasks queued for the node now (not leased yet).
+    pub tasks_queued: u64,
+    /// The generation is past the one asked with, or a task is queued.
+    pub changed: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

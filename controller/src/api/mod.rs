@@ -4,17 +4,21 @@
 pub mod extract;
 pub mod node;
 pub mod operator;
+pub mod tasks;
+pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::routing::{get, post, put};
 use axum::Router;
+use tokio_util::sync::CancellationToken;
 
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
 use crate::events::EventRetention;
 use crate::storage::Storage;
+use crate::watch::WatchHub;
 
 /// Largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -33,19 +37,51 @@ struct Shared {
     heartbeat_interval_s: u32,
     operator_token_hash: String,
     event_retention: EventRetention,
+    task_output_max: usize,
+    watches: Arc<WatchHub>,
+    closing: CancellationToken,
+}
+
+/// What the operator may tune of how the controller keeps what nodes send it.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// How long and how many events are kept.
+    pub event_retention: EventRetention,
+    /// Bytes of a task's output stored; more is cut, with a marker.
+    pub task_output_max: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            event_retention: EventRetention::default(),
+            task_output_max: usize::try_from(tasks::DEFAULT_OUTPUT_MAX).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+impl From<EventRetention> for Policy {
+    fn from(event_retention: EventRetention) -> Self {
+        Self {
+            event_retention,
+            ..Self::default()
+        }
+    }
 }
 
 impl AppState {
     /// State over `storage` and `ca`; node certificates live `cert_lifetime`; nodes are asked
     /// to send a heartbeat every `heartbeat_interval_s`; the operator bearer token is the one
-    /// whose SHA-256 hex is `operator_token_hash`; events are kept as `event_retention` says.
+    /// whose SHA-256 hex is `operator_token_hash`; what nodes send is kept as `policy` says.
+    /// Held watches end when `closing` is cancelled.
     pub fn new(
         storage: Storage,
         ca: Arc<CertAuthority>,
         cert_lifetime: Duration,
         heartbeat_interval_s: u32,
         operator_token_hash: String,
-        event_retention: EventRetention,
+        policy: Policy,
+        closing: CancellationToken,
     ) -> Self {
         Self {
             inner: Arc::new(Shared {
@@ -54,9 +90,27 @@ impl AppState {
                 cert_lifetime,
                 heartbeat_interval_s,
                 operator_token_hash,
-                event_retention,
+                event_retention: policy.event_retention,
+                task_output_max: policy.task_output_max,
+                watches: Arc::default(),
+                closing,
             }),
         }
+    }
+
+    /// Bytes of a task's output stored.
+    pub fn task_output_max(&self) -> usize {
+        self.inner.task_output_max
+    }
+
+    /// The watched nodes' states.
+    pub fn watches(&self) -> &Arc<WatchHub> {
+        &self.inner.watches
+    }
+
+    /// Cancelled when the controller shuts down: held watches answer then.
+    pub fn closing(&self) -> &CancellationToken {
+        &self.inner.closing
     }
 
     /// The database.
@@ -97,6 +151,13 @@ pub fn router(state: AppState) -> Router {
         .route("/node_api/v1/certificates/rotate", post(node::rotate))
         .route("/node_api/v1/status/heartbeat", post(node::heartbeat))
         .route("/node_api/v1/events", post(node::events))
+        .route("/node_api/v1/tasks/lease", post(tasks::lease))
+        .route("/node_api/v1/tasks/{id}/renew", post(tasks::renew))
+        .route("/node_api/v1/tasks/{id}/complete", post(tasks::complete))
+        .route("/node_api/v1/watch", get(watch::watch))
+        .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
+        .route("/api/v1/tasks/{id}", get(tasks::show))
+        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
         .route("/api/v1/events", get(operator::list_events))
         .route("/api/v1/nodes", get(operator::list_nodes))
         .route("/api/v1/nodes/{id}", get(operator::show_node))

@@ -89,6 +89,7 @@ pub async fn set_modules(
         .set_desired_modules(&id, &modules, crate::now_ms())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
+    state.watches().poke();
     tracing::info!(node_id = %id, generation, modules = modules.len(), "desired modules set");
     Ok(Json(GenerationResponse { generation }))
 }
@@ -107,6 +108,7 @@ pub async fn set_network(
         .set_desired_network(&id, body.value.network.as_ref(), crate::now_ms())
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
+    state.watches().poke();
     tracing::info!(node_id = %id, generation, "desired network set");
     Ok(Json(GenerationResponse { generation }))
 }
