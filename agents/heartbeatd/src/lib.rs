@@ -56,7 +56,9 @@ pub mod desired;
 pub mod host;
 pub mod outage;
 pub mod report;
+pub mod watch;
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentbase::Context;
@@ -69,6 +71,7 @@ use powernode_types::{
     ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, ModuleStatus, MountStatus,
     NetworkConfig, NodeIdentity, GLOBAL_KEY,
 };
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long after a change to what it reports the agent sends a heartbeat, so that a burst of
@@ -198,7 +201,7 @@ pub fn target(
 struct Connection {
     url: String,
     cert_fingerprint: String,
-    client: ControllerClient,
+    client: Arc<ControllerClient>,
 }
 
 /// Everything the main loop carries between states.
@@ -218,6 +221,10 @@ struct Agent {
     mounts: Option<serde_json::Map<String, serde_json::Value>>,
     /// Since the first failed heartbeat, until one succeeds.
     outage: Option<outage::Outage>,
+    /// What the [`watch`] task watches with; `None` while not heartbeating.
+    watch_target: tokio::sync::watch::Sender<Option<watch::WatchTarget>>,
+    /// Successful heartbeats so far (the watch target's epoch).
+    heartbeats: u64,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -264,6 +271,8 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         module_fingerprint: Vec::new(),
         mounts: None,
         outage: None,
+        watch_target: tokio::sync::watch::Sender::new(None),
+        heartbeats: 0,
     };
     agent.publish_status()?;
     agent.ctx.ready();
@@ -284,6 +293,13 @@ impl Agent {
             Subscription::<MountStatus>::connect(&ctx.dirs, report::MOUNT_AGENT);
         let mut tick = tokio::time::interval(ctx.beat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let desired_news = Arc::new(Notify::new());
+        ctx.tasks.spawn(watch::run(
+            self.watch_target.subscribe(),
+            desired_news.clone(),
+            ctx.settings.controller.request_timeout(),
+            ctx.shutdown.clone(),
+        ));
         loop {
             let next_send = state.next_send();
             let send_now = async {
@@ -328,6 +344,10 @@ impl Agent {
                     self.module_fingerprint = fingerprint;
                     self.soon_if(changed, state)
                 }
+                () = desired_news.notified() => match state {
+                    State::Waiting { .. } => state,
+                    _ => state.hurry(Instant::now()),
+                },
                 _ = mount_statuses.next() => {
                     let mounts = report::mounts(mount_statuses.items().map(|(_, s)| s));
                     let changed = mounts != self.mounts;
@@ -365,6 +385,7 @@ impl Agent {
                     })
                 {
                     tracing::info!(%reason, "not heartbeating");
+                    self.watch_target.send_replace(None);
                     self.ctx.status(&reason);
                     self.status.reachable = false;
                     self.status.last_error = Some(reason.clone());
@@ -413,6 +434,7 @@ impl Agent {
                 self.status.consecutive_failures = 0;
                 self.status.last_error = None;
                 self.publish_status()?;
+                self.watch_again();
                 self.ctx.status(&format!(
                     "controller reachable; generation {}",
                     self.status.applied_generation
@@ -543,6 +565,7 @@ impl Agent {
                 let identity = load()?;
                 let client = ControllerClient::new(&target.url, &identity, timeout)
                     .map_err(|e| e.to_string())?;
+                let client = Arc::new(client);
                 tracing::info!(url = %target.url, fingerprint = %target.cert_fingerprint, "controller client ready");
                 self.connection = Some(Connection {
                     url: target.url.clone(),
@@ -555,6 +578,17 @@ impl Agent {
             Some(c) => Ok(&c.client),
             None => Err("no controller client".to_owned()),
         }
+    }
+
+    /// Hands the watcher the client and generation of the heartbeat that just went through.
+    fn watch_again(&mut self) {
+        self.heartbeats += 1;
+        let target = self.connection.as_ref().map(|c| watch::WatchTarget {
+            client: c.client.clone(),
+            generation: self.status.applied_generation,
+            epoch: self.heartbeats,
+        });
+        self.watch_target.send_replace(target);
     }
 
     /// Raises `controller.unreachable` once the outage has lasted long enough.

@@ -35,6 +35,8 @@ struct Ctl {
     data: PathBuf,
     addr: SocketAddr,
     lifetime: Duration,
+    /// The heartbeat interval handed to nodes, seconds.
+    interval_s: u32,
     ca_pem: String,
     operator_token: String,
     running: Option<RunningController>,
@@ -42,6 +44,11 @@ struct Ctl {
 
 impl Ctl {
     async fn start(lifetime: Duration) -> Ctl {
+        Ctl::start_with_interval(lifetime, 1).await
+    }
+
+    /// A controller that hands nodes a heartbeat interval of `interval_s`.
+    async fn start_with_interval(lifetime: Duration, interval_s: u32) -> Ctl {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let mut ctl = Ctl {
@@ -49,6 +56,7 @@ impl Ctl {
             data,
             addr: "127.0.0.1:0".parse().unwrap(),
             lifetime,
+            interval_s,
             ca_pem: String::new(),
             operator_token: String::new(),
             running: None,
@@ -68,7 +76,7 @@ impl Ctl {
             listen: self.addr,
             cert_lifetime: self.lifetime,
             hostnames: Vec::new(),
-            heartbeat_interval_s: 1,
+            heartbeat_interval_s: self.interval_s,
         };
         let running = RunningController::start(&opts).await.unwrap();
         self.addr = running.addr();
@@ -572,4 +580,49 @@ async fn waits_for_enrollment_and_picks_up_a_rotated_certificate() {
     })
     .await;
     node.stop().await;
+}
+
+/// The watch: with an hour between heartbeats, a module the operator assigns still reaches
+/// the node's ModuleConfig within a second or two, because heartbeatd holds a long-poll that
+/// the controller answers at once and then heartbeats. Twice, so the watch is held again after
+/// the first answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_watch_brings_a_new_desired_state_at_once() {
+    let ctl = Ctl::start_with_interval(Duration::from_secs(3600), 3600).await;
+    let creds = ctl.enroll("6a1f3f0e-0000-4000-8000-000000000001").await;
+    let node = Node::new(&ctl, &creds).await;
+    let mut statuses = node.subscribe::<ControllerStatus>();
+    let mut modules = node.subscribe::<ModuleConfig>();
+    wait_for(&mut statuses, "the hour-long interval", |s| {
+        status(s).is_some_and(|s| s.reachable && s.heartbeat_interval_s == 3600)
+    })
+    .await;
+    for round in 1..=2 {
+        // Let the watcher get its request to the controller after the last heartbeat.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let name = format!("tools{round}");
+        let assigned = std::time::Instant::now();
+        let generation = ctl
+            .set_modules(
+                &creds.node_id,
+                json!([{"name": name, "reference": "registry.test/modules/tools:1", "priority": 1}]),
+            )
+            .await;
+        let waited = tokio::time::timeout(Duration::from_secs(5), async {
+            while modules
+                .get(&name)
+                .is_none_or(|m| m.generation != generation)
+            {
+                modules.next().await;
+            }
+        })
+        .await;
+        let took = assigned.elapsed();
+        assert!(
+            waited.is_ok(),
+            "round {round}: the assignment did not reach the node within 5 s \
+             (the next heartbeat is an hour away)"
+        );
+        println!("round {round}: operator call -> ModuleConfig in {took:?}");
+    }
 }

@@ -124,11 +124,37 @@ impl ControllerClient {
             url: url.clone(),
             detail: format!("encoding the request: {e}"),
         })?;
-        match tokio::time::timeout(self.timeout, self.exchange(&url, &target, body)).await {
+        self.call(Method::POST, url, &target, Some(body), self.timeout)
+            .await
+    }
+
+    /// `GET <url>/node_api/v1/<call>` (`call` may carry a query), the reply's JSON as `Resp`,
+    /// waiting up to `timeout` rather than the client's own: for the watch, which the
+    /// controller holds for most of a minute.
+    pub async fn get<Resp: DeserializeOwned>(
+        &self,
+        call: &str,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError> {
+        let call = call.trim_start_matches('/');
+        let url = format!("{}{API_PREFIX}{call}", self.base);
+        let target = format!("{}{API_PREFIX}{call}", self.path);
+        self.call(Method::GET, url, &target, None, timeout).await
+    }
+
+    async fn call<Resp: DeserializeOwned>(
+        &self,
+        method: Method,
+        url: String,
+        target: &str,
+        body: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError> {
+        match tokio::time::timeout(timeout, self.exchange(method, &url, target, body)).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
                 url,
-                timeout_ms: self.timeout.as_millis() as u64,
+                timeout_ms: timeout.as_millis() as u64,
             }),
         }
     }
@@ -136,9 +162,10 @@ impl ControllerClient {
     /// One call: `url` for messages, `target` (origin form) for the request line.
     async fn exchange<Resp: DeserializeOwned>(
         &self,
+        method: Method,
         url: &str,
         target: &str,
-        body: Vec<u8>,
+        body: Option<Vec<u8>>,
     ) -> Result<Resp, TransportError> {
         let connect = |detail: String| TransportError::Connect {
             url: url.to_owned(),
@@ -167,13 +194,16 @@ impl ControllerClient {
         let _driver = AbortOnDrop(tokio::spawn(async move {
             let _ = connection.await;
         }));
-        let request = Request::builder()
-            .method(Method::POST)
+        let mut request = Request::builder()
+            .method(method)
             .uri(target)
             .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .header(hyper::header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .header(hyper::header::ACCEPT, "application/json");
+        if body.is_some() {
+            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| connect(e.to_string()))?;
         let response = sender
             .send_request(request)
