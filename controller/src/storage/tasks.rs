@@ -291,14 +291,14 @@ impl Storage {
             attempts: i64,
             timeout_s: i64,
             lease_expires_ms: i64,
-            created_at_ms: i64,
+            seq: i64,
         }
         let mut rows: Vec<Row> = sqlx::query_as(
             "UPDATE tasks SET state = 'leased', attempts = attempts + 1,
                  lease_expires_ms = ?1 + timeout_s * 1000, updated_at_ms = ?1
              WHERE id IN (SELECT id FROM tasks WHERE node_id = ?2 AND state = 'queued'
-                          ORDER BY created_at_ms, id LIMIT ?3)
-             RETURNING id, kind, args, attempts, timeout_s, lease_expires_ms, created_at_ms",
+                          ORDER BY created_at_ms, rowid LIMIT ?3)
+             RETURNING id, kind, args, attempts, timeout_s, lease_expires_ms, rowid AS seq",
         )
         .bind(now_ms)
         .bind(node_id)
@@ -306,8 +306,9 @@ impl Storage {
         .fetch_all(&self.pool)
         .await
         .map_err(query_err("lease tasks"))?;
-        // RETURNING gives no order; the node is promised oldest first.
-        rows.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        // RETURNING gives no order; the node is promised oldest first (rowid grows with
+        // creation, and breaks ties within a millisecond).
+        rows.sort_by_key(|row| row.seq);
         rows.into_iter()
             .map(|row| {
                 let args =
@@ -328,7 +329,9 @@ impl Storage {
             .collect()
     }
 
-    /// Moves the lease the node holds on `id` on by the task's timeout from now.
+    /// Moves the lease the node holds on `id` on by the task's timeout from now. A lease that
+    /// has run out is not revived, even before the sweep has returned its task to the queue:
+    /// the node hears `lease_lost`, as it would a moment later.
     pub async fn renew_task(
         &self,
         node_id: &str,
@@ -337,7 +340,7 @@ impl Storage {
     ) -> Result<Result<i64, TaskRefusal>, StorageError> {
         let renewed: Option<i64> = sqlx::query_scalar(
             "UPDATE tasks SET lease_expires_ms = ?1 + timeout_s * 1000, updated_at_ms = ?1
-             WHERE id = ?2 AND node_id = ?3 AND state = 'leased'
+             WHERE id = ?2 AND node_id = ?3 AND state = 'leased' AND lease_expires_ms > ?1
              RETURNING lease_expires_ms",
         )
         .bind(now_ms)
@@ -387,6 +390,8 @@ impl Storage {
                  output = CASE WHEN outcome IS NOT NULL THEN output ELSE ?3 END,
                  output_truncated = CASE WHEN outcome IS NOT NULL THEN output_truncated
                                          ELSE ?4 END,
+                 reason = CASE WHEN outcome IS NULL AND state IN ('leased', 'queued', 'failed')
+                               THEN NULL ELSE reason END,
                  outcome = COALESCE(outcome, ?5)
              WHERE id = ?6 AND node_id = ?7 AND attempts > 0
              RETURNING state, late",
@@ -453,10 +458,10 @@ impl Storage {
     /// The newest `query.limit` matching tasks, oldest first, without their output.
     pub async fn tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StorageError> {
         let sql = format!(
-            "SELECT * FROM (SELECT {COLUMNS}, NULL AS output FROM tasks
+            "SELECT * FROM (SELECT rowid AS seq, {COLUMNS}, NULL AS output FROM tasks
                  WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)
-                 ORDER BY created_at_ms DESC, id DESC LIMIT ?3)
-             ORDER BY created_at_ms, id"
+                 ORDER BY created_at_ms DESC, rowid DESC LIMIT ?3)
+             ORDER BY created_at_ms, seq"
         );
         let rows: Vec<TaskRow> = sqlx::query_as(&sql)
             .bind(query.node.as_deref())

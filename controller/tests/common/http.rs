@@ -95,6 +95,18 @@ impl RequestBuilder {
     }
 
     async fn send_inner(self) -> Result<Response, Error> {
+        self.connect_inner().await?.send().await
+    }
+
+    /// Connects and handshakes (TCP, TLS, HTTP/1.1) now, within the same 20 s as
+    /// [`RequestBuilder::send`]; the request goes out with [`Connected::send`]. For tests
+    /// that must know a request reached the server before they act, e.g. that a long poll is
+    /// held.
+    pub async fn connect(self) -> Result<Connected, Error> {
+        tokio::time::timeout(Duration::from_secs(20), self.connect_inner()).await?
+    }
+
+    async fn connect_inner(self) -> Result<Connected, Error> {
         let uri: Uri = self.url.parse()?;
         let host = uri
             .host()
@@ -107,7 +119,7 @@ impl RequestBuilder {
         let tls = TlsConnector::from(self.client.tls.clone())
             .connect(name, tcp)
             .await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
         let driver = tokio::spawn(conn);
         let mut request = Request::builder()
             .method(self.method)
@@ -117,10 +129,29 @@ impl RequestBuilder {
             request = request.header(name, value);
         }
         let request = request.body(Full::new(Bytes::from(self.body)))?;
-        let reply = sender.send_request(request).await?;
+        Ok(Connected {
+            sender,
+            driver,
+            request,
+        })
+    }
+}
+
+/// A request whose connection is up and whose request is not sent yet.
+pub struct Connected {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: tokio::task::JoinHandle<hyper::Result<()>>,
+    request: Request<Full<Bytes>>,
+}
+
+impl Connected {
+    /// Sends the request and reads the whole reply, however long it takes (the caller
+    /// bounds it).
+    pub async fn send(mut self) -> Result<Response, Error> {
+        let reply = self.sender.send_request(self.request).await?;
         let status = reply.status();
         let body = reply.into_body().collect().await?.to_bytes();
-        driver.abort();
+        self.driver.abort();
         Ok(Response { status, body })
     }
 }

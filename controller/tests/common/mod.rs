@@ -130,6 +130,34 @@ impl TestServer {
         status_json(reply).await
     }
 
+    /// `POST path` with `body` as JSON on the operator API with the operator token: status
+    /// and JSON body.
+    pub async fn operator_post(&self, path: &str, body: &impl serde::Serialize) -> (u16, Value) {
+        let reply = self
+            .anonymous()
+            .post(self.url(path))
+            .bearer_auth(&self.operator_token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        status_json(reply).await
+    }
+
+    /// `PUT path` with `body` as JSON on the operator API with the operator token: status
+    /// and JSON body.
+    pub async fn operator_put(&self, path: &str, body: &impl serde::Serialize) -> (u16, Value) {
+        let reply = self
+            .anonymous()
+            .put(self.url(path))
+            .bearer_auth(&self.operator_token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        status_json(reply).await
+    }
+
     pub async fn stop(self) {
         self.running.stop().await.unwrap();
     }
