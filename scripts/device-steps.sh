@@ -36,6 +36,7 @@ steps=(
     "verifier verifier/AgentStatus --field state=Running"
     "mountmgr mountmgr/AgentStatus --field state=Running"
     "modulemgr modulemgr/AgentStatus --field state=Running"
+    "execd execd/AgentStatus --field state=Running"
     "heartbeatd heartbeatd/ControllerStatus --field reachable=true"
 )
 

@@ -45,6 +45,11 @@
 //! The heartbeat carries the node's enrollment and rotation state as enrollmgr last published
 //! it (`enrollment`), so the controller knows when a node's rotation has been failing since.
 //!
+//! Beside the heartbeat it holds the controller's long-poll [`watch`], which makes it
+//! heartbeat at once when a new desired state is set and lease at once when a task is queued;
+//! leased tasks are handed to the agent that owns their kind, renewed and reported by
+//! [`tasks`] (docs/tasks.md).
+//!
 //! # Events
 //!
 //! An [`outage`] starts at the first failed heartbeat. Once it has lasted more than
@@ -56,6 +61,7 @@ pub mod desired;
 pub mod host;
 pub mod outage;
 pub mod report;
+pub mod tasks;
 pub mod watch;
 
 use std::sync::Arc;
@@ -69,7 +75,7 @@ use powernode_transport::{Backoff, ControllerClient, TransportError};
 use powernode_types::node_api::{EnrollmentReport, HeartbeatRequest, HeartbeatResponse};
 use powernode_types::{
     ControllerStatus, EnrollmentState, EnrollmentStatus, ModuleConfig, ModuleStatus, MountStatus,
-    NetworkConfig, NodeIdentity, GLOBAL_KEY,
+    NetworkConfig, NodeIdentity, TaskConfig, TaskStatus, GLOBAL_KEY,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -83,6 +89,8 @@ pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const INTERVAL_RANGE_S: (u32, u32) = (1, 3600);
 /// The node API call.
 pub const HEARTBEAT_CALL: &str = "status/heartbeat";
+/// How often held tasks are looked at for a renewal due or a report to send again.
+pub const TASK_TICK: Duration = Duration::from_secs(1);
 /// The agent that publishes `NodeIdentity`.
 pub const IDENTITY_AGENT: &str = "identitymgr";
 /// The agent that publishes `EnrollmentStatus`.
@@ -223,8 +231,10 @@ struct Agent {
     outage: Option<outage::Outage>,
     /// What the [`watch`] task watches with; `None` while not heartbeating.
     watch_target: tokio::sync::watch::Sender<Option<watch::WatchTarget>>,
-    /// Successful heartbeats so far (the watch target's epoch).
-    heartbeats: u64,
+    /// Successful heartbeats and leases that got tasks so far (the watch target's epoch).
+    watch_epoch: u64,
+    /// Leased tasks, their renewals and reports.
+    tasks: tasks::Tasks,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -238,6 +248,9 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let network_pub = ctx
         .open_publication::<NetworkConfig>()
         .context("opening NetworkConfig")?;
+    let task_pub = ctx
+        .open_publication::<TaskConfig>()
+        .context("opening TaskConfig")?;
     let interval = ctx.settings.controller.heartbeat_interval();
     let previous = status_pub.get(GLOBAL_KEY);
     let applied_generation = previous
@@ -272,7 +285,8 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         mounts: None,
         outage: None,
         watch_target: tokio::sync::watch::Sender::new(None),
-        heartbeats: 0,
+        watch_epoch: 0,
+        tasks: tasks::Tasks::new(task_pub, now_ms()),
     };
     agent.publish_status()?;
     agent.ctx.ready();
@@ -294,12 +308,21 @@ impl Agent {
         let mut tick = tokio::time::interval(ctx.beat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let desired_news = Arc::new(Notify::new());
+        let tasks_queued = Arc::new(Notify::new());
         ctx.tasks.spawn(watch::run(
             self.watch_target.subscribe(),
             desired_news.clone(),
+            tasks_queued.clone(),
             ctx.settings.controller.request_timeout(),
             ctx.shutdown.clone(),
         ));
+        let (status_tx, mut task_statuses) = tokio::sync::mpsc::channel(16);
+        for agent in tasks::owner_agents() {
+            ctx.tasks
+                .spawn(follow_task_statuses(ctx.clone(), agent, status_tx.clone()));
+        }
+        let mut task_tick = tokio::time::interval(TASK_TICK);
+        task_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next_send = state.next_send();
             let send_now = async {
@@ -348,6 +371,21 @@ impl Agent {
                     State::Waiting { .. } => state,
                     _ => state.hurry(Instant::now()),
                 },
+                () = tasks_queued.notified() => {
+                    self.task_work(true).await;
+                    state
+                }
+                Some(statuses) = task_statuses.recv() => {
+                    self.tasks.statuses(&statuses);
+                    self.task_work(false).await;
+                    state
+                }
+                _ = task_tick.tick() => {
+                    if self.tasks.has_work(now_ms()) {
+                        self.task_work(false).await;
+                    }
+                    state
+                }
                 _ = mount_statuses.next() => {
                     let mounts = report::mounts(mount_statuses.items().map(|(_, s)| s));
                     let changed = mounts != self.mounts;
@@ -435,6 +473,7 @@ impl Agent {
                 self.status.last_error = None;
                 self.publish_status()?;
                 self.watch_again();
+                self.task_work(true).await;
                 self.ctx.status(&format!(
                     "controller reachable; generation {}",
                     self.status.applied_generation
@@ -580,15 +619,51 @@ impl Agent {
         }
     }
 
-    /// Hands the watcher the client and generation of the heartbeat that just went through.
+    /// Hands the watcher the client and generation of the heartbeat (or lease) that just
+    /// went through.
     fn watch_again(&mut self) {
-        self.heartbeats += 1;
+        self.watch_epoch += 1;
         let target = self.connection.as_ref().map(|c| watch::WatchTarget {
             client: c.client.clone(),
             generation: self.status.applied_generation,
-            epoch: self.heartbeats,
+            epoch: self.watch_epoch,
         });
         self.watch_target.send_replace(target);
+    }
+
+    /// Reports finished tasks, renews the leases due and, with `lease`, leases what is
+    /// queued: while the node can reach the controller, and no longer than shutdown allows.
+    /// A failure waits for the next tick, heartbeat or watch; the heartbeat reports
+    /// reachability, so a task call's failure is only logged.
+    async fn task_work(&mut self, lease: bool) {
+        let Ok(target) = self.target() else { return };
+        if let Err(error) = self.client(&target) {
+            tracing::debug!(%error, "no controller client for tasks");
+            return;
+        }
+        let Some(client) = self.connection.as_ref().map(|c| c.client.clone()) else {
+            return;
+        };
+        let shutdown = self.ctx.shutdown.clone();
+        let work = async {
+            self.tasks.report(&client).await?;
+            self.tasks.renew_due(&client, now_ms()).await?;
+            if lease {
+                let got = self.tasks.lease(&client).await?;
+                if got > 0 {
+                    // Tasks of unknown kinds are reported at once.
+                    self.tasks.report(&client).await?;
+                    self.watch_again();
+                }
+            }
+            Ok::<(), TransportError>(())
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            done = work => if let Err(error) = done {
+                tracing::debug!(%error, "task call failed; trying again later");
+            },
+        }
     }
 
     /// Raises `controller.unreachable` once the outage has lasted long enough.
@@ -647,6 +722,26 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Follows `agent`'s `TaskStatus` for as long as the agent runs, sending the main loop every
+/// status it holds whenever one changes.
+async fn follow_task_statuses(
+    ctx: Context,
+    agent: &'static str,
+    to_main: tokio::sync::mpsc::Sender<Vec<TaskStatus>>,
+) {
+    let mut statuses = Subscription::<TaskStatus>::connect(&ctx.dirs, agent);
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            _ = statuses.next() => {}
+        }
+        let all: Vec<TaskStatus> = statuses.items().map(|(_, s)| s.clone()).collect();
+        if to_main.send(all).await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -3,15 +3,16 @@
 //! its next heartbeat.
 //!
 //! The watcher is a task of its own. The main loop hands it a [`WatchTarget`] after every
-//! successful heartbeat (the client, the generation applied, and an epoch that counts those
-//! heartbeats) and takes it away while it does not heartbeat. The watcher asks the controller
-//! to answer once the node's generation passes the one applied; when the answer carries a
-//! newer generation it wakes the main loop, which heartbeats at once and so fetches and
-//! publishes the new desired state. Then, and after anything else than a plain time-out (an
-//! error, a controller too old to know the call, an answer about queued tasks, which this
-//! agent does not lease yet), it waits for the next successful heartbeat before it watches
-//! again: the watch can never make the node call the controller more often than the
-//! heartbeat already does.
+//! successful heartbeat and every lease that got tasks (the client, the generation applied,
+//! and an epoch that counts those) and takes it away while it does not heartbeat. The watcher
+//! asks the controller to answer once the node's generation passes the one applied or a task
+//! is queued; when the answer carries a newer generation it wakes the main loop to heartbeat
+//! at once (which fetches and publishes the new desired state), when it says tasks are queued
+//! it wakes the main loop to lease them. Then, and after anything else than a plain time-out
+//! (an error, a controller too old to know the call), it waits for the epoch to move before
+//! it watches again: the watch can never make the node call the controller in a loop — a
+//! lease that got nothing (the node holds all it may) does not move the epoch, so the watch
+//! waits for the next heartbeat.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +44,10 @@ pub struct WatchTarget {
 pub enum Next {
     /// Watch again at once.
     Again,
-    /// Wake the main loop, then wait for its heartbeat.
+    /// Wake the main loop to heartbeat, then wait for it.
     Heartbeat,
+    /// Wake the main loop to lease the queued tasks, then wait for it.
+    Lease,
     /// Wait for the next successful heartbeat.
     WaitForHeartbeat,
 }
@@ -55,9 +58,7 @@ pub fn decide(answer: &WatchResponse, applied: u64) -> Next {
     if answer.generation > applied {
         Next::Heartbeat
     } else if answer.changed && answer.tasks_queued > 0 {
-        // Queued tasks keep a watch answering at once; until this agent leases them, the
-        // heartbeat's own pace is the watch's.
-        Next::WaitForHeartbeat
+        Next::Lease
     } else {
         Next::Again
     }
@@ -68,6 +69,7 @@ pub fn decide(answer: &WatchResponse, applied: u64) -> Next {
 pub async fn run(
     mut targets: watch::Receiver<Option<WatchTarget>>,
     news: Arc<Notify>,
+    tasks_queued: Arc<Notify>,
     grace: Duration,
     shutdown: CancellationToken,
 ) {
@@ -112,6 +114,7 @@ pub async fn run(
                 }
                 news.notify_one();
             }
+            Next::Lease => tasks_queued.notify_one(),
             Next::WaitForHeartbeat => {}
         }
         let epoch = target.epoch;
@@ -141,7 +144,7 @@ mod tests {
             (answer(5, 0, true), 4, Next::Heartbeat),
             (answer(5, 0, true), 5, Next::Again), // a heartbeat meanwhile applied it
             (answer(4, 0, false), 4, Next::Again), // timed out
-            (answer(4, 2, true), 4, Next::WaitForHeartbeat),
+            (answer(4, 2, true), 4, Next::Lease),
             (answer(6, 2, true), 4, Next::Heartbeat),
         ];
         for (answer, applied, next) in table {

@@ -25,6 +25,8 @@ pub enum Program {
     Mountmgr,
     /// The event agent: journals every agent's events, delivers them.
     Eventd,
+    /// The NodeScript agent: runs the node.exec tasks.
+    Execd,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
@@ -41,7 +43,8 @@ impl Program {
             | Program::Modulemgr
             | Program::Verifier
             | Program::Mountmgr
-            | Program::Eventd => true,
+            | Program::Eventd
+            | Program::Execd => true,
             Program::Ipcmonitor | Program::Cli => false,
         }
     }
@@ -57,6 +60,7 @@ const PROGRAMS: &[(&str, Program)] = &[
     ("verifier", Program::Verifier),
     ("mountmgr", Program::Mountmgr),
     ("eventd", Program::Eventd),
+    ("execd", Program::Execd),
 ];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
@@ -149,7 +153,8 @@ mod tests {
                 "modulemgr",
                 "verifier",
                 "mountmgr",
-                "eventd"
+                "eventd",
+                "execd"
             ]
         );
         for name in names() {
@@ -169,7 +174,8 @@ mod tests {
                 "modulemgr",
                 "verifier",
                 "mountmgr",
-                "eventd"
+                "eventd",
+                "execd"
             ]
         );
         assert!(!Program::Ipcmonitor.is_agent());

@@ -56,6 +56,9 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
             "eventd",
             agentbase::run_agent("eventd", args, |ctx| eventd::run(ctx, dispatch::agents())),
         ),
+        Program::Execd => {
+            agentbase::exit_code("execd", agentbase::run_agent("execd", args, execd::run))
+        }
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {

@@ -1,0 +1,267 @@
+//! Tasks on the node side of the controller: leased, handed to the agent that owns their kind
+//! as `heartbeatd/TaskConfig`, renewed while they run, reported once the owner's `TaskStatus`
+//! is final (docs/tasks.md).
+//!
+//! - **Lease** after every successful heartbeat and whenever the watch says tasks are queued,
+//!   up to [`MAX_HELD`] at a time. A task whose kind no agent on this node runs is reported
+//!   `Failed` at once with that reason, so it does not sit leased until it expires.
+//! - **Renew** a held task once less than half its lease is left ([`Tasks::renew_due`]). A
+//!   controller that answers `lease_lost` (the task was cancelled, or went back to the queue)
+//!   or does not know the task makes heartbeatd withdraw the config, which tells the owner
+//!   to stop it.
+//! - **Report** a final status (`Succeeded`, `Failed`, `Interrupted`) with
+//!   `POST /tasks/{id}/complete`, then withdraw the config; the owner then forgets its status.
+//!   A report that fails for want of the controller is kept and sent again; the controller
+//!   takes a repeated completion the same way, so a report is never lost nor counted twice.
+//!
+//! `TaskConfig` lives in `run/` (not persistent): a restarted heartbeatd reloads what it
+//! held, and keeps renewing and reporting it; after a reboot the leases simply expire on the
+//! controller, which gives the tasks out again (or fails them after their last attempt).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use powernode_pubsub::Publication;
+use powernode_transport::{ControllerClient, TransportError};
+use powernode_types::node_api::{
+    TaskCompleteRequest, TaskCompleteResponse, TaskLeaseRequest, TaskLeaseResponse, TaskOutcome,
+    TaskRenewResponse,
+};
+use powernode_types::{TaskConfig, TaskState, TaskStatus};
+
+/// The node API call that leases.
+pub const LEASE_CALL: &str = "tasks/lease";
+/// Most tasks this node holds at once.
+pub const MAX_HELD: usize = 8;
+
+/// The agents that run tasks, by kind: the one table of it (docs/tasks.md).
+pub const OWNERS: &[(&str, &str)] = &[("node.exec", "execd")];
+
+/// The agent that runs tasks of `kind` on this node.
+pub fn owner(kind: &str) -> Option<&'static str> {
+    OWNERS.iter().find(|(k, _)| *k == kind).map(|(_, a)| *a)
+}
+
+/// The owning agents, each once, in table order.
+pub fn owner_agents() -> Vec<&'static str> {
+    let mut agents: Vec<&'static str> = OWNERS.iter().map(|(_, a)| *a).collect();
+    agents.dedup();
+    agents
+}
+
+/// The held tasks and the reports not yet taken by the controller.
+pub struct Tasks {
+    configs: Publication<TaskConfig>,
+    /// Each held task's lease length, for when to renew; a task reloaded after a restart
+    /// gets what was left of its lease then.
+    periods: HashMap<String, Duration>,
+    /// Completions to send, by task id.
+    reports: BTreeMap<String, TaskCompleteRequest>,
+}
+
+impl Tasks {
+    /// Over heartbeatd's `TaskConfig` publication (and what it reloaded).
+    pub fn new(configs: Publication<TaskConfig>, now_ms: u64) -> Tasks {
+        let periods = configs
+            .keys()
+            .into_iter()
+            .filter_map(|id| {
+                let left = configs.get(&id)?.lease_expires_at_ms.saturating_sub(now_ms);
+                Some((id, Duration::from_millis(left.max(1_000))))
+            })
+            .collect();
+        Tasks {
+            configs,
+            periods,
+            reports: BTreeMap::new(),
+        }
+    }
+
+    /// Tasks held now.
+    pub fn held(&self) -> usize {
+        self.configs.keys().len()
+    }
+
+    /// Whether anything waits to be sent: a report, or a renewal due by `now_ms`.
+    pub fn has_work(&self, now_ms: u64) -> bool {
+        !self.reports.is_empty() || !self.due(now_ms).is_empty()
+    }
+
+    /// Leases what the controller has queued, up to [`MAX_HELD`] held; how many it got.
+    pub async fn lease(&mut self, client: &ControllerClient) -> Result<usize, TransportError> {
+        let room = MAX_HELD.saturating_sub(self.held());
+        if room == 0 {
+            return Ok(0);
+        }
+        let reply: TaskLeaseResponse = client
+            .post(LEASE_CALL, &TaskLeaseRequest { max: room as u32 })
+            .await?;
+        let got = reply.tasks.len();
+        for task in reply.tasks {
+            let Some(agent) = owner(&task.kind) else {
+                tracing::warn!(task_id = %task.id, kind = %task.kind, "no agent runs this kind");
+                self.reports.insert(
+                    task.id.clone(),
+                    TaskCompleteRequest {
+                        outcome: TaskOutcome::Failed,
+                        output: format!(
+                            "no agent on this node runs tasks of kind {:?} (kinds run here: {})",
+                            task.kind,
+                            OWNERS
+                                .iter()
+                                .map(|(k, _)| *k)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    },
+                );
+                continue;
+            };
+            tracing::info!(task_id = %task.id, kind = %task.kind, agent, attempt = task.attempt, "task leased");
+            let config = TaskConfig {
+                id: task.id.clone(),
+                kind: task.kind,
+                args_json: task.args.to_string(),
+                lease_expires_at_ms: task.lease_expires_at_ms,
+            };
+            if let Err(e) = self.configs.publish(&config) {
+                // Too large to publish (arguments past a frame): the owner can never see it.
+                self.reports.insert(
+                    task.id.clone(),
+                    TaskCompleteRequest {
+                        outcome: TaskOutcome::Failed,
+                        output: format!("the task could not be handed to {agent}: {e}"),
+                    },
+                );
+                continue;
+            }
+            self.periods
+                .insert(task.id, Duration::from_secs(task.timeout_s.into()));
+        }
+        Ok(got)
+    }
+
+    /// Takes every final status of a held task as a report to send.
+    pub fn statuses<'a>(&mut self, statuses: impl IntoIterator<Item = &'a TaskStatus>) {
+        for status in statuses {
+            let id = status.id.as_str();
+            let outcome = match status.state {
+                TaskState::Running => continue,
+                TaskState::Succeeded => TaskOutcome::Succeeded,
+                TaskState::Failed => TaskOutcome::Failed,
+                TaskState::Interrupted => TaskOutcome::Interrupted,
+            };
+            if self.configs.get(id).is_none() || self.reports.contains_key(id) {
+                continue;
+            }
+            self.reports.insert(
+                id.to_owned(),
+                TaskCompleteRequest {
+                    outcome,
+                    output: status.output.clone(),
+                },
+            );
+        }
+    }
+
+    /// Sends the reports; each the controller took (or no longer knows) ends the task here.
+    /// Stops at the first failure for want of the controller: the rest wait with it.
+    pub async fn report(&mut self, client: &ControllerClient) -> Result<(), TransportError> {
+        let ids: Vec<String> = self.reports.keys().cloned().collect();
+        for id in ids {
+            let Some(report) = self.reports.get(&id) else {
+                continue;
+            };
+            let call = format!("tasks/{id}/complete");
+            match client.post::<_, TaskCompleteResponse>(&call, report).await {
+                Ok(reply) => {
+                    tracing::info!(task_id = %id, state = %reply.state, late = reply.late, "task reported");
+                }
+                Err(TransportError::Status {
+                    status: status @ (404 | 409),
+                    code,
+                    ..
+                }) => {
+                    tracing::warn!(task_id = %id, status, %code, "the controller refused the task's report; dropping it");
+                }
+                Err(e) => return Err(e),
+            }
+            self.reports.remove(&id);
+            self.forget(&id);
+        }
+        Ok(())
+    }
+
+    /// Renews every held task less than half of whose lease is left; a task the controller
+    /// says is no longer ours is withdrawn (its owner stops it).
+    pub async fn renew_due(
+        &mut self,
+        client: &ControllerClient,
+        now_ms: u64,
+    ) -> Result<(), TransportError> {
+        for id in self.due(now_ms) {
+            let call = format!("tasks/{id}/renew");
+            match client
+                .post::<_, TaskRenewResponse>(&call, &serde_json::json!({}))
+                .await
+            {
+                Ok(reply) => {
+                    if let Some(mut config) = self.configs.get(&id) {
+                        config.lease_expires_at_ms = reply.lease_expires_at_ms;
+                        if let Err(e) = self.configs.publish(&config) {
+                            tracing::warn!(task_id = %id, error = %e, "renewed lease not published");
+                        }
+                    }
+                }
+                Err(TransportError::Status {
+                    status: 404 | 409,
+                    code,
+                    ..
+                }) => {
+                    tracing::info!(task_id = %id, %code, "task no longer leased to this node; withdrawing it");
+                    self.forget(&id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Held tasks whose lease is half gone by `now_ms`, and not finished.
+    fn due(&self, now_ms: u64) -> Vec<String> {
+        self.configs
+            .keys()
+            .into_iter()
+            .filter(|id| !self.reports.contains_key(id))
+            .filter(|id| {
+                let Some(config) = self.configs.get(id) else {
+                    return false;
+                };
+                let half = self
+                    .periods
+                    .get(id)
+                    .map_or(0, |p| u64::try_from(p.as_millis() / 2).unwrap_or(u64::MAX));
+                config.lease_expires_at_ms.saturating_sub(now_ms) < half
+            })
+            .collect()
+    }
+
+    fn forget(&mut self, id: &str) {
+        self.periods.remove(id);
+        if let Err(e) = self.configs.unpublish(id) {
+            tracing::warn!(task_id = %id, error = %e, "could not withdraw a task config");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_one_owner() {
+        assert_eq!(owner("node.exec"), Some("execd"));
+        assert_eq!(owner("module.attach"), None);
+        assert_eq!(owner_agents(), ["execd"]);
+    }
+}

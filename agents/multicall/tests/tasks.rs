@@ -1,0 +1,342 @@
+//! Tasks end to end: the real controller (in this process), the real enrollmgr, heartbeatd and
+//! execd (the built `powernode-agent`). Tasks are created in the controller's database, as
+//! `powernode-controller task create` does; the controller's watch tells heartbeatd at once,
+//! heartbeatd leases them and hands `node.exec` to execd, and the outcome comes back to the
+//! controller. The controller's heartbeat interval is 15 s, so a task finished within a few
+//! seconds got there through the watch.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use common::{node_root, resolved_identity, spawn_agent};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use powernode_controller::server::RunningController;
+use powernode_controller::storage::{NewTask, Storage, Task};
+use powernode_pubsub::{Dirs, Publication, Subscription};
+use powernode_types::{ControllerStatus, NodeIdentity, TaskState, TaskStatus, GLOBAL_KEY};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A node with enrollmgr, heartbeatd and execd running against a controller.
+struct Node {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    _ctl_dir: tempfile::TempDir,
+    _ctl: RunningController,
+    storage: Storage,
+    node_id: String,
+    _identity: Publication<NodeIdentity>,
+    agents: Vec<(&'static str, Child)>,
+}
+
+impl Node {
+    async fn boot() -> Node {
+        let ctl_dir = tempfile::Builder::new().prefix("pnc").tempdir().unwrap();
+        let (ctl, token) = common::controller(ctl_dir.path(), Duration::from_secs(3600)).await;
+        let storage = Storage::open(&ctl_dir.path().join("data")).await.unwrap();
+        let (dir, root) = node_root();
+        let identity = Publication::open(&Dirs::under_root(&root), "identitymgr").unwrap();
+        let url = format!("https://127.0.0.1:{}", ctl.addr().port());
+        identity
+            .publish(&resolved_identity("uuid-tasks", token, &url, ctl.ca_pem()))
+            .unwrap();
+        let mut node = Node {
+            _dir: dir,
+            root,
+            _ctl_dir: ctl_dir,
+            _ctl: ctl,
+            storage,
+            node_id: String::new(),
+            _identity: identity,
+            agents: Vec::new(),
+        };
+        for agent in ["enrollmgr", "execd", "heartbeatd"] {
+            node.start(agent);
+        }
+        let mut status =
+            Subscription::<ControllerStatus>::connect(&Dirs::under_root(&node.root), "heartbeatd");
+        let deadline = Instant::now() + WAIT;
+        while !status.get(GLOBAL_KEY).is_some_and(|s| s.reachable) {
+            node.check(deadline, "heartbeatd never reached the controller");
+            let _ = tokio::time::timeout(Duration::from_millis(200), status.next()).await;
+        }
+        let nodes = node.storage.list_nodes().await.unwrap();
+        node.node_id = nodes[0].id.clone();
+        node
+    }
+
+    fn start(&mut self, agent: &'static str) {
+        let child = spawn_agent(&self.root, agent, "");
+        self.agents.retain(|(a, _)| *a != agent);
+        self.agents.push((agent, child));
+    }
+
+    fn kill9(&mut self, agent: &str) {
+        for (a, child) in &mut self.agents {
+            if *a == agent {
+                kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+                child.wait().unwrap();
+            }
+        }
+    }
+
+    /// Fails the test past `deadline` with `what` and every agent's log.
+    #[track_caller]
+    fn check(&self, deadline: Instant, what: &str) {
+        if Instant::now() < deadline {
+            return;
+        }
+        let logs: String = self
+            .agents
+            .iter()
+            .map(|(agent, _)| {
+                let log = std::fs::read_to_string(self.root.join(format!("{agent}.log")));
+                format!("--- {agent}.log\n{}\n", log.unwrap_or_default())
+            })
+            .collect();
+        panic!("{what}\n{logs}");
+    }
+
+    async fn create(&self, kind: &str, args: serde_json::Value, timeout_s: u32) -> String {
+        let task = NewTask {
+            node_id: &self.node_id,
+            kind,
+            args: &args,
+            timeout_s,
+            max_attempts: 1,
+        };
+        self.storage
+            .create_task(&task, powernode_controller::now_ms())
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+    }
+
+    /// The task once `done` says so.
+    async fn task_when(&self, id: &str, what: &str, done: impl Fn(&Task) -> bool) -> Task {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let task = self.storage.task(id).await.unwrap().unwrap();
+            if done(&task) {
+                return task;
+            }
+            self.check(deadline, &format!("task {id} never {what}: {task:?}"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// execd's status of `id` once `done` says so.
+    async fn status_when(&self, id: &str, what: &str, done: impl Fn(&TaskStatus) -> bool) {
+        let mut statuses =
+            Subscription::<TaskStatus>::connect(&Dirs::under_root(&self.root), "execd");
+        let deadline = Instant::now() + WAIT;
+        while !statuses.get(id).is_some_and(&done) {
+            self.check(deadline, &format!("execd never showed task {id} {what}"));
+            let _ = tokio::time::timeout(Duration::from_millis(200), statuses.next()).await;
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.agents {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn final_state(task: &Task) -> bool {
+    !matches!(task.state.as_str(), "queued" | "leased")
+}
+
+/// Processes whose command line holds `marker`.
+fn processes_with(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+        .collect()
+}
+
+fn work_files(root: &Path) -> Vec<String> {
+    std::fs::read_dir(root.join("run/powernode/execd/scripts"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A NodeScript succeeds with its output on the controller, well before the next heartbeat
+/// (15 s away): the watch told heartbeatd, which leased it and handed it to execd. A script
+/// that exits 3 fails with its output and exit status. Nothing is left in execd's work
+/// directory once the controller has both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_exec_task_runs_and_its_output_reaches_the_controller() {
+    let node = Node::boot().await;
+    let created = Instant::now();
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": "echo hello from the node; echo on stderr >&2"}),
+            60,
+        )
+        .await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    let took = created.elapsed();
+    assert_eq!(task.state, "succeeded", "{task:?}");
+    let output = task.output.unwrap();
+    assert!(
+        output.contains("hello from the node") && output.contains("on stderr"),
+        "{output}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "created -> succeeded took {took:?}: the watch did not bring it"
+    );
+    println!("task created -> succeeded on the controller in {took:?}");
+
+    let id = node
+        .create("node.exec", json!({"script": "echo partial; exit 3"}), 60)
+        .await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "failed");
+    let output = task.output.unwrap();
+    assert!(
+        output.contains("partial") && output.ends_with("[exit status 3]"),
+        "{output}"
+    );
+    let deadline = Instant::now() + WAIT;
+    while !work_files(&node.root).is_empty() {
+        node.check(
+            deadline,
+            &format!(
+                "execd's files of reported tasks were not removed: {:?}",
+                work_files(&node.root)
+            ),
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A script past its timeout is killed with everything it started (no process with its
+/// marker remains) and reported failed; a script naming an interpreter not on the list, and a
+/// task of a kind no agent here runs, fail with the reason and run nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_refused_interpreters_and_unknown_kinds_fail_with_the_reason() {
+    let node = Node::boot().await;
+    let marker = format!("31.{}", std::process::id());
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": format!("sleep {marker} & sleep {marker}"), "timeout_s": 1}),
+            60,
+        )
+        .await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "failed");
+    assert!(task.output.unwrap().contains("timed out after 1 s"));
+    assert_eq!(processes_with(&marker), Vec::<i32>::new(), "orphans left");
+
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": "true", "interpreter": "/usr/bin/perl"}),
+            60,
+        )
+        .await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "failed");
+    assert!(task.output.unwrap().contains("not allowed"));
+
+    let id = node.create("module.frobnicate", json!({}), 60).await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "failed");
+    assert!(task
+        .output
+        .unwrap()
+        .contains("no agent on this node runs tasks of kind"));
+}
+
+/// A task cancelled on the controller while it runs: heartbeatd's renew hears `lease_lost`,
+/// withdraws the config, and execd kills the script's group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_task_is_killed_on_the_node() {
+    let node = Node::boot().await;
+    let marker = format!("32.{}", std::process::id());
+    // A 2 s lease: renewed every second, so the cancel is heard within about a second.
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": format!("echo started; sleep {marker}")}),
+            2,
+        )
+        .await;
+    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while processes_with(&marker).is_empty() {
+        node.check(deadline, "the script never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.storage
+        .cancel_task(&id, powernode_controller::now_ms())
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !processes_with(&marker).is_empty() {
+        node.check(deadline, "the cancelled script still runs");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let task = node.storage.task(&id).await.unwrap().unwrap();
+    assert_eq!(task.state, "cancelled");
+}
+
+/// execd killed with SIGKILL mid-task: the restarted execd kills what the script left running,
+/// reports it Interrupted with the output so far, and does not run it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
+    let mut node = Node::boot().await;
+    let marker = format!("33.{}", std::process::id());
+    let runs = node.root.join("runs");
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": format!("echo ran >> {}; echo started; sleep {marker}", runs.display())}),
+            60,
+        )
+        .await;
+    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while processes_with(&marker).is_empty() {
+        node.check(deadline, "the script never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.kill9("execd");
+    node.start("execd");
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "interrupted", "{task:?}");
+    let output = task.output.unwrap();
+    assert!(
+        output.starts_with("started") && output.contains("not run again"),
+        "{output}"
+    );
+    assert_eq!(processes_with(&marker), Vec::<i32>::new(), "orphans left");
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "run twice"
+    );
+}
