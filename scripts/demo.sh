@@ -102,7 +102,11 @@ if $modules; then
         --to "$registry/demo/hello:1.0" --plain-http
     run "$bin/powernode-controller" module sign "$registry/demo/hello:1.0" --key "$work/keys/cosign.key" --plain-http
     run "$bin/powernode-controller" module assign --node "$node_id" --data "$data" --plain-http "$registry/demo/hello:1.0"
-    step "the next heartbeat reply carries the assignment: pulled, verified, mounted"
+    assigned=$(date +%s%N)
+    "$bin/powernode-agent" --root "$root" wait heartbeatd/ModuleConfig --key hello --timeout 10 >/dev/null
+    echo "the assignment reached the node (heartbeatd/ModuleConfig) $(( ($(date +%s%N) - assigned) / 1000000 )) ms" \
+        "after the command returned: the node's held watch, not its next heartbeat"
+    step "the node pulls, verifies and mounts it"
     run "$bin/powernode-agent" --root "$root" wait modulemgr/ModuleStatus --key hello --field state=Active --timeout 120
     run cat "$root/run/powernode-mounts/modules/current/etc/motd"
     run "$root/run/powernode-mounts/modules/current/bin/hello"
@@ -124,6 +128,21 @@ if $modules; then
     fi
     echo "etc/rogue is not in the stack; etc/motd still is: $(cat "$root/run/powernode-mounts/modules/current/etc/motd")"
 fi
+
+step "a task: a NodeScript created on the controller, leased by the node, run by its execd"
+task_id=$("$bin/powernode-controller" task create --data "$data" --node "$node_id" --kind node.exec \
+    --args '{"script": "echo \"hello from $(hostname), kernel $(uname -r)\"; echo \"running as $(id -un)\""}' \
+    --timeout 30s)
+echo "created $task_id"
+for _ in $(seq 100); do
+    state=$("$bin/powernode-controller" task show "$task_id" --data "$data" --json |
+        python3 -c "import json,sys; print(json.load(sys.stdin)['state'])")
+    case $state in succeeded | failed | interrupted | cancelled) break ;; esac
+    sleep 0.1
+done
+run "$bin/powernode-controller" task show "$task_id" --data "$data"
+[ "$state" = succeeded ] || { echo "demo: the task ended $state" >&2; exit 1; }
+run "$bin/powernode-controller" tasks --data "$data"
 
 step "the node's view"
 run "$bin/powernode-agent" --root "$root" status
