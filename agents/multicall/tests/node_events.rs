@@ -246,18 +246,9 @@ impl Node {
     /// Fails the test past `deadline` with `what` and every agent's log.
     #[track_caller]
     fn check(&self, deadline: Instant, what: &str) {
-        if Instant::now() < deadline {
-            return;
+        if Instant::now() >= deadline {
+            common::fail_with_logs(&self.root, self.agents.iter().map(|(a, _)| *a), what);
         }
-        let logs: String = self
-            .agents
-            .iter()
-            .map(|(agent, _)| {
-                let log = std::fs::read_to_string(self.root.join(format!("{agent}.log")));
-                format!("--- {agent}.log\n{}\n", log.unwrap_or_default())
-            })
-            .collect();
-        panic!("{what}\n{logs}");
     }
 
     /// enrollmgr's status, once `wanted` accepts it.

@@ -88,18 +88,9 @@ impl Node {
     /// Fails the test past `deadline` with `what` and every agent's log.
     #[track_caller]
     fn check(&self, deadline: Instant, what: &str) {
-        if Instant::now() < deadline {
-            return;
+        if Instant::now() >= deadline {
+            common::fail_with_logs(&self.root, self.agents.iter().map(|(a, _)| *a), what);
         }
-        let logs: String = self
-            .agents
-            .iter()
-            .map(|(agent, _)| {
-                let log = std::fs::read_to_string(self.root.join(format!("{agent}.log")));
-                format!("--- {agent}.log\n{}\n", log.unwrap_or_default())
-            })
-            .collect();
-        panic!("{what}\n{logs}");
     }
 
     async fn create(&self, kind: &str, args: serde_json::Value, timeout_s: u32) -> String {
@@ -139,6 +130,17 @@ impl Node {
         while !statuses.get(id).is_some_and(&done) {
             self.check(deadline, &format!("execd never showed task {id} {what}"));
             let _ = tokio::time::timeout(Duration::from_millis(200), statuses.next()).await;
+        }
+    }
+}
+
+impl Node {
+    /// Waits until a process with `marker` in its command line runs (the script started).
+    async fn wait_for_process(&self, marker: &str) {
+        let deadline = Instant::now() + WAIT;
+        while processes_with(marker).is_empty() {
+            self.check(deadline, "the script never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -284,11 +286,7 @@ async fn a_cancelled_task_is_killed_on_the_node() {
         .await;
     node.status_when(&id, "Running", |s| s.state == TaskState::Running)
         .await;
-    let deadline = Instant::now() + WAIT;
-    while processes_with(&marker).is_empty() {
-        node.check(deadline, "the script never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_for_process(&marker).await;
     node.storage
         .cancel_task(&id, powernode_controller::now_ms())
         .await
@@ -319,11 +317,7 @@ async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
         .await;
     node.status_when(&id, "Running", |s| s.state == TaskState::Running)
         .await;
-    let deadline = Instant::now() + WAIT;
-    while processes_with(&marker).is_empty() {
-        node.check(deadline, "the script never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    node.wait_for_process(&marker).await;
     node.kill9("execd");
     node.start("execd");
     let task = node.task_when(&id, "finished", final_state).await;

@@ -388,3 +388,17 @@ pub fn journalled(root: &Path) -> Vec<powernode_types::node_api::EventRecord> {
         .map(|(_, bytes)| postcard::from_bytes(&bytes).unwrap())
         .collect()
 }
+
+/// Fails the test with `what` and the log of each of `agents` (`root/<agent>.log`, as
+/// [`spawn_agent`] writes it).
+#[track_caller]
+pub fn fail_with_logs<'a>(root: &Path, agents: impl IntoIterator<Item = &'a str>, what: &str) -> ! {
+    let logs: String = agents
+        .into_iter()
+        .map(|agent| {
+            let log = std::fs::read_to_string(root.join(format!("{agent}.log")));
+            format!("--- {agent}.log\n{}\n", log.unwrap_or_default())
+        })
+        .collect();
+    panic!("{what}\n{logs}");
+}
