@@ -334,3 +334,36 @@ async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
         "run twice"
     );
 }
+
+/// SIGTERM drains execd: the running script's group is killed, the task is reported
+/// Interrupted to the controller with its output so far, and execd exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_kills_the_running_script_and_reports_it_interrupted() {
+    let mut node = Node::boot().await;
+    let marker = format!("34.{}", std::process::id());
+    let id = node
+        .create(
+            "node.exec",
+            json!({"script": format!("echo started; sleep {marker}")}),
+            60,
+        )
+        .await;
+    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
+        .await;
+    node.wait_for_process(&marker).await;
+    let (_, execd) = node.agents.iter_mut().find(|(a, _)| *a == "execd").unwrap();
+    kill(Pid::from_raw(execd.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(exit) = execd.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < deadline, "execd did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "execd exited {exit:?}");
+    assert_eq!(processes_with(&marker), Vec::<i32>::new(), "orphans left");
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "interrupted", "{task:?}");
+    assert!(task.output.unwrap().starts_with("started"));
+}
