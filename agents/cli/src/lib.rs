@@ -21,6 +21,7 @@ pub mod field;
 pub mod modules;
 pub mod output;
 pub mod status;
+pub mod tasks;
 pub mod wait;
 
 use std::ffi::OsString;
@@ -120,6 +121,13 @@ enum Command {
         follow: bool,
         /// One JSON object per line: the event's fields, "stage" (delivered, journalled or
         /// raised) and "index" (its place in the journal; null for a raised event).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the tasks on this node: those heartbeatd holds (leased from the controller) with
+    /// what the agent running each says, and finished ones until they are reported.
+    Tasks {
+        /// Print JSON (an array) instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -263,6 +271,13 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
     }
     let outcome = match cli.command {
         Command::Status { json } => tool::block_on(status(root, Format::json_if(json))),
+        Command::Tasks { json } => tool::block_on(async {
+            let dirs = Dirs::under_root(root.base());
+            let shown = tasks::gather(&dirs).await;
+            tasks::print(&mut std::io::stdout().lock(), &shown, json)
+                .context("writing to stdout")?;
+            Ok(Exit::Success)
+        }),
         Command::Wait(args) => tool::block_on(wait(root, args)),
         Command::Events {
             pending,

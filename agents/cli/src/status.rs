@@ -99,7 +99,7 @@ pub async fn gather(dirs: &Dirs, root: PathBuf) -> Report {
 
 /// Every readable item of topic `T` in any publication (bad ones are left out: the
 /// publications table already shows a publication whose checkpoints are bad).
-async fn items_of<T: Topic>(dirs: &Dirs, publications: &[list::Row]) -> Vec<T> {
+pub(crate) async fn items_of<T: Topic>(dirs: &Dirs, publications: &[list::Row]) -> Vec<T> {
     let mut out = Vec::new();
     for row in publications.iter().filter(|r| r.info.topic == T::NAME) {
         let snapshot = inspect::snapshot(dirs, &row.info, SNAPSHOT_TIMEOUT).await;

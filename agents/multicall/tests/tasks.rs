@@ -270,8 +270,9 @@ async fn timeouts_refused_interpreters_and_unknown_kinds_fail_with_the_reason() 
         .contains("no agent on this node runs tasks of kind"));
 }
 
-/// A task cancelled on the controller while it runs: heartbeatd's renew hears `lease_lost`,
-/// withdraws the config, and execd kills the script's group.
+/// A task cancelled on the controller while it runs (which `powernode-agent tasks` shows
+/// held and Running): heartbeatd's renew hears `lease_lost`, withdraws the config, and execd
+/// kills the script's group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_task_is_killed_on_the_node() {
     let node = Node::boot().await;
@@ -287,6 +288,22 @@ async fn a_cancelled_task_is_killed_on_the_node() {
     node.status_when(&id, "Running", |s| s.state == TaskState::Running)
         .await;
     node.wait_for_process(&marker).await;
+    // The operator on the node sees it held and running.
+    let out = common::run(
+        std::process::Command::new(common::bin())
+            .arg("--root")
+            .arg(&node.root)
+            .args(["tasks", "--json"])
+            .env_remove("POWERNODE_ROOT"),
+    );
+    out.assert_code(0);
+    let shown = out.json();
+    let task = shown
+        .as_array()
+        .and_then(|all| all.iter().find(|t| t["id"] == id.as_str()))
+        .unwrap_or_else(|| panic!("tasks --json does not list {id}: {shown}"));
+    assert_eq!(task["held"], true, "{task}");
+    assert_eq!(task["status"]["state"], "Running", "{task}");
     node.storage
         .cancel_task(&id, powernode_controller::now_ms())
         .await
