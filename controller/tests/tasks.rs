@@ -10,14 +10,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::http::{Client, Connected};
+use common::http::{Client, Connected, RequestBuilder};
 use common::{code, post_json, status_json, NodeCreds, TestServer};
 use powernode_controller::storage::Storage;
 use powernode_types::node_api::{
     task_limits, DesiredModule, LeasedTask, TaskLeaseResponse, TaskRenewResponse,
 };
+use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 
 const LIFETIME: Duration = Duration::from_secs(3600);
 const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
@@ -30,6 +31,17 @@ const NO_SUCH_TASK: &str = "task-0000000000000000";
 /// The controller's clock, as the node API's `…_at_ms` fields carry it.
 fn now_ms() -> u64 {
     u64::try_from(powernode_controller::now_ms()).unwrap()
+}
+
+/// Sleeps until the controller's clock reads `at_ms` (at once if it is past).
+async fn sleep_until_ms(at_ms: u64) {
+    let wait = at_ms.saturating_sub(now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+}
+
+/// Sends `request`: the reply's status and JSON body.
+async fn reply_of(request: RequestBuilder) -> (u16, Value) {
+    status_json(request.send().await.unwrap()).await
 }
 
 /// A node's side of the task calls: its mTLS client and the controller's address.
@@ -58,7 +70,7 @@ impl NodeApi {
             .post(self.url(path))
             .header("content-type", "application/json")
             .body(body.to_vec());
-        status_json(request.send().await.unwrap()).await
+        reply_of(request).await
     }
 
     async fn lease_raw(&self, body: &Value) -> (u16, Value) {
@@ -74,20 +86,32 @@ impl NodeApi {
             .tasks
     }
 
+    /// Leases up to `max` tasks; the lease must hand out `id` and nothing else.
+    async fn lease_only(&self, id: &str, max: u32) -> LeasedTask {
+        let mut tasks = self.lease(max).await;
+        assert_eq!(leased_ids(&tasks), [id], "lease of up to {max}: {tasks:?}");
+        tasks.remove(0)
+    }
+
+    /// Leases up to 10 tasks; there must be none, for the reason `why` says.
+    async fn assert_none_to_lease(&self, why: &str) {
+        let tasks = self.lease(10).await;
+        assert!(tasks.is_empty(), "{why}: {tasks:?}");
+    }
+
+    /// `POST /tasks/{id}/renew`, with no body yet.
+    fn renew_request(&self, id: &str) -> RequestBuilder {
+        self.http.post(self.url(&format!("/tasks/{id}/renew")))
+    }
+
     /// Renews with `{}` as the body.
     async fn renew(&self, id: &str) -> (u16, Value) {
-        post_json(
-            &self.http,
-            self.url(&format!("/tasks/{id}/renew")),
-            &json!({}),
-        )
-        .await
+        reply_of(self.renew_request(id).json(&json!({}))).await
     }
 
     /// Renews with no body at all.
     async fn renew_bare(&self, id: &str) -> (u16, Value) {
-        let request = self.http.post(self.url(&format!("/tasks/{id}/renew")));
-        status_json(request.send().await.unwrap()).await
+        reply_of(self.renew_request(id)).await
     }
 
     async fn complete(&self, id: &str, outcome: &str, output: &str) -> (u16, Value) {
@@ -100,6 +124,18 @@ impl NodeApi {
         .await
     }
 
+    /// Completes `id` with `outcome` and `output`; the reply must be a 200 saying the task is
+    /// now in `state`, and whether the completion was `late`.
+    async fn complete_as(&self, id: &str, outcome: &str, output: &str, state: &str, late: bool) {
+        let (status, reply) = self.complete(id, outcome, output).await;
+        assert_eq!(status, 200, "complete {id}: {reply}");
+        assert_eq!(
+            reply,
+            json!({"state": state, "late": late}),
+            "complete {id}"
+        );
+    }
+
     /// `GET /watch?query`, answered within `within` or the test fails.
     async fn watch(&self, query: &str, within: Duration) -> (u16, Value) {
         let request = self.http.get(self.url(&format!("/watch?{query}")));
@@ -110,6 +146,13 @@ impl NodeApi {
         status_json(reply).await
     }
 
+    /// [`NodeApi::watch`], which must answer 200: the reply.
+    async fn watch_ok(&self, query: &str, within: Duration) -> Value {
+        let (status, reply) = self.watch(query, within).await;
+        assert_eq!(status, 200, "watch?{query}: {reply}");
+        reply
+    }
+
     /// A `GET /watch?query` connected (TLS and HTTP up) but not sent yet.
     async fn watch_connected(&self, query: &str) -> Connected {
         self.http
@@ -118,14 +161,40 @@ impl NodeApi {
             .await
             .unwrap()
     }
+
+    /// Sends a connected `GET /watch?query` with [`send_watch`] and checks, 300 ms on, that
+    /// it is held (not answered yet).
+    async fn hold_watch(&self, query: &str) -> JoinHandle<(u16, Value, Instant)> {
+        let handle = send_watch(self.watch_connected(query).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !handle.is_finished(),
+            "watch?{query}, with nothing new for it, is held"
+        );
+        handle
+    }
+}
+
+/// A watch's reply.
+fn watch_reply(generation: u64, tasks_queued: u64, changed: bool) -> Value {
+    json!({"generation": generation, "tasks_queued": tasks_queued, "changed": changed})
 }
 
 /// Sends a connected watch on a task of its own: the handle answers with status, body and
 /// when the answer came.
-fn send_watch(watch: Connected) -> tokio::task::JoinHandle<(u16, Value, Instant)> {
+fn send_watch(watch: Connected) -> JoinHandle<(u16, Value, Instant)> {
+    send_counted_watch(watch, Arc::default())
+}
+
+/// [`send_watch`], adding 1 to `answered` as soon as the answer comes.
+fn send_counted_watch(
+    watch: Connected,
+    answered: Arc<AtomicUsize>,
+) -> JoinHandle<(u16, Value, Instant)> {
     tokio::spawn(async move {
         let reply = watch.send().await.unwrap();
         let at = Instant::now();
+        answered.fetch_add(1, Ordering::SeqCst);
         let (status, body) = status_json(reply).await;
         (status, body, at)
     })
@@ -133,13 +202,40 @@ fn send_watch(watch: Connected) -> tokio::task::JoinHandle<(u16, Value, Instant)
 
 /// Waits for a watch sent with [`send_watch`], at most `within`.
 async fn answer(
-    handle: tokio::task::JoinHandle<(u16, Value, Instant)>,
+    handle: JoinHandle<(u16, Value, Instant)>,
     within: Duration,
 ) -> (u16, Value, Instant) {
     tokio::time::timeout(within, handle)
         .await
         .unwrap_or_else(|_| panic!("the watch was not answered within {within:?}"))
         .unwrap()
+}
+
+/// Waits (at most 10 s) for a watch held by [`NodeApi::hold_watch`]: it must answer 200 with
+/// `want` less than 2 s after `since`, when `what` happened.
+async fn assert_answered_soon(
+    handle: JoinHandle<(u16, Value, Instant)>,
+    since: Instant,
+    what: &str,
+    want: Value,
+) {
+    let (status, reply, at) = answer(handle, Duration::from_secs(10)).await;
+    let took = at.saturating_duration_since(since);
+    println!("watch answered {took:?} after {what}");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply, want, "after {what}");
+    assert!(
+        took < Duration::from_secs(2),
+        "answered {took:?} after {what}"
+    );
+}
+
+/// A controller with one node enrolled as `uuid`, and that node's side of the task calls.
+async fn start_with_node(uuid: &str) -> (TestServer, NodeCreds, NodeApi) {
+    let server = TestServer::start(LIFETIME).await;
+    let node = server.enroll_new(uuid).await;
+    let api = NodeApi::new(&server, &node);
+    (server, node, api)
 }
 
 /// Creates a task through the operator API; it must work.
@@ -158,6 +254,19 @@ async fn create_for(server: &TestServer, node: &NodeCreds, kind: &str, extra: Va
     id_of(&create(server, body).await)
 }
 
+/// Creates a `node.exec` task for `node` with `extra` fields and leases it (a lease of 1
+/// that must hand out that task): its id and the lease.
+async fn lease_new(
+    server: &TestServer,
+    node: &NodeCreds,
+    api: &NodeApi,
+    extra: Value,
+) -> (String, LeasedTask) {
+    let id = create_for(server, node, "node.exec", extra).await;
+    let leased = api.lease_only(&id, 1).await;
+    (id, leased)
+}
+
 fn id_of(task: &Value) -> String {
     task["id"]
         .as_str()
@@ -170,6 +279,48 @@ async fn show(server: &TestServer, id: &str) -> Value {
     let (status, task) = server.operator_get(&format!("/api/v1/tasks/{id}")).await;
     assert_eq!(status, 200, "show {id}: {task}");
     task
+}
+
+/// [`show`], whose task must have the fields of `want` (see [`assert_fields`]): the task.
+async fn assert_shows(server: &TestServer, id: &str, want: Value) -> Value {
+    let task = show(server, id).await;
+    assert_fields(&task, &want);
+    task
+}
+
+/// Each field of the object `want` is in `task` with the same value (a field `task` lacks
+/// is null).
+#[track_caller]
+fn assert_fields(task: &Value, want: &Value) {
+    for (key, value) in want.as_object().unwrap() {
+        assert_eq!(&task[key], value, "{key} of {task}");
+    }
+}
+
+/// The task's outcome, in lower case.
+fn outcome_of(task: &Value) -> Option<String> {
+    task["outcome"].as_str().map(str::to_lowercase)
+}
+
+/// A reply refused with `status` and the error code `want_code`; `what` names the call.
+#[track_caller]
+fn assert_refused((status, reply): (u16, Value), want_status: u16, want_code: &str, what: &str) {
+    assert_eq!(
+        (status, code(&reply)),
+        (want_status, want_code),
+        "{what}: {reply}"
+    );
+}
+
+/// A reply refusing a body that is not JSON or not the call's: 400, `malformed_json` or
+/// `invalid_request`; `what` names the body.
+#[track_caller]
+fn assert_bad_body((status, reply): (u16, Value), what: &str) {
+    assert_eq!(status, 400, "{what}: {reply}");
+    assert!(
+        ["malformed_json", "invalid_request"].contains(&code(&reply)),
+        "{what}: {reply}"
+    );
 }
 
 /// `GET /api/v1/tasks?query`: the array.
@@ -186,16 +337,60 @@ fn ids(tasks: &[Value]) -> Vec<String> {
     tasks.iter().map(id_of).collect()
 }
 
+fn leased_ids(tasks: &[LeasedTask]) -> Vec<String> {
+    tasks.iter().map(|t| t.id.clone()).collect()
+}
+
 /// `POST /api/v1/tasks/{id}/cancel` with no body.
 async fn cancel(server: &TestServer, id: &str) -> (u16, Value) {
-    let reply = server
+    let request = server
         .anonymous()
         .post(server.url(&format!("/api/v1/tasks/{id}/cancel")))
-        .bearer_auth(&server.operator_token)
-        .send()
-        .await
-        .unwrap();
-    status_json(reply).await
+        .bearer_auth(&server.operator_token);
+    reply_of(request).await
+}
+
+/// [`cancel`], which must work and leave the task cancelled: the task.
+async fn cancel_ok(server: &TestServer, id: &str) -> Value {
+    let (status, task) = cancel(server, id).await;
+    assert_eq!(status, 200, "cancel {id}: {task}");
+    assert_fields(&task, &json!({"id": id, "state": "cancelled"}));
+    task
+}
+
+/// `PUT /api/v1/nodes/{node}/desired/{what}` with `body`; it must work. Answers the
+/// generation in the reply.
+async fn put_desired(
+    server: &TestServer,
+    node: &NodeCreds,
+    what: &str,
+    body: &Value,
+) -> Option<u64> {
+    let path = format!("/api/v1/nodes/{}/desired/{what}", node.node_id);
+    let (status, reply) = server.operator_put(&path, body).await;
+    assert_eq!(status, 200, "{path}: {reply}");
+    reply["generation"].as_u64()
+}
+
+/// A watch held at `generation - 1` ([`NodeApi::hold_watch`]) hears, within 2 s, the operator
+/// set `node`'s desired `what` to `body`, which must make `generation`.
+async fn watch_hears_desired(
+    server: &TestServer,
+    node: &NodeCreds,
+    api: &NodeApi,
+    what: &str,
+    body: &Value,
+    generation: u64,
+) {
+    let query = format!("generation={}&timeout_s=20", generation - 1);
+    let handle = api.hold_watch(&query).await;
+    let put_at = Instant::now();
+    assert_eq!(
+        put_desired(server, node, what, body).await,
+        Some(generation)
+    );
+    let set = format!("the operator set the desired {what}");
+    assert_answered_soon(handle, put_at, &set, watch_reply(generation, 0, true)).await;
 }
 
 /// Polls `show` until the task leaves `state` or `within` has passed; answers the task.
@@ -215,9 +410,8 @@ async fn wait_while_state(server: &TestServer, id: &str, state: &str, within: Du
 /// whose N is what was left out. Answers how many bytes were kept.
 async fn complete_cut(server: &TestServer, api: &NodeApi, id: &str, output: &str) -> usize {
     assert!(output.len() > DEFAULT_OUTPUT_MAX);
-    let (status, reply) = api.complete(id, "Succeeded", output).await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply, json!({"state": "succeeded", "late": false}));
+    api.complete_as(id, "Succeeded", output, "succeeded", false)
+        .await;
     let shown = show(server, id).await;
     assert_eq!(shown["output_truncated"], true, "{}", shown["id"]);
     let stored = shown["output"].as_str().unwrap();
@@ -270,6 +464,29 @@ async fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the binary with `args`; it must exit 0. Answers its stdout.
+async fn run_ok(args: &[&str]) -> String {
+    let (exit, out, stderr) = run(args).await;
+    assert_eq!(exit, 0, "{args:?}: {stderr}");
+    out
+}
+
+/// The JSON a command printed.
+fn parse<T: DeserializeOwned>(out: &str) -> T {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// `task create` of the binary on `data`, for `node_id`, of `kind`: it must work and print
+/// the new task's id, which it answers.
+async fn create_with_binary(data: &str, node_id: &str, kind: &str) -> String {
+    let args = [
+        "task", "create", "--data", data, "--node", node_id, "--kind", kind,
+    ];
+    let id = run_ok(&args).await.trim().to_owned();
+    assert_task_id(&id);
+    id
+}
+
 /// `task-` and 16 hex digits.
 fn assert_task_id(id: &str) {
     let hex = id
@@ -279,6 +496,14 @@ fn assert_task_id(id: &str) {
         hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
         "{id:?} is not task- and 16 hex digits"
     );
+}
+
+/// Every one of `words` is in `out`.
+#[track_caller]
+fn assert_mentions(out: &str, words: &[&str]) {
+    for word in words {
+        assert!(out.contains(word), "{word} not in:\n{out}");
+    }
 }
 
 /// 200 tasks on two nodes, drained by 16 concurrent lease loops (8 a node, 7 tasks a call):
@@ -319,11 +544,9 @@ async fn concurrent_leases_hand_out_every_task_once_and_only_to_its_node() {
                     }
                     assert!(tasks.len() <= 7, "asked for 7, got {}", tasks.len());
                     for task in tasks {
-                        let (status, reply) = api
-                            .complete(&task.id, "Succeeded", &format!("done {}", task.id))
+                        let output = format!("done {}", task.id);
+                        api.complete_as(&task.id, "Succeeded", &output, "succeeded", false)
                             .await;
-                        assert_eq!(status, 200, "complete {}: {reply}", task.id);
-                        assert_eq!(reply, json!({"state": "succeeded", "late": false}));
                         got.push(task);
                     }
                 }
@@ -365,10 +588,15 @@ async fn concurrent_leases_hand_out_every_task_once_and_only_to_its_node() {
     assert_eq!(ids(&succeeded).into_iter().collect::<BTreeSet<_>>(), all);
     for task in &succeeded {
         let n = usize::from(created[1].contains(&id_of(task)));
-        assert_eq!(task["node_id"], nodes[n].node_id.as_str(), "{task}");
-        assert_eq!(task["attempts"], 1, "{task}");
-        assert_eq!(task["late"], false, "{task}");
-        assert_eq!(task["lease_expires_at_ms"], Value::Null, "{task}");
+        assert_fields(
+            task,
+            &json!({
+                "node_id": nodes[n].node_id,
+                "attempts": 1,
+                "late": false,
+                "lease_expires_at_ms": null,
+            }),
+        );
         assert!(task["finished_at_ms"].is_u64(), "{task}");
     }
     assert!(list(&server, "state=queued&limit=1000").await.is_empty());
@@ -393,9 +621,7 @@ async fn concurrent_leases_hand_out_every_task_once_and_only_to_its_node() {
 /// that says the lease expired. The node's completion after that is still taken, as late.
 #[tokio::test]
 async fn an_expired_lease_is_given_again_then_fails_the_task() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-expiry").await;
-    let api = NodeApi::new(&server, &node);
+    let (server, node, api) = start_with_node("uuid-expiry").await;
     let id = create_for(
         &server,
         &node,
@@ -405,23 +631,22 @@ async fn an_expired_lease_is_given_again_then_fails_the_task() {
     .await;
 
     let before = now_ms();
-    let first = api.lease(10).await;
-    assert_eq!(first.len(), 1, "{first:?}");
-    assert_eq!((first[0].id.as_str(), first[0].attempt), (id.as_str(), 1));
-    assert_eq!(first[0].timeout_s, 1);
-    let expires = first[0].lease_expires_at_ms;
+    let first = api.lease_only(&id, 10).await;
+    assert_eq!(first.attempt, 1, "{first:?}");
+    assert_eq!(first.timeout_s, 1);
+    let expires = first.lease_expires_at_ms;
     assert!(
         expires >= before + 1000 && expires <= now_ms() + 1000,
         "lease_expires_at_ms {expires} is not lease time + 1 s (leased at {before}..)"
     );
-    assert!(
-        api.lease(10).await.is_empty(),
-        "a running lease is not given out again"
-    );
-    let shown = show(&server, &id).await;
-    assert_eq!(shown["state"], "leased", "{shown}");
-    assert_eq!(shown["attempts"], 1, "{shown}");
-    assert_eq!(shown["lease_expires_at_ms"], expires, "{shown}");
+    api.assert_none_to_lease("a running lease is not given out again")
+        .await;
+    assert_shows(
+        &server,
+        &id,
+        json!({"state": "leased", "attempts": 1, "lease_expires_at_ms": expires}),
+    )
+    .await;
 
     // Nothing but the background sweep can return it now: the held watch hears it.
     let (status, reply) = api
@@ -429,10 +654,7 @@ async fn an_expired_lease_is_given_again_then_fails_the_task() {
         .await;
     let heard = now_ms();
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 0, "tasks_queued": 1, "changed": true})
-    );
+    assert_eq!(reply, watch_reply(0, 1, true));
     assert!(
         heard >= expires,
         "the task was queued again {} ms before its lease ran out",
@@ -443,10 +665,9 @@ async fn an_expired_lease_is_given_again_then_fails_the_task() {
         heard - expires
     );
 
-    let second = api.lease(10).await;
-    assert_eq!(second.len(), 1, "{second:?}");
-    assert_eq!((second[0].id.as_str(), second[0].attempt), (id.as_str(), 2));
-    let second_expires = second[0].lease_expires_at_ms;
+    let second = api.lease_only(&id, 10).await;
+    assert_eq!(second.attempt, 2, "{second:?}");
+    let second_expires = second.lease_expires_at_ms;
 
     // Not completed either: this was the last attempt.
     let failed = wait_while_state(&server, &id, "leased", Duration::from_secs(5)).await;
@@ -454,38 +675,32 @@ async fn an_expired_lease_is_given_again_then_fails_the_task() {
         now_ms() >= second_expires,
         "failed before the lease ran out"
     );
-    assert_eq!(failed["state"], "failed", "{failed}");
-    assert_eq!(failed["attempts"], 2, "{failed}");
+    assert_fields(
+        &failed,
+        &json!({"state": "failed", "attempts": 2, "lease_expires_at_ms": null, "late": false}),
+    );
     let reason = failed["reason"].as_str().unwrap_or_default().to_lowercase();
     assert!(
         reason.contains("expire"),
         "the reason says the lease expired: {failed}"
     );
-    assert_eq!(failed["lease_expires_at_ms"], Value::Null, "{failed}");
     assert!(failed["finished_at_ms"].is_u64(), "{failed}");
-    assert_eq!(failed["late"], false, "{failed}");
-    assert!(
-        api.lease(10).await.is_empty(),
-        "a failed task is not leased"
-    );
-    let (status, reply) = api.renew(&id).await;
-    assert_eq!((status, code(&reply)), (409, "lease_lost"), "{reply}");
+    api.assert_none_to_lease("a failed task is not leased")
+        .await;
+    assert_refused(api.renew(&id).await, 409, "lease_lost", "renew");
 
     // The node finishes after all: its word is taken, marked late; again, the same answer.
     for _ in 0..2 {
-        let (status, reply) = api.complete(&id, "Succeeded", "finished after all").await;
-        assert_eq!(status, 200, "{reply}");
-        assert_eq!(reply, json!({"state": "succeeded", "late": true}));
+        api.complete_as(&id, "Succeeded", "finished after all", "succeeded", true)
+            .await;
     }
-    let done = show(&server, &id).await;
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["late"], true, "{done}");
-    assert_eq!(done["output"], "finished after all", "{done}");
-    assert_eq!(
-        done["outcome"].as_str().map(str::to_lowercase).as_deref(),
-        Some("succeeded"),
-        "{done}"
-    );
+    let done = assert_shows(
+        &server,
+        &id,
+        json!({"state": "succeeded", "late": true, "output": "finished after all"}),
+    )
+    .await;
+    assert_eq!(outcome_of(&done).as_deref(), Some("succeeded"), "{done}");
     server.stop().await;
 }
 
@@ -493,39 +708,37 @@ async fn an_expired_lease_is_given_again_then_fails_the_task() {
 /// outcome, late; renewing it is refused as a lost lease; it is not leased again.
 #[tokio::test]
 async fn a_late_completion_of_a_requeued_task_ends_it() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-late").await;
-    let api = NodeApi::new(&server, &node);
-    let id = create_for(&server, &node, "node.exec", json!({"timeout_s": 1})).await;
-    assert_eq!(api.lease(1).await.len(), 1);
-    let (status, reply) = api
-        .watch("generation=0&timeout_s=10", Duration::from_secs(6))
+    let (server, node, api) = start_with_node("uuid-late").await;
+    let (id, _) = lease_new(&server, &node, &api, json!({"timeout_s": 1})).await;
+    let reply = api
+        .watch_ok("generation=0&timeout_s=10", Duration::from_secs(6))
         .await;
-    assert_eq!((status, reply["tasks_queued"].as_u64()), (200, Some(1)));
-    let requeued = show(&server, &id).await;
-    assert_eq!(requeued["state"], "queued", "{requeued}");
-    assert_eq!(requeued["attempts"], 1, "{requeued}");
-    assert_eq!(
-        requeued["lease_expires_at_ms"],
-        Value::Null,
-        "a queued task has no lease: {requeued}"
-    );
+    assert_eq!(reply["tasks_queued"].as_u64(), Some(1), "{reply}");
+    // A queued task has no lease.
+    assert_shows(
+        &server,
+        &id,
+        json!({"state": "queued", "attempts": 1, "lease_expires_at_ms": null}),
+    )
+    .await;
 
-    let (status, reply) = api.renew(&id).await;
-    assert_eq!((status, code(&reply)), (409, "lease_lost"), "{reply}");
-    let (status, reply) = api.complete(&id, "Failed", "exit 3").await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply, json!({"state": "failed", "late": true}));
-    assert!(
-        api.lease(10).await.is_empty(),
-        "a completed task is not leased"
-    );
-    let done = show(&server, &id).await;
-    assert_eq!(done["state"], "failed", "{done}");
-    assert_eq!(done["attempts"], 1, "{done}");
-    assert_eq!(done["late"], true, "{done}");
-    assert_eq!(done["output"], "exit 3", "{done}");
-    assert_eq!(done["lease_expires_at_ms"], Value::Null, "{done}");
+    assert_refused(api.renew(&id).await, 409, "lease_lost", "renew");
+    api.complete_as(&id, "Failed", "exit 3", "failed", true)
+        .await;
+    api.assert_none_to_lease("a completed task is not leased")
+        .await;
+    assert_shows(
+        &server,
+        &id,
+        json!({
+            "state": "failed",
+            "attempts": 1,
+            "late": true,
+            "output": "exit 3",
+            "lease_expires_at_ms": null,
+        }),
+    )
+    .await;
     server.stop().await;
 }
 
@@ -533,26 +746,19 @@ async fn a_late_completion_of_a_requeued_task_ends_it() {
 /// put the task back in the queue yet: lateness is the lease's end, not the sweep's timing.
 #[tokio::test]
 async fn a_completion_just_past_the_lease_is_late() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-just-late").await;
-    let api = NodeApi::new(&server, &node);
-    let id = create_for(&server, &node, "node.exec", json!({"timeout_s": 1})).await;
-    let leased = api.lease(1).await;
-    assert_eq!(leased.len(), 1);
-    let expires = leased[0].lease_expires_at_ms;
-    let wait = (expires + 30).saturating_sub(now_ms());
-    tokio::time::sleep(Duration::from_millis(wait)).await;
-    let (status, reply) = api.complete(&id, "Succeeded", "just too late").await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply, json!({"state": "succeeded", "late": true}));
-    let done = show(&server, &id).await;
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["late"], true, "{done}");
-    assert_eq!(done["attempts"], 1, "{done}");
-    assert!(
-        api.lease(10).await.is_empty(),
-        "a completed task is not leased"
-    );
+    let (server, node, api) = start_with_node("uuid-just-late").await;
+    let (id, leased) = lease_new(&server, &node, &api, json!({"timeout_s": 1})).await;
+    sleep_until_ms(leased.lease_expires_at_ms + 30).await;
+    api.complete_as(&id, "Succeeded", "just too late", "succeeded", true)
+        .await;
+    assert_shows(
+        &server,
+        &id,
+        json!({"state": "succeeded", "late": true, "attempts": 1}),
+    )
+    .await;
+    api.assert_none_to_lease("a completed task is not leased")
+        .await;
     server.stop().await;
 }
 
@@ -563,33 +769,27 @@ async fn a_completion_just_past_the_lease_is_late() {
 /// the once-a-second sweep but for a 1-in-hundreds phase.)
 #[tokio::test]
 async fn a_renew_past_the_lease_is_refused() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-renew-late").await;
-    let api = NodeApi::new(&server, &node);
-    let id = create_for(
+    let (server, node, api) = start_with_node("uuid-renew-late").await;
+    let (id, leased) = lease_new(
         &server,
         &node,
-        "node.exec",
+        &api,
         json!({"timeout_s": 1, "max_attempts": 1}),
     )
     .await;
-    let leased = api.lease(1).await;
-    assert_eq!(leased.len(), 1);
-    let expires = leased[0].lease_expires_at_ms;
+    let expires = leased.lease_expires_at_ms;
     let renew = api
-        .http
-        .post(api.url(&format!("/tasks/{id}/renew")))
+        .renew_request(&id)
         .json(&json!({}))
         .connect()
         .await
         .unwrap();
-    let wait = (expires + 2).saturating_sub(now_ms());
-    tokio::time::sleep(Duration::from_millis(wait)).await;
-    let (status, reply) = status_json(renew.send().await.unwrap()).await;
-    assert_eq!(
-        (status, code(&reply)),
-        (409, "lease_lost"),
-        "renewed after the lease ran out at {expires}: {reply}"
+    sleep_until_ms(expires + 2).await;
+    assert_refused(
+        status_json(renew.send().await.unwrap()).await,
+        409,
+        "lease_lost",
+        &format!("renewed after the lease ran out at {expires}"),
     );
     let failed = wait_while_state(&server, &id, "leased", Duration::from_secs(3)).await;
     assert_eq!(failed["state"], "failed", "{failed}");
@@ -600,12 +800,8 @@ async fn a_renew_past_the_lease_is_refused() {
 /// the controller stops within a few seconds (not the watch's 60 s nor the 20 s drain).
 #[tokio::test]
 async fn stopping_the_controller_ends_held_watches() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-watch-stop").await;
-    let api = NodeApi::new(&server, &node);
-    let handle = send_watch(api.watch_connected("generation=0&timeout_s=60").await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!handle.is_finished(), "the watch is held");
+    let (server, _, api) = start_with_node("uuid-watch-stop").await;
+    let handle = api.hold_watch("generation=0&timeout_s=60").await;
     let start = Instant::now();
     tokio::time::timeout(Duration::from_secs(15), server.stop())
         .await
@@ -621,13 +817,9 @@ async fn stopping_the_controller_ends_held_watches() {
 /// lease call gets the task meanwhile, and the completion after is on time.
 #[tokio::test]
 async fn renewing_keeps_a_lease() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-renew").await;
-    let api = NodeApi::new(&server, &node);
-    let id = create_for(&server, &node, "node.exec", json!({"timeout_s": 2})).await;
-    let leased = api.lease(1).await;
-    assert_eq!(leased.len(), 1);
-    let mut last = leased[0].lease_expires_at_ms;
+    let (server, node, api) = start_with_node("uuid-renew").await;
+    let (id, leased) = lease_new(&server, &node, &api, json!({"timeout_s": 2})).await;
+    let mut last = leased.lease_expires_at_ms;
 
     let start = Instant::now();
     let mut renewals = 0;
@@ -657,18 +849,21 @@ async fn renewing_keeps_a_lease() {
         renewals += 1;
     }
     assert!(renewals >= 6, "only {renewals} renewals");
-    let shown = show(&server, &id).await;
-    assert_eq!(shown["state"], "leased", "{shown}");
-    assert_eq!(shown["attempts"], 1, "{shown}");
-    assert_eq!(shown["lease_expires_at_ms"], last, "{shown}");
+    assert_shows(
+        &server,
+        &id,
+        json!({"state": "leased", "attempts": 1, "lease_expires_at_ms": last}),
+    )
+    .await;
 
-    let (status, reply) = api.complete(&id, "Succeeded", "ok").await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply, json!({"state": "succeeded", "late": false}));
-    let done = show(&server, &id).await;
-    assert_eq!(done["state"], "succeeded", "{done}");
-    assert_eq!(done["late"], false, "{done}");
-    assert_eq!(done["lease_expires_at_ms"], Value::Null, "{done}");
+    api.complete_as(&id, "Succeeded", "ok", "succeeded", false)
+        .await;
+    let done = assert_shows(
+        &server,
+        &id,
+        json!({"state": "succeeded", "late": false, "lease_expires_at_ms": null}),
+    )
+    .await;
     assert!(done["finished_at_ms"].is_u64(), "{done}");
     server.stop().await;
 }
@@ -679,10 +874,8 @@ async fn renewing_keeps_a_lease() {
 /// marker line, one at the cap whole; a malformed body is refused and leaves the task leased.
 #[tokio::test]
 async fn completing_a_task_follows_the_rules() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-complete-a").await;
+    let (server, node, api) = start_with_node("uuid-complete-a").await;
     let other = server.enroll_new("uuid-complete-b").await;
-    let api = NodeApi::new(&server, &node);
     let other_api = NodeApi::new(&server, &other);
     let mut tasks = Vec::new();
     for kind in [
@@ -697,69 +890,54 @@ async fn completing_a_task_follows_the_rules() {
         tasks.push(create_for(&server, &node, kind, json!({})).await);
     }
     let leased = api.lease(10).await;
-    assert_eq!(
-        leased.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
-        tasks,
-        "all seven, oldest first"
-    );
+    assert_eq!(leased_ids(&leased), tasks, "all seven, oldest first");
     let never = create_for(&server, &node, "a.never", json!({})).await;
     let [ok, fail, interrupt, big, utf8, exact, malformed] =
         <[String; 7]>::try_from(tasks).unwrap();
 
     // Another node, an unknown id: not found, nothing changes.
     let before = show(&server, &ok).await;
-    let (status, reply) = other_api.complete(&ok, "Succeeded", "mine now").await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
-    let (status, reply) = other_api.renew(&ok).await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
+    let completed = other_api.complete(&ok, "Succeeded", "mine now").await;
+    assert_refused(completed, 404, "not_found", "another node's complete");
+    let renewed = other_api.renew(&ok).await;
+    assert_refused(renewed, 404, "not_found", "another node's renew");
     let after = show(&server, &ok).await;
     assert_eq!(
         after, before,
         "another node's calls leave the task as it was"
     );
     assert_eq!(after["state"], "leased");
-    let (status, reply) = api.complete(NO_SUCH_TASK, "Succeeded", "").await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
-    let (status, reply) = api.renew(NO_SUCH_TASK).await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
+    let completed = api.complete(NO_SUCH_TASK, "Succeeded", "").await;
+    assert_refused(completed, 404, "not_found", "complete of an unknown id");
+    let renewed = api.renew(NO_SUCH_TASK).await;
+    assert_refused(renewed, 404, "not_found", "renew of an unknown id");
 
     // Never leased: not the node's to complete yet.
-    let (status, reply) = api.complete(&never, "Succeeded", "").await;
-    assert_eq!((status, code(&reply)), (409, "not_leased"), "{reply}");
-    let shown = show(&server, &never).await;
-    assert_eq!(
-        (&shown["state"], &shown["attempts"]),
-        (&json!("queued"), &json!(0))
-    );
+    let completed = api.complete(&never, "Succeeded", "").await;
+    assert_refused(completed, 409, "not_leased", "complete of a queued task");
+    assert_shows(&server, &never, json!({"state": "queued", "attempts": 0})).await;
 
     // Idempotent: the same answer again, and a second, different word changes nothing.
     for _ in 0..2 {
-        let (status, reply) = api.complete(&ok, "Succeeded", "all good").await;
-        assert_eq!(status, 200, "{reply}");
-        assert_eq!(reply, json!({"state": "succeeded", "late": false}));
+        api.complete_as(&ok, "Succeeded", "all good", "succeeded", false)
+            .await;
     }
-    let (status, reply) = api.complete(&ok, "Failed", "changed my mind").await;
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(reply, json!({"state": "succeeded", "late": false}));
-    let shown = show(&server, &ok).await;
-    assert_eq!(shown["output"], "all good", "{shown}");
-    assert_eq!(shown["output_truncated"], false, "{shown}");
+    api.complete_as(&ok, "Failed", "changed my mind", "succeeded", false)
+        .await;
+    assert_shows(
+        &server,
+        &ok,
+        json!({"output": "all good", "output_truncated": false}),
+    )
+    .await;
 
     for (id, outcome, state) in [
         (&fail, "Failed", "failed"),
         (&interrupt, "Interrupted", "interrupted"),
     ] {
-        let (status, reply) = api.complete(id, outcome, "why").await;
-        assert_eq!(status, 200, "{reply}");
-        assert_eq!(reply, json!({"state": state, "late": false}));
-        let shown = show(&server, id).await;
-        assert_eq!(shown["state"], state, "{shown}");
-        assert_eq!(shown["output"], "why", "{shown}");
-        assert_eq!(
-            shown["outcome"].as_str().map(str::to_lowercase).as_deref(),
-            Some(state),
-            "{shown}"
-        );
+        api.complete_as(id, outcome, "why", state, false).await;
+        let shown = assert_shows(&server, id, json!({"state": state, "output": "why"})).await;
+        assert_eq!(outcome_of(&shown).as_deref(), Some(state), "{shown}");
     }
 
     // 100,000 bytes of output: stored cut, with a marker line saying how much more there was.
@@ -777,12 +955,8 @@ async fn completing_a_task_follows_the_rules() {
     assert!(kept >= DEFAULT_OUTPUT_MAX - 3, "only {kept} bytes kept");
     // Exactly the cap: kept whole.
     let output = "x".repeat(DEFAULT_OUTPUT_MAX);
-    let (status, reply) = api.complete(&exact, "Succeeded", &output).await;
-    assert_eq!(
-        (status, &reply["state"]),
-        (200, &json!("succeeded")),
-        "{reply}"
-    );
+    api.complete_as(&exact, "Succeeded", &output, "succeeded", false)
+        .await;
     let shown = show(&server, &exact).await;
     assert_eq!(shown["output_truncated"], false);
     assert!(
@@ -800,19 +974,17 @@ async fn completing_a_task_follows_the_rules() {
         br#"{"outcome": "Succeeded", "output": 7}"#,
     ];
     for body in bodies {
-        let (status, reply) = api.post_raw(&path, body).await;
         let text = String::from_utf8_lossy(body);
-        assert_eq!(status, 400, "{text}: {reply}");
-        assert!(
-            ["malformed_json", "invalid_request"].contains(&code(&reply)),
-            "{text}: {reply}"
-        );
+        assert_bad_body(api.post_raw(&path, body).await, &text);
     }
-    let shown = show(&server, &malformed).await;
-    assert_eq!(shown["state"], "leased", "{shown}");
-    assert_eq!(shown["outcome"], Value::Null, "{shown}");
-    let (status, reply) = api.complete(&malformed, "Succeeded", "").await;
-    assert_eq!((status, reply["state"].as_str()), (200, Some("succeeded")));
+    assert_shows(
+        &server,
+        &malformed,
+        json!({"state": "leased", "outcome": null}),
+    )
+    .await;
+    api.complete_as(&malformed, "Succeeded", "", "succeeded", false)
+        .await;
 
     // Lists leave the output out; `show` has it.
     let listed = list(&server, &format!("node={}", node.node_id)).await;
@@ -832,15 +1004,10 @@ async fn completing_a_task_follows_the_rules() {
 /// output kept; a final task cannot be cancelled (409 `task_finished`); unknown is 404.
 #[tokio::test]
 async fn a_cancelled_task_is_not_run_and_a_finished_one_cannot_be_cancelled() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-cancel").await;
-    let api = NodeApi::new(&server, &node);
+    let (server, node, api) = start_with_node("uuid-cancel").await;
 
     let queued = create_for(&server, &node, "c.queued", json!({})).await;
-    let (status, task) = cancel(&server, &queued).await;
-    assert_eq!(status, 200, "{task}");
-    assert_eq!(task["id"], queued.as_str());
-    assert_eq!(task["state"], "cancelled", "{task}");
+    let task = cancel_ok(&server, &queued).await;
     assert!(
         task["reason"]
             .as_str()
@@ -848,55 +1015,43 @@ async fn a_cancelled_task_is_not_run_and_a_finished_one_cannot_be_cancelled() {
         "the reason names the operator: {task}"
     );
     assert!(task["finished_at_ms"].is_u64(), "{task}");
-    assert!(
-        api.lease(10).await.is_empty(),
-        "a cancelled task is not leased"
-    );
-    let (status, reply) = api
-        .watch("generation=0&timeout_s=1", Duration::from_secs(4))
+    api.assert_none_to_lease("a cancelled task is not leased")
         .await;
-    assert_eq!(status, 200);
+    let reply = api
+        .watch_ok("generation=0&timeout_s=1", Duration::from_secs(4))
+        .await;
     assert_eq!(
         reply,
-        json!({"generation": 0, "tasks_queued": 0, "changed": false}),
+        watch_reply(0, 0, false),
         "a cancelled task is not queued"
     );
 
     let running = create_for(&server, &node, "c.running", json!({})).await;
-    assert_eq!(api.lease(10).await.len(), 1);
-    let (status, task) = cancel(&server, &running).await;
-    assert_eq!(
-        (status, &task["state"]),
-        (200, &json!("cancelled")),
-        "{task}"
-    );
+    api.lease_only(&running, 10).await;
+    let task = cancel_ok(&server, &running).await;
     assert_eq!(task["lease_expires_at_ms"], Value::Null, "{task}");
-    let (status, reply) = api.renew(&running).await;
-    assert_eq!((status, code(&reply)), (409, "lease_lost"), "{reply}");
+    assert_refused(api.renew(&running).await, 409, "lease_lost", "renew");
     for _ in 0..2 {
-        let (status, reply) = api.complete(&running, "Succeeded", "did it anyway").await;
-        assert_eq!(status, 200, "{reply}");
-        assert_eq!(reply, json!({"state": "cancelled", "late": true}));
+        api.complete_as(&running, "Succeeded", "did it anyway", "cancelled", true)
+            .await;
     }
-    let shown = show(&server, &running).await;
-    assert_eq!(shown["state"], "cancelled", "{shown}");
-    assert_eq!(shown["late"], true, "{shown}");
-    assert_eq!(shown["output"], "did it anyway", "{shown}");
+    assert_shows(
+        &server,
+        &running,
+        json!({"state": "cancelled", "late": true, "output": "did it anyway"}),
+    )
+    .await;
 
     let finished = create_for(&server, &node, "c.finished", json!({})).await;
-    assert_eq!(api.lease(10).await.len(), 1);
-    assert_eq!(api.complete(&finished, "Succeeded", "").await.0, 200);
+    api.lease_only(&finished, 10).await;
+    api.complete_as(&finished, "Succeeded", "", "succeeded", false)
+        .await;
     for id in [&finished, &queued, &running] {
-        let (status, reply) = cancel(&server, id).await;
-        assert_eq!(
-            (status, code(&reply)),
-            (409, "task_finished"),
-            "{id}: {reply}"
-        );
+        assert_refused(cancel(&server, id).await, 409, "task_finished", id);
     }
     assert_eq!(show(&server, &finished).await["state"], "succeeded");
-    let (status, reply) = cancel(&server, NO_SUCH_TASK).await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
+    let cancelled = cancel(&server, NO_SUCH_TASK).await;
+    assert_refused(cancelled, 404, "not_found", "cancel of an unknown id");
     server.stop().await;
 }
 
@@ -907,10 +1062,8 @@ async fn a_cancelled_task_is_not_run_and_a_finished_one_cannot_be_cancelled() {
 /// generation asked is behind; refuses a bad query.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_is_held_until_something_changes_for_its_node() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-watch").await;
+    let (server, node, api) = start_with_node("uuid-watch").await;
     let other = server.enroll_new("uuid-watch-other").await;
-    let api = NodeApi::new(&server, &node);
     let modules = json!({"modules": [
         {"name": "tools", "reference": "registry.local/modules/tools:1", "priority": 10}
     ]});
@@ -919,76 +1072,30 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
     let watch = api.watch_connected("generation=0&timeout_s=1").await;
     let start = Instant::now();
     let handle = send_watch(watch);
-    let path = format!("/api/v1/nodes/{}/desired/modules", other.node_id);
-    let (status, reply) = server.operator_put(&path, &modules).await;
-    assert_eq!((status, reply["generation"].as_u64()), (200, Some(1)));
+    assert_eq!(
+        put_desired(&server, &other, "modules", &modules).await,
+        Some(1)
+    );
     create_for(&server, &other, "w.other", json!({})).await;
     let (status, reply, at) = answer(handle, Duration::from_secs(5)).await;
     let waited = at - start;
     assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 0, "tasks_queued": 0, "changed": false})
-    );
+    assert_eq!(reply, watch_reply(0, 0, false));
     assert!(
         waited >= Duration::from_secs(1) && waited < Duration::from_secs(3),
         "timeout_s=1 answered after {waited:?}"
     );
 
-    // Held, then answered by a new desired state.
-    let handle = send_watch(api.watch_connected("generation=0&timeout_s=20").await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!handle.is_finished(), "a watch with nothing new is held");
-    let put_at = Instant::now();
-    let path = format!("/api/v1/nodes/{}/desired/modules", node.node_id);
-    let (status, reply) = server.operator_put(&path, &modules).await;
-    assert_eq!((status, reply["generation"].as_u64()), (200, Some(1)));
-    let (status, reply, at) = answer(handle, Duration::from_secs(10)).await;
-    let took = at.saturating_duration_since(put_at);
-    println!("watch answered {took:?} after the operator set the desired modules");
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 1, "tasks_queued": 0, "changed": true})
-    );
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
-
-    // Held, then answered by a new desired network.
-    let handle = send_watch(api.watch_connected("generation=1&timeout_s=20").await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !handle.is_finished(),
-        "a watch at the current generation is held"
-    );
-    let put_at = Instant::now();
+    // Held, then answered by a new desired state, then by a new desired network.
+    watch_hears_desired(&server, &node, &api, "modules", &modules, 1).await;
     let network = json!({"network": {
         "interface": "pn0", "address": "10.88.0.7/16", "listen_port": 51820, "peers": []
     }});
-    let path = format!("/api/v1/nodes/{}/desired/network", node.node_id);
-    let (status, reply) = server.operator_put(&path, &network).await;
-    assert_eq!(
-        (status, reply["generation"].as_u64()),
-        (200, Some(2)),
-        "{reply}"
-    );
-    let (status, reply, at) = answer(handle, Duration::from_secs(10)).await;
-    let took = at.saturating_duration_since(put_at);
-    println!("watch answered {took:?} after the operator set the desired network");
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 2, "tasks_queued": 0, "changed": true})
-    );
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    watch_hears_desired(&server, &node, &api, "network", &network, 2).await;
 
     // Held, then answered by modules another writer of the database sets (as `module assign`
     // does from its own process): the controller notices without being told.
-    let handle = send_watch(api.watch_connected("generation=2&timeout_s=20").await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !handle.is_finished(),
-        "a watch at the current generation is held"
-    );
+    let handle = api.hold_watch("generation=2&timeout_s=20").await;
     let storage = Storage::open(&server.data()).await.unwrap();
     let assigned = [DesiredModule {
         name: "hello".into(),
@@ -1002,47 +1109,16 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
     let set_at = Instant::now();
     storage.close().await;
     assert_eq!(generation, Some(3));
-    let (status, reply, at) = answer(handle, Duration::from_secs(10)).await;
-    let took = at.saturating_duration_since(set_at);
-    println!("watch answered {took:?} after another writer set the desired modules");
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 3, "tasks_queued": 0, "changed": true})
-    );
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    let what = "another writer set the desired modules";
+    assert_answered_soon(handle, set_at, what, watch_reply(3, 0, true)).await;
 
     // Held, then answered by a task the binary creates in another process.
-    let handle = send_watch(api.watch_connected("generation=3&timeout_s=20").await);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        !handle.is_finished(),
-        "a watch at the current generation is held"
-    );
+    let handle = api.hold_watch("generation=3&timeout_s=20").await;
     let data = server.data();
-    let (exit, out, stderr) = run(&[
-        "task",
-        "create",
-        "--data",
-        data.to_str().unwrap(),
-        "--node",
-        &node.node_id,
-        "--kind",
-        "w.cli",
-    ])
-    .await;
+    create_with_binary(data.to_str().unwrap(), &node.node_id, "w.cli").await;
     let created_at = Instant::now();
-    assert_eq!(exit, 0, "{stderr}");
-    assert_task_id(out.trim());
-    let (status, reply, at) = answer(handle, Duration::from_secs(10)).await;
-    let took = at.saturating_duration_since(created_at);
-    println!("watch answered {took:?} after `task create` exited");
-    assert_eq!(status, 200, "{reply}");
-    assert_eq!(
-        reply,
-        json!({"generation": 3, "tasks_queued": 1, "changed": true})
-    );
-    assert!(took < Duration::from_secs(2), "answered after {took:?}");
+    let what = "`task create` exited";
+    assert_answered_soon(handle, created_at, what, watch_reply(3, 1, true)).await;
 
     // A queued task, or a generation behind: at once, whatever timeout was asked.
     for query in [
@@ -1054,11 +1130,7 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
         let (status, reply) = api.watch(query, Duration::from_secs(5)).await;
         let took = start.elapsed();
         assert_eq!(status, 200, "{query}: {reply}");
-        assert_eq!(
-            reply,
-            json!({"generation": 3, "tasks_queued": 1, "changed": true}),
-            "{query}"
-        );
+        assert_eq!(reply, watch_reply(3, 1, true), "{query}");
         assert!(took < Duration::from_secs(1), "{query}: {took:?}");
     }
 
@@ -1071,23 +1143,18 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
         "generation=1&timeout_s=0",
         "generation=1&timeout_s=301",
     ] {
-        let (status, reply) = api.watch(query, Duration::from_secs(5)).await;
-        assert_eq!(
-            (status, code(&reply)),
-            (400, "invalid_query"),
-            "?{query}: {reply}"
-        );
+        let reply = api.watch(query, Duration::from_secs(5)).await;
+        assert_refused(reply, 400, "invalid_query", &format!("?{query}"));
     }
-    let (status, reply) = status_json(
-        server
-            .anonymous()
-            .get(server.url("/node_api/v1/watch?generation=0&timeout_s=1"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!((status, code(&reply)), (401, "client_certificate_required"));
+    let request = server
+        .anonymous()
+        .get(server.url("/node_api/v1/watch?generation=0&timeout_s=1"));
+    assert_refused(
+        reply_of(request).await,
+        401,
+        "client_certificate_required",
+        "a watch without a certificate",
+    );
     server.stop().await;
 }
 
@@ -1096,9 +1163,7 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hundred_held_watches_all_hear_one_task() {
     const WATCHES: usize = 300;
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-many-watches").await;
-    let api = NodeApi::new(&server, &node);
+    let (server, node, api) = start_with_node("uuid-many-watches").await;
 
     let mut connecting = JoinSet::new();
     for _ in 0..WATCHES {
@@ -1110,17 +1175,10 @@ async fn three_hundred_held_watches_all_hear_one_task() {
         connected.push(watch.unwrap());
     }
     let answered = Arc::new(AtomicUsize::new(0));
-    let mut watches = JoinSet::new();
-    for watch in connected {
-        let answered = answered.clone();
-        watches.spawn(async move {
-            let reply = watch.send().await.unwrap();
-            let at = Instant::now();
-            answered.fetch_add(1, Ordering::SeqCst);
-            let (status, body) = status_json(reply).await;
-            (status, body, at)
-        });
-    }
+    let watches: Vec<_> = connected
+        .into_iter()
+        .map(|watch| send_counted_watch(watch, answered.clone()))
+        .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         answered.load(Ordering::SeqCst),
@@ -1133,13 +1191,10 @@ async fn three_hundred_held_watches_all_hear_one_task() {
     let mut slowest = Duration::ZERO;
     let mut count = 0;
     let all = async {
-        while let Some(joined) = watches.join_next().await {
-            let (status, body, at) = joined.unwrap();
+        for handle in watches {
+            let (status, body, at) = handle.await.unwrap();
             assert_eq!(status, 200, "{body}");
-            assert_eq!(
-                body,
-                json!({"generation": 0, "tasks_queued": 1, "changed": true})
-            );
+            assert_eq!(body, watch_reply(0, 1, true));
             slowest = slowest.max(at.saturating_duration_since(created_at));
             count += 1;
         }
@@ -1160,9 +1215,7 @@ async fn three_hundred_held_watches_all_hear_one_task() {
 /// node's certificate, as the other node calls do.
 #[tokio::test]
 async fn a_bad_lease_is_refused() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-bad-lease").await;
-    let api = NodeApi::new(&server, &node);
+    let (server, node, api) = start_with_node("uuid-bad-lease").await;
     let id = create_for(&server, &node, "l.one", json!({})).await;
 
     for body in [
@@ -1173,19 +1226,11 @@ async fn a_bad_lease_is_refused() {
         json!({}),
         json!({"max": 1, "extra": true}),
     ] {
-        let (status, reply) = api.lease_raw(&body).await;
-        assert_eq!(
-            (status, code(&reply)),
-            (400, "invalid_request"),
-            "{body}: {reply}"
-        );
+        let reply = api.lease_raw(&body).await;
+        assert_refused(reply, 400, "invalid_request", &body.to_string());
     }
-    let (status, reply) = api.post_raw("/tasks/lease", br#"{"max": "#).await;
-    assert_eq!(status, 400, "{reply}");
-    assert!(
-        ["malformed_json", "invalid_request"].contains(&code(&reply)),
-        "{reply}"
-    );
+    let reply = api.post_raw("/tasks/lease", br#"{"max": "#).await;
+    assert_bad_body(reply, "a cut-off body");
     assert_eq!(
         show(&server, &id).await["state"],
         "queued",
@@ -1193,43 +1238,21 @@ async fn a_bad_lease_is_refused() {
     );
 
     // The largest lease is fine.
-    let leased = api.lease(task_limits::MAX_LEASE).await;
-    assert_eq!(
-        leased.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
-        [id.as_str()]
-    );
+    api.lease_only(&id, task_limits::MAX_LEASE).await;
     assert_eq!(api.lease(task_limits::MAX_LEASE).await, Vec::new());
 
     // No certificate: refused as the other node calls refuse it.
     let anonymous = server.anonymous();
-    for path in [
-        "/node_api/v1/tasks/lease".to_owned(),
-        format!("/node_api/v1/tasks/{id}/renew"),
-        format!("/node_api/v1/tasks/{id}/complete"),
+    let task_call = json!({"max": 1, "outcome": "Succeeded"});
+    for (path, body) in [
+        ("/node_api/v1/tasks/lease".to_owned(), task_call.clone()),
+        (format!("/node_api/v1/tasks/{id}/renew"), task_call.clone()),
+        (format!("/node_api/v1/tasks/{id}/complete"), task_call),
+        ("/node_api/v1/events".to_owned(), json!({"events": []})),
     ] {
-        let (status, reply) = post_json(
-            &anonymous,
-            server.url(&path),
-            &json!({"max": 1, "outcome": "Succeeded"}),
-        )
-        .await;
-        assert_eq!(
-            (status, code(&reply)),
-            (401, "client_certificate_required"),
-            "{path}: {reply}"
-        );
+        let reply = post_json(&anonymous, server.url(&path), &body).await;
+        assert_refused(reply, 401, "client_certificate_required", &path);
     }
-    let (status, reply) = post_json(
-        &anonymous,
-        server.url("/node_api/v1/events"),
-        &json!({"events": []}),
-    )
-    .await;
-    assert_eq!(
-        (status, code(&reply)),
-        (401, "client_certificate_required"),
-        "{reply}"
-    );
     assert_eq!(show(&server, &id).await["state"], "leased");
 
     // A revoked node gets nothing.
@@ -1237,8 +1260,8 @@ async fn a_bad_lease_is_refused() {
     let path = format!("/api/v1/nodes/{}/revoke", node.node_id);
     let (status, reply) = server.operator_post(&path, &json!({})).await;
     assert_eq!(status, 200, "{reply}");
-    let (status, reply) = api.lease_raw(&json!({"max": 1})).await;
-    assert_eq!((status, code(&reply)), (403, "revoked"), "{reply}");
+    let reply = api.lease_raw(&json!({"max": 1})).await;
+    assert_refused(reply, 403, "revoked", "a revoked node's lease");
     server.stop().await;
 }
 
@@ -1247,33 +1270,39 @@ async fn a_bad_lease_is_refused() {
 /// a lease hands out the oldest first.
 #[tokio::test]
 async fn created_tasks_are_checked_listed_and_leased_oldest_first() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-create").await;
+    let (server, node, api) = start_with_node("uuid-create").await;
     let other = server.enroll_new("uuid-create-other").await;
-    let api = NodeApi::new(&server, &node);
 
     let before = now_ms();
     let task = create(&server, json!({"node": node.node_id, "kind": "node.exec"})).await;
     assert_task_id(&id_of(&task));
-    assert_eq!(task["node_id"], node.node_id.as_str());
-    assert_eq!(task["kind"], "node.exec");
-    assert_eq!(task["args"], json!({}));
-    assert_eq!(task["state"], "queued");
-    assert_eq!(task["attempts"], 0);
-    assert_eq!(task["max_attempts"], 3);
-    assert_eq!(task["timeout_s"], 300);
-    assert_eq!(task["lease_expires_at_ms"], Value::Null);
-    assert_eq!(task["finished_at_ms"], Value::Null);
-    assert_eq!(task["reason"], Value::Null);
-    assert_eq!(task["outcome"], Value::Null);
-    assert_eq!(task["output_truncated"], false);
-    assert_eq!(task["late"], false);
+    assert_fields(
+        &task,
+        &json!({
+            "node_id": node.node_id,
+            "kind": "node.exec",
+            "args": {},
+            "state": "queued",
+            "attempts": 0,
+            "max_attempts": 3,
+            "timeout_s": 300,
+            "lease_expires_at_ms": null,
+            "finished_at_ms": null,
+            "reason": null,
+            "outcome": null,
+            "output_truncated": false,
+            "late": false,
+        }),
+    );
     let created_at = task["created_at_ms"].as_u64().unwrap();
     assert!(created_at >= before && created_at <= now_ms());
     assert_eq!(task["updated_at_ms"], created_at);
-    let shown = show(&server, &id_of(&task)).await;
-    assert_eq!(shown["output"], Value::Null, "{shown}");
-    assert_eq!(shown["kind"], "node.exec");
+    assert_shows(
+        &server,
+        &id_of(&task),
+        json!({"output": null, "kind": "node.exec"}),
+    )
+    .await;
 
     // Bounds that pass.
     let longest_kind = format!("node.{}", "a".repeat(task_limits::MAX_KIND - 5));
@@ -1339,33 +1368,27 @@ async fn created_tasks_are_checked_listed_and_leased_oldest_first() {
     ] {
         let mut body = body;
         body["node"] = json!(node.node_id);
-        let (status, reply) = server.operator_post("/api/v1/tasks", &body).await;
-        assert_eq!(
-            (status, code(&reply)),
-            (400, "invalid_request"),
-            "{body}: {reply}"
-        );
+        let reply = server.operator_post("/api/v1/tasks", &body).await;
+        assert_refused(reply, 400, "invalid_request", &body.to_string());
     }
     let (status, reply) = server
         .operator_post("/api/v1/tasks", &json!({"kind": "k"}))
         .await;
     assert_eq!(status, 400, "no node: {reply}");
-    let (status, reply) = server
+    let reply = server
         .operator_post("/api/v1/tasks", &json!({"node": "node-nope", "kind": "k"}))
         .await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
-    let (status, reply) = server
+    assert_refused(reply, 404, "not_found", "an unknown node");
+    let reply = server
         .operator_get(&format!("/api/v1/tasks/{NO_SUCH_TASK}"))
         .await;
-    assert_eq!((status, code(&reply)), (404, "not_found"), "{reply}");
-    let reply = server
+    assert_refused(reply, 404, "not_found", "an unknown task");
+    let request = server
         .anonymous()
         .post(server.url("/api/v1/tasks"))
-        .json(&json!({"node": node.node_id, "kind": "k"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(reply.status(), 401, "the operator API wants its token");
+        .json(&json!({"node": node.node_id, "kind": "k"}));
+    let (status, _) = reply_of(request).await;
+    assert_eq!(status, 401, "the operator API wants its token");
     assert_eq!(
         list(&server, &format!("node={}", node.node_id)).await.len(),
         1
@@ -1389,26 +1412,15 @@ async fn created_tasks_are_checked_listed_and_leased_oldest_first() {
         .all(|t| t["node_id"] == other.node_id.as_str()));
 
     for query in ["limit=0", "limit=1001", "state=running", "colour=red"] {
-        let (status, reply) = server.operator_get(&format!("/api/v1/tasks?{query}")).await;
-        assert_eq!(
-            (status, code(&reply)),
-            (400, "invalid_query"),
-            "?{query}: {reply}"
-        );
+        let reply = server.operator_get(&format!("/api/v1/tasks?{query}")).await;
+        assert_refused(reply, 400, "invalid_query", &format!("?{query}"));
     }
     assert_eq!(list(&server, "limit=1000").await.len(), 8 + mine.len());
 
     // A lease takes the oldest first.
-    let leased = api.lease(2).await;
-    assert_eq!(
-        leased.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
-        &mine[..2]
-    );
+    assert_eq!(leased_ids(&api.lease(2).await), &mine[..2]);
     let leased = api.lease(10).await;
-    assert_eq!(
-        leased.iter().map(|t| t.id.clone()).collect::<Vec<_>>(),
-        &mine[2..]
-    );
+    assert_eq!(leased_ids(&leased), &mine[2..]);
     assert_eq!(leased[0].args, json!({"i": 1}));
     let listed = list(&server, &format!("node={}&state=leased", node.node_id)).await;
     assert_eq!(ids(&listed), mine);
@@ -1425,14 +1437,12 @@ async fn created_tasks_are_checked_listed_and_leased_oldest_first() {
 /// commands wrote, and the exit codes of failures (1) and usage errors (2).
 #[tokio::test]
 async fn task_commands_round_trip_through_the_database() {
-    let server = TestServer::start(LIFETIME).await;
-    let node = server.enroll_new("uuid-task-cli").await;
-    let api = NodeApi::new(&server, &node);
+    let (server, node, api) = start_with_node("uuid-task-cli").await;
     let data = server.data();
     let data = data.to_str().unwrap();
     let node_id = node.node_id.as_str();
 
-    let (exit, out, stderr) = run(&[
+    let out = run_ok(&[
         "task",
         "create",
         "--data",
@@ -1450,78 +1460,59 @@ async fn task_commands_round_trip_through_the_database() {
         "--json",
     ])
     .await;
-    assert_eq!(exit, 0, "{stderr}");
-    let first: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let first: Value = parse(&out);
     let first_id = id_of(&first);
     assert_task_id(&first_id);
-    assert_eq!(first["node_id"], node_id);
-    assert_eq!(first["kind"], "node.exec");
-    assert_eq!(first["args"], json!({"cmd": ["uptime"]}));
-    assert_eq!(first["timeout_s"], 30);
-    assert_eq!(first["max_attempts"], 2);
-    assert_eq!(first["state"], "queued");
-    assert_eq!(first["attempts"], 0);
+    assert_fields(
+        &first,
+        &json!({
+            "node_id": node_id,
+            "kind": "node.exec",
+            "args": {"cmd": ["uptime"]},
+            "timeout_s": 30,
+            "max_attempts": 2,
+            "state": "queued",
+            "attempts": 0,
+        }),
+    );
 
-    let (exit, out, stderr) = run(&[
-        "task",
-        "create",
-        "--data",
-        data,
-        "--node",
-        node_id,
-        "--kind",
-        "node.reboot",
-    ])
-    .await;
-    assert_eq!(exit, 0, "{stderr}");
-    let second_id = out.trim().to_owned();
-    assert_task_id(&second_id);
+    let second_id = create_with_binary(data, node_id, "node.reboot").await;
 
-    let (exit, out, stderr) = run(&["tasks", "--data", data, "--node", node_id, "--json"]).await;
-    assert_eq!(exit, 0, "{stderr}");
-    let listed: Vec<Value> = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let out = run_ok(&["tasks", "--data", data, "--node", node_id, "--json"]).await;
+    let listed: Vec<Value> = parse(&out);
     assert_eq!(ids(&listed), [first_id.as_str(), second_id.as_str()]);
-    let (exit, out, _) = run(&["tasks", "--data", data, "--limit", "1", "--json"]).await;
-    assert_eq!(exit, 0);
-    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let out = run_ok(&["tasks", "--data", data, "--limit", "1", "--json"]).await;
+    let listed: Vec<Value> = parse(&out);
     assert_eq!(ids(&listed), [second_id.as_str()], "the newest one");
-    let (exit, out, stderr) = run(&["tasks", "--data", data]).await;
-    assert_eq!(exit, 0, "{stderr}");
-    for word in [&first_id, &second_id, "node.exec", "node.reboot", "queued"] {
-        assert!(out.contains(word), "{word} not in:\n{out}");
-    }
+    let out = run_ok(&["tasks", "--data", data]).await;
+    assert_mentions(
+        &out,
+        &[&first_id, &second_id, "node.exec", "node.reboot", "queued"],
+    );
 
     // The controller sees what the command wrote; the node leases it.
-    let shown = show(&server, &first_id).await;
-    assert_eq!(shown["args"], json!({"cmd": ["uptime"]}));
-    let leased = api.lease(1).await;
-    assert_eq!(leased.len(), 1);
-    assert_eq!(leased[0].id, first_id);
-    assert_eq!(leased[0].args, json!({"cmd": ["uptime"]}));
-    assert_eq!(leased[0].timeout_s, 30);
-    let (status, _) = api.complete(&first_id, "Succeeded", "up 3 days").await;
-    assert_eq!(status, 200);
+    assert_shows(&server, &first_id, json!({"args": {"cmd": ["uptime"]}})).await;
+    let leased = api.lease_only(&first_id, 1).await;
+    assert_eq!(leased.args, json!({"cmd": ["uptime"]}));
+    assert_eq!(leased.timeout_s, 30);
+    api.complete_as(&first_id, "Succeeded", "up 3 days", "succeeded", false)
+        .await;
 
-    let (exit, out, stderr) = run(&["task", "show", &first_id, "--data", data, "--json"]).await;
-    assert_eq!(exit, 0, "{stderr}");
-    let shown: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
-    assert_eq!(shown["state"], "succeeded", "{shown}");
-    assert_eq!(shown["attempts"], 1);
-    assert_eq!(shown["output"], "up 3 days");
-    let (exit, out, _) = run(&["task", "show", &first_id, "--data", data]).await;
-    assert_eq!(exit, 0);
-    for word in [first_id.as_str(), "succeeded", "up 3 days"] {
-        assert!(out.contains(word), "{word} not in:\n{out}");
-    }
-    let (exit, out, _) = run(&["tasks", "--data", data, "--state", "queued", "--json"]).await;
-    assert_eq!(exit, 0);
-    let listed: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let out = run_ok(&["task", "show", &first_id, "--data", data, "--json"]).await;
+    let shown: Value = parse(&out);
+    assert_fields(
+        &shown,
+        &json!({"state": "succeeded", "attempts": 1, "output": "up 3 days"}),
+    );
+    let out = run_ok(&["task", "show", &first_id, "--data", data]).await;
+    assert_mentions(&out, &[&first_id, "succeeded", "up 3 days"]);
+    let out = run_ok(&["tasks", "--data", data, "--state", "queued", "--json"]).await;
+    let listed: Vec<Value> = parse(&out);
     assert_eq!(ids(&listed), [second_id.as_str()]);
 
-    let (exit, _, stderr) = run(&["task", "cancel", &second_id, "--data", data]).await;
-    assert_eq!(exit, 0, "{stderr}");
+    run_ok(&["task", "cancel", &second_id, "--data", data]).await;
     assert_eq!(show(&server, &second_id).await["state"], "cancelled");
-    assert!(api.lease(10).await.is_empty(), "cancelled by the command");
+    api.assert_none_to_lease("cancelled by the command").await;
 
     // Failures: 1.
     for args in [

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::Method;
 use powernode_controller::events::EventRetention;
 use powernode_controller::server::{RunningController, ServeOptions};
 use rcgen::{CertificateParams, DnType, KeyPair};
@@ -78,17 +79,9 @@ impl TestServer {
 
     /// Creates a bootstrap token through the operator API.
     pub async fn token(&self, body: Value) -> String {
-        let reply = self
-            .anonymous()
-            .post(self.url("/api/v1/tokens"))
-            .bearer_auth(&self.operator_token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(reply.status(), 200);
-        let body: Value = reply.json().await.unwrap();
-        body["token"].as_str().unwrap().to_owned()
+        let (status, reply) = self.operator_post("/api/v1/tokens", &body).await;
+        assert_eq!(status, 200, "{reply}");
+        reply["token"].as_str().unwrap().to_owned()
     }
 
     /// Enrolls a fresh node with a fresh token; panics unless it works.
@@ -120,42 +113,37 @@ impl TestServer {
 
     /// `GET path` on the operator API with the operator token: status and JSON body.
     pub async fn operator_get(&self, path: &str) -> (u16, Value) {
-        let reply = self
-            .anonymous()
-            .get(self.url(path))
-            .bearer_auth(&self.operator_token)
-            .send()
-            .await
-            .unwrap();
-        status_json(reply).await
+        self.operator_call::<()>(Method::GET, path, None).await
     }
 
     /// `POST path` with `body` as JSON on the operator API with the operator token: status
     /// and JSON body.
     pub async fn operator_post(&self, path: &str, body: &impl serde::Serialize) -> (u16, Value) {
-        let reply = self
-            .anonymous()
-            .post(self.url(path))
-            .bearer_auth(&self.operator_token)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        status_json(reply).await
+        self.operator_call(Method::POST, path, Some(body)).await
     }
 
     /// `PUT path` with `body` as JSON on the operator API with the operator token: status
     /// and JSON body.
     pub async fn operator_put(&self, path: &str, body: &impl serde::Serialize) -> (u16, Value) {
-        let reply = self
+        self.operator_call(Method::PUT, path, Some(body)).await
+    }
+
+    /// `method path` on the operator API with the operator token, and `body` as JSON where
+    /// there is one: status and JSON body.
+    async fn operator_call<B: serde::Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> (u16, Value) {
+        let mut request = self
             .anonymous()
-            .put(self.url(path))
-            .bearer_auth(&self.operator_token)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        status_json(reply).await
+            .request(method, self.url(path))
+            .bearer_auth(&self.operator_token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        status_json(request.send().await.unwrap()).await
     }
 
     pub async fn stop(self) {
