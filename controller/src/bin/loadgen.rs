@@ -11,6 +11,15 @@
 //! - `closed`: every node sends its next heartbeat as soon as the previous reply arrived —
 //!   the most the controller (and this generator, on the same machine) can do.
 //!
+//! With `--mode push` (for `scripts/bench-push.sh`) it runs instead:
+//!
+//! - `watch`: every node holds `GET /node_api/v1/watch` for `--hold-s` seconds; once all are
+//!   sent it prints `watching N` on stdout (the driver measures a real node meanwhile), and
+//!   samples the controller's RSS and open descriptors every second;
+//! - `tasks`: `--tasks-per-node` tasks are created for every node through the operator API,
+//!   then every node leases one (`max 1`) and completes it, back to back, until none is left:
+//!   the closed-loop task rate.
+//!
 //! Prints human-readable lines to stderr and one JSON object as its last stdout line.
 //! Everything is bounded: counts and durations are arguments, and it stops by itself.
 //!
@@ -44,6 +53,9 @@ struct Args {
     controller_pid: Option<u32>,
     setup_concurrency: usize,
     threads: usize,
+    push: bool,
+    hold: Duration,
+    tasks_per_node: usize,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -57,6 +69,9 @@ fn parse_args() -> anyhow::Result<Args> {
         controller_pid: None,
         setup_concurrency: 16,
         threads: 2,
+        push: false,
+        hold: Duration::from_secs(30),
+        tasks_per_node: 5,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -71,10 +86,20 @@ fn parse_args() -> anyhow::Result<Args> {
             "--controller-pid" => args.controller_pid = Some(value()?.parse()?),
             "--setup-concurrency" => args.setup_concurrency = value()?.parse()?,
             "--threads" => args.threads = value()?.parse()?,
+            "--mode" => {
+                args.push = match value()?.as_str() {
+                    "heartbeat" => false,
+                    "push" => true,
+                    other => bail!("--mode is heartbeat or push, not {other}"),
+                }
+            }
+            "--hold-s" => args.hold = Duration::from_secs_f64(value()?.parse()?),
+            "--tasks-per-node" => args.tasks_per_node = value()?.parse()?,
             other => bail!(
                 "unknown argument {other}\nusage: loadgen --addr HOST:PORT --data DIR \
                  [--nodes N] [--rate HB_PER_S] [--warmup-s S] [--duration-s S] \
-                 [--controller-pid PID] [--setup-concurrency C] [--threads T]"
+                 [--controller-pid PID] [--setup-concurrency C] [--threads T] \
+                 [--mode heartbeat|push] [--hold-s S] [--tasks-per-node N]"
             ),
         }
     }
@@ -125,32 +150,44 @@ impl Conn {
         bearer: Option<&str>,
         body: &[u8],
     ) -> anyhow::Result<(u16, Vec<u8>)> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.post_inner(path, bearer, body))
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.request("POST", path, bearer, Some(body)),
+        )
+        .await
+        .context("request timed out")?
+    }
+
+    /// GET `path`, waiting up to `timeout` (a held watch takes long); the status and body.
+    async fn get(&mut self, path: &str, timeout: Duration) -> anyhow::Result<(u16, Vec<u8>)> {
+        tokio::time::timeout(timeout, self.request("GET", path, None, None))
             .await
             .context("request timed out")?
     }
 
-    async fn post_inner(
+    async fn request(
         &mut self,
+        method: &str,
         path: &str,
         bearer: Option<&str>,
-        body: &[u8],
+        body: Option<&[u8]>,
     ) -> anyhow::Result<(u16, Vec<u8>)> {
         self.out.clear();
         let mut head = String::with_capacity(256);
-        write!(
-            head,
-            "POST {path} HTTP/1.1\r\nhost: {}\r\ncontent-type: application/json\r\n\
-             content-length: {}\r\n",
-            self.host,
-            body.len()
-        )?;
+        write!(head, "{method} {path} HTTP/1.1\r\nhost: {}\r\n", self.host)?;
+        if let Some(body) = body {
+            write!(
+                head,
+                "content-type: application/json\r\ncontent-length: {}\r\n",
+                body.len()
+            )?;
+        }
         if let Some(token) = bearer {
             write!(head, "authorization: Bearer {token}\r\n")?;
         }
         head.push_str("\r\n");
         self.out.extend_from_slice(head.as_bytes());
-        self.out.extend_from_slice(body);
+        self.out.extend_from_slice(body.unwrap_or_default());
         self.tls.write_all(&self.out).await?;
         self.tls.flush().await?;
         // Headers.
@@ -230,8 +267,9 @@ fn tls_config(
     Ok(config)
 }
 
-/// A simulated node's certificate and key.
+/// A simulated node's id, certificate and key.
 struct Node {
+    id: String,
     cert_pem: String,
     key_pem: String,
 }
@@ -283,6 +321,7 @@ async fn enroll_all(args: &Args, ca_pem: &str, operator: &str) -> anyhow::Result
                 );
                 let body: Value = serde_json::from_slice(&body)?;
                 nodes.push(Node {
+                    id: body["node_id"].as_str().context("no node_id")?.to_owned(),
                     cert_pem: body["cert_pem"].as_str().context("no cert_pem")?.to_owned(),
                     key_pem: key.serialize_pem(),
                 });
@@ -481,26 +520,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // One mTLS connection per node, opened `setup_concurrency` at a time.
     let t = Instant::now();
-    let sem = Arc::new(tokio::sync::Semaphore::new(args.setup_concurrency.max(1)));
-    let mut opens = Vec::with_capacity(nodes.len());
-    for node in &nodes {
-        let config = Arc::new(tls_config(&ca_pem, Some((&node.cert_pem, &node.key_pem)))?);
-        let addr = args.addr.clone();
-        let sem = sem.clone();
-        opens.push(tokio::spawn(async move {
-            let _permit = sem.acquire_owned().await?;
-            Conn::open(&addr, config).await
-        }));
-    }
-    let mut conns = Vec::with_capacity(nodes.len());
-    for open in opens {
-        conns.push(open.await??);
-    }
+    let conns = connect_all(&args, &ca_pem, &nodes).await?;
     let connect_s = t.elapsed().as_secs_f64();
     eprintln!(
         "loadgen: {} mTLS connections opened in {connect_s:.1} s",
         conns.len()
     );
+    if args.push {
+        let watched = watch_phase(&args, conns).await?;
+        let conns = connect_all(&args, &ca_pem, &nodes).await?;
+        let tasks = tasks_phase(&args, &ca_pem, &operator, &nodes, conns).await?;
+        println!(
+            "{}",
+            json!({
+                "nodes": args.nodes,
+                "enroll_s": (enroll_s * 10.0).round() / 10.0,
+                "watch": watched,
+                "tasks": tasks,
+            })
+        );
+        return Ok(());
+    }
 
     let interval = Duration::from_secs_f64(args.nodes as f64 / args.rate);
     eprintln!(
@@ -543,4 +583,176 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(run(args))
+}
+
+/// One mTLS connection per node, `setup_concurrency` opened at a time.
+async fn connect_all(args: &Args, ca_pem: &str, nodes: &[Node]) -> anyhow::Result<Vec<Conn>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.setup_concurrency.max(1)));
+    let mut opens = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let config = Arc::new(tls_config(ca_pem, Some((&node.cert_pem, &node.key_pem)))?);
+        let addr = args.addr.clone();
+        let sem = sem.clone();
+        opens.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            Conn::open(&addr, config).await
+        }));
+    }
+    let mut conns = Vec::with_capacity(nodes.len());
+    for open in opens {
+        conns.push(open.await??);
+    }
+    Ok(conns)
+}
+
+/// Open descriptors of a process.
+fn fd_count(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
+}
+
+/// A `kB` line of /proc/PID/status, in MiB.
+fn status_mib(pid: u32, key: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+/// Every node holds a watch for `--hold-s`; the controller's memory and descriptors meanwhile.
+async fn watch_phase(args: &Args, conns: Vec<Conn>) -> anyhow::Result<Value> {
+    let n = conns.len();
+    let hold_s = args.hold.as_secs().clamp(1, 270);
+    let mut watchers = Vec::with_capacity(n);
+    for mut conn in conns {
+        let path = format!("/node_api/v1/watch?generation=0&timeout_s={}", hold_s + 30);
+        watchers.push(tokio::spawn(async move {
+            conn.get(&path, Duration::from_secs(hold_s + 60)).await
+        }));
+    }
+    // Let every request reach the controller before the driver is told.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("watching {n}");
+    use std::io::Write as _;
+    std::io::stdout().flush()?;
+    eprintln!("loadgen: {n} watches held for {hold_s} s");
+    let (mut rss, mut fds) = (0.0f64, 0usize);
+    let until = Instant::now() + Duration::from_secs(hold_s);
+    while Instant::now() < until {
+        if let Some(pid) = args.controller_pid {
+            rss = rss.max(status_mib(pid, "VmRSS:").unwrap_or(0.0));
+            fds = fds.max(fd_count(pid).unwrap_or(0));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let answered = watchers.iter().filter(|w| w.is_finished()).count();
+    for w in &watchers {
+        w.abort();
+    }
+    eprintln!(
+        "loadgen: watch: controller RSS up to {rss:.1} MiB, {fds} descriptors; {answered} of {n} \
+         watches answered early"
+    );
+    Ok(json!({
+        "watching_nodes": n,
+        "answered_early": answered,
+        "controller_rss_mib": (rss * 10.0).round() / 10.0,
+        "controller_fds": fds,
+    }))
+}
+
+/// `--tasks-per-node` tasks for every node, then every node leases and completes one at a
+/// time until none is left: the closed-loop rate.
+async fn tasks_phase(
+    args: &Args,
+    ca_pem: &str,
+    operator: &str,
+    nodes: &[Node],
+    conns: Vec<Conn>,
+) -> anyhow::Result<Value> {
+    let t = Instant::now();
+    let anon = Arc::new(tls_config(ca_pem, None)?);
+    let next = Arc::new(AtomicU64::new(0));
+    let ids: Arc<Vec<String>> = Arc::new(nodes.iter().map(|n| n.id.clone()).collect());
+    let total = (nodes.len() * args.tasks_per_node) as u64;
+    let mut creators = Vec::new();
+    for _ in 0..args.setup_concurrency.max(1) {
+        let (anon, next, ids) = (anon.clone(), next.clone(), ids.clone());
+        let (addr, operator) = (args.addr.clone(), operator.to_owned());
+        creators.push(tokio::spawn(async move {
+            let mut conn = Conn::open(&addr, anon).await?;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return anyhow::Ok(());
+                }
+                let node = &ids[(i as usize) % ids.len()];
+                let body = json!({"node": node, "kind": "bench.noop", "timeout_s": 60});
+                let (status, reply) = conn
+                    .post("/api/v1/tasks", Some(&operator), &serde_json::to_vec(&body)?)
+                    .await?;
+                anyhow::ensure!(
+                    status == 200,
+                    "task create: HTTP {status} {}",
+                    String::from_utf8_lossy(&reply)
+                );
+            }
+        }));
+    }
+    for c in creators {
+        c.await??;
+    }
+    let create_s = t.elapsed().as_secs_f64();
+    eprintln!("loadgen: {total} tasks created in {create_s:.1} s");
+
+    let t = Instant::now();
+    let mut runners = Vec::with_capacity(conns.len());
+    for mut conn in conns {
+        runners.push(tokio::spawn(async move {
+            let (mut done, mut errors) = (0u64, 0u64);
+            loop {
+                let (status, reply) = conn
+                    .post("/node_api/v1/tasks/lease", None, b"{\"max\":1}")
+                    .await?;
+                if status != 200 {
+                    errors += 1;
+                    anyhow::ensure!(errors < 10, "lease: HTTP {status}");
+                    continue;
+                }
+                let reply: Value = serde_json::from_slice(&reply)?;
+                let Some(task) = reply["tasks"].as_array().and_then(|t| t.first()) else {
+                    return anyhow::Ok((done, errors));
+                };
+                let id = task["id"].as_str().context("no task id")?;
+                let path = format!("/node_api/v1/tasks/{id}/complete");
+                let (status, _) = conn
+                    .post(&path, None, b"{\"outcome\":\"Succeeded\",\"output\":\"ok\"}")
+                    .await?;
+                if status == 200 {
+                    done += 1;
+                } else {
+                    errors += 1;
+                }
+            }
+        }));
+    }
+    let (mut done, mut errors) = (0u64, 0u64);
+    for r in runners {
+        let (d, e) = r.await??;
+        done += d;
+        errors += e;
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let rate = done as f64 / seconds;
+    eprintln!(
+        "loadgen: {done} tasks leased and completed by {} nodes in {seconds:.1} s: {rate:.0}/s, \
+         {errors} errors",
+        nodes.len()
+    );
+    Ok(json!({
+        "tasks": done,
+        "create_s": (create_s * 10.0).round() / 10.0,
+        "seconds": (seconds * 100.0).round() / 100.0,
+        "tasks_per_s": rate.round(),
+        "errors": errors,
+    }))
 }
