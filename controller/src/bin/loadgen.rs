@@ -688,7 +688,11 @@ async fn tasks_phase(
                 let node = &ids[(i as usize) % ids.len()];
                 let body = json!({"node": node, "kind": "bench.noop", "timeout_s": 60});
                 let (status, reply) = conn
-                    .post("/api/v1/tasks", Some(&operator), &serde_json::to_vec(&body)?)
+                    .post(
+                        "/api/v1/tasks",
+                        Some(&operator),
+                        &serde_json::to_vec(&body)?,
+                    )
                     .await?;
                 anyhow::ensure!(
                     status == 200,
@@ -725,7 +729,11 @@ async fn tasks_phase(
                 let id = task["id"].as_str().context("no task id")?;
                 let path = format!("/node_api/v1/tasks/{id}/complete");
                 let (status, _) = conn
-                    .post(&path, None, b"{\"outcome\":\"Succeeded\",\"output\":\"ok\"}")
+                    .post(
+                        &path,
+                        None,
+                        b"{\"outcome\":\"Succeeded\",\"output\":\"ok\"}",
+                    )
                     .await?;
                 if status == 200 {
                     done += 1;
