@@ -49,6 +49,7 @@
 
 pub mod events;
 pub mod store;
+pub mod tasks;
 
 use std::time::Duration;
 
@@ -62,7 +63,8 @@ use powernode_types::node_api::{
     EnrollRequest, EnrollResponse, Identity, RotateRequest, RotateResponse,
 };
 use powernode_types::{
-    ControllerStatus, EnrollmentState, EnrollmentStatus, IdentityState, NodeIdentity, GLOBAL_KEY,
+    ControllerStatus, EnrollmentState, EnrollmentStatus, IdentityState, NodeIdentity, TaskStatus,
+    GLOBAL_KEY,
 };
 use tokio::time::Instant;
 
@@ -170,6 +172,8 @@ enum Wake {
     Shutdown,
     Deadline,
     IdentityChanged,
+    /// A `cert.rotate` task asks for a rotation now (only while one is possible).
+    RotateNow,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -177,7 +181,16 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let publication = ctx
         .open_publication::<EnrollmentStatus>()
         .context("opening EnrollmentStatus")?;
+    let statuses = ctx
+        .open_publication::<TaskStatus>()
+        .context("opening TaskStatus")?;
     let mut agent = Agent {
+        requests: tasks::Requests::new(
+            Subscription::connect(&ctx.dirs, tasks::TASK_AGENT),
+            statuses,
+        ),
+        rotating_for: Vec::new(),
+        can_rotate: false,
         identity: Subscription::connect(&ctx.dirs, IDENTITY_AGENT),
         heartbeat: Subscription::connect(&ctx.dirs, HEARTBEAT_AGENT),
         store: Store::new(PkiPaths::under(ctx.root.persist_dir())),
@@ -206,11 +219,18 @@ struct Agent {
     heartbeat: Subscription<ControllerStatus>,
     store: Store,
     tick: tokio::time::Interval,
+    /// `cert.rotate` tasks.
+    requests: tasks::Requests,
+    /// The `cert.rotate` tasks the next rotation attempt answers.
+    rotating_for: Vec<String>,
+    /// Whether the current state holds a certificate to rotate (else a request is refused).
+    can_rotate: bool,
 }
 
 impl Agent {
     /// Runs one state: publishes it, acts, waits; returns the next state (`None`: shutdown).
     async fn step(&mut self, state: State) -> anyhow::Result<Option<State>> {
+        self.can_rotate = matches!(state, State::Enrolled(_) | State::Rotating { .. });
         match state {
             State::Loading => Ok(Some(self.load().await)),
             State::NotEnrolled { why } => self.not_enrolled(why).await,
@@ -248,7 +268,7 @@ impl Agent {
         loop {
             match self.wait(None).await {
                 Wake::Shutdown => return Ok(None),
-                Wake::Deadline => {}
+                Wake::Deadline | Wake::RotateNow => {}
                 Wake::IdentityChanged => match self.inputs() {
                     Ok(inputs) => return Ok(Some(self.enrolling(inputs))),
                     Err(w) if w != why => return Ok(Some(State::NotEnrolled { why: w })),
@@ -300,7 +320,7 @@ impl Agent {
         self.publish(EnrollmentState::Enrolling, None, None, Some(error.clone()))?;
         Ok(match self.wait(Some(Instant::now() + delay)).await {
             Wake::Shutdown => None,
-            Wake::Deadline | Wake::IdentityChanged => Some(match self.inputs() {
+            Wake::Deadline | Wake::IdentityChanged | Wake::RotateNow => Some(match self.inputs() {
                 Ok(inputs) => State::Enrolling {
                     inputs,
                     backoff,
@@ -321,8 +341,13 @@ impl Agent {
             installed.rotate_at_ms()
         ));
         while now_ms() < installed.rotate_at_ms() {
-            if let Wake::Shutdown = self.wait(Some(deadline(installed.rotate_at_ms()))).await {
-                return Ok(None);
+            match self.wait(Some(deadline(installed.rotate_at_ms()))).await {
+                Wake::Shutdown => return Ok(None),
+                Wake::RotateNow => {
+                    tracing::info!("rotation asked for by a cert.rotate task");
+                    break;
+                }
+                Wake::Deadline | Wake::IdentityChanged => {}
             }
         }
         Ok(Some(State::Rotating {
@@ -351,9 +376,27 @@ impl Agent {
             }
             Some(f) => self.publish(f.state, Some(&current), Some(f), Some(f.error.clone()))?,
         }
+        let asked = self.requests.pending();
+        self.requests.start(&asked);
+        self.rotating_for.extend(asked);
         let Some(outcome) = self.attempt(rotate(&self.ctx, &self.store, &current)).await else {
             return Ok(None);
         };
+        let answered = std::mem::take(&mut self.rotating_for);
+        self.requests.finish(
+            &answered,
+            match &outcome {
+                Ok(installed) => Ok(format!(
+                    "rotated: certificate {} (was {}), valid until {} ms",
+                    installed.cert.fingerprint,
+                    current.cert.fingerprint,
+                    installed.cert.not_after_ms
+                )),
+                Err(Failure::Retry(e) | Failure::Refused(_, e)) => {
+                    Err(format!("the rotation attempt failed: {e}"))
+                }
+            },
+        );
         let (state, error) = match outcome {
             Ok(installed) => {
                 tracing::info!(
@@ -427,8 +470,11 @@ impl Agent {
             }
             let next_raise = failing.raised_at.map_or(retry_at, |at| at + interval);
             let until = retry_at.min(expiry).min(next_raise);
-            if let Wake::Shutdown = self.wait(Some(until)).await {
-                return Ok(None);
+            match self.wait(Some(until)).await {
+                Wake::Shutdown => return Ok(None),
+                // Asked to rotate now: the next attempt goes at once.
+                Wake::RotateNow => break,
+                Wake::Deadline | Wake::IdentityChanged => {}
             }
         }
         Ok(Some(State::Rotating {
@@ -475,7 +521,7 @@ impl Agent {
         loop {
             match self.wait(None).await {
                 Wake::Shutdown => return Ok(None),
-                Wake::Deadline => {}
+                Wake::Deadline | Wake::RotateNow => {}
                 Wake::IdentityChanged => {
                     let Ok(inputs) = self.inputs() else { continue };
                     let same = refused.as_ref() == Some(&inputs);
@@ -581,6 +627,17 @@ impl Agent {
                 _ = self.tick.tick() => self.ctx.beat(),
                 _ = tokio::time::sleep_until(until) => return Wake::Deadline,
                 _ = self.heartbeat.next() => {}
+                _ = self.requests.configs.next() => {
+                    self.requests.tidy();
+                    if !self.requests.pending().is_empty() {
+                        if self.can_rotate {
+                            return Wake::RotateNow;
+                        }
+                        self.requests.refuse_pending(
+                            "the node holds no certificate to rotate (it is not enrolled)",
+                        );
+                    }
+                }
                 event = self.identity.next() => match event {
                     Event::Create { .. } | Event::Modify { .. } | Event::Delete { .. } => {
                         return Wake::IdentityChanged

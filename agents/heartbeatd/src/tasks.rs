@@ -35,7 +35,7 @@ pub const LEASE_CALL: &str = "tasks/lease";
 pub const MAX_HELD: usize = 8;
 
 /// The agents that run tasks, by kind: the one table of it (docs/tasks.md).
-pub const OWNERS: &[(&str, &str)] = &[("node.exec", "execd")];
+pub const OWNERS: &[(&str, &str)] = &[("node.exec", "execd"), ("cert.rotate", "enrollmgr")];
 
 /// The agent that runs tasks of `kind` on this node.
 pub fn owner(kind: &str) -> Option<&'static str> {
@@ -261,7 +261,8 @@ mod tests {
     #[test]
     fn every_kind_has_one_owner() {
         assert_eq!(owner("node.exec"), Some("execd"));
+        assert_eq!(owner("cert.rotate"), Some("enrollmgr"));
         assert_eq!(owner("module.attach"), None);
-        assert_eq!(owner_agents(), ["execd"]);
+        assert_eq!(owner_agents(), ["execd", "enrollmgr"]);
     }
 }

@@ -443,7 +443,10 @@ async fn rotation_failing_every_interval_and_in_the_heartbeat() {
         .await;
     let held = failing.rotation_attempts;
     assert_eq!(stored.report.rotation_failing_since_ms, Some(since));
-    assert!(stored.report.rotation_attempts >= held, "{stored:?}");
+    // Not `>= held`: enrollmgr, stopped right after this test saw its last attempt, may not
+    // have sent that update to heartbeatd yet (a subscriber whose connection was busy gets it
+    // from the publisher's connection task, which a stopped process does not run).
+    assert!(stored.report.rotation_attempts >= 1, "{stored:?}");
     assert_eq!(stored.report.not_after_ms, first.not_after_ms);
     assert_eq!(stored.report.cert_fingerprint, first.cert_fingerprint);
     assert!(

@@ -384,3 +384,54 @@ async fn sigterm_kills_the_running_script_and_reports_it_interrupted() {
     assert_eq!(task.state, "interrupted", "{task:?}");
     assert!(task.output.unwrap().starts_with("started"));
 }
+
+/// `cert.rotate` (rotate now): enrollmgr rotates at once, long before 75 % of the hour-long
+/// certificate; the task succeeds with the new fingerprint, which is the one the node now
+/// publishes, and the controller has issued the node a second certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cert_rotate_rotates_now() {
+    let node = Node::boot().await;
+    let dirs = Dirs::under_root(&node.root);
+    let enrollment = Subscription::<powernode_types::EnrollmentStatus>::connect(&dirs, "enrollmgr");
+    let before = {
+        let deadline = Instant::now() + WAIT;
+        let mut enrollment = enrollment;
+        loop {
+            if let Some(fp) = enrollment
+                .get(GLOBAL_KEY)
+                .and_then(|s| s.cert_fingerprint.clone())
+            {
+                break fp;
+            }
+            node.check(deadline, "no enrollment status");
+            let _ = tokio::time::timeout(Duration::from_millis(200), enrollment.next()).await;
+        }
+    };
+    let id = node.create("cert.rotate", json!({}), 60).await;
+    let task = node.task_when(&id, "finished", final_state).await;
+    assert_eq!(task.state, "succeeded", "{task:?}");
+    let output = task.output.unwrap();
+    assert!(output.contains(&format!("(was {before})")), "{output}");
+    let mut enrollment =
+        Subscription::<powernode_types::EnrollmentStatus>::connect(&dirs, "enrollmgr");
+    let deadline = Instant::now() + WAIT;
+    let after = loop {
+        if let Some(fp) = enrollment
+            .get(GLOBAL_KEY)
+            .and_then(|s| s.cert_fingerprint.clone())
+            .filter(|fp| *fp != before)
+        {
+            break fp;
+        }
+        node.check(deadline, "the node never published the new certificate");
+        let _ = tokio::time::timeout(Duration::from_millis(200), enrollment.next()).await;
+    };
+    assert!(output.contains(&after), "{output} does not name {after}");
+    let detail = node
+        .storage
+        .node_detail(&node.node_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(detail.certificates.len(), 2, "{:?}", detail.certificates);
+}
