@@ -43,6 +43,14 @@ impl WatchHub {
         sender.subscribe()
     }
 
+    /// Hands `node`'s watchers `current` (just read from the database) if it is newer than
+    /// what the hub holds.
+    pub fn offer(&self, node: &str, current: WatchState) {
+        if let Some(sender) = self.lock().get(node) {
+            sender.send_if_modified(|held| newer(held, current));
+        }
+    }
+
     /// Asks the scanner to look now: this process just changed something a node may watch.
     pub fn poke(&self) {
         self.poke.notify_one();

@@ -47,6 +47,8 @@ struct Running {
 struct Done {
     id: String,
     status: TaskStatus,
+    /// It ended because it was told to stop (withdrawn, or execd stopping), not by itself.
+    cancelled: bool,
 }
 
 /// Everything the main loop carries.
@@ -193,6 +195,9 @@ impl Agent {
         self.ctx.tasks.spawn(async move {
             let finished = script::run(&plan, &files, cancel).await;
             let now = agentbase::health::now_ms();
+            let cancelled = finished
+                .as_ref()
+                .is_ok_and(|f| f.ending == script::Ending::Cancelled);
             let (state, output) = match finished {
                 Ok(f) if f.succeeded() => (TaskState::Succeeded, f.report()),
                 Ok(f) => (TaskState::Failed, f.report()),
@@ -208,6 +213,7 @@ impl Agent {
                 .send(Done {
                     id: status.id.clone(),
                     status,
+                    cancelled,
                 })
                 .await;
         });
@@ -238,10 +244,13 @@ impl Agent {
             };
             self.running.remove(&done.id);
             let mut status = done.status;
-            status.state = TaskState::Interrupted;
-            status.output = status
-                .output
-                .replace("[cancelled;", "[interrupted: execd was stopped;");
+            // A script that ended by itself meanwhile keeps its outcome.
+            if done.cancelled {
+                status.state = TaskState::Interrupted;
+                status.output = status
+                    .output
+                    .replace("[cancelled;", "[interrupted: execd was stopped;");
+            }
             self.publish(status);
         }
     }
@@ -253,12 +262,24 @@ impl Agent {
         Files::of(&self.work, id).remove();
     }
 
+    /// Publishes `status`; one that cannot be (an item over the frame limit) is replaced by
+    /// a final `Failed` saying why, so the task is never left `Running` for heartbeatd to
+    /// renew forever.
     fn publish(&mut self, status: TaskStatus) {
-        if let Err(e) = self.statuses.publish(&status) {
-            tracing::error!(task_id = %status.id, error = %e, "could not publish a task status");
+        let Err(e) = self.statuses.publish(&status) else {
+            return;
+        };
+        tracing::error!(task_id = %status.id, error = %e, "could not publish a task status");
+        let fallback = TaskStatus {
+            state: TaskState::Failed,
+            output: format!("execd could not publish the task's status: {e}"),
+            finished_at_ms: Some(agentbase::health::now_ms()),
+            ..status
+        };
+        if let Err(e) = self.statuses.publish(&fallback) {
             self.ctx
                 .health
-                .report_error(&format!("publishing TaskStatus {}: {e}", status.id));
+                .report_error(&format!("publishing TaskStatus {}: {e}", fallback.id));
         }
     }
 }

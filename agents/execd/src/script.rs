@@ -113,11 +113,21 @@ impl Files {
         }
     }
 
-    /// The output written so far, at most [`OUTPUT_MAX`] bytes, as text.
+    /// The output written so far as text, at most [`OUTPUT_MAX`] bytes of it: bytes that are
+    /// not UTF-8 become U+FFFD (three bytes each), so the text is cut again after converting,
+    /// or a script printing binary would make a status too large to publish.
     pub fn output_so_far(&self) -> String {
         let bytes = std::fs::read(&self.output).unwrap_or_default();
         let kept = &bytes[..bytes.len().min(OUTPUT_MAX)];
-        String::from_utf8_lossy(kept).into_owned()
+        let mut text = String::from_utf8_lossy(kept).into_owned();
+        if text.len() > OUTPUT_MAX {
+            let mut end = OUTPUT_MAX;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        text
     }
 }
 
@@ -180,7 +190,9 @@ pub async fn run(
     cancel: tokio::sync::oneshot::Receiver<()>,
 ) -> std::io::Result<Finished> {
     std::fs::write(&files.script, &plan.script)?;
-    let (read, write) = nix::unistd::pipe()?;
+    // Close-on-exec, so a script started at the same moment does not inherit this one's
+    // pipe and hold it open (the child gets its own copies as stdout and stderr).
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let write2 = write.try_clone()?;
     let mut child = tokio::process::Command::new(plan.interpreter)
         .arg(&files.script)
@@ -191,8 +203,12 @@ pub async fn run(
         .kill_on_drop(false)
         .spawn()?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    // Without this file a restarted agent cannot kill what a killed one left running; the
+    // script runs all the same (and is killed as usual when it ends here).
     if let Some(start) = start_time(pid) {
-        std::fs::write(&files.pgid, format!("{pid} {start}\n"))?;
+        if let Err(e) = std::fs::write(&files.pgid, format!("{pid} {start}\n")) {
+            tracing::warn!(pgid = pid, error = %e, "could not record the script's process group");
+        }
     }
     let reader = tokio::spawn(copy_capped(read, files.output.clone()));
     let ending = tokio::select! {
@@ -364,6 +380,22 @@ mod tests {
         let alive = std::fs::read_to_string(format!("/proc/{child}/stat"))
             .is_ok_and(|s| !s.contains(") Z "));
         assert!(!alive, "the script's child {child} outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn binary_output_stays_within_the_cap_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = Files::of(dir.path(), "t5");
+        let (_keep, cancel) = tokio::sync::oneshot::channel();
+        let script = format!("head -c {} /dev/zero | tr '\\0' '\\377'", OUTPUT_MAX + 10);
+        let done = run(&plan(&script, 10_000), &files, cancel).await.unwrap();
+        assert!(done.succeeded(), "{done:?}");
+        assert!(
+            done.output.len() <= OUTPUT_MAX + 100,
+            "{}",
+            done.output.len()
+        );
+        assert!(done.output.contains('\u{fffd}'));
     }
 
     #[tokio::test]

@@ -646,8 +646,11 @@ impl Agent {
         };
         let shutdown = self.ctx.shutdown.clone();
         let work = async {
-            self.tasks.report(&client).await?;
-            self.tasks.renew_due(&client, now_ms()).await?;
+            // A report the controller cannot take now must not hold up the renewals: their
+            // leases would run out and their tasks be killed.
+            let reported = self.tasks.report(&client).await;
+            self.tasks.renew_due(&client).await?;
+            reported?;
             if lease {
                 let got = self.tasks.lease(&client).await?;
                 if got > 0 {

@@ -18,7 +18,7 @@
 //! held, and keeps renewing and reporting it; after a reboot the leases simply expire on the
 //! controller, which gives the tasks out again (or fails them after their last attempt).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use powernode_pubsub::Publication;
@@ -49,12 +49,37 @@ pub fn owner_agents() -> Vec<&'static str> {
     agents
 }
 
+/// A held task's lease as this node's clock sees it (the controller's expiry is on the
+/// controller's clock, which may differ).
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// The lease's length.
+    period: Duration,
+    /// When it was leased or last renewed, local ms.
+    since_ms: u64,
+    /// When it was handed to its owner, local ms: an owner that has not said it runs the task
+    /// a lease later never will (it is down), and the lease is left to run out.
+    handed_ms: u64,
+}
+
+impl Lease {
+    fn expires_ms(&self) -> u64 {
+        self.since_ms
+            .saturating_add(u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX))
+    }
+}
+
 /// The held tasks and the reports not yet taken by the controller.
 pub struct Tasks {
     configs: Publication<TaskConfig>,
-    /// Each held task's lease length, for when to renew; a task reloaded after a restart
-    /// gets what was left of its lease then.
-    periods: HashMap<String, Duration>,
+    /// Each held task's lease; a task reloaded after a restart gets what was left of its
+    /// lease then (by the controller's clock: the best there is).
+    leases: HashMap<String, Lease>,
+    /// Held tasks their owner reports `Running`.
+    running: HashSet<String>,
+    /// Tasks whose lease was lost while held: if the controller gives one out again, it ran
+    /// (or runs) here already, and is reported Interrupted rather than handed over twice.
+    lost: HashSet<String>,
     /// Completions to send, by task id.
     reports: BTreeMap<String, TaskCompleteRequest>,
 }
@@ -62,17 +87,24 @@ pub struct Tasks {
 impl Tasks {
     /// Over heartbeatd's `TaskConfig` publication (and what it reloaded).
     pub fn new(configs: Publication<TaskConfig>, now_ms: u64) -> Tasks {
-        let periods = configs
+        let leases = configs
             .keys()
             .into_iter()
             .filter_map(|id| {
                 let left = configs.get(&id)?.lease_expires_at_ms.saturating_sub(now_ms);
-                Some((id, Duration::from_millis(left.max(1_000))))
+                let lease = Lease {
+                    period: Duration::from_millis(left.max(1_000)),
+                    since_ms: now_ms,
+                    handed_ms: now_ms,
+                };
+                Some((id, lease))
             })
             .collect();
         Tasks {
             configs,
-            periods,
+            leases,
+            running: HashSet::new(),
+            lost: HashSet::new(),
             reports: BTreeMap::new(),
         }
     }
@@ -97,7 +129,21 @@ impl Tasks {
             .post(LEASE_CALL, &TaskLeaseRequest { max: room as u32 })
             .await?;
         let got = reply.tasks.len();
+        let now = local_ms();
         for task in reply.tasks {
+            if self.lost.remove(&task.id) {
+                tracing::warn!(task_id = %task.id, "a task whose lease this node lost was given to it again");
+                self.reports.insert(
+                    task.id.clone(),
+                    TaskCompleteRequest {
+                        outcome: TaskOutcome::Interrupted,
+                        output: "the lease was lost while the task was held on this node; it \
+                                 is not run again"
+                            .to_owned(),
+                    },
+                );
+                continue;
+            }
             let Some(agent) = owner(&task.kind) else {
                 tracing::warn!(task_id = %task.id, kind = %task.kind, "no agent runs this kind");
                 self.reports.insert(
@@ -135,18 +181,28 @@ impl Tasks {
                 );
                 continue;
             }
-            self.periods
-                .insert(task.id, Duration::from_secs(task.timeout_s.into()));
+            self.leases.insert(
+                task.id,
+                Lease {
+                    period: Duration::from_secs(task.timeout_s.into()),
+                    since_ms: now,
+                    handed_ms: now,
+                },
+            );
         }
         Ok(got)
     }
 
     /// Takes every final status of a held task as a report to send.
     pub fn statuses<'a>(&mut self, statuses: impl IntoIterator<Item = &'a TaskStatus>) {
+        self.running.clear();
         for status in statuses {
             let id = status.id.as_str();
             let outcome = match status.state {
-                TaskState::Running => continue,
+                TaskState::Running => {
+                    self.running.insert(id.to_owned());
+                    continue;
+                }
                 TaskState::Succeeded => TaskOutcome::Succeeded,
                 TaskState::Failed => TaskOutcome::Failed,
                 TaskState::Interrupted => TaskOutcome::Interrupted,
@@ -177,11 +233,10 @@ impl Tasks {
                 Ok(reply) => {
                     tracing::info!(task_id = %id, state = %reply.state, late = reply.late, "task reported");
                 }
-                Err(TransportError::Status {
-                    status: status @ (404 | 409),
-                    code,
-                    ..
-                }) => {
+                // Refused for what it is (not for the moment): sending it again cannot help.
+                Err(TransportError::Status { status, code, .. })
+                    if (400..500).contains(&status) && !matches!(status, 408 | 429) =>
+                {
                     tracing::warn!(task_id = %id, status, %code, "the controller refused the task's report; dropping it");
                 }
                 Err(e) => return Err(e),
@@ -194,18 +249,17 @@ impl Tasks {
 
     /// Renews every held task less than half of whose lease is left; a task the controller
     /// says is no longer ours is withdrawn (its owner stops it).
-    pub async fn renew_due(
-        &mut self,
-        client: &ControllerClient,
-        now_ms: u64,
-    ) -> Result<(), TransportError> {
-        for id in self.due(now_ms) {
+    pub async fn renew_due(&mut self, client: &ControllerClient) -> Result<(), TransportError> {
+        for id in self.due(local_ms()) {
             let call = format!("tasks/{id}/renew");
             match client
                 .post::<_, TaskRenewResponse>(&call, &serde_json::json!({}))
                 .await
             {
                 Ok(reply) => {
+                    if let Some(lease) = self.leases.get_mut(&id) {
+                        lease.since_ms = local_ms();
+                    }
                     if let Some(mut config) = self.configs.get(&id) {
                         config.lease_expires_at_ms = reply.lease_expires_at_ms;
                         if let Err(e) = self.configs.publish(&config) {
@@ -220,6 +274,7 @@ impl Tasks {
                 }) => {
                     tracing::info!(task_id = %id, %code, "task no longer leased to this node; withdrawing it");
                     self.forget(&id);
+                    self.lost.insert(id);
                 }
                 Err(e) => return Err(e),
             }
@@ -227,36 +282,82 @@ impl Tasks {
         Ok(())
     }
 
-    /// Held tasks whose lease is half gone by `now_ms`, and not finished.
+    /// Held tasks whose lease is half gone by `now_ms` (this node's clock), not finished, and
+    /// either running or handed over less than a lease ago: a task its owner never took up (the
+    /// owner is down) is left to expire, so the controller can give it out again.
     fn due(&self, now_ms: u64) -> Vec<String> {
-        self.configs
-            .keys()
-            .into_iter()
-            .filter(|id| !self.reports.contains_key(id))
-            .filter(|id| {
-                let Some(config) = self.configs.get(id) else {
-                    return false;
-                };
-                let half = self
-                    .periods
-                    .get(id)
-                    .map_or(0, |p| u64::try_from(p.as_millis() / 2).unwrap_or(u64::MAX));
-                config.lease_expires_at_ms.saturating_sub(now_ms) < half
+        self.leases
+            .iter()
+            .filter(|(id, _)| !self.reports.contains_key(*id))
+            .filter(|(id, lease)| {
+                let half = u64::try_from(lease.period.as_millis() / 2).unwrap_or(u64::MAX);
+                let period = u64::try_from(lease.period.as_millis()).unwrap_or(u64::MAX);
+                let taken_up =
+                    self.running.contains(*id) || now_ms < lease.handed_ms.saturating_add(period);
+                taken_up && lease.expires_ms().saturating_sub(now_ms) < half
             })
+            .map(|(id, _)| id.clone())
             .collect()
     }
 
     fn forget(&mut self, id: &str) {
-        self.periods.remove(id);
+        self.leases.remove(id);
+        self.running.remove(id);
         if let Err(e) = self.configs.unpublish(id) {
             tracing::warn!(task_id = %id, error = %e, "could not withdraw a task config");
         }
     }
 }
 
+/// This node's clock, ms since the epoch.
+fn local_ms() -> u64 {
+    agentbase::health::now_ms()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lease(period_s: u64, since_ms: u64, handed_ms: u64) -> Lease {
+        Lease {
+            period: Duration::from_secs(period_s),
+            since_ms,
+            handed_ms,
+        }
+    }
+
+    #[test]
+    fn a_lease_is_renewed_at_half_life_only_while_its_owner_runs_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let dirs = powernode_pubsub::Dirs::under_root(dir.path());
+        let configs = Publication::<TaskConfig>::open(&dirs, "heartbeatd").unwrap();
+        let mut tasks = Tasks::new(configs, 0);
+        tasks.leases.insert("t".into(), lease(10, 0, 0));
+        // Less than half gone: nothing to do.
+        assert!(tasks.due(4_000).is_empty());
+        // Half gone, handed over less than a lease ago: renewed even before the owner says.
+        assert_eq!(tasks.due(6_000), ["t"]);
+        // Renewed at 6 s, never taken up: past one lease since it was handed over, it is let go.
+        tasks.leases.insert("t".into(), lease(10, 6_000, 0));
+        assert!(tasks.due(12_000).is_empty());
+        // ... unless its owner runs it.
+        tasks.running.insert("t".into());
+        assert_eq!(tasks.due(12_000), ["t"]);
+        // A task being reported is not renewed.
+        tasks.reports.insert(
+            "t".into(),
+            TaskCompleteRequest {
+                outcome: TaskOutcome::Succeeded,
+                output: String::new(),
+            },
+        );
+        assert!(tasks.due(12_000).is_empty());
+    }
 
     #[test]
     fn every_kind_has_one_owner() {

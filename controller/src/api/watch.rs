@@ -40,7 +40,11 @@ pub async fn watch(
         ));
     }
     let node = &authed.node.id;
+    // Watched before it is read: a change committed between the two is then either in the
+    // read or seen by the scanner, which only looks at watched nodes.
+    let mut rx = state.watches().subscribe(node, WatchState::default());
     let current = state.storage().watch_state(node).await?;
+    state.watches().offer(node, current);
     let news = |s: &WatchState| s.generation > params.generation || s.tasks_queued > 0;
     let answer = |s: WatchState| {
         Json(WatchResponse {
@@ -52,7 +56,6 @@ pub async fn watch(
     if news(&current) {
         return Ok(answer(current));
     }
-    let mut rx = state.watches().subscribe(node, current);
     let deadline = tokio::time::sleep(std::time::Duration::from_secs(timeout_s.into()));
     tokio::pin!(deadline);
     loop {

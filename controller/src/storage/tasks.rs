@@ -407,6 +407,9 @@ impl Storage {
         .await
         .map_err(query_err("complete task"))?;
         if let Some(row) = row {
+            // The node forgets a task once its completion is answered: a power cut must not
+            // take the completion back, or the task would be leased and run again.
+            self.durable("sync task completion").await?;
             return Ok(Ok(Completed {
                 state: row.state,
                 late: row.late,
