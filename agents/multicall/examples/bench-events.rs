@@ -36,7 +36,9 @@ use powernode_types::{
     EnrollmentState, EnrollmentStatus, IdentitySource, IdentityState, NodeIdentity, Severity,
 };
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
+
+use common::{Children, Res};
 
 const USAGE: &str = "usage: bench-events --agent-bin B --controller-bin C --dir D [--count N] \
                      [--latency-count M] [--rate R] [--size S] [--controller-cpu K]";
@@ -81,30 +83,10 @@ impl Args {
     }
 }
 
-/// Children killed when the benchmark ends, however it ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn main() {
-    let result = Args::parse().and_then(|args| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(bench(&args))
+    common::main_with("bench-events", Args::parse, |args| async move {
+        bench(&args).await
     });
-    if let Err(e) = result {
-        eprintln!("bench-events: {e}");
-        std::process::exit(1);
-    }
 }
 
 async fn bench(args: &Args) -> Res<()> {
@@ -283,14 +265,7 @@ fn start_controller(args: &Args, data: &Path) -> Res<(Child, String)> {
 
 /// `powernode-agent run <agent> --root <root>`, logging to `<dir>/<agent>.log`.
 fn agent(args: &Args, root: &Path, name: &str) -> Res<Child> {
-    let log = std::fs::File::create(args.dir.join(format!("{name}.log")))?;
-    Ok(Command::new(&args.agent_bin)
-        .args(["run", name, "--root"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?)
+    common::agent(&args.agent_bin, &args.dir, root, name)
 }
 
 fn capture(command: &mut Command) -> Res<String> {

@@ -18,7 +18,7 @@
 //!   publishes its `TaskStatus` (Running, or already finished) is taken.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use powernode_controller::storage::{NewTask, Storage};
@@ -29,7 +29,9 @@ use powernode_types::{
     GLOBAL_KEY,
 };
 
-type Res<T> = Result<T, Box<dyn std::error::Error>>;
+mod common;
+
+use common::{Children, Res};
 
 const USAGE: &str = "usage: bench-push --agent-bin B --controller-bin C --data D --listen ADDR \
                      --dir DIR [--rounds N]";
@@ -67,30 +69,10 @@ impl Args {
     }
 }
 
-/// Children killed when the benchmark ends, however it ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn main() {
-    let result = Args::parse().and_then(|args| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?
-            .block_on(bench(&args))
+    common::main_with("bench-push", Args::parse, |args| async move {
+        bench(&args).await
     });
-    if let Err(e) = result {
-        eprintln!("bench-push: {e}");
-        std::process::exit(1);
-    }
 }
 
 async fn bench(args: &Args) -> Res<()> {
@@ -224,14 +206,7 @@ async fn until<T: powernode_types::Topic>(
 
 /// `powernode-agent run <agent> --root <root>`, logging to `<dir>/<agent>.log`.
 fn agent(args: &Args, root: &Path, name: &str) -> Res<Child> {
-    let log = std::fs::File::create(args.dir.join(format!("{name}.log")))?;
-    Ok(Command::new(&args.agent_bin)
-        .args(["run", name, "--root"])
-        .arg(root)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()?)
+    common::agent(&args.agent_bin, &args.dir, root, name)
 }
 
 /// The `p` quantile of sorted microseconds, in milliseconds.

@@ -1,0 +1,56 @@
+//! What the benchmark programs share: the error type, their children's lifetime, the runtime
+//! they run on, and how they start an agent.
+
+// Each benchmark uses its own part of this.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// Any error, printed as the benchmark's failure.
+pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+/// Children killed when the benchmark ends, however it ends.
+pub struct Children(pub Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Parses the arguments and runs `bench` on a two-worker runtime; on failure prints
+/// `name: error` and exits 1.
+pub fn main_with<A, F, Fut>(name: &str, parse: fn() -> Res<A>, bench: F)
+where
+    F: FnOnce(A) -> Fut,
+    Fut: Future<Output = Res<()>>,
+{
+    let result = parse().and_then(|args| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?
+            .block_on(bench(args))
+    });
+    if let Err(e) = result {
+        eprintln!("{name}: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `AGENT_BIN run <name> --root <root>`, logging to `<log_dir>/<name>.log`.
+pub fn agent(agent_bin: &Path, log_dir: &Path, root: &Path, name: &str) -> Res<Child> {
+    let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+    Ok(Command::new(agent_bin)
+        .args(["run", name, "--root"])
+        .arg(root)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
