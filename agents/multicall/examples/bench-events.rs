@@ -31,10 +31,8 @@ use std::time::{Duration, Instant};
 use agentbase::events::PENDING_CAP;
 use agentbase::{Context, Root, Settings};
 use powernode_controller::storage::{EventQuery, Storage};
-use powernode_pubsub::{Dirs, Publication, Subscription};
-use powernode_types::{
-    EnrollmentState, EnrollmentStatus, IdentitySource, IdentityState, NodeIdentity, Severity,
-};
+use powernode_pubsub::{Dirs, Subscription};
+use powernode_types::{EnrollmentState, EnrollmentStatus, Severity};
 
 mod common;
 
@@ -101,28 +99,9 @@ async fn bench(args: &Args) -> Res<()> {
 
     let (controller, listen) = start_controller(args, &data)?;
     children.0.push(controller);
-    let token = capture(
-        Command::new(&args.controller_bin)
-            .args(["token", "create", "--data"])
-            .arg(&data)
-            .args(["--ttl", "10m"]),
-    )?;
-    let ca_pem = std::fs::read_to_string(data.join("ca.crt.pem"))?;
     let dirs = Dirs::under_root(&root);
-    let identity = Publication::<NodeIdentity>::open(&dirs, "identitymgr")?;
-    identity.publish(&NodeIdentity {
-        state: IdentityState::Resolved,
-        uuid: Some("bench-events".into()),
-        source: Some(IdentitySource::IdentityCfg),
-        boot_id: "boot-1".into(),
-        hostname: "bench".into(),
-        arch: "amd64".into(),
-        dmi_uuid: None,
-        bootstrap_token: Some(token.trim().to_owned()),
-        controller_url: Some(format!("https://{listen}")),
-        ca_pem: Some(ca_pem),
-        last_error: None,
-    })?;
+    let _identity =
+        common::publish_identity(&dirs, "bench-events", &args.controller_bin, &data, &listen)?;
     children.0.push(agent(args, &root, "enrollmgr")?);
     wait_enrolled(&dirs).await?;
     let eventd = agent(args, &root, "eventd")?;
@@ -266,14 +245,6 @@ fn start_controller(args: &Args, data: &Path) -> Res<(Child, String)> {
 /// `powernode-agent run <agent> --root <root>`, logging to `<dir>/<agent>.log`.
 fn agent(args: &Args, root: &Path, name: &str) -> Res<Child> {
     common::agent(&args.agent_bin, &args.dir, root, name)
-}
-
-fn capture(command: &mut Command) -> Res<String> {
-    let out = command.stderr(Stdio::inherit()).output()?;
-    if !out.status.success() {
-        return Err(format!("{command:?} failed: {}", out.status).into());
-    }
-    Ok(String::from_utf8(out.stdout)?)
 }
 
 async fn wait_enrolled(dirs: &Dirs) -> Res<()> {

@@ -18,16 +18,13 @@
 //!   publishes its `TaskStatus` (Running, or already finished) is taken.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use powernode_controller::storage::{NewTask, Storage};
 use powernode_controller::wire::DesiredModule;
-use powernode_pubsub::{Dirs, Publication, Subscription};
-use powernode_types::{
-    ControllerStatus, IdentitySource, IdentityState, ModuleConfig, NodeIdentity, TaskStatus,
-    GLOBAL_KEY,
-};
+use powernode_pubsub::{Dirs, Subscription};
+use powernode_types::{ControllerStatus, ModuleConfig, TaskStatus, GLOBAL_KEY};
 
 mod common;
 
@@ -82,31 +79,14 @@ async fn bench(args: &Args) -> Res<()> {
         root.join("etc/powernode/agent.toml"),
         "[controller]\nmax_backoff_s = 1\n",
     )?;
-    let out = Command::new(&args.controller_bin)
-        .args(["token", "create", "--data"])
-        .arg(&args.data)
-        .args(["--ttl", "10m"])
-        .output()?;
-    if !out.status.success() {
-        return Err("token create failed".into());
-    }
-    let token = String::from_utf8(out.stdout)?.trim().to_owned();
-    let ca_pem = std::fs::read_to_string(args.data.join("ca.crt.pem"))?;
     let dirs = Dirs::under_root(&root);
-    let identity = Publication::<NodeIdentity>::open(&dirs, "identitymgr")?;
-    identity.publish(&NodeIdentity {
-        state: IdentityState::Resolved,
-        uuid: Some("bench-push-real-node".into()),
-        source: Some(IdentitySource::IdentityCfg),
-        boot_id: "boot-1".into(),
-        hostname: "bench".into(),
-        arch: "amd64".into(),
-        dmi_uuid: None,
-        bootstrap_token: Some(token),
-        controller_url: Some(format!("https://{}", args.listen)),
-        ca_pem: Some(ca_pem),
-        last_error: None,
-    })?;
+    let _identity = common::publish_identity(
+        &dirs,
+        "bench-push-real-node",
+        &args.controller_bin,
+        &args.data,
+        &args.listen,
+    )?;
     let mut children = Children(Vec::new());
     for name in ["enrollmgr", "execd", "heartbeatd"] {
         children.0.push(agent(args, &root, name)?);

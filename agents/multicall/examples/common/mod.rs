@@ -8,6 +8,9 @@ use std::future::Future;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+use powernode_pubsub::{Dirs, Publication};
+use powernode_types::{IdentitySource, IdentityState, NodeIdentity};
+
 /// Any error, printed as the benchmark's failure.
 pub type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -53,4 +56,40 @@ pub fn agent(agent_bin: &Path, log_dir: &Path, root: &Path, name: &str) -> Res<C
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()?)
+}
+
+/// Publishes, as identitymgr would, a resolved identity `uuid` that enrolls with a fresh
+/// bootstrap token (`CONTROLLER_BIN token create --data DATA`) at `https://LISTEN`, pinning the
+/// controller's CA. The publication must live as long as the node.
+pub fn publish_identity(
+    dirs: &Dirs,
+    uuid: &str,
+    controller_bin: &Path,
+    data: &Path,
+    listen: &str,
+) -> Res<Publication<NodeIdentity>> {
+    let out = Command::new(controller_bin)
+        .args(["token", "create", "--data"])
+        .arg(data)
+        .args(["--ttl", "10m"])
+        .stderr(Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        return Err(format!("token create failed: {}", out.status).into());
+    }
+    let identity = Publication::<NodeIdentity>::open(dirs, "identitymgr")?;
+    identity.publish(&NodeIdentity {
+        state: IdentityState::Resolved,
+        uuid: Some(uuid.to_owned()),
+        source: Some(IdentitySource::IdentityCfg),
+        boot_id: "boot-1".into(),
+        hostname: "bench".into(),
+        arch: "amd64".into(),
+        dmi_uuid: None,
+        bootstrap_token: Some(String::from_utf8(out.stdout)?.trim().to_owned()),
+        controller_url: Some(format!("https://{listen}")),
+        ca_pem: Some(std::fs::read_to_string(data.join("ca.crt.pem"))?),
+        last_error: None,
+    })?;
+    Ok(identity)
 }
