@@ -657,6 +657,12 @@ fn node_api_bodies() -> Seeds {
             allowed_ips: vec!["10.77.0.0/24".into()],
             keepalive_s: Some(25),
         }],
+        network: "lab".into(),
+        forwards: vec![powernode_types::node_api::PortForward {
+            proto: "tcp".into(),
+            port: 8080,
+            to: "10.77.0.3:80".into(),
+        }],
     };
     let module = DesiredModule {
         name: "tools".into(),

@@ -51,7 +51,9 @@ pub use event::{Event, EventAck, EventdStatus, Severity};
 pub use identity::{IdentitySource, IdentityState, NodeIdentity};
 pub use module::{ModuleConfig, ModuleState, ModuleStatus};
 pub use mount::{HealthCheck, MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode};
-pub use network::{NetworkConfig, NetworkState, NetworkStatus, WgPeer};
+pub use network::{
+    ForwardProto, NetworkConfig, NetworkState, NetworkStatus, PeerStatus, PortForward, WgPeer,
+};
 pub use task::{TaskConfig, TaskState, TaskStatus};
 pub use topic::Topic;
 pub use verify::{CosignSignature, VerifyConfig, VerifyState, VerifyStatus};

@@ -78,6 +78,9 @@ pub struct MountStatus {
     pub layers: Vec<String>,
     /// Why the switch failed or was rolled back, if it was.
     pub error: Option<String>,
+    /// The active stack's upper directory (absolute): where what is written into the stack
+    /// lands, and what a module commit captures. `None` while no stack is active.
+    pub upper_dir: Option<String>,
 }
 
 /// Outcome of applying a `MountConfig` generation.
@@ -104,7 +107,8 @@ pub enum Slot {
 
 impl Topic for MountStatus {
     const NAME: &'static str = "MountStatus";
-    const SCHEMA_VERSION: u32 = 1;
+    /// 2: `upper_dir`.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.target.clone()

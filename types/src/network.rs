@@ -20,6 +20,30 @@ pub struct NetworkConfig {
     pub listen_port: u16,
     /// The peers to configure.
     pub peers: Vec<WgPeer>,
+    /// The network's name on the controller (for reports and events).
+    pub network: String,
+    /// Ports of this node forwarded to addresses on the overlay (or beyond it).
+    pub forwards: Vec<PortForward>,
+}
+
+/// One port forward: connections to `port` on the node go to `to`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    /// The protocol.
+    pub proto: ForwardProto,
+    /// The node's port.
+    pub port: u16,
+    /// Where connections go, `address:port` (an IPv4 address).
+    pub to: String,
+}
+
+/// A forwarded port's protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardProto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
 }
 
 /// One WireGuard peer.
@@ -37,7 +61,8 @@ pub struct WgPeer {
 
 impl Topic for NetworkConfig {
     const NAME: &'static str = "NetworkConfig";
-    const SCHEMA_VERSION: u32 = 1;
+    /// 2: `network`, `forwards`.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         GLOBAL_KEY.to_owned()
@@ -59,6 +84,30 @@ pub struct NetworkStatus {
     pub userspace: bool,
     /// The last configuration error, if any.
     pub error: Option<String>,
+    /// The `NetworkConfig` generation applied (0: none yet).
+    pub generation: u64,
+    /// The UDP port WireGuard listens on, once the interface is up.
+    pub listen_port: Option<u16>,
+    /// Where peers may reach this node, `address:port`: the node's own addresses with the
+    /// listen port (the controller may know better, from where the node's calls come from).
+    pub endpoints: Vec<String>,
+    /// Each configured peer, as WireGuard last reported it.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One peer as WireGuard reports it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The peer's public key, base64.
+    pub public_key: String,
+    /// Where its packets last came from, or the configured endpoint.
+    pub endpoint: Option<String>,
+    /// When the last handshake completed (node clock, ms since the epoch).
+    pub last_handshake_ms: Option<u64>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
 }
 
 /// State of the overlay interface.
@@ -76,7 +125,8 @@ pub enum NetworkState {
 
 impl Topic for NetworkStatus {
     const NAME: &'static str = "NetworkStatus";
-    const SCHEMA_VERSION: u32 = 1;
+    /// 2: `generation`, `listen_port`, `endpoints`, `peers`.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         GLOBAL_KEY.to_owned()

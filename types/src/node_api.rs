@@ -249,6 +249,24 @@ pub struct DesiredNetwork {
     pub listen_port: u16,
     /// Peers.
     pub peers: Vec<WgPeer>,
+    /// The network's name.
+    #[serde(default)]
+    pub network: String,
+    /// Port forwards on this node.
+    #[serde(default)]
+    pub forwards: Vec<PortForward>,
+}
+
+/// One port forward of a node (mirrors `powernode_types::PortForward`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// The node's port.
+    pub port: u16,
+    /// Where connections go, `address:port`.
+    pub to: String,
 }
 
 /// The desired state of a node: what a heartbeat reply carries.
@@ -451,6 +469,18 @@ pub struct WatchResponse {
     pub tasks_queued: u64,
     /// The generation is past the one asked with, or a task is queued.
     pub changed: bool,
+}
+
+/// Reply to `GET /scripts/{digest}`: a NodeScript the operator stored on the controller, named
+/// by the SHA-256 of its text. The node checks that digest itself before it runs the text: a
+/// controller (corrupted, or not the one it should be) cannot make it run something else.
+/// The text is UTF-8, as every script the controller stores is (docs/controller.md).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct ScriptResponse {
+    /// The digest asked for, `sha256:<64 hex>`.
+    pub digest: String,
+    /// The script's text.
+    pub script: String,
 }
 
 #[cfg(test)]

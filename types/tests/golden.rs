@@ -380,6 +380,7 @@ fn run_all(g: &mut Golden) {
         slot: Some(Slot::B),
         layers: vec![s("sha256:cccc"), s("sha256:aaaa")],
         error: Some(s("previous generation rolled back")),
+        upper_dir: Some(s("/var/lib/powernode/mounts/root/b/upper/upper")),
     };
     let mut samples = with_each(mount_status.clone(), MOUNT_STATES, |x, v| x.state = v);
     samples.extend(
@@ -400,6 +401,19 @@ fn run_all(g: &mut Golden) {
             allowed_ips: vec![s("10.88.0.1/32"), s("10.99.0.0/16")],
             keepalive_s: Some(25),
         }],
+        network: s("lab"),
+        forwards: vec![
+            PortForward {
+                proto: ForwardProto::Tcp,
+                port: 8080,
+                to: s("10.88.0.9:80"),
+            },
+            PortForward {
+                proto: ForwardProto::Udp,
+                port: 5353,
+                to: s("10.88.0.9:53"),
+            },
+        ],
     }]);
 
     g.check(with_each(
@@ -410,6 +424,16 @@ fn run_all(g: &mut Golden) {
             peers_up: 4,
             userspace: true,
             error: Some(s("peer 203.0.113.9 unreachable")),
+            generation: 10,
+            listen_port: Some(51_820),
+            endpoints: vec![s("192.0.2.7:51820"), s("[2001:db8::7]:51820")],
+            peers: vec![PeerStatus {
+                public_key: s("cGVlcg=="),
+                endpoint: Some(s("203.0.113.5:51820")),
+                last_handshake_ms: Some(1_700_000_000_050),
+                rx_bytes: 123_456,
+                tx_bytes: 654_321,
+            }],
         },
         NETWORK_STATES,
         |x, v| x.state = v,
