@@ -42,6 +42,7 @@ pub mod notify;
 pub mod root;
 pub mod settings;
 pub mod shutdown;
+pub mod tasks;
 pub mod timefmt;
 pub mod watch;
 

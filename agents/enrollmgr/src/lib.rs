@@ -185,10 +185,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         .open_publication::<TaskStatus>()
         .context("opening TaskStatus")?;
     let mut agent = Agent {
-        requests: tasks::Requests::new(
-            Subscription::connect(&ctx.dirs, tasks::TASK_AGENT),
-            statuses,
-        ),
+        requests: tasks::Requests::new(agentbase::tasks::TaskConfigs::connect(&ctx.dirs), statuses),
         rotating_for: Vec::new(),
         can_rotate: false,
         identity: Subscription::connect(&ctx.dirs, IDENTITY_AGENT),
@@ -222,7 +219,7 @@ struct Agent {
     /// `cert.rotate` tasks.
     requests: tasks::Requests,
     /// The `cert.rotate` tasks the next rotation attempt answers.
-    rotating_for: Vec<String>,
+    rotating_for: Vec<powernode_types::TaskConfig>,
     /// Whether the current state holds a certificate to rotate (else a request is refused).
     can_rotate: bool,
 }
