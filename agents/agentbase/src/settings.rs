@@ -136,6 +136,8 @@ pub struct Settings {
     pub modules: ModuleSettings,
     /// Events: eventd's journal (docs/events.md).
     pub events: EventSettings,
+    /// NodeScripts: the interpreters execd may run them with (docs/tasks.md).
+    pub exec: ExecSettings,
     /// What loading noticed that is not worth refusing the settings for (a directory named
     /// like a drop-in): logged at start and reported as the agent's error until fixed.
     #[serde(skip)]
@@ -277,6 +279,79 @@ impl EventSettings {
         }
         Ok(())
     }
+}
+
+/// The `[exec]` table: how execd runs `node.exec` tasks (docs/tasks.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecSettings {
+    /// The interpreters a NodeScript may name, as absolute paths; the first is the one a
+    /// script that names none runs under. A task naming any other is refused. Not empty, no
+    /// repeats, each path in plain form (no `.`, `..` or doubled `/`), since a task's
+    /// interpreter is matched against these strings as they are written.
+    pub interpreters: Vec<String>,
+}
+
+impl Default for ExecSettings {
+    fn default() -> Self {
+        ExecSettings {
+            interpreters: ["/bin/sh", "/bin/bash", "/usr/bin/python3"]
+                .map(str::to_owned)
+                .to_vec(),
+        }
+    }
+}
+
+impl ExecSettings {
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        let list = || format!("{:?}", self.interpreters);
+        if self.interpreters.is_empty() {
+            return Err(invalid(
+                "exec.interpreters",
+                list(),
+                "must name at least one interpreter (the first is the default)",
+            ));
+        }
+        for (i, path) in self.interpreters.iter().enumerate() {
+            if let Err(reason) = validate_interpreter(path) {
+                return Err(invalid(
+                    "exec.interpreters",
+                    list(),
+                    &format!("{path:?} {reason}"),
+                ));
+            }
+            if self.interpreters[..i].contains(path) {
+                return Err(invalid(
+                    "exec.interpreters",
+                    list(),
+                    &format!("{path:?} is listed twice"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An interpreter path as `[exec] interpreters` takes it: absolute and plain, so that the
+/// string a task names is the file that runs (`/bin/../bin/sh` would be the same file under
+/// another name, and is refused rather than matched).
+fn validate_interpreter(path: &str) -> Result<(), &'static str> {
+    let Some(rest) = path.strip_prefix('/') else {
+        return Err("is not an absolute path");
+    };
+    if path.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    if rest
+        .split('/')
+        .any(|part| part.is_empty() || part == "." || part == "..")
+    {
+        return Err("must be a plain path to a file (no `.`, `..`, empty or trailing components)");
+    }
+    Ok(())
 }
 
 /// A size that settings write in MiB — a whole number (`64`) or a fraction (`0.25`, so that
@@ -462,6 +537,7 @@ impl Default for Settings {
             controller: ControllerSettings::default(),
             modules: ModuleSettings::default(),
             events: EventSettings::default(),
+            exec: ExecSettings::default(),
             notes: Vec::new(),
         }
     }
@@ -650,7 +726,8 @@ impl Settings {
         self.identity.validate(invalid)?;
         self.controller.validate(invalid)?;
         self.modules.validate(invalid)?;
-        self.events.validate(invalid)
+        self.events.validate(invalid)?;
+        self.exec.validate(invalid)
     }
 }
 
@@ -998,6 +1075,59 @@ mod tests {
                 "{line}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn exec_table() {
+        let (_dir, got) = load(&[]);
+        assert_eq!(
+            got.unwrap().exec.interpreters,
+            ["/bin/sh", "/bin/bash", "/usr/bin/python3"]
+        );
+        let (_dir, got) = load(&[
+            ("agent.toml", "[exec]\ninterpreters = [\"/bin/sh\"]\n"),
+            (
+                "agent.toml.d/30-py.toml",
+                "[exec]\ninterpreters = [\"/usr/bin/python3\", \"/bin/dash\"]\n",
+            ),
+        ]);
+        assert_eq!(
+            got.unwrap().exec.interpreters,
+            ["/usr/bin/python3", "/bin/dash"],
+            "a later file's list replaces the earlier one"
+        );
+        for (line, want) in [
+            ("interpreters = []", "at least one interpreter"),
+            ("interpreters = [\"sh\"]", "\"sh\" is not an absolute path"),
+            ("interpreters = [\"\"]", "not an absolute path"),
+            ("interpreters = [\"/\"]", "plain path"),
+            ("interpreters = [\"/bin/../bin/sh\"]", "plain path"),
+            ("interpreters = [\"/bin//sh\"]", "plain path"),
+            ("interpreters = [\"/bin/sh/\"]", "plain path"),
+            ("interpreters = [\"/bin/./sh\"]", "plain path"),
+            ("interpreters = [\"/bin/s\\th\"]", "control character"),
+            (
+                "interpreters = [\"/bin/sh\", \"/bin/bash\", \"/bin/sh\"]",
+                "\"/bin/sh\" is listed twice",
+            ),
+            ("interpreters = \"/bin/sh\"", "exec.interpreters"),
+            ("interpreter = [\"/bin/sh\"]", "unknown field `interpreter`"),
+        ] {
+            let (_dir, got) = load(&[("agent.toml.d/40-ex.toml", &format!("[exec]\n{line}\n"))]);
+            let err = got.unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("40-ex.toml"),
+                "{line}: {err}"
+            );
+        }
+        // A bad list names the field and where it was set.
+        let (dir, got) = load(&[("agent.toml", "[exec]\ninterpreters = [\"bash\"]\n")]);
+        let err = got.unwrap_err().to_string();
+        let want = format!(
+            "{}:2:16: invalid value [\"bash\"] for `exec.interpreters`",
+            dir.path().join("agent.toml").display()
+        );
+        assert!(err.contains(&want), "{err}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! One NodeScript run: the arguments it takes, the process group it runs in, its output.
 //!
-//! The script is written to `<work>/<task id>.script` and run as `INTERPRETER FILE` in a
+//! The script is given in the arguments (`script`) or named by the SHA-256 of its text
+//! (`script_digest`), in which case [`crate::fetch`] gets it from the controller first. The
+//! interpreter must be one of `[exec] interpreters` (agentbase settings). The script is written to `<work>/<task id>.script` and run as `INTERPRETER FILE` in a
 //! process group of its own, stdout and stderr into one pipe. A reader copies the pipe into
 //! `<work>/<task id>.out` up to [`OUTPUT_MAX`] bytes and counts the rest, so the output so far
 //! is on disk if the agent dies. When the script's own process ends (or its time is up, or the
@@ -15,13 +17,14 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use powernode_modules::digest::Digest;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// The task kind this agent runs.
 pub const KIND: &str = "node.exec";
-/// Interpreters a script may name; the first is used when it names none.
-pub const INTERPRETERS: &[&str] = &["/bin/sh", "/bin/bash", "/usr/bin/python3"];
 /// How long a script may run when its arguments say nothing (the controller's default lease).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 /// The longest a script may ask for.
@@ -29,13 +32,17 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(86_400);
 /// Output kept per task, bytes (the controller's default cap); the rest is counted.
 pub const OUTPUT_MAX: usize = 64 * 1024;
 
-/// `node.exec` arguments.
+/// `node.exec` arguments: exactly one of `script` and `script_digest`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ExecArgs {
     /// The script's text.
-    pub script: String,
-    /// An absolute path from [`INTERPRETERS`]; the first when left out.
+    #[serde(default)]
+    pub script: Option<String>,
+    /// `sha256:<64 hex>` of a script stored on the controller (`POST /api/v1/scripts`).
+    #[serde(default)]
+    pub script_digest: Option<String>,
+    /// An absolute path from `[exec] interpreters`; the first of them when left out.
     #[serde(default)]
     pub interpreter: Option<String>,
     /// Seconds it may run (1 to a day); [`DEFAULT_TIMEOUT`] when left out.
@@ -43,34 +50,73 @@ pub struct ExecArgs {
     pub timeout_s: Option<u64>,
 }
 
+/// Where a task's script comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// Given in the arguments.
+    Inline(String),
+    /// Stored on the controller under this digest: fetched, and checked against it.
+    Stored(Digest),
+}
+
 /// What a script is run with, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// The script's text.
-    pub script: String,
-    /// The interpreter, one of [`INTERPRETERS`].
-    pub interpreter: &'static str,
-    /// How long it may run.
+    /// The script, or where to get it.
+    pub source: Source,
+    /// The interpreter, one of those allowed.
+    pub interpreter: String,
+    /// How long the task may take, fetching the script included.
     pub timeout: Duration,
 }
 
 impl Plan {
-    /// Checks a task's arguments (JSON text): a clear reason when they do not do.
-    pub fn from_args(args_json: &str) -> Result<Plan, String> {
-        let args: ExecArgs = serde_json::from_str(args_json)
-            .map_err(|e| format!("node.exec arguments: {e} (expected {{\"script\": \"...\", \"interpreter\"?, \"timeout_s\"?}})"))?;
-        let interpreter = match args.interpreter.as_deref() {
-            None => INTERPRETERS[0],
-            Some(asked) => INTERPRETERS
-                .iter()
-                .copied()
-                .find(|i| *i == asked)
-                .ok_or_else(|| {
-                    format!(
-                        "interpreter {asked:?} is not allowed (allowed: {})",
-                        INTERPRETERS.join(", ")
-                    )
-                })?,
+    /// Checks a task's arguments (JSON text) against the `allowed` interpreters (the first
+    /// is the default): a clear reason when they do not do.
+    pub fn from_args(args_json: &str, allowed: &[String]) -> Result<Plan, String> {
+        let args: ExecArgs = serde_json::from_str(args_json).map_err(|e| {
+            format!(
+                "node.exec arguments: {e} (expected {{\"script\": \"...\" or \"script_digest\": \
+                 \"sha256:<64 hex>\", \"interpreter\"?, \"timeout_s\"?}})"
+            )
+        })?;
+        let source = match (args.script, args.script_digest) {
+            (Some(text), None) => Source::Inline(text),
+            (None, Some(digest)) => Source::Stored(
+                Digest::parse(&digest).map_err(|e| format!("node.exec script_digest: {e}"))?,
+            ),
+            (Some(_), Some(_)) => {
+                return Err(
+                    "node.exec arguments name both `script` and `script_digest`: \
+                            give the text or the digest of a stored script, not both"
+                        .to_owned(),
+                )
+            }
+            (None, None) => {
+                return Err("node.exec arguments need `script` (the text) or \
+                            `script_digest` (sha256:<64 hex> of a script stored on the \
+                            controller)"
+                    .to_owned())
+            }
+        };
+        let listed = || {
+            if allowed.is_empty() {
+                "none".to_owned()
+            } else {
+                allowed.join(", ")
+            }
+        };
+        let interpreter = match args.interpreter {
+            None => allowed.first().cloned().ok_or_else(|| {
+                "no interpreter is allowed on this node ([exec] interpreters)".to_owned()
+            })?,
+            Some(asked) if allowed.contains(&asked) => asked,
+            Some(asked) => {
+                return Err(format!(
+                    "interpreter {asked:?} is not allowed (allowed: {}; [exec] interpreters)",
+                    listed()
+                ))
+            }
         };
         let timeout = match args.timeout_s {
             None => DEFAULT_TIMEOUT,
@@ -78,7 +124,7 @@ impl Plan {
             Some(_) => return Err(format!("timeout_s must be 1 to {}", MAX_TIMEOUT.as_secs())),
         };
         Ok(Plan {
-            script: args.script,
+            source,
             interpreter,
             timeout,
         })
@@ -104,6 +150,14 @@ impl Files {
             output: work.join(format!("{id}.out")),
             pgid: work.join(format!("{id}.pgid")),
         }
+    }
+
+    /// The task's id (the files' stem).
+    pub fn task_id(&self) -> String {
+        self.script
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// Removes them (what is already gone is no error).
@@ -183,19 +237,23 @@ impl Finished {
     }
 }
 
-/// Runs `plan` for task `id` until it ends, its time is up or `cancel` fires.
+/// Runs `script` under `plan`'s interpreter until it ends, `deadline` (the task's timeout
+/// from when it started) passes or `cancel` fires.
 pub async fn run(
     plan: &Plan,
+    script: &str,
     files: &Files,
-    cancel: tokio::sync::oneshot::Receiver<()>,
+    cancel: &mut oneshot::Receiver<()>,
+    deadline: Instant,
 ) -> std::io::Result<Finished> {
-    std::fs::write(&files.script, &plan.script)?;
+    std::fs::write(&files.script, script)?;
     // Close-on-exec, so a script started at the same moment does not inherit this one's
     // pipe and hold it open (the child gets its own copies as stdout and stderr).
     let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let write2 = write.try_clone()?;
-    let mut child = tokio::process::Command::new(plan.interpreter)
-        .arg(&files.script)
+    let launch = crate::scope::Launch::for_task(&files.task_id());
+    let mut child = launch
+        .command(&plan.interpreter, &files.script)
         .stdin(Stdio::null())
         .stdout(Stdio::from(write))
         .stderr(Stdio::from(write2))
@@ -221,11 +279,13 @@ pub async fn run(
                 (None, None) => Ending::Exited(-1),
             }
         }
-        () = tokio::time::sleep(plan.timeout) => Ending::TimedOut(plan.timeout),
+        () = tokio::time::sleep_until(deadline) => Ending::TimedOut(plan.timeout),
         _ = cancel => Ending::Cancelled,
     };
-    // Whatever the script started goes with it, whichever way it ended.
+    // Whatever the script started goes with it, whichever way it ended: its group, and
+    // under systemd its scope (processes that left the group).
     kill_group(pid);
+    launch.kill_rest().await;
     let _ = child.wait().await;
     // The pipe closes once every process holding it is gone; don't wait on a stuck one.
     let dropped = match tokio::time::timeout(Duration::from_secs(2), reader).await {
@@ -308,37 +368,100 @@ pub fn kill_leftover(files: &Files) {
 mod tests {
     use super::*;
 
+    /// The default `[exec] interpreters`.
+    fn allowed() -> Vec<String> {
+        agentbase::settings::ExecSettings::default().interpreters
+    }
+
     #[test]
     fn arguments_are_checked() {
-        let plan = Plan::from_args(r#"{"script": "echo hi"}"#).unwrap();
+        let plan = Plan::from_args(r#"{"script": "echo hi"}"#, &allowed()).unwrap();
+        assert_eq!(plan.source, Source::Inline("echo hi".to_owned()));
         assert_eq!(plan.interpreter, "/bin/sh");
         assert_eq!(plan.timeout, DEFAULT_TIMEOUT);
         let plan = Plan::from_args(
             r#"{"script": "print(1)", "interpreter": "/usr/bin/python3", "timeout_s": 5}"#,
+            &allowed(),
         )
         .unwrap();
         assert_eq!(plan.interpreter, "/usr/bin/python3");
         assert_eq!(plan.timeout, Duration::from_secs(5));
-        for bad in [
-            r#"{}"#,
-            r#"{"script": "x", "interpreter": "/usr/bin/perl"}"#,
-            r#"{"script": "x", "interpreter": "sh"}"#,
-            r#"{"script": "x", "timeout_s": 0}"#,
-            r#"{"script": "x", "other": 1}"#,
-            r#"not json"#,
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let plan =
+            Plan::from_args(&format!(r#"{{"script_digest": "{digest}"}}"#), &allowed()).unwrap();
+        assert_eq!(plan.source, Source::Stored(Digest::parse(&digest).unwrap()));
+        for (bad, why) in [
+            (r#"{}"#.to_owned(), "need `script`"),
+            (r#"{"interpreter": "/bin/sh"}"#.to_owned(), "need `script`"),
+            (
+                format!(r#"{{"script": "x", "script_digest": "{digest}"}}"#),
+                "both",
+            ),
+            (
+                r#"{"script_digest": "sha256:abc"}"#.to_owned(),
+                "not a sha256 digest",
+            ),
+            (
+                format!(r#"{{"script_digest": "{}"}}"#, digest.to_uppercase()),
+                "not a sha256 digest",
+            ),
+            (r#"{"script_digest": 7}"#.to_owned(), "invalid type"),
+            (
+                r#"{"script": "x", "interpreter": "/usr/bin/perl"}"#.to_owned(),
+                "not allowed",
+            ),
+            (
+                r#"{"script": "x", "interpreter": "sh"}"#.to_owned(),
+                "not allowed",
+            ),
+            (r#"{"script": "x", "timeout_s": 0}"#.to_owned(), "timeout_s"),
+            (r#"{"script": "x", "other": 1}"#.to_owned(), "unknown field"),
+            (r#"not json"#.to_owned(), "expected"),
         ] {
-            assert!(Plan::from_args(bad).is_err(), "{bad}");
+            let reason = Plan::from_args(&bad, &allowed()).unwrap_err();
+            assert!(reason.contains(why), "{bad}: {reason}");
         }
-        let refused = Plan::from_args(r#"{"script": "x", "interpreter": "/usr/bin/perl"}"#);
-        assert!(refused.unwrap_err().contains("not allowed"));
     }
 
-    fn plan(script: &str, timeout_ms: u64) -> Plan {
+    #[test]
+    fn the_interpreters_come_from_the_setting() {
+        let allowed = vec!["/usr/bin/python3".to_owned(), "/bin/dash".to_owned()];
+        let plan = Plan::from_args(r#"{"script": "x"}"#, &allowed).unwrap();
+        assert_eq!(
+            plan.interpreter, "/usr/bin/python3",
+            "the first is the default"
+        );
+        let plan =
+            Plan::from_args(r#"{"script": "x", "interpreter": "/bin/dash"}"#, &allowed).unwrap();
+        assert_eq!(plan.interpreter, "/bin/dash");
+        let refused =
+            Plan::from_args(r#"{"script": "x", "interpreter": "/bin/sh"}"#, &allowed).unwrap_err();
+        assert!(
+            refused.contains(r#""/bin/sh" is not allowed (allowed: /usr/bin/python3, /bin/dash"#),
+            "{refused}"
+        );
+        let none = Plan::from_args(r#"{"script": "x"}"#, &[]).unwrap_err();
+        assert!(none.contains("no interpreter is allowed"), "{none}");
+    }
+
+    fn plan(timeout_ms: u64) -> Plan {
         Plan {
-            script: script.to_owned(),
-            interpreter: "/bin/sh",
+            source: Source::Inline(String::new()),
+            interpreter: "/bin/sh".to_owned(),
             timeout: Duration::from_millis(timeout_ms),
         }
+    }
+
+    /// Runs `script` under `/bin/sh` with `timeout_ms` from now, until `cancel` fires.
+    async fn run_sh(
+        script: &str,
+        timeout_ms: u64,
+        files: &Files,
+        mut cancel: oneshot::Receiver<()>,
+    ) -> std::io::Result<Finished> {
+        let plan = plan(timeout_ms);
+        let deadline = Instant::now() + plan.timeout;
+        run(&plan, script, files, &mut cancel, deadline).await
     }
 
     #[tokio::test]
@@ -346,13 +469,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let files = Files::of(dir.path(), "t1");
         let (_keep, cancel) = tokio::sync::oneshot::channel();
-        let done = run(
-            &plan("echo out; echo err >&2; exit 3", 10_000),
-            &files,
-            cancel,
-        )
-        .await
-        .unwrap();
+        let done = run_sh("echo out; echo err >&2; exit 3", 10_000, &files, cancel)
+            .await
+            .unwrap();
         assert_eq!(done.ending, Ending::Exited(3));
         assert!(
             done.output.contains("out\n") && done.output.contains("err\n"),
@@ -369,7 +488,7 @@ mod tests {
         let marker = dir.path().join("child.pid");
         let script = format!("sleep 60 & echo $! > {}; sleep 60", marker.display());
         let (_keep, cancel) = tokio::sync::oneshot::channel();
-        let done = run(&plan(&script, 2_000), &files, cancel).await.unwrap();
+        let done = run_sh(&script, 2_000, &files, cancel).await.unwrap();
         assert!(matches!(done.ending, Ending::TimedOut(_)), "{done:?}");
         let child: i32 = std::fs::read_to_string(&marker)
             .unwrap()
@@ -388,7 +507,7 @@ mod tests {
         let files = Files::of(dir.path(), "t5");
         let (_keep, cancel) = tokio::sync::oneshot::channel();
         let script = format!("head -c {} /dev/zero | tr '\\0' '\\377'", OUTPUT_MAX + 10);
-        let done = run(&plan(&script, 10_000), &files, cancel).await.unwrap();
+        let done = run_sh(&script, 10_000, &files, cancel).await.unwrap();
         assert!(done.succeeded(), "{done:?}");
         assert!(
             done.output.len() <= OUTPUT_MAX + 100,
@@ -404,7 +523,7 @@ mod tests {
         let files = Files::of(dir.path(), "t3");
         let (_keep, cancel) = tokio::sync::oneshot::channel();
         let script = format!("head -c {} /dev/zero | tr '\\0' x", OUTPUT_MAX + 1000);
-        let done = run(&plan(&script, 10_000), &files, cancel).await.unwrap();
+        let done = run_sh(&script, 10_000, &files, cancel).await.unwrap();
         assert!(done.succeeded(), "{done:?}");
         assert!(done.output.ends_with("[output truncated: 1000 bytes more]"));
         assert!(done.output.len() < OUTPUT_MAX + 100);
@@ -417,7 +536,7 @@ mod tests {
         let (cancel_tx, cancel) = tokio::sync::oneshot::channel();
         let run = tokio::spawn({
             let files = files.clone();
-            async move { super::run(&plan("echo started; sleep 60", 60_000), &files, cancel).await }
+            async move { run_sh("echo started; sleep 60", 60_000, &files, cancel).await }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         cancel_tx.send(()).unwrap();
