@@ -1,8 +1,9 @@
 //! The command line: `serve`, `token create`, `nodes list`, `node show`, `node revoke`,
-//! `events` (in [`crate::events_cli`]), `module …` (in [`crate::module_cli`]) and `task …`,
-//! `tasks` (in [`crate::task_cli`]). Everything
-//! but `serve` and the registry side of `module` works directly on the database in the data
-//! directory.
+//! `events` (in [`crate::events_cli`]), `module …` (in [`crate::module_cli`]), `task …`,
+//! `tasks` (in [`crate::task_cli`]), `script …`, `scripts` (in [`crate::script_cli`]) and
+//! `network …`, `networks` (in [`crate::network_cli`]).
+//! Everything but `serve` and the registry side of `module` works directly on the database in
+//! the data directory.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,8 @@ use crate::duration::parse_duration;
 use crate::events::{EventRetention, DEFAULT_RETENTION_COUNT, DEFAULT_RETENTION_DAYS};
 use crate::events_cli::{self, EventsArgs};
 use crate::module_cli::{self, ModuleCommand};
+use crate::network_cli::{self, NetworkCommand, NetworksArgs};
+use crate::script_cli::{self, ScriptCommand, ScriptsArgs};
 use crate::server::{ensure_data_dir, Controller, ServeOptions};
 use crate::storage::{NodeDetail, NodeSummary, Storage};
 use crate::task_cli::{self, TaskCommand, TasksArgs};
@@ -68,6 +71,16 @@ enum Command {
     Task(TaskCommand),
     /// Tasks, oldest first among the newest --limit.
     Tasks(TasksArgs),
+    /// One NodeScript: add (prints its digest), show.
+    #[command(subcommand)]
+    Script(ScriptCommand),
+    /// Stored NodeScripts, oldest first: digest, size, when first stored.
+    Scripts(ScriptsArgs),
+    /// One overlay network: create, join, leave, show, delete; port forwards.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Overlay networks, by name: CIDR, port, members.
+    Networks(NetworksArgs),
 }
 
 /// `--data DIR`.
@@ -254,6 +267,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Module(command) => module_cli::run(command).await,
         Command::Task(command) => task_cli::run(command).await,
         Command::Tasks(args) => task_cli::list(args).await,
+        Command::Script(command) => script_cli::run(command).await,
+        Command::Scripts(args) => script_cli::list(args).await,
+        Command::Network(command) => network_cli::run(command).await,
+        Command::Networks(args) => network_cli::list(args).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `serve`: the data directory, the CA, the database and the TLS listener, put together.
 //! Each accepted connection is TLS-handshaken here, its verified client certificate (if any)
-//! attached to every request on it, and served by hyper with the axum router.
+//! and its peer address attached to every request on it, and served by hyper with the axum
+//! router.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::extract::ClientCert;
+use crate::api::extract::{ClientCert, PeerAddr};
 use crate::api::{self, AppState, Policy};
 use crate::ca::{self, CertAuthority};
 use crate::events::{self, EventRetention};
@@ -315,6 +316,7 @@ async fn serve_connection(
     let client = ClientCert(client);
     let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
         req.extensions_mut().insert(client.clone());
+        req.extensions_mut().insert(PeerAddr(peer));
         let router = router.clone();
         async move { tower::ServiceExt::oneshot(router, req).await }
     });

@@ -1,5 +1,6 @@
 //! The controller's database: an SQLite file in the data directory, migrated at open. Every
-//! SQL statement of the controller is in this module.
+//! SQL statement of the controller is in this module (and its submodules: tasks, scripts,
+//! networks).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -344,8 +345,12 @@ struct HeartbeatRow {
     body: String,
 }
 
+mod networks;
+mod scripts;
 mod tasks;
 
+pub use networks::{Bumped, Left, Member, MemberDetail, Network, NetworkDetail, Outcome};
+pub use scripts::Script;
 pub use tasks::{
     state as task_state, ChangeProbe, Completed, Completion, Lease, NewTask, Task, TaskQuery,
     TaskRefusal, WatchState,
@@ -598,7 +603,8 @@ impl Storage {
     }
 
     /// Marks a node revoked. Returns false when there is no such node; revoking twice keeps
-    /// the first time.
+    /// the first time. A revoked member of a network stops being its peers' peer at once
+    /// (its network is re-derived).
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<bool, StorageError> {
         let done =
             sqlx::query("UPDATE nodes SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?")
@@ -608,6 +614,7 @@ impl Storage {
                 .await
                 .map_err(query_err("revoke node"))?;
         self.durable("sync revocation").await?;
+        self.resync_network_of(id, now_ms).await?;
         Ok(done.rows_affected() == 1)
     }
 

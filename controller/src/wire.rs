@@ -114,3 +114,120 @@ pub struct TasksParams {
     /// At most this many, the newest (default 100, at most 1000).
     pub limit: Option<u32>,
 }
+
+/// Operator: `POST /api/v1/scripts`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddScriptRequest {
+    /// The script's text (at most `api::scripts::MAX_SCRIPT` bytes of UTF-8).
+    pub script: String,
+}
+
+/// Operator: `POST /api/v1/networks`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateNetworkRequest {
+    /// Its name: 1 to 32 of `a-z 0-9 -`.
+    pub name: String,
+    /// Its IPv4 CIDR, prefix 8 to 30, e.g. `10.88.0.0/16`.
+    pub cidr: String,
+    /// The UDP port its members listen on (default 51820).
+    #[serde(default)]
+    pub port: Option<u32>,
+}
+
+/// Operator: `POST /api/v1/networks/{name}/join`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinNetworkRequest {
+    /// The node.
+    pub node: String,
+    /// Routes (IPv4 CIDRs) the node announces: the others route them to it.
+    #[serde(default)]
+    pub announce: Vec<String>,
+    /// `HOST:PORT` the other members dial it at, instead of what it reports.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+/// Operator: `POST /api/v1/networks/{name}/leave`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaveNetworkRequest {
+    /// The node.
+    pub node: String,
+}
+
+/// Operator: `POST /api/v1/forwards`.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddForwardRequest {
+    /// The node whose port is forwarded (a member of a network).
+    pub node: String,
+    /// `tcp` or `udp`.
+    pub proto: String,
+    /// The node's port, 1 to 65535, not its network's listen port.
+    pub port: u32,
+    /// Where connections go, `a.b.c.d:port`.
+    pub to: String,
+}
+
+/// Operator: the query of `GET /api/v1/forwards`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardsParams {
+    /// Only this node's forwards.
+    pub node: Option<String>,
+}
+
+/// A node whose desired state a network change re-derived, and its new generation.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+pub struct NodeGeneration {
+    /// The node.
+    pub node_id: String,
+    /// Its desired-state generation now.
+    pub generation: u64,
+}
+
+impl NodeGeneration {
+    /// The list of a storage answer.
+    pub fn list(bumped: crate::storage::Bumped) -> Vec<NodeGeneration> {
+        bumped
+            .into_iter()
+            .map(|(node_id, generation)| NodeGeneration {
+                node_id,
+                generation,
+            })
+            .collect()
+    }
+}
+
+/// Operator: reply to a join: the membership and the nodes whose desired state changed.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct JoinResponse {
+    /// The membership.
+    #[serde(flatten)]
+    pub member: crate::storage::Member,
+    /// The nodes whose desired network changed (the joining node and its new peers).
+    pub updated: Vec<NodeGeneration>,
+}
+
+/// Operator: reply to a leave.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct LeaveResponse {
+    /// What the leave did.
+    #[serde(flatten)]
+    pub left: crate::storage::Left,
+    /// The nodes whose desired network changed.
+    pub updated: Vec<NodeGeneration>,
+}
+
+/// Operator: reply to adding or removing a forward.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct ForwardResponse {
+    /// The forward added or removed.
+    #[serde(flatten)]
+    pub forward: crate::networks::Forward,
+    /// The nodes whose desired network changed (none when the forward was there already).
+    pub updated: Vec<NodeGeneration>,
+}

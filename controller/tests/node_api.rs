@@ -365,7 +365,8 @@ async fn desired_state_changes_reach_the_next_heartbeat() {
 
     let network = json!({"network": {
         "interface": "pn0", "address": "10.88.0.7/16", "listen_port": 51820,
-        "peers": [{"public_key": "AAAA", "endpoint": null, "allowed_ips": ["10.88.0.0/16"], "keepalive_s": 25}]
+        "peers": [{"public_key": "AAAA", "endpoint": null, "allowed_ips": ["10.88.0.0/16"], "keepalive_s": 25}],
+        "network": "lab", "forwards": [{"proto": "tcp", "port": 8080, "to": "10.88.0.2:80"}]
     }});
     let (status, reply) = status_json(
         operator

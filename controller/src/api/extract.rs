@@ -1,6 +1,7 @@
 //! Extractors: JSON bodies (size, content type, syntax, shape), the verified node behind a
 //! client certificate, and the operator's bearer token. Each refuses with a JSON [`ApiError`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -17,6 +18,23 @@ use crate::storage::Node;
 /// during the handshake; `None` when the client sent none. Inserted by the server per request.
 #[derive(Clone, Debug)]
 pub struct ClientCert(pub Option<Arc<CertInfo>>);
+
+/// The address of the peer of the TCP connection a request came on. Inserted by the server
+/// per request; absent where the router is driven without a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// The address a request came from, if the server recorded it ([`PeerAddr`]); never refuses.
+#[derive(Clone, Copy, Debug)]
+pub struct RemoteAddr(pub Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RemoteAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(RemoteAddr(parts.extensions.get::<PeerAddr>().map(|p| p.0)))
+    }
+}
 
 /// A JSON request body of at most `LIMIT` bytes: `value` typed, `raw` as parsed (what the
 /// node sent, for storage).

@@ -2,15 +2,17 @@
 //! with JSON errors for every refusal, including unknown routes and methods.
 
 pub mod extract;
+pub mod networks;
 pub mod node;
 pub mod operator;
+pub mod scripts;
 pub mod tasks;
 pub mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{get, post, put};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -155,6 +157,9 @@ pub fn router(state: AppState) -> Router {
         .route("/node_api/v1/tasks/{id}/renew", post(tasks::renew))
         .route("/node_api/v1/tasks/{id}/complete", post(tasks::complete))
         .route("/node_api/v1/watch", get(watch::watch))
+        .route("/node_api/v1/scripts/{digest}", get(scripts::fetch))
+        .route("/api/v1/scripts", post(scripts::add).get(scripts::list))
+        .route("/api/v1/scripts/{digest}", get(scripts::show))
         .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
         .route("/api/v1/tasks/{id}", get(tasks::show))
         .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
@@ -171,6 +176,24 @@ pub fn router(state: AppState) -> Router {
             put(operator::set_network),
         )
         .route("/api/v1/tokens", post(operator::create_token))
+        .route(
+            "/api/v1/networks",
+            post(networks::create).get(networks::list),
+        )
+        .route(
+            "/api/v1/networks/{name}",
+            get(networks::show).delete(networks::delete),
+        )
+        .route("/api/v1/networks/{name}/join", post(networks::join))
+        .route("/api/v1/networks/{name}/leave", post(networks::leave))
+        .route(
+            "/api/v1/forwards",
+            post(networks::add_forward).get(networks::list_forwards),
+        )
+        .route(
+            "/api/v1/forwards/{node}/{proto}/{port}",
+            delete(networks::remove_forward),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -4,11 +4,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
-use super::extract::{AuthedNode, EventSender, JsonBody};
+use super::extract::{AuthedNode, EventSender, JsonBody, RemoteAddr};
 use super::AppState;
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
 use crate::events::{self, BatchError};
+use crate::networks::NodeReport;
 use crate::secrets;
 use crate::storage::{EnrollError, HeartbeatFacts};
 use crate::wire::{
@@ -128,9 +129,12 @@ pub async fn rotate(
 }
 
 /// `POST /node_api/v1/status/heartbeat`: stores the node's report, answers its desired state.
+/// A new WireGuard key, new endpoints or a new source address re-derive the node's network
+/// first (crate::networks), so the reply already carries what that changed.
 pub async fn heartbeat(
     State(state): State<AppState>,
     authed: AuthedNode,
+    RemoteAddr(remote): RemoteAddr,
     body: JsonBody<HeartbeatRequest>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let hb = &body.value;
@@ -164,6 +168,16 @@ pub async fn heartbeat(
             },
         )
         .await?;
+    let report = NodeReport::from_heartbeat(hb.network.as_ref(), remote.map(|a| a.ip()));
+    let bumped = state
+        .storage()
+        .record_network_report(&authed.node.id, &report, now)
+        .await?;
+    if !bumped.is_empty() {
+        state.watches().poke();
+        tracing::info!(node_id = %authed.node.id, updated = ?bumped,
+            "network report changed peers");
+    }
     let desired = state.storage().desired(&authed.node.id).await?;
     tracing::debug!(
         node_id = %authed.node.id,

@@ -1,0 +1,511 @@
+//! `powernode-controller network …` and `networks`: overlay networks, membership and port
+//! forwards straight in the database of the data directory, checked by the same rules as
+//! `/api/v1/networks` and `/api/v1/forwards` ([`crate::api::networks`], [`crate::networks`]).
+//! A running controller sees what they change within a scan interval (its watch scanner
+//! follows the database), so the nodes whose desired network changed learn it at once.
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use powernode_types::text::{columns, one_line, rfc3339_millis};
+
+use crate::api::networks::{check_create, check_forward, check_join};
+use crate::cli::{open, DataArg};
+use crate::networks::{EndpointSource, Forward, Refusal};
+use crate::storage::{Bumped, MemberDetail, Network, NetworkDetail};
+use crate::wire::{CreateNetworkRequest, JoinNetworkRequest};
+
+/// `network …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Create an empty network.
+    Create(CreateArgs),
+    /// Make a node a member: it gets the lowest free address of the network. Joining the
+    /// same network again keeps the address and replaces --announce and --endpoint.
+    Join(JoinArgs),
+    /// Take a node out: its address is freed, its forwards removed, its network withdrawn.
+    Leave(LeaveArgs),
+    /// Show a network: members, addresses, keys, endpoints, what each node reports.
+    Show(ShowArgs),
+    /// Delete a network without members.
+    Delete(DeleteArgs),
+    /// Port forwards of members: add, remove, list.
+    #[command(subcommand)]
+    Forward(ForwardCommand),
+}
+
+/// `network create` arguments.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Its name: 1 to 32 of a-z, 0-9 and -.
+    name: String,
+    #[command(flatten)]
+    data: DataArg,
+    /// Its IPv4 CIDR, prefix 8 to 30, e.g. 10.88.0.0/16.
+    #[arg(long, value_name = "CIDR")]
+    cidr: String,
+    /// The UDP port its members listen on.
+    #[arg(long, value_name = "PORT", default_value_t = u32::from(crate::networks::DEFAULT_PORT))]
+    port: u32,
+    /// Print the network as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `network join` arguments.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The network.
+    name: String,
+    #[command(flatten)]
+    data: DataArg,
+    /// The node.
+    #[arg(long, value_name = "ID")]
+    node: String,
+    /// A route (IPv4 CIDR) behind the node that the others send to it (repeat for several).
+    #[arg(long, value_name = "CIDR")]
+    announce: Vec<String>,
+    /// HOST:PORT the other members dial it at, instead of what it reports.
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<String>,
+    /// Print the membership as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `network leave` arguments.
+#[derive(Debug, Args)]
+pub struct LeaveArgs {
+    /// The network.
+    name: String,
+    #[command(flatten)]
+    data: DataArg,
+    /// The node.
+    #[arg(long, value_name = "ID")]
+    node: String,
+}
+
+/// `network show` arguments.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The network.
+    name: String,
+    #[command(flatten)]
+    data: DataArg,
+    /// Print JSON (as `GET /api/v1/networks/{name}`).
+    #[arg(long)]
+    json: bool,
+}
+
+/// `network delete` arguments.
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    /// The network.
+    name: String,
+    #[command(flatten)]
+    data: DataArg,
+}
+
+/// `networks` arguments.
+#[derive(Debug, Args)]
+pub struct NetworksArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `network forward …` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ForwardCommand {
+    /// Forward a member's port: connections to it go to --to.
+    Add(ForwardAddArgs),
+    /// Remove a forward.
+    Remove(ForwardRemoveArgs),
+    /// List forwards, by node, protocol and port.
+    List(ForwardListArgs),
+}
+
+/// `network forward add` arguments.
+#[derive(Debug, Args)]
+pub struct ForwardAddArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// The node (a member of a network).
+    #[arg(long, value_name = "ID")]
+    node: String,
+    /// tcp or udp.
+    #[arg(long, value_name = "PROTO")]
+    proto: String,
+    /// The node's port (not its network's listen port).
+    #[arg(long, value_name = "PORT")]
+    port: u32,
+    /// Where connections go: an IPv4 address and port.
+    #[arg(long, value_name = "ADDR:PORT")]
+    to: String,
+}
+
+/// `network forward remove` arguments.
+#[derive(Debug, Args)]
+pub struct ForwardRemoveArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// The node.
+    #[arg(long, value_name = "ID")]
+    node: String,
+    /// tcp or udp.
+    #[arg(long, value_name = "PROTO")]
+    proto: String,
+    /// The node's port.
+    #[arg(long, value_name = "PORT")]
+    port: u32,
+}
+
+/// `network forward list` arguments.
+#[derive(Debug, Args)]
+pub struct ForwardListArgs {
+    #[command(flatten)]
+    data: DataArg,
+    /// Only this node's forwards.
+    #[arg(long, value_name = "ID")]
+    node: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn refused(refusal: Refusal) -> anyhow::Error {
+    anyhow::Error::msg(refusal.to_string())
+}
+
+/// `updated node-a (generation 4), node-b (generation 7)`, or nothing.
+fn updated_text(bumped: &Bumped) -> String {
+    if bumped.is_empty() {
+        return String::new();
+    }
+    let list: Vec<String> = bumped
+        .iter()
+        .map(|(node, generation)| format!("{node} (generation {generation})"))
+        .collect();
+    format!("desired network updated: {}\n", list.join(", "))
+}
+
+/// Runs a `network` subcommand.
+pub async fn run(command: NetworkCommand) -> anyhow::Result<()> {
+    match command {
+        NetworkCommand::Create(args) => create(args).await,
+        NetworkCommand::Join(args) => join(args).await,
+        NetworkCommand::Leave(LeaveArgs { name, data, node }) => {
+            let storage = open(&data.data).await?;
+            let left = storage.leave_network(&name, &node, crate::now_ms()).await;
+            storage.close().await;
+            let (left, bumped) = left?.map_err(refused)?;
+            print!(
+                "{} left {} ({} is free; {} forward(s) removed)\n{}",
+                left.node_id,
+                left.network,
+                left.address,
+                left.forwards_removed,
+                updated_text(&bumped)
+            );
+            Ok(())
+        }
+        NetworkCommand::Show(ShowArgs { name, data, json }) => {
+            let storage = open(&data.data).await?;
+            let detail = storage.network_detail(&name).await;
+            storage.close().await;
+            let detail = detail?.with_context(|| format!("no network {name}"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&detail)?);
+            } else {
+                print!("{}", network_text(&detail));
+            }
+            Ok(())
+        }
+        NetworkCommand::Delete(DeleteArgs { name, data }) => {
+            let storage = open(&data.data).await?;
+            let deleted = storage.delete_network(&name).await;
+            storage.close().await;
+            deleted?.map_err(refused)?;
+            println!("deleted {name}");
+            Ok(())
+        }
+        NetworkCommand::Forward(command) => forward(command).await,
+    }
+}
+
+async fn create(args: CreateArgs) -> anyhow::Result<()> {
+    let req = CreateNetworkRequest {
+        name: args.name,
+        cidr: args.cidr,
+        port: Some(args.port),
+    };
+    let (cidr, port) = check_create(&req).map_err(refused)?;
+    let storage = open(&args.data.data).await?;
+    let created = storage
+        .create_network(&req.name, cidr, port, crate::now_ms())
+        .await;
+    storage.close().await;
+    let network = created?.map_err(refused)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&network)?);
+    } else {
+        println!(
+            "network {} {} port {}",
+            network.name, network.cidr, network.listen_port
+        );
+    }
+    Ok(())
+}
+
+async fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let req = JoinNetworkRequest {
+        node: args.node,
+        announce: args.announce,
+        endpoint: args.endpoint,
+    };
+    check_join(&req).map_err(refused)?;
+    let storage = open(&args.data.data).await?;
+    let joined = storage
+        .join_network(
+            &args.name,
+            &req.node,
+            &req.announce,
+            req.endpoint.as_deref(),
+            crate::now_ms(),
+        )
+        .await;
+    storage.close().await;
+    let (member, bumped) = joined?.map_err(refused)?;
+    if args.json {
+        let reply = crate::wire::JoinResponse {
+            member,
+            updated: crate::wire::NodeGeneration::list(bumped),
+        };
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        print!(
+            "{} is in {} as {}\n{}",
+            member.node_id,
+            member.network,
+            member.address,
+            updated_text(&bumped)
+        );
+    }
+    Ok(())
+}
+
+async fn forward(command: ForwardCommand) -> anyhow::Result<()> {
+    match command {
+        ForwardCommand::Add(args) => {
+            let port = check_forward(&args.proto, args.port, Some(&args.to)).map_err(refused)?;
+            let storage = open(&args.data.data).await?;
+            let added = storage
+                .add_forward(&args.node, &args.proto, port, &args.to, crate::now_ms())
+                .await;
+            storage.close().await;
+            let (f, bumped) = added?.map_err(refused)?;
+            print!(
+                "{} {} {} -> {}\n{}",
+                f.node_id,
+                f.proto,
+                f.port,
+                f.to,
+                updated_text(&bumped)
+            );
+            Ok(())
+        }
+        ForwardCommand::Remove(args) => {
+            let port = check_forward(&args.proto, args.port, None).map_err(refused)?;
+            let storage = open(&args.data.data).await?;
+            let removed = storage
+                .remove_forward(&args.node, &args.proto, port, crate::now_ms())
+                .await;
+            storage.close().await;
+            let (f, bumped) = removed?.map_err(refused)?;
+            print!(
+                "removed {} {} {} -> {}\n{}",
+                f.node_id,
+                f.proto,
+                f.port,
+                f.to,
+                updated_text(&bumped)
+            );
+            Ok(())
+        }
+        ForwardCommand::List(args) => {
+            let storage = open(&args.data.data).await?;
+            let forwards = storage.forwards(args.node.as_deref()).await;
+            storage.close().await;
+            let forwards = forwards?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&forwards)?);
+            } else {
+                print!("{}", forwards_table(&forwards));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs `networks`.
+pub async fn list(args: NetworksArgs) -> anyhow::Result<()> {
+    let storage = open(&args.data.data).await?;
+    let networks = storage.networks().await;
+    storage.close().await;
+    let networks = networks?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&networks)?);
+    } else {
+        print!("{}", networks_table(&networks));
+    }
+    Ok(())
+}
+
+fn networks_table(networks: &[Network]) -> String {
+    let widths = [20, 18, 6, 8];
+    let mut out = columns(&["NAME", "CIDR", "PORT", "MEMBERS", "CREATED"], &widths) + "\n";
+    for n in networks {
+        let cells = [
+            n.name.clone(),
+            n.cidr.clone(),
+            n.listen_port.to_string(),
+            n.member_count.to_string(),
+            rfc3339_millis(n.created_at_ms),
+        ];
+        out.push_str(&columns(&cells, &widths));
+        out.push('\n');
+    }
+    out
+}
+
+fn forwards_table(forwards: &[Forward]) -> String {
+    let widths = [21, 5, 6, 21];
+    let mut out = columns(&["NODE", "PROTO", "PORT", "TO", "CREATED"], &widths) + "\n";
+    for f in forwards {
+        let cells = [
+            f.node_id.clone(),
+            f.proto.clone(),
+            f.port.to_string(),
+            f.to.clone(),
+            rfc3339_millis(f.created_at_ms),
+        ];
+        out.push_str(&columns(&cells, &widths));
+        out.push('\n');
+    }
+    out
+}
+
+/// `network show` as text: the network, then a block per member.
+fn network_text(d: &NetworkDetail) -> String {
+    let n = &d.network;
+    let mut out = format!(
+        "network:  {}\ncidr:     {}\nport:     {}\ncreated:  {}\nmembers:  {}\n",
+        n.name,
+        n.cidr,
+        n.listen_port,
+        rfc3339_millis(n.created_at_ms),
+        n.member_count
+    );
+    for m in &d.members {
+        out.push_str(&member_text(m));
+    }
+    out
+}
+
+fn member_text(m: &MemberDetail) -> String {
+    let mut out = format!(
+        "\n  {}  {}  {}{}\n",
+        m.member.node_id,
+        m.member.address,
+        one_line(&m.hostname),
+        if m.revoked {
+            "  (revoked: no one's peer)"
+        } else {
+            ""
+        }
+    );
+    let line = |out: &mut String, label: &str, value: String| {
+        out.push_str(&format!("    {label:<10} {value}\n"));
+    };
+    line(
+        &mut out,
+        "key",
+        m.public_key
+            .clone()
+            .unwrap_or_else(|| "- (not reported yet: no one's peer)".to_owned()),
+    );
+    let source = |s: &EndpointSource| match s {
+        EndpointSource::Operator => "set by the operator",
+        EndpointSource::Reported => "reported by the node",
+        EndpointSource::Heartbeat => "its heartbeats' address",
+    };
+    line(
+        &mut out,
+        "endpoint",
+        match (&m.endpoint_used, &m.endpoint_source) {
+            (Some(e), Some(s)) => format!("{} ({})", one_line(e), source(s)),
+            _ => "- (peers wait for it to dial them)".to_owned(),
+        },
+    );
+    if !m.member.announce.is_empty() {
+        line(&mut out, "announces", m.member.announce.join(", "));
+    }
+    let heartbeat = m.last_heartbeat_ms.map_or_else(
+        || "no heartbeat yet".to_owned(),
+        |at| format!("heartbeat {}", rfc3339_millis(at)),
+    );
+    match &m.reported {
+        None => line(&mut out, "reported", format!("nothing ({heartbeat})")),
+        Some(r) => {
+            let mut said = vec![r.state.clone().unwrap_or_else(|| "?".to_owned())];
+            if let Some(up) = r.peers_up {
+                said.push(format!("{up} peer(s) up"));
+            }
+            if r.userspace == Some(true) {
+                said.push("userspace".to_owned());
+            }
+            if let Some(g) = r.generation {
+                said.push(format!("applied generation {g} of {}", m.generation));
+            }
+            if let Some(e) = &r.error {
+                said.push(format!("error: {}", one_line(e)));
+            }
+            said.push(heartbeat);
+            line(&mut out, "reported", said.join(", "));
+            for p in &r.peers {
+                let who = p
+                    .node_id
+                    .clone()
+                    .unwrap_or_else(|| format!("key {}", one_line(&p.public_key)));
+                let handshake = p
+                    .last_handshake_ms
+                    .and_then(|ms| i64::try_from(ms).ok())
+                    .map_or_else(
+                        || "no handshake".to_owned(),
+                        |ms| format!("handshake {}", rfc3339_millis(ms)),
+                    );
+                line(
+                    &mut out,
+                    "peer",
+                    format!(
+                        "{who}  {}  {handshake}  rx {} B  tx {} B",
+                        p.endpoint
+                            .as_deref()
+                            .map_or_else(|| "-".to_owned(), one_line),
+                        p.rx_bytes,
+                        p.tx_bytes
+                    ),
+                );
+            }
+        }
+    }
+    for f in &m.forwards {
+        line(
+            &mut out,
+            "forward",
+            format!("{} {} -> {}", f.proto, f.port, f.to),
+        );
+    }
+    out
+}
