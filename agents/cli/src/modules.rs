@@ -20,13 +20,6 @@ use powernode_modules::store::Store;
 use powernode_pubsub::{Dirs, Event, Subscription};
 use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, VerifyConfig};
 
-/// The name a reference gets when none is given: the last part of its repository.
-pub fn default_name(reference: &str) -> String {
-    let without_digest = reference.split('@').next().unwrap_or(reference);
-    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
-    last.split(':').next().unwrap_or(last).to_owned()
-}
-
 /// `attach REF`: writes the local assignment, then (unless `wait` is `None`) follows the
 /// module until it is Active (exit 0) or Failed (exit 1).
 pub async fn attach(
@@ -37,7 +30,7 @@ pub async fn attach(
     wait: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<Exit> {
-    let name = name.unwrap_or_else(|| default_name(reference));
+    let name = name.unwrap_or_else(|| local::default_name(reference));
     if !local::valid_name(&name) {
         bail!("{name:?} is not a valid module name; give one with --name");
     }
@@ -281,50 +274,21 @@ pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyho
     let slot = status
         .slot
         .with_context(|| format!("target {:?} has no active stack", args.target))?;
-    let upper = if settings.modules.upper == "tmpfs" {
-        powernode_types::UpperMode::Tmpfs
-    } else {
-        powernode_types::UpperMode::Persistent {
-            path: settings.modules.upper.clone(),
-        }
-    };
-    let layout = mountmgr::layout::Layout::new(root.base())?;
-    let upper_dir = layout.upper_dir(&args.target, slot, &upper)?;
-    let options = powernode_modules::package::BuildOptions {
+    let upper_dir = status.upper_dir.with_context(|| {
+        format!(
+            "mountmgr does not say where the writes of {:?} are",
+            args.target
+        )
+    })?;
+    let request = modulemgr::commit::CommitRequest {
         name: args.name.clone(),
         version: args.version.clone(),
         priority: args.priority,
-        architecture: host_architecture().to_owned(),
-        dependencies: Vec::new(),
-        services: Vec::new(),
-        health_check: None,
+        push: args.push.clone(),
     };
-    let out = args.out.clone();
-    let built = tokio::task::spawn_blocking(move || {
-        powernode_modules::package::build(&upper_dir, &options, &out)
-    })
-    .await??;
-    let pushed = match &args.push {
-        None => None,
-        Some(to) => {
-            let reference = powernode_modules::registry::parse_reference(to)?;
-            let tag = reference
-                .tag()
-                .with_context(|| format!("{to}: give a tag to push to (…:TAG)"))?
-                .to_owned();
-            let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
-            let repository = powernode_modules::registry::repository_of(&reference);
-            Some(
-                powernode_modules::package::push(
-                    &registry,
-                    &repository,
-                    &tag,
-                    std::slice::from_ref(&built),
-                )
-                .await?,
-            )
-        }
-    };
+    let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
+    let modulemgr::commit::Committed { built, pushed } =
+        modulemgr::commit::commit(upper_dir.into(), &args.out, &request, &registry).await?;
     if args.json {
         println!(
             "{}",
@@ -344,16 +308,4 @@ pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyho
         }
     }
     Ok(Exit::Success)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn default_names() {
-        assert_eq!(default_name("127.0.0.1:5000/modules/tools:1.0"), "tools");
-        assert_eq!(default_name("reg/x/base@sha256:00"), "base");
-        assert_eq!(default_name("reg:5000/a"), "a");
-    }
 }

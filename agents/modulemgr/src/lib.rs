@@ -39,10 +39,12 @@
 //! then going through, a download failing for good. The verifier raises the rejections and
 //! mountmgr the stack's switches.
 
+pub mod commit;
 pub mod events;
 pub mod fetch;
 pub mod lastknown;
 pub mod local;
+pub mod tasks;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -152,6 +154,8 @@ struct Agent {
     /// The modules (name → image digest) an earlier run of modulemgr left Active: the same
     /// image becoming Active again after a restart is not news, and raises nothing.
     active_before: HashMap<String, String>,
+    /// The tasks modulemgr runs ([`tasks`]).
+    tasks: tasks::ModuleTasks,
 }
 
 /// How to reach registries, from the `[modules]` settings: plain-HTTP registries, timeouts,
@@ -207,6 +211,8 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         .filter_map(|s| Some((s.name, s.digest?)))
         .collect();
     let (reports_tx, mut reports_rx) = mpsc::channel(64);
+    let (module_tasks, mut commits_rx) =
+        tasks::ModuleTasks::new(agentbase::tasks::TaskBook::new(ctx.open_publication()?));
     let mut agent = Agent {
         registry,
         store,
@@ -232,6 +238,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         desired_known: false,
         published_since_start: false,
         active_before,
+        tasks: module_tasks,
         ctx,
     };
     // A node where heartbeatd never published an assignment (no controller, or its first
@@ -243,6 +250,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let mut desired_sub = Subscription::<ModuleConfig>::connect(&agent.ctx.dirs, HEARTBEAT_AGENT);
     let mut verify_sub = Subscription::<VerifyStatus>::connect(&agent.ctx.dirs, VERIFIER_AGENT);
     let mut mount_sub = Subscription::<MountStatus>::connect(&agent.ctx.dirs, MOUNT_AGENT);
+    let mut task_configs = agentbase::tasks::TaskConfigs::connect(&agent.ctx.dirs);
     agent.read_local();
     agent.reconcile();
     agent.ctx.ready();
@@ -297,9 +305,14 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                     agent.reconcile();
                 }
             }
+            () = task_configs.next() => agent.on_task_configs(&task_configs),
+            Some((id, outcome)) = commits_rx.recv() => agent.on_commit_done(&id, outcome),
             _ = beat.tick() => agent.ctx.beat(),
         }
+        // Whatever happened may be what a task waits for.
+        agent.progress_tasks();
     }
+    agent.tasks.stop();
     for module in agent.modules.values() {
         if let Some(cancel) = &module.cancel {
             cancel.cancel();

@@ -54,6 +54,13 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
+/// The name a reference gets when none is given: the last part of its repository.
+pub fn default_name(reference: &str) -> String {
+    let without_digest = reference.split('@').next().unwrap_or(reference);
+    let last = without_digest.rsplit('/').next().unwrap_or(without_digest);
+    last.split(':').next().unwrap_or(last).to_owned()
+}
+
 /// Reads every `*.toml` in `dir`. Good files are returned; each bad file is an error beside
 /// them, so one bad file does not hide the others.
 pub fn read_all(dir: &Path) -> (BTreeMap<String, LocalModule>, Vec<LocalError>) {
@@ -148,6 +155,13 @@ pub fn remove(dir: &Path, name: &str) -> Result<bool, LocalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_names() {
+        assert_eq!(default_name("127.0.0.1:5000/modules/tools:1.0"), "tools");
+        assert_eq!(default_name("reg/x/base@sha256:00"), "base");
+        assert_eq!(default_name("reg:5000/a"), "a");
+    }
 
     #[test]
     fn round_trip_and_bad_files() {

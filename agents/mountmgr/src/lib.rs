@@ -30,8 +30,9 @@
 //!   │             ▼
 //!   │           Retire (unmount the old slot: overlay, layers, tmpfs) ──► Done(Mounted)
 //!   └─────────────┘
-//!   shutdown (any state) ──► Stopping: the build in progress is finished or discarded, the
-//!                            active stacks stay mounted, exit 0
+//!   shutdown (any state) ──► Stopping: a switch under way is finished, a build not yet
+//!                            switched is discarded (its target's status back to what it
+//!                            said before), the active stacks stay mounted, exit 0
 //! ```
 //!
 //! Crash safety comes from the order of the switch (the record names the slot being switched
@@ -352,6 +353,9 @@ impl Agent {
             .get(&target)
             .and_then(|t| t.active.as_ref())
             .map(|a| a.config.generation);
+        // What the target's status said before this generation: said again if shutdown
+        // abandons the build, since then nothing changed.
+        let status_before = self.status_pub.get(&target);
         // Whether the active stack changed: switched to the new one, or torn down.
         let mut changed = false;
         let mut step = Step::Plan;
@@ -388,6 +392,16 @@ impl Agent {
         let state = match &outcome {
             Outcome::Abandoned => {
                 tracing::info!(target = %target, generation, "build abandoned for shutdown");
+                // The build said `Mounting`; the stack is the one before it, and so is the
+                // status the agent leaves in its checkpoint.
+                match status_before {
+                    Some(status) => {
+                        if let Err(e) = self.status_pub.publish(&status) {
+                            tracing::warn!(target = %target, error = %e, "could not publish MountStatus");
+                        }
+                    }
+                    None => self.unpublish(&target),
+                }
                 return;
             }
             Outcome::Mounted => {
@@ -693,6 +707,9 @@ impl Agent {
             slot: active.map(|a| a.slot),
             layers: active.map(digests).unwrap_or_default(),
             error,
+            upper_dir: active
+                .and_then(|a| self.layout.upper_dir(target, a.slot, &a.config.upper).ok())
+                .map(|dir| dir.display().to_string()),
         };
         if let Err(e) = self.status_pub.publish(&status) {
             tracing::warn!(target, error = %e, "could not publish MountStatus");

@@ -314,3 +314,91 @@ async fn killed_at_each_step_of_a_switch_it_recovers_one_stack() {
         assert_one_stack(&sandbox, Slot::B, 2);
     }
 }
+
+/// The target's `MountStatus` as the agent's checkpoint holds it (the agent is not running).
+fn checkpointed_status(sandbox: &Sandbox) -> Option<serde_json::Value> {
+    let dir = sandbox.dirs().checkpoints("mountmgr", "MountStatus", false);
+    let info = powernode_types::registry::lookup("MountStatus").unwrap();
+    powernode_pubsub::checkpoint::read_dir(&dir, "MountStatus")
+        .unwrap()
+        .into_iter()
+        .find(|item| item.key == TARGET)
+        .map(|item| {
+            let (_, bytes) = item.payload.unwrap();
+            (info.decode_json)(&bytes).unwrap()
+        })
+}
+
+/// SIGTERM while generation 2's health check holds its switch open (DESIGN §7, "SIGTERM
+/// drains"): the agent exits 0 without switching; the new slot is discarded, the old stack
+/// is whole and current, the record names it with no switch under way, and the status left
+/// in the checkpoint says generation 1 mounted in slot A (not generation 2 `Mounting`). The
+/// next start adopts that stack as it is, then converges to generation 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_health_check_keeps_the_old_stack_consistent() {
+    if !require(&["root", "mkfs.erofs"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    let low = sandbox.image("low", &[("a.txt", "a")]);
+    let high = sandbox.image("high", &[("b.txt", "b")]);
+    let gate = sandbox.root.join("gate");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(&binary, &sandbox);
+    configs
+        .publish(&config(1, vec![layer("low", &low, 1)]))
+        .unwrap();
+    wait_answer(&mut status, 1, MountState::Mounted).await;
+
+    let wait_for_gate = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
+    let checked_high = checked(
+        layer("high", &high, 2),
+        &["/bin/sh", "-c", &wait_for_gate],
+        60,
+    );
+    configs
+        .publish(&config(2, vec![layer("low", &low, 1), checked_high]))
+        .unwrap();
+    wait_answer(&mut status, 2, MountState::Mounting).await;
+    wait_b_built(&sandbox).await;
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+
+    assert_one_stack(&sandbox, Slot::A, 1);
+    assert_eq!(sandbox.read("a.txt").as_deref(), Some("a"));
+    let layout = mountmgr::layout::Layout::new(&sandbox.root).unwrap();
+    let record = mountmgr::record::RecordStore::new(layout.records_dir())
+        .load(TARGET)
+        .unwrap()
+        .expect("no record");
+    let applied = record.applied.expect("the record names no stack");
+    assert_eq!(
+        (applied.slot, applied.config.generation),
+        (Slot::A, 1),
+        "{applied:?}"
+    );
+    assert_eq!(record.switching_to, None);
+    let left = checkpointed_status(&sandbox).expect("no MountStatus checkpoint");
+    assert_eq!(left["generation"], 1, "{left}");
+    assert_eq!(left["state"], "Mounted", "{left}");
+    assert_eq!(left["slot"], "A", "{left}");
+
+    // The next start adopts the stack without repairing anything, then switches.
+    drop(configs);
+    let process = Process::start(&binary, &sandbox);
+    wait_ready(&sandbox, process.pid()).await;
+    assert_one_stack(&sandbox, Slot::A, 1);
+    let log = std::fs::read_to_string(sandbox.root.join("mountmgr.log")).unwrap();
+    assert!(log.contains("adopt slot A (generation 1)"), "{log}");
+    std::fs::write(&gate, b"").unwrap();
+    let _configs = config_publisher(&sandbox);
+    let s = wait_answer(&mut status, 2, MountState::Mounted).await;
+    assert_eq!(s.slot, Some(Slot::B));
+    assert_one_stack(&sandbox, Slot::B, 2);
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+}
