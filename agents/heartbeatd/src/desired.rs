@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use powernode_pubsub::Publication;
 use powernode_types::node_api::DesiredState;
-use powernode_types::{ModuleConfig, NetworkConfig, WgPeer, GLOBAL_KEY};
+use powernode_types::{ForwardProto, ModuleConfig, NetworkConfig, PortForward, WgPeer, GLOBAL_KEY};
 
 /// Why a desired state was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,12 @@ pub fn validate(desired: &DesiredState) -> Result<(), DesiredError> {
         if network.interface.is_empty() || network.address.is_empty() {
             return Err(invalid("network without interface or address".to_owned()));
         }
+        if let Some(f) = network.forwards.iter().find(|f| proto(&f.proto).is_none()) {
+            return Err(invalid(format!(
+                "port forward {}: protocol {:?} is neither tcp nor udp",
+                f.port, f.proto
+            )));
+        }
     }
     Ok(())
 }
@@ -88,7 +94,28 @@ pub fn network_config(desired: &DesiredState) -> Option<NetworkConfig> {
                 keepalive_s: p.keepalive_s,
             })
             .collect(),
+        network: n.network.clone(),
+        forwards: n
+            .forwards
+            .iter()
+            .filter_map(|f| {
+                Some(PortForward {
+                    proto: proto(&f.proto)?,
+                    port: f.port,
+                    to: f.to.clone(),
+                })
+            })
+            .collect(),
     })
+}
+
+/// A port forward's protocol, from its name on the wire.
+fn proto(name: &str) -> Option<ForwardProto> {
+    match name {
+        "tcp" => Some(ForwardProto::Tcp),
+        "udp" => Some(ForwardProto::Udp),
+        _ => None,
+    }
 }
 
 /// Publishes `desired` (validated first): every module as an item, modules no longer listed
@@ -166,6 +193,16 @@ mod tests {
             address: "10.88.0.7/16".to_owned(),
             listen_port: 51820,
             peers: Vec::new(),
+            network: "lab".to_owned(),
+            forwards: Vec::new(),
+        };
+        let forward = |proto: &str| DesiredNetwork {
+            forwards: vec![powernode_types::node_api::PortForward {
+                proto: proto.to_owned(),
+                port: 8080,
+                to: "10.88.0.9:80".to_owned(),
+            }],
+            ..net("pn0")
         };
         let cases = [
             (state(vec![], None), true),
@@ -182,6 +219,8 @@ mod tests {
             (state(vec![module("", "r/x")], None), false),
             (state(vec![module("x", " ")], None), false),
             (state(vec![], Some(net(""))), false),
+            (state(vec![], Some(forward("tcp"))), true),
+            (state(vec![], Some(forward("sctp"))), false),
         ];
         for (desired, ok) in cases {
             assert_eq!(validate(&desired).is_ok(), ok, "{desired:?}");
@@ -202,6 +241,8 @@ mod tests {
                 address: "10.88.0.7/16".to_owned(),
                 listen_port: 51820,
                 peers: Vec::new(),
+                network: "lab".to_owned(),
+                forwards: Vec::new(),
             }),
         };
         apply(&first, &modules, &network).unwrap();

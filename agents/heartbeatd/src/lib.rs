@@ -40,7 +40,7 @@
 //! costs the controller nothing, and the node is back within an interval of its return
 //! (docs/heartbeat.md, "Failing"). Every state publishes `ControllerStatus` when it
 //! is entered; the main loop beats in every state and shutdown ends it at once, also during a
-//! request.
+//! request; then [`drain`] sends the task reports it holds, within a bound.
 //!
 //! The heartbeat carries the node's enrollment and rotation state as enrollmgr last published
 //! it (`enrollment`), so the controller knows when a node's rotation has been failing since.
@@ -58,6 +58,7 @@
 //! the outage was. A failure shorter than that raises nothing.
 
 pub mod desired;
+pub mod drain;
 pub mod host;
 pub mod outage;
 pub mod report;
@@ -227,6 +228,8 @@ struct Agent {
     modules: Vec<powernode_types::node_api::ModuleReport>,
     module_fingerprint: Vec<String>,
     mounts: Option<serde_json::Map<String, serde_json::Value>>,
+    /// netmgr's status, for the heartbeat's `network`.
+    network: Option<powernode_types::NetworkStatus>,
     /// Since the first failed heartbeat, until one succeeds.
     outage: Option<outage::Outage>,
     /// What the [`watch`] task watches with; `None` while not heartbeating.
@@ -283,6 +286,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         modules: Vec::new(),
         module_fingerprint: Vec::new(),
         mounts: None,
+        network: None,
         outage: None,
         watch_target: tokio::sync::watch::Sender::new(None),
         watch_epoch: 0,
@@ -305,6 +309,10 @@ impl Agent {
             Subscription::<ModuleStatus>::connect(&ctx.dirs, report::MODULE_AGENT);
         let mut mount_statuses =
             Subscription::<MountStatus>::connect(&ctx.dirs, report::MOUNT_AGENT);
+        let mut network_statuses = Subscription::<powernode_types::NetworkStatus>::connect(
+            &ctx.dirs,
+            report::NETWORK_AGENT,
+        );
         let mut tick = tokio::time::interval(ctx.beat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let desired_news = Arc::new(Notify::new());
@@ -316,11 +324,19 @@ impl Agent {
             ctx.settings.controller.request_timeout(),
             ctx.shutdown.clone(),
         ));
+        ctx.tasks.spawn(tasks::follow_local_syncs(
+            ctx.dirs.clone(),
+            desired_news.clone(),
+            ctx.shutdown.clone(),
+        ));
         let (status_tx, mut task_statuses) = tokio::sync::mpsc::channel(16);
         for agent in tasks::owner_agents() {
             ctx.tasks
                 .spawn(follow_task_statuses(ctx.clone(), agent, status_tx.clone()));
         }
+        // The followers hold the only senders: the channel closes once each has said its last
+        // word at shutdown (drain).
+        drop(status_tx);
         let mut task_tick = tokio::time::interval(TASK_TICK);
         task_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -332,7 +348,7 @@ impl Agent {
                 }
             };
             state = tokio::select! {
-                _ = ctx.shutdown.cancelled() => return Ok(()),
+                _ = ctx.shutdown.cancelled() => return self.drain(&mut task_statuses).await,
                 _ = tick.tick() => {
                     ctx.beat();
                     // A long backoff must not hold back `controller.unreachable`.
@@ -392,10 +408,19 @@ impl Agent {
                     self.mounts = mounts;
                     self.soon_if(changed, state)
                 }
+                _ = network_statuses.next() => {
+                    let network = network_statuses.get(GLOBAL_KEY).cloned();
+                    let changed = report::network_fingerprint(network.as_ref())
+                        != report::network_fingerprint(self.network.as_ref());
+                    self.network = network;
+                    self.soon_if(changed, state)
+                }
                 _ = send_now => {
                     let attempt = self.heartbeat();
                     tokio::select! {
-                        _ = ctx.shutdown.cancelled() => return Ok(()),
+                        _ = ctx.shutdown.cancelled() => {
+                            return self.drain(&mut task_statuses).await;
+                        }
                         next = attempt => next?,
                     }
                 }
@@ -571,10 +596,9 @@ impl Agent {
             uptime_s: facts.uptime_s,
             load: facts.load,
             memory: facts.memory,
-            // modulemgr and mountmgr do not exist yet: nothing to report, nothing invented.
             modules: self.modules.clone(),
             mounts: self.mounts.clone(),
-            network: None,
+            network: report::network(self.network.as_ref()),
             applied_generation: Some(self.status.applied_generation),
             enrollment: self.enrollment.as_ref().map(EnrollmentReport::from_status),
         }
@@ -651,7 +675,7 @@ impl Agent {
             let reported = self.tasks.report(&client).await;
             self.tasks.renew_due(&client).await?;
             reported?;
-            if lease {
+            if lease || self.tasks.wants_lease() {
                 let got = self.tasks.lease(&client).await?;
                 if got > 0 {
                     // Tasks of unknown kinds are reported at once.
@@ -728,23 +752,28 @@ fn now_ms() -> u64 {
 }
 
 /// Follows `agent`'s `TaskStatus` for as long as the agent runs, sending the main loop every
-/// status it holds whenever one changes.
+/// status it holds whenever one changes; at shutdown, the owner's last word
+/// ([`drain::last_statuses`]).
 async fn follow_task_statuses(
     ctx: Context,
     agent: &'static str,
-    to_main: tokio::sync::mpsc::Sender<Vec<TaskStatus>>,
+    to_main: tokio::sync::mpsc::Sender<tasks::OwnerStatuses>,
 ) {
     let mut statuses = Subscription::<TaskStatus>::connect(&ctx.dirs, agent);
     loop {
         tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
+            () = ctx.shutdown.cancelled() => break,
             _ = statuses.next() => {}
         }
-        let all: Vec<TaskStatus> = statuses.items().map(|(_, s)| s.clone()).collect();
+        let all = tasks::OwnerStatuses {
+            agent,
+            statuses: statuses.items().map(|(_, s)| s.clone()).collect(),
+        };
         if to_main.send(all).await.is_err() {
             return;
         }
     }
+    drain::last_statuses(agent, &mut statuses, &to_main).await;
 }
 
 #[cfg(test)]

@@ -21,13 +21,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use powernode_pubsub::Publication;
+use std::sync::Arc;
+
+use powernode_pubsub::{Dirs, Publication, Subscription};
 use powernode_transport::{ControllerClient, TransportError};
 use powernode_types::node_api::{
     TaskCompleteRequest, TaskCompleteResponse, TaskLeaseRequest, TaskLeaseResponse, TaskOutcome,
     TaskRenewResponse,
 };
 use powernode_types::{TaskConfig, TaskState, TaskStatus};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 /// The node API call that leases.
 pub const LEASE_CALL: &str = "tasks/lease";
@@ -35,7 +39,14 @@ pub const LEASE_CALL: &str = "tasks/lease";
 pub const MAX_HELD: usize = 8;
 
 /// The agents that run tasks, by kind: the one table of it (docs/tasks.md).
-pub const OWNERS: &[(&str, &str)] = &[("node.exec", "execd"), ("cert.rotate", "enrollmgr")];
+pub const OWNERS: &[(&str, &str)] = &[
+    ("node.exec", "execd"),
+    ("cert.rotate", "enrollmgr"),
+    ("module.attach", "modulemgr"),
+    ("module.detach", "modulemgr"),
+    ("module.commit", "modulemgr"),
+    ("node.sync", "modulemgr"),
+];
 
 /// The agent that runs tasks of `kind` on this node.
 pub fn owner(kind: &str) -> Option<&'static str> {
@@ -44,9 +55,52 @@ pub fn owner(kind: &str) -> Option<&'static str> {
 
 /// The owning agents, each once, in table order.
 pub fn owner_agents() -> Vec<&'static str> {
-    let mut agents: Vec<&'static str> = OWNERS.iter().map(|(_, a)| *a).collect();
-    agents.dedup();
+    let mut agents: Vec<&'static str> = Vec::new();
+    for (_, agent) in OWNERS {
+        if !agents.contains(agent) {
+            agents.push(agent);
+        }
+    }
     agents
+}
+
+/// Wakes `heartbeat_now` whenever the operator asks this node for a `node.sync`
+/// (`powernode-agent sync`, published as `operator/TaskConfig`): the reconcile starts with a
+/// heartbeat, so the desired state it works from is the controller's latest. modulemgr runs
+/// the rest of the sync; nothing is reported to the controller for a local task.
+pub async fn follow_local_syncs(
+    dirs: Dirs,
+    heartbeat_now: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut configs = Subscription::<TaskConfig>::connect(&dirs, agentbase::tasks::LOCAL_AGENT);
+    let mut seen = HashSet::new();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = configs.next() => {}
+        }
+        let syncs: HashSet<String> = configs
+            .items()
+            .filter(|(id, c)| c.kind == "node.sync" && agentbase::tasks::is_local(id))
+            .map(|(id, _)| id.to_owned())
+            .collect();
+        if syncs.iter().any(|id| !seen.contains(id)) {
+            tracing::info!("the operator asked for a sync; heartbeating now");
+            heartbeat_now.notify_one();
+        }
+        seen = syncs;
+    }
+}
+
+/// What a follower of an owner's `TaskStatus` sends heartbeatd's main loop: every status
+/// that owner holds.
+#[derive(Debug)]
+pub struct OwnerStatuses {
+    /// The owning agent.
+    pub agent: &'static str,
+    /// All its statuses.
+    pub statuses: Vec<TaskStatus>,
 }
 
 /// A held task's lease as this node's clock sees it (the controller's expiry is on the
@@ -82,6 +136,11 @@ pub struct Tasks {
     lost: HashSet<String>,
     /// Completions to send, by task id.
     reports: BTreeMap<String, TaskCompleteRequest>,
+    /// Whether the controller may hold more queued tasks than this node could take: the last
+    /// lease filled every free place, or was skipped for want of one. A place freed then is
+    /// filled at once, without waiting for the watch (which has already answered) or the
+    /// next heartbeat.
+    more_queued: bool,
 }
 
 impl Tasks {
@@ -106,6 +165,7 @@ impl Tasks {
             running: HashSet::new(),
             lost: HashSet::new(),
             reports: BTreeMap::new(),
+            more_queued: false,
         }
     }
 
@@ -114,21 +174,30 @@ impl Tasks {
         self.configs.keys().len()
     }
 
-    /// Whether anything waits to be sent: a report, or a renewal due by `now_ms`.
+    /// Whether anything waits to be sent: a report, a renewal due by `now_ms`, or a lease
+    /// ([`Tasks::wants_lease`]).
     pub fn has_work(&self, now_ms: u64) -> bool {
-        !self.reports.is_empty() || !self.due(now_ms).is_empty()
+        !self.reports.is_empty() || !self.due(now_ms).is_empty() || self.wants_lease()
+    }
+
+    /// Whether to lease now: tasks may be queued beyond what the last lease could take, and
+    /// a place is free.
+    pub fn wants_lease(&self) -> bool {
+        self.more_queued && self.held() < MAX_HELD
     }
 
     /// Leases what the controller has queued, up to [`MAX_HELD`] held; how many it got.
     pub async fn lease(&mut self, client: &ControllerClient) -> Result<usize, TransportError> {
         let room = MAX_HELD.saturating_sub(self.held());
         if room == 0 {
+            self.more_queued = true;
             return Ok(0);
         }
         let reply: TaskLeaseResponse = client
             .post(LEASE_CALL, &TaskLeaseRequest { max: room as u32 })
             .await?;
         let got = reply.tasks.len();
+        self.more_queued = got >= room;
         let now = local_ms();
         for task in reply.tasks {
             if self.lost.remove(&task.id) {
@@ -193,10 +262,17 @@ impl Tasks {
         Ok(got)
     }
 
-    /// Takes every final status of a held task as a report to send.
-    pub fn statuses<'a>(&mut self, statuses: impl IntoIterator<Item = &'a TaskStatus>) {
-        self.running.clear();
-        for status in statuses {
+    /// Takes `owner`'s statuses (all it holds): which of its tasks run, and every final
+    /// status of a held task as a report to send. Each owner speaks only for its own tasks.
+    pub fn statuses(&mut self, owner: &OwnerStatuses) {
+        let configs = &self.configs;
+        self.running.retain(|id| {
+            configs
+                .get(id)
+                .and_then(|c| self::owner(&c.kind))
+                .is_some_and(|agent| agent != owner.agent)
+        });
+        for status in &owner.statuses {
             let id = status.id.as_str();
             let outcome = match status.state {
                 TaskState::Running => {
@@ -326,8 +402,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_lease_is_renewed_at_half_life_only_while_its_owner_runs_it() {
+    /// Runs `test` with a `Tasks` over a fresh `TaskConfig` publication holding `held`
+    /// (id, kind).
+    fn with_tasks(held: &[(&str, &str)], test: impl FnOnce(&mut Tasks)) {
         let dir = tempfile::tempdir().unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -336,7 +413,28 @@ mod tests {
         let _guard = rt.enter();
         let dirs = powernode_pubsub::Dirs::under_root(dir.path());
         let configs = Publication::<TaskConfig>::open(&dirs, "heartbeatd").unwrap();
-        let mut tasks = Tasks::new(configs, 0);
+        for (id, kind) in held {
+            configs
+                .publish(&TaskConfig {
+                    id: (*id).into(),
+                    kind: (*kind).into(),
+                    args_json: "{}".into(),
+                    lease_expires_at_ms: 10_000,
+                })
+                .unwrap();
+        }
+        test(&mut Tasks::new(configs, 0));
+    }
+
+    #[test]
+    fn a_lease_is_renewed_at_half_life_only_while_its_owner_runs_it() {
+        with_tasks(
+            &[],
+            a_lease_is_renewed_at_half_life_only_while_its_owner_runs_it_with,
+        );
+    }
+
+    fn a_lease_is_renewed_at_half_life_only_while_its_owner_runs_it_with(tasks: &mut Tasks) {
         tasks.leases.insert("t".into(), lease(10, 0, 0));
         // Less than half gone: nothing to do.
         assert!(tasks.due(4_000).is_empty());
@@ -360,10 +458,45 @@ mod tests {
     }
 
     #[test]
+    fn each_owner_speaks_only_for_its_own_tasks() {
+        with_tasks(
+            &[("script", "node.exec"), ("sync", "node.sync")],
+            each_owner_speaks_only_for_its_own_tasks_with,
+        );
+    }
+
+    fn each_owner_speaks_only_for_its_own_tasks_with(tasks: &mut Tasks) {
+        let running = |id: &str, kind: &str| TaskStatus {
+            id: id.into(),
+            kind: kind.into(),
+            state: TaskState::Running,
+            output: String::new(),
+            started_at_ms: 0,
+            finished_at_ms: None,
+        };
+        tasks.statuses(&OwnerStatuses {
+            agent: "execd",
+            statuses: vec![running("script", "node.exec")],
+        });
+        tasks.statuses(&OwnerStatuses {
+            agent: "modulemgr",
+            statuses: vec![running("sync", "node.sync")],
+        });
+        // modulemgr's list, now empty, says nothing of execd's task.
+        tasks.statuses(&OwnerStatuses {
+            agent: "modulemgr",
+            statuses: Vec::new(),
+        });
+        assert!(tasks.running.contains("script"));
+        assert!(!tasks.running.contains("sync"));
+    }
+
+    #[test]
     fn every_kind_has_one_owner() {
         assert_eq!(owner("node.exec"), Some("execd"));
         assert_eq!(owner("cert.rotate"), Some("enrollmgr"));
-        assert_eq!(owner("module.attach"), None);
-        assert_eq!(owner_agents(), ["execd", "enrollmgr"]);
+        assert_eq!(owner("node.sync"), Some("modulemgr"));
+        assert_eq!(owner("module.erase"), None);
+        assert_eq!(owner_agents(), ["execd", "enrollmgr", "modulemgr"]);
     }
 }
