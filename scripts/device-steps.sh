@@ -8,6 +8,14 @@
 #   device-steps.sh --list                                         the agents it starts, in order
 #
 # Agents log to <root>/run/powernode/<agent>.log; their pids are in <root>/run/powernode/<agent>.pid.
+#
+# --stop drains the node (DESIGN §7): one agent at a time, SIGTERM, then wait until it has
+# exited (SIGKILL after 40 s, as the units' TimeoutStopSec). The order is the reverse of the
+# boot order, except that heartbeatd and eventd stop last: heartbeatd after the task runners
+# (execd, modulemgr, enrollmgr), so it reports to the controller the tasks they were
+# interrupted in instead of leaving their leases to run out; eventd after everyone, so it
+# journals their last events and delivers what it can before it goes. netmgr's WireGuard
+# device (wgdevice, which outlives a restart of netmgr by design) is stopped after netmgr.
 set -euo pipefail
 
 root=${POWERNODE_ROOT:-/}
@@ -38,7 +46,13 @@ steps=(
     "modulemgr modulemgr/AgentStatus --field state=Running"
     "execd execd/AgentStatus --field state=Running"
     "heartbeatd heartbeatd/ControllerStatus --field reachable=true"
+    "netmgr netmgr/AgentStatus --field state=Running"
 )
+
+# Stopped after every other agent, in this order (see --stop above).
+stop_last=(heartbeatd eventd)
+# Seconds --stop waits for an agent to drain before it kills it.
+stop_timeout=40
 
 if $list; then
     for step in "${steps[@]}"; do echo "${step%% *}"; done
@@ -46,19 +60,54 @@ if $list; then
 fi
 mkdir -p "$run_dir"
 
+# gone PID: the process has exited. A zombie counts: an agent this script started was
+# orphaned when the script returned, and whoever adopted it may be slow to reap it.
+gone() {
+    local state
+    state=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) || return 0
+    [ "$state" = Z ]
+}
+
+# stop_agent AGENT: SIGTERM, then wait for it to drain and exit.
+stop_agent() {
+    local agent=$1 pidfile=$run_dir/$1.pid pid
+    [ -f "$pidfile" ] || return 0
+    pid=$(cat "$pidfile")
+    # Only a process that is still this agent: a pid file can outlive its process.
+    if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$agent"; then
+        echo "device-steps: stopping $agent (pid $pid)"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq $((stop_timeout * 10))); do gone "$pid" && break; sleep 0.1; done
+        if ! gone "$pid"; then
+            echo "device-steps: $agent (pid $pid) still running ${stop_timeout}s after SIGTERM; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
 if $stop; then
+    order=()
     for ((i = ${#steps[@]} - 1; i >= 0; i--)); do
         agent=${steps[$i]%% *}
-        pidfile=$run_dir/$agent.pid
-        [ -f "$pidfile" ] || continue
-        pid=$(cat "$pidfile")
-        # Only a process that is still this agent: a pid file can outlive its process.
-        if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "$agent"; then
-            echo "device-steps: stopping $agent (pid $pid)"
-            kill -TERM "$pid"
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        [[ " ${stop_last[*]} " == *" $agent "* ]] || order+=("$agent")
+    done
+    for agent in "${order[@]}" "${stop_last[@]}"; do
+        stop_agent "$agent"
+        # The data plane outlives netmgr, not the node: its devices go when it has gone.
+        if [ "$agent" = netmgr ]; then
+            for pidfile in "$run_dir"/netmgr/device/*.pid; do
+                [ -f "$pidfile" ] || continue
+                pid=$(cat "$pidfile")
+                if [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q wgdevice; then
+                    echo "device-steps: stopping wgdevice (pid $pid)"
+                    kill -TERM "$pid" 2>/dev/null || true
+                    for _ in $(seq 50); do gone "$pid" && break; sleep 0.1; done
+                    gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
+                fi
+                rm -f "$pidfile"
+            done
         fi
-        rm -f "$pidfile"
     done
     exit 0
 fi

@@ -22,6 +22,15 @@
 //! policy says, counts it in `EventdStatus` and raises `events.dropped`. Crash points, besides
 //! the journal's own ([`journal`]): `eventd.delivered` (the controller accepted a batch, the
 //! cursor has not moved).
+//!
+//! # SIGTERM
+//!
+//! The subscriptions stop; the writer journals (and acknowledges) what they had already handed
+//! over; then the delivery task makes one last delivery of everything journalled and not yet
+//! delivered, batch after batch, ending at the first failure or after [`FLUSH_TIMEOUT`],
+//! whichever comes first, and publishes `EventdStatus` a last time. What it could not deliver
+//! stays journalled for the next start: nothing is lost, only later. A node stopped in order
+//! stops eventd last, so the events the other agents raised while stopping are in that flush.
 
 pub mod compact;
 pub mod journal;
@@ -61,6 +70,9 @@ pub const EVENTS_CALL: &str = "events";
 pub const UNACKED_MAX: usize = 2 * agentbase::events::PENDING_CAP;
 /// The agent whose `EnrollmentStatus` says where the controller is.
 pub const ENROLLMENT_AGENT: &str = "enrollmgr";
+/// The longest the last delivery at SIGTERM takes: a few seconds, well inside agentbase's
+/// drain (`agentbase::DRAIN_TIMEOUT`) and the units' stop timeout.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What compaction has dropped since start, for `EventdStatus`.
 #[derive(Debug, Default, Clone, Copy)]
@@ -112,6 +124,9 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         ctx.tasks.spawn(forward(ctx.clone(), agent, tx.clone()));
     }
     drop(tx);
+    // Set (or dropped) once the writer has journalled everything it was handed: the last
+    // delivery at shutdown waits for it.
+    let (journalled_tx, journalled_rx) = tokio::sync::watch::channel(false);
     ctx.tasks.spawn(deliver(
         ctx.clone(),
         journal.clone(),
@@ -121,6 +136,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
             max,
             dropped: dropped.clone(),
         },
+        journalled_rx,
     ));
 
     let mut writer = Writer {
@@ -145,7 +161,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return Ok(()),
+            _ = ctx.shutdown.cancelled() => break,
             _ = tick.tick() => {
                 ctx.beat();
                 if !writer.unwritten.is_empty() {
@@ -155,7 +171,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
             }
             incoming = rx.recv() => match incoming {
                 Some(i) => i,
-                None => return Ok(()),
+                None => break,
             },
         };
         // Group commit: everything already waiting goes into the same sync.
@@ -169,6 +185,9 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         writer.take(batch).await;
         ctx.beat();
     }
+    writer.journal_the_rest(&mut rx).await;
+    let _ = journalled_tx.send(true);
+    Ok(())
 }
 
 /// Hands every event of `agent` to the writer, and its snapshot's end.
@@ -218,6 +237,24 @@ struct Writer {
 }
 
 impl Writer {
+    /// Shutdown: journals (and acknowledges) what the subscriptions had already handed over,
+    /// so that the last delivery carries it. The subscriptions stop at shutdown, so this ends.
+    async fn journal_the_rest(&mut self, rx: &mut mpsc::Receiver<Incoming>) {
+        loop {
+            let mut batch = Vec::new();
+            while batch.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(i) => batch.push(i),
+                    Err(_) => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.take(batch).await;
+        }
+    }
+
     /// Journals a batch (one sync), then acknowledges what it may.
     async fn take(&mut self, batch: Vec<Incoming>) {
         let mut records = std::mem::take(&mut self.unwritten);
@@ -465,13 +502,16 @@ struct Stats {
     dropped: Arc<std::sync::Mutex<Dropped>>,
 }
 
-/// Posts undelivered records to the controller, oldest first, for as long as the agent runs.
+/// Posts undelivered records to the controller, oldest first, for as long as the agent runs;
+/// at shutdown, once the writer has journalled what it was handed (`journalled`), the last
+/// delivery ([`flush`]).
 async fn deliver(
     ctx: Context,
     journal: Arc<Mutex<Journal>>,
     appended: Arc<Notify>,
     status_pub: Publication<EventdStatus>,
     stats: Stats,
+    journalled: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut enrollment = Subscription::<EnrollmentStatus>::connect(&ctx.dirs, ENROLLMENT_AGENT);
     let mut backoff = Backoff::new(
@@ -492,25 +532,17 @@ async fn deliver(
     };
     let mut client: Option<(String, String, ControllerClient)> = None;
     loop {
-        {
-            let j = journal.lock().await;
-            status.pending = j.pending();
-            status.journal_len = j.len();
-            status.journal_bytes = j.bytes();
-        }
-        {
-            let d = *stats.dropped.lock().unwrap_or_else(|e| e.into_inner());
-            status.dropped_info = d.info;
-            status.dropped_warning = d.warning;
-            status.dropped_error = d.error;
-        }
-        if let Err(e) = status_pub.publish(&status) {
-            tracing::warn!(error = %e, "EventdStatus not published");
-        }
+        publish_status(&journal, &stats, &status_pub, &mut status).await;
         let wait = if status.pending == 0 {
             None
         } else {
-            match send_batch(&ctx, &journal, &enrollment, &mut client).await {
+            // A call in flight is given up at shutdown: the flush sends the batch again (the
+            // controller accepts a repeated id once).
+            let sent = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                sent = send_batch(&ctx, &journal, &enrollment, &mut client) => sent,
+            };
+            match sent {
                 Ok(accepted) => {
                     backoff.reset();
                     status.delivered_total += accepted;
@@ -538,11 +570,95 @@ async fn deliver(
             }
         };
         tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
+            _ = ctx.shutdown.cancelled() => break,
             _ = appended.notified(), if wait.is_none() => {}
             _ = sleep => {}
             _ = enrollment.next() => {}
         }
+    }
+    let mut last = Delivery {
+        ctx: &ctx,
+        journal: &journal,
+        enrollment: &enrollment,
+        client: &mut client,
+        status: &mut status,
+    };
+    flush(&mut last, journalled).await;
+    publish_status(&journal, &stats, &status_pub, &mut status).await;
+}
+
+/// Publishes `EventdStatus` with the journal's and compaction's numbers as they are now.
+async fn publish_status(
+    journal: &Arc<Mutex<Journal>>,
+    stats: &Stats,
+    status_pub: &Publication<EventdStatus>,
+    status: &mut EventdStatus,
+) {
+    {
+        let j = journal.lock().await;
+        status.pending = j.pending();
+        status.journal_len = j.len();
+        status.journal_bytes = j.bytes();
+    }
+    {
+        let d = *stats.dropped.lock().unwrap_or_else(|e| e.into_inner());
+        status.dropped_info = d.info;
+        status.dropped_warning = d.warning;
+        status.dropped_error = d.error;
+    }
+    if let Err(e) = status_pub.publish(status) {
+        tracing::warn!(error = %e, "EventdStatus not published");
+    }
+}
+
+/// What the last delivery works with.
+struct Delivery<'a> {
+    ctx: &'a Context,
+    journal: &'a Arc<Mutex<Journal>>,
+    enrollment: &'a Subscription<EnrollmentStatus>,
+    client: &'a mut Option<(String, String, ControllerClient)>,
+    status: &'a mut EventdStatus,
+}
+
+/// Shutdown: once the writer has journalled what it was handed, one last delivery of what is
+/// undelivered — batch after batch until nothing is pending, a batch fails, or
+/// [`FLUSH_TIMEOUT`] has passed. What is left stays journalled for the next start.
+async fn flush(last: &mut Delivery<'_>, mut journalled: tokio::sync::watch::Receiver<bool>) {
+    let deadline = tokio::time::Instant::now() + FLUSH_TIMEOUT;
+    let delivering = async {
+        // An error means the writer is gone without saying so (it failed): go on with what
+        // is journalled.
+        let _ = journalled.wait_for(|done| *done).await;
+        let mut delivered = 0u64;
+        loop {
+            let before = last.journal.lock().await.pending();
+            if before == 0 {
+                return Ok(delivered);
+            }
+            let accepted = send_batch(last.ctx, last.journal, last.enrollment, last.client).await?;
+            last.status.delivered_total += accepted;
+            last.status.last_delivery_ms = Some(now_ms());
+            last.status.last_error = None;
+            delivered += accepted;
+            // The cursor did not move (a compaction renumbered the records meanwhile): the
+            // next start sends them.
+            if last.journal.lock().await.pending() >= before {
+                return Ok(delivered);
+            }
+        }
+    };
+    match tokio::time::timeout_at(deadline, delivering).await {
+        Ok(Ok(delivered)) => {
+            tracing::info!(delivered, "stopping; delivered what was journalled")
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "stopping; the last delivery failed, the rest stays journalled");
+            last.status.last_error = Some(error);
+        }
+        Err(_) => tracing::warn!(
+            timeout_s = FLUSH_TIMEOUT.as_secs(),
+            "stopping; the last delivery ran out of time, the rest stays journalled"
+        ),
     }
 }
 
