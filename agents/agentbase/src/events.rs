@@ -95,6 +95,29 @@ struct SavedState {
     starts: u64,
 }
 
+impl SavedState {
+    fn read(path: &std::path::Path) -> Option<SavedState> {
+        std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+}
+
+/// `persist/powernode/events/<agent>.state`.
+fn state_file(root: &Root, agent: &str) -> PathBuf {
+    root.persist_dir()
+        .join("events")
+        .join(format!("{agent}.state"))
+}
+
+/// How many times `agent` has started under `root` (its current run included), as its events
+/// state records it; `None` when it never started there or the record is unreadable. Read
+/// only: for tools (`powernode-agent introspect`) that show restarts. The count survives
+/// reboots, like the `restarts` field of the `agent.started` event.
+pub fn recorded_starts(root: &Root, agent: &str) -> Option<u64> {
+    SavedState::read(&state_file(root, agent)).map(|s| s.starts)
+}
+
 impl Events {
     /// Opens `<agent>/Event` (reloading the events not yet acknowledged), counts this start,
     /// and follows eventd's acknowledgements. Must run inside a tokio runtime.
@@ -110,14 +133,8 @@ impl Events {
             .filter_map(|key| publication.get(&key))
             .map(|e| (e.seq, (e.id, e.severity)))
             .collect();
-        let state_file = root
-            .persist_dir()
-            .join("events")
-            .join(format!("{agent}.state"));
-        let saved: SavedState = std::fs::read(&state_file)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let state_file = state_file(root, agent);
+        let saved = SavedState::read(&state_file).unwrap_or_default();
         let next_seq = saved
             .reserved_seq
             .max(pending.keys().next_back().map_or(1, |s| s + 1))
@@ -431,6 +448,8 @@ mod raise_tests {
         let ctx = Context::new("raiser", root.clone(), Settings::default()).unwrap();
         assert_eq!(ctx.events.pending(), 1, "kept across the restart");
         assert_eq!(ctx.events.starts(), 2);
+        assert_eq!(recorded_starts(&root, "raiser"), Some(2), "what tools read");
+        assert_eq!(recorded_starts(&root, "never-ran"), None);
         ctx.events
             .raise(Severity::Info, "agent.started", "again", &[])
             .unwrap();

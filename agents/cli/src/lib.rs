@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! powernode-agent [--root DIR] status [--json]
+//! powernode-agent [--root DIR] introspect [--json]
 //! powernode-agent [--root DIR] wait <agent>/<Topic> [--key K] [--field F=V]... [--timeout S]
 //! powernode-agent [--root DIR] events [--pending] [--follow] [--json]
 //! powernode-agent [--root DIR] attach REF [--name N] [--priority P] [--no-wait] [--json]
@@ -18,7 +19,10 @@
 
 pub mod events;
 pub mod field;
+pub mod introspect;
+pub mod local_task;
 pub mod modules;
+pub mod node_tasks;
 pub mod output;
 pub mod status;
 pub mod tasks;
@@ -124,10 +128,86 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the whole node on one page: identity, enrollment, controller, modules, mounts,
+    /// network, tasks, events, agents.
+    ///
+    /// Each section is read from the publication named in its heading, live, or, when its
+    /// publisher is down, from the checkpoint files it left (the heading says "publisher down:
+    /// from its checkpoint"); a publication whose agent never ran under the root is shown as
+    /// not published. No publication is waited on for more than a few seconds, so the page
+    /// prints with every agent down. Secrets (bootstrap token, CA bundle) are never shown.
+    ///
+    /// identity (identitymgr/NodeIdentity): the node's UUID and which identity source gave it,
+    /// hostname, architecture, boot id, the controller URL the source named.
+    ///
+    /// enrollment (enrollmgr/EnrollmentStatus): enrollment state, the node id the controller
+    /// gave, the certificate's fingerprint, validity and expiry, when rotation is due, or since
+    /// when and how many times it has been failing; the last error.
+    ///
+    /// controller (heartbeatd/ControllerStatus): whether the last heartbeat succeeded, when one
+    /// last did, how long the controller has been unreachable, the desired-state generation
+    /// applied, the heartbeat interval, the clock skew, the last error.
+    ///
+    /// modules (modulemgr/ModuleStatus): each module's state, download progress, digest, and
+    /// error or reference. mounts (mountmgr/MountStatus): each mount target's generation,
+    /// state, A/B slot and layers.
+    ///
+    /// network config (heartbeatd/NetworkConfig): the overlay interface the controller asked
+    /// for. network status (netmgr/NetworkStatus): what netmgr made of it, or that netmgr is
+    /// not built into this binary or not running.
+    ///
+    /// tasks: as `tasks` shows them. events (eventd/EventdStatus): events not yet accepted by
+    /// the controller, deliveries, the journal's size and what it dropped.
+    ///
+    /// agents: every agent's AgentStatus (as `status` shows it) with its restarts (starts
+    /// recorded under the root, across reboots, less one); agents of this binary that never
+    /// ran under the root are listed after.
+    ///
+    /// Exits 0 once the page is printed.
+    Introspect {
+        /// Print one JSON document with the same sections (keys in docs/cli.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the tasks on this node: those heartbeatd holds (leased from the controller) with
     /// what the agent running each says, and finished ones until they are reported.
     Tasks {
         /// Print JSON (an array) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a NodeScript on this node through execd, as a `node.exec` task from the controller
+    /// would run (same interpreters, process group, timeout, output cap).
+    ///
+    /// The script's output (stdout and stderr together) is printed when it ends, with a
+    /// closing line saying how it ended unless it exited 0. Exits 0 if the script exited 0,
+    /// 1 otherwise. Ctrl-C cancels it (execd kills its whole process group).
+    Exec {
+        /// The script file; - reads it from stdin.
+        script: std::path::PathBuf,
+        /// The interpreter, an absolute path from the exec.interpreters setting (default:
+        /// its first entry).
+        #[arg(long, value_name = "PATH")]
+        interpreter: Option<String>,
+        /// Seconds the script may run before it is killed.
+        #[arg(long, value_name = "S", default_value = "300", value_parser = parse_seconds)]
+        timeout: Duration,
+        /// Print the final TaskStatus as JSON instead of the output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconcile now and wait for it: heartbeat at once (the controller's latest desired
+    /// state), resolve every module's reference again (a moved tag brings its new image),
+    /// fetch what is missing, verify and re-stack.
+    ///
+    /// Runs as a node.sync task in modulemgr. Prints whether the heartbeat went through and
+    /// one line per module (state, image, what changed). Exits 0 once every module has
+    /// settled, 1 if the sync failed or timed out.
+    Sync {
+        /// Give up after S seconds.
+        #[arg(long, value_name = "S", default_value = "120", value_parser = parse_seconds)]
+        timeout: Duration,
+        /// Print JSON: {"heartbeat", "task", "modules"}.
         #[arg(long)]
         json: bool,
     },
@@ -278,7 +358,15 @@ pub fn run(args: Vec<OsString>, host: &Host) -> ExitCode {
                 .context("writing to stdout")?;
             Ok(Exit::Success)
         }),
+        Command::Introspect { json } => tool::block_on(introspect::run(&root, &host.agents, json)),
         Command::Wait(args) => tool::block_on(wait(root, args)),
+        Command::Exec {
+            script,
+            interpreter,
+            timeout,
+            json,
+        } => tool::block_on(node_tasks::exec(&root, &script, interpreter, timeout, json)),
+        Command::Sync { timeout, json } => tool::block_on(node_tasks::sync(&root, timeout, json)),
         Command::Events {
             pending,
             follow,

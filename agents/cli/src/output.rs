@@ -40,11 +40,7 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
             .iter()
             .map(|a| agent_cells(a, report.now_ms))
             .collect();
-        table(
-            out,
-            &["AGENT", "STATE", "PID", "UPTIME", "LAST LOOP", "LAST ERROR"],
-            &rows,
-        )?;
+        table(out, &AGENT_HEADER, &rows)?;
     }
 
     writeln!(out, "\npublications:")?;
@@ -68,44 +64,12 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
     if !report.modules.is_empty() {
         writeln!(out, "\nmodules:")?;
         let rows: Vec<Vec<String>> = report.modules.iter().map(module_cells).collect();
-        table(
-            out,
-            &["MODULE", "STATE", "PROGRESS", "DIGEST", "DETAIL"],
-            &rows,
-        )?;
+        table(out, &MODULE_HEADER, &rows)?;
     }
     if !report.mounts.is_empty() {
         writeln!(out, "\nmounts:")?;
-        let rows: Vec<Vec<String>> = report
-            .mounts
-            .iter()
-            .map(|m| {
-                vec![
-                    m.target.clone(),
-                    m.generation.to_string(),
-                    format!("{:?}", m.state),
-                    m.slot.map_or("-".to_owned(), |s| format!("{s:?}")),
-                    m.layers
-                        .iter()
-                        .map(|d| short_digest(d))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    m.error.as_deref().unwrap_or("-").replace('\n', " "),
-                ]
-            })
-            .collect();
-        table(
-            out,
-            &[
-                "TARGET",
-                "GEN",
-                "STATE",
-                "SLOT",
-                "LAYERS (bottom first)",
-                "ERROR",
-            ],
-            &rows,
-        )?;
+        let rows: Vec<Vec<String>> = report.mounts.iter().map(mount_cells).collect();
+        table(out, &MOUNT_HEADER, &rows)?;
     }
 
     let down = report.publishers_down();
@@ -121,12 +85,45 @@ pub fn status(out: &mut dyn Write, report: &Report, format: Format) -> io::Resul
 }
 
 /// `sha256:0123456789ab` from a full digest.
-fn short_digest(digest: &str) -> String {
+pub(crate) fn short_digest(digest: &str) -> String {
     digest.chars().take("sha256:".len() + 12).collect()
 }
 
+/// The columns of [`module_cells`].
+pub(crate) const MODULE_HEADER: [&str; 5] = ["MODULE", "STATE", "PROGRESS", "DIGEST", "DETAIL"];
+
+/// The columns of [`mount_cells`].
+pub(crate) const MOUNT_HEADER: [&str; 6] = [
+    "TARGET",
+    "GEN",
+    "STATE",
+    "SLOT",
+    "LAYERS (bottom first)",
+    "ERROR",
+];
+
+/// The columns of [`agent_cells`].
+pub(crate) const AGENT_HEADER: [&str; 6] =
+    ["AGENT", "STATE", "PID", "UPTIME", "LAST LOOP", "LAST ERROR"];
+
+/// A mount target's row: generation, state, slot, layers, error.
+pub(crate) fn mount_cells(m: &powernode_types::MountStatus) -> Vec<String> {
+    vec![
+        m.target.clone(),
+        m.generation.to_string(),
+        format!("{:?}", m.state),
+        m.slot.map_or("-".to_owned(), |s| format!("{s:?}")),
+        m.layers
+            .iter()
+            .map(|d| short_digest(d))
+            .collect::<Vec<_>>()
+            .join(" "),
+        m.error.as_deref().unwrap_or("-").replace('\n', " "),
+    ]
+}
+
 /// A module's row: state, download progress, digest, error or reference.
-fn module_cells(m: &powernode_types::ModuleStatus) -> Vec<String> {
+pub(crate) fn module_cells(m: &powernode_types::ModuleStatus) -> Vec<String> {
     let progress = match m.bytes_total {
         Some(total) if total > 0 => format!(
             "{:.0}% of {}",
@@ -147,7 +144,7 @@ fn module_cells(m: &powernode_types::ModuleStatus) -> Vec<String> {
 }
 
 /// A byte count in the largest binary unit that keeps it ≥ 1.
-fn bytes(n: u64) -> String {
+pub(crate) fn bytes(n: u64) -> String {
     const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
     let mut value = n as f64;
     let mut unit = 0;
@@ -163,7 +160,7 @@ fn bytes(n: u64) -> String {
 }
 
 /// An agent's row: state, pid, uptime, time since its last loop, last error.
-fn agent_cells(agent: &AgentHealth, now_ms: u64) -> Vec<String> {
+pub(crate) fn agent_cells(agent: &AgentHealth, now_ms: u64) -> Vec<String> {
     let status = match &agent.reported {
         Reported::Status(status) => status,
         Reported::Missing => {
@@ -199,7 +196,7 @@ fn agent_cells(agent: &AgentHealth, now_ms: u64) -> Vec<String> {
 
 /// An agent as JSON: its `AgentStatus` fields (or `error`), plus `up`, `from_checkpoint`,
 /// `uptime_s` (null when down) and `since_last_loop_s`.
-fn agent_json(agent: &AgentHealth, now_ms: u64) -> Value {
+pub(crate) fn agent_json(agent: &AgentHealth, now_ms: u64) -> Value {
     let mut object = Map::new();
     object.insert("agent".into(), json!(agent.agent));
     object.insert("up".into(), json!(agent.up));
@@ -235,12 +232,12 @@ fn state_name(status: &AgentStatus) -> String {
 }
 
 /// Whole seconds from `then_ms` to `now_ms`; 0 if `then_ms` is in the future.
-fn elapsed_s(now_ms: u64, then_ms: u64) -> u64 {
+pub(crate) fn elapsed_s(now_ms: u64, then_ms: u64) -> u64 {
     now_ms.saturating_sub(then_ms) / 1000
 }
 
 /// `42s`, `3m12s`, `5h07m`, `2d04h`.
-fn duration(secs: u64) -> String {
+pub(crate) fn duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
@@ -407,6 +404,7 @@ mod tests {
             slot: Some(Slot::B),
             layers: vec![digest],
             error: None,
+            upper_dir: None,
         }];
         let out = text(|o| status(o, &r, Format::Text));
         assert!(

@@ -81,7 +81,7 @@ pub async fn gather(dirs: &Dirs, root: PathBuf) -> Report {
             agents.push(AgentHealth {
                 agent: key.clone(),
                 up,
-                reported: decode(item),
+                reported: reported(item),
             });
         }
     }
@@ -103,32 +103,39 @@ pub(crate) async fn items_of<T: Topic>(dirs: &Dirs, publications: &[list::Row]) 
     let mut out = Vec::new();
     for row in publications.iter().filter(|r| r.info.topic == T::NAME) {
         let snapshot = inspect::snapshot(dirs, &row.info, SNAPSHOT_TIMEOUT).await;
-        for (schema, bytes) in snapshot.items.values().flatten() {
-            if *schema == T::SCHEMA_VERSION {
-                if let Ok(value) = postcard::from_bytes::<T>(bytes) {
-                    out.push(value);
-                }
-            }
-        }
+        out.extend(
+            snapshot
+                .items
+                .values()
+                .filter_map(|item| decode::<T>(item).ok()),
+        );
     }
     out
 }
 
-fn decode(item: &SnapshotItem) -> Reported {
+/// A snapshot's item as a `T`, or why it cannot be read as one.
+pub(crate) fn decode<T: Topic>(item: &SnapshotItem) -> Result<T, String> {
     match item {
-        Err(e) => Reported::Unreadable(format!("bad checkpoint file: {e}")),
-        Ok((schema, _)) if *schema != AgentStatus::SCHEMA_VERSION => Reported::Unreadable(format!(
+        Err(e) => Err(format!("bad checkpoint file: {e}")),
+        Ok((schema, _)) if *schema != T::SCHEMA_VERSION => Err(format!(
             "schema version {schema}; this build reads version {}",
-            AgentStatus::SCHEMA_VERSION
+            T::SCHEMA_VERSION
         )),
-        Ok((_, bytes)) => match postcard::from_bytes::<AgentStatus>(bytes) {
-            Ok(status) => Reported::Status(status),
-            Err(e) => Reported::Unreadable(format!("does not decode: {e}")),
-        },
+        Ok((_, bytes)) => {
+            postcard::from_bytes::<T>(bytes).map_err(|e| format!("does not decode: {e}"))
+        }
     }
 }
 
-fn now_ms() -> u64 {
+fn reported(item: &SnapshotItem) -> Reported {
+    match decode::<AgentStatus>(item) {
+        Ok(status) => Reported::Status(status),
+        Err(reason) => Reported::Unreadable(reason),
+    }
+}
+
+/// The node's clock, unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

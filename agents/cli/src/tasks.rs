@@ -20,7 +20,8 @@ pub struct Shown {
     pub id: String,
     /// Its kind.
     pub kind: String,
-    /// Held by heartbeatd: leased, not yet reported.
+    /// Still requested: leased and held by heartbeatd, or (an id `local-…`) asked for by a
+    /// `powernode-agent exec` or `sync` still waiting for it; not yet reported.
     pub held: bool,
     /// When the lease runs out (controller clock), while held.
     pub lease_expires_at_ms: Option<u64>,
