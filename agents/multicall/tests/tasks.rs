@@ -7,167 +7,44 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{node_root, resolved_identity, spawn_agent};
+use common::enrolled::{is_final as final_state, EnrolledNode, WAIT};
+use common::processes_with;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use powernode_controller::server::RunningController;
-use powernode_controller::storage::{NewTask, Storage, Task};
-use powernode_pubsub::{Dirs, Publication, Subscription};
-use powernode_types::{ControllerStatus, NodeIdentity, TaskState, TaskStatus, GLOBAL_KEY};
+use powernode_pubsub::{Dirs, Subscription};
+use powernode_types::{TaskState, TaskStatus, GLOBAL_KEY};
 use serde_json::json;
 
-const WAIT: Duration = Duration::from_secs(30);
-
 /// A node with enrollmgr, heartbeatd and execd running against a controller.
-struct Node {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    _ctl_dir: tempfile::TempDir,
-    _ctl: RunningController,
-    storage: Storage,
-    node_id: String,
-    _identity: Publication<NodeIdentity>,
-    agents: Vec<(&'static str, Child)>,
+async fn boot() -> EnrolledNode {
+    EnrolledNode::boot("uuid-tasks", "", &["enrollmgr", "execd", "heartbeatd"]).await
 }
 
-impl Node {
-    async fn boot() -> Node {
-        let ctl_dir = tempfile::Builder::new().prefix("pnc").tempdir().unwrap();
-        let (ctl, token) = common::controller(ctl_dir.path(), Duration::from_secs(3600)).await;
-        let storage = Storage::open(&ctl_dir.path().join("data")).await.unwrap();
-        let (dir, root) = node_root();
-        let identity = Publication::open(&Dirs::under_root(&root), "identitymgr").unwrap();
-        let url = format!("https://127.0.0.1:{}", ctl.addr().port());
-        identity
-            .publish(&resolved_identity("uuid-tasks", token, &url, ctl.ca_pem()))
-            .unwrap();
-        let mut node = Node {
-            _dir: dir,
-            root,
-            _ctl_dir: ctl_dir,
-            _ctl: ctl,
-            storage,
-            node_id: String::new(),
-            _identity: identity,
-            agents: Vec::new(),
-        };
-        for agent in ["enrollmgr", "execd", "heartbeatd"] {
-            node.start(agent);
-        }
-        let mut status =
-            Subscription::<ControllerStatus>::connect(&Dirs::under_root(&node.root), "heartbeatd");
-        let deadline = Instant::now() + WAIT;
-        while !status.get(GLOBAL_KEY).is_some_and(|s| s.reachable) {
-            node.check(deadline, "heartbeatd never reached the controller");
-            let _ = tokio::time::timeout(Duration::from_millis(200), status.next()).await;
-        }
-        let nodes = node.storage.list_nodes().await.unwrap();
-        node.node_id = nodes[0].id.clone();
-        node
-    }
-
-    fn start(&mut self, agent: &'static str) {
-        let child = spawn_agent(&self.root, agent, "");
-        self.agents.retain(|(a, _)| *a != agent);
-        self.agents.push((agent, child));
-    }
-
-    fn kill9(&mut self, agent: &str) {
-        for (a, child) in &mut self.agents {
-            if *a == agent {
-                kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
-                child.wait().unwrap();
-            }
-        }
-    }
-
-    /// Fails the test past `deadline` with `what` and every agent's log.
-    #[track_caller]
-    fn check(&self, deadline: Instant, what: &str) {
-        if Instant::now() >= deadline {
-            common::fail_with_logs(&self.root, self.agents.iter().map(|(a, _)| *a), what);
-        }
-    }
-
-    async fn create(&self, kind: &str, args: serde_json::Value, timeout_s: u32) -> String {
-        let task = NewTask {
-            node_id: &self.node_id,
-            kind,
-            args: &args,
-            timeout_s,
-            max_attempts: 1,
-        };
-        self.storage
-            .create_task(&task, powernode_controller::now_ms())
-            .await
-            .unwrap()
-            .unwrap()
-            .id
-    }
-
-    /// The task once `done` says so.
-    async fn task_when(&self, id: &str, what: &str, done: impl Fn(&Task) -> bool) -> Task {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let task = self.storage.task(id).await.unwrap().unwrap();
-            if done(&task) {
-                return task;
-            }
-            self.check(deadline, &format!("task {id} never {what}: {task:?}"));
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// execd's status of `id` once `done` says so.
-    async fn status_when(&self, id: &str, what: &str, done: impl Fn(&TaskStatus) -> bool) {
-        let mut statuses =
-            Subscription::<TaskStatus>::connect(&Dirs::under_root(&self.root), "execd");
-        let deadline = Instant::now() + WAIT;
-        while !statuses.get(id).is_some_and(&done) {
-            self.check(deadline, &format!("execd never showed task {id} {what}"));
-            let _ = tokio::time::timeout(Duration::from_millis(200), statuses.next()).await;
-        }
+/// execd's status of `id` once `done` says so.
+async fn status_when(
+    node: &EnrolledNode,
+    id: &str,
+    what: &str,
+    done: impl Fn(&TaskStatus) -> bool,
+) {
+    let mut statuses = Subscription::<TaskStatus>::connect(&node.dirs(), "execd");
+    let deadline = Instant::now() + WAIT;
+    while !statuses.get(id).is_some_and(&done) {
+        node.check(deadline, &format!("execd never showed task {id} {what}"));
+        let _ = tokio::time::timeout(Duration::from_millis(200), statuses.next()).await;
     }
 }
 
-impl Node {
-    /// Waits until a process with `marker` in its command line runs (the script started).
-    async fn wait_for_process(&self, marker: &str) {
-        let deadline = Instant::now() + WAIT;
-        while processes_with(marker).is_empty() {
-            self.check(deadline, "the script never started");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+/// Waits until a process with `marker` in its command line runs (the script started).
+async fn wait_for_process(node: &EnrolledNode, marker: &str) {
+    let deadline = Instant::now() + WAIT;
+    while processes_with(marker).is_empty() {
+        node.check(deadline, "the script never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.agents {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn final_state(task: &Task) -> bool {
-    !matches!(task.state.as_str(), "queued" | "leased")
-}
-
-/// Processes whose command line holds `marker`.
-fn processes_with(marker: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
-        })
-        .collect()
 }
 
 fn work_files(root: &Path) -> Vec<String> {
@@ -185,7 +62,7 @@ fn work_files(root: &Path) -> Vec<String> {
 /// directory once the controller has both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_exec_task_runs_and_its_output_reaches_the_controller() {
-    let node = Node::boot().await;
+    let node = boot().await;
     let created = Instant::now();
     let id = node
         .create(
@@ -236,7 +113,7 @@ async fn a_node_exec_task_runs_and_its_output_reaches_the_controller() {
 /// task of a kind no agent here runs, fail with the reason and run nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timeouts_refused_interpreters_and_unknown_kinds_fail_with_the_reason() {
-    let node = Node::boot().await;
+    let node = boot().await;
     let marker = format!("31.{}", std::process::id());
     let id = node
         .create(
@@ -275,7 +152,7 @@ async fn timeouts_refused_interpreters_and_unknown_kinds_fail_with_the_reason() 
 /// kills the script's group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_task_is_killed_on_the_node() {
-    let node = Node::boot().await;
+    let node = boot().await;
     let marker = format!("32.{}", std::process::id());
     // A 2 s lease: renewed every second, so the cancel is heard within about a second.
     let id = node
@@ -285,9 +162,8 @@ async fn a_cancelled_task_is_killed_on_the_node() {
             2,
         )
         .await;
-    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
-        .await;
-    node.wait_for_process(&marker).await;
+    status_when(&node, &id, "Running", |s| s.state == TaskState::Running).await;
+    wait_for_process(&node, &marker).await;
     // The operator on the node sees it held and running.
     let out = common::run(
         std::process::Command::new(common::bin())
@@ -322,7 +198,7 @@ async fn a_cancelled_task_is_killed_on_the_node() {
 /// reports it Interrupted with the output so far, and does not run it again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
-    let mut node = Node::boot().await;
+    let mut node = boot().await;
     let marker = format!("33.{}", std::process::id());
     let runs = node.root.join("runs");
     let id = node
@@ -332,9 +208,8 @@ async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
             60,
         )
         .await;
-    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
-        .await;
-    node.wait_for_process(&marker).await;
+    status_when(&node, &id, "Running", |s| s.state == TaskState::Running).await;
+    wait_for_process(&node, &marker).await;
     node.kill9("execd");
     node.start("execd");
     let task = node.task_when(&id, "finished", final_state).await;
@@ -352,11 +227,13 @@ async fn a_task_running_when_execd_is_killed_is_reported_interrupted() {
     );
 }
 
-/// SIGTERM drains execd: the running script's group is killed, the task is reported
-/// Interrupted to the controller with its output so far, and execd exits 0.
+/// SIGTERM drains execd: a script still running when its stop grace (`execd::STOP_GRACE`)
+/// is over has its group killed, the task is reported Interrupted to the controller with its
+/// output so far, and execd exits 0. (A script that ends within the grace keeps its outcome:
+/// tests/drain.rs.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_kills_the_running_script_and_reports_it_interrupted() {
-    let mut node = Node::boot().await;
+    let mut node = boot().await;
     let marker = format!("34.{}", std::process::id());
     let id = node
         .create(
@@ -365,12 +242,11 @@ async fn sigterm_kills_the_running_script_and_reports_it_interrupted() {
             60,
         )
         .await;
-    node.status_when(&id, "Running", |s| s.state == TaskState::Running)
-        .await;
-    node.wait_for_process(&marker).await;
+    status_when(&node, &id, "Running", |s| s.state == TaskState::Running).await;
+    wait_for_process(&node, &marker).await;
     let (_, execd) = node.agents.iter_mut().find(|(a, _)| *a == "execd").unwrap();
     kill(Pid::from_raw(execd.id() as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + execd::STOP_GRACE + Duration::from_secs(10);
     let exit = loop {
         if let Some(exit) = execd.try_wait().unwrap() {
             break exit;
@@ -390,7 +266,7 @@ async fn sigterm_kills_the_running_script_and_reports_it_interrupted() {
 /// publishes, and the controller has issued the node a second certificate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cert_rotate_rotates_now() {
-    let node = Node::boot().await;
+    let node = boot().await;
     let dirs = Dirs::under_root(&node.root);
     let enrollment = Subscription::<powernode_types::EnrollmentStatus>::connect(&dirs, "enrollmgr");
     let before = {

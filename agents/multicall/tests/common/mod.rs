@@ -4,6 +4,8 @@
 
 #![allow(dead_code)] // each test file uses its own part of this
 
+pub mod enrolled;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -401,4 +403,85 @@ pub fn fail_with_logs<'a>(root: &Path, agents: impl IntoIterator<Item = &'a str>
         })
         .collect();
     panic!("{what}\n{logs}");
+}
+
+/// Settings under the node root `root` for modules from `registry` (plain HTTP, retries at
+/// most a second apart), and a trust policy that requires a signature by a new key: that key.
+pub fn trust_registry(
+    root: &Path,
+    registry: &powernode_modules::testing::TestRegistry,
+) -> powernode_modules::cosign::SigningKey {
+    let etc = root.join("etc/powernode");
+    std::fs::create_dir_all(etc.join("agent.toml.d")).unwrap();
+    std::fs::write(
+        etc.join("agent.toml.d/modules.toml"),
+        format!(
+            "[modules]\nplain_http = [\"{}\"]\nmax_backoff_s = 1\n",
+            registry.host
+        ),
+    )
+    .unwrap();
+    let key = powernode_modules::cosign::SigningKey::generate().unwrap();
+    std::fs::create_dir_all(etc.join("trust")).unwrap();
+    std::fs::write(etc.join("trust/cosign.pub"), key.public_key_pem()).unwrap();
+    std::fs::write(
+        etc.join("trust/default.toml"),
+        "require_signature = true\nkeys = [\"cosign.pub\"]\n",
+    )
+    .unwrap();
+    key
+}
+
+/// Builds module `name` under `work` (one file, `<name>.txt`, priority 50, this machine's
+/// architecture), pushes it to `registry` as `modules/<name>:1` and signs it with `signer`:
+/// its reference.
+pub async fn push_module(
+    registry: &powernode_modules::testing::TestRegistry,
+    work: &Path,
+    name: &str,
+    signer: &powernode_modules::cosign::SigningKey,
+) -> String {
+    use powernode_modules::package::{self, BuildOptions};
+    use powernode_modules::registry::{Registry, RegistryConfig};
+    let src = work.join("src").join(name);
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join(format!("{name}.txt")), name).unwrap();
+    let options = BuildOptions {
+        name: name.to_owned(),
+        version: "1".to_owned(),
+        priority: 50,
+        architecture: powernode_modules::format::host_architecture().to_owned(),
+        dependencies: Vec::new(),
+        services: Vec::new(),
+        health_check: None,
+    };
+    let built = package::build(&src, &options, &work.join("out")).unwrap();
+    let client = Registry::new(RegistryConfig {
+        plain_http: vec![registry.host.clone()],
+        ..RegistryConfig::default()
+    });
+    let repository = format!("{}/modules/{name}", registry.host);
+    let reference = format!("{repository}:1");
+    let pushed = package::load_built(&built.manifest).unwrap();
+    package::push(&client, &repository, "1", &[pushed])
+        .await
+        .unwrap();
+    package::sign(&client, &reference, signer).await.unwrap();
+    reference
+}
+
+/// Processes whose command line (arguments joined by spaces) holds `marker` (a script's
+/// marker argument, a root's path, `sleep 300`).
+pub fn processes_with(marker: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(marker)
+            })
+        })
+        .collect()
 }
