@@ -2,7 +2,7 @@
 CARGO ?= cargo
 DIST := dist
 # Programs the multi-call binary answers to by name (argv[0]); agents join as they land.
-PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mountmgr eventd execd
+PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mountmgr eventd execd netmgr wgdevice
 
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin

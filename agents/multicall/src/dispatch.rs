@@ -27,6 +27,10 @@ pub enum Program {
     Eventd,
     /// The NodeScript agent: runs the node.exec tasks.
     Execd,
+    /// The overlay network agent: WireGuard, addresses, routes, port forwards.
+    Netmgr,
+    /// netmgr's userspace WireGuard device: a process of its own that netmgr starts.
+    Wgdevice,
     /// The operator CLI: not in the table, it is what every other name runs.
     Cli,
 }
@@ -44,8 +48,10 @@ impl Program {
             | Program::Verifier
             | Program::Mountmgr
             | Program::Eventd
-            | Program::Execd => true,
-            Program::Ipcmonitor | Program::Cli => false,
+            | Program::Execd
+            | Program::Netmgr => true,
+            // wgdevice is started and supervised by netmgr, not by a unit or device-steps.sh.
+            Program::Ipcmonitor | Program::Wgdevice | Program::Cli => false,
         }
     }
 }
@@ -61,6 +67,8 @@ const PROGRAMS: &[(&str, Program)] = &[
     ("mountmgr", Program::Mountmgr),
     ("eventd", Program::Eventd),
     ("execd", Program::Execd),
+    ("netmgr", Program::Netmgr),
+    ("wgdevice", Program::Wgdevice),
 ];
 
 /// The program for `argv[0]`: its basename looked up in the table, else the CLI.
@@ -112,6 +120,8 @@ mod tests {
             ("modulemgr", Program::Modulemgr),
             ("/usr/libexec/powernode/verifier", Program::Verifier),
             ("mountmgr", Program::Mountmgr),
+            ("/usr/bin/netmgr", Program::Netmgr),
+            ("wgdevice", Program::Wgdevice),
             ("identitymgr.service", Program::Cli),
             ("powernode-agent", Program::Cli),
             ("/usr/bin/powernode-agent", Program::Cli),
@@ -154,7 +164,9 @@ mod tests {
                 "verifier",
                 "mountmgr",
                 "eventd",
-                "execd"
+                "execd",
+                "netmgr",
+                "wgdevice"
             ]
         );
         for name in names() {
@@ -175,10 +187,12 @@ mod tests {
                 "verifier",
                 "mountmgr",
                 "eventd",
-                "execd"
+                "execd",
+                "netmgr"
             ]
         );
         assert!(!Program::Ipcmonitor.is_agent());
+        assert!(!Program::Wgdevice.is_agent());
         assert!(!Program::Cli.is_agent());
         for name in agents() {
             assert!(names().contains(&name), "{name} is not a run name");

@@ -59,6 +59,10 @@ fn start(program: Program, args: Vec<OsString>) -> ExitCode {
         Program::Execd => {
             agentbase::exit_code("execd", agentbase::run_agent("execd", args, execd::run))
         }
+        Program::Netmgr => {
+            agentbase::exit_code("netmgr", agentbase::run_agent("netmgr", args, netmgr::run))
+        }
+        Program::Wgdevice => netmgr::device::main(args),
         Program::Cli => powernode_cli::run(
             args,
             &powernode_cli::Host {

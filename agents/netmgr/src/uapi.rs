@@ -1,0 +1,551 @@
+//! A client of WireGuard's cross-platform userspace API (the UAPI): the text protocol on the
+//! device's unix socket that `wg` speaks too. `get=1` reads the device (its key, port, peers
+//! with their handshakes and bytes); `set=1` changes it; each reply ends with `errno=N`.
+//!
+//! Changes are computed ([`changes`]) as the difference between what the device has and what
+//! is wanted, so that applying a configuration touches only what differs: the private key and
+//! the listen port when they differ, peers added and removed one by one. A peer whose endpoint,
+//! allowed IPs or keepalive changed is removed and added again: boringtun 0.7 cannot modify a
+//! peer in place (it panics on a `set` naming an existing peer without `remove`), so only that
+//! peer's session is renewed; every other peer's session stays up.
+//!
+//! Two more boringtun 0.7 behaviours shape the requests ([`Changes::requests`]), so that they
+//! are right against boringtun's own socket as well as behind `wgdevice`'s, which corrects
+//! them for every client ([`crate::proxy`]): within one
+//! `set`, a peer section inherits the `endpoint`, `remove` and `persistent_keepalive_interval`
+//! of the section before it, so removals and additions go in separate requests, every
+//! addition states its keepalive, and additions without an endpoint come before those with
+//! one. And its `last_handshake_time_sec` is the time *since* the handshake rather than the
+//! Unix time the protocol names: [`parse_get`] takes a value below [`EPOCH_FLOOR_S`] as an
+//! age, anything else as a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::key::{PrivateKey, PublicKey};
+
+/// How long one UAPI exchange may take.
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `last_handshake_time_sec` values below this (2001-09-09) are ages, not times (boringtun).
+pub const EPOCH_FLOOR_S: u64 = 1_000_000_000;
+
+/// Why an exchange with the device failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UapiError {
+    /// The socket could not be reached or the exchange broke off.
+    #[error("{path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// No reply within [`TIMEOUT`].
+    #[error("{0}: no reply within {TIMEOUT:?}")]
+    Timeout(PathBuf),
+    /// The device answered with an error number.
+    #[error("the device refused the change: errno {errno} ({})", std::io::Error::from_raw_os_error(*errno))]
+    Errno {
+        /// The errno.
+        errno: i32,
+    },
+    /// The reply is not the protocol.
+    #[error("unreadable reply: {0}")]
+    Protocol(String),
+}
+
+/// A device's UAPI socket.
+#[derive(Debug, Clone)]
+pub struct Uapi {
+    path: PathBuf,
+}
+
+impl Uapi {
+    /// The client of the socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Uapi {
+        Uapi { path: path.into() }
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the device.
+    pub async fn get(&self) -> Result<DeviceState, UapiError> {
+        let reply = self.exchange("get=1\n\n").await?;
+        parse_get(&reply, agentbase::health::now_ms())
+    }
+
+    /// Sends one `set=1` request whose body is `body` (lines ending in `\n`).
+    pub async fn set(&self, body: &str) -> Result<(), UapiError> {
+        let reply = self.exchange(&format!("set=1\n{body}\n")).await?;
+        match errno_of(&reply)? {
+            0 => Ok(()),
+            errno => Err(UapiError::Errno { errno }),
+        }
+    }
+
+    /// Whether the socket answers `get` at all.
+    pub async fn answers(&self) -> bool {
+        self.get().await.is_ok()
+    }
+
+    async fn exchange(&self, request: &str) -> Result<String, UapiError> {
+        let io = |source| UapiError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let work = async {
+            let mut stream = UnixStream::connect(&self.path).await.map_err(io)?;
+            stream.write_all(request.as_bytes()).await.map_err(io)?;
+            let mut reader = BufReader::new(stream);
+            let mut reply = String::new();
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).await.map_err(io)? == 0 {
+                    break;
+                }
+                let done = line.starts_with("errno=");
+                reply.push_str(&line);
+                if done {
+                    break;
+                }
+            }
+            Ok(reply)
+        };
+        tokio::time::timeout(TIMEOUT, work)
+            .await
+            .map_err(|_| UapiError::Timeout(self.path.clone()))?
+    }
+}
+
+fn errno_of(reply: &str) -> Result<i32, UapiError> {
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix("errno="))
+        .ok_or_else(|| UapiError::Protocol("no errno line".into()))?
+        .trim()
+        .parse()
+        .map_err(|_| UapiError::Protocol("errno is not a number".into()))
+}
+
+/// A device as `get=1` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Its public key, once it has a private key.
+    pub public_key: Option<PublicKey>,
+    /// Its UDP port.
+    pub listen_port: u16,
+    /// Its peers.
+    pub peers: BTreeMap<PublicKey, PeerState>,
+}
+
+/// A peer as `get=1` reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerState {
+    /// Where its packets last came from, or the configured endpoint.
+    pub endpoint: Option<SocketAddr>,
+    /// Its allowed IPs.
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// Persistent keepalive, seconds (0: off).
+    pub keepalive: u16,
+    /// When its last handshake completed, ms since the epoch.
+    pub last_handshake_ms: Option<u64>,
+    /// Bytes received from it.
+    pub rx_bytes: u64,
+    /// Bytes sent to it.
+    pub tx_bytes: u64,
+}
+
+/// A peer section being read: its key, what it says so far, its handshake's seconds and
+/// nanoseconds.
+type PeerReading = (PublicKey, PeerState, Option<(u64, u64)>);
+
+/// Parses a `get=1` reply; `now_ms` turns boringtun's handshake ages into times.
+pub fn parse_get(reply: &str, now_ms: u64) -> Result<DeviceState, UapiError> {
+    let mut state = DeviceState::default();
+    // The peer being read, with its handshake's seconds and nanoseconds.
+    let mut current: Option<PeerReading> = None;
+    let finish = |state: &mut DeviceState, current: Option<PeerReading>| {
+        if let Some((key, mut peer, handshake)) = current {
+            peer.last_handshake_ms =
+                handshake.and_then(|(sec, nsec)| handshake_ms(sec, nsec, now_ms));
+            state.peers.insert(key, peer);
+        }
+    };
+    let bad = |line: &str| UapiError::Protocol(format!("line {line:?}"));
+    for line in reply.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        let (key, value) = line.split_once('=').ok_or_else(|| bad(line))?;
+        let number = || value.parse::<u64>().map_err(|_| bad(line));
+        match key {
+            "errno" => {
+                let errno: i32 = value.parse().map_err(|_| bad(line))?;
+                if errno != 0 {
+                    return Err(UapiError::Errno { errno });
+                }
+                finish(&mut state, current.take());
+                return Ok(state);
+            }
+            "public_key" => {
+                finish(&mut state, current.take());
+                let key = PublicKey::from_hex(value).map_err(|_| bad(line))?;
+                current = Some((key, PeerState::default(), None));
+            }
+            "own_public_key" if current.is_none() => {
+                state.public_key = Some(PublicKey::from_hex(value).map_err(|_| bad(line))?);
+            }
+            "listen_port" if current.is_none() => {
+                state.listen_port = value.parse().map_err(|_| bad(line))?;
+            }
+            _ => {
+                let Some((_, peer, handshake)) = current.as_mut() else {
+                    // private_key, fwmark and what a newer device adds.
+                    continue;
+                };
+                match key {
+                    "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| bad(line))?),
+                    "allowed_ip" => {
+                        peer.allowed_ips
+                            .insert(value.parse().map_err(|_| bad(line))?);
+                    }
+                    "persistent_keepalive_interval" => {
+                        peer.keepalive = value.parse().map_err(|_| bad(line))?;
+                    }
+                    "last_handshake_time_sec" => {
+                        handshake.get_or_insert((0, 0)).0 = number()?;
+                    }
+                    "last_handshake_time_nsec" => {
+                        handshake.get_or_insert((0, 0)).1 = number()?;
+                    }
+                    "rx_bytes" => peer.rx_bytes = number()?,
+                    "tx_bytes" => peer.tx_bytes = number()?,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Err(UapiError::Protocol("the reply ends without errno".into()))
+}
+
+/// A handshake's time in ms since the epoch from the UAPI's seconds and nanoseconds: `0, 0`
+/// is none; seconds below [`EPOCH_FLOOR_S`] are an age (boringtun).
+fn handshake_ms(sec: u64, nsec: u64, now_ms: u64) -> Option<u64> {
+    let ms = sec.saturating_mul(1000).saturating_add(nsec / 1_000_000);
+    match (sec, nsec) {
+        (0, 0) => None,
+        (sec, _) if sec < EPOCH_FLOOR_S => Some(now_ms.saturating_sub(ms)),
+        _ => Some(ms),
+    }
+}
+
+/// A peer as it should be on the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedPeer {
+    /// Where to reach it (resolved).
+    pub endpoint: Option<SocketAddr>,
+    /// Its allowed IPs.
+    pub allowed_ips: BTreeSet<IpNet>,
+    /// Persistent keepalive, seconds (0: off).
+    pub keepalive: u16,
+}
+
+/// What a device should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedDevice {
+    /// The node's public key (the device's must be this).
+    pub public_key: PublicKey,
+    /// The UDP port.
+    pub listen_port: u16,
+    /// The peers.
+    pub peers: BTreeMap<PublicKey, WantedPeer>,
+}
+
+/// The difference between a device and what it should be.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// The device's key must be set.
+    pub set_key: bool,
+    /// The port to listen on, when it differs.
+    pub listen_port: Option<u16>,
+    /// Peers to remove (also those changed, which are then added again).
+    pub remove: Vec<PublicKey>,
+    /// Peers to add.
+    pub add: Vec<(PublicKey, WantedPeer)>,
+}
+
+/// What must change on a device in `state` to make it `wanted`. `applied` is the endpoint of
+/// each peer as netmgr last set it, when known: a peer that roamed (the device reports where
+/// its packets come from now) is not changed when its configured endpoint did not change.
+pub fn changes(
+    state: &DeviceState,
+    applied: Option<&BTreeMap<PublicKey, Option<SocketAddr>>>,
+    wanted: &WantedDevice,
+) -> Changes {
+    let mut changes = Changes {
+        set_key: state.public_key != Some(wanted.public_key),
+        listen_port: (state.listen_port != wanted.listen_port).then_some(wanted.listen_port),
+        ..Changes::default()
+    };
+    for key in state.peers.keys() {
+        if !wanted.peers.contains_key(key) {
+            changes.remove.push(*key);
+        }
+    }
+    for (key, peer) in &wanted.peers {
+        let Some(have) = state.peers.get(key) else {
+            changes.add.push((*key, peer.clone()));
+            continue;
+        };
+        let endpoint_changed = match applied.and_then(|a| a.get(key)) {
+            Some(was) => *was != peer.endpoint,
+            None => peer.endpoint.is_some() && have.endpoint != peer.endpoint,
+        };
+        if endpoint_changed
+            || have.allowed_ips != peer.allowed_ips
+            || have.keepalive != peer.keepalive
+        {
+            changes.remove.push(*key);
+            changes.add.push((*key, peer.clone()));
+        }
+    }
+    changes
+}
+
+impl Changes {
+    /// Whether the device is as wanted already.
+    pub fn is_empty(&self) -> bool {
+        !self.set_key && self.listen_port.is_none() && self.remove.is_empty() && self.add.is_empty()
+    }
+
+    /// The `set=1` request bodies, in order: the device's key and port, then the removals,
+    /// then the additions (see the module documentation for why they are apart). The first
+    /// may hold the private key: never log them.
+    pub fn requests(&self, private_key: &PrivateKey) -> Vec<String> {
+        let mut requests = Vec::new();
+        let mut device = String::new();
+        if self.set_key {
+            device.push_str(&format!("private_key={}\n", private_key.to_hex()));
+        }
+        if let Some(port) = self.listen_port {
+            device.push_str(&format!("listen_port={port}\n"));
+        }
+        if !device.is_empty() {
+            requests.push(device);
+        }
+        if !self.remove.is_empty() {
+            let mut body = String::new();
+            for key in &self.remove {
+                body.push_str(&format!("public_key={}\nremove=true\n", key.to_hex()));
+            }
+            requests.push(body);
+        }
+        if !self.add.is_empty() {
+            let mut add: Vec<&(PublicKey, WantedPeer)> = self.add.iter().collect();
+            // Stable: those without an endpoint first, so none inherits one.
+            add.sort_by_key(|(_, p)| p.endpoint.is_some());
+            let mut body = String::new();
+            for (key, peer) in add {
+                body.push_str(&format!(
+                    "public_key={}\npersistent_keepalive_interval={}\n",
+                    key.to_hex(),
+                    peer.keepalive
+                ));
+                if let Some(endpoint) = peer.endpoint {
+                    body.push_str(&format!("endpoint={endpoint}\n"));
+                }
+                body.push_str("replace_allowed_ips=true\n");
+                for net in &peer.allowed_ips {
+                    body.push_str(&format!("allowed_ip={net}\n"));
+                }
+            }
+            requests.push(body);
+        }
+        requests
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
+    fn nets(list: &[&str]) -> BTreeSet<IpNet> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn parses_boringtun_and_kernel_replies() {
+        let reply = format!(
+            "own_public_key={}\nlisten_port=51820\n\
+             public_key={}\npersistent_keepalive_interval=25\nendpoint=192.0.2.2:51820\n\
+             allowed_ip=10.88.0.2/32\nallowed_ip=192.168.30.0/24\n\
+             last_handshake_time_sec=5\nlast_handshake_time_nsec=500000000\n\
+             rx_bytes=100\ntx_bytes=200\n\
+             public_key={}\nallowed_ip=10.88.0.3/32\n\
+             last_handshake_time_sec=1699999990\nlast_handshake_time_nsec=0\n\
+             rx_bytes=0\ntx_bytes=0\n\
+             public_key={}\nallowed_ip=10.88.0.4/32\nlast_handshake_time_sec=0\n\
+             last_handshake_time_nsec=0\nerrno=0\n\n",
+            key(1).to_hex(),
+            key(2).to_hex(),
+            key(3).to_hex(),
+            key(4).to_hex()
+        );
+        let state = parse_get(&reply, NOW).unwrap();
+        assert_eq!(state.public_key, Some(key(1)));
+        assert_eq!(state.listen_port, 51820);
+        let p2 = &state.peers[&key(2)];
+        assert_eq!(p2.keepalive, 25);
+        assert_eq!(p2.endpoint, Some("192.0.2.2:51820".parse().unwrap()));
+        assert_eq!(p2.allowed_ips, nets(&["10.88.0.2/32", "192.168.30.0/24"]));
+        assert_eq!(p2.last_handshake_ms, Some(NOW - 5_500), "an age");
+        assert_eq!((p2.rx_bytes, p2.tx_bytes), (100, 200));
+        assert_eq!(
+            state.peers[&key(3)].last_handshake_ms,
+            Some(1_699_999_990_000),
+            "a time"
+        );
+        assert_eq!(state.peers[&key(4)].last_handshake_ms, None, "never");
+    }
+
+    #[test]
+    fn bad_replies() {
+        assert!(matches!(
+            parse_get("errno=22\n\n", NOW),
+            Err(UapiError::Errno { errno: 22 })
+        ));
+        assert!(matches!(
+            parse_get("listen_port=1\n", NOW),
+            Err(UapiError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_get("public_key=zz\nerrno=0\n", NOW),
+            Err(UapiError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_get("garbage\n", NOW),
+            Err(UapiError::Protocol(_))
+        ));
+    }
+
+    fn wanted(peers: &[(u8, Option<&str>, &[&str])]) -> WantedDevice {
+        WantedDevice {
+            public_key: key(1),
+            listen_port: 51820,
+            peers: peers
+                .iter()
+                .map(|(n, endpoint, ips)| {
+                    (
+                        key(*n),
+                        WantedPeer {
+                            endpoint: endpoint.map(|e| e.parse().unwrap()),
+                            allowed_ips: nets(ips),
+                            keepalive: 0,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn device_with(wanted: &WantedDevice) -> DeviceState {
+        DeviceState {
+            public_key: Some(wanted.public_key),
+            listen_port: wanted.listen_port,
+            peers: wanted
+                .peers
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        *k,
+                        PeerState {
+                            endpoint: p.endpoint,
+                            allowed_ips: p.allowed_ips.clone(),
+                            keepalive: p.keepalive,
+                            ..PeerState::default()
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_fresh_device_gets_everything() {
+        let want = wanted(&[
+            (2, Some("192.0.2.2:51820"), &["10.88.0.2/32"]),
+            (3, None, &["10.88.0.3/32"]),
+        ]);
+        let changes = changes(&DeviceState::default(), None, &want);
+        assert!(changes.set_key);
+        assert_eq!(changes.listen_port, Some(51820));
+        assert_eq!(changes.add.len(), 2);
+        let private = PrivateKey::generate().unwrap();
+        let requests = changes.requests(&private);
+        assert_eq!(requests.len(), 2);
+        assert!(requests[0].starts_with("private_key="));
+        assert!(requests[0].contains("listen_port=51820\n"));
+        // The peer without an endpoint first.
+        let add = &requests[1];
+        assert!(add.find(&key(3).to_hex()).unwrap() < add.find(&key(2).to_hex()).unwrap());
+        assert!(add.contains("endpoint=192.0.2.2:51820\n"));
+        assert_eq!(add.matches("persistent_keepalive_interval=0\n").count(), 2);
+    }
+
+    #[test]
+    fn only_the_difference() {
+        let want = wanted(&[
+            (2, Some("192.0.2.2:51820"), &["10.88.0.2/32"]),
+            (3, Some("192.0.2.3:51820"), &["10.88.0.3/32"]),
+        ]);
+        let mut state = device_with(&want);
+        assert!(changes(&state, None, &want).is_empty());
+        // A peer gone, one new, one changed.
+        state.peers.insert(key(9), PeerState::default());
+        let mut want2 = want.clone();
+        want2.peers.insert(key(4), want.peers[&key(2)].clone());
+        want2.peers.get_mut(&key(4)).unwrap().allowed_ips = nets(&["10.88.0.4/32"]);
+        want2.peers.get_mut(&key(3)).unwrap().allowed_ips = nets(&["10.88.0.3/32", "10.9.0.0/16"]);
+        let c = changes(&state, None, &want2);
+        assert!(!c.set_key && c.listen_port.is_none());
+        assert_eq!(c.remove, [key(9), key(3)]);
+        assert_eq!(
+            c.add.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            [key(3), key(4)]
+        );
+        let requests = c.requests(&PrivateKey::generate().unwrap());
+        assert_eq!(requests.len(), 2, "removals and additions apart");
+        assert!(!requests[1].contains("remove"));
+    }
+
+    #[test]
+    fn a_roamed_endpoint_is_not_a_change() {
+        let want = wanted(&[(2, Some("192.0.2.2:51820"), &["10.88.0.2/32"])]);
+        let mut state = device_with(&want);
+        state.peers.get_mut(&key(2)).unwrap().endpoint =
+            Some("198.51.100.7:40000".parse().unwrap());
+        let applied: BTreeMap<_, _> = [(key(2), Some("192.0.2.2:51820".parse().unwrap()))].into();
+        assert!(changes(&state, Some(&applied), &want).is_empty());
+        // Without the record the device's word is all there is.
+        assert_eq!(changes(&state, None, &want).remove, [key(2)]);
+        // A configured endpoint that changed is a change.
+        let moved: BTreeMap<_, _> = [(key(2), Some("192.0.2.9:51820".parse().unwrap()))].into();
+        assert_eq!(changes(&state, Some(&moved), &want).remove, [key(2)]);
+    }
+}
