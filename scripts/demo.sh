@@ -8,7 +8,8 @@
 # noticing and recovering, and the events the node's agents raised as the controller stored
 # them. (The module part needs root, docker-registry and erofs-utils.) On a terminal it keeps
 # running until Ctrl-C; either way it stops everything it started, by pid, and removes the
-# sandbox.
+# sandbox. With root and wireguard-tools it also joins the node to an overlay network and shows
+# its WireGuard interface (pn0, on this machine for the length of the demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
@@ -143,6 +144,25 @@ done
 run "$bin/powernode-controller" task show "$task_id" --data "$data"
 [ "$state" = succeeded ] || { echo "demo: the task ended $state" >&2; exit 1; }
 run "$bin/powernode-controller" tasks --data "$data"
+
+if [ "$(id -u)" = 0 ] && command -v wg >/dev/null && command -v nsenter >/dev/null; then
+    step "an overlay network: the node joins it; netmgr brings up its WireGuard interface (userspace device)"
+    run "$bin/powernode-controller" network create demo --cidr 10.213.77.0/24 --data "$data"
+    run "$bin/powernode-controller" network join demo --node "$node_id" --data "$data"
+    run "$bin/powernode-agent" --root "$root" wait netmgr/NetworkStatus --field state=Up --timeout 60
+    # The controller hears of the node's key and endpoints with its next heartbeat.
+    for _ in $(seq 30); do
+        "$bin/powernode-controller" network show demo --data "$data" --json | grep -q '"public_key": "' && break
+        sleep 1
+    done
+    run "$bin/powernode-controller" network show demo --data "$data"
+    # Under a sandbox root the device has a mount namespace of its own, where its UAPI socket is
+    # /run/wireguard/pn0.sock (docs/network.md): wg reads it there.
+    device_pid=$(cat "$root/run/powernode/netmgr/device/pn0.pid")
+    run nsenter -t "$device_pid" -m wg show pn0
+else
+    echo "demo: the overlay network left out (it needs root, wireguard-tools and nsenter)" >&2
+fi
 
 step "the node's view"
 run "$bin/powernode-agent" --root "$root" status
