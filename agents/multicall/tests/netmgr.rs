@@ -20,16 +20,15 @@
 
 mod common;
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::process::Child;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::bin;
+use common::netns::{self, gone, in_netns, underlay_address, Sink, Underlay};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use powernode_pubsub::{Dirs, Publication, Subscription};
@@ -46,38 +45,6 @@ fn needs() -> bool {
     powernode_pubsub::testing::require(&["root", "ip", "wg", "nsenter"])
 }
 
-/// A name no other test (of this run or a concurrent one) uses.
-fn unique_prefix() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "pnt{}{}",
-        std::process::id() % 100_000,
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Runs `f` on a thread inside network namespace `ns`: sockets it makes belong to `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 /// One node: its namespace, root, addresses, netmgr and the NetworkConfig the test publishes.
 struct Node {
     n: u8,
@@ -89,7 +56,7 @@ struct Node {
 
 impl Node {
     fn underlay(&self) -> Ipv4Addr {
-        Ipv4Addr::new(192, 0, 2, self.n)
+        underlay_address(self.n)
     }
 
     fn overlay(&self) -> Ipv4Addr {
@@ -106,11 +73,7 @@ impl Node {
     }
 
     fn device_pid(&self) -> Option<i32> {
-        std::fs::read_to_string(self.root.join("run/powernode/netmgr/device/pn0.pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+        netns::device_pid(&self.root)
     }
 
     fn key_file(&self) -> String {
@@ -118,18 +81,18 @@ impl Node {
     }
 }
 
-/// The test's namespaces and nodes; everything goes when it is dropped.
+/// The test's namespaces and nodes; everything goes when it is dropped (the processes
+/// first, then the namespaces with the underlay).
 struct Net {
-    prefix: String,
     nodes: Vec<Node>,
     runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
+    underlay: Underlay,
 }
 
 impl Net {
     /// `count` nodes on a bridge, each netmgr started.
     fn new(count: u8) -> Net {
-        let prefix = unique_prefix();
         // Short paths: a socket path must fit in 107 bytes.
         let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -138,38 +101,13 @@ impl Net {
             .build()
             .unwrap();
         let mut net = Net {
-            prefix: prefix.clone(),
             nodes: Vec::new(),
             runtime,
             _dir: dir,
+            underlay: Underlay::new(),
         };
-        let bridge = format!("{prefix}-br");
-        sh(&["ip", "netns", "add", &bridge]);
-        sh(&["ip", "-n", &bridge, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &bridge, "link", "set", "br0", "up"]);
         for n in 1..=count {
-            let ns = format!("{prefix}-n{n}");
-            sh(&["ip", "netns", "add", &ns]);
-            let port = format!("v{n}");
-            sh(&[
-                "ip", "-n", &ns, "link", "add", "eth0", "type", "veth", "peer", "name", &port,
-                "netns", &bridge,
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("192.0.2.{n}/24"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip", "-n", &bridge, "link", "set", &port, "master", "br0", "up",
-            ]);
+            let ns = net.underlay.add(n);
             let root = net._dir.path().join(format!("n{n}"));
             std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
             let config = {
@@ -190,31 +128,10 @@ impl Net {
         net
     }
 
-    fn bridge(&self) -> String {
-        format!("{}-br", self.prefix)
-    }
-
     /// Starts node `i`'s netmgr in its namespace, logging to `<root>/netmgr.log`.
     fn start(&mut self, i: usize) {
         let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(node.root.join("netmgr.log"))
-            .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &node.ns])
-            .arg(bin())
-            .args(["run", "netmgr", "--root"])
-            .arg(&node.root)
-            .env_remove("POWERNODE_ROOT")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        node.netmgr = Some(child);
+        node.netmgr = Some(netns::spawn_in(&node.ns, &node.root, "netmgr"));
     }
 
     /// SIGKILL of node `i`'s netmgr (`ip netns exec` execs it: the child is netmgr).
@@ -232,21 +149,9 @@ impl Net {
         pred: impl Fn(&NetworkStatus) -> bool,
     ) -> NetworkStatus {
         let node = &self.nodes[i];
-        let found = self.runtime.block_on(async {
-            let mut sub =
-                Subscription::<NetworkStatus>::connect(&Dirs::under_root(&node.root), "netmgr");
-            let deadline = tokio::time::Instant::now() + WAIT;
-            loop {
-                if let Some(status) = sub.get(GLOBAL_KEY) {
-                    if pred(status) {
-                        return Ok(status.clone());
-                    }
-                }
-                if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
-                    return Err(sub.get(GLOBAL_KEY).cloned());
-                }
-            }
-        });
+        let found = self.runtime.block_on(common::wait_item(
+            &node.root, "netmgr", GLOBAL_KEY, WAIT, pred,
+        ));
         found.unwrap_or_else(|last| {
             panic!(
                 "node {}: no status with {what} within {WAIT:?}; last {last:#?}\n--- netmgr.log\n{}\n--- device log\n{}",
@@ -304,39 +209,18 @@ impl Net {
         }
     }
 
-    /// Starts an echo server on node `i`'s overlay address.
+    /// Starts a TCP server on node `i`'s overlay address.
     fn echo_server(&self, i: usize) {
-        let addr = SocketAddr::from((self.nodes[i].overlay(), ECHO_PORT));
-        let listener = in_netns(&self.nodes[i].ns, move || TcpListener::bind(addr).unwrap());
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = stream.read(&mut buf) {
-                        if n == 0 || stream.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
+        Sink::start(
+            &self.nodes[i].ns,
+            SocketAddr::from((self.nodes[i].overlay(), ECHO_PORT)),
+        );
     }
 
-    /// One TCP round trip from node `from` to node `to`'s echo server over the overlay.
-    fn roundtrip(&self, from: usize, to: usize, timeout: Duration) -> Result<(), String> {
+    /// A few bytes from node `from` to node `to`'s server over the overlay, counted there.
+    fn roundtrip(&self, from: usize, to: usize, timeout: Duration) -> std::io::Result<()> {
         let addr = SocketAddr::from((self.nodes[to].overlay(), ECHO_PORT));
-        in_netns(&self.nodes[from].ns, move || {
-            let mut stream =
-                TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
-            stream.set_read_timeout(Some(timeout)).unwrap();
-            stream.write_all(b"ping").map_err(|e| e.to_string())?;
-            let mut buf = [0u8; 4];
-            stream.read_exact(&mut buf).map_err(|e| e.to_string())?;
-            (&buf == b"ping")
-                .then_some(())
-                .ok_or_else(|| "wrong echo".to_owned())
-        })
+        netns::transfer(&self.nodes[from].ns, addr, 4, timeout)
     }
 
     /// Waits until node `from` reaches node `to` over the overlay.
@@ -361,23 +245,12 @@ impl Net {
 
     /// `wg <args>` against node `i`'s device, from inside its mount and network namespaces.
     fn wg_output(&self, i: usize, args: &[&str]) -> std::process::Output {
-        let pid = self.nodes[i].device_pid().expect("a device pid file");
-        Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-m", "-n", "wg"])
-            .args(args)
-            .output()
-            .unwrap()
+        netns::wg_output(self.nodes[i].device_pid().expect("a device pid file"), args)
     }
 
     /// [`Net::wg_output`]'s standard output; fails the test unless `wg` succeeded.
     fn wg(&self, i: usize, args: &[&str]) -> String {
-        let out = self.wg_output(i, args);
-        assert!(
-            out.status.success(),
-            "wg {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        netns::wg(self.nodes[i].device_pid().expect("a device pid file"), args)
     }
 
     /// Node `i`'s events so far (none is acknowledged: no eventd runs).
@@ -410,15 +283,6 @@ impl Net {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-
-    fn has_link(&self, i: usize, name: &str) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.nodes[i].ns, "link", "show", name])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    }
 }
 
 impl Drop for Net {
@@ -432,29 +296,12 @@ impl Drop for Net {
             for pid in common::processes_with(&node.root.display().to_string()) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
-            let _ = Command::new("ip").args(["netns", "del", &node.ns]).status();
         }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.bridge()])
-            .status();
-    }
-}
-
-fn gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 
 fn wait_until(what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "not within {WAIT:?}: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    netns::wait_until(WAIT, what, cond);
 }
 
 #[test]
@@ -566,7 +413,10 @@ fn three_nodes_reach_each_other_and_one_peer_leaves_without_disturbing_another()
     assert_eq!(status.public_key.as_ref(), Some(&keys[2]));
     assert_eq!(status.generation, 0);
     wait_until("node 3's device exits", || gone(device));
-    assert!(!net.has_link(2, "pn0"), "pn0 is still there");
+    assert!(
+        !netns::has_link(&net.nodes[2].ns, "pn0"),
+        "pn0 is still there"
+    );
     assert_eq!(net.nodes[2].key_file(), key_file);
     net.wait_event(2, "network.left");
     // It comes back with the same key.

@@ -42,6 +42,7 @@ pub mod key;
 pub mod link;
 pub mod plan;
 pub mod proxy;
+pub mod sockbuf;
 pub mod uapi;
 
 use std::collections::BTreeMap;
@@ -677,11 +678,19 @@ impl Agent {
         self.publish_with_endpoints().await;
     }
 
+    /// Raises `network.peer_up` / `peer_down` for peers whose state changed since the last
+    /// read. The first read of this process is the starting point, not news: after a restart
+    /// of netmgr the adopted device's sessions were up all along.
     fn peer_events(&mut self, state: &DeviceState) {
         let now = agentbase::health::now_ms();
+        let first_read = self.device_state.is_none();
         for (key, peer) in &state.peers {
             let up = is_up(peer.last_handshake_ms, now);
-            let was = self.peers_up.insert(*key, up).unwrap_or(false);
+            let was = match self.peers_up.insert(*key, up) {
+                Some(was) => was,
+                None if first_read => continue,
+                None => false,
+            };
             if up == was {
                 continue;
             }

@@ -5,6 +5,7 @@
 #![allow(dead_code)] // each test file uses its own part of this
 
 pub mod enrolled;
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -283,10 +284,19 @@ pub async fn controller(
     dir: &Path,
     lifetime: Duration,
 ) -> (powernode_controller::server::RunningController, String) {
+    controller_on(dir, lifetime, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// [`controller`] listening on `listen` (its server certificate names that address).
+pub async fn controller_on(
+    dir: &Path,
+    lifetime: Duration,
+    listen: std::net::SocketAddr,
+) -> (powernode_controller::server::RunningController, String) {
     use powernode_controller::server::{RunningController, ServeOptions};
     let opts = ServeOptions {
         data: dir.join("data"),
-        listen: "127.0.0.1:0".parse().unwrap(),
+        listen,
         cert_lifetime: lifetime,
         hostnames: Vec::new(),
         heartbeat_interval_s: 15,
@@ -303,18 +313,47 @@ pub async fn controller(
     (running, token)
 }
 
+/// Item `key` of `<agent>/<T>` under `root` once `done` accepts it; after `within`, the last
+/// one seen (if any) as the error.
+pub async fn wait_item<T: powernode_types::Topic + Clone>(
+    root: &Path,
+    agent: &str,
+    key: &str,
+    within: Duration,
+    done: impl Fn(&T) -> bool,
+) -> Result<T, Option<T>> {
+    let mut sub = powernode_pubsub::Subscription::<T>::connect(&Dirs::under_root(root), agent);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(item) = sub.get(key).filter(|item| done(item)) {
+            return Ok(item.clone());
+        }
+        if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
+            return Err(sub.get(key).cloned());
+        }
+    }
+}
+
 /// `powernode-agent run <agent>` under `root` with the crash points `failpoints` armed,
 /// logging to `root/<agent>.log`.
 pub fn spawn_agent(root: &Path, agent: &str, failpoints: &str) -> Child {
+    let mut command = Command::new(bin());
+    command
+        .args(["run", agent, "--root"])
+        .arg(root)
+        .env("POWERNODE_FAILPOINTS", failpoints);
+    spawn_logged(&mut command, root, agent)
+}
+
+/// Starts `command`, an agent's, with stdin closed and stdout and stderr appended to
+/// `root/<agent>.log`.
+pub fn spawn_logged(command: &mut Command, root: &Path, agent: &str) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(root.join(format!("{agent}.log")))
         .unwrap();
-    Command::new(bin())
-        .args(["run", agent, "--root"])
-        .arg(root)
-        .env("POWERNODE_FAILPOINTS", failpoints)
+    command
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
