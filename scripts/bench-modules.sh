@@ -11,8 +11,18 @@
 # rounds (attach, Active, detach, the store collected, again); the times come from
 # modulemgr/ModuleStatus as `ipcmonitor --follow --json` prints it: from `attach` to the status
 # leaving Verifying (pulled and verified), and to Active (mounted); medians are reported.
-# modulemgr's peak RSS is VmHWM from /proc/<pid>/status over all rounds. The last line is one
-# JSON object.
+# modulemgr's peak RSS is VmHWM from /proc/<pid>/status over all rounds. The phases of each
+# round go to stderr: resolve, download (Downloading until the store has the image), verify
+# tail (Verifying: what verification adds after the download), mount; from the agents' logs the
+# store's SHA-256 time (`hash_ms`), how much of the image the verifier hashed while it arrived
+# (`hashed_early_mib`) and its time after the download (`tail_ms`). The last line is one JSON
+# object.
+#
+# Before the node starts, mountmgr's `bench-switch` example (release build) switches a stack at
+# a mount path 1000 times on a node root of its own while a thread opens and reads a file there
+# in a tight loop (docs/mountmgr.md, "The switch"): `switch_gap_failures` counts the opens and
+# reads that failed (0: the path never showed less than a whole tree), `switch_ms` is the median
+# time from a new MountConfig to its Mounted answer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib/registry.sh
@@ -25,6 +35,7 @@ for tool in docker-registry mkfs.erofs python3; do
 done
 
 cargo build --release -q -p powernode-agent -p powernode-controller
+cargo build --release -q -p mountmgr --example bench-switch
 bin=$PWD/target/release
 agent=$bin/powernode-agent
 ctl=$bin/powernode-controller
@@ -71,6 +82,9 @@ print(f"{best(['openssl', 'dgst', '-sha256', path]):.1f} {best(['sha256sum', pat
 EOF
 )
 
+# The stack switch under a reader.
+"$bin/examples/bench-switch" "$work/switch" 1000 >"$work/switch.json"
+
 # The node. Its run/ is a tmpfs, as on a real node (DESIGN: sockets and non-persistent
 # checkpoints): on the disk, every status checkpoint's fsync would queue behind the writeback
 # of the image being stored.
@@ -89,9 +103,9 @@ for a in verifier mountmgr modulemgr; do
 done
 "$agent" --root "$root" wait modulemgr/AgentStatus --field state=Running --timeout 30 >/dev/null
 
-python3 - "$agent" "$root" "$registry" "$size_mib" "$floors" "$modulemgr_pid" <<'EOF'
-import json, os, statistics, subprocess, sys, time
-agent, root, registry, size, floors, pid = sys.argv[1:7]
+python3 - "$agent" "$root" "$registry" "$size_mib" "$floors" "$modulemgr_pid" "$work" <<'EOF'
+import json, os, re, statistics, subprocess, sys, time
+agent, root, registry, size, floors, pid, work = sys.argv[1:8]
 size = int(size)
 floor, sha256sum = (float(x) for x in floors.split())
 store = f"{root}/persist/powernode/store/sha256"
@@ -105,18 +119,25 @@ def attach_once():
     subprocess.run([agent, "--root", root, "attach", f"{registry}/bench/big:1", "--name", "big",
                     "--no-wait"], check=True, stderr=subprocess.DEVNULL)
     verified = None
+    first = {}  # state -> seconds since attach when first seen
     for line in follow.stdout:
         event = json.loads(line)
         value = event.get("value") or {}
         if event.get("key") != "big" or not value:
             continue
         state, now = value.get("state"), time.monotonic()
+        first.setdefault(state, now - t0)
         if state == "Failed":
             sys.exit(f"bench-modules: the module failed: {value.get('error')}")
         if verified is None and state in ("Mounting", "Active"):
             verified = now - t0
         if state == "Active":
             follow.kill()
+            downloading = first.get("Downloading", 0.0)
+            verifying = first.get("Verifying", downloading)
+            mounting = first.get("Mounting", verified)
+            phases.append({"resolve": downloading, "download": verifying - downloading,
+                           "verify_tail": mounting - verifying, "mount": now - t0 - mounting})
             return verified, now - t0
     sys.exit("bench-modules: ipcmonitor ended before the module was active")
 
@@ -128,7 +149,7 @@ def detach_and_collect():
             sys.exit("bench-modules: the detached module's blob was not collected")
         time.sleep(0.05)
 
-rounds = []
+rounds, phases = [], []
 for i in range(3):
     rounds.append(attach_once())
     if i < 2:
@@ -154,5 +175,26 @@ print(f"floor: sha256 {floor} MiB/s (openssl), {sha256sum} MiB/s (sha256sum); "
       f"modulemgr peak RSS {result['modulemgr_peak_rss_mib']} MiB (target 32); "
       f"rounds (verified s, active s): {[(round(a, 3), round(b, 3)) for a, b in rounds]}",
       file=sys.stderr)
+def logged(agent_name, message, field):
+    """The values of `field=N` on the log lines of `agent_name` that say `message`."""
+    try:
+        text = open(f"{work}/{agent_name}.log", errors="replace").read()
+    except OSError:
+        return []
+    return [int(m.group(1)) for line in text.splitlines() if message in line
+            for m in [re.search(rf"\b{field}=(\d+)", line)] if m]
+med = lambda key: round(statistics.median(p[key] for p in phases), 3)
+hash_ms = logged("modulemgr", "blob hashed while it was written", "hash_ms")[-3:]
+early = logged("verifier", "module verified", "hashed_early_mib")[-3:]
+tail = logged("verifier", "module verified", "tail_ms")[-3:]
+print(f"phases (medians, s): resolve {med('resolve')}, download {med('download')}, "
+      f"verify after the download {med('verify_tail')}, mount {med('mount')}; "
+      f"store SHA-256 busy {hash_ms} ms; verifier hashed while arriving {early} of {size} MiB, "
+      f"then took {tail} ms; per round: {phases}", file=sys.stderr)
+with open(f"{work}/switch.json") as f:
+    switch = json.load(f)
+result["switch_gap_failures"] = switch["switch_gap_failures"]
+result["switch_ms"] = switch["switch_ms"]
+print(f"stack switch: {switch}", file=sys.stderr)
 print(json.dumps(result))
 EOF

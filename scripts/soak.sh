@@ -223,7 +223,10 @@ make_sandbox() { # TOKEN
     echo soak-node >"$root/etc/hostname"
     echo "powernode.instance_uuid=$(cat /proc/sys/kernel/random/uuid) powernode.bootstrap_token=$1" \
         "powernode.controller_url=https://$listen powernode.ca_file=/etc/powernode/controller-ca.pem" >"$root/proc/cmdline"
-    printf '[modules]\nplain_http = ["%s"]\n' "$registry" >"$root/etc/powernode/agent.toml"
+    # No confirmation window after a switch: each round checks that exactly one stack is
+    # mounted, and a window would keep the previous one for a minute (docs/mountmgr.md).
+    printf '[modules]\nplain_http = ["%s"]\n[mounts]\nconfirm_window_s = 0\n' "$registry" \
+        >"$root/etc/powernode/agent.toml"
     cp "$work/keys/cosign.pub" "$root/etc/powernode/trust/"
     echo 'keys = ["cosign.pub"]' >"$root/etc/powernode/trust/default.toml"
 }

@@ -2,8 +2,9 @@
 //!
 //! `build` makes an erofs image and its manifests from a directory, `push` uploads built
 //! images under one tag as an image index, `keygen` makes a cosign key pair, `sign` signs what
-//! was pushed the way `cosign sign --recursive` does, and `assign` sets the modules a node
-//! should run. The formats and the registry protocol are `powernode_modules`'; this file only
+//! was pushed the way `cosign sign --recursive` does (with a key, or with a key, its
+//! certificate and chain and a transparency-log bundle, for keyless policies), and `assign`
+//! sets the modules a node should run. The formats and the registry protocol are `powernode_modules`'; this file only
 //! turns them into commands.
 
 use std::collections::{BTreeMap, HashSet};
@@ -48,7 +49,8 @@ pub enum ModuleCommand {
     Keygen(KeygenArgs),
     /// Sign a pushed module with a cosign key: its index and every platform manifest the
     /// index lists (like `cosign sign --recursive`). The key's password is read from
-    /// $COSIGN_PASSWORD.
+    /// $COSIGN_PASSWORD. With --certificate (and --certificate-chain, --log-key) the
+    /// signature carries the key's certificate, as nodes with a [keyless] policy want it.
     Sign(SignArgs),
     /// Set the modules a node should run. The list replaces the node's current one, bumps its
     /// desired-state generation, and reaches the node with the reply to its next heartbeat.
@@ -196,6 +198,25 @@ pub struct SignArgs {
     /// The cosign private key (`module keygen` or `cosign generate-key-pair` made it).
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// The key's certificate (PEM), issued by a Fulcio-style CA: the signature carries it, as
+    /// `cosign sign --certificate` does.
+    #[arg(long, value_name = "FILE")]
+    certificate: Option<PathBuf>,
+    /// The certificate's chain (PEM: intermediates, then the root), as
+    /// `cosign sign --certificate-chain`.
+    #[arg(long, value_name = "FILE", requires = "certificate")]
+    certificate_chain: Option<PathBuf>,
+    /// A transparency log's private key (PEM: PKCS#8 `PRIVATE KEY`, or a cosign.key opened
+    /// with $COSIGN_PASSWORD): each signature gets a log bundle signed with it, integrated
+    /// now. Nodes trust it through the public key in their policy's `[keyless] log_keys`.
+    #[arg(long, value_name = "FILE", requires = "certificate")]
+    log_key: Option<PathBuf>,
+    /// The repository the signatures name instead of the one signed in, as
+    /// `cosign sign --sign-container-identity` (e.g. the module's production name when
+    /// signing a staging copy). Nodes pulling from elsewhere must list it in their policy's
+    /// `signed_references`.
+    #[arg(long, value_name = "REGISTRY/REPO")]
+    sign_container_identity: Option<String>,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Print JSON.
@@ -441,17 +462,62 @@ fn keygen(args: &KeygenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn read_text(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A log's private key: PKCS#8 PEM as openssl and rcgen write it, or a cosign.key.
+fn log_key(path: &Path) -> anyhow::Result<cosign::SigningKey> {
+    let pem = read_text(path)?;
+    let key = if pem.contains("-----BEGIN PRIVATE KEY-----") {
+        cosign::SigningKey::from_pkcs8_pem(&pem)
+    } else {
+        cosign::SigningKey::from_cosign_pem(&pem, key_password()?.as_bytes())
+    };
+    key.with_context(|| format!("cannot open the log key {}", path.display()))
+}
+
 async fn sign(args: SignArgs) -> anyhow::Result<()> {
     let password = key_password()?;
-    let pem = std::fs::read_to_string(&args.key)
-        .with_context(|| format!("cannot read {}", args.key.display()))?;
+    let pem = read_text(&args.key)?;
     let key = cosign::SigningKey::from_cosign_pem(&pem, password.as_bytes())
         .with_context(|| format!("cannot open {}", args.key.display()))?;
+    let certificate = match &args.certificate {
+        None => None,
+        Some(path) => {
+            let chain = args
+                .certificate_chain
+                .as_deref()
+                .map(read_text)
+                .transpose()?;
+            let certificate =
+                cosign::SigningCertificate::new(&key, &read_text(path)?, chain.as_deref())
+                    .with_context(|| {
+                        format!(
+                            "cannot sign with {} and {}",
+                            args.key.display(),
+                            path.display()
+                        )
+                    })?;
+            Some(certificate)
+        }
+    };
+    let log = args.log_key.as_deref().map(log_key).transpose()?;
+    let signer = cosign::Signer {
+        key: &key,
+        certificate: certificate.as_ref(),
+        log: log.as_ref(),
+    };
     let registry = args.registry.client(&[&args.reference])?;
-    let signed = package::sign(&registry, &args.reference, &key)
-        .await
-        .with_context(|| format!("cannot sign {}", args.reference))
-        .map_err(|e| args.registry.hint(e))?;
+    let signed = package::sign_with(
+        &registry,
+        &args.reference,
+        &signer,
+        args.sign_container_identity.as_deref(),
+    )
+    .await
+    .with_context(|| format!("cannot sign {}", args.reference))
+    .map_err(|e| args.registry.hint(e))?;
     if args.json {
         return print_json(&signed);
     }

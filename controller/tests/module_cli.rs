@@ -185,6 +185,7 @@ async fn build_push_keygen_sign_and_assign() {
         keys: vec![PublicKey::from_pem(&public_pem).unwrap()],
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     };
     for digest in [&resolved.manifest_digest, &index_digest] {
         let signatures = registry.signatures(&repository, digest).await.unwrap();
@@ -368,4 +369,53 @@ fn bad_input_gives_clear_errors() {
     );
     assert_eq!(code, 1);
     assert!(stderr.contains("/nonexistent/cosign.key"), "{stderr}");
+}
+
+#[test]
+fn signing_with_a_certificate_checks_its_inputs_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let signing = SigningKey::from_pkcs8_der(&pair.serialize_der()).unwrap();
+    let key = tmp.path().join("cosign.key");
+    std::fs::write(&key, signing.to_cosign_pem(PASSWORD.as_bytes()).unwrap()).unwrap();
+    let key = key.to_str().unwrap();
+    let certificate_for = |pair: &rcgen::KeyPair, name: &str| {
+        let certificate = rcgen::CertificateParams::new(vec!["signer.example".to_owned()])
+            .unwrap()
+            .self_signed(pair)
+            .unwrap();
+        let path = tmp.path().join(name);
+        std::fs::write(&path, certificate.pem()).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let own = certificate_for(&pair, "own.pem");
+    let other = certificate_for(&rcgen::KeyPair::generate().unwrap(), "other.pem");
+    let sign = |extra: &[&str]| {
+        let mut args = vec!["module", "sign", "127.0.0.1:1/m/x:1", "--key", key];
+        args.extend_from_slice(extra);
+        run_with(&args, Some(PASSWORD))
+    };
+    // A certificate for another key: refused before the registry is asked anything.
+    let (code, _, stderr) = sign(&["--certificate", &other]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the certificate is not for this key (its public key differs)"),
+        "{stderr}"
+    );
+    // A chain that is not one.
+    let (code, _, stderr) = sign(&["--certificate", &own, "--certificate-chain", key]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the chain: no PEM CERTIFICATE block"),
+        "{stderr}"
+    );
+    // A log key that cannot be read.
+    let (code, _, stderr) = sign(&["--certificate", &own, "--log-key", "/nonexistent/log.key"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("/nonexistent/log.key"), "{stderr}");
+    // A chain or a log key needs a certificate: usage errors.
+    for flag in ["--certificate-chain", "--log-key"] {
+        let (code, _, stderr) = sign(&[flag, &own]);
+        assert_eq!(code, 2, "{flag}: {stderr}");
+    }
 }

@@ -81,11 +81,13 @@ impl Cosign {
                 keys: vec![key],
                 keyless: Some(keyless.clone()),
                 require_signature: true,
+                signed_references: Vec::new(),
             },
             keyless_policy: Policy {
                 keys: Vec::new(),
                 keyless: Some(keyless),
                 require_signature: true,
+                signed_references: Vec::new(),
             },
             now: UNIX_EPOCH + Duration::from_secs(fixture.now_s),
             fixture,

@@ -81,6 +81,15 @@ pub struct MountStatus {
     /// The active stack's upper directory (absolute): where what is written into the stack
     /// lands, and what a module commit captures. `None` while no stack is active.
     pub upper_dir: Option<String>,
+    /// The last difference mountmgr found at run time between the mounts and the stack it
+    /// applied (a layer or the overlay unmounted by hand, a slot directory removed, a stack
+    /// mounted twice, `current` or the mount path changed), and what it did about it. `None`
+    /// while nothing has been found since this generation was answered.
+    pub drift: Option<String>,
+    /// While the switch to this generation is in its confirmation window (the previous stack
+    /// still mounted, the health checks running again, a failure switches back): when the
+    /// window ends, in milliseconds since the Unix epoch.
+    pub confirm_until_ms: Option<u64>,
 }
 
 /// Outcome of applying a `MountConfig` generation.
@@ -107,8 +116,8 @@ pub enum Slot {
 
 impl Topic for MountStatus {
     const NAME: &'static str = "MountStatus";
-    /// 2: `upper_dir`.
-    const SCHEMA_VERSION: u32 = 2;
+    /// 2: `upper_dir`. 3: `drift`, `confirm_until_ms`.
+    const SCHEMA_VERSION: u32 = 3;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.target.clone()

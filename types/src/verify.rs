@@ -1,4 +1,4 @@
-//! Verification of a downloaded module image: OCI digest, cosign signature, fs-verity.
+//! Verification of a downloaded module image: cosign signature, fs-verity digest.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,10 +9,20 @@ use crate::Topic;
 pub struct VerifyConfig {
     /// The module's name; the key.
     pub name: String,
-    /// Path of the image (the manifest's one layer) in the digest store.
+    /// Path of the image (the manifest's one layer) in the digest store: the complete blob
+    /// once `complete`, before that the file it is being downloaded into.
     pub image_path: String,
     /// The OCI digest the image must have, e.g. `sha256:…` (the layer's digest).
     pub digest: String,
+    /// The image's size in bytes (the layer's, as the manifest gives it).
+    pub size: u64,
+    /// Whether `image_path` is the complete image, which the store has taken in only after it
+    /// hashed to `digest`. A config is first published with `false` when the download starts:
+    /// the verifier may hash the image as it arrives, but gives no verdict until the same
+    /// config comes again with `true` (and the complete blob's path). A download that fails
+    /// for good withdraws the config; one that starts over changes nothing here, the verdict
+    /// waits for the complete file either way.
+    pub complete: bool,
     /// The module's platform manifest exactly as pulled: the verifier checks that it hashes to
     /// `manifest_digest`, names `digest` as its layer, and reads the fs-verity annotation from it.
     pub manifest: String,
@@ -23,6 +33,10 @@ pub struct VerifyConfig {
     pub repository: String,
     /// The cosign signatures found for `manifest_digest` (none when the module is unsigned).
     pub signatures: Vec<CosignSignature>,
+    /// The digest of the index `manifest` was chosen from, when that index has signatures and
+    /// `manifest` has none: the index alone was signed (`cosign sign` without `--recursive`).
+    /// It only makes the verifier's refusal say so; it vouches for nothing.
+    pub signed_index: Option<String>,
     /// Name of the trust policy the signature is checked against.
     pub trust_policy: String,
     /// Counts the times this image was downloaded anew for the module after a damaged stored
@@ -48,7 +62,7 @@ pub struct CosignSignature {
 
 impl Topic for VerifyConfig {
     const NAME: &'static str = "VerifyConfig";
-    const SCHEMA_VERSION: u32 = 3;
+    const SCHEMA_VERSION: u32 = 4;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.name.clone()

@@ -307,6 +307,8 @@ fn run_all(g: &mut Golden) {
         name: s("tools"),
         image_path: s("/persist/powernode/store/sha256/aaaa"),
         digest: s("sha256:aaaa"),
+        size: 268_435_456,
+        complete: true,
         manifest: s("{\"schemaVersion\":2}"),
         manifest_digest: s("sha256:dddd"),
         repository: s("registry.example/modules/tools"),
@@ -326,6 +328,7 @@ fn run_all(g: &mut Golden) {
                 bundle: Some(s("{\"SignedEntryTimestamp\":\"\"}")),
             },
         ],
+        signed_index: Some(s("sha256:eeee")),
         trust_policy: s("default"),
         attempt: 2,
     }]);
@@ -381,6 +384,8 @@ fn run_all(g: &mut Golden) {
         layers: vec![s("sha256:cccc"), s("sha256:aaaa")],
         error: Some(s("previous generation rolled back")),
         upper_dir: Some(s("/var/lib/powernode/mounts/root/b/upper/upper")),
+        drift: Some(s("slot B: merged is not mounted; rebuilt in slot A")),
+        confirm_until_ms: Some(1_700_000_060_000),
     };
     let mut samples = with_each(mount_status.clone(), MOUNT_STATES, |x, v| x.state = v);
     samples.extend(

@@ -134,6 +134,8 @@ pub struct Settings {
     pub controller: ControllerSettings,
     /// Modules: registries, trust policy, the mount target (modulemgr, verifier, mountmgr).
     pub modules: ModuleSettings,
+    /// Mounts: how mountmgr switches and watches its stacks (docs/mountmgr.md).
+    pub mounts: MountSettings,
     /// Events: eventd's journal (docs/events.md).
     pub events: EventSettings,
     /// NodeScripts: the interpreters execd may run them with (docs/tasks.md).
@@ -235,6 +237,84 @@ impl ModuleSettings {
                     "modules.connect_timeout_ms",
                     self.connect_timeout_ms,
                     100..=120_000,
+                ),
+            ],
+        )
+    }
+}
+
+/// The `[mounts]` table: how mountmgr switches and watches its stacks (docs/mountmgr.md).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MountSettings {
+    /// Where the union of the modules' target (`modules.mount_target`) is mounted for programs
+    /// to use directly: an absolute, plain path of the node (under the root), such as
+    /// `/opt/powernode`. Unset: the union is reached through
+    /// `run/powernode-mounts/<target>/current` only.
+    pub mount_path: Option<String>,
+    /// Whether a switch at `mount_path` mounts the new stack beneath the old one
+    /// (`MOVE_MOUNT_BENEATH`, Linux 6.5+) where the kernel can, so the path never shows less
+    /// than a whole tree. false (or a kernel without it): `mount_path` is a symlink to
+    /// `current`, which the switch renames.
+    pub move_beneath: bool,
+    /// Seconds the previous stack stays mounted after a switch to a stack with health checks,
+    /// which run again meanwhile: a failure switches back to it (0..=86400; 0: no window).
+    pub confirm_window_s: u64,
+    /// Seconds between the runs of the health checks during that window (1..=3600).
+    pub confirm_interval_s: u64,
+}
+
+impl Default for MountSettings {
+    fn default() -> Self {
+        MountSettings {
+            mount_path: None,
+            move_beneath: true,
+            confirm_window_s: 60,
+            confirm_interval_s: 10,
+        }
+    }
+}
+
+impl MountSettings {
+    /// [`MountSettings::confirm_window_s`] as a duration.
+    pub fn confirm_window(&self) -> Duration {
+        Duration::from_secs(self.confirm_window_s)
+    }
+
+    /// [`MountSettings::confirm_interval_s`] as a duration.
+    pub fn confirm_interval(&self) -> Duration {
+        Duration::from_secs(self.confirm_interval_s)
+    }
+
+    fn validate(
+        &self,
+        invalid: impl Fn(&'static str, String, &str) -> SettingsError,
+    ) -> Result<(), SettingsError> {
+        if let Some(path) = &self.mount_path {
+            let plain = path.strip_prefix('/').is_some_and(|rest| {
+                !rest.is_empty()
+                    && !path.chars().any(char::is_control)
+                    && rest
+                        .split('/')
+                        .all(|part| !part.is_empty() && part != "." && part != "..")
+            });
+            if !plain {
+                return Err(invalid(
+                    "mounts.mount_path",
+                    quoted(path),
+                    "must be an absolute path below / without `.`, `..`, empty or trailing \
+                     components",
+                ));
+            }
+        }
+        check_ranges(
+            &invalid,
+            &[
+                ("mounts.confirm_window_s", self.confirm_window_s, 0..=86_400),
+                (
+                    "mounts.confirm_interval_s",
+                    self.confirm_interval_s,
+                    1..=3600,
                 ),
             ],
         )
@@ -536,6 +616,7 @@ impl Default for Settings {
             identity: IdentitySettings::default(),
             controller: ControllerSettings::default(),
             modules: ModuleSettings::default(),
+            mounts: MountSettings::default(),
             events: EventSettings::default(),
             exec: ExecSettings::default(),
             notes: Vec::new(),
@@ -726,6 +807,7 @@ impl Settings {
         self.identity.validate(invalid)?;
         self.controller.validate(invalid)?;
         self.modules.validate(invalid)?;
+        self.mounts.validate(invalid)?;
         self.events.validate(invalid)?;
         self.exec.validate(invalid)
     }
@@ -1047,6 +1129,43 @@ mod tests {
             let (_dir, got) = load(&[("agent.toml", &format!("[modules]\n{line}\n"))]);
             let err = got.unwrap_err().to_string();
             assert!(err.contains(field), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn mounts_table() {
+        let (_dir, got) = load(&[]);
+        let m = got.unwrap().mounts;
+        assert_eq!(m, MountSettings::default());
+        assert_eq!(m.mount_path, None);
+        assert_eq!(m.confirm_window(), Duration::from_secs(60));
+        let (_dir, got) = load(&[
+            (
+                "agent.toml",
+                "[mounts]\nmount_path = \"/opt/powernode\"\nconfirm_window_s = 5\n",
+            ),
+            (
+                "agent.toml.d/10-x.toml",
+                "[mounts]\nconfirm_interval_s = 1\nmove_beneath = false\n",
+            ),
+        ]);
+        let m = got.unwrap().mounts;
+        assert_eq!(m.mount_path.as_deref(), Some("/opt/powernode"));
+        assert_eq!((m.confirm_window_s, m.confirm_interval_s), (5, 1));
+        assert!(!m.move_beneath);
+        for (line, want) in [
+            ("mount_path = \"opt/powernode\"", "mounts.mount_path"),
+            ("mount_path = \"/\"", "mounts.mount_path"),
+            ("mount_path = \"/opt/../etc\"", "mounts.mount_path"),
+            ("mount_path = \"/opt//x\"", "mounts.mount_path"),
+            ("mount_path = \"/opt/x/\"", "mounts.mount_path"),
+            ("confirm_window_s = 86401", "mounts.confirm_window_s"),
+            ("confirm_interval_s = 0", "mounts.confirm_interval_s"),
+            ("window_s = 1", "unknown field `window_s`"),
+        ] {
+            let (_dir, got) = load(&[("agent.toml", &format!("[mounts]\n{line}\n"))]);
+            let err = got.unwrap_err().to_string();
+            assert!(err.contains(want), "{line}: {err}");
         }
     }
 

@@ -816,6 +816,8 @@ mod tests {
                     layers: vec![format!("sha256:{}", "cd".repeat(32))],
                     error: None,
                     upper_dir: None,
+                    drift: None,
+                    confirm_until_ms: None,
                 }],
             ),
             network_config: one("heartbeatd/NetworkConfig", p, None),

@@ -197,14 +197,20 @@ fn built_config(path: &str, policy: &str) -> anyhow::Result<VerifyConfig> {
     let built = powernode_modules::package::load_built(Path::new(path))?;
     let manifest = std::fs::read_to_string(&built.manifest)
         .with_context(|| format!("reading {}", built.manifest.display()))?;
+    let size = std::fs::metadata(&built.image)
+        .with_context(|| format!("reading {}", built.image.display()))?
+        .len();
     Ok(VerifyConfig {
         name: built.module.name.clone(),
         image_path: built.image.to_string_lossy().into_owned(),
         digest: built.image_digest,
+        size,
+        complete: true,
         manifest,
         manifest_digest: built.manifest_digest,
         repository: String::new(),
         signatures: Vec::new(),
+        signed_index: None,
         trust_policy: policy.to_owned(),
         attempt: 0,
     })
@@ -231,10 +237,13 @@ async fn pulled_config(
         name: resolved.module.name.clone(),
         image_path: path.to_string_lossy().into_owned(),
         digest: resolved.image.digest.clone(),
+        size: resolved.image.size,
+        complete: true,
         manifest: resolved.manifest.clone(),
         manifest_digest: resolved.manifest_digest.to_string(),
         repository: resolved.repository.clone(),
         signatures,
+        signed_index: resolved.signed_index.as_ref().map(ToString::to_string),
         trust_policy: policy.to_owned(),
         attempt: 0,
     })

@@ -405,6 +405,8 @@ mod tests {
             layers: vec![digest],
             error: None,
             upper_dir: None,
+            drift: None,
+            confirm_until_ms: None,
         }];
         let out = text(|o| status(o, &r, Format::Text));
         assert!(

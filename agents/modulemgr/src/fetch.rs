@@ -9,6 +9,11 @@
 //!
 //! The fetch runs as its own task and reports to the agent's main loop through a channel;
 //! the main loop cancels it when the module's reference changes or it is removed.
+//!
+//! When an image is to be downloaded, the fetch says so before the first byte
+//! ([`Report::Arriving`], with the file the store writes it into), so the verifier can hash it
+//! as it arrives; [`Report::Done`] follows once the store has it complete, its SHA-256
+//! confirmed.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -37,6 +42,9 @@ pub enum Report {
         /// Image size.
         total: u64,
     },
+    /// The image is about to be downloaded into `image_path` of the [`Fetched`] (the store's
+    /// partial file): it may be followed there, but is not complete until [`Report::Done`].
+    Arriving(Box<Fetched>),
     /// Bytes of the image in the store so far.
     Progress {
         /// Bytes done.
@@ -305,6 +313,22 @@ async fn attempt(
             },
         ))
         .await;
+    let digest = Digest::parse(&resolved.image.digest)?;
+    if !store.contains(&digest) {
+        let arriving = Fetched {
+            resolved: resolved.clone(),
+            image_path: store.partial_path(&digest),
+            signatures: signatures.clone(),
+            offline: false,
+        };
+        let _ = reports
+            .send((
+                job.name.clone(),
+                epoch,
+                Report::Arriving(Box::new(arriving)),
+            ))
+            .await;
+    }
     let mut last = Instant::now() - PROGRESS_EVERY;
     let name = job.name.clone();
     let progress_tx = reports.clone();

@@ -17,14 +17,15 @@
 //! A fetch ([`fetch`]) resolves the reference for this node's architecture, reads its cosign
 //! signatures and streams the image into the digest store `persist/powernode/store`, resuming
 //! a partial download after a crash; with the registry unreachable it goes on with the last
-//! resolution kept ([`lastknown`]) if the image is in the store. The fetched module is handed
-//! to the verifier as a `VerifyConfig` at once, while the image is synced to disk; once
-//! `verifier/VerifyStatus` says Verified for the same digest and the sync is done, it joins the
-//! stack, published as one `MountConfig` (target from settings, layers by priority), unless a
-//! module it depends on is not stacked (it then waits in Mounting, and an upgrade keeps the old
-//! version stacked). When `mountmgr/MountStatus` reports that generation Mounted, its modules
-//! are Active. A stack that fails to mount marks the modules it added Failed (the running stack
-//! stays) and the stack is recomputed without them.
+//! resolution kept ([`lastknown`]) if the image is in the store. The module is handed to the
+//! verifier as a `VerifyConfig` when its download starts (`complete: false`: the verifier hashes
+//! the image as it arrives) and again, complete, once the store has it, while the image is
+//! synced to disk; once `verifier/VerifyStatus` says Verified for the same digest and the sync
+//! is done, it joins the stack, published as one `MountConfig` (target from settings, layers by
+//! priority), unless a module it depends on is not stacked (it then waits in Mounting, and an
+//! upgrade keeps the old version stacked). When `mountmgr/MountStatus` reports that generation
+//! Mounted, its modules are Active. A stack that fails to mount marks the modules it added
+//! Failed (the running stack stays) and the stack is recomputed without them.
 //!
 //! A change of reference restarts a module; a removal cancels its fetch, takes it out of the
 //! stack and, once the smaller stack is mounted, lets the store's garbage collection remove its
@@ -151,6 +152,9 @@ struct Agent {
     /// The last stack mountmgr reported Mounted (at start: the last one published, until
     /// mountmgr says otherwise).
     applied: Option<MountConfig>,
+    /// The stack reported Mounted before `applied`: mounted again when mountmgr rolls
+    /// `applied` back in its confirmation window.
+    applied_before: Option<MountConfig>,
     /// The modules (name → image digest) an earlier run of modulemgr left Active: the same
     /// image becoming Active again after a restart is not news, and raises nothing.
     active_before: HashMap<String, String>,
@@ -229,6 +233,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         target: settings.mount_target.clone(),
         upper,
         applied: stack.clone(),
+        applied_before: None,
         stack,
         mounted: Vec::new(),
         mount_status: None,
@@ -319,6 +324,35 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the verifier is handed for `fetched`: the complete image, or (`complete` false) the
+/// one the store is still writing.
+fn verify_config(
+    name: &str,
+    fetched: &Fetched,
+    complete: bool,
+    trust_policy: &str,
+    refetched: bool,
+) -> VerifyConfig {
+    VerifyConfig {
+        name: name.to_owned(),
+        image_path: fetched.image_path.to_string_lossy().into_owned(),
+        digest: fetched.resolved.image.digest.clone(),
+        size: fetched.resolved.image.size,
+        complete,
+        manifest: fetched.resolved.manifest.clone(),
+        manifest_digest: fetched.resolved.manifest_digest.to_string(),
+        repository: fetched.resolved.repository.clone(),
+        signatures: fetched.signatures.clone(),
+        signed_index: fetched
+            .resolved
+            .signed_index
+            .as_ref()
+            .map(ToString::to_string),
+        trust_policy: trust_policy.to_owned(),
+        attempt: u32::from(refetched),
+    }
 }
 
 impl Agent {
@@ -540,8 +574,27 @@ impl Agent {
                     );
                 }
             }
+            Report::Arriving(arriving) => {
+                // The verifier may start on the image while it arrives; its verdict waits
+                // for the complete image (Done).
+                let verify = verify_config(
+                    name,
+                    &arriving,
+                    false,
+                    &self.ctx.settings.modules.trust_policy,
+                    m.refetched,
+                );
+                if self.verify_pub.get(name).as_ref() != Some(&verify) {
+                    self.report(self.verify_pub.publish(&verify));
+                }
+                return;
+            }
             Report::Failed(reason) => {
                 events::download_failed(&self.ctx.events, name, &m.config.reference, &reason);
+                // A download that will not complete: the verifier stops following it.
+                if self.verify_pub.get(name).is_some_and(|c| !c.complete) {
+                    self.report(self.verify_pub.unpublish(name));
+                }
                 return self.fail(name, reason);
             }
             Report::Moved => {
@@ -589,17 +642,13 @@ impl Agent {
                 m.status.bytes_total = Some(fetched.resolved.image.size);
                 m.status.bytes_done = fetched.resolved.image.size;
                 m.status.error = None;
-                let verify = VerifyConfig {
-                    name: name.to_owned(),
-                    image_path: fetched.image_path.to_string_lossy().into_owned(),
-                    digest: fetched.resolved.image.digest.clone(),
-                    manifest: fetched.resolved.manifest.clone(),
-                    manifest_digest: fetched.resolved.manifest_digest.to_string(),
-                    repository: fetched.resolved.repository.clone(),
-                    signatures: fetched.signatures.clone(),
-                    trust_policy: self.ctx.settings.modules.trust_policy.clone(),
-                    attempt: u32::from(m.refetched),
-                };
+                let verify = verify_config(
+                    name,
+                    &fetched,
+                    true,
+                    &self.ctx.settings.modules.trust_policy,
+                    m.refetched,
+                );
                 self.layer_manifests.insert(
                     fetched.resolved.image.digest.clone(),
                     fetched.resolved.module.clone(),
@@ -911,7 +960,9 @@ impl Agent {
             MountState::Mounting => {}
             MountState::Mounted => {
                 self.mounted = status.layers.clone();
-                self.applied = Some(stack.clone());
+                if self.applied.as_ref() != Some(&stack) {
+                    self.applied_before = self.applied.replace(stack.clone());
+                }
                 for layer in &stack.layers {
                     if let Some(m) = self.modules.get_mut(&layer.name) {
                         // The layer may be the old version, kept while the new one waits.
@@ -949,6 +1000,12 @@ impl Agent {
                 self.collect_garbage();
             }
             MountState::Failed | MountState::RolledBack => {
+                if status.state == MountState::RolledBack && self.applied.as_ref() == Some(&stack) {
+                    // Rolled back after it was Mounted (a health check failed in mountmgr's
+                    // confirmation window): the stack before is mounted again, and the layers a
+                    // failed module falls back to are its, not the rolled-back stack's.
+                    self.applied = self.applied_before.take();
+                }
                 self.mounted = status.layers.clone();
                 let reason = format!(
                     "mount failed: {}",

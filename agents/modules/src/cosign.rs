@@ -15,6 +15,11 @@
 //! [`SigningKey`] generates, signs, and reads and writes `cosign.key` (scrypt + nacl/secretbox,
 //! password from the caller); [`PublicKey`] is `cosign.pub` (and a Rekor log's key).
 //!
+//! # Signing
+//! [`sign`] makes one signature with a [`Signer`]: a key alone, or a key with its
+//! [`SigningCertificate`] (and chain) and, given a log key, a [`transparency_bundle`] — the
+//! certificate-bearing signature a keyless policy verifies.
+//!
 //! # Verification
 //! [`verify`] checks the signatures found for a manifest against a [`Policy`]: trusted keys, an
 //! optional [`KeylessRoot`] (Fulcio roots, identity and issuer regexes, Rekor keys) and whether
@@ -34,13 +39,16 @@
 //!   6. a SAN (email or URI) matches the identity regex and the Fulcio OIDC-issuer extension
 //!      the issuer regex;
 //! - and its payload is a `cosign container image signature` naming this manifest digest and
-//!   this repository (tags and digests stripped before comparing).
+//!   this repository (tags and digests stripped before comparing), or, when the policy lists
+//!   [`SignedReference`]s, a repository the list allows (mirrors, `--sign-container-identity`,
+//!   another name of the registry: see [`references`]).
 //!
 //! Input is untrusted: every field is size-limited, and garbage base64, JSON, PEM or DER yields
 //! an error, never a panic.
 
 mod keyless;
 mod keys;
+pub mod references;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -50,9 +58,10 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
-pub use keyless::KeylessRoot;
+pub use keyless::{transparency_bundle, KeylessRoot, SigningCertificate};
 pub use keys::{PublicKey, SigningKey, LEGACY_PRIVATE_KEY_LABEL, PRIVATE_KEY_LABEL};
 pub use powernode_types::CosignSignature;
+pub use references::SignedReference;
 
 use crate::digest::Digest;
 use crate::format::{Descriptor, ImageManifest, OCI_MANIFEST};
@@ -115,6 +124,9 @@ pub enum Error {
     /// The keyless trust root is unusable.
     #[error("keyless trust root: {0}")]
     TrustRoot(String),
+    /// A signing certificate or its chain is unusable.
+    #[error("signing certificate: {0}")]
+    Certificate(String),
     /// A pulled signature layer does not match its descriptor.
     #[error("signature layer {digest}: {reason}")]
     Layer {
@@ -194,13 +206,25 @@ pub enum Rejection {
         /// The manifest digest being verified.
         expected: String,
     },
-    /// The payload signs another repository.
-    #[error("payload names repository {found} not {expected}")]
+    /// The payload signs another repository, and the policy lists no `signed_references`.
+    #[error(
+        "payload names repository {found} not {expected}, the one it was pulled from (for a \
+         mirror, a copy, a signature made with --sign-container-identity or another name of \
+         the registry, list {found} in the trust policy's signed_references)"
+    )]
     PayloadReference {
         /// The `docker-reference` in the payload.
         found: String,
         /// The repository being verified.
         expected: String,
+    },
+    /// The payload names a repository the policy's `signed_references` do not allow.
+    #[error("payload names repository {found}, which the policy's signed_references ({allowed}) do not allow")]
+    PayloadReferenceNotAllowed {
+        /// The `docker-reference` in the payload.
+        found: String,
+        /// The policy's list, comma-separated.
+        allowed: String,
     },
     /// The signature does not verify with the certificate's key.
     #[error("the signature does not verify with the certificate's key")]
@@ -328,6 +352,9 @@ pub struct Policy {
     /// Whether a manifest without a valid signature is refused (otherwise it is
     /// [`Verified::Unsigned`]).
     pub require_signature: bool,
+    /// The repositories a signature's `docker-reference` may name; empty: only the repository
+    /// the manifest was pulled from ([`references`]).
+    pub signed_references: Vec<SignedReference>,
 }
 
 /// The simple-signing payload. Field order is cosign's (also the sorted order), so the bytes
@@ -386,6 +413,63 @@ pub fn payload(docker_reference: &str, manifest_digest: &str) -> Vec<u8> {
         optional: None,
     };
     to_json(&payload)
+}
+
+/// How [`sign`] signs: with a key alone (`cosign sign --key`), or with a key and its
+/// certificate (`--certificate`, `--certificate-chain`), optionally logged.
+#[derive(Clone, Copy, Debug)]
+pub struct Signer<'a> {
+    /// The signing key.
+    pub key: &'a SigningKey,
+    /// The key's certificate and chain, for a certificate-bearing signature.
+    pub certificate: Option<&'a SigningCertificate>,
+    /// A transparency log's key: the signature carries a bundle this key signed
+    /// ([`transparency_bundle`]). Needs a certificate (the log entry records it).
+    pub log: Option<&'a SigningKey>,
+}
+
+/// A signature of `manifest_digest` naming `docker_reference`, made by `signer` at `now`
+/// (the bundle's integrated time).
+pub fn sign(
+    signer: &Signer<'_>,
+    docker_reference: &str,
+    manifest_digest: &str,
+    now: SystemTime,
+) -> Result<CosignSignature, Error> {
+    parse_manifest_digest(manifest_digest)?;
+    let payload = payload(docker_reference, manifest_digest);
+    let signature = signer.key.sign(&payload)?;
+    let bundle = match (signer.log, signer.certificate) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(Error::Certificate(
+                "a transparency-log bundle needs a certificate to record".into(),
+            ))
+        }
+        (Some(log), Some(certificate)) => {
+            let integrated_time = now
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+            Some(transparency_bundle(
+                log,
+                &payload,
+                &signature,
+                certificate.certificate(),
+                integrated_time,
+                0,
+            )?)
+        }
+    };
+    Ok(CosignSignature {
+        payload: String::from_utf8_lossy(&payload).into_owned(),
+        signature,
+        certificate: signer.certificate.map(|c| c.certificate().to_owned()),
+        chain: signer
+            .certificate
+            .and_then(SigningCertificate::chain)
+            .map(str::to_owned),
+        bundle,
+    })
 }
 
 fn to_json(value: &impl Serialize) -> Vec<u8> {
@@ -664,7 +748,7 @@ fn check(
     let payload = signature.payload.as_bytes();
     // Who signed comes first: claims in a payload nobody trusted signed mean nothing.
     let verified = authenticate(policy, signature, payload, &raw_signature, now)?;
-    check_claims(payload, repository, expected)?;
+    check_claims(payload, repository, expected, &policy.signed_references)?;
     Ok(verified)
 }
 
@@ -725,7 +809,12 @@ fn authenticate(
     }
 }
 
-fn check_claims(payload: &[u8], repository: &str, expected: &Digest) -> Result<(), Rejection> {
+fn check_claims(
+    payload: &[u8],
+    repository: &str,
+    expected: &Digest,
+    signed_references: &[SignedReference],
+) -> Result<(), Rejection> {
     let parsed: SimpleSigning =
         serde_json::from_slice(payload).map_err(|e| Rejection::Malformed {
             field: "payload",
@@ -742,53 +831,28 @@ fn check_claims(payload: &[u8], repository: &str, expected: &Digest) -> Result<(
             expected,
         });
     }
-    let found = repository_part(&critical.identity.docker_reference);
-    if found != repository_part(repository) {
-        return Err(Rejection::PayloadReference {
-            found: clean(found),
-            expected: clean(repository_part(repository)),
-        });
+    let named = &critical.identity.docker_reference;
+    if references::allowed(signed_references, named, repository) {
+        return Ok(());
     }
-    Ok(())
-}
-
-/// `reference` without a trailing `@digest` or `:tag` (a `:` followed by a `/` is a port).
-fn repository_part(reference: &str) -> &str {
-    let name = reference
-        .split_once('@')
-        .map_or(reference, |(name, _)| name);
-    match name.rfind(':') {
-        Some(colon) if !name[colon..].contains('/') => &name[..colon],
-        _ => name,
-    }
+    let found = clean(references::repository_part(named));
+    Err(if signed_references.is_empty() {
+        Rejection::PayloadReference {
+            found,
+            expected: clean(references::repository_part(repository)),
+        }
+    } else {
+        let allowed: Vec<String> = signed_references.iter().map(ToString::to_string).collect();
+        Rejection::PayloadReferenceNotAllowed {
+            found,
+            allowed: allowed.join(", "),
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn repository_part_strips_tags_and_digests_but_not_ports() {
-        for (reference, repository) in [
-            ("registry.example/mods/tools", "registry.example/mods/tools"),
-            (
-                "registry.example/mods/tools:1.2",
-                "registry.example/mods/tools",
-            ),
-            (
-                "registry.example/mods/tools@sha256:ab",
-                "registry.example/mods/tools",
-            ),
-            (
-                "registry.example/mods/tools:1.2@sha256:ab",
-                "registry.example/mods/tools",
-            ),
-            ("localhost:5000/tools", "localhost:5000/tools"),
-            ("localhost:5000/tools:v1", "localhost:5000/tools"),
-        ] {
-            assert_eq!(repository_part(reference), repository, "{reference}");
-        }
-    }
 
     #[test]
     fn clean_shortens_and_neutralises() {

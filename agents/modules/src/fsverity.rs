@@ -9,9 +9,15 @@
 //! The Merkle tree is built bottom-up while the data streams in: level 0 holds the hashes of the
 //! data blocks, each level above the hashes of the full blocks of the level below. Only one
 //! partial block per level is kept, so memory is O(tree depth) whatever the file size.
+//!
+//! Because the tree is built in file order, a file can be hashed while it is still being
+//! written ([`GrowingFile`]): each look hashes the blocks that have landed since the last, and
+//! the digest is taken once the writer is known to be done.
 
 use std::fmt;
+use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -244,9 +250,170 @@ pub fn digest_file(path: &Path) -> io::Result<Digest> {
     }
 }
 
+/// The fs-verity digest of a file that may still be growing (a download being written to it):
+/// [`GrowingFile::catch_up`] hashes the bytes written since the last call, up to the size the
+/// file is to have; [`GrowingFile::finish`] gives the digest of every byte hashed. The caller
+/// decides when the file is complete: a file read from the start to its final size gives the
+/// digest [`digest_file`] gives.
+///
+/// Reads are positional (`pread` at the count hashed so far), so the file may be renamed while
+/// it is followed (the descriptor follows the inode). Bytes are taken as they are when read: if
+/// the writer truncates the file and writes it again, what was hashed before may differ from
+/// what ends up there, and the digest is then of neither; a caller that cannot rule that out
+/// reads the complete file again when the digest does not match what it expects.
+pub struct GrowingFile {
+    file: File,
+    hasher: Hasher,
+    hashed: u64,
+    size: u64,
+    buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for GrowingFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrowingFile")
+            .field("hashed", &self.hashed)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GrowingFile {
+    /// Follows `file` from its start; it is to end at `size` bytes (nothing past that is read).
+    pub fn new(file: File, size: u64) -> GrowingFile {
+        // Large reads while catching up a backlog; a download in progress usually has less
+        // than this waiting.
+        let buffer = vec![0u8; (1 << 20).min(size.max(1) as usize)];
+        GrowingFile {
+            file,
+            hasher: Hasher::new(),
+            hashed: 0,
+            size,
+            buffer,
+        }
+    }
+
+    /// Hashes every byte written past what is hashed, up to the final size; returns how many
+    /// new bytes it hashed (0: nothing new has landed, or the file is hashed to its size).
+    pub fn catch_up(&mut self) -> io::Result<u64> {
+        self.catch_up_at_most(u64::MAX)
+    }
+
+    /// [`GrowingFile::catch_up`], stopping after about `most` bytes (a whole read more at
+    /// most), so a caller can look at other things between slices of a long backlog.
+    pub fn catch_up_at_most(&mut self, most: u64) -> io::Result<u64> {
+        let mut new = 0;
+        while self.hashed < self.size && new < most {
+            let want = (self.size - self.hashed).min(self.buffer.len() as u64) as usize;
+            let n = match self.file.read_at(&mut self.buffer[..want], self.hashed) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.hasher.update(&self.buffer[..n]);
+            self.hashed += n as u64;
+            new += n as u64;
+        }
+        Ok(new)
+    }
+
+    /// How many bytes are hashed.
+    pub fn hashed(&self) -> u64 {
+        self.hashed
+    }
+
+    /// Whether every byte up to the final size is hashed.
+    pub fn is_whole(&self) -> bool {
+        self.hashed == self.size
+    }
+
+    /// The file followed.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// The digest of the bytes hashed (of the whole file, once [`GrowingFile::is_whole`]).
+    pub fn finish(self) -> Digest {
+        self.hasher.finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// Deterministic bytes that differ block to block.
+    fn content(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes()[7])
+            .collect()
+    }
+
+    fn one_shot(data: &[u8]) -> Digest {
+        let mut hasher = Hasher::new();
+        hasher.update(data);
+        hasher.finish()
+    }
+
+    /// The file written in `piece`-byte writes, each followed by a look: the same digest as
+    /// hashing it whole, for sizes around the data-block and tree-block boundaries.
+    #[test]
+    fn a_growing_file_gives_the_one_shot_digest() {
+        let tree_block = 128 * BLOCK_SIZE; // one full level-1 block of hashes
+        for len in [
+            0,
+            1,
+            BLOCK_SIZE - 1,
+            BLOCK_SIZE,
+            BLOCK_SIZE + 1,
+            2 * BLOCK_SIZE - 1,
+            tree_block - 1,
+            tree_block,
+            tree_block + 1,
+            tree_block + BLOCK_SIZE,
+            3 * tree_block + 17,
+        ] {
+            let data = content(len);
+            let expected = one_shot(&data);
+            for piece in [1000, BLOCK_SIZE, BLOCK_SIZE + 1, 65536 + 3] {
+                if piece == 1000 && len > 4 * tree_block {
+                    continue;
+                }
+                let dir = tempfile::tempdir().unwrap();
+                let path = dir.path().join("image.partial");
+                let mut writer = File::create(&path).unwrap();
+                let mut growing = GrowingFile::new(File::open(&path).unwrap(), len as u64);
+                assert_eq!(growing.catch_up().unwrap(), 0, "nothing written yet");
+                for chunk in data.chunks(piece) {
+                    writer.write_all(chunk).unwrap();
+                    growing.catch_up().unwrap();
+                    assert!(!growing.is_whole() || growing.hashed() == len as u64);
+                }
+                // Renamed into place while followed, as the store does.
+                std::fs::rename(&path, dir.path().join("image")).unwrap();
+                assert_eq!(growing.catch_up().unwrap(), 0);
+                assert!(growing.is_whole(), "size {len}, pieces of {piece}");
+                assert_eq!(growing.finish(), expected, "size {len}, pieces of {piece}");
+            }
+        }
+    }
+
+    /// Nothing past the announced size is hashed, and looking before anything landed, or
+    /// after everything did, changes nothing.
+    #[test]
+    fn a_growing_file_stops_at_its_size() {
+        let data = content(3 * BLOCK_SIZE + 5);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, &data).unwrap();
+        let mut growing = GrowingFile::new(File::open(&path).unwrap(), 2 * BLOCK_SIZE as u64 + 1);
+        assert_eq!(growing.catch_up().unwrap(), 2 * BLOCK_SIZE as u64 + 1);
+        assert_eq!(growing.catch_up().unwrap(), 0);
+        assert!(growing.is_whole());
+        assert_eq!(growing.finish(), one_shot(&data[..2 * BLOCK_SIZE + 1]));
+    }
 
     #[test]
     fn empty_file_digest_is_the_descriptor_hash_with_a_zero_root() {

@@ -409,10 +409,42 @@ pub async fn sign(
     reference: &str,
     key: &crate::cosign::SigningKey,
 ) -> Result<Vec<Signed>, PushError> {
+    let signer = crate::cosign::Signer {
+        key,
+        certificate: None,
+        log: None,
+    };
+    sign_with(registry, reference, &signer, None).await
+}
+
+/// [`sign`] with any [`Signer`](crate::cosign::Signer): a key, or a key with its certificate
+/// and chain and a log bundle (`cosign sign --certificate … --certificate-chain …`). The
+/// payloads name `identity` if given (cosign's `--sign-container-identity`: a repository the
+/// module is known by elsewhere), else the repository of `reference`. A digest that already
+/// has a valid signature by this key, naming the same repository and carrying the same
+/// certificate, is left alone.
+pub async fn sign_with(
+    registry: &Registry,
+    reference: &str,
+    signer: &crate::cosign::Signer<'_>,
+    identity: Option<&str>,
+) -> Result<Vec<Signed>, PushError> {
     use crate::registry::{parse_reference, repository_of};
 
     let (bytes, digest) = registry.fetch_manifest(reference).await?;
     let repository = repository_of(&parse_reference(reference)?);
+    let identity = match identity {
+        None => repository.clone(),
+        Some(identity) => {
+            let parsed = parse_reference(identity)?;
+            if parsed.digest().is_some() {
+                return Err(PushError::Invalid(format!(
+                    "the container identity {identity} names a digest; name a repository"
+                )));
+            }
+            repository_of(&parsed)
+        }
+    };
     let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
         .ok()
         .and_then(|v| v.get("mediaType")?.as_str().map(str::to_owned));
@@ -436,17 +468,42 @@ pub async fn sign(
     }
     let mut signed = Vec::new();
     for (what, digest) in targets {
-        let mut one = sign_one(registry, key, &repository, &digest).await?;
+        let mut one = sign_one(registry, signer, &repository, &identity, &digest).await?;
         one.what = what;
         signed.push(one);
     }
     Ok(signed)
 }
 
+/// Stores `signatures` as the signature manifest of `manifest_digest` in `repository`
+/// (tag `sha256-<hex>.sig`), replacing what that tag held: how [`sign`] stores them, and how
+/// `cosign copy` carries signatures to another repository unchanged.
+pub async fn store_signatures(
+    registry: &Registry,
+    repository: &str,
+    manifest_digest: &str,
+    signatures: &[powernode_types::CosignSignature],
+) -> Result<(), PushError> {
+    use crate::cosign;
+
+    let tag = cosign::signature_tag(manifest_digest)
+        .map_err(|e| PushError::Invalid(format!("{manifest_digest}: {e}")))?;
+    let upload = cosign::signature_manifest(signatures);
+    registry.push_blob(repository, upload.config.data).await?;
+    for layer in upload.layers {
+        registry.push_blob(repository, layer.data).await?;
+    }
+    registry
+        .push_manifest(repository, Some(&tag), upload.manifest, OCI_MANIFEST)
+        .await?;
+    Ok(())
+}
+
 async fn sign_one(
     registry: &Registry,
-    key: &crate::cosign::SigningKey,
+    signer: &crate::cosign::Signer<'_>,
     repository: &str,
+    identity: &str,
     digest: &Digest,
 ) -> Result<Signed, PushError> {
     use crate::cosign;
@@ -472,19 +529,24 @@ async fn sign_one(
         }
     }
     let own = cosign::Policy {
-        keys: vec![key.public_key().clone()],
+        keys: vec![signer.key.public_key().clone()],
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     };
+    let certificate = signer
+        .certificate
+        .map(cosign::SigningCertificate::certificate);
     let already_signed = signatures.iter().any(|existing| {
-        cosign::verify(
-            &own,
-            repository,
-            &digest_text,
-            std::slice::from_ref(existing),
-            std::time::SystemTime::now(),
-        )
-        .is_ok()
+        existing.certificate.as_deref().map(str::trim) == certificate.map(str::trim)
+            && cosign::verify(
+                &own,
+                identity,
+                &digest_text,
+                std::slice::from_ref(existing),
+                std::time::SystemTime::now(),
+            )
+            .is_ok()
     });
     if !already_signed {
         if signatures.len() >= cosign::MAX_SIGNATURES {
@@ -493,23 +555,10 @@ async fn sign_one(
                 signatures.len()
             )));
         }
-        let payload = cosign::payload(repository, &digest_text);
-        let signature = key.sign(&payload).map_err(invalid)?;
-        signatures.push(powernode_types::CosignSignature {
-            payload: String::from_utf8_lossy(&payload).into_owned(),
-            signature,
-            certificate: None,
-            chain: None,
-            bundle: None,
-        });
-        let upload = cosign::signature_manifest(&signatures);
-        registry.push_blob(repository, upload.config.data).await?;
-        for layer in upload.layers {
-            registry.push_blob(repository, layer.data).await?;
-        }
-        registry
-            .push_manifest(repository, Some(&tag), upload.manifest, OCI_MANIFEST)
-            .await?;
+        let signature = cosign::sign(signer, identity, &digest_text, std::time::SystemTime::now())
+            .map_err(invalid)?;
+        signatures.push(signature);
+        store_signatures(registry, repository, &digest_text, &signatures).await?;
         tracing::info!(repository, digest = %digest, tag, "signed");
     }
     Ok(Signed {

@@ -218,6 +218,11 @@ pub struct Resolved {
     pub manifest_digest: Digest,
     /// The index it was chosen from, if the reference named one.
     pub index_digest: Option<Digest>,
+    /// Set by [`Registry::resolve_signed`] when the platform manifest has no signatures but
+    /// the index does: someone signed the index only (`cosign sign` without `--recursive`).
+    /// Only feeds the verifier's error message; never set for a resolution kept from an
+    /// earlier pull ([`Resolved::from_parts`]).
+    pub signed_index: Option<Digest>,
     /// The erofs image layer.
     pub image: Descriptor,
     /// The module manifest (config blob), exactly as pulled.
@@ -260,6 +265,7 @@ impl Resolved {
             manifest_digest: Digest::of(manifest.as_bytes()),
             manifest,
             index_digest,
+            signed_index: None,
             config,
             module,
         })
@@ -418,7 +424,8 @@ impl Registry {
 
     /// [`Registry::resolve`], and the platform manifest's cosign signatures
     /// ([`Registry::signatures`]), read at the same time as the module manifest: one round
-    /// trip to a distant registry less.
+    /// trip to a distant registry less. When the platform manifest has none, the index's
+    /// signature tag is looked at too ([`Resolved::signed_index`]).
     pub async fn resolve_signed(
         &self,
         reference: &str,
@@ -463,6 +470,13 @@ impl Registry {
             self.small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64),
             signatures
         )?;
+        let signed_index = match &index_digest {
+            Some(index) if with_signatures && signatures.is_empty() => self
+                .has_signatures(&repository, index)
+                .await?
+                .then(|| index.clone()),
+            _ => None,
+        };
         let manifest_text = String::from_utf8(manifest_bytes)
             .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
         let config_text = String::from_utf8(config)
@@ -475,7 +489,28 @@ impl Registry {
             architecture,
         )?;
         debug_assert_eq!(resolved.manifest_digest, manifest_digest);
-        Ok((resolved, signatures))
+        Ok((
+            Resolved {
+                signed_index,
+                ..resolved
+            },
+            signatures,
+        ))
+    }
+
+    /// Whether a signature manifest is stored for `manifest_digest` in `repository`.
+    async fn has_signatures(
+        &self,
+        repository: &str,
+        manifest_digest: &Digest,
+    ) -> Result<bool, RegistryError> {
+        let tag = format!("sha256-{}.sig", manifest_digest.hex());
+        let reference = parse_reference(&format!("{repository}:{tag}"))?;
+        match self.manifest_raw(&reference, &[OCI_MANIFEST]).await {
+            Ok(_) => Ok(true),
+            Err(RegistryError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Streams blob `descriptor` of `repository` into `store`, hashing as it writes, resuming a

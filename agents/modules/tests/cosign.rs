@@ -31,6 +31,7 @@ fn policy(keys: &[&SigningKey]) -> Policy {
         keys: keys.iter().map(|k| k.public_key().clone()).collect(),
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     }
 }
 
@@ -199,6 +200,7 @@ fn verifies_a_signature_made_by_cosign() {
         keys: vec![PublicKey::from_pem(REAL_PUBLIC_KEY).unwrap()],
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     };
     let signature = CosignSignature {
         payload: String::from_utf8(cosign::payload(REAL_REPOSITORY, REAL_DIGEST)).unwrap(),
@@ -579,4 +581,151 @@ fn rejection_display_matches_the_documented_examples() {
         rejected.to_string(),
         "signature 2: certificate SAN ops@example.com does not match identity ^ci@corp$"
     );
+}
+
+/// `policy(keys)` allowing signatures that name `references` (policy-file syntax).
+fn policy_naming(key: &SigningKey, references: &[&str]) -> Policy {
+    Policy {
+        signed_references: references
+            .iter()
+            .map(|r| cosign::SignedReference::parse(r).unwrap())
+            .collect(),
+        ..policy(&[key])
+    }
+}
+
+/// `key`'s signature of digest 1 naming `named`, checked as pulled from `pulled` under
+/// `policy`: the one rejection, as text, or `ok`.
+fn named_and_pulled(policy: &Policy, key: &SigningKey, named: &str, pulled: &str) -> String {
+    let signature = signed(key, &cosign::payload(named, &digest(1)));
+    match cosign::verify(policy, pulled, &digest(1), &[signature], SystemTime::now()) {
+        Ok(Verified::Key { .. }) => "ok".into(),
+        Ok(other) => panic!("{other:?}"),
+        Err(error) => {
+            let reasons = reasons(error);
+            assert_eq!(reasons.len(), 1);
+            reasons[0].to_string()
+        }
+    }
+}
+
+#[test]
+fn a_mirrored_module_passes_only_where_the_policy_names_its_origin() {
+    // `cosign copy` carries the signature along: it still names the origin.
+    let key = SigningKey::generate().unwrap();
+    let origin = "registry.example/modules/tools";
+    let mirror = "mirror.example:5000/modules/tools";
+    assert_eq!(
+        named_and_pulled(&policy(&[&key]), &key, origin, mirror),
+        "payload names repository registry.example/modules/tools not \
+         mirror.example:5000/modules/tools, the one it was pulled from (for a mirror, a copy, \
+         a signature made with --sign-container-identity or another name of the registry, \
+         list registry.example/modules/tools in the trust policy's signed_references)"
+    );
+    for listed in [
+        &[origin][..],
+        &["registry.example/modules/*"],
+        &["registry.example/*"],
+    ] {
+        assert_eq!(
+            named_and_pulled(&policy_naming(&key, listed), &key, origin, mirror),
+            "ok",
+            "{listed:?}"
+        );
+    }
+    // The list replaces the default: a signature naming the mirror itself no longer passes.
+    assert_eq!(
+        named_and_pulled(&policy_naming(&key, &[origin]), &key, mirror, mirror),
+        "payload names repository mirror.example:5000/modules/tools, which the policy's \
+         signed_references (registry.example/modules/tools) do not allow"
+    );
+    // Listing another origin does not help, nor does a prefix that is not a path prefix.
+    for listed in [
+        &["registry.example/modules/other"][..],
+        &["registry.example/mod/*"],
+        &["registry.example/modules/tools/*"],
+    ] {
+        assert!(
+            named_and_pulled(&policy_naming(&key, listed), &key, origin, mirror)
+                .contains("do not allow"),
+            "{listed:?}"
+        );
+    }
+    // And a trusted reference does not make an untrusted key's signature pass.
+    let stranger = SigningKey::generate().unwrap();
+    assert!(
+        named_and_pulled(&policy_naming(&key, &[origin]), &stranger, origin, mirror)
+            .starts_with("no trusted key verifies it")
+    );
+}
+
+#[test]
+fn a_signature_made_with_sign_container_identity_names_that_identity() {
+    // `cosign sign --sign-container-identity registry.example/prod/tools` on the staging copy.
+    let key = SigningKey::generate().unwrap();
+    let identity = "registry.example/prod/tools";
+    let pulled = "staging.example/modules/tools";
+    assert!(named_and_pulled(&policy(&[&key]), &key, identity, pulled)
+        .contains("list registry.example/prod/tools in the trust policy's signed_references"));
+    assert_eq!(
+        named_and_pulled(&policy_naming(&key, &[identity]), &key, identity, pulled),
+        "ok"
+    );
+    // The identity may carry a tag, as cosign allows: it is compared as a repository.
+    assert_eq!(
+        named_and_pulled(
+            &policy_naming(&key, &[identity]),
+            &key,
+            "registry.example/prod/tools:1.4",
+            pulled
+        ),
+        "ok"
+    );
+}
+
+#[test]
+fn the_same_registry_by_another_name_passes_only_where_listed() {
+    let key = SigningKey::generate().unwrap();
+    let signed_as = "registry.example/modules/tools";
+    let by_address = "10.0.0.5:5000/modules/tools";
+    assert!(
+        named_and_pulled(&policy(&[&key]), &key, signed_as, by_address)
+            .starts_with("payload names repository registry.example/modules/tools not")
+    );
+    assert_eq!(
+        named_and_pulled(
+            &policy_naming(&key, &["registry.example/*"]),
+            &key,
+            signed_as,
+            by_address
+        ),
+        "ok"
+    );
+    // Names that are the same name need no list: the host's case, Docker Hub's aliases.
+    assert_eq!(
+        named_and_pulled(
+            &policy(&[&key]),
+            &key,
+            "Registry.Example/modules/tools",
+            signed_as
+        ),
+        "ok"
+    );
+    assert_eq!(
+        named_and_pulled(
+            &policy(&[&key]),
+            &key,
+            "index.docker.io/library/busybox",
+            "docker.io/library/busybox"
+        ),
+        "ok"
+    );
+    // host:port is not the host: another port is another registry.
+    assert!(named_and_pulled(
+        &policy(&[&key]),
+        &key,
+        "registry.example:5000/modules/tools",
+        signed_as
+    )
+    .contains("not registry.example/modules/tools"));
 }

@@ -184,6 +184,7 @@ impl World {
                 .unwrap(),
             ),
             require_signature: true,
+            signed_references: Vec::new(),
         }
     }
 
@@ -585,6 +586,7 @@ fn policy_kinds_and_signature_kinds_must_meet() {
         keys: vec![key.public_key().clone()],
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     };
     assert!(matches!(
         rejection(verify(&keys_only, &keyless_signature)),
@@ -793,6 +795,7 @@ fn real_fulcio_and_rekor_signature_passes_every_cryptographic_check() {
             .unwrap(),
         ),
         require_signature: true,
+        signed_references: Vec::new(),
     };
     let mut signature = CosignSignature {
         payload: String::from_utf8(cosign::payload(REAL_REPOSITORY, REAL_DIGEST)).unwrap(),
@@ -817,5 +820,184 @@ fn real_fulcio_and_rekor_signature_passes_every_cryptographic_check() {
     assert_eq!(
         rejection(check(&signature)),
         Rejection::CertificateSignature
+    );
+}
+
+/// `cosign::sign` with the world's leaf key, its certificate and chain, and the world's log
+/// key, at the time the test log integrates entries.
+fn sign_with_certificate(world: &World) -> CosignSignature {
+    let certificate =
+        cosign::SigningCertificate::new(&world.leaf.key, &world.leaf.pem, Some(&world.chain()))
+            .unwrap();
+    let signer = cosign::Signer {
+        key: &world.leaf.key,
+        certificate: Some(&certificate),
+        log: Some(&world.rekor),
+    };
+    let at = UNIX_EPOCH + Duration::from_secs(u64::try_from(LOGGED).unwrap());
+    cosign::sign(&signer, REPOSITORY, &digest(1), at).unwrap()
+}
+
+#[test]
+fn a_signature_made_with_a_certificate_and_a_log_key_is_what_the_verifier_checks() {
+    let world = World::new();
+    let signature = sign_with_certificate(&world);
+    assert_eq!(signature.payload.as_bytes(), payload());
+    assert_eq!(
+        signature.certificate.as_deref(),
+        Some(world.leaf.pem.as_str())
+    );
+    assert_eq!(signature.chain, Some(world.chain()));
+    // The bundle, read independently of the verifier: the entry records this payload, this
+    // signature and this certificate, and the SET is the log key's over the canonical JSON
+    // written out by hand.
+    let bundle: serde_json::Value =
+        serde_json::from_str(signature.bundle.as_deref().unwrap()).unwrap();
+    let body = bundle["Payload"]["body"].as_str().unwrap();
+    let entry: serde_json::Value = serde_json::from_slice(&BASE64.decode(body).unwrap()).unwrap();
+    assert_eq!(
+        entry,
+        serde_json::json!({
+            "apiVersion": "0.0.1",
+            "kind": "hashedrekord",
+            "spec": {
+                "data": {"hash": {"algorithm": "sha256", "value": sha256_hex(&payload())}},
+                "signature": {
+                    "content": signature.signature,
+                    "publicKey": {"content": BASE64.encode(&world.leaf.pem)},
+                },
+            },
+        })
+    );
+    let log_id = world.rekor.public_key().fingerprint();
+    assert_eq!(bundle["Payload"]["logID"], log_id);
+    assert_eq!(bundle["Payload"]["integratedTime"], LOGGED);
+    let canonical =
+        format!(r#"{{"body":"{body}","integratedTime":{LOGGED},"logID":"{log_id}","logIndex":0}}"#);
+    let set = BASE64
+        .decode(bundle["SignedEntryTimestamp"].as_str().unwrap())
+        .unwrap();
+    assert!(world
+        .rekor
+        .public_key()
+        .verifies(canonical.as_bytes(), &set));
+
+    assert_eq!(
+        verify(&world.policy(), &signature).unwrap(),
+        Verified::Keyless {
+            identity: IDENTITY.into(),
+            issuer: ISSUER.into()
+        }
+    );
+    // Refused for another identity, another issuer, another log.
+    assert!(matches!(
+        rejection(verify(
+            &world.policy_for(r"^release@corp\.example$", ".*"),
+            &signature
+        )),
+        Rejection::Identity { .. }
+    ));
+    assert!(matches!(
+        rejection(verify(
+            &world.policy_for(".*", r"^https://accounts\.example$"),
+            &signature
+        )),
+        Rejection::Issuer { .. }
+    ));
+    let other_log = Policy {
+        keyless: Some(
+            KeylessRoot::new(
+                &world.root.pem,
+                ".*",
+                ".*",
+                vec![SigningKey::generate().unwrap().public_key().clone()],
+            )
+            .unwrap(),
+        ),
+        ..world.policy()
+    };
+    assert!(matches!(
+        rejection(verify(&other_log, &signature)),
+        Rejection::UnknownLog { .. }
+    ));
+}
+
+#[test]
+fn signing_with_a_certificate_checks_what_it_is_given() {
+    let world = World::new();
+    // Without a log key: a certificate-bearing signature without a bundle, which a keyless
+    // policy refuses (nothing proves when it was made).
+    let certificate =
+        cosign::SigningCertificate::new(&world.leaf.key, &world.leaf.pem, None).unwrap();
+    let unlogged = cosign::sign(
+        &cosign::Signer {
+            key: &world.leaf.key,
+            certificate: Some(&certificate),
+            log: None,
+        },
+        REPOSITORY,
+        &digest(1),
+        SystemTime::now(),
+    )
+    .unwrap();
+    assert_eq!(unlogged.chain, None);
+    assert_eq!(unlogged.bundle, None);
+    assert_eq!(
+        rejection(verify(&world.policy(), &unlogged)),
+        Rejection::NoBundle
+    );
+
+    // A certificate for another key, a chain or certificate that is no certificate, a log
+    // without a certificate: refused before anything is signed.
+    let other = SigningKey::generate().unwrap();
+    let error = |result: Result<cosign::SigningCertificate, Error>| result.unwrap_err().to_string();
+    assert_eq!(
+        error(cosign::SigningCertificate::new(
+            &other,
+            &world.leaf.pem,
+            None
+        )),
+        "signing certificate: the certificate is not for this key (its public key differs)"
+    );
+    assert_eq!(
+        error(cosign::SigningCertificate::new(
+            &world.leaf.key,
+            &other.public_key_pem(),
+            None
+        )),
+        "signing certificate: the certificate: no PEM CERTIFICATE block"
+    );
+    assert_eq!(
+        error(cosign::SigningCertificate::new(
+            &world.leaf.key,
+            &world.leaf.pem,
+            Some("no pem\n")
+        )),
+        "signing certificate: the chain: no PEM CERTIFICATE block"
+    );
+    let garbage = error(cosign::SigningCertificate::new(
+        &world.leaf.key,
+        &world.leaf.pem,
+        Some("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+    ));
+    assert!(
+        garbage.starts_with(
+            "signing certificate: the chain: certificate 1: not an X.509 certificate: "
+        ),
+        "{garbage}"
+    );
+    let no_certificate = cosign::sign(
+        &cosign::Signer {
+            key: &world.leaf.key,
+            certificate: None,
+            log: Some(&world.rekor),
+        },
+        REPOSITORY,
+        &digest(1),
+        SystemTime::now(),
+    );
+    assert_eq!(
+        no_certificate.unwrap_err().to_string(),
+        "signing certificate: a transparency-log bundle needs a certificate to record"
     );
 }

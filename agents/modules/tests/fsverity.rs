@@ -1,11 +1,12 @@
 //! The userspace fs-verity digest against the real `fsverity digest` tool (fsverity-utils), for
-//! sizes around every block and tree-level boundary, fed whole and in odd-sized chunks.
+//! sizes around every block and tree-level boundary, fed whole, in odd-sized chunks, and read
+//! from a file while it is being written.
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
-use powernode_modules::fsverity::{self, Digest, Hasher, BLOCK_SIZE};
+use powernode_modules::fsverity::{self, Digest, GrowingFile, Hasher, BLOCK_SIZE};
 use powernode_pubsub::testing::require;
 
 /// What `fsverity digest` prints for `path`.
@@ -78,6 +79,34 @@ fn check_size(len: usize) {
         expected,
         "size {len}, digest_file"
     );
+    assert_eq!(
+        growing(&data),
+        expected,
+        "size {len}, followed while written"
+    );
+}
+
+/// The digest of `data` written to a file by another thread in odd-sized pieces while a
+/// [`GrowingFile`] follows it, as the verifier follows a download.
+fn growing(data: &[u8]) -> Digest {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.partial");
+    let mut out = std::fs::File::create(&path).unwrap();
+    let mut follower = GrowingFile::new(std::fs::File::open(&path).unwrap(), data.len() as u64);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || {
+            for piece in data.chunks(3 * BLOCK_SIZE + 1000) {
+                out.write_all(piece).unwrap();
+            }
+        });
+        while !follower.is_whole() {
+            if follower.catch_up().unwrap() == 0 {
+                std::thread::yield_now();
+            }
+        }
+        writer.join().unwrap();
+    });
+    follower.finish()
 }
 
 #[test]

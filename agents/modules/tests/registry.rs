@@ -116,6 +116,7 @@ async fn build_push_sign_resolve_pull() {
         keys: vec![key.public_key().clone()],
         keyless: None,
         require_signature: true,
+        signed_references: Vec::new(),
     };
     cosign::verify(
         &policy,
@@ -267,4 +268,134 @@ async fn a_registry_that_wants_a_password_gets_it_and_refuses_without() {
         assert!(matches!(e, RegistryError::Refused(_)), "{e:?}");
         assert!(!e.is_transient());
     }
+}
+
+#[tokio::test]
+async fn an_index_signed_alone_and_a_signature_under_another_identity() {
+    if !can_run() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestRegistry::start(&dir.path().join("registry")).unwrap();
+    let tree = dir.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("README"), "staging").unwrap();
+    let host = host_architecture();
+    let built = package::build(&tree, &options(host), &dir.path().join("out")).unwrap();
+    let registry = Registry::new(RegistryConfig {
+        plain_http: vec![server.host.clone()],
+        ..RegistryConfig::default()
+    });
+    let repository = format!("{}/staging/tools", server.host);
+    let reference = format!("{repository}:1.0");
+    let pushed = package::push(&registry, &repository, "1.0", &[built])
+        .await
+        .unwrap();
+    let key = SigningKey::generate().unwrap();
+    let signer = cosign::Signer {
+        key: &key,
+        certificate: None,
+        log: None,
+    };
+
+    // Unsigned: nothing to say about the index either.
+    let (resolved, signatures) = registry.resolve_signed(&reference, host).await.unwrap();
+    assert!(signatures.is_empty());
+    assert_eq!(resolved.signed_index, None);
+
+    // `cosign sign` without --recursive: the index is signed, its platform manifest is not.
+    let index_signature = cosign::sign(
+        &signer,
+        &repository,
+        &pushed.index_digest,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    package::store_signatures(
+        &registry,
+        &repository,
+        &pushed.index_digest,
+        &[index_signature],
+    )
+    .await
+    .unwrap();
+    let (resolved, signatures) = registry.resolve_signed(&reference, host).await.unwrap();
+    assert!(signatures.is_empty());
+    assert_eq!(
+        resolved.signed_index.map(|d| d.to_string()),
+        Some(pushed.index_digest.clone())
+    );
+    // Only resolve_signed looks.
+    let plain = registry.resolve(&reference, host).await.unwrap();
+    assert_eq!(plain.signed_index, None);
+
+    // `--sign-container-identity`: every signature names the production repository.
+    let identity = "registry.example/prod/tools";
+    let signed = package::sign_with(
+        &registry,
+        &reference,
+        &signer,
+        Some(&format!("{identity}:1.0")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(signed.len(), 2, "{signed:?}");
+    assert!(signed.iter().all(|s| !s.already_signed), "{signed:?}");
+    let (resolved, signatures) = registry.resolve_signed(&reference, host).await.unwrap();
+    assert_eq!(resolved.signed_index, None);
+    assert_eq!(signatures.len(), 1);
+    assert_eq!(
+        signatures[0].payload.as_bytes(),
+        cosign::payload(identity, &resolved.manifest_digest.to_string())
+    );
+    // Signing again with the same identity adds nothing; with the pulled repository's own
+    // name, a second signature joins the platform manifest's (the index has had one since
+    // it was signed alone).
+    let again = package::sign_with(&registry, &reference, &signer, Some(identity))
+        .await
+        .unwrap();
+    assert!(again.iter().all(|s| s.already_signed), "{again:?}");
+    let own = package::sign(&registry, &reference, &key).await.unwrap();
+    assert!(own[0].already_signed && own[0].signatures == 2, "{own:?}");
+    assert!(!own[1].already_signed && own[1].signatures == 2, "{own:?}");
+
+    let check = |signed_references: &[&str], signatures: &[cosign::CosignSignature]| {
+        let policy = Policy {
+            keys: vec![key.public_key().clone()],
+            keyless: None,
+            require_signature: true,
+            signed_references: signed_references
+                .iter()
+                .map(|r| cosign::SignedReference::parse(r).unwrap())
+                .collect(),
+        };
+        cosign::verify(
+            &policy,
+            &resolved.repository,
+            &resolved.manifest_digest.to_string(),
+            signatures,
+            std::time::SystemTime::now(),
+        )
+    };
+    let identity_only = &signatures[..1];
+    let error = check(&[], identity_only).unwrap_err().to_string();
+    assert!(
+        error.contains(&format!(
+            "payload names repository {identity} not {repository}, the one it was pulled from"
+        )),
+        "{error}"
+    );
+    check(&[identity], identity_only).unwrap();
+    check(&["registry.example/prod/*"], identity_only).unwrap();
+    assert!(check(&["registry.example/staging/*"], identity_only).is_err());
+    let is_error = package::sign_with(
+        &registry,
+        &reference,
+        &signer,
+        Some(&format!("{identity}@{}", pushed.index_digest)),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(is_error.contains("names a digest"), "{is_error}");
 }

@@ -1,6 +1,8 @@
 //! What mountmgr raises (docs/events.md, "Events raised"): a target's stack switched, a health
-//! check that refused a switch, and what start-up recovery found and did. Each event is built
-//! apart from raising it, so its wording and fields are tested without an agent.
+//! check that refused a switch, a stack rolled back when its checks failed in the confirmation
+//! window, mounts found different from the applied stack at run time (and repaired), and what
+//! start-up recovery found and did. Each event is built apart from raising it, so its wording
+//! and fields are tested without an agent.
 
 use agentbase::events::Events;
 use powernode_types::{MountConfig, Severity, Slot};
@@ -17,6 +19,12 @@ pub const HEALTH_CHECK_FAILED: &str = "stack.health_check_failed";
 /// What a start found of a target and what it did with it (Info, Warning if something was
 /// cut short or wrong).
 pub const RECOVERED: &str = "stack.recovered";
+/// A health check failed during a stack's confirmation window: the previous stack is active
+/// again (Error).
+pub const ROLLED_BACK: &str = "stack.rolled_back";
+/// A target's mounts differed from its applied stack at run time, and what was done (Warning;
+/// Error when the repair failed).
+pub const DRIFT: &str = "stack.drift";
 
 /// An event to raise.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +110,28 @@ pub fn health_check_failed(
         Some(g) => format!("generation {g} stays active"),
         None => "nothing is active".to_owned(),
     };
+    let mut fields = check_fields(target, generation, layer, error);
+    if let Some(g) = active {
+        fields.push(("active_generation", g.to_string()));
+    }
+    Raised {
+        severity: Severity::Error,
+        kind: HEALTH_CHECK_FAILED,
+        message: format!(
+            "switch of target {target} to generation {generation} refused ({stays}): {error}"
+        ),
+        fields,
+    }
+}
+
+/// The fields of a failed health check: the target and generation, the module, its check, the
+/// reason and the end of its stderr.
+fn check_fields(
+    target: &str,
+    generation: u64,
+    layer: &PlannedLayer,
+    error: &CheckError,
+) -> Vec<(&'static str, String)> {
     let command = layer
         .health_check
         .as_ref()
@@ -111,7 +141,7 @@ pub fn health_check_failed(
         CheckError::Failed { stderr, .. } | CheckError::TimedOut { stderr, .. } => stderr.clone(),
         _ => String::new(),
     };
-    let mut fields = vec![
+    vec![
         ("target", target.to_owned()),
         ("generation", generation.to_string()),
         ("module", layer.name.clone()),
@@ -119,15 +149,75 @@ pub fn health_check_failed(
         ("check", command),
         ("reason", error.to_string()),
         ("output", output),
-    ];
-    if let Some(g) = active {
-        fields.push(("active_generation", g.to_string()));
-    }
+    ]
+}
+
+/// `stack.rolled_back`: `layer`'s check failed with `error` during the confirmation window of
+/// `generation`; `back_to` is the generation and slot active again, or why switching back
+/// failed.
+pub fn rolled_back(
+    target: &str,
+    generation: u64,
+    layer: &PlannedLayer,
+    error: &CheckError,
+    back_to: Result<(u64, Slot), &str>,
+) -> Raised {
+    let mut fields = check_fields(target, generation, layer, error);
+    let outcome = match back_to {
+        Ok((g, slot)) => {
+            fields.push(("active_generation", g.to_string()));
+            fields.push(("slot", slot_name(slot).to_owned()));
+            format!(
+                "switched back to generation {g} in slot {}",
+                slot_name(slot)
+            )
+        }
+        Err(why) => {
+            fields.push(("switch_back_error", why.to_owned()));
+            format!("switching back failed ({why}); generation {generation} stays")
+        }
+    };
     Raised {
         severity: Severity::Error,
-        kind: HEALTH_CHECK_FAILED,
+        kind: ROLLED_BACK,
         message: format!(
-            "switch of target {target} to generation {generation} refused ({stays}): {error}"
+            "target {target}: generation {generation} failed its health check in the \
+             confirmation window, {outcome}: {error}"
+        ),
+        fields,
+    }
+}
+
+/// `stack.drift`: what differed between `target`'s mounts and its applied stack
+/// (`generation` in `slot`, if one is applied), and what was done; `repaired` says whether
+/// the mounts are as recorded again.
+pub fn drift(
+    target: &str,
+    applied: Option<(u64, Slot)>,
+    found: &[String],
+    done: &str,
+    repaired: bool,
+) -> Raised {
+    let mut fields = vec![
+        ("target", target.to_owned()),
+        ("found", found.join("; ")),
+        ("done", done.to_owned()),
+        ("repaired", repaired.to_string()),
+    ];
+    if let Some((g, slot)) = applied {
+        fields.push(("generation", g.to_string()));
+        fields.push(("slot", slot_name(slot).to_owned()));
+    }
+    Raised {
+        severity: if repaired {
+            Severity::Warning
+        } else {
+            Severity::Error
+        },
+        kind: DRIFT,
+        message: format!(
+            "target {target}: the mounts differ from the applied stack ({}): {done}",
+            found.join("; ")
         ),
         fields,
     }
@@ -281,6 +371,50 @@ mod tests {
         let e = switched(&config(4, &[]), None, Some(3));
         assert_eq!(e.field("slot"), Some("none"));
         assert!(e.message.contains("torn down"), "{}", e.message);
+    }
+
+    #[test]
+    fn rolled_back_and_drift() {
+        let layer = PlannedLayer {
+            name: "tools".into(),
+            digest: "sha256:t".into(),
+            image: "/store/t".into(),
+            mount_point: "/m/app/B/layers/1-tools".into(),
+            health_check: Some(powernode_types::HealthCheck {
+                command: vec!["probe".into(), "-q".into()],
+                timeout_s: 5,
+            }),
+        };
+        let error = CheckError::Failed {
+            layer: "tools".into(),
+            how: "exited with status 1".into(),
+            stderr: "gone bad".into(),
+        };
+        let e = rolled_back("app", 7, &layer, &error, Ok((6, Slot::A)));
+        assert_eq!((e.kind, e.severity), (ROLLED_BACK, Severity::Error));
+        assert_eq!(e.field("check"), Some("probe -q"));
+        assert_eq!(e.field("output"), Some("gone bad"));
+        assert_eq!(e.field("active_generation"), Some("6"));
+        assert_eq!(e.field("slot"), Some("A"));
+        assert!(
+            e.message
+                .contains("switched back to generation 6 in slot A"),
+            "{}",
+            e.message
+        );
+        let e = rolled_back("app", 7, &layer, &error, Err("rename failed"));
+        assert_eq!(e.field("switch_back_error"), Some("rename failed"));
+        assert!(e.message.contains("generation 7 stays"), "{}", e.message);
+
+        let found = vec!["A/merged is not mounted".to_owned()];
+        let e = drift("app", Some((3, Slot::B)), &found, "rebuilt in slot B", true);
+        assert_eq!((e.kind, e.severity), (DRIFT, Severity::Warning));
+        assert_eq!(e.field("found"), Some("A/merged is not mounted"));
+        assert_eq!(e.field("slot"), Some("B"));
+        assert_eq!(e.field("repaired"), Some("true"));
+        let e = drift("app", None, &found, "repair failed", false);
+        assert_eq!(e.severity, Severity::Error);
+        assert_eq!(e.field("generation"), None);
     }
 
     /// One row per recovery the module table of `recover` names: severity, decision, and the

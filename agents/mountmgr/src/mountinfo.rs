@@ -42,6 +42,9 @@ pub struct MountEntry {
     pub id: u32,
     /// The parent mount's id.
     pub parent: u32,
+    /// The filesystem's device, `major:minor`: the same for every mount of one filesystem
+    /// (a bind or a clone of an overlay shows the overlay's).
+    pub dev: String,
     /// Where it is mounted (decoded).
     pub mount_point: PathBuf,
     /// Filesystem type, e.g. `erofs`, `overlay`, `tmpfs`.
@@ -82,7 +85,7 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
         .next()
         .and_then(|f| f.parse().ok())
         .ok_or("bad parent id")?;
-    let _dev = fields.next().ok_or("missing major:minor")?;
+    let dev = fields.next().ok_or("missing major:minor")?;
     let _root = fields.next().ok_or("missing root")?;
     let mount_point = fields.next().ok_or("missing mount point")?;
     let _options = fields.next().ok_or("missing mount options")?;
@@ -100,6 +103,7 @@ fn parse_line(line: &str) -> Result<MountEntry, &'static str> {
     Ok(MountEntry {
         id,
         parent,
+        dev: dev.to_owned(),
         mount_point: PathBuf::from(OsString::from_vec(unescape(mount_point))),
         fs_type: fs_type.to_owned(),
         source: PathBuf::from(OsString::from_vec(unescape(source))),
@@ -139,6 +143,32 @@ pub fn under<'a>(entries: &'a [MountEntry], dir: &Path) -> Vec<&'a MountEntry> {
         .iter()
         .filter(|e| e.mount_point != dir && e.mount_point.starts_with(dir))
         .collect()
+}
+
+/// The mounts exactly at `path`, bottom first: the one on the filesystem below `path`, then
+/// each one on top of the one before. Followed through the parent ids rather than taken in
+/// the kernel's order, which a mount moved beneath another (`MOVE_MOUNT_BENEATH`) does not
+/// keep; mounts the chain does not reach (a table read mid-change) come last.
+pub fn stack_at<'a>(entries: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
+    let at: Vec<&MountEntry> = entries.iter().filter(|e| e.mount_point == path).collect();
+    let mut ordered: Vec<&MountEntry> = Vec::with_capacity(at.len());
+    let mut below = at
+        .iter()
+        .find(|e| !at.iter().any(|o| o.id == e.parent))
+        .copied();
+    while let Some(entry) = below {
+        if ordered.iter().any(|o| o.id == entry.id) {
+            break;
+        }
+        ordered.push(entry);
+        below = at.iter().find(|e| e.parent == entry.id).copied();
+    }
+    for entry in at {
+        if !ordered.iter().any(|o| o.id == entry.id) {
+            ordered.push(entry);
+        }
+    }
+    ordered
 }
 
 /// `entries` in the order they can be unmounted: deepest path first, and on one path the
@@ -238,5 +268,25 @@ mod tests {
         let order: Vec<u32> = unmount_order(&below).iter().map(|e| e.id).collect();
         // The deepest path first, then newest first, so the stacked mount 6 comes off before 5.
         assert_eq!(order, [3, 6, 5, 4]);
+    }
+
+    #[test]
+    fn stack_at_follows_the_parents() {
+        // 9 was moved beneath 8: the kernel lists the top (8) first.
+        let text = "\
+1 0 0:1 / / rw - ext4 /dev/vda rw
+8 9 0:41 / /opt/pn rw - overlay overlay rw
+9 1 0:42 / /opt/pn rw - overlay overlay rw
+10 8 0:43 / /opt/pn rw - overlay overlay rw
+11 8 0:44 / /opt/pn/sub rw - tmpfs tmpfs rw
+";
+        let entries = parse(text).unwrap();
+        assert_eq!(entries[1].dev, "0:41");
+        let ids: Vec<u32> = stack_at(&entries, Path::new("/opt/pn"))
+            .iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, [9, 8, 10], "bottom first");
+        assert!(stack_at(&entries, Path::new("/opt")).is_empty());
     }
 }

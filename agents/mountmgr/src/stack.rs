@@ -773,6 +773,7 @@ mod tests {
         MountEntry {
             id,
             parent: 1,
+            dev: format!("0:{id}"),
             mount_point: PathBuf::from(mount_point),
             fs_type: fs_type.to_owned(),
             source: PathBuf::from(source),

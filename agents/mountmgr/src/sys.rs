@@ -4,9 +4,10 @@
 //! Errors are `std::io::Error`s so that they read like the kernel's words ("Invalid argument
 //! (os error 22)"), wrapped with the operation and the path.
 
+use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,19 @@ pub enum SysError {
         /// The image file.
         image: PathBuf,
         /// What failed.
+        error: io::Error,
+    },
+    /// A mount could not be cloned or attached with the new mount API (`open_tree(2)`,
+    /// `move_mount(2)`).
+    #[error("{action} {} at {}: {error}", .source_path.display(), .target.display())]
+    Attach {
+        /// `cloning`, `mounting`, `mounting beneath the top mount`.
+        action: &'static str,
+        /// The mount cloned.
+        source_path: PathBuf,
+        /// Where it was to go.
+        target: PathBuf,
+        /// The kernel's error.
         error: io::Error,
     },
     /// The overlay's option string does not fit in the one page mount(2) accepts.
@@ -177,6 +191,106 @@ pub fn unmount(at: &Path) -> Result<Unmounted, SysError> {
         }
         Err(errno) => Err(error(errno)),
     }
+}
+
+// The new mount API's flags (include/uapi/linux/mount.h); kernel ABI. The libc crate carries
+// the system call numbers but not every flag.
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x04;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const MOVE_MOUNT_BENEATH: libc::c_uint = 0x200;
+
+/// Whether the kernel can mount beneath the top mount of a path (`move_mount(2)` with
+/// `MOVE_MOUNT_BENEATH`, Linux 6.5+). Asked without touching any mount: a kernel that knows
+/// the flag checks the (invalid) descriptors next and answers `EBADF`; an older one refuses
+/// the flag with `EINVAL`, and one without the new mount API answers `ENOSYS`.
+pub fn move_beneath_supported() -> bool {
+    let empty = c"";
+    // SAFETY: move_mount(2) with two invalid descriptors and empty paths: the kernel reads only
+    // the two NUL-terminated strings, which live for the call, and changes nothing.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            -1,
+            empty.as_ptr(),
+            -1,
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH | MOVE_MOUNT_BENEATH,
+        )
+    };
+    rc < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EBADF)
+}
+
+/// A detached copy of the mount at `from` (`open_tree(2)` with `OPEN_TREE_CLONE`): the same
+/// filesystem, not yet attached anywhere. Dropping the descriptor of a copy never attached
+/// frees it.
+pub fn clone_mount(from: &Path) -> Result<OwnedFd, SysError> {
+    let error = |error| SysError::Attach {
+        action: "cloning",
+        source_path: from.to_owned(),
+        target: from.to_owned(),
+        error,
+    };
+    let path = CString::new(from.as_os_str().as_bytes())
+        .map_err(|e| error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    // SAFETY: open_tree(2) reads the NUL-terminated path, which lives for the call; the
+    // descriptor it returns is new and owned by nobody else.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    let fd = i32::try_from(fd).map_err(|e| error(io::Error::other(e)))?;
+    // SAFETY: `fd` was just returned by the kernel and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Mounts a copy of the mount at `from` at `at`: on top of whatever is mounted there, or,
+/// with `beneath`, beneath the mount on top of `at` (which must exist), so that `at` shows
+/// the top mount until that is unmounted and this one from then on. The path never shows
+/// anything in between.
+pub fn mount_copy(from: &Path, at: &Path, beneath: bool) -> Result<(), SysError> {
+    let tree = clone_mount(from)?;
+    let action = if beneath {
+        "mounting beneath the top mount"
+    } else {
+        "mounting"
+    };
+    let error = |error| SysError::Attach {
+        action,
+        source_path: from.to_owned(),
+        target: at.to_owned(),
+        error,
+    };
+    let to = CString::new(at.as_os_str().as_bytes())
+        .map_err(|e| error(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    let empty = c"";
+    let mut flags = MOVE_MOUNT_F_EMPTY_PATH;
+    if beneath {
+        flags |= MOVE_MOUNT_BENEATH;
+    }
+    // SAFETY: move_mount(2) of the detached tree `tree` (a descriptor we own) to the
+    // NUL-terminated path `to`; both strings live for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if rc < 0 {
+        return Err(error(io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// fsync(2) of a directory, so that the renames and unlinks in it are durable.

@@ -260,7 +260,6 @@ async fn kill_9_during_a_switch_leaves_one_consistent_stack() {
 /// consistent stack and converges to generation 2 in slot B, with nothing leaked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_each_step_of_a_switch_it_recovers_one_stack() {
-    use std::os::unix::process::ExitStatusExt;
     if !require(&["root"]) {
         return;
     }
@@ -273,45 +272,100 @@ async fn killed_at_each_step_of_a_switch_it_recovers_one_stack() {
         ("mountmgr.switched", "B/merged"),
         ("mountmgr.result_recorded", "B/merged"),
     ] {
-        let sandbox = Sandbox::new();
-        let low = sandbox.image("low", &[("a.txt", "a")]);
-        let high = sandbox.image("high", &[("b.txt", "b")]);
-        let configs = config_publisher(&sandbox);
-        let mut status = status_subscription(&sandbox);
-        // The second hit of each point is generation 2's switch.
-        let process = Process::start_armed(&binary, &sandbox, &format!("{point}:2"));
-        configs
-            .publish(&config(1, vec![layer("low", &low, 1)]))
-            .unwrap();
-        wait_answer(&mut status, 1, MountState::Mounted).await;
-        configs
-            .publish(&config(
-                2,
-                vec![layer("low", &low, 1), layer("high", &high, 2)],
-            ))
-            .unwrap();
-        let log_path = sandbox.root.join("mountmgr.log");
-        let exit = process.wait_exit();
-        assert_eq!(exit.signal(), Some(9), "{point}: {exit}");
-        let log = std::fs::read_to_string(&log_path).unwrap();
+        killed_at_then_recovered(&binary, point, current_at_death, None).await;
+    }
+}
+
+/// Switches from generation 1 (slot A) to generation 2 (slot B) with the agent armed to die at
+/// `point` (its second hit is generation 2's switch); checks `current` and, with the mount path
+/// (`path_at_death` set), the stack the path shows at the instant of death (always a whole
+/// one); restarts the agent and checks it converges to generation 2 in slot B, the mount path
+/// showing exactly that stack, nothing leaked, and SIGTERM leaving it so.
+async fn killed_at_then_recovered(
+    binary: &Path,
+    point: &str,
+    current_at_death: &str,
+    path_at_death: Option<&str>,
+) {
+    use std::os::unix::process::ExitStatusExt;
+    let sandbox = Sandbox::new();
+    if path_at_death.is_some() {
+        sandbox.settings_with_mount_path("confirm_window_s = 0");
+    }
+    let low = sandbox.image("low", &[("a.txt", "a")]);
+    let high = sandbox.image("high", &[("b.txt", "b")]);
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start_armed(binary, &sandbox, &format!("{point}:2"));
+    configs
+        .publish(&config(1, vec![layer("low", &low, 1)]))
+        .unwrap();
+    wait_answer(&mut status, 1, MountState::Mounted).await;
+    if path_at_death.is_some() {
+        assert_mount_path_shows(&sandbox, "A");
+    }
+    configs
+        .publish(&config(
+            2,
+            vec![layer("low", &low, 1), layer("high", &high, 2)],
+        ))
+        .unwrap();
+    let log_path = sandbox.root.join("mountmgr.log");
+    let exit = process.wait_exit();
+    assert_eq!(exit.signal(), Some(9), "{point}: {exit}");
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains(&format!("failpoint {point} hit")),
+        "{point}: {log}"
+    );
+    assert_eq!(
+        sandbox.current_link(),
+        Some(PathBuf::from(current_at_death)),
+        "{point}"
+    );
+    if let Some(slot) = path_at_death {
+        let top = mounts_at(&sandbox.mount_path())
+            .last()
+            .map(|e| e.dev.clone());
+        assert_eq!(top, overlay_dev(&sandbox, slot), "{point}");
         assert!(
-            log.contains(&format!("failpoint {point} hit")),
-            "{point}: {log}"
+            std::fs::read_to_string(sandbox.mount_path().join("a.txt")).is_ok(),
+            "{point}: the mount path shows a whole stack"
         );
+    }
+
+    let process = Process::start(binary, &sandbox);
+    let s = wait_answer(&mut status, 2, MountState::Mounted).await;
+    assert_eq!(s.slot, Some(Slot::B), "{point}");
+    if path_at_death.is_some() {
+        // Put right by the first look at the mounts after the start.
+        let settled = || {
+            let at = mounts_at(&sandbox.mount_path());
+            at.len() == 1 && Some(at[0].dev.clone()) == overlay_dev(&sandbox, "B")
+        };
+        let deadline = std::time::Instant::now() + WAIT;
+        while !settled() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{point}: the mount path never settled: {:#?}",
+                mounts_at(&sandbox.mount_path())
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_mount_path_shows(&sandbox, "B");
         assert_eq!(
-            sandbox.current_link(),
-            Some(PathBuf::from(current_at_death)),
+            std::fs::read_to_string(sandbox.mount_path().join("b.txt")).unwrap(),
+            "b",
             "{point}"
         );
-
-        let process = Process::start(&binary, &sandbox);
-        let s = wait_answer(&mut status, 2, MountState::Mounted).await;
-        assert_eq!(s.slot, Some(Slot::B), "{point}");
-        assert_one_stack(&sandbox, Slot::B, 2);
-        assert_eq!(sandbox.read("b.txt").as_deref(), Some("b"), "{point}");
-        let exit = process.terminate();
-        assert!(exit.success(), "{point}: {exit}");
-        assert_one_stack(&sandbox, Slot::B, 2);
+    }
+    assert_one_stack(&sandbox, Slot::B, 2);
+    assert_eq!(sandbox.read("b.txt").as_deref(), Some("b"), "{point}");
+    let exit = process.terminate();
+    assert!(exit.success(), "{point}: {exit}");
+    assert_one_stack(&sandbox, Slot::B, 2);
+    if path_at_death.is_some() {
+        assert_mount_path_shows(&sandbox, "B");
     }
 }
 
@@ -401,4 +455,27 @@ async fn sigterm_during_a_health_check_keeps_the_old_stack_consistent() {
     assert_one_stack(&sandbox, Slot::B, 2);
     let exit = process.terminate();
     assert!(exit.success(), "{exit}");
+}
+
+/// The same with the mount path switched beneath (`MOVE_MOUNT_BENEATH`), and one more crash
+/// point, after moving the mount path: the path shows A until it is moved and B after, a whole
+/// stack at every instant; restarted, the agent adopts the stack `current` names and puts the
+/// mount path right (one mount there, a copy of B's overlay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_step_of_a_gapless_switch_it_recovers_one_stack() {
+    if !require(&["root", "mkfs.erofs"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    for (point, current_at_death, path_at_death) in [
+        ("mountmgr.built", "A/merged", "A"),
+        ("mountmgr.intent_recorded", "A/merged", "A"),
+        ("mountmgr.switched", "B/merged", "A"),
+        ("mountmgr.path_switched", "B/merged", "B"),
+        ("mountmgr.result_recorded", "B/merged", "B"),
+    ] {
+        killed_at_then_recovered(&binary, point, current_at_death, Some(path_at_death)).await;
+    }
 }

@@ -24,7 +24,7 @@ use powernode_modules::testing::{TestRegistry, REGISTRY_BIN};
 use powernode_pubsub::testing::require;
 use powernode_pubsub::{Dirs, Publication, Subscription};
 use powernode_types::node_api::EventRecord;
-use powernode_types::{Event, NodeIdentity, Severity};
+use powernode_types::{Event, ModuleState, ModuleStatus, NodeIdentity, Severity};
 
 /// How long an event may take from its scenario to the controller.
 const EVENT_DEADLINE: Duration = Duration::from_secs(60);
@@ -462,6 +462,88 @@ fn a_failing_health_check_refuses_the_switch() {
             .any(|e| has(e, "generation", refused_generation)),
         "the refused stack was switched to"
     );
+}
+
+/// A module whose health check passes at its switch and fails a few seconds later, inside
+/// mountmgr's confirmation window: `stack.rolled_back` with the check and the generation
+/// active again; modulemgr marks the module Failed with the reason and keeps it out: the next
+/// stack (another module attached) is built without it, and it comes back only when its
+/// assignment changes (another reference).
+#[test]
+fn a_module_failing_its_check_after_the_switch_is_rolled_back_and_kept_out() {
+    if !can_run() {
+        return;
+    }
+    let mut node = Node::new();
+    // A short window, read by mountmgr at its start.
+    node.kill9("mountmgr");
+    fs::write(
+        node.root.join("etc/powernode/agent.toml.d/mounts.toml"),
+        "[mounts]\nconfirm_window_s = 30\nconfirm_interval_s = 1\n",
+    )
+    .unwrap();
+    node.start("mountmgr", "");
+    let (reference, _) = node.publish("good", &node.key, None);
+    node.attach("good", &reference, 10);
+    let active = node.wait_event("module.active", |e| has(e, "module", "good"));
+    let good_generation = field(&active, "generation").to_owned();
+
+    let broken = node.root.join("broken");
+    let check = format!("test ! -e {}", broken.display());
+    let (reference, built) =
+        node.publish("flaky", &node.key, Some(&["/bin/sh", "-c", check.as_str()]));
+    node.attach("flaky", &reference, 20);
+    let switched = node.wait_event("stack.switched", |e| field(e, "layers").contains("flaky"));
+    let flaky_generation = field(&switched, "generation").to_owned();
+    node.wait_event("module.active", |e| has(e, "module", "flaky"));
+    std::thread::sleep(Duration::from_secs(2));
+    fs::write(&broken, b"").unwrap();
+
+    let rolled = node.wait_event("stack.rolled_back", |e| has(e, "module", "flaky"));
+    assert_eq!(rolled.agent, "mountmgr");
+    assert_eq!(rolled.severity, Severity::Error);
+    assert_eq!(field(&rolled, "generation"), flaky_generation);
+    assert_eq!(field(&rolled, "active_generation"), good_generation);
+    assert_eq!(field(&rolled, "digest"), built.image_digest);
+    assert_eq!(field(&rolled, "check"), format!("/bin/sh -c {check}"));
+    let dirs = Dirs::under_root(&node.root);
+    let failed = node.rt.block_on(async {
+        let mut sub = Subscription::<ModuleStatus>::connect(&dirs, "modulemgr");
+        let deadline = tokio::time::Instant::now() + EVENT_DEADLINE;
+        loop {
+            if let Some(s) = sub.get("flaky").filter(|s| s.state == ModuleState::Failed) {
+                return s.clone();
+            }
+            let next = tokio::time::timeout_at(deadline, sub.next()).await;
+            assert!(next.is_ok(), "flaky not Failed: {:?}", sub.get("flaky"));
+        }
+    });
+    let error = failed.error.unwrap_or_default();
+    assert!(error.contains("confirmation window"), "{error}");
+
+    // Kept out: the next stack (another module) is built without it, although its check
+    // would pass again now.
+    fs::remove_file(&broken).unwrap();
+    let (reference, _) = node.publish("other", &node.key, None);
+    node.attach("other", &reference, 30);
+    let next = node.wait_event("stack.switched", |e| field(e, "layers").contains("other"));
+    assert_eq!(field(&next, "layers"), "good,other", "{next:?}");
+    node.wait_event("module.active", |e| has(e, "module", "other"));
+    let with_flaky = node
+        .events("stack.switched")
+        .into_iter()
+        .filter(|e| field(e, "layers").contains("flaky"))
+        .count();
+    assert_eq!(with_flaky, 1, "flaky was stacked again");
+    assert!(node.events("stack.health_check_failed").is_empty());
+
+    // Its assignment changes (another reference): it is fetched and stacked again.
+    let (reference, _) = node.publish("steady", &node.key, None);
+    node.attach("flaky", &reference, 20);
+    let back = node.wait_event("stack.switched", |e| {
+        field(e, "layers") == "good,flaky,other"
+    });
+    assert_ne!(field(&back, "generation"), flaky_generation);
 }
 
 /// mountmgr killed with SIGKILL in the middle of a switch (after `current` moved, before the

@@ -608,17 +608,26 @@ fn a_damaged_stored_image_is_downloaded_again() {
     let files: &[(&str, &[u8])] = &[("m.txt", b"intact")];
     let reference = node.publish("mod", files, Publish::default());
     let built = node.build("mod", files, &Publish::default());
-    // What a power cut between the store's rename and its sync can leave: the blob under its
-    // name, the right length, other bytes.
+    // What a power cut between the store's rename and its sync, or a failing disk, can leave:
+    // the blob under its name, the right length, one byte changed.
     let store = node.root().join("persist/powernode/store/sha256");
     fs::create_dir_all(&store).unwrap();
     let blob = store.join(built.image_digest.strip_prefix("sha256:").unwrap());
-    let len = fs::metadata(&built.image).unwrap().len() as usize;
-    fs::write(&blob, vec![0u8; len]).unwrap();
+    let mut damaged = fs::read(&built.image).unwrap();
+    let middle = damaged.len() / 2;
+    damaged[middle] ^= 0x01;
+    fs::write(&blob, damaged).unwrap();
 
     node.attach("mod", &reference, 10);
     node.wait_active("mod");
     assert_eq!(node.union_file("m.txt").as_deref(), Some("intact"));
+    // The verifier does not hash the image with SHA-256 again: its fs-verity digest is what
+    // finds the changed byte.
+    assert!(
+        node.log("verifier").contains("fs-verity digest mismatch"),
+        "{}",
+        node.log("verifier")
+    );
     assert!(
         node.log("modulemgr").contains("downloading it again"),
         "{}",
@@ -835,4 +844,335 @@ fn killed_right_after_storing_an_image_modulemgr_finishes_the_module() {
     mounts.sort();
     mounts.dedup();
     assert_eq!(mounts.len(), all, "a mount point mounted twice: {mounts:?}");
+}
+
+/// Writes the node's trust policy `default` (the verifier checks every module again).
+fn write_policy(node: &Node, text: &str) {
+    fs::write(node.root().join("etc/powernode/trust/default.toml"), text).unwrap();
+}
+
+/// A test Fulcio-style PKI (root CA, intermediate, a leaf for `release@corp.example` issued
+/// through `https://issuer.corp.example`) and a transparency-log key, written as an operator
+/// has them: `cosign.key` (the leaf's key, sealed with `COSIGN_PASSWORD`), `leaf.pem`,
+/// `chain.pem` and `log.key` in `dir`; and as a node trusts them: `fulcio-root.pem` and
+/// `log.pub` in `trust`.
+fn keyless_pki(dir: &std::path::Path, trust: &std::path::Path, password: &str) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DistinguishedName, DnType,
+        ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    };
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = now - Duration::from_secs(86_400);
+        params.not_after = now + Duration::from_secs(86_400);
+        params
+    };
+    let root_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let root_params = ca("test fulcio root");
+    let root = root_params.self_signed(&root_key).unwrap();
+    let intermediate_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+    let intermediate_params = ca("test fulcio intermediate");
+    let intermediate = intermediate_params
+        .signed_by(
+            &intermediate_key,
+            &Issuer::from_params(&root_params, &root_key),
+        )
+        .unwrap();
+
+    let leaf_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::Rfc822Name(
+        "release@corp.example".try_into().unwrap(),
+    )];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
+    // Fulcio's OIDC issuer extension (v2: a DER UTF8String).
+    let issuer = b"https://issuer.corp.example";
+    let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
+    value.extend_from_slice(issuer);
+    params.custom_extensions = vec![CustomExtension::from_oid_content(
+        &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+        value,
+    )];
+    // Fulcio's leaves live ten minutes.
+    params.not_before = now - Duration::from_secs(60);
+    params.not_after = now + Duration::from_secs(600);
+    let leaf = params
+        .signed_by(
+            &leaf_key,
+            &Issuer::from_params(&intermediate_params, &intermediate_key),
+        )
+        .unwrap();
+
+    let signing = SigningKey::from_pkcs8_der(&leaf_key.serialize_der()).unwrap();
+    fs::write(
+        dir.join("cosign.key"),
+        signing.to_cosign_pem(password.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    fs::write(dir.join("leaf.pem"), leaf.pem()).unwrap();
+    fs::write(
+        dir.join("chain.pem"),
+        format!("{}{}", intermediate.pem(), root.pem()),
+    )
+    .unwrap();
+    let log_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    fs::write(dir.join("log.key"), log_key.serialize_pem()).unwrap();
+    let log_public = SigningKey::from_pkcs8_der(&log_key.serialize_der()).unwrap();
+    fs::write(trust.join("fulcio-root.pem"), root.pem()).unwrap();
+    fs::write(trust.join("log.pub"), log_public.public_key_pem()).unwrap();
+}
+
+/// A `[keyless]` policy trusting the test root and log, for `identity` through `issuer`.
+fn keyless_policy(identity: &str, issuer: &str) -> String {
+    format!(
+        "[keyless]\nroots = [\"fulcio-root.pem\"]\nidentity = '{identity}'\nissuer = '{issuer}'\n\
+         log_keys = [\"log.pub\"]\n"
+    )
+}
+
+/// The module is signed the way an operator signs for keyless nodes, by
+/// `powernode-controller module sign` with a key, its certificate and chain and a log key;
+/// the node's modulemgr, verifier and mountmgr take it under a `[keyless]` policy, and refuse
+/// it while the identity or the issuer regex names someone else.
+#[test]
+fn a_module_signed_with_a_certificate_is_accepted_under_a_keyless_policy() {
+    if !can_run() {
+        return;
+    }
+    const PASSWORD: &str = "keyless test";
+    let node = Node::new(true);
+    let keys = node.dir.path().join("keys");
+    fs::create_dir_all(&keys).unwrap();
+    keyless_pki(&keys, &node.root().join("etc/powernode/trust"), PASSWORD);
+    // Someone else's identity first.
+    write_policy(
+        &node,
+        &keyless_policy(r"^ops@corp\.example$", r"^https://issuer\.corp\.example$"),
+    );
+    let unsigned = Publish {
+        signer: Signer::None,
+        ..Publish::default()
+    };
+    let reference = node.publish("tools", &[("tools.txt", b"keyless")], unsigned);
+    // The operator's command, in this process (COSIGN_PASSWORD as cosign reads it).
+    std::env::set_var("COSIGN_PASSWORD", PASSWORD);
+    let file = |name: &str| keys.join(name).display().to_string();
+    let args = [
+        "powernode-controller".to_owned(),
+        "module".into(),
+        "sign".into(),
+        reference.clone(),
+        "--key".into(),
+        file("cosign.key"),
+        "--certificate".into(),
+        file("leaf.pem"),
+        "--certificate-chain".into(),
+        file("chain.pem"),
+        "--log-key".into(),
+        file("log.key"),
+        "--plain-http".into(),
+    ];
+    let exit = powernode_controller::cli::main_with_args(args.map(std::ffi::OsString::from));
+    assert_eq!(
+        format!("{exit:?}"),
+        format!("{:?}", std::process::ExitCode::SUCCESS)
+    );
+
+    node.attach("tools", &reference, 10);
+    let status = node.wait_failed("tools");
+    let error = status.error.unwrap_or_default();
+    assert!(
+        error.contains(
+            r"certificate SAN release@corp.example does not match identity ^ops@corp\.example$"
+        ),
+        "{error}"
+    );
+    // The right identity through another issuer: still refused (the verifier's verdict says
+    // why; modulemgr keeps the module Failed).
+    write_policy(
+        &node,
+        &keyless_policy(r"^release@corp\.example$", r"^https://accounts\.example$"),
+    );
+    let verdict = node.wait_item::<powernode_types::VerifyStatus>(
+        "verifier",
+        "tools",
+        |s| s.reason.as_deref().is_some_and(|r| r.contains("issuer")),
+        &["verifier"],
+    );
+    assert_eq!(verdict.state, powernode_types::VerifyState::Failed);
+    assert!(
+        verdict.reason.as_deref().unwrap_or_default().contains(
+            r"certificate OIDC issuer https://issuer.corp.example does not match issuer ^https://accounts\.example$"
+        ),
+        "{verdict:?}"
+    );
+    assert_eq!(node.wait_failed("tools").state, ModuleState::Failed);
+    assert_eq!(node.union_file("tools.txt"), None);
+    // Both right: stacked.
+    write_policy(
+        &node,
+        &keyless_policy(
+            r"^release@corp\.example$",
+            r"^https://issuer\.corp\.example$",
+        ),
+    );
+    node.wait_module("tools", |s| s.state == ModuleState::Active);
+    assert_eq!(node.union_file("tools.txt").as_deref(), Some("keyless"));
+}
+
+/// Copies the signatures of `digests` from `from` to `to`, as `cosign copy` carries them:
+/// unchanged, still naming `from`.
+fn copy_signatures(node: &Node, from: &str, to: &str, digests: &[&str]) {
+    use powernode_modules::digest::Digest;
+    let registry = node.registry_client();
+    node.rt.block_on(async {
+        for digest in digests {
+            let signatures = registry
+                .signatures(from, &Digest::parse(digest).unwrap())
+                .await
+                .unwrap();
+            assert!(!signatures.is_empty(), "{from}@{digest} is not signed");
+            package::store_signatures(&registry, to, digest, &signatures)
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// A module mirrored with `cosign copy` semantics (signed for the origin repository, pulled
+/// from the mirror) is refused until the policy lists the origin; the same registry reached
+/// by another name (`localhost:PORT` for `127.0.0.1:PORT`) likewise.
+#[test]
+fn a_mirrored_module_is_accepted_where_the_policy_names_its_origin() {
+    if !can_run() {
+        return;
+    }
+    let mut node = Node::new(true);
+    let files: &[(&str, &[u8])] = &[("tools.txt", b"mirrored")];
+    let origin_reference = node.publish("tools", files, Publish::default());
+    let host = node.registry.host.clone();
+    let origin = format!("{host}/modules/tools");
+    let mirror = format!("{host}/mirror/tools");
+    // The mirror holds the same manifests and blobs (builds are reproducible) and the
+    // origin's signatures.
+    let built = node.build("tools", files, &Publish::default());
+    let registry = node.registry_client();
+    let pushed = node
+        .rt
+        .block_on(package::push(&registry, &mirror, "1", &[built]))
+        .unwrap();
+    let digests: Vec<&str> = std::iter::once(pushed.index_digest.as_str())
+        .chain(pushed.manifests.values().map(String::as_str))
+        .collect();
+    copy_signatures(&node, &origin, &mirror, &digests);
+
+    node.attach("tools", &format!("{mirror}:1"), 10);
+    let error = node.wait_failed("tools").error.unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "payload names repository {origin} not {mirror}, the one it was pulled from"
+        )),
+        "{error}"
+    );
+    write_policy(
+        &node,
+        &format!("keys = [\"cosign.pub\"]\nsigned_references = [\"{origin}\"]\n"),
+    );
+    node.wait_module("tools", |s| s.state == ModuleState::Active);
+    assert_eq!(node.union_file("tools.txt").as_deref(), Some("mirrored"));
+
+    // The origin by another name of its registry.
+    node.detach("tools");
+    wait_until(
+        30,
+        || node.union_file("tools.txt").is_none(),
+        || "the detached module stayed stacked".into(),
+    );
+    let port = host.rsplit_once(':').unwrap().1;
+    let alias = format!("localhost:{port}/modules/tools");
+    fs::create_dir_all(node.root().join("etc/powernode/agent.toml.d")).unwrap();
+    fs::write(
+        node.root().join("etc/powernode/agent.toml.d/alias.toml"),
+        format!("[modules]\nplain_http = [\"{host}\", \"localhost:{port}\"]\n"),
+    )
+    .unwrap();
+    node.kill9("modulemgr");
+    node.start("modulemgr");
+    write_policy(&node, "keys = [\"cosign.pub\"]\n");
+    node.attach("alias", &format!("{alias}:1"), 10);
+    let status = node.wait_module("alias", |s| {
+        s.state == ModuleState::Failed
+            && s.error
+                .as_deref()
+                .is_some_and(|e| e.contains("payload names repository"))
+    });
+    assert!(
+        status.error.unwrap_or_default().contains(&format!(
+            "payload names repository {origin} not {alias}, the one it was pulled from"
+        )),
+        "{origin_reference}"
+    );
+    write_policy(
+        &node,
+        &format!("keys = [\"cosign.pub\"]\nsigned_references = [\"{host}/*\"]\n"),
+    );
+    node.wait_module("alias", |s| s.state == ModuleState::Active);
+    assert_eq!(node.union_file("tools.txt").as_deref(), Some("mirrored"));
+}
+
+/// A module whose index alone was signed (`cosign sign` without `--recursive`) is refused
+/// with an error that says so and says how to sign it.
+#[test]
+fn a_module_whose_index_alone_is_signed_is_refused_with_how_to_sign_it() {
+    if !can_run() {
+        return;
+    }
+    use powernode_modules::cosign;
+    let node = Node::new(true);
+    let unsigned = Publish {
+        signer: Signer::None,
+        ..Publish::default()
+    };
+    let reference = node.publish("tools", &[("tools.txt", b"index only")], unsigned);
+    let repository = reference.rsplit_once(':').unwrap().0.to_owned();
+    let registry = node.registry_client();
+    let index = node.rt.block_on(async {
+        let (_, index) = registry.fetch_manifest(&reference).await.unwrap();
+        let signer = cosign::Signer {
+            key: &node.key,
+            certificate: None,
+            log: None,
+        };
+        let signature = cosign::sign(
+            &signer,
+            &repository,
+            &index.to_string(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        package::store_signatures(&registry, &repository, &index.to_string(), &[signature])
+            .await
+            .unwrap();
+        index
+    });
+    node.attach("tools", &reference, 10);
+    let error = node.wait_failed("tools").error.unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "is not signed, only the index {index} it was chosen from is"
+        )) && error.contains("sign recursively (`cosign sign --recursive REF`, or `powernode-controller module sign REF`"),
+        "{error}"
+    );
 }

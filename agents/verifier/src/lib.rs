@@ -11,28 +11,39 @@
 //!                            (unreadable: the standing verdicts stay, the error is reported)
 //! ```
 //!
+//! modulemgr publishes a module's config when its download starts (`complete: false`): the
+//! check starts then and hashes the image as it arrives ([`follow`]). The same config again
+//! with `complete: true` (the store has taken the image in, its SHA-256 confirmed) lets the
+//! check finish; only then is a verdict published, and it is about that complete config. A
+//! config withdrawn or changed into another one meanwhile stops the check (a changed one is
+//! checked from the start).
+//!
 //! An image that passes is then sealed with fs-verity where the kernel and file system have it
 //! ([`kernel`]); the verdict says whether the kernel enforces the digest or only userspace
 //! computed it. Checks run on blocking threads, one at a time per name and at most
-//! [`MAX_CHECKS`] at once; a verdict for a config that changed meanwhile is dropped and the
-//! newer config is checked. Nothing is cached across configs: every new config is checked from
-//! the bytes on disk.
+//! [`MAX_CHECKS`] at once (a check following a download holds its place while it waits); a
+//! verdict for a config that changed meanwhile is dropped and the newer config is checked.
+//! Nothing is cached across configs: every new config is checked from the bytes on disk.
 //!
 //! A rejection is raised as `module.rejected` ([`rejections`]), once per image and reason.
 
 pub mod changes;
 pub mod check;
+pub mod follow;
 pub mod kernel;
 pub mod policy;
 pub mod rejections;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use agentbase::Context;
 use powernode_pubsub::{Event, Subscription};
 use powernode_types::{VerifyConfig, VerifyState, VerifyStatus};
 use tokio::sync::mpsc;
+
+use crate::follow::Follow;
 
 /// The most checks that run at once.
 pub const MAX_CHECKS: usize = 2;
@@ -50,8 +61,9 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             .filter_map(|key| status_pub.get(&key)),
     );
     let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
-    // Each verdict comes back with the policy generation it was reached under.
-    let (done_tx, mut done_rx) = mpsc::channel::<(VerifyConfig, u64, Checked)>(16);
+    // Each check comes back with the name it ran for, the policy generation it ran under and
+    // what it came to.
+    let (done_tx, mut done_rx) = mpsc::channel::<(String, u64, Checked)>(16);
     // The config each name should be answered for: a verdict for anything else is stale.
     let mut current: BTreeMap<String, VerifyConfig> = BTreeMap::new();
     let trust_dir = ctx.root.path(policy::DIR);
@@ -64,9 +76,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     };
     ctx.ready();
     let mut beat = tokio::time::interval(ctx.beat_interval());
-    // Names with a check in flight, and the config each was last answered for: at most one
-    // check per name, at most MAX_CHECKS at once (each reads the whole image on two threads).
-    let mut running: BTreeSet<String> = BTreeSet::new();
+    // Names with a check in flight (the config it started on, and the handle that completes
+    // or stops it), and the config each was last answered for: at most one check per name, at
+    // most MAX_CHECKS at once (each reads the whole image).
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
     let mut answered: BTreeMap<String, VerifyConfig> = BTreeMap::new();
     // Bumped when a file in the trust directory changes: every verdict reached under an older
     // policy is void, and each module is checked again (a key revoked takes a module out of
@@ -80,6 +93,10 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             () = policy_changes.next() => {
                 policy_generation += 1;
                 answered.clear();
+                // Checks under the old policy stop; each module is checked again.
+                for check in running.values() {
+                    check.follow.cancel();
+                }
                 if !current.is_empty() {
                     tracing::info!(modules = current.len(), "trust policy changed; checking every module again");
                 }
@@ -87,9 +104,21 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
             event = configs.next() => match event {
                 Event::Create { value, .. } | Event::Modify { new: value, .. } => {
                     publish(&status(&value, VerifyState::Verifying, None));
+                    // The download a check follows has completed: it finishes. Any other
+                    // change stops it, and the new config is checked from the start.
+                    if let Some(check) = running.get(&value.name) {
+                        if Follow::continues(&check.config, &value) {
+                            check.follow.complete(value.clone());
+                        } else if check.config != value {
+                            check.follow.cancel();
+                        }
+                    }
                     current.insert(value.name.clone(), value);
                 }
                 Event::Delete { key, .. } => {
+                    if let Some(check) = running.get(&key) {
+                        check.follow.cancel();
+                    }
                     current.remove(&key);
                     answered.remove(&key);
                     rejections.forget(&key);
@@ -99,15 +128,17 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                 }
                 _ => {}
             },
-            Some((config, generation, checked)) = done_rx.recv() => {
-                running.remove(&config.name);
+            Some((name, generation, checked)) = done_rx.recv() => {
+                running.remove(&name);
                 // A verdict for a config that changed meanwhile, or reached under a policy
                 // that changed (or is changing) meanwhile, is dropped; the module is checked
-                // again.
+                // again. A cancelled check answers nothing.
                 let fresh = generation == policy_generation && !policy_changes.settling();
-                if current.get(&config.name) == Some(&config) && fresh {
+                let config = checked.config().filter(|c| current.get(&name) == Some(*c) && fresh);
+                if let Some(config) = config.cloned() {
                 match checked {
-                    Checked::Verdict(status) => {
+                    Checked::Cancelled => {}
+                    Checked::Verdict(_, status) => {
                         publish(&status);
                         rejections.published(&ctx.events, &config, &status);
                     }
@@ -115,7 +146,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
                     // does not take down what it had passed: the verdict reached under the last
                     // readable policy stands, and the error is reported until the policy is
                     // fixed. A revocation is an edit that removes the key.
-                    Checked::PolicyUnreadable(status) => {
+                    Checked::PolicyUnreadable(_, status) => {
                         let standing = status_pub.get(&config.name).filter(|s| {
                             s.state != VerifyState::Verifying
                                 && s.digest == config.digest
@@ -139,35 +170,78 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         let waiting: Vec<VerifyConfig> = current
             .values()
             .filter(|_| !policy_changes.settling())
-            .filter(|c| !running.contains(&c.name) && answered.get(&c.name) != Some(*c))
+            .filter(|c| !running.contains_key(&c.name) && answered.get(&c.name) != Some(*c))
             .take(MAX_CHECKS.saturating_sub(running.len()))
             .cloned()
             .collect();
         for config in waiting {
-            running.insert(config.name.clone());
+            let follow = Arc::new(Follow::new(&config));
+            running.insert(
+                config.name.clone(),
+                Running {
+                    config: config.clone(),
+                    follow: follow.clone(),
+                },
+            );
             let trust_dir = trust_dir.clone();
             let done = done_tx.clone();
             let generation = policy_generation;
             ctx.tasks.spawn(async move {
-                let checked = config.clone();
-                let checked = tokio::task::spawn_blocking(move || verdict(&trust_dir, &checked))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Checked::Verdict(failed(&config, format!("the check did not finish: {e}")))
-                    });
-                let _ = done.send((config, generation, checked)).await;
+                let name = config.name.clone();
+                let checked = tokio::task::spawn_blocking(move || {
+                    let run =
+                        std::panic::AssertUnwindSafe(|| verdict(&trust_dir, &config, &follow));
+                    std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                        // Answered, like every verdict, for the complete image.
+                        match follow.until_settled() {
+                            Some(config) => {
+                                let status = failed(&config, "the check did not finish".into());
+                                Checked::Verdict(config, status)
+                            }
+                            None => Checked::Cancelled,
+                        }
+                    })
+                })
+                .await
+                // Only at shutdown.
+                .unwrap_or(Checked::Cancelled);
+                let _ = done.send((name, generation, checked)).await;
             });
         }
+    }
+    // A check following a download that will not complete now must not hold up the exit.
+    for check in running.values() {
+        check.follow.cancel();
     }
     Ok(())
 }
 
-/// What a check came to.
+/// A check in flight.
+struct Running {
+    /// The config it started on.
+    config: VerifyConfig,
+    /// Completes (the download it follows is done) or stops it.
+    follow: Arc<Follow>,
+}
+
+/// What a check came to, for the complete config it answers.
 enum Checked {
     /// The checks ran under the policy: Verified or Failed.
-    Verdict(VerifyStatus),
+    Verdict(VerifyConfig, VerifyStatus),
     /// The policy could not be read: a Failed status saying why.
-    PolicyUnreadable(VerifyStatus),
+    PolicyUnreadable(VerifyConfig, VerifyStatus),
+    /// The config was withdrawn or changed before the image was complete.
+    Cancelled,
+}
+
+impl Checked {
+    /// The complete config answered (none if cancelled).
+    fn config(&self) -> Option<&VerifyConfig> {
+        match self {
+            Checked::Verdict(config, _) | Checked::PolicyUnreadable(config, _) => Some(config),
+            Checked::Cancelled => None,
+        }
+    }
 }
 
 /// `config`'s verdict.
@@ -185,22 +259,42 @@ fn failed(config: &VerifyConfig, reason: String) -> VerifyStatus {
     status(config, VerifyState::Failed, Some(reason))
 }
 
-/// Loads the policy and runs the checks.
-fn verdict(trust_dir: &std::path::Path, config: &VerifyConfig) -> Checked {
-    let policy = match policy::load(trust_dir, &config.trust_policy) {
+/// Loads the policy and runs the checks of `started`, following its download through
+/// `follow`.
+fn verdict(trust_dir: &std::path::Path, started: &VerifyConfig, follow: &Follow) -> Checked {
+    let policy = match policy::load(trust_dir, &started.trust_policy) {
         Ok(policy) => policy,
         Err(e) => {
+            // Answered, like every verdict, for the complete image.
+            let Some(config) = follow.until_settled() else {
+                return Checked::Cancelled;
+            };
             tracing::warn!(module = %config.name, error = %e, "module rejected: no readable trust policy");
-            return Checked::PolicyUnreadable(failed(config, e.to_string()));
+            let status = failed(&config, e.to_string());
+            return Checked::PolicyUnreadable(config, status);
         }
     };
-    Checked::Verdict(checked(config, &policy))
+    let started_at = std::time::Instant::now();
+    match check::check_following(started, &policy, SystemTime::now(), follow) {
+        Some(answer) => {
+            let (config, status) = checked(answer, started_at);
+            Checked::Verdict(config, status)
+        }
+        None => Checked::Cancelled,
+    }
 }
 
-/// Runs the checks under `policy`; the outcome as a status.
-fn checked(config: &VerifyConfig, policy: &powernode_modules::cosign::Policy) -> VerifyStatus {
-    let started = std::time::Instant::now();
-    let outcome = check::check(config, policy, SystemTime::now())
+/// Seals an image that passed the checks; the answer as a status, with the complete config
+/// it is for.
+fn checked(answer: check::Answer, started: std::time::Instant) -> (VerifyConfig, VerifyStatus) {
+    let check::Answer {
+        config,
+        outcome,
+        hashed_early,
+        completed,
+    } = answer;
+    let config = &config;
+    let outcome = outcome
         .map_err(|e| e.to_string())
         .and_then(|v| {
             // Only an image that passed every check is sealed: fs-verity makes it immutable.
@@ -218,16 +312,25 @@ fn checked(config: &VerifyConfig, policy: &powernode_modules::cosign::Policy) ->
                 Err(e) => Err(e.to_string()),
             }
         });
+    // `ms`: from the start of the check (with the download, if it followed one);
+    // `hashed_early_mib`: the image hashed before the store had it complete; `tail_ms`: what
+    // the check took after that, sealing included.
+    let (ms, early, tail_ms) = (
+        started.elapsed().as_millis() as u64,
+        hashed_early >> 20,
+        completed.elapsed().as_millis() as u64,
+    );
     let (state, reason) = match outcome {
         Ok(summary) => {
             tracing::info!(module = %config.name, digest = %config.digest, %summary,
-                ms = started.elapsed().as_millis() as u64, "module verified");
+                ms, hashed_early_mib = early, tail_ms, "module verified");
             (VerifyState::Verified, summary)
         }
         Err(reason) => {
-            tracing::warn!(module = %config.name, digest = %config.digest, %reason, "module rejected");
+            tracing::warn!(module = %config.name, digest = %config.digest, %reason,
+                ms, hashed_early_mib = early, tail_ms, "module rejected");
             (VerifyState::Failed, reason)
         }
     };
-    status(config, state, Some(reason))
+    (config.clone(), status(config, state, Some(reason)))
 }

@@ -1,4 +1,7 @@
-//! Keyless (Fulcio certificate + Rekor bundle) signatures, verification only.
+//! Keyless (Fulcio certificate + Rekor bundle) signatures: verification, and the signing side
+//! of a certificate-bearing signature made with a key ([`SigningCertificate`],
+//! [`transparency_bundle`]), as `cosign sign --key K --certificate C --certificate-chain CH`
+//! makes one.
 //!
 //! A keyless signature is trusted when all of these hold, checked in this order so that the
 //! first failure is the most basic one:
@@ -36,7 +39,7 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 
 use powernode_types::text::rfc3339;
 
-use super::keys::{pem_blocks, PublicKey};
+use super::keys::{pem_blocks, pem_encode, PublicKey, SigningKey};
 use super::{Error, Rejection};
 use crate::digest::hex;
 
@@ -314,6 +317,117 @@ pub(super) fn verify(
         identity: identity.clone(),
         issuer,
     })
+}
+
+/// A certificate for a signing key, with its chain: what a certificate-bearing signature
+/// carries in its certificate and chain annotations.
+#[derive(Clone, Debug)]
+pub struct SigningCertificate {
+    /// The leaf, PEM.
+    certificate: String,
+    /// The chain (intermediates, then the root), PEM.
+    chain: Option<String>,
+}
+
+impl SigningCertificate {
+    /// `certificate_pem` (the leaf: its first `CERTIFICATE` block) for `key`, and the chain
+    /// above it. Refused when the leaf's public key is not `key`'s (a signature it could never
+    /// vouch for), or when a certificate does not parse.
+    pub fn new(
+        key: &SigningKey,
+        certificate_pem: &str,
+        chain_pem: Option<&str>,
+    ) -> Result<SigningCertificate, Error> {
+        let bad = |e: String| Error::Certificate(format!("the certificate: {e}"));
+        let leaf_der = first_certificate(certificate_pem).map_err(bad)?;
+        let leaf = parse_certificate(&leaf_der).map_err(bad)?;
+        if leaf.public_key().raw != key.public_key().to_der() {
+            return Err(Error::Certificate(
+                "the certificate is not for this key (its public key differs)".into(),
+            ));
+        }
+        let chain = match chain_pem {
+            None => None,
+            Some(pem) => {
+                let blocks =
+                    pem_blocks(pem).map_err(|e| Error::Certificate(format!("the chain: {e}")))?;
+                let mut chain = String::new();
+                for (i, (label, der)) in blocks.iter().enumerate() {
+                    if label != "CERTIFICATE" {
+                        continue;
+                    }
+                    parse_certificate(der).map_err(|e| {
+                        Error::Certificate(format!("the chain: certificate {}: {e}", i + 1))
+                    })?;
+                    chain.push_str(&pem_encode("CERTIFICATE", der));
+                }
+                if chain.is_empty() {
+                    return Err(Error::Certificate(
+                        "the chain: no PEM CERTIFICATE block".into(),
+                    ));
+                }
+                Some(chain)
+            }
+        };
+        Ok(SigningCertificate {
+            certificate: pem_encode("CERTIFICATE", &leaf_der),
+            chain,
+        })
+    }
+
+    /// The leaf, PEM: the certificate annotation.
+    pub fn certificate(&self) -> &str {
+        &self.certificate
+    }
+
+    /// The chain, PEM: the chain annotation.
+    pub fn chain(&self) -> Option<&str> {
+        self.chain.as_deref()
+    }
+}
+
+/// A transparency-log bundle for a signature, signed by the log's own key rather than
+/// returned by a Rekor server: a `hashedrekord` v0.0.1 entry recording the payload's SHA-256,
+/// `signature` (base64) and `certificate_pem`, integrated at `integrated_time` (seconds since
+/// the epoch) as entry `log_index`, and the SignedEntryTimestamp `log` makes over it. Its log
+/// ID is the fingerprint of `log`'s public key, which a policy lists in `log_keys`.
+pub fn transparency_bundle(
+    log: &SigningKey,
+    payload: &[u8],
+    signature: &str,
+    certificate_pem: &str,
+    integrated_time: i64,
+    log_index: i64,
+) -> Result<String, Error> {
+    let entry = serde_json::json!({
+        "apiVersion": "0.0.1",
+        "kind": "hashedrekord",
+        "spec": {
+            "data": {"hash": {
+                "algorithm": "sha256",
+                "value": hex(ring::digest::digest(&ring::digest::SHA256, payload).as_ref()),
+            }},
+            "signature": {
+                "content": signature,
+                "publicKey": {"content": BASE64.encode(certificate_pem)},
+            },
+        },
+    });
+    let payload = BundlePayload {
+        body: BASE64.encode(entry.to_string()),
+        integrated_time,
+        log_id: log.public_key().fingerprint().to_owned(),
+        log_index,
+    };
+    // The same canonical form `check_set` verifies (see BundlePayload).
+    let canonical =
+        serde_json::to_vec(&payload).map_err(|_| Error::Crypto("encoding the log entry"))?;
+    let set = log.sign(&canonical)?;
+    let bundle = serde_json::json!({
+        "SignedEntryTimestamp": set,
+        "Payload": payload,
+    });
+    Ok(bundle.to_string())
 }
 
 fn first_certificate(pem: &str) -> Result<Vec<u8>, String> {

@@ -252,6 +252,19 @@ impl SigningKey {
         })
     }
 
+    /// Reads an unencrypted PKCS#8 PEM `PRIVATE KEY` block (as openssl and rcgen write an
+    /// ECDSA P-256 key).
+    pub fn from_pkcs8_pem(pem: &str) -> Result<SigningKey, Error> {
+        if pem.len() > MAX_KEY_FILE_BYTES {
+            return Err(key_error("private key", "the PEM text is too large"));
+        }
+        let blocks = pem_blocks(pem).map_err(|e| key_error("private key", e))?;
+        let Some((_, der)) = blocks.into_iter().find(|(label, _)| label == "PRIVATE KEY") else {
+            return Err(key_error("private key", "no PEM PRIVATE KEY block"));
+        };
+        SigningKey::from_pkcs8_der(&Zeroizing::new(der))
+    }
+
     /// Reads a `cosign.key` file sealed with `password` (cosign reads it from `COSIGN_PASSWORD`).
     pub fn from_cosign_pem(pem: &str, password: &[u8]) -> Result<SigningKey, Error> {
         if pem.len() > MAX_KEY_FILE_BYTES {

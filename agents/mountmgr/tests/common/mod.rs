@@ -1,8 +1,10 @@
 //! Shared helpers of mountmgr's integration tests: a sandbox root that unmounts whatever is
 //! left under it when dropped, real erofs images made with `mkfs.erofs`, the agent run
-//! in-process, and waiting for `MountStatus`.
+//! in-process with the sandbox's settings, waiting for `MountStatus`, and the agent's events.
 
 #![allow(dead_code)]
+
+pub mod reader;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,13 +14,18 @@ use agentbase::{Context, Root, Settings};
 use mountmgr::mountinfo::{self, MountEntry};
 use powernode_pubsub::{Dirs, Publication, Subscription};
 use powernode_types::{
-    HealthCheck, MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode,
+    Event, HealthCheck, MountConfig, MountLayer, MountState, MountStatus, Slot, UpperMode,
 };
 
 /// How long a test waits for the agent to answer.
 pub const WAIT: Duration = Duration::from_secs(30);
 /// The target every test uses.
 pub const TARGET: &str = "app";
+/// The settings every sandbox starts with: no confirmation window, so that a switch retires
+/// the old slot at once (the tests of the window set one).
+pub const BASE_SETTINGS: &str = "[mounts]\nconfirm_window_s = 0\n";
+/// The mount path the tests that use one set, under the sandbox's root.
+pub const MOUNT_PATH: &str = "/opt/powernode";
 
 /// A temporary root. Dropping it lazily unmounts every mount below it (deepest first), even
 /// when the test failed, then removes it.
@@ -29,12 +36,50 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// A fresh sandbox with an image store.
+    /// A fresh sandbox with an image store and [`BASE_SETTINGS`].
     pub fn new() -> Sandbox {
         let dir = tempfile::tempdir().unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
         std::fs::create_dir_all(root.join("store")).unwrap();
-        Sandbox { dir, root }
+        let sandbox = Sandbox { dir, root };
+        sandbox.settings(BASE_SETTINGS);
+        sandbox
+    }
+
+    /// Writes `etc/powernode/agent.toml` (what the agent, in-process or not, loads at start).
+    pub fn settings(&self, toml: &str) {
+        let etc = self.root.join("etc/powernode");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("agent.toml"), toml).unwrap();
+    }
+
+    /// Settings with [`MOUNT_PATH`] for the test target, and `mounts` added to `[mounts]`.
+    pub fn settings_with_mount_path(&self, mounts: &str) {
+        self.settings(&format!(
+            "[modules]\nmount_target = \"{TARGET}\"\n[mounts]\nmount_path = \"{MOUNT_PATH}\"\n{mounts}\n"
+        ));
+    }
+
+    /// Puts the sandbox's `run/` and `persist/` on tmpfs (unmounted with the sandbox), so that
+    /// a test of many switches does not wait on the disk's fsyncs.
+    pub fn on_tmpfs(&self) {
+        for dir in ["run", "persist"] {
+            let at = self.root.join(dir);
+            std::fs::create_dir_all(&at).unwrap();
+            nix::mount::mount(
+                Some("tmpfs"),
+                &at,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                Some("mode=0755"),
+            )
+            .unwrap();
+        }
+    }
+
+    /// [`MOUNT_PATH`] under the sandbox's root.
+    pub fn mount_path(&self) -> PathBuf {
+        self.root.join(MOUNT_PATH.trim_start_matches('/'))
     }
 
     /// The pubsub directories of the sandbox.
@@ -170,9 +215,11 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts `mountmgr::run` on `root`; returns once it has recovered (is ready).
+    /// Starts `mountmgr::run` on `root` with the settings there; returns once it has
+    /// recovered (is ready).
     pub async fn start(root: &Path) -> Agent {
-        let ctx = Context::new("mountmgr", Root::new(root), Settings::default()).unwrap();
+        let settings = Settings::load(&Root::new(root)).unwrap();
+        let ctx = Context::new("mountmgr", Root::new(root), settings).unwrap();
         let handle = tokio::spawn(mountmgr::run(ctx.clone()));
         let deadline = tokio::time::Instant::now() + WAIT;
         while !ctx.is_ready() {
@@ -256,6 +303,76 @@ pub async fn wait_no_status(sub: &mut Subscription<MountStatus>) {
             panic!("status still there: {:?}", sub.get(TARGET));
         }
     }
+}
+
+/// A subscription to mountmgr's events.
+pub fn event_subscription(sandbox: &Sandbox) -> Subscription<Event> {
+    Subscription::<Event>::connect(&sandbox.dirs(), "mountmgr")
+}
+
+/// The events of `kind` mountmgr has raised (and eventd, absent here, not acknowledged).
+pub fn events_of(events: &Subscription<Event>, kind: &str) -> Vec<Event> {
+    let mut found: Vec<Event> = events
+        .items()
+        .map(|(_, e)| e)
+        .filter(|e| e.kind == kind)
+        .cloned()
+        .collect();
+    found.sort_by_key(|e| e.seq);
+    found
+}
+
+/// Waits until `events` holds `count` events of `kind`; returns them.
+pub async fn wait_events(events: &mut Subscription<Event>, kind: &str, count: usize) -> Vec<Event> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let found = events_of(events, kind);
+        if found.len() >= count {
+            return found;
+        }
+        if tokio::time::timeout_at(deadline, events.next())
+            .await
+            .is_err()
+        {
+            panic!("timed out waiting for {count} {kind} events: {found:#?}");
+        }
+    }
+}
+
+/// The value of field `key` of `event`.
+pub fn field<'a>(event: &'a Event, key: &str) -> Option<&'a str> {
+    event
+        .fields
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The mounts exactly at `path`, bottom first.
+pub fn mounts_at(path: &Path) -> Vec<MountEntry> {
+    let entries = mountinfo::read().unwrap();
+    mountinfo::stack_at(&entries, path)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// The device of the overlay mounted in `slot` of the test target.
+pub fn overlay_dev(sandbox: &Sandbox, slot: &str) -> Option<String> {
+    mounts_at(&sandbox.target_dir().join(slot).join("merged"))
+        .last()
+        .map(|e| e.dev.clone())
+}
+
+/// Checks that the mount path carries exactly one mount, a copy of `slot`'s overlay.
+pub fn assert_mount_path_shows(sandbox: &Sandbox, slot: &str) {
+    let at = mounts_at(&sandbox.mount_path());
+    assert_eq!(at.len(), 1, "one mount at the mount path: {at:#?}");
+    assert_eq!(
+        Some(at[0].dev.clone()),
+        overlay_dev(sandbox, slot),
+        "the mount path shows slot {slot}: {at:#?}"
+    );
 }
 
 /// Checks that exactly one complete stack is mounted for the test target, in `slot`, with
