@@ -280,6 +280,18 @@ pub(crate) async fn open(dir: &Path) -> anyhow::Result<Storage> {
     Ok(Storage::open(dir).await?)
 }
 
+/// Opens the database of `dir`, runs `f` on it and closes it again before answering what `f`
+/// answered: closed whether `f` succeeded or not, and before anything is printed.
+pub(crate) async fn with_storage<T>(
+    dir: &Path,
+    f: impl AsyncFnOnce(&Storage) -> T,
+) -> anyhow::Result<T> {
+    let storage = open(dir).await?;
+    let answer = f(&storage).await;
+    storage.close().await;
+    Ok(answer)
+}
+
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let opts = ServeOptions {
         data: args.data.data,

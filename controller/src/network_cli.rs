@@ -7,9 +7,10 @@
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use powernode_types::text::{columns, one_line, rfc3339_millis};
+use serde::Serialize;
 
 use crate::api::networks::{check_create, check_forward, check_join};
-use crate::cli::{open, DataArg};
+use crate::cli::{with_storage, DataArg};
 use crate::networks::{EndpointSource, Forward, Refusal};
 use crate::storage::{Bumped, MemberDetail, Network, NetworkDetail};
 use crate::wire::{CreateNetworkRequest, JoinNetworkRequest};
@@ -190,15 +191,30 @@ fn updated_text(bumped: &Bumped) -> String {
     format!("desired network updated: {}\n", list.join(", "))
 }
 
+/// Prints `value` as JSON with `--json`, else as `text` writes it.
+fn print_json_or<T: Serialize>(
+    json: bool,
+    value: &T,
+    text: impl FnOnce(&T) -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text(value));
+    }
+    Ok(())
+}
+
 /// Runs a `network` subcommand.
 pub async fn run(command: NetworkCommand) -> anyhow::Result<()> {
     match command {
         NetworkCommand::Create(args) => create(args).await,
         NetworkCommand::Join(args) => join(args).await,
         NetworkCommand::Leave(LeaveArgs { name, data, node }) => {
-            let storage = open(&data.data).await?;
-            let left = storage.leave_network(&name, &node, crate::now_ms()).await;
-            storage.close().await;
+            let left = with_storage(&data.data, async |s| {
+                s.leave_network(&name, &node, crate::now_ms()).await
+            })
+            .await?;
             let (left, bumped) = left?.map_err(refused)?;
             print!(
                 "{} left {} ({} is free; {} forward(s) removed)\n{}",
@@ -211,21 +227,12 @@ pub async fn run(command: NetworkCommand) -> anyhow::Result<()> {
             Ok(())
         }
         NetworkCommand::Show(ShowArgs { name, data, json }) => {
-            let storage = open(&data.data).await?;
-            let detail = storage.network_detail(&name).await;
-            storage.close().await;
+            let detail = with_storage(&data.data, async |s| s.network_detail(&name).await).await?;
             let detail = detail?.with_context(|| format!("no network {name}"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&detail)?);
-            } else {
-                print!("{}", network_text(&detail));
-            }
-            Ok(())
+            print_json_or(json, &detail, network_text)
         }
         NetworkCommand::Delete(DeleteArgs { name, data }) => {
-            let storage = open(&data.data).await?;
-            let deleted = storage.delete_network(&name).await;
-            storage.close().await;
+            let deleted = with_storage(&data.data, async |s| s.delete_network(&name).await).await?;
             deleted?.map_err(refused)?;
             println!("deleted {name}");
             Ok(())
@@ -241,21 +248,15 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         port: Some(args.port),
     };
     let (cidr, port) = check_create(&req).map_err(refused)?;
-    let storage = open(&args.data.data).await?;
-    let created = storage
-        .create_network(&req.name, cidr, port, crate::now_ms())
-        .await;
-    storage.close().await;
+    let created = with_storage(&args.data.data, async |s| {
+        s.create_network(&req.name, cidr, port, crate::now_ms())
+            .await
+    })
+    .await?;
     let network = created?.map_err(refused)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&network)?);
-    } else {
-        println!(
-            "network {} {} port {}",
-            network.name, network.cidr, network.listen_port
-        );
-    }
-    Ok(())
+    print_json_or(args.json, &network, |n| {
+        format!("network {} {} port {}\n", n.name, n.cidr, n.listen_port)
+    })
 }
 
 async fn join(args: JoinArgs) -> anyhow::Result<()> {
@@ -265,17 +266,17 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         endpoint: args.endpoint,
     };
     check_join(&req).map_err(refused)?;
-    let storage = open(&args.data.data).await?;
-    let joined = storage
-        .join_network(
+    let joined = with_storage(&args.data.data, async |s| {
+        s.join_network(
             &args.name,
             &req.node,
             &req.announce,
             req.endpoint.as_deref(),
             crate::now_ms(),
         )
-        .await;
-    storage.close().await;
+        .await
+    })
+    .await?;
     let (member, bumped) = joined?.map_err(refused)?;
     if args.json {
         let reply = crate::wire::JoinResponse {
@@ -295,105 +296,105 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A forward added or removed (`done`: what to say first), then the generations it bumped.
+fn forward_text(done: &str, f: &Forward, bumped: &Bumped) -> String {
+    format!(
+        "{done}{} {} {} -> {}\n{}",
+        f.node_id,
+        f.proto,
+        f.port,
+        f.to,
+        updated_text(bumped)
+    )
+}
+
 async fn forward(command: ForwardCommand) -> anyhow::Result<()> {
     match command {
         ForwardCommand::Add(args) => {
             let port = check_forward(&args.proto, args.port, Some(&args.to)).map_err(refused)?;
-            let storage = open(&args.data.data).await?;
-            let added = storage
-                .add_forward(&args.node, &args.proto, port, &args.to, crate::now_ms())
-                .await;
-            storage.close().await;
+            let added = with_storage(&args.data.data, async |s| {
+                s.add_forward(&args.node, &args.proto, port, &args.to, crate::now_ms())
+                    .await
+            })
+            .await?;
             let (f, bumped) = added?.map_err(refused)?;
-            print!(
-                "{} {} {} -> {}\n{}",
-                f.node_id,
-                f.proto,
-                f.port,
-                f.to,
-                updated_text(&bumped)
-            );
+            print!("{}", forward_text("", &f, &bumped));
             Ok(())
         }
         ForwardCommand::Remove(args) => {
             let port = check_forward(&args.proto, args.port, None).map_err(refused)?;
-            let storage = open(&args.data.data).await?;
-            let removed = storage
-                .remove_forward(&args.node, &args.proto, port, crate::now_ms())
-                .await;
-            storage.close().await;
+            let removed = with_storage(&args.data.data, async |s| {
+                s.remove_forward(&args.node, &args.proto, port, crate::now_ms())
+                    .await
+            })
+            .await?;
             let (f, bumped) = removed?.map_err(refused)?;
-            print!(
-                "removed {} {} {} -> {}\n{}",
-                f.node_id,
-                f.proto,
-                f.port,
-                f.to,
-                updated_text(&bumped)
-            );
+            print!("{}", forward_text("removed ", &f, &bumped));
             Ok(())
         }
         ForwardCommand::List(args) => {
-            let storage = open(&args.data.data).await?;
-            let forwards = storage.forwards(args.node.as_deref()).await;
-            storage.close().await;
-            let forwards = forwards?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&forwards)?);
-            } else {
-                print!("{}", forwards_table(&forwards));
-            }
-            Ok(())
+            let forwards = with_storage(&args.data.data, async |s| {
+                s.forwards(args.node.as_deref()).await
+            })
+            .await?;
+            print_json_or(args.json, &forwards?, |f| forwards_table(f))
         }
     }
 }
 
 /// Runs `networks`.
 pub async fn list(args: NetworksArgs) -> anyhow::Result<()> {
-    let storage = open(&args.data.data).await?;
-    let networks = storage.networks().await;
-    storage.close().await;
-    let networks = networks?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&networks)?);
-    } else {
-        print!("{}", networks_table(&networks));
+    let networks = with_storage(&args.data.data, async |s| s.networks().await).await?;
+    print_json_or(args.json, &networks?, |n| networks_table(n))
+}
+
+/// A table: a line of `headers`, then a line of `cells` for each of `items`.
+fn table<T, const N: usize>(
+    headers: [&str; N],
+    widths: &[usize],
+    items: &[T],
+    cells: impl Fn(&T) -> [String; N],
+) -> String {
+    let mut out = columns(&headers, widths) + "\n";
+    for item in items {
+        out.push_str(&columns(&cells(item), widths));
+        out.push('\n');
     }
-    Ok(())
+    out
 }
 
 fn networks_table(networks: &[Network]) -> String {
-    let widths = [20, 18, 6, 8];
-    let mut out = columns(&["NAME", "CIDR", "PORT", "MEMBERS", "CREATED"], &widths) + "\n";
-    for n in networks {
-        let cells = [
-            n.name.clone(),
-            n.cidr.clone(),
-            n.listen_port.to_string(),
-            n.member_count.to_string(),
-            rfc3339_millis(n.created_at_ms),
-        ];
-        out.push_str(&columns(&cells, &widths));
-        out.push('\n');
-    }
-    out
+    table(
+        ["NAME", "CIDR", "PORT", "MEMBERS", "CREATED"],
+        &[20, 18, 6, 8],
+        networks,
+        |n| {
+            [
+                n.name.clone(),
+                n.cidr.clone(),
+                n.listen_port.to_string(),
+                n.member_count.to_string(),
+                rfc3339_millis(n.created_at_ms),
+            ]
+        },
+    )
 }
 
 fn forwards_table(forwards: &[Forward]) -> String {
-    let widths = [21, 5, 6, 21];
-    let mut out = columns(&["NODE", "PROTO", "PORT", "TO", "CREATED"], &widths) + "\n";
-    for f in forwards {
-        let cells = [
-            f.node_id.clone(),
-            f.proto.clone(),
-            f.port.to_string(),
-            f.to.clone(),
-            rfc3339_millis(f.created_at_ms),
-        ];
-        out.push_str(&columns(&cells, &widths));
-        out.push('\n');
-    }
-    out
+    table(
+        ["NODE", "PROTO", "PORT", "TO", "CREATED"],
+        &[21, 5, 6, 21],
+        forwards,
+        |f| {
+            [
+                f.node_id.clone(),
+                f.proto.clone(),
+                f.port.to_string(),
+                f.to.clone(),
+                rfc3339_millis(f.created_at_ms),
+            ]
+        },
+    )
 }
 
 /// `network show` as text: the network, then a block per member.

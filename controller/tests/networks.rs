@@ -9,14 +9,14 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{code, heartbeat_body, post_json, status_json, NodeCreds, TestServer};
+use common::{
+    code, heartbeat_body, parse, post_json, run, run_ok, status_json, NodeCreds, TestServer,
+};
 use hyper::Method;
 use powernode_types::node_api::{DesiredNetwork, HeartbeatResponse, WgPeer};
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 const LIFETIME: Duration = Duration::from_secs(3600);
-const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
 /// The keepalive every peer gets: the contract's number, not the controller's constant.
 const KEEPALIVE_S: u16 = 25;
 
@@ -723,31 +723,6 @@ async fn revoked_nodes_are_no_ones_peers_and_cannot_join() {
     let (status, reply) = leave(&server, "lab", &b).await;
     assert_eq!(status, 200, "{reply}");
     server.stop().await;
-}
-
-/// Runs the binary with `args`: exit code, stdout, stderr.
-async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs the binary with `args`; it must exit 0. Answers its stdout.
-async fn run_ok(args: &[&str]) -> String {
-    let (exit, out, stderr) = run(args).await;
-    assert_eq!(exit, 0, "{args:?}: {stderr}");
-    out
-}
-
-fn parse<T: DeserializeOwned>(out: &str) -> T {
-    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 /// The binary's `network` and `networks` commands on the data directory of a running

@@ -11,17 +11,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::http::{Client, Connected, RequestBuilder};
-use common::{code, post_json, status_json, NodeCreds, TestServer};
+use common::{code, parse, post_json, run, run_ok, status_json, NodeCreds, TestServer};
 use powernode_controller::storage::Storage;
 use powernode_types::node_api::{
     task_limits, DesiredModule, LeasedTask, TaskLeaseResponse, TaskRenewResponse,
 };
-use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::task::{JoinHandle, JoinSet};
 
 const LIFETIME: Duration = Duration::from_secs(3600);
-const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
 /// The default output cap (`serve --task-output-max`), bytes: the contract's number, not the
 /// controller's constant, so that a change of the default shows here.
 const DEFAULT_OUTPUT_MAX: usize = 65_536;
@@ -448,32 +446,6 @@ async fn complete_cut(server: &TestServer, api: &NodeApi, id: &str, output: &str
     );
     assert_eq!(kept.len() + more, output.len(), "kept + the marker's count");
     kept.len()
-}
-
-/// Runs the binary with `args`: exit code, stdout, stderr.
-async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Runs the binary with `args`; it must exit 0. Answers its stdout.
-async fn run_ok(args: &[&str]) -> String {
-    let (exit, out, stderr) = run(args).await;
-    assert_eq!(exit, 0, "{args:?}: {stderr}");
-    out
-}
-
-/// The JSON a command printed.
-fn parse<T: DeserializeOwned>(out: &str) -> T {
-    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 
 /// `task create` of the binary on `data`, for `node_id`, of `kind`: it must work and print

@@ -506,6 +506,18 @@ fn serve_device(
             })
             .map_err(|e| format!("starting the UAPI thread: {e}"))?;
     }
+    // boringtun's UDP sockets, the listening ones and each peer's connected one as it
+    // appears, get larger buffers (crate::sockbuf); the UAPI thread does it after every `set`.
+    std::thread::Builder::new()
+        .name("sockbuf".into())
+        .spawn(|| loop {
+            let raised = crate::sockbuf::raise_udp_buffers();
+            if raised > 0 {
+                tracing::debug!(sockets = raised, "raised UDP socket buffers");
+            }
+            std::thread::sleep(crate::sockbuf::RESCAN);
+        })
+        .map_err(|e| format!("starting the socket buffer thread: {e}"))?;
     {
         let cleanup = cleanup.clone();
         std::thread::Builder::new()

@@ -137,7 +137,10 @@ fn relay(client: &UnixStream, device: &mut Boringtun) -> Result<(), ProxyError> 
                 }
                 body.push_str(&line);
             }
-            format!("errno={}\n", set(device, &body)?)
+            let errno = set(device, &body)?;
+            // A new listen port means new sockets (crate::sockbuf).
+            crate::sockbuf::raise_udp_buffers();
+            format!("errno={errno}\n")
         }
         _ => format!("errno={EINVAL}\n"),
     };

@@ -55,8 +55,9 @@ pub fn check_forward(proto: &str, port: u32, to: Option<&str>) -> Result<u16, Re
     Ok(port)
 }
 
-fn path_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(name)| name)
+/// What a path says, or 400 `invalid_path`.
+fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(value)| value)
         .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
 }
 
@@ -99,7 +100,7 @@ pub async fn show(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<NetworkDetail>, ApiError> {
-    let name = path_name(path)?;
+    let name = path_value(path)?;
     state
         .storage()
         .network_detail(&name)
@@ -114,7 +115,7 @@ pub async fn delete(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let name = path_name(path)?;
+    let name = path_value(path)?;
     state.storage().delete_network(&name).await??;
     tracing::info!(network = %name, "network deleted");
     Ok(Json(serde_json::json!({ "deleted": name })))
@@ -128,7 +129,7 @@ pub async fn join(
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<JoinNetworkRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
-    let name = path_name(path)?;
+    let name = path_value(path)?;
     let req = body.value;
     check_join(&req)?;
     let (member, bumped) = state
@@ -157,7 +158,7 @@ pub async fn leave(
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<LeaveNetworkRequest>,
 ) -> Result<Json<LeaveResponse>, ApiError> {
-    let name = path_name(path)?;
+    let name = path_value(path)?;
     let node = body.value.node;
     let (left, bumped) = state
         .storage()
@@ -208,8 +209,7 @@ pub async fn remove_forward(
     State(state): State<AppState>,
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Json<ForwardResponse>, ApiError> {
-    let Path((node, proto, port)) =
-        path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    let (node, proto, port) = path_value(path)?;
     let port = port
         .parse::<u32>()
         .map_err(|_| Refusal::Invalid(format!("port must be 1 to 65535, not {port:?}")))?;

@@ -262,11 +262,7 @@ async fn sync(
         return Ok(Vec::new());
     };
     let facts = row.facts()?;
-    let rows: Vec<MemberRow> = sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.network = ?"))
-        .bind(network)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(query_err("list members for derivation"))?;
+    let rows = member_rows(&mut *conn, network, "list members for derivation").await?;
     let members = rows
         .iter()
         .map(MemberRow::facts)
@@ -323,6 +319,19 @@ async fn network_row(
         .map_err(query_err("get network"))
 }
 
+/// The members of `network` (`what`: the query, for its error).
+async fn member_rows(
+    conn: &mut SqliteConnection,
+    network: &str,
+    what: &'static str,
+) -> Result<Vec<MemberRow>, StorageError> {
+    sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.network = ?"))
+        .bind(network)
+        .fetch_all(conn)
+        .await
+        .map_err(query_err(what))
+}
+
 async fn network_forwards(
     conn: &mut SqliteConnection,
     network: &str,
@@ -355,6 +364,40 @@ async fn touch(
     Ok(done.rows_affected() == 1)
 }
 
+/// Marks the network `node_id` is a member of changed now, as [`touch`] does. False when it
+/// is in none.
+async fn touch_network_of(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    now_ms: i64,
+) -> Result<bool, StorageError> {
+    let touched = sqlx::query(
+        "UPDATE networks SET updated_at_ms = ?
+         WHERE name = (SELECT network FROM network_members WHERE node_id = ?)",
+    )
+    .bind(now_ms)
+    .bind(node_id)
+    .execute(conn)
+    .await
+    .map_err(query_err("touch network"))?
+    .rows_affected();
+    Ok(touched == 1)
+}
+
+/// Re-derives the network `node_id` is a member of, if any, after a change of it written
+/// already (so the write lock is held before [`network_of`] reads).
+async fn sync_network_of(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    now_ms: i64,
+) -> Result<Bumped, StorageError> {
+    let Some(network) = network_of(&mut *conn, node_id).await? else {
+        return Ok(Vec::new());
+    };
+    touch(&mut *conn, &network, now_ms).await?;
+    sync(conn, &network, now_ms).await
+}
+
 /// The network `node_id` is a member of.
 async fn network_of(
     conn: &mut SqliteConnection,
@@ -365,6 +408,18 @@ async fn network_of(
         .fetch_optional(conn)
         .await
         .map_err(query_err("get membership"))
+}
+
+/// `refusal`, or [`Refusal::NoNode`] when there is no node `node_id`.
+async fn refusal_unless_no_node(
+    conn: &mut SqliteConnection,
+    node_id: &str,
+    refusal: Refusal,
+) -> Result<Refusal, StorageError> {
+    Ok(match node_state(conn, node_id).await? {
+        None => Refusal::NoNode(node_id.to_owned()),
+        Some(_) => refusal,
+    })
 }
 
 /// Whether the node exists, and whether it is revoked.
@@ -572,13 +627,13 @@ impl Storage {
             return Ok(Err(Refusal::NoNetwork(network.to_owned())));
         }
         if network_of(&mut tx, node_id).await?.as_deref() != Some(network) {
-            return Ok(Err(match node_state(&mut tx, node_id).await? {
-                None => Refusal::NoNode(node_id.to_owned()),
-                Some(_) => Refusal::NotMember {
-                    node: node_id.to_owned(),
-                    network: format!("network {network}"),
-                },
-            }));
+            let not_member = Refusal::NotMember {
+                node: node_id.to_owned(),
+                network: format!("network {network}"),
+            };
+            return Ok(Err(
+                refusal_unless_no_node(&mut tx, node_id, not_member).await?
+            ));
         }
         let forwards_removed = sqlx::query("DELETE FROM port_forwards WHERE node_id = ?")
             .bind(node_id)
@@ -625,11 +680,7 @@ impl Storage {
             return Ok(None);
         };
         let facts = row.facts()?;
-        let rows: Vec<MemberRow> = sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.network = ?"))
-            .bind(name)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(query_err("list members"))?;
+        let rows = member_rows(&mut conn, name, "list members").await?;
         let forwards = network_forwards(&mut conn, name).await?;
         let latest: Vec<(String, i64, String)> = sqlx::query_as(
             "SELECT h.node_id, h.received_at_ms, h.body FROM heartbeats h
@@ -718,24 +769,14 @@ impl Storage {
             .begin()
             .await
             .map_err(query_err("begin forward"))?;
-        let touched = sqlx::query(
-            "UPDATE networks SET updated_at_ms = ?
-             WHERE name = (SELECT network FROM network_members WHERE node_id = ?)",
-        )
-        .bind(now_ms)
-        .bind(node_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("touch network"))?
-        .rows_affected();
-        if touched == 0 {
-            return Ok(Err(match node_state(&mut tx, node_id).await? {
-                None => Refusal::NoNode(node_id.to_owned()),
-                Some(_) => Refusal::NotMember {
-                    node: node_id.to_owned(),
-                    network: "any network (only members have forwards)".to_owned(),
-                },
-            }));
+        if !touch_network_of(&mut tx, node_id, now_ms).await? {
+            let not_member = Refusal::NotMember {
+                node: node_id.to_owned(),
+                network: "any network (only members have forwards)".to_owned(),
+            };
+            return Ok(Err(
+                refusal_unless_no_node(&mut tx, node_id, not_member).await?
+            ));
         }
         let network = network_of(&mut tx, node_id)
             .await?
@@ -817,20 +858,16 @@ impl Storage {
         .await
         .map_err(query_err("delete forward"))?;
         let Some(removed) = removed else {
-            return Ok(Err(match node_state(&mut tx, node_id).await? {
-                None => Refusal::NoNode(node_id.to_owned()),
-                Some(_) => Refusal::NoForward {
-                    node: node_id.to_owned(),
-                    proto: proto.to_owned(),
-                    port,
-                },
-            }));
+            let no_forward = Refusal::NoForward {
+                node: node_id.to_owned(),
+                proto: proto.to_owned(),
+                port,
+            };
+            return Ok(Err(
+                refusal_unless_no_node(&mut tx, node_id, no_forward).await?
+            ));
         };
-        let mut bumped = Vec::new();
-        if let Some(network) = network_of(&mut tx, node_id).await? {
-            touch(&mut tx, &network, now_ms).await?;
-            bumped = sync(&mut tx, &network, now_ms).await?;
-        }
+        let bumped = sync_network_of(&mut tx, node_id, now_ms).await?;
         tx.commit().await.map_err(query_err("commit forward"))?;
         self.durable("sync forward").await?;
         Ok(Ok((removed.into(), bumped)))
@@ -895,11 +932,7 @@ impl Storage {
         .execute(&mut *tx)
         .await
         .map_err(query_err("store network report"))?;
-        let mut bumped = Vec::new();
-        if let Some(network) = network_of(&mut tx, node_id).await? {
-            touch(&mut tx, &network, now_ms).await?;
-            bumped = sync(&mut tx, &network, now_ms).await?;
-        }
+        let bumped = sync_network_of(&mut tx, node_id, now_ms).await?;
         tx.commit().await.map_err(query_err("commit report"))?;
         if !bumped.is_empty() {
             self.durable("sync derived networks").await?;
@@ -914,18 +947,8 @@ impl Storage {
         now_ms: i64,
     ) -> Result<Bumped, StorageError> {
         let mut tx = self.pool.begin().await.map_err(query_err("begin resync"))?;
-        let touched = sqlx::query(
-            "UPDATE networks SET updated_at_ms = ?
-             WHERE name = (SELECT network FROM network_members WHERE node_id = ?)",
-        )
-        .bind(now_ms)
-        .bind(node_id)
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("touch network"))?
-        .rows_affected();
         let mut bumped = Vec::new();
-        if touched == 1 {
+        if touch_network_of(&mut tx, node_id, now_ms).await? {
             if let Some(network) = network_of(&mut tx, node_id).await? {
                 bumped = sync(&mut tx, &network, now_ms).await?;
             }

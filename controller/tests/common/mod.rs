@@ -233,3 +233,32 @@ pub async fn status_json(reply: http::Response) -> (u16, Value) {
 pub fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
+
+/// The controller binary of this build.
+pub const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
+
+/// Runs the binary with `args`: exit code, stdout, stderr.
+pub async fn run(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs the binary with `args`; it must exit 0. Answers its stdout.
+pub async fn run_ok(args: &[&str]) -> String {
+    let (exit, out, stderr) = run(args).await;
+    assert_eq!(exit, 0, "{args:?}: {stderr}");
+    out
+}
+
+/// The JSON a command printed.
+pub fn parse<T: serde::de::DeserializeOwned>(out: &str) -> T {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
