@@ -234,12 +234,18 @@ pub fn code(body: &Value) -> &str {
     body["error"]["code"].as_str().unwrap_or("<no error code>")
 }
 
-/// The controller binary of this build.
-pub const BIN: &str = env!("CARGO_BIN_EXE_powernode-controller");
+/// The controller binary of this build. Known only to the controller's own tests: this file is
+/// also compiled into other crates' tests (heartbeatd's), which do not run the binary.
+pub fn bin() -> &'static str {
+    match option_env!("CARGO_BIN_EXE_powernode-controller") {
+        Some(bin) => bin,
+        None => panic!("the controller binary is known only to the controller's own tests"),
+    }
+}
 
 /// Runs the binary with `args`: exit code, stdout, stderr.
 pub async fn run(args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(BIN)
+    let out = tokio::process::Command::new(bin())
         .args(args)
         .output()
         .await
