@@ -431,6 +431,9 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         private_socket_dir(&root)
     };
     agentbase::logging::init(PROGRAM, "info");
+    // One malloc arena, as every agent has: the peers boringtun adds on one event loop thread
+    // and frees on another otherwise stay in two arenas (docs/performance.md, "net").
+    agentbase::memory::limit_malloc_arenas();
     if let Err(e) = private {
         tracing::error!(error = %e, "could not give the device a socket directory of its own");
         return ExitCode::FAILURE;

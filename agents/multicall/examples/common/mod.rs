@@ -93,3 +93,30 @@ pub fn publish_identity(
     })?;
     Ok(identity)
 }
+
+/// The `--name value` pairs of the command line; `usage` is the error for anything else.
+pub fn flags(usage: &str) -> Res<std::collections::BTreeMap<String, String>> {
+    let mut flags = std::collections::BTreeMap::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let name = flag.strip_prefix("--").ok_or(usage)?.to_owned();
+        flags.insert(name, it.next().ok_or(usage)?);
+    }
+    Ok(flags)
+}
+
+/// Waits until `done` holds for the subscription, `within` at most.
+pub async fn until<T: powernode_types::Topic>(
+    sub: &mut powernode_pubsub::Subscription<T>,
+    what: &str,
+    within: std::time::Duration,
+    done: impl Fn(&powernode_pubsub::Subscription<T>) -> bool,
+) -> Res<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done(sub) {
+        if tokio::time::timeout_at(deadline, sub.next()).await.is_err() {
+            return Err(format!("{what}: not within {within:?}").into());
+        }
+    }
+    Ok(())
+}
