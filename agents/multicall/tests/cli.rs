@@ -177,7 +177,7 @@ fn agents_lists_the_agents_of_the_dispatch_table() {
     out.assert_code(0);
     assert_eq!(
         out.stdout,
-        "identitymgr\nenrollmgr\nheartbeatd\nmodulemgr\nverifier\nmountmgr\neventd\nexecd\n"
+        "identitymgr\nenrollmgr\nheartbeatd\nmodulemgr\nverifier\nmountmgr\neventd\nexecd\nnetmgr\n"
     );
 }
 
