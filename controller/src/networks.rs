@@ -327,21 +327,17 @@ pub fn check_endpoint(endpoint: &str) -> Result<(), Refusal> {
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(bad)?;
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-    };
     // A name's last label is never all digits: `1.2.3` is a mistyped address, not a name.
     let numeric_tail = host
         .rsplit('.')
         .next()
         .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
-    if host.is_empty() || numeric_tail || !host.split('.').all(label_ok) {
+    if host.is_empty()
+        || numeric_tail
+        || !host
+            .split('.')
+            .all(powernode_modules::reference::is_dns_label)
+    {
         return Err(bad());
     }
     Ok(())

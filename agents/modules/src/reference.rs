@@ -101,6 +101,18 @@ fn split_registry(name: &str) -> (String, String) {
     }
 }
 
+/// Whether `label` is one label of a DNS name: 1 to 63 letters, digits and hyphens, not
+/// starting or ending with a hyphen.
+pub fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+}
+
 fn check_registry(registry: &str) -> Result<(), ReferenceError> {
     let bad = || ReferenceError::Registry(registry.chars().take(100).collect());
     let (host, port) = match registry.rsplit_once(':') {
@@ -112,16 +124,7 @@ fn check_registry(registry: &str) -> Result<(), ReferenceError> {
             return Err(bad());
         }
     }
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-    };
-    if host.is_empty() || host.len() > 253 || !host.split('.').all(label_ok) {
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(is_dns_label) {
         return Err(bad());
     }
     Ok(())
