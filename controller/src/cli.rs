@@ -98,6 +98,13 @@ struct ServeArgs {
     /// Address to listen on, e.g. 0.0.0.0:8443 (port 0 picks a free one).
     #[arg(long, value_name = "ADDR")]
     listen: SocketAddr,
+    /// Keep the fleet in this PostgreSQL database (`postgres://USER@HOST:PORT/DB`, or with
+    /// `?host=/run/postgresql` for a unix socket) instead of the embedded SQLite file in the
+    /// data directory; several controllers may serve one database (their data directories
+    /// hold copies of the same CA). Default: `POWERNODE_DATABASE` from the environment, which
+    /// keeps a password out of the process list.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
     /// Lifetime of node certificates: 90d, 12h, 20s ...
     #[arg(long, value_name = "DURATION", default_value = "90d", value_parser = parse_duration)]
     cert_lifetime: Duration,
@@ -299,6 +306,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         cert_lifetime: args.cert_lifetime,
         hostnames: args.hostnames,
         heartbeat_interval_s: u32::try_from(args.heartbeat_interval.as_secs()).unwrap_or(u32::MAX),
+        database: args.database.or_else(|| {
+            std::env::var("POWERNODE_DATABASE")
+                .ok()
+                .filter(|url| !url.is_empty())
+        }),
     };
     let retention = EventRetention {
         max_age: Duration::from_secs(u64::from(args.event_retention_days) * 86_400),

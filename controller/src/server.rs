@@ -49,6 +49,9 @@ pub struct ServeOptions {
     pub hostnames: Vec<String>,
     /// Heartbeat interval handed to nodes, seconds.
     pub heartbeat_interval_s: u32,
+    /// The PostgreSQL database (`postgres://…`) several replicas share; `None` for the
+    /// embedded SQLite database in `data`.
+    pub database: Option<String>,
 }
 
 /// A controller bound to its port, ready to [`run`](Controller::run).
@@ -194,7 +197,23 @@ impl Controller {
         };
         let (cert_pem, key_pem) = ca.ensure_server_cert(&opts.data, &hostnames)?;
         let tls_config = tls::server_config(ca.cert_der(), &cert_pem, &key_pem)?;
-        let storage = Storage::open(&opts.data).await?;
+        let storage = match &opts.database {
+            Some(url) => Storage::open_postgres(url).await?,
+            None => Storage::open(&opts.data).await?,
+        };
+        let fingerprint = crate::secrets::sha256_hex(ca.cert_der());
+        if let Some(pinned) = storage
+            .pin_ca(&fingerprint, ca.cert_pem(), crate::now_ms())
+            .await?
+        {
+            storage.close().await;
+            anyhow::bail!(
+                "the CA in {} (sha256 {fingerprint}) is not the fleet's (sha256 {pinned}): \
+                 every controller of one database serves with the same CA; copy ca.crt and \
+                 ca.key from the data directory of a controller of this fleet",
+                opts.data.display()
+            );
+        }
         let closing = CancellationToken::new();
         let state = AppState::new(
             storage.clone(),

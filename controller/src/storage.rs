@@ -1,14 +1,15 @@
-//! The controller's database: an SQLite file in the data directory, migrated at open. Every
-//! SQL statement of the controller is in this module (and its submodules: tasks, scripts,
-//! networks).
+//! The controller's database, on one of two backends: an SQLite file in the data directory
+//! (embedded, the default) or a PostgreSQL database that several replicas share. Every SQL
+//! statement of the controller is in this module and its submodules (tasks, scripts,
+//! networks), written once in the SQL both speak and run through sqlx's `Any` driver; what
+//! only one backend has (migrations, PRAGMAs, triggers, the lease statement, how a replica
+//! learns of another's commit) is in [`sqlite`] and [`postgres`].
 
-use std::path::{Path, PathBuf};
-use std::str::FromStr;
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Once;
 
 use serde::Serialize;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{FromRow, SqlitePool};
+use sqlx::{AnyPool, FromRow};
 
 use crate::ca::{CaError, CertInfo, IssuedCert};
 use crate::events::{self, EventRetention};
@@ -18,8 +19,7 @@ use crate::wire::{
 };
 use powernode_types::Severity;
 
-/// File name of the database in the data directory.
-pub const DB_FILE: &str = "controller.db";
+pub use sqlite::DB_FILE;
 /// Heartbeats kept per node, the latest included. Enforced by the `heartbeats_trim` trigger
 /// (migration 0002), whose `OFFSET 100` must stay equal to this.
 pub const HEARTBEAT_HISTORY: i64 = 100;
@@ -30,19 +30,19 @@ pub const NODE_SHOW_EVENTS: u32 = 10;
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// The database could not be opened.
-    #[error("cannot open database {path}: {source}")]
+    #[error("cannot open database {database}: {source}")]
     Open {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or URL without its password.
+        database: String,
         /// The cause.
         #[source]
         source: sqlx::Error,
     },
     /// Migrations failed.
-    #[error("cannot migrate database {path}: {source}")]
+    #[error("cannot migrate database {database}: {source}")]
     Migrate {
-        /// The database file.
-        path: PathBuf,
+        /// The database file, or URL without its password.
+        database: String,
         /// The cause.
         #[source]
         source: sqlx::migrate::MigrateError,
@@ -346,7 +346,9 @@ struct HeartbeatRow {
 }
 
 mod networks;
+pub mod postgres;
 mod scripts;
+pub mod sqlite;
 mod tasks;
 
 pub use networks::{Bumped, Left, Member, MemberDetail, Network, NetworkDetail, Outcome};
@@ -359,53 +361,92 @@ pub use tasks::{
 /// Handle on the database; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Storage {
-    pool: SqlitePool,
-    /// How the pool connects: for a connection of its own ([`Storage::change_probe`]).
-    options: SqliteConnectOptions,
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// The backend behind the pool, and what it needs besides.
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+}
+
+/// sqlx's `Any` driver finds a backend by the URL's scheme among those installed: once per
+/// process.
+fn install_drivers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(sqlx::any::install_default_drivers);
 }
 
 impl Storage {
-    /// Opens (creating if needed) `DIR/controller.db` and applies the migrations.
+    /// Opens (creating if needed) the embedded database `DIR/controller.db` and applies the
+    /// migrations.
     pub async fn open(dir: &Path) -> Result<Self, StorageError> {
-        let path = dir.join(DB_FILE);
-        let open_err = |source| StorageError::Open {
-            path: path.clone(),
-            source,
-        };
-        let options = SqliteConnectOptions::from_str("sqlite:")
-            .map_err(open_err)?
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.clone())
-            .await
-            .map_err(open_err)?;
-        sqlx::migrate!("./migrations")
-            .run(&pool)
-            .await
-            .map_err(|source| StorageError::Migrate {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Self { pool, options })
+        let (pool, backend) = sqlite::open(dir).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Sqlite(backend),
+        })
     }
 
-    /// Makes everything committed so far survive a power loss. The database runs WAL with
-    /// `synchronous=NORMAL` (a commit does not wait for a disk sync: heartbeats, the bulk of
-    /// writes, may lose their last second in a power cut), but credentials and desired state
-    /// must not: after such a change, a checkpoint syncs the WAL (SQLite syncs it before every
-    /// checkpoint in this mode) and with it the change.
+    /// Connects to the PostgreSQL database at `url` (`postgres://…`) and applies the
+    /// migrations. Several controllers may share it.
+    pub async fn open_postgres(url: &str) -> Result<Self, StorageError> {
+        let (pool, backend) = postgres::open(url).await?;
+        Ok(Self {
+            pool,
+            backend: Backend::Postgres(backend),
+        })
+    }
+
+    /// Which backend this is: `sqlite` or `postgres`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Whether several controllers may share this database.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Makes everything committed so far survive a power loss (see [`sqlite::Sqlite`]; a
+    /// PostgreSQL commit is durable already).
     async fn durable(&self, what: &'static str) -> Result<(), StorageError> {
-        sqlx::query("PRAGMA wal_checkpoint(FULL)")
-            .execute(&self.pool)
+        match &self.backend {
+            Backend::Sqlite(sqlite) => sqlite.durable(&self.pool, what).await,
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// Pins the fleet's CA: the first caller's CA (`fingerprint`, the SHA-256 of its DER, hex)
+    /// is stored; every later one must present the same. Answers the fingerprint pinned
+    /// already when it differs (the caller must refuse to serve).
+    pub async fn pin_ca(
+        &self,
+        fingerprint: &str,
+        cert_pem: &str,
+        now_ms: i64,
+    ) -> Result<Option<String>, StorageError> {
+        sqlx::query(
+            "INSERT INTO fleet_ca (id, fingerprint, cert_pem, pinned_at_ms) VALUES (1, $1, $2, $3)
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(fingerprint)
+        .bind(cert_pem)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("pin the CA"))?;
+        let pinned: String = sqlx::query_scalar("SELECT fingerprint FROM fleet_ca WHERE id = 1")
+            .fetch_one(&self.pool)
             .await
-            .map_err(query_err(what))?;
-        Ok(())
+            .map_err(query_err("read the pinned CA"))?;
+        self.durable("sync the pinned CA").await?;
+        Ok((pinned != fingerprint).then_some(pinned))
     }
 
     /// Closes the pool, waiting for connections to finish.
@@ -423,7 +464,7 @@ impl Storage {
     ) -> Result<(), StorageError> {
         sqlx::query(
             "INSERT INTO bootstrap_tokens (token_hash, created_at_ms, expires_at_ms, node_uuid)
-             VALUES (?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4)",
         )
         .bind(token_hash)
         .bind(now_ms)
@@ -448,9 +489,9 @@ impl Storage {
         let mut tx = self.pool.begin().await.map_err(query_err("begin enroll"))?;
         // A write first, so this transaction takes the write lock at once.
         let consumed = sqlx::query(
-            "UPDATE bootstrap_tokens SET used_at_ms = ?
-             WHERE token_hash = ? AND used_at_ms IS NULL AND expires_at_ms > ?
-               AND (node_uuid IS NULL OR node_uuid = ?)",
+            "UPDATE bootstrap_tokens SET used_at_ms = $1
+             WHERE token_hash = $2 AND used_at_ms IS NULL AND expires_at_ms > $3
+               AND (node_uuid IS NULL OR node_uuid = $4)",
         )
         .bind(now_ms)
         .bind(token_hash)
@@ -463,7 +504,7 @@ impl Storage {
         if consumed != 1 {
             let row: Option<TokenRow> = sqlx::query_as(
                 "SELECT expires_at_ms, used_at_ms, node_uuid FROM bootstrap_tokens
-                 WHERE token_hash = ?",
+                 WHERE token_hash = $1",
             )
             .bind(token_hash)
             .fetch_optional(&mut *tx)
@@ -479,7 +520,7 @@ impl Storage {
                 Some(_) => EnrollError::UnknownToken,
             });
         }
-        let existing: Option<Node> = sqlx::query_as("SELECT * FROM nodes WHERE uuid = ?")
+        let existing: Option<Node> = sqlx::query_as("SELECT * FROM nodes WHERE uuid = $1")
             .bind(&identity.uuid)
             .fetch_optional(&mut *tx)
             .await
@@ -489,7 +530,7 @@ impl Storage {
                 return Err(EnrollError::Revoked(node.id));
             }
             Some(node) => {
-                sqlx::query("UPDATE nodes SET hostname = ?, arch = ? WHERE id = ?")
+                sqlx::query("UPDATE nodes SET hostname = $1, arch = $2 WHERE id = $3")
                     .bind(&identity.hostname)
                     .bind(&identity.arch)
                     .bind(&node.id)
@@ -516,7 +557,7 @@ impl Storage {
                 };
                 sqlx::query(
                     "INSERT INTO nodes (id, uuid, hostname, arch, enrolled_at_ms)
-                     VALUES (?, ?, ?, ?, ?)",
+                     VALUES ($1, $2, $3, $4, $5)",
                 )
                 .bind(&node.id)
                 .bind(&node.uuid)
@@ -528,7 +569,7 @@ impl Storage {
                 .map_err(query_err("insert node"))?;
                 sqlx::query(
                     "INSERT INTO desired_state (node_id, generation, modules, network, updated_at_ms)
-                     VALUES (?, 0, '[]', NULL, ?)",
+                     VALUES ($1, 0, '[]', NULL, $2)",
                 )
                 .bind(&node.id)
                 .bind(now_ms)
@@ -538,7 +579,7 @@ impl Storage {
                 node
             }
         };
-        sqlx::query("UPDATE bootstrap_tokens SET used_by_node = ? WHERE token_hash = ?")
+        sqlx::query("UPDATE bootstrap_tokens SET used_by_node = $1 WHERE token_hash = $2")
             .bind(&node.id)
             .bind(token_hash)
             .execute(&mut *tx)
@@ -566,7 +607,7 @@ impl Storage {
 
     /// The node with this id.
     pub async fn node(&self, id: &str) -> Result<Option<Node>, StorageError> {
-        sqlx::query_as("SELECT * FROM nodes WHERE id = ?")
+        sqlx::query_as("SELECT * FROM nodes WHERE id = $1")
             .bind(id)
             .fetch_optional(&self.pool)
             .await
@@ -582,7 +623,7 @@ impl Storage {
     ) -> Result<Option<Node>, StorageError> {
         sqlx::query_as(
             "SELECT n.* FROM certificates c JOIN nodes n ON n.id = c.node_id
-             WHERE c.fingerprint = ?",
+             WHERE c.fingerprint = $1",
         )
         .bind(fingerprint)
         .fetch_optional(&self.pool)
@@ -595,7 +636,7 @@ impl Storage {
         &self,
         fingerprint: &str,
     ) -> Result<Option<CertRecord>, StorageError> {
-        sqlx::query_as("SELECT * FROM certificates WHERE fingerprint = ?")
+        sqlx::query_as("SELECT * FROM certificates WHERE fingerprint = $1")
             .bind(fingerprint)
             .fetch_optional(&self.pool)
             .await
@@ -606,13 +647,14 @@ impl Storage {
     /// the first time. A revoked member of a network stops being its peers' peer at once
     /// (its network is re-derived).
     pub async fn revoke(&self, id: &str, now_ms: i64) -> Result<bool, StorageError> {
-        let done =
-            sqlx::query("UPDATE nodes SET revoked_at_ms = COALESCE(revoked_at_ms, ?) WHERE id = ?")
-                .bind(now_ms)
-                .bind(id)
-                .execute(&self.pool)
-                .await
-                .map_err(query_err("revoke node"))?;
+        let done = sqlx::query(
+            "UPDATE nodes SET revoked_at_ms = COALESCE(revoked_at_ms, $1) WHERE id = $2",
+        )
+        .bind(now_ms)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("revoke node"))?;
         self.durable("sync revocation").await?;
         self.resync_network_of(id, now_ms).await?;
         Ok(done.rows_affected() == 1)
@@ -629,7 +671,7 @@ impl Storage {
         sqlx::query(
             "INSERT INTO heartbeats
                (node_id, received_at_ms, boot_id, agent_version, applied_generation, body)
-             VALUES (?, ?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(node_id)
         .bind(now_ms)
@@ -666,8 +708,8 @@ impl Storage {
             }
         })?;
         sqlx::query(
-            "UPDATE nodes SET enrollment = ?1, enrollment_at_ms = ?2
-             WHERE id = ?3 AND enrollment IS NOT ?1",
+            "UPDATE nodes SET enrollment = $1, enrollment_at_ms = $2
+             WHERE id = $3 AND enrollment IS NOT $1",
         )
         .bind(json)
         .bind(now_ms)
@@ -684,7 +726,7 @@ impl Storage {
         node_id: &str,
     ) -> Result<Option<NodeEnrollment>, StorageError> {
         let row: Option<(Option<String>, Option<i64>)> =
-            sqlx::query_as("SELECT enrollment, enrollment_at_ms FROM nodes WHERE id = ?")
+            sqlx::query_as("SELECT enrollment, enrollment_at_ms FROM nodes WHERE id = $1")
                 .bind(node_id)
                 .fetch_optional(&self.pool)
                 .await
@@ -705,7 +747,7 @@ impl Storage {
 
     /// How many heartbeats are kept for a node.
     pub async fn heartbeat_count(&self, node_id: &str) -> Result<i64, StorageError> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats WHERE node_id = ?")
+        sqlx::query_scalar("SELECT COUNT(*) FROM heartbeats WHERE node_id = $1")
             .bind(node_id)
             .fetch_one(&self.pool)
             .await
@@ -715,7 +757,7 @@ impl Storage {
     /// The desired state of a node (generation 0, nothing, for a node without a row).
     pub async fn desired(&self, node_id: &str) -> Result<DesiredState, StorageError> {
         let row: Option<DesiredRow> = sqlx::query_as(
-            "SELECT generation, modules, network FROM desired_state WHERE node_id = ?",
+            "SELECT generation, modules, network FROM desired_state WHERE node_id = $1",
         )
         .bind(node_id)
         .fetch_optional(&self.pool)
@@ -791,12 +833,12 @@ impl Storage {
         // `column` is one of two literals above, never input.
         let sql = match column {
             "modules" => {
-                "UPDATE desired_state SET modules = ?, generation = generation + 1, updated_at_ms = ?
-                 WHERE node_id = ? RETURNING generation"
+                "UPDATE desired_state SET modules = $1, generation = generation + 1, updated_at_ms = $2
+                 WHERE node_id = $3 RETURNING generation"
             }
             _ => {
-                "UPDATE desired_state SET network = ?, generation = generation + 1, updated_at_ms = ?
-                 WHERE node_id = ? RETURNING generation"
+                "UPDATE desired_state SET network = $1, generation = generation + 1, updated_at_ms = $2
+                 WHERE node_id = $3 RETURNING generation"
             }
         };
         let generation: Option<i64> = sqlx::query_scalar(sql)
@@ -833,7 +875,7 @@ impl Storage {
             return Ok(None);
         };
         let certificates: Vec<CertRecord> = sqlx::query_as(
-            "SELECT * FROM certificates WHERE node_id = ? ORDER BY issued_at_ms DESC, serial",
+            "SELECT * FROM certificates WHERE node_id = $1 ORDER BY issued_at_ms DESC, serial",
         )
         .bind(id)
         .fetch_all(&self.pool)
@@ -841,7 +883,7 @@ impl Storage {
         .map_err(query_err("list certificates"))?;
         let latest: Option<HeartbeatRow> = sqlx::query_as(
             "SELECT received_at_ms, boot_id, agent_version, applied_generation, body
-             FROM heartbeats WHERE node_id = ? ORDER BY id DESC LIMIT 1",
+             FROM heartbeats WHERE node_id = $1 ORDER BY id DESC LIMIT 1",
         )
         .bind(id)
         .fetch_optional(&self.pool)
@@ -908,7 +950,7 @@ impl Storage {
             accepted += sqlx::query(
                 "INSERT INTO events (node_id, id, agent, seq, severity, kind, message, at_ms,
                                      received_ms, fields, dropped_before)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
                  ON CONFLICT (node_id, id) DO NOTHING",
             )
             .bind(node_id)
@@ -949,7 +991,7 @@ impl Storage {
         retention: &EventRetention,
     ) -> Result<u64, StorageError> {
         let mut tx = self.pool.begin().await.map_err(query_err("begin trim"))?;
-        let mut deleted = sqlx::query("DELETE FROM events WHERE received_ms < ?")
+        let mut deleted = sqlx::query("DELETE FROM events WHERE received_ms < $1")
             .bind(retention.cutoff_ms(now_ms))
             .execute(&mut *tx)
             .await
@@ -969,22 +1011,23 @@ impl Storage {
     /// Events matching `query`, in arrival order (oldest first).
     pub async fn events(&self, query: &EventQuery) -> Result<Vec<StoredEvent>, StorageError> {
         const MATCHING: &str = "SELECT * FROM events
-             WHERE cursor > ?
-               AND (? IS NULL OR node_id = ?)
-               AND severity >= ?
-               AND (? IS NULL OR kind = ?)
-               AND at_ms >= ?";
+             WHERE cursor > $1
+               AND ($2 IS NULL OR node_id = $2)
+               AND severity >= $3
+               AND ($4 IS NULL OR kind = $4)
+               AND at_ms >= $5";
         let sql = if query.newest {
-            format!("SELECT * FROM ({MATCHING} ORDER BY cursor DESC LIMIT ?) ORDER BY cursor")
+            format!(
+                "SELECT * FROM ({MATCHING} ORDER BY cursor DESC LIMIT $6) AS newest
+                 ORDER BY cursor"
+            )
         } else {
-            format!("{MATCHING} ORDER BY cursor LIMIT ?")
+            format!("{MATCHING} ORDER BY cursor LIMIT $6")
         };
         let rows: Vec<EventRow> = sqlx::query_as(&sql)
             .bind(query.after.unwrap_or(0))
             .bind(&query.node)
-            .bind(&query.node)
             .bind(query.min_severity.map_or(0, events::severity_rank))
-            .bind(&query.kind)
             .bind(&query.kind)
             .bind(query.since_ms.unwrap_or(i64::MIN))
             .bind(i64::from(query.limit))
@@ -998,13 +1041,13 @@ impl Storage {
 /// Deletes all but the newest `keep` events of a node: an index range on `events_by_node`
 /// that finds nothing while the node has `keep` events or fewer.
 async fn trim_node_events(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     node_id: &str,
     keep: u32,
 ) -> Result<u64, StorageError> {
     Ok(sqlx::query(
-        "DELETE FROM events WHERE node_id = ? AND cursor <=
-            (SELECT cursor FROM events WHERE node_id = ? ORDER BY cursor DESC LIMIT 1 OFFSET ?)",
+        "DELETE FROM events WHERE node_id = $1 AND cursor <=
+            (SELECT cursor FROM events WHERE node_id = $2 ORDER BY cursor DESC LIMIT 1 OFFSET $3)",
     )
     .bind(node_id)
     .bind(node_id)
@@ -1016,7 +1059,7 @@ async fn trim_node_events(
 }
 
 async fn insert_cert(
-    conn: &mut sqlx::SqliteConnection,
+    conn: &mut sqlx::AnyConnection,
     node_id: &str,
     info: &CertInfo,
     now_ms: i64,
@@ -1024,7 +1067,7 @@ async fn insert_cert(
     sqlx::query(
         "INSERT INTO certificates
            (serial, node_id, fingerprint, not_before_ms, not_after_ms, issued_at_ms)
-         VALUES (?, ?, ?, ?, ?, ?)",
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&info.serial)
     .bind(node_id)

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::{code, heartbeat_body, post_json, NodeCreds, TestServer};
 use powernode_controller::events::{EventRetention, MAX_BATCH, MAX_BODY, MAX_FIELD_VALUE};
-use powernode_controller::storage::Storage;
 use powernode_controller::wire::EventRecord;
 use serde_json::{json, Value};
 
@@ -388,7 +387,7 @@ async fn retention_by_count_per_node_and_by_age() {
 
     // By age: events received 31 days ago, put in through the storage with that receive
     // time, go at the next sweep; the recent ones stay.
-    let storage = Storage::open(&server.data()).await.unwrap();
+    let storage = server.storage().await;
     let now = powernode_controller::now_ms();
     let old: EventRecord = serde_json::from_value(event("b-old", "Info", "x", 1)).unwrap();
     let month_ago = now - 31 * 86_400 * 1000;

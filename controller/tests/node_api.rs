@@ -461,9 +461,7 @@ async fn heartbeat_history_is_bounded() {
             .unwrap();
         assert_eq!(reply.status(), 200);
     }
-    let storage = powernode_controller::storage::Storage::open(&server.data())
-        .await
-        .unwrap();
+    let storage = server.storage().await;
     assert_eq!(
         storage.heartbeat_count(&node.node_id).await.unwrap(),
         powernode_controller::storage::HEARTBEAT_HISTORY

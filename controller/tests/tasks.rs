@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::http::{Client, Connected, RequestBuilder};
 use common::{code, parse, post_json, run, run_ok, status_json, NodeCreds, TestServer};
-use powernode_controller::storage::Storage;
 use powernode_types::node_api::{
     task_limits, DesiredModule, LeasedTask, TaskLeaseResponse, TaskRenewResponse,
 };
@@ -1068,7 +1067,7 @@ async fn a_watch_is_held_until_something_changes_for_its_node() {
     // Held, then answered by modules another writer of the database sets (as `module assign`
     // does from its own process): the controller notices without being told.
     let handle = api.hold_watch("generation=2&timeout_s=20").await;
-    let storage = Storage::open(&server.data()).await.unwrap();
+    let storage = server.storage().await;
     let assigned = [DesiredModule {
         name: "hello".into(),
         reference: "registry.local/modules/hello:2".into(),

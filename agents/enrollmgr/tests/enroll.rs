@@ -56,6 +56,7 @@ impl Ctl {
             cert_lifetime: self.lifetime,
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
+            database: None,
         };
         let running = RunningController::start(&opts).await.unwrap();
         self.addr = running.addr();

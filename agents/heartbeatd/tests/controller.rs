@@ -77,6 +77,7 @@ impl Ctl {
             cert_lifetime: self.lifetime,
             hostnames: Vec::new(),
             heartbeat_interval_s: self.interval_s,
+            database: None,
         };
         let running = RunningController::start(&opts).await.unwrap();
         self.addr = running.addr();

@@ -120,6 +120,7 @@ impl EnrolledNode {
             cert_lifetime: Duration::from_secs(3600),
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
+            database: None,
         }
     }
 

@@ -68,6 +68,7 @@ impl Ctl {
             cert_lifetime: self.lifetime,
             hostnames: Vec::new(),
             heartbeat_interval_s: self.heartbeat_interval_s,
+            database: None,
         };
         let running = RunningController::start(&opts).await.unwrap();
         self.addr = running.addr();

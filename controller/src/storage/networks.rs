@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Serialize;
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::{AnyConnection, FromRow};
 
 use super::{query_err, Storage, StorageError};
 use crate::networks::{
@@ -254,7 +254,7 @@ pub type Bumped = Vec<(String, u64)>;
 /// writes (`serde_json::to_string` of `DesiredNetwork`, as every writer of the column
 /// does), so an unchanged derivation writes nothing.
 async fn sync(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     network: &str,
     now_ms: i64,
 ) -> Result<Bumped, StorageError> {
@@ -290,14 +290,14 @@ async fn sync(
 
 /// Replaces a node's desired network and bumps its generation (`None`: no desired-state row).
 async fn set_network(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     json: Option<String>,
     now_ms: i64,
 ) -> Result<Option<u64>, StorageError> {
     let generation: Option<i64> = sqlx::query_scalar(
-        "UPDATE desired_state SET network = ?, generation = generation + 1, updated_at_ms = ?
-         WHERE node_id = ? RETURNING generation",
+        "UPDATE desired_state SET network = $1, generation = generation + 1, updated_at_ms = $2
+         WHERE node_id = $3 RETURNING generation",
     )
     .bind(json)
     .bind(now_ms)
@@ -309,10 +309,10 @@ async fn set_network(
 }
 
 async fn network_row(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     name: &str,
 ) -> Result<Option<NetworkRow>, StorageError> {
-    sqlx::query_as(&format!("{NETWORK_COLUMNS} WHERE n.name = ?"))
+    sqlx::query_as(&format!("{NETWORK_COLUMNS} WHERE n.name = $1"))
         .bind(name)
         .fetch_optional(conn)
         .await
@@ -321,11 +321,11 @@ async fn network_row(
 
 /// The members of `network` (`what`: the query, for its error).
 async fn member_rows(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     network: &str,
     what: &'static str,
 ) -> Result<Vec<MemberRow>, StorageError> {
-    sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.network = ?"))
+    sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.network = $1"))
         .bind(network)
         .fetch_all(conn)
         .await
@@ -333,13 +333,13 @@ async fn member_rows(
 }
 
 async fn network_forwards(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     network: &str,
 ) -> Result<Vec<Forward>, StorageError> {
     let rows: Vec<ForwardRow> = sqlx::query_as(
         "SELECT f.node_id, f.proto, f.port, f.target, f.created_at_ms
          FROM port_forwards f JOIN network_members m ON m.node_id = f.node_id
-         WHERE m.network = ? ORDER BY f.node_id, f.proto, f.port",
+         WHERE m.network = $1 ORDER BY f.node_id, f.proto, f.port",
     )
     .bind(network)
     .fetch_all(conn)
@@ -350,12 +350,8 @@ async fn network_forwards(
 
 /// Marks `network` changed now: the first write of every change of it (see the module doc).
 /// False when there is no such network.
-async fn touch(
-    conn: &mut SqliteConnection,
-    network: &str,
-    now_ms: i64,
-) -> Result<bool, StorageError> {
-    let done = sqlx::query("UPDATE networks SET updated_at_ms = ? WHERE name = ?")
+async fn touch(conn: &mut AnyConnection, network: &str, now_ms: i64) -> Result<bool, StorageError> {
+    let done = sqlx::query("UPDATE networks SET updated_at_ms = $1 WHERE name = $2")
         .bind(now_ms)
         .bind(network)
         .execute(conn)
@@ -367,13 +363,13 @@ async fn touch(
 /// Marks the network `node_id` is a member of changed now, as [`touch`] does. False when it
 /// is in none.
 async fn touch_network_of(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     now_ms: i64,
 ) -> Result<bool, StorageError> {
     let touched = sqlx::query(
-        "UPDATE networks SET updated_at_ms = ?
-         WHERE name = (SELECT network FROM network_members WHERE node_id = ?)",
+        "UPDATE networks SET updated_at_ms = $1
+         WHERE name = (SELECT network FROM network_members WHERE node_id = $2)",
     )
     .bind(now_ms)
     .bind(node_id)
@@ -387,7 +383,7 @@ async fn touch_network_of(
 /// Re-derives the network `node_id` is a member of, if any, after a change of it written
 /// already (so the write lock is held before [`network_of`] reads).
 async fn sync_network_of(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     now_ms: i64,
 ) -> Result<Bumped, StorageError> {
@@ -400,10 +396,10 @@ async fn sync_network_of(
 
 /// The network `node_id` is a member of.
 async fn network_of(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
 ) -> Result<Option<String>, StorageError> {
-    sqlx::query_scalar("SELECT network FROM network_members WHERE node_id = ?")
+    sqlx::query_scalar("SELECT network FROM network_members WHERE node_id = $1")
         .bind(node_id)
         .fetch_optional(conn)
         .await
@@ -412,7 +408,7 @@ async fn network_of(
 
 /// `refusal`, or [`Refusal::NoNode`] when there is no node `node_id`.
 async fn refusal_unless_no_node(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     node_id: &str,
     refusal: Refusal,
 ) -> Result<Refusal, StorageError> {
@@ -423,12 +419,9 @@ async fn refusal_unless_no_node(
 }
 
 /// Whether the node exists, and whether it is revoked.
-async fn node_state(
-    conn: &mut SqliteConnection,
-    node_id: &str,
-) -> Result<Option<bool>, StorageError> {
+async fn node_state(conn: &mut AnyConnection, node_id: &str) -> Result<Option<bool>, StorageError> {
     let row: Option<Option<i64>> =
-        sqlx::query_scalar("SELECT revoked_at_ms FROM nodes WHERE id = ?")
+        sqlx::query_scalar("SELECT revoked_at_ms FROM nodes WHERE id = $1")
             .bind(node_id)
             .fetch_optional(conn)
             .await
@@ -450,7 +443,7 @@ impl Storage {
     ) -> Outcome<Network> {
         let inserted = sqlx::query(
             "INSERT INTO networks (name, cidr, listen_port, created_at_ms, updated_at_ms)
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING",
         )
         .bind(name)
         .bind(cidr.to_string())
@@ -486,8 +479,8 @@ impl Storage {
     /// Deletes a network that has no members.
     pub async fn delete_network(&self, name: &str) -> Outcome<()> {
         let deleted = sqlx::query(
-            "DELETE FROM networks WHERE name = ?1
-               AND NOT EXISTS (SELECT 1 FROM network_members WHERE network = ?1)",
+            "DELETE FROM networks WHERE name = $1
+               AND NOT EXISTS (SELECT 1 FROM network_members WHERE network = $1)",
         )
         .bind(name)
         .execute(&self.pool)
@@ -546,7 +539,7 @@ impl Storage {
             Err(refusal) => return Ok(Err(refusal)),
         };
         let others: Vec<MemberRow> = sqlx::query_as(&format!(
-            "{MEMBER_COLUMNS} WHERE m.network = ? AND m.node_id <> ?"
+            "{MEMBER_COLUMNS} WHERE m.network = $1 AND m.node_id <> $2"
         ))
         .bind(network)
         .bind(node_id)
@@ -569,13 +562,15 @@ impl Storage {
         let announce: Vec<String> = routes.iter().map(Cidr::to_string).collect();
         let announce_json = to_json("announced routes", node_id, &announce)?;
         if current.is_some() {
-            sqlx::query("UPDATE network_members SET announce = ?, endpoint = ? WHERE node_id = ?")
-                .bind(&announce_json)
-                .bind(endpoint)
-                .bind(node_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("update member"))?;
+            sqlx::query(
+                "UPDATE network_members SET announce = $1, endpoint = $2 WHERE node_id = $3",
+            )
+            .bind(&announce_json)
+            .bind(endpoint)
+            .bind(node_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("update member"))?;
         } else {
             let used = others
                 .iter()
@@ -590,7 +585,7 @@ impl Storage {
             sqlx::query(
                 "INSERT INTO network_members
                    (node_id, network, address, announce, endpoint, joined_at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?)",
+                 VALUES ($1, $2, $3, $4, $5, $6)",
             )
             .bind(node_id)
             .bind(network)
@@ -603,7 +598,7 @@ impl Storage {
             .map_err(query_err("insert member"))?;
         }
         let bumped = sync(&mut tx, network, now_ms).await?;
-        let member: MemberRow = sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.node_id = ?"))
+        let member: MemberRow = sqlx::query_as(&format!("{MEMBER_COLUMNS} WHERE m.node_id = $1"))
             .bind(node_id)
             .fetch_one(&mut *tx)
             .await
@@ -635,26 +630,26 @@ impl Storage {
                 refusal_unless_no_node(&mut tx, node_id, not_member).await?
             ));
         }
-        let forwards_removed = sqlx::query("DELETE FROM port_forwards WHERE node_id = ?")
+        let forwards_removed = sqlx::query("DELETE FROM port_forwards WHERE node_id = $1")
             .bind(node_id)
             .execute(&mut *tx)
             .await
             .map_err(query_err("delete member forwards"))?
             .rows_affected();
         let address: String =
-            sqlx::query_scalar("DELETE FROM network_members WHERE node_id = ? RETURNING address")
+            sqlx::query_scalar("DELETE FROM network_members WHERE node_id = $1 RETURNING address")
                 .bind(node_id)
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(query_err("delete member"))?;
         let mut bumped = Vec::new();
-        let had_network: Option<bool> =
-            sqlx::query_scalar("SELECT network IS NOT NULL FROM desired_state WHERE node_id = ?")
+        let had_network: Option<Option<String>> =
+            sqlx::query_scalar("SELECT network FROM desired_state WHERE node_id = $1")
                 .bind(node_id)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(query_err("read desired network"))?;
-        if had_network == Some(true) {
+        if had_network.flatten().is_some() {
             if let Some(generation) = set_network(&mut tx, node_id, None, now_ms).await? {
                 bumped.push((node_id.to_owned(), generation));
             }
@@ -686,7 +681,7 @@ impl Storage {
             "SELECT h.node_id, h.received_at_ms, h.body FROM heartbeats h
              WHERE h.id IN (SELECT MAX(id) FROM heartbeats
                             WHERE node_id IN (SELECT node_id FROM network_members
-                                              WHERE network = ?)
+                                              WHERE network = $1)
                             GROUP BY node_id)",
         )
         .bind(name)
@@ -790,7 +785,7 @@ impl Storage {
         }
         let existing: Option<ForwardRow> = sqlx::query_as(
             "SELECT node_id, proto, port, target, created_at_ms FROM port_forwards
-             WHERE node_id = ? AND proto = ? AND port = ?",
+             WHERE node_id = $1 AND proto = $2 AND port = $3",
         )
         .bind(node_id)
         .bind(proto)
@@ -811,7 +806,7 @@ impl Storage {
         }
         sqlx::query(
             "INSERT INTO port_forwards (node_id, proto, port, target, created_at_ms)
-             VALUES (?, ?, ?, ?, ?)",
+             VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(node_id)
         .bind(proto)
@@ -848,7 +843,7 @@ impl Storage {
             .await
             .map_err(query_err("begin forward"))?;
         let removed: Option<ForwardRow> = sqlx::query_as(
-            "DELETE FROM port_forwards WHERE node_id = ? AND proto = ? AND port = ?
+            "DELETE FROM port_forwards WHERE node_id = $1 AND proto = $2 AND port = $3
              RETURNING node_id, proto, port, target, created_at_ms",
         )
         .bind(node_id)
@@ -877,7 +872,7 @@ impl Storage {
     pub async fn forwards(&self, node_id: Option<&str>) -> Result<Vec<Forward>, StorageError> {
         let rows: Vec<ForwardRow> = sqlx::query_as(
             "SELECT node_id, proto, port, target, created_at_ms FROM port_forwards
-             WHERE ?1 IS NULL OR node_id = ?1 ORDER BY node_id, proto, port",
+             WHERE $1 IS NULL OR node_id = $1 ORDER BY node_id, proto, port",
         )
         .bind(node_id)
         .fetch_all(&self.pool)
@@ -897,7 +892,7 @@ impl Storage {
         now_ms: i64,
     ) -> Result<Bumped, StorageError> {
         let stored: Option<(Option<String>, String, Option<String>)> = sqlx::query_as(
-            "SELECT public_key, endpoints, seen_ip FROM node_network_reports WHERE node_id = ?",
+            "SELECT public_key, endpoints, seen_ip FROM node_network_reports WHERE node_id = $1",
         )
         .bind(node_id)
         .fetch_optional(&self.pool)
@@ -919,7 +914,7 @@ impl Storage {
         let mut tx = self.pool.begin().await.map_err(query_err("begin report"))?;
         sqlx::query(
             "INSERT INTO node_network_reports (node_id, public_key, endpoints, seen_ip, changed_at_ms)
-             VALUES (?, ?, ?, ?, ?)
+             VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (node_id) DO UPDATE SET public_key = excluded.public_key,
                  endpoints = excluded.endpoints, seen_ip = excluded.seen_ip,
                  changed_at_ms = excluded.changed_at_ms",

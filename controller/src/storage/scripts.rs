@@ -52,7 +52,7 @@ impl Storage {
     ) -> Result<Script, StorageError> {
         let size = i64::try_from(content.len()).unwrap_or(i64::MAX);
         let inserted = sqlx::query(
-            "INSERT INTO scripts (digest, content, size, created_at_ms) VALUES (?, ?, ?, ?)
+            "INSERT INTO scripts (digest, content, size, created_at_ms) VALUES ($1, $2, $3, $4)
              ON CONFLICT (digest) DO NOTHING",
         )
         .bind(digest)
@@ -68,7 +68,7 @@ impl Storage {
             self.durable("sync new script").await?;
         }
         let row: ScriptRow = sqlx::query_as(
-            "SELECT digest, size, created_at_ms, NULL AS content FROM scripts WHERE digest = ?",
+            "SELECT digest, size, created_at_ms, NULL AS content FROM scripts WHERE digest = $1",
         )
         .bind(digest)
         .fetch_one(&self.pool)
@@ -92,7 +92,7 @@ impl Storage {
     /// The script stored under `digest`, with its text.
     pub async fn script(&self, digest: &str) -> Result<Option<Script>, StorageError> {
         let row: Option<ScriptRow> = sqlx::query_as(
-            "SELECT digest, size, created_at_ms, content FROM scripts WHERE digest = ?",
+            "SELECT digest, size, created_at_ms, content FROM scripts WHERE digest = $1",
         )
         .bind(digest)
         .fetch_optional(&self.pool)
@@ -108,20 +108,29 @@ impl Storage {
         node_id: &str,
         digest: &str,
     ) -> Result<Option<String>, StorageError> {
-        // `tasks_by_node_state` narrows the tasks to the node's leased ones (a handful)
-        // before their arguments are looked into. Arguments that are not an object give NULL.
-        sqlx::query_scalar(
-            "SELECT s.content FROM scripts s
-             WHERE s.digest = ?1 AND EXISTS (
-                 SELECT 1 FROM tasks t
-                 WHERE t.node_id = ?2 AND t.state = ?3
-                   AND json_extract(t.args, '$.script_digest') = ?1)",
-        )
-        .bind(digest)
-        .bind(node_id)
-        .bind(task_state::LEASED)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_err("read script for node"))
+        // `tasks_by_node_state` narrows the tasks to the node's leased ones (a handful);
+        // their arguments are looked into here rather than in SQL, whose JSON functions
+        // differ between the backends. Arguments that are not an object name no script.
+        let leased: Vec<String> =
+            sqlx::query_scalar("SELECT args FROM tasks WHERE node_id = $1 AND state = $2")
+                .bind(node_id)
+                .bind(task_state::LEASED)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_err("read leased tasks"))?;
+        let named = leased.iter().any(|args| {
+            serde_json::from_str::<serde_json::Value>(args)
+                .ok()
+                .and_then(|args| args.get("script_digest").cloned())
+                .is_some_and(|named| named == digest)
+        });
+        if !named {
+            return Ok(None);
+        }
+        sqlx::query_scalar("SELECT content FROM scripts WHERE digest = $1")
+            .bind(digest)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read script for node"))
     }
 }

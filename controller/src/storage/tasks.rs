@@ -5,7 +5,7 @@
 use serde::Serialize;
 use sqlx::FromRow;
 
-use super::{query_err, Storage, StorageError};
+use super::{query_err, Backend, Storage, StorageError};
 use crate::secrets;
 
 /// A task's state as stored: `queued` and `leased` are live, the rest final.
@@ -83,8 +83,9 @@ struct TaskRow {
     reason: Option<String>,
     outcome: Option<String>,
     output: Option<String>,
-    output_truncated: bool,
-    late: bool,
+    // Flags are integers on both backends (sqlx's Any driver reads no SQLite boolean).
+    output_truncated: i64,
+    late: i64,
 }
 
 impl TaskRow {
@@ -112,8 +113,8 @@ impl TaskRow {
             reason: self.reason,
             outcome: self.outcome,
             output: self.output,
-            output_truncated: self.output_truncated,
-            late: self.late,
+            output_truncated: self.output_truncated != 0,
+            late: self.late != 0,
         })
     }
 }
@@ -226,8 +227,8 @@ impl Storage {
         let sql = format!(
             "INSERT INTO tasks (id, node_id, kind, args, timeout_s, max_attempts, state,
                  created_at_ms, updated_at_ms)
-             SELECT ?, id, ?, ?, ?, ?, 'queued', ?, ? FROM nodes
-             WHERE id = ? AND revoked_at_ms IS NULL
+             SELECT $1, id, $2, $3, $4, $5, 'queued', $6, $7 FROM nodes
+             WHERE id = $8 AND revoked_at_ms IS NULL
              RETURNING {COLUMNS}, NULL AS output"
         );
         let row: Option<TaskRow> = sqlx::query_as(&sql)
@@ -253,18 +254,18 @@ impl Storage {
     /// the nodes whose queue grew (their watches have news).
     pub async fn expire_leases(&self, now_ms: i64) -> Result<Vec<String>, StorageError> {
         sqlx::query(
-            "UPDATE tasks SET state = 'failed', finished_at_ms = ?1, updated_at_ms = ?1,
+            "UPDATE tasks SET state = 'failed', finished_at_ms = $1, updated_at_ms = $1,
                  reason = 'the lease expired ' || attempts || ' time(s), the last attempt'
-             WHERE state = 'leased' AND lease_expires_ms <= ?1 AND attempts >= max_attempts",
+             WHERE state = 'leased' AND lease_expires_ms <= $1 AND attempts >= max_attempts",
         )
         .bind(now_ms)
         .execute(&self.pool)
         .await
         .map_err(query_err("fail expired tasks"))?;
         let requeued: Vec<String> = sqlx::query_scalar(
-            "UPDATE tasks SET state = 'queued', updated_at_ms = ?1,
+            "UPDATE tasks SET state = 'queued', updated_at_ms = $1,
                  reason = 'the lease of attempt ' || attempts || ' expired'
-             WHERE state = 'leased' AND lease_expires_ms <= ?1 AND attempts < max_attempts
+             WHERE state = 'leased' AND lease_expires_ms <= $1 AND attempts < max_attempts
              RETURNING node_id",
         )
         .bind(now_ms)
@@ -293,19 +294,40 @@ impl Storage {
             lease_expires_ms: i64,
             seq: i64,
         }
-        let mut rows: Vec<Row> = sqlx::query_as(
-            "UPDATE tasks SET state = 'leased', attempts = attempts + 1,
-                 lease_expires_ms = ?1 + timeout_s * 1000, updated_at_ms = ?1
-             WHERE id IN (SELECT id FROM tasks WHERE node_id = ?2 AND state = 'queued'
-                          ORDER BY created_at_ms, rowid LIMIT ?3)
-             RETURNING id, kind, args, attempts, timeout_s, lease_expires_ms, rowid AS seq",
-        )
-        .bind(now_ms)
-        .bind(node_id)
-        .bind(i64::from(max))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err("lease tasks"))?;
+        // One statement: the oldest queued tasks of the node become leased. On PostgreSQL,
+        // where replicas lease concurrently, rows another transaction is leasing are skipped
+        // rather than waited for; the outer `state` check makes a row won twice impossible on
+        // both backends.
+        let sql = match self.backend {
+            Backend::Sqlite(_) => {
+                "UPDATE tasks SET state = 'leased', attempts = attempts + 1,
+                     lease_expires_ms = $1 + timeout_s * 1000, updated_at_ms = $1
+                 WHERE state = 'queued'
+                   AND id IN (SELECT id FROM tasks WHERE node_id = $2 AND state = 'queued'
+                              ORDER BY created_at_ms, rowid LIMIT $3)
+                 RETURNING id, kind, args, attempts, timeout_s, lease_expires_ms, rowid AS seq"
+            }
+            // The locking CTE runs once (PostgreSQL may run an `IN (… LIMIT)` subquery
+            // again for every row it joins, handing out more than the limit).
+            Backend::Postgres(_) => {
+                "WITH picked AS (
+                     SELECT id FROM tasks WHERE node_id = $2 AND state = 'queued'
+                     ORDER BY created_at_ms, rowid LIMIT $3
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE tasks t SET state = 'leased', attempts = t.attempts + 1,
+                     lease_expires_ms = $1 + t.timeout_s * 1000, updated_at_ms = $1
+                 FROM picked WHERE t.id = picked.id AND t.state = 'queued'
+                 RETURNING t.id, t.kind, t.args, t.attempts, t.timeout_s, t.lease_expires_ms,
+                           t.rowid AS seq"
+            }
+        };
+        let mut rows: Vec<Row> = sqlx::query_as(sql)
+            .bind(now_ms)
+            .bind(node_id)
+            .bind(i64::from(max))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("lease tasks"))?;
         // RETURNING gives no order; the node is promised oldest first (rowid grows with
         // creation, and breaks ties within a millisecond).
         rows.sort_by_key(|row| row.seq);
@@ -339,8 +361,8 @@ impl Storage {
         now_ms: i64,
     ) -> Result<Result<i64, TaskRefusal>, StorageError> {
         let renewed: Option<i64> = sqlx::query_scalar(
-            "UPDATE tasks SET lease_expires_ms = ?1 + timeout_s * 1000, updated_at_ms = ?1
-             WHERE id = ?2 AND node_id = ?3 AND state = 'leased' AND lease_expires_ms > ?1
+            "UPDATE tasks SET lease_expires_ms = $1 + timeout_s * 1000, updated_at_ms = $1
+             WHERE id = $2 AND node_id = $3 AND state = 'leased' AND lease_expires_ms > $1
              RETURNING lease_expires_ms",
         )
         .bind(now_ms)
@@ -373,33 +395,33 @@ impl Storage {
         #[derive(FromRow)]
         struct Row {
             state: String,
-            late: bool,
+            late: i64,
         }
         // One statement decides it: the row as it is when SQLite runs the update.
         let row: Option<Row> = sqlx::query_as(
             "UPDATE tasks SET
                  late = CASE WHEN outcome IS NOT NULL THEN late
-                             WHEN state = 'leased' AND lease_expires_ms > ?1 THEN 0
+                             WHEN state = 'leased' AND lease_expires_ms > $1 THEN 0
                              ELSE 1 END,
                  state = CASE WHEN outcome IS NOT NULL THEN state
-                              WHEN state IN ('leased', 'queued', 'failed') THEN ?2
+                              WHEN state IN ('leased', 'queued', 'failed') THEN $2
                               ELSE state END,
-                 finished_at_ms = COALESCE(finished_at_ms, ?1),
-                 updated_at_ms = CASE WHEN outcome IS NOT NULL THEN updated_at_ms ELSE ?1 END,
+                 finished_at_ms = COALESCE(finished_at_ms, $1),
+                 updated_at_ms = CASE WHEN outcome IS NOT NULL THEN updated_at_ms ELSE $1 END,
                  lease_expires_ms = NULL,
-                 output = CASE WHEN outcome IS NOT NULL THEN output ELSE ?3 END,
+                 output = CASE WHEN outcome IS NOT NULL THEN output ELSE $3 END,
                  output_truncated = CASE WHEN outcome IS NOT NULL THEN output_truncated
-                                         ELSE ?4 END,
+                                         ELSE $4 END,
                  reason = CASE WHEN outcome IS NULL AND state IN ('leased', 'queued', 'failed')
                                THEN NULL ELSE reason END,
-                 outcome = COALESCE(outcome, ?5)
-             WHERE id = ?6 AND node_id = ?7 AND attempts > 0
+                 outcome = COALESCE(outcome, $5)
+             WHERE id = $6 AND node_id = $7 AND attempts > 0
              RETURNING state, late",
         )
         .bind(now_ms)
         .bind(done.state)
         .bind(done.output)
-        .bind(done.truncated)
+        .bind(i64::from(done.truncated))
         .bind(done.outcome)
         .bind(id)
         .bind(node_id)
@@ -412,7 +434,7 @@ impl Storage {
             self.durable("sync task completion").await?;
             return Ok(Ok(Completed {
                 state: row.state,
-                late: row.late,
+                late: row.late != 0,
             }));
         }
         Ok(Err(match self.task_state(node_id, id).await? {
@@ -428,9 +450,9 @@ impl Storage {
         now_ms: i64,
     ) -> Result<Result<Task, TaskRefusal>, StorageError> {
         let updated = sqlx::query(
-            "UPDATE tasks SET state = 'cancelled', finished_at_ms = ?1, updated_at_ms = ?1,
+            "UPDATE tasks SET state = 'cancelled', finished_at_ms = $1, updated_at_ms = $1,
                  lease_expires_ms = NULL, reason = 'cancelled by the operator'
-             WHERE id = ?2 AND state IN ('queued', 'leased')",
+             WHERE id = $2 AND state IN ('queued', 'leased')",
         )
         .bind(now_ms)
         .bind(id)
@@ -449,7 +471,7 @@ impl Storage {
 
     /// One task with its output.
     pub async fn task(&self, id: &str) -> Result<Option<Task>, StorageError> {
-        let sql = format!("SELECT {COLUMNS}, output FROM tasks WHERE id = ?");
+        let sql = format!("SELECT {COLUMNS}, output FROM tasks WHERE id = $1");
         let row: Option<TaskRow> = sqlx::query_as(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
@@ -462,8 +484,8 @@ impl Storage {
     pub async fn tasks(&self, query: &TaskQuery) -> Result<Vec<Task>, StorageError> {
         let sql = format!(
             "SELECT * FROM (SELECT rowid AS seq, {COLUMNS}, NULL AS output FROM tasks
-                 WHERE (?1 IS NULL OR node_id = ?1) AND (?2 IS NULL OR state = ?2)
-                 ORDER BY created_at_ms DESC, rowid DESC LIMIT ?3)
+                 WHERE ($1 IS NULL OR node_id = $1) AND ($2 IS NULL OR state = $2)
+                 ORDER BY created_at_ms DESC, rowid DESC LIMIT $3) AS newest
              ORDER BY created_at_ms, seq"
         );
         let rows: Vec<TaskRow> = sqlx::query_as(&sql)
@@ -482,7 +504,7 @@ impl Storage {
         node_id: &str,
         id: &str,
     ) -> Result<Option<(String, i64)>, StorageError> {
-        sqlx::query_as("SELECT state, attempts FROM tasks WHERE id = ? AND node_id = ?")
+        sqlx::query_as("SELECT state, attempts FROM tasks WHERE id = $1 AND node_id = $2")
             .bind(id)
             .bind(node_id)
             .fetch_optional(&self.pool)
@@ -493,8 +515,8 @@ impl Storage {
     /// What a watch of `node_id` compares against.
     pub async fn watch_state(&self, node_id: &str) -> Result<WatchState, StorageError> {
         let (generation, queued): (i64, i64) = sqlx::query_as(
-            "SELECT COALESCE((SELECT generation FROM desired_state WHERE node_id = ?1), 0),
-                    (SELECT COUNT(*) FROM tasks WHERE node_id = ?1 AND state = 'queued')",
+            "SELECT COALESCE((SELECT generation FROM desired_state WHERE node_id = $1), 0),
+                    (SELECT COUNT(*) FROM tasks WHERE node_id = $1 AND state = 'queued')",
         )
         .bind(node_id)
         .fetch_one(&self.pool)
@@ -533,37 +555,32 @@ impl Storage {
             .collect())
     }
 
-    /// A connection of its own that tells whether another connection (this process's pool,
-    /// the CLI, another controller process) committed anything since it last looked.
+    /// A connection of its own that tells whether anything a watch waits on may have been
+    /// committed since it last looked, by this process or another (the CLI, another replica).
     pub async fn change_probe(&self) -> Result<ChangeProbe, StorageError> {
-        use sqlx::ConnectOptions;
-        let conn = self
-            .options
-            .connect()
-            .await
-            .map_err(query_err("open the change probe"))?;
-        Ok(ChangeProbe {
-            conn,
-            version: None,
+        Ok(match &self.backend {
+            Backend::Sqlite(sqlite) => ChangeProbe::Sqlite(sqlite.probe().await?),
+            Backend::Postgres(postgres) => ChangeProbe::Postgres(postgres.probe().await?),
         })
     }
 }
 
 /// See [`Storage::change_probe`]: SQLite's `PRAGMA data_version` on a connection nobody else
-/// uses changes exactly when another connection commits.
+/// uses, or PostgreSQL's `LISTEN`.
 #[derive(Debug)]
-pub struct ChangeProbe {
-    conn: sqlx::SqliteConnection,
-    version: Option<i64>,
+pub enum ChangeProbe {
+    /// On SQLite.
+    Sqlite(super::sqlite::DataVersion),
+    /// On PostgreSQL.
+    Postgres(super::postgres::Notifications),
 }
 
 impl ChangeProbe {
     /// Whether anything was committed since the last call (true on the first).
     pub async fn changed(&mut self) -> Result<bool, StorageError> {
-        let now: i64 = sqlx::query_scalar("PRAGMA data_version")
-            .fetch_one(&mut self.conn)
-            .await
-            .map_err(query_err("data_version"))?;
-        Ok(self.version.replace(now) != Some(now))
+        match self {
+            Self::Sqlite(probe) => probe.changed().await,
+            Self::Postgres(probe) => Ok(probe.changed()),
+        }
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod database;
 pub mod http;
 
 use std::path::PathBuf;
@@ -20,6 +21,8 @@ use serde_json::{json, Value};
 /// A running controller.
 pub struct TestServer {
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL database, when the run is on PostgreSQL.
+    pub database: Option<String>,
     pub base: String,
     pub ca_pem: String,
     pub operator_token: String,
@@ -34,12 +37,14 @@ impl TestServer {
     /// [`TestServer::start`] keeping events as `event_retention` says.
     pub async fn start_with(cert_lifetime: Duration, event_retention: EventRetention) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let database = database::fresh().await;
         let opts = ServeOptions {
             data: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
             cert_lifetime,
             hostnames: Vec::new(),
             heartbeat_interval_s: 15,
+            database: database.clone(),
         };
         let running = RunningController::start_with(&opts, event_retention)
             .await
@@ -52,6 +57,7 @@ impl TestServer {
             .to_owned();
         Self {
             dir,
+            database,
             base,
             ca_pem,
             operator_token,
@@ -61,6 +67,15 @@ impl TestServer {
 
     pub fn data(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// The controller's database, opened beside it (on the backend of the run).
+    pub async fn storage(&self) -> powernode_controller::storage::Storage {
+        match &self.database {
+            Some(url) => powernode_controller::storage::Storage::open_postgres(url).await,
+            None => powernode_controller::storage::Storage::open(&self.data()).await,
+        }
+        .unwrap()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -300,6 +300,7 @@ pub async fn controller_on(
         cert_lifetime: lifetime,
         hostnames: Vec::new(),
         heartbeat_interval_s: 15,
+        database: None,
     };
     let running = RunningController::start(&opts).await.unwrap();
     let storage = powernode_controller::storage::Storage::open(&opts.data)

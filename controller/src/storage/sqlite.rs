@@ -1,0 +1,158 @@
+//! The embedded backend: an SQLite file in the data directory (the default; nothing to
+//! install). What only SQLite has is here: its migrations (migrations/sqlite, with the
+//! heartbeat-trim trigger and AUTOINCREMENT), its PRAGMAs, the WAL checkpoint that makes a
+//! commit durable, and `data_version`, how a connection learns that another one committed.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{AnyPool, ConnectOptions, Connection, Executor, SqliteConnection};
+
+use super::{query_err, StorageError};
+
+/// File name of the database in the data directory.
+pub const DB_FILE: &str = "controller.db";
+
+/// Connections of the pool: SQLite runs one writer at a time, so more would only queue.
+const POOL_SIZE: u32 = 4;
+
+/// What the backend keeps besides the pool.
+#[derive(Clone, Debug)]
+pub(super) struct Sqlite {
+    /// How a connection of its own is opened (the change probe); boxed, being large.
+    options: Box<SqliteConnectOptions>,
+}
+
+/// Opens (creating if needed) `DIR/controller.db` and applies the migrations.
+pub(super) async fn open(dir: &Path) -> Result<(AnyPool, Sqlite), StorageError> {
+    let path = dir.join(DB_FILE);
+    let open_err = |source| StorageError::Open {
+        database: path.display().to_string(),
+        source,
+    };
+    let options = SqliteConnectOptions::from_str("sqlite:")
+        .map_err(open_err)?
+        .filename(&path)
+        .create_if_missing(true)
+        // WAL is a property of the file: set here once, every later connection has it.
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(10));
+    let mut conn = options.connect().await.map_err(open_err)?;
+    sqlx::migrate!("./migrations/sqlite")
+        .run(&mut conn)
+        .await
+        .map_err(|source| StorageError::Migrate {
+            database: path.display().to_string(),
+            source,
+        })?;
+    conn.close().await.map_err(open_err)?;
+    super::install_drivers();
+    let pool = AnyPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        // The shared pool speaks through sqlx's Any driver, which takes a URL only: what the
+        // URL cannot say is said to each new connection.
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;
+                     PRAGMA busy_timeout = 10000;",
+                )
+                .await
+                .map(drop)
+            })
+        })
+        .connect(&url_of(&path)?)
+        .await
+        .map_err(open_err)?;
+    Ok((
+        pool,
+        Sqlite {
+            options: Box::new(options),
+        },
+    ))
+}
+
+/// `sqlite://PATH` with PATH percent-encoded (sqlx decodes it), so a file name with `?`, `#`
+/// or `%` stays itself.
+fn url_of(path: &Path) -> Result<String, StorageError> {
+    let text = path.to_str().ok_or_else(|| StorageError::Open {
+        database: path.display().to_string(),
+        source: sqlx::Error::Configuration("the database path is not UTF-8".into()),
+    })?;
+    let mut url = String::from("sqlite://");
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"/._-~".contains(&byte) {
+            url.push(char::from(byte));
+        } else {
+            url.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    Ok(url)
+}
+
+impl Sqlite {
+    /// Makes everything committed so far survive a power loss. The database runs WAL with
+    /// `synchronous=NORMAL` (a commit does not wait for a disk sync: heartbeats, the bulk of
+    /// writes, may lose their last second in a power cut), but credentials and desired state
+    /// must not: after such a change, a checkpoint syncs the WAL (SQLite syncs it before every
+    /// checkpoint in this mode) and with it the change.
+    pub(super) async fn durable(
+        &self,
+        pool: &AnyPool,
+        what: &'static str,
+    ) -> Result<(), StorageError> {
+        sqlx::query("PRAGMA wal_checkpoint(FULL)")
+            .execute(pool)
+            .await
+            .map_err(query_err(what))?;
+        Ok(())
+    }
+
+    /// A connection nobody else uses, whose `PRAGMA data_version` changes exactly when another
+    /// connection commits.
+    pub(super) async fn probe(&self) -> Result<DataVersion, StorageError> {
+        let conn = self
+            .options
+            .connect()
+            .await
+            .map_err(query_err("open the change probe"))?;
+        Ok(DataVersion {
+            conn,
+            version: None,
+        })
+    }
+}
+
+/// See [`Sqlite::probe`].
+#[derive(Debug)]
+pub struct DataVersion {
+    conn: SqliteConnection,
+    version: Option<i64>,
+}
+
+impl DataVersion {
+    /// Whether anything was committed since the last call (true on the first).
+    pub async fn changed(&mut self) -> Result<bool, StorageError> {
+        let now: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(query_err("data_version"))?;
+        Ok(self.version.replace(now) != Some(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_path_is_percent_encoded_into_the_url() {
+        let url = url_of(Path::new("/tmp/a b/c?d#e%f/controller.db")).unwrap();
+        assert_eq!(url, "sqlite:///tmp/a%20b/c%3Fd%23e%25f/controller.db");
+    }
+}
