@@ -20,8 +20,9 @@ use crate::wire::{
 use powernode_types::Severity;
 
 pub use sqlite::DB_FILE;
-/// Heartbeats kept per node, the latest included. Enforced by the `heartbeats_trim` trigger
-/// (migration 0002), whose `OFFSET 100` must stay equal to this.
+/// Heartbeats kept per node, the latest included. Enforced by each backend's `heartbeats_trim`
+/// trigger (SQLite's migration 0002, PostgreSQL's 0001), whose `OFFSET 100` must stay equal
+/// to this.
 pub const HEARTBEAT_HISTORY: i64 = 100;
 /// Events `node show` lists.
 pub const NODE_SHOW_EVENTS: u32 = 10;
@@ -354,8 +355,8 @@ mod tasks;
 pub use networks::{Bumped, Left, Member, MemberDetail, Network, NetworkDetail, Outcome};
 pub use scripts::Script;
 pub use tasks::{
-    state as task_state, ChangeProbe, Completed, Completion, Lease, NewTask, Task, TaskQuery,
-    TaskRefusal, WatchState,
+    state as task_state, ChangeProbe, Changes, Completed, Completion, Lease, NewTask, Task,
+    TaskQuery, TaskRefusal, WatchState,
 };
 
 /// Handle on the database; cheap to clone.
@@ -661,7 +662,7 @@ impl Storage {
     }
 
     /// Stores a heartbeat. The history is trimmed to [`HEARTBEAT_HISTORY`] rows per node by
-    /// the `heartbeats_trim` trigger (migration 0002) within this one statement.
+    /// the `heartbeats_trim` trigger within this one statement.
     pub async fn record_heartbeat(
         &self,
         node_id: &str,

@@ -3,12 +3,13 @@
 //!
 //! A held watch is a future parked on a [`tokio::sync::watch`] receiver: no thread, a few
 //! hundred bytes. The scanner notices a change however it was made — by this process's
-//! operator API (which also pokes it, so there is no wait), by the CLI writing the database
-//! from another process, or by a lease expiring — through SQLite's `data_version` on a
-//! connection of its own, looked at every [`SCAN_INTERVAL`]; then one query reads every
-//! node's state and the watchers of the nodes whose state changed are woken. Expired leases
-//! are swept every [`SWEEP_INTERVAL`], which returns their tasks to the queue and so wakes
-//! their node's watch too.
+//! operator API (which also pokes it, so there is no wait), by another replica, or by a lease
+//! expiring — through the database's own account of which nodes' watch states changed
+//! ([`crate::storage::ChangeProbe`]: SQLite's change log, PostgreSQL's notifications), looked
+//! at every [`SCAN_INTERVAL`]; then it reads the state of those nodes that are watched, and
+//! wakes the watchers of those whose state changed. A heartbeat changes no watch state and
+//! costs the scanner nothing. Expired leases are swept every [`SWEEP_INTERVAL`], which returns
+//! their tasks to the queue and so wakes their node's watch too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,14 @@ use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use crate::storage::{Storage, WatchState};
+use crate::storage::{Changes, Storage, WatchState};
 
-/// How often the scanner asks SQLite whether anything was committed.
+/// How often the scanner asks the database what changed.
 pub const SCAN_INTERVAL: Duration = Duration::from_millis(100);
 /// How often expired task leases are swept back to the queue (or failed).
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Changed nodes read one by one up to this many; past it, one query reads them all.
+const READ_ONE_BY_ONE: usize = 64;
 
 /// The watched nodes' states; shared by the watch handlers and the scanner.
 #[derive(Debug, Default)]
@@ -88,11 +91,11 @@ impl WatchHub {
         let mut probe = None;
         let mut last_sweep = Instant::now();
         loop {
-            let poked = tokio::select! {
+            tokio::select! {
                 () = closing.cancelled() => return,
-                () = self.poke.notified() => true,
-                () = tokio::time::sleep(SCAN_INTERVAL) => false,
-            };
+                () = self.poke.notified() => {}
+                () = tokio::time::sleep(SCAN_INTERVAL) => {}
+            }
             if last_sweep.elapsed() >= SWEEP_INTERVAL {
                 last_sweep = Instant::now();
                 if let Err(err) = storage.expire_leases(crate::now_ms()).await {
@@ -109,21 +112,65 @@ impl WatchHub {
                 }
             }
             let Some(p) = probe.as_mut() else { continue };
-            let changed = match p.changed().await {
-                Ok(changed) => changed,
+            let changes = match p.changed().await {
+                Ok(changes) => changes,
                 Err(err) => {
                     tracing::warn!(error = %err, "watch scanner lost its connection");
                     probe = None;
                     continue;
                 }
             };
-            if !(changed || poked) || self.watched() == 0 {
-                continue;
+            if let Err(err) = self.refresh(&storage, changes).await {
+                tracing::warn!(error = %err, "reading the watched states failed");
+                // Read everything again with a new probe: what the failed read was to tell
+                // must not be lost.
+                probe = None;
             }
-            match storage.watch_states().await {
-                Ok(states) => self.update(&states),
-                Err(err) => tracing::warn!(error = %err, "reading the watched states failed"),
+        }
+    }
+
+    /// Reads the state of the watched nodes among `changes` and hands it to their watchers.
+    async fn refresh(
+        &self,
+        storage: &Storage,
+        changes: Changes,
+    ) -> Result<(), crate::storage::StorageError> {
+        let nodes = match changes {
+            Changes::None => return Ok(()),
+            Changes::All => None,
+            Changes::Nodes(nodes) => Some(self.watched_among(nodes)),
+        };
+        match nodes {
+            Some(nodes) if nodes.is_empty() => {}
+            Some(nodes) if nodes.len() <= READ_ONE_BY_ONE => {
+                for node in nodes {
+                    let state = storage.watch_state(&node).await?;
+                    self.set(&node, state);
+                }
             }
+            _ if self.watched() == 0 => {}
+            _ => self.update(&storage.watch_states().await?),
+        }
+        Ok(())
+    }
+
+    /// Those of `nodes` that are watched now.
+    fn watched_among(&self, nodes: std::collections::HashSet<String>) -> Vec<String> {
+        let held = self.lock();
+        nodes
+            .into_iter()
+            .filter(|node| held.get(node).is_some_and(|s| s.receiver_count() > 0))
+            .collect()
+    }
+
+    /// Hands `node`'s watchers `state` (just read), waking them if it changed.
+    fn set(&self, node: &str, state: WatchState) {
+        if let Some(sender) = self.lock().get(node) {
+            sender.send_if_modified(|held| {
+                let changed = *held != state;
+                *held = state;
+                changed
+            });
         }
     }
 }

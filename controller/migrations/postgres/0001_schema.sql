@@ -151,17 +151,29 @@ CREATE TABLE node_network_reports (
     changed_at_ms BIGINT NOT NULL
 );
 
--- What a held watch waits on (a node's desired generation and its queued tasks), announced
--- to every replica at commit: each replica's watch scanner LISTENs on powernode_changes
--- (storage::postgres). SQLite needs none of this: its replica is the only writer, and its
--- scanner reads PRAGMA data_version.
+-- What a held watch waits on — a node's desired-state generation and whether it has queued
+-- tasks — announced to every replica at commit, the node's id as payload: each replica's watch
+-- scanner LISTENs on powernode_changes (storage::postgres) and looks again at those nodes
+-- alone. SQLite's twin is migrations/sqlite/0009_watch_changes.sql.
 CREATE FUNCTION powernode_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('powernode_changes', '');
+    IF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('powernode_changes', OLD.node_id);
+    ELSE
+        PERFORM pg_notify('powernode_changes', NEW.node_id);
+    END IF;
     RETURN NULL;
 END
 $$;
-CREATE TRIGGER desired_state_changed AFTER INSERT OR UPDATE OR DELETE ON desired_state
-    FOR EACH STATEMENT EXECUTE FUNCTION powernode_changed();
-CREATE TRIGGER tasks_changed AFTER INSERT OR UPDATE OR DELETE ON tasks
-    FOR EACH STATEMENT EXECUTE FUNCTION powernode_changed();
+CREATE TRIGGER desired_state_watch_insert AFTER INSERT ON desired_state
+    FOR EACH ROW EXECUTE FUNCTION powernode_changed();
+CREATE TRIGGER desired_state_watch_update AFTER UPDATE OF generation ON desired_state
+    FOR EACH ROW WHEN (NEW.generation IS DISTINCT FROM OLD.generation)
+    EXECUTE FUNCTION powernode_changed();
+CREATE TRIGGER tasks_watch_insert AFTER INSERT ON tasks
+    FOR EACH ROW WHEN (NEW.state = 'queued') EXECUTE FUNCTION powernode_changed();
+CREATE TRIGGER tasks_watch_update AFTER UPDATE OF state ON tasks
+    FOR EACH ROW WHEN ((OLD.state = 'queued') <> (NEW.state = 'queued'))
+    EXECUTE FUNCTION powernode_changed();
+CREATE TRIGGER tasks_watch_delete AFTER DELETE ON tasks
+    FOR EACH ROW WHEN (OLD.state = 'queued') EXECUTE FUNCTION powernode_changed();

@@ -1,12 +1,12 @@
 //! The backend for several replicas: a PostgreSQL database (`serve --database postgres://…`)
 //! that any number of controllers share. What only PostgreSQL has is here: its migrations
 //! (migrations/postgres, with its own heartbeat-trim and change-notification triggers) and
-//! `LISTEN powernode_changes`, how a replica learns that another one changed what a held
-//! watch waits on. A commit is durable when it returns (`synchronous_commit` is on by default):
+//! `LISTEN powernode_changes`, how a replica learns which nodes another one changed in what a
+//! held watch waits on. A commit is durable when it returns (`synchronous_commit` is on by default):
 //! nothing more to do for credentials and desired state.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -14,7 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 use tokio::task::JoinHandle;
 
-use super::{query_err, StorageError};
+use super::{query_err, Changes, StorageError};
 
 /// The channel the migrations' triggers notify on.
 pub const CHANGES_CHANNEL: &str = "powernode_changes";
@@ -86,26 +86,54 @@ impl Postgres {
             .listen(CHANGES_CHANNEL)
             .await
             .map_err(query_err("listen for changes"))?;
-        // Set before the first call: the caller has not looked yet.
-        let flag = Arc::new(AtomicBool::new(true));
-        let task = tokio::spawn(listen(listener, Arc::clone(&flag)));
-        Ok(Notifications { flag, task })
+        // Everything, on the first look: the caller has not read anything yet.
+        let heard = Arc::new(Mutex::new(Heard {
+            all: true,
+            nodes: HashSet::new(),
+        }));
+        let task = tokio::spawn(listen(listener, Arc::clone(&heard)));
+        Ok(Notifications { heard, task })
     }
 }
 
-/// Raises `flag` on every notification, and whenever the connection was lost (notifications
-/// sent meanwhile are gone, so something may have changed).
-async fn listen(mut listener: PgListener, flag: Arc<AtomicBool>) {
+/// Nodes named by notifications not yet taken.
+#[derive(Debug)]
+struct Heard {
+    /// Anything may have changed (the first look; a lost connection; too many nodes).
+    all: bool,
+    nodes: HashSet<String>,
+}
+
+/// Nodes held before [`Heard`] gives up naming them and says "all": a bound on memory when
+/// nobody takes them.
+const MAX_HEARD: usize = 10_000;
+
+/// Keeps `heard` up to date: each notification's node, and "all" whenever the connection was
+/// lost (notifications sent meanwhile are gone).
+async fn listen(mut listener: PgListener, heard: Arc<Mutex<Heard>>) {
+    let lost = |heard: &Mutex<Heard>| {
+        let mut heard = heard.lock().unwrap_or_else(|e| e.into_inner());
+        heard.all = true;
+        heard.nodes.clear();
+    };
     loop {
         match listener.try_recv().await {
-            Ok(Some(_)) => flag.store(true, Ordering::Release),
+            Ok(Some(notification)) => {
+                let mut heard = heard.lock().unwrap_or_else(|e| e.into_inner());
+                if heard.nodes.len() >= MAX_HEARD {
+                    heard.all = true;
+                    heard.nodes.clear();
+                } else if !heard.all {
+                    heard.nodes.insert(notification.payload().to_owned());
+                }
+            }
             Ok(None) => {
                 tracing::warn!("the change listener lost its connection; reconnecting");
-                flag.store(true, Ordering::Release);
+                lost(&heard);
             }
             Err(err) => {
                 tracing::warn!(error = %err, "the change listener failed; retrying in 1 s");
-                flag.store(true, Ordering::Release);
+                lost(&heard);
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -115,14 +143,22 @@ async fn listen(mut listener: PgListener, flag: Arc<AtomicBool>) {
 /// See [`Postgres::probe`]; the listening task ends with it.
 #[derive(Debug)]
 pub struct Notifications {
-    flag: Arc<AtomicBool>,
+    heard: Arc<Mutex<Heard>>,
     task: JoinHandle<()>,
 }
 
 impl Notifications {
-    /// Whether a change was announced since the last call (true on the first).
-    pub fn changed(&self) -> bool {
-        self.flag.swap(false, Ordering::AcqRel)
+    /// The nodes announced since the last call; [`Changes::All`] on the first.
+    pub fn changed(&self) -> Changes {
+        let mut heard = self.heard.lock().unwrap_or_else(|e| e.into_inner());
+        if std::mem::take(&mut heard.all) {
+            heard.nodes.clear();
+            Changes::All
+        } else if heard.nodes.is_empty() {
+            Changes::None
+        } else {
+            Changes::Nodes(std::mem::take(&mut heard.nodes))
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! The embedded backend: an SQLite file in the data directory (the default; nothing to
 //! install). What only SQLite has is here: its migrations (migrations/sqlite, with the
 //! heartbeat-trim trigger and AUTOINCREMENT), its PRAGMAs, the WAL checkpoint that makes a
-//! commit durable, and `data_version`, how a connection learns that another one committed.
+//! commit durable, and the watch change log its triggers write.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -11,7 +11,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions, Connection, Executor, SqliteConnection};
 
-use super::{query_err, StorageError};
+use super::{query_err, Changes, StorageError};
 
 /// File name of the database in the data directory.
 pub const DB_FILE: &str = "controller.db";
@@ -113,36 +113,52 @@ impl Sqlite {
         Ok(())
     }
 
-    /// A connection nobody else uses, whose `PRAGMA data_version` changes exactly when another
-    /// connection commits.
-    pub(super) async fn probe(&self) -> Result<DataVersion, StorageError> {
+    /// A connection of its own that reads the watch change log (migration 0009).
+    pub(super) async fn probe(&self) -> Result<ChangeLog, StorageError> {
         let conn = self
             .options
             .connect()
             .await
             .map_err(query_err("open the change probe"))?;
-        Ok(DataVersion {
-            conn,
-            version: None,
-        })
+        Ok(ChangeLog { conn, last: None })
     }
 }
 
-/// See [`Sqlite::probe`].
+/// See [`Sqlite::probe`]: the rows of `watch_changes` past the last one read, each naming a
+/// node whose watch state may have changed. SQLite has one writer at a time, so rows commit in
+/// `seq` order and none can appear below one already read.
 #[derive(Debug)]
-pub struct DataVersion {
+pub struct ChangeLog {
     conn: SqliteConnection,
-    version: Option<i64>,
+    /// The newest row read (and deleted); `None` before the first look.
+    last: Option<i64>,
 }
 
-impl DataVersion {
-    /// Whether anything was committed since the last call (true on the first).
-    pub async fn changed(&mut self) -> Result<bool, StorageError> {
-        let now: i64 = sqlx::query_scalar("PRAGMA data_version")
-            .fetch_one(&mut self.conn)
+impl ChangeLog {
+    /// The nodes named since the last call; [`Changes::All`] on the first.
+    pub async fn changed(&mut self) -> Result<Changes, StorageError> {
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, node_id FROM watch_changes WHERE seq > $1 ORDER BY seq")
+                .bind(self.last.unwrap_or(0))
+                .fetch_all(&mut self.conn)
+                .await
+                .map_err(query_err("read watch changes"))?;
+        let first = self.last.is_none();
+        let Some(&(newest, _)) = rows.last() else {
+            self.last = Some(self.last.unwrap_or(0));
+            return Ok(if first { Changes::All } else { Changes::None });
+        };
+        sqlx::query("DELETE FROM watch_changes WHERE seq <= $1")
+            .bind(newest)
+            .execute(&mut self.conn)
             .await
-            .map_err(query_err("data_version"))?;
-        Ok(self.version.replace(now) != Some(now))
+            .map_err(query_err("delete read watch changes"))?;
+        self.last = Some(newest);
+        Ok(if first {
+            Changes::All
+        } else {
+            Changes::Nodes(rows.into_iter().map(|(_, node)| node).collect())
+        })
     }
 }
 

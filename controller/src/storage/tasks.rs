@@ -565,19 +565,30 @@ impl Storage {
     }
 }
 
-/// See [`Storage::change_probe`]: SQLite's `PRAGMA data_version` on a connection nobody else
-/// uses, or PostgreSQL's `LISTEN`.
+/// What may have changed in the watch states since a [`ChangeProbe`] last looked.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Changes {
+    /// Nothing.
+    None,
+    /// The watch states of these nodes (and no others).
+    Nodes(std::collections::HashSet<String>),
+    /// Anything: the first look, or notifications were lost.
+    All,
+}
+
+/// See [`Storage::change_probe`]: SQLite's change log (migration 0009) on a connection of its
+/// own, or PostgreSQL's `LISTEN`.
 #[derive(Debug)]
 pub enum ChangeProbe {
     /// On SQLite.
-    Sqlite(super::sqlite::DataVersion),
+    Sqlite(super::sqlite::ChangeLog),
     /// On PostgreSQL.
     Postgres(super::postgres::Notifications),
 }
 
 impl ChangeProbe {
-    /// Whether anything was committed since the last call (true on the first).
-    pub async fn changed(&mut self) -> Result<bool, StorageError> {
+    /// What may have changed since the last call ([`Changes::All`] on the first).
+    pub async fn changed(&mut self) -> Result<Changes, StorageError> {
         match self {
             Self::Sqlite(probe) => probe.changed().await,
             Self::Postgres(probe) => Ok(probe.changed()),
