@@ -209,10 +209,42 @@ pub struct Reopened {
 /// What loading a checkpoint directory found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// Valid items: key and payload.
+    /// Valid items: key and payload (of the current schema version).
     pub items: Vec<(String, Vec<u8>)>,
     /// Files that were moved aside.
     pub quarantined: Vec<Quarantined>,
+    /// Keys among `items` whose files hold an earlier schema version, upgraded on the way in:
+    /// their files are still the old ones until written again.
+    pub upgraded: Vec<(String, u32)>,
+}
+
+/// Brings a payload of an earlier schema version (the first argument) to the current one, or
+/// says it cannot (`None`): a topic's [`powernode_types::Topic::upgrade`], re-encoded.
+pub type Upgrade = fn(u32, &[u8]) -> Option<Vec<u8>>;
+
+/// The [`Upgrade`] of topic `T`.
+pub fn upgrade_of<T: powernode_types::Topic>() -> Upgrade {
+    |version, payload| T::upgrade(version, payload).and_then(|item| postcard::to_stdvec(&item).ok())
+}
+
+/// The payload of `bytes` as `topic` at `schema_version`: read as it is when written at that
+/// version, through `upgrade` when written at an earlier one (`Ok((payload, Some(found)))`).
+fn decode_upgrading(
+    bytes: &[u8],
+    topic: &str,
+    schema_version: u32,
+    upgrade: Upgrade,
+) -> Result<(Vec<u8>, Option<u32>), CheckpointError> {
+    match decode_for(bytes, topic, schema_version) {
+        Ok(payload) => Ok((payload.to_vec(), None)),
+        Err(CheckpointError::WrongSchema { found, expected }) if found < expected => {
+            let payload = decode(bytes)?.payload;
+            upgrade(found, payload)
+                .map(|current| (current, Some(found)))
+                .ok_or(CheckpointError::WrongSchema { found, expected })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A topic's checkpoint directory, held open so each write costs one directory fsync by fd.
@@ -374,13 +406,16 @@ impl CheckpointDir {
     }
 
     /// Loads every valid item, moves every bad file to [`QUARANTINE_DIR`] and deletes temp
-    /// files a crash left behind. `check` vets each payload that passed the file's own checks
-    /// (the publisher decodes it as its type): a payload it refuses is quarantined too, and so
-    /// is any entry that is not a regular file named by a valid key.
+    /// files a crash left behind. A file of an earlier schema version is read through
+    /// `upgrade` (and listed in [`Loaded::upgraded`]); one it cannot read is bad. `check` vets
+    /// each payload that passed the file's own checks (the publisher decodes it as its type):
+    /// a payload it refuses is quarantined too, and so is any entry that is not a regular file
+    /// named by a valid key.
     pub fn load(
         &self,
         topic: &str,
         schema_version: u32,
+        upgrade: Upgrade,
         check: impl Fn(&[u8]) -> Result<(), String>,
     ) -> io::Result<Loaded> {
         let mut loaded = Loaded::default();
@@ -419,12 +454,17 @@ impl CheckpointDir {
                 Err(e) => return Err(at(&entry.path(), e)),
             };
             let verdict = bytes.and_then(|bytes| {
-                decode_for(&bytes, topic, schema_version)
+                decode_upgrading(&bytes, topic, schema_version, upgrade)
                     .map_err(|e| e.to_string())
-                    .and_then(|payload| check(payload).map(|()| payload.to_vec()))
+                    .and_then(|(payload, from)| check(&payload).map(|()| (payload, from)))
             });
             match verdict {
-                Ok(payload) => loaded.items.push((name.to_owned(), payload)),
+                Ok((payload, from)) => {
+                    if let Some(from) = from {
+                        loaded.upgraded.push((name.to_owned(), from));
+                    }
+                    loaded.items.push((name.to_owned(), payload));
+                }
                 Err(reason) => loaded.quarantined.push(self.quarantine(name, &reason)?),
             }
         }
@@ -645,13 +685,18 @@ mod tests {
 
         dir.write("undecodable", &encode("T", 1, b"u")).unwrap();
         let loaded = dir
-            .load("T", 1, |p| {
-                if p == b"u" {
-                    Err("does not decode".into())
-                } else {
-                    Ok(())
-                }
-            })
+            .load(
+                "T",
+                1,
+                |_, _| None,
+                |p| {
+                    if p == b"u" {
+                        Err("does not decode".into())
+                    } else {
+                        Ok(())
+                    }
+                },
+            )
             .unwrap();
         assert_eq!(loaded.items, vec![("good".to_owned(), b"g".to_vec())]);
         let mut keys: Vec<_> = loaded.quarantined.iter().map(|q| q.key.as_str()).collect();
@@ -663,7 +708,7 @@ mod tests {
         }
         assert!(!dir.path().join(".good.tmp").exists());
         // Loading again finds only the good file: the quarantine directory is not an item.
-        let again = dir.load("T", 1, |_| Ok(())).unwrap();
+        let again = dir.load("T", 1, |_, _| None, |_| Ok(())).unwrap();
         assert_eq!(again.items.len(), 1);
         assert!(again.quarantined.is_empty());
         // A second bad copy of the same key in the same millisecond keeps the first.
@@ -673,5 +718,46 @@ mod tests {
         let second = dir.quarantine("twice", "r").unwrap();
         assert_ne!(first.moved_to, second.moved_to);
         assert!(first.moved_to.exists() && second.moved_to.exists());
+    }
+
+    #[test]
+    fn load_upgrades_earlier_versions_it_can_read_and_quarantines_the_rest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, _) = CheckpointDir::open(tmp.path().join("T")).unwrap();
+        dir.write("current", &encode("T", 3, b"c")).unwrap();
+        dir.write("v2", &encode("T", 2, b"two")).unwrap();
+        dir.write("v1", &encode("T", 1, b"one")).unwrap();
+        dir.write("v2-bad", &encode("T", 2, b"unreadable")).unwrap();
+        dir.write("newer", &encode("T", 4, b"four")).unwrap();
+        // Reads version 2 only, and only "two".
+        let upgrade: Upgrade = |version, payload| {
+            (version == 2 && payload == b"two").then(|| b"two, upgraded".to_vec())
+        };
+        let mut loaded = dir.load("T", 3, upgrade, |_| Ok(())).unwrap();
+        loaded.items.sort();
+        assert_eq!(
+            loaded.items,
+            vec![
+                ("current".to_owned(), b"c".to_vec()),
+                ("v2".to_owned(), b"two, upgraded".to_vec()),
+            ]
+        );
+        assert_eq!(loaded.upgraded, vec![("v2".to_owned(), 2)]);
+        let mut moved: Vec<_> = loaded.quarantined.iter().map(|q| q.key.as_str()).collect();
+        moved.sort();
+        assert_eq!(moved, ["newer", "v1", "v2-bad"]);
+        // An upgraded payload is vetted like any other.
+        dir.write("v2", &encode("T", 2, b"two")).unwrap();
+        let refused = dir
+            .load("T", 3, upgrade, |p| {
+                if p == b"two, upgraded" {
+                    Err("refused".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert!(refused.upgraded.is_empty());
+        assert_eq!(refused.quarantined.len(), 1);
     }
 }

@@ -207,24 +207,45 @@ impl<T: Topic> Publication<T> {
             .map_err(|e| Error::io("open checkpoint dir", &cp_path, e))?;
         moved.extend(moved_for_dir);
         let mut loaded = checkpoints
-            .load(T::NAME, T::SCHEMA_VERSION, |payload| {
-                // A file can pass its CRC and still not be a `T` (a writer bug, a type changed
-                // without a schema bump): never serve what we could not read ourselves.
-                if payload.len() > MAX_ITEM {
-                    return Err(format!(
-                        "{} bytes, over the {MAX_ITEM}-byte item limit",
-                        payload.len()
-                    ));
-                }
-                postcard::from_bytes::<T>(payload)
-                    .map(drop)
-                    .map_err(|e| format!("does not decode as {}: {e}", T::NAME))
-            })
+            .load(
+                T::NAME,
+                T::SCHEMA_VERSION,
+                checkpoint::upgrade_of::<T>(),
+                |payload| {
+                    // A file can pass its CRC and still not be a `T` (a writer bug, a type changed
+                    // without a schema bump): never serve what we could not read ourselves.
+                    if payload.len() > MAX_ITEM {
+                        return Err(format!(
+                            "{} bytes, over the {MAX_ITEM}-byte item limit",
+                            payload.len()
+                        ));
+                    }
+                    postcard::from_bytes::<T>(payload)
+                        .map(drop)
+                        .map_err(|e| format!("does not decode as {}: {e}", T::NAME))
+                },
+            )
             .map_err(|e| Error::io("load checkpoints", &cp_path, e))?;
         moved.append(&mut loaded.quarantined);
         for q in &moved {
             tracing::error!(topic = T::NAME, key = %q.key, reason = %q.reason, moved_to = %q.moved_to.display(),
                 "bad checkpoint moved aside, not trusted");
+        }
+        // Written again at this version at once, so that subscribers reading the files find
+        // the current encoding. A failed write is no loss: the item is held and served, and
+        // its next publish writes it.
+        for (key, from) in &loaded.upgraded {
+            let payload = loaded.items.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+            let written = payload.map(|v| {
+                checkpoints.write(key, &checkpoint::encode(T::NAME, T::SCHEMA_VERSION, v))
+            });
+            match written {
+                Some(Ok(_)) => tracing::info!(topic = T::NAME, %key, from_version = from,
+                    to_version = T::SCHEMA_VERSION, "checkpoint of an earlier schema version upgraded"),
+                Some(Err(e)) => tracing::warn!(topic = T::NAME, %key, error = %e,
+                    "upgraded checkpoint not written again; its next publish will"),
+                None => {}
+            }
         }
         let state = State {
             table: loaded

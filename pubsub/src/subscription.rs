@@ -95,6 +95,8 @@ pub struct RawSubscription {
     socket: PathBuf,
     /// Schema version the caller reads; a publisher with another one is refused.
     expect_schema: Option<u32>,
+    /// Reads checkpoint files of an earlier schema version (typed subscriptions).
+    upgrade: Option<checkpoint::Upgrade>,
     /// Read checkpoint files before the publisher is up (persistent topics).
     read_files_first: bool,
     options: SubscribeOptions,
@@ -130,6 +132,7 @@ impl RawSubscription {
             topic: topic.to_owned(),
             socket: dirs.socket(agent, topic),
             expect_schema,
+            upgrade: None,
             read_files_first: persistent,
             backoff: options.min_backoff,
             retry_at: None,
@@ -147,6 +150,14 @@ impl RawSubscription {
     pub fn with_options(mut self, options: SubscribeOptions) -> Self {
         self.backoff = options.min_backoff;
         self.options = options;
+        self
+    }
+
+    /// Reads checkpoint files of a schema version below the expected one through `upgrade`
+    /// instead of skipping them: files written before an upgrade of the agents, which the
+    /// publisher has not written again yet (it does when it opens).
+    pub fn reading_earlier_versions(mut self, upgrade: checkpoint::Upgrade) -> Self {
+        self.upgrade = Some(upgrade);
         self
     }
 
@@ -370,8 +381,21 @@ impl RawSubscription {
             }
         };
         for item in items {
-            match item.payload {
-                Ok((schema, value)) if self.expect_schema.is_none_or(|v| v == schema) => {
+            let value = match item.payload {
+                Ok((schema, value)) if self.expect_schema.is_none_or(|v| v == schema) => Ok(value),
+                // Written before an upgrade, not yet rewritten by the publisher.
+                Ok((schema, value)) if self.expect_schema.is_some_and(|v| schema < v) => self
+                    .upgrade
+                    .and_then(|upgrade| upgrade(schema, &value))
+                    .ok_or(schema),
+                Ok((schema, _)) => Err(schema),
+                Err(e) => {
+                    tracing::warn!(key = %item.key, error = %e, "bad checkpoint skipped");
+                    continue;
+                }
+            };
+            match value {
+                Ok(value) => {
                     self.held.insert(item.key.clone());
                     self.queue.push_back(RawEvent::Update {
                         key: item.key,
@@ -379,10 +403,9 @@ impl RawSubscription {
                         from_checkpoint: true,
                     });
                 }
-                Ok((schema, _)) => {
+                Err(schema) => {
                     tracing::warn!(key = %item.key, schema, "checkpoint of another schema version skipped")
                 }
-                Err(e) => tracing::warn!(key = %item.key, error = %e, "bad checkpoint skipped"),
             }
         }
     }
@@ -447,7 +470,8 @@ impl<T: Topic> Subscription<T> {
     /// Subscribes to the topic `T` published by `agent`; connects on the first `next`.
     pub fn connect(dirs: &Dirs, agent: &str) -> Self {
         Subscription {
-            raw: RawSubscription::new(dirs, agent, T::NAME, Some(T::SCHEMA_VERSION), T::PERSISTENT),
+            raw: RawSubscription::new(dirs, agent, T::NAME, Some(T::SCHEMA_VERSION), T::PERSISTENT)
+                .reading_earlier_versions(checkpoint::upgrade_of::<T>()),
             items: BTreeMap::new(),
             synchronized: false,
             _topic: PhantomData,

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::topic::upgrade_from;
 use crate::{Topic, GLOBAL_KEY};
 
 /// The node's identity and the bootstrap facts found alongside it, published by identitymgr.
@@ -23,8 +24,9 @@ pub struct NodeIdentity {
     pub dmi_uuid: Option<String>,
     /// One-time token for enrollment, when a source provided one.
     pub bootstrap_token: Option<String>,
-    /// Controller URL, when a source provided one (overrides configuration).
-    pub controller_url: Option<String>,
+    /// The controller's URLs, in the order to try them, when a source provided any; empty
+    /// when none did. `[controller] url` in the settings overrides them.
+    pub controller_urls: Vec<String>,
     /// PEM CA bundle to trust for the controller, when a source provided one.
     pub ca_pem: Option<String>,
     /// Why the cascade failed or which source misbehaved, if any.
@@ -67,9 +69,50 @@ pub enum IdentitySource {
 
 impl Topic for NodeIdentity {
     const NAME: &'static str = "NodeIdentity";
-    const SCHEMA_VERSION: u32 = 1;
+    /// 2: `controller_urls` (a list) instead of `controller_url`.
+    const SCHEMA_VERSION: u32 = 2;
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         GLOBAL_KEY.to_owned()
+    }
+    fn upgrade(schema_version: u32, payload: &[u8]) -> Option<Self> {
+        match schema_version {
+            1 => upgrade_from::<NodeIdentityV1, _>(payload),
+            _ => None,
+        }
+    }
+}
+
+/// [`NodeIdentity`] as schema version 1 encoded it: one controller URL at most.
+#[derive(Deserialize)]
+struct NodeIdentityV1 {
+    state: IdentityState,
+    uuid: Option<String>,
+    source: Option<IdentitySource>,
+    boot_id: String,
+    hostname: String,
+    arch: String,
+    dmi_uuid: Option<String>,
+    bootstrap_token: Option<String>,
+    controller_url: Option<String>,
+    ca_pem: Option<String>,
+    last_error: Option<String>,
+}
+
+impl From<NodeIdentityV1> for NodeIdentity {
+    fn from(v1: NodeIdentityV1) -> NodeIdentity {
+        NodeIdentity {
+            state: v1.state,
+            uuid: v1.uuid,
+            source: v1.source,
+            boot_id: v1.boot_id,
+            hostname: v1.hostname,
+            arch: v1.arch,
+            dmi_uuid: v1.dmi_uuid,
+            bootstrap_token: v1.bootstrap_token,
+            controller_urls: v1.controller_url.into_iter().collect(),
+            ca_pem: v1.ca_pem,
+            last_error: v1.last_error,
+        }
     }
 }

@@ -6,8 +6,9 @@
 //! Items are encoded with `postcard` on the wire and in checkpoints. postcard is not
 //! self-describing, so topic types use no `serde_json::Value`, `#[serde(flatten)]`,
 //! `#[serde(untagged)]` or `skip_serializing_if`; fields are only added by bumping
-//! [`Topic::SCHEMA_VERSION`], which `tests/golden.rs` enforces. Times are `u64` unix
-//! milliseconds in fields named `*_ms`.
+//! [`Topic::SCHEMA_VERSION`], which `tests/golden.rs` enforces; a type whose checkpoints must
+//! outlive an upgrade reads its previous version through [`Topic::upgrade`]. Times are `u64`
+//! unix milliseconds in fields named `*_ms`.
 //!
 //! | topic | key | published by | module |
 //! |---|---|---|---|

@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 
 /// Who the node says it is at enrollment.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Identity {
     /// Stable identity uuid (from identitymgr); the key a node is found by on re-enrollment.
     pub uuid: String,
@@ -20,6 +21,7 @@ pub struct Identity {
 
 /// `POST /node_api/v1/enroll`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     /// The bootstrap token the operator created.
     pub bootstrap_token: String,
@@ -33,6 +35,7 @@ pub struct EnrollRequest {
 
 /// Reply to enroll.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollResponse {
     /// The node's id: the CN of its certificate.
     pub node_id: String,
@@ -46,6 +49,7 @@ pub struct EnrollResponse {
 
 /// `POST /node_api/v1/certificates/rotate`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotateRequest {
     /// CSR for the node's new key, PEM.
     pub csr_pem: String,
@@ -53,6 +57,7 @@ pub struct RotateRequest {
 
 /// Reply to rotate.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotateResponse {
     /// The new certificate, PEM.
     pub cert_pem: String,
@@ -64,6 +69,7 @@ pub struct RotateResponse {
 
 /// Memory figures of a heartbeat.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Memory {
     /// Total memory in bytes.
     pub total_bytes: u64,
@@ -73,6 +79,7 @@ pub struct Memory {
 
 /// One module as the node reports it.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ModuleReport {
     /// Module name.
     pub name: String,
@@ -98,6 +105,7 @@ pub struct ModuleReport {
 
 /// `POST /node_api/v1/status/heartbeat`. Only `boot_id` and `agent_version` are required.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatRequest {
     /// Kernel boot id.
     pub boot_id: String,
@@ -120,9 +128,11 @@ pub struct HeartbeatRequest {
     pub modules: Vec<ModuleReport>,
     /// Mount state, an object the controller stores as is.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub mounts: Option<Map<String, Value>>,
     /// Network state, an object the controller stores as is.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub network: Option<Map<String, Value>>,
     /// The desired-state generation the node has applied.
     #[serde(default)]
@@ -136,6 +146,7 @@ pub struct HeartbeatRequest {
 /// Where the node's enrollment and certificate rotation stand: what `node show` prints as
 /// "certificate: expires …, rotation failing since … (N attempts): error".
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollmentReport {
     /// enrollmgr's state, as its name (`Enrolled`, `RotationFailing`, …): text, so that a
     /// state added later does not make an older controller refuse the heartbeat.
@@ -209,6 +220,7 @@ fn cut(text: &mut String, max: usize) {
 /// A module the controller wants on a node (mirrors `powernode_types::ModuleConfig` without
 /// its generation, which travels once for the whole desired state).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DesiredModule {
     /// Module name, unique within the list.
@@ -222,6 +234,7 @@ pub struct DesiredModule {
 
 /// One WireGuard peer of the desired network.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WgPeer {
     /// Public key, base64.
@@ -239,6 +252,7 @@ pub struct WgPeer {
 /// The overlay network the controller wants on a node (mirrors `powernode_types::NetworkConfig`
 /// without its generation).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct DesiredNetwork {
     /// Interface name, e.g. `pn0`.
@@ -259,6 +273,7 @@ pub struct DesiredNetwork {
 
 /// One port forward of a node (mirrors `powernode_types::PortForward`).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PortForward {
     /// `tcp` or `udp`.
@@ -271,6 +286,7 @@ pub struct PortForward {
 
 /// The desired state of a node: what a heartbeat reply carries.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DesiredState {
     /// Bumped by every change; the node reports the one it applied.
     pub generation: u64,
@@ -282,6 +298,7 @@ pub struct DesiredState {
 
 /// Reply to a heartbeat.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// The controller's clock, milliseconds since the epoch.
     pub server_time_ms: i64,
@@ -294,6 +311,7 @@ pub struct HeartbeatResponse {
 /// One event as it travels to the controller (`POST /events`): the node's [`crate::Event`]
 /// and what its journal knows of it.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EventRecord {
     /// Globally unique id: the controller accepts a repeated id once.
@@ -344,6 +362,7 @@ pub mod event_limits {
 
 /// `POST /events`: a batch, oldest first.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct EventsRequest {
     /// The events.
@@ -353,6 +372,7 @@ pub struct EventsRequest {
 /// Reply to `POST /events`: every event of the batch is stored (`accepted` new ones,
 /// `duplicates` already held).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EventsResponse {
     /// Events stored by this call.
     pub accepted: u64,
@@ -381,6 +401,7 @@ pub mod task_limits {
 
 /// `POST /tasks/lease`: up to `max` of the node's queued tasks.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskLeaseRequest {
     /// How many tasks the node takes at most (1 to [`task_limits::MAX_LEASE`]).
@@ -390,6 +411,7 @@ pub struct TaskLeaseRequest {
 /// A task leased to the calling node: it is the node's until `lease_expires_at_ms`, which
 /// `POST /tasks/{id}/renew` moves on; past it the controller may give it out again.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LeasedTask {
     /// The controller's task id.
@@ -408,6 +430,7 @@ pub struct LeasedTask {
 
 /// Reply to `POST /tasks/lease`: the tasks leased, oldest first; empty when none is queued.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskLeaseResponse {
     /// The tasks now leased to the node.
@@ -416,6 +439,7 @@ pub struct TaskLeaseResponse {
 
 /// How a task ended on the node.
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum TaskOutcome {
     /// It did what it was asked.
     Succeeded,
@@ -428,6 +452,7 @@ pub enum TaskOutcome {
 
 /// `POST /tasks/{id}/complete`.
 #[derive(Clone, Debug, Deserialize, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskCompleteRequest {
     /// How it ended.
@@ -441,6 +466,7 @@ pub struct TaskCompleteRequest {
 /// answered the same way both times; a completion that came after the lease ran out (the task
 /// expired, was given out again or cancelled) is recorded with `late`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskCompleteResponse {
     /// The task's state: `succeeded`, `failed`, `interrupted` or `cancelled`.
@@ -451,6 +477,7 @@ pub struct TaskCompleteResponse {
 
 /// Reply to `POST /tasks/{id}/renew`.
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskRenewResponse {
     /// The lease's new end, milliseconds since the epoch (controller clock).
@@ -461,6 +488,7 @@ pub struct TaskRenewResponse {
 /// generation is past `G` or a task is queued for it, otherwise when that happens or the
 /// watch's time is up (`changed` false).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct WatchResponse {
     /// The node's desired-state generation now.
@@ -476,6 +504,7 @@ pub struct WatchResponse {
 /// controller (corrupted, or not the one it should be) cannot make it run something else.
 /// The text is UTF-8, as every script the controller stores is (docs/controller.md).
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ScriptResponse {
     /// The digest asked for, `sha256:<64 hex>`.
     pub digest: String,
@@ -505,7 +534,7 @@ mod tests {
             not_before_ms: Some(1),
             not_after_ms: Some(3),
             rotate_at_ms: Some(2),
-            controller_url: None,
+            controller_urls: Vec::new(),
             rotation_failing_since_ms: Some(2),
             rotation_attempts: 4,
             last_error: Some("é".repeat(EnrollmentReport::MAX_ERROR)),

@@ -30,6 +30,64 @@ impl Golden {
             self.failures.push(failure);
         }
     }
+
+    /// Every sample of the golden file of `T`'s schema `version` must upgrade
+    /// ([`Topic::upgrade`]) to the item at its place in `expected`: checkpoints written by the
+    /// agents before an upgrade stay readable after it.
+    fn check_upgrade<T: Topic + PartialEq + Debug>(&mut self, version: u32, expected: Vec<T>) {
+        if let Err(failure) = check_upgrade(version, &expected) {
+            self.failures.push(failure);
+        }
+    }
+}
+
+fn check_upgrade<T: Topic + PartialEq + Debug>(version: u32, expected: &[T]) -> Result<(), String> {
+    let name = T::NAME;
+    let file = format!("{name}.v{version}.hex");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(&file);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("{name}: cannot read {}: {e}", path.display()))?;
+    let golden: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    if golden.len() != expected.len() {
+        return Err(format!(
+            "{file}: {} samples, {} expected after the upgrade",
+            golden.len(),
+            expected.len()
+        ));
+    }
+    for (i, (hex, want)) in golden.iter().zip(expected).enumerate() {
+        let bytes = from_hex(hex).ok_or_else(|| format!("{file}: sample {i} is not hex"))?;
+        match T::upgrade(version, &bytes) {
+            Some(got) if &got == want => {}
+            Some(got) => {
+                return Err(format!(
+                    "{file}: sample {i} upgrades to {got:?}, not {want:?}"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{file}: sample {i} does not upgrade to {name} v{}",
+                    T::SCHEMA_VERSION
+                ))
+            }
+        }
+        // An item of the current version is not mistaken for an old one.
+        if let Ok(current) = postcard::to_stdvec(want) {
+            if current != bytes && T::upgrade(version, &current).as_ref() == Some(want) {
+                return Err(format!(
+                    "{name}: a v{} item also reads as v{version}",
+                    T::SCHEMA_VERSION
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_topic<T: Topic + PartialEq + Debug>(samples: &[T]) -> Result<(), String> {
@@ -216,6 +274,19 @@ fn s(text: &str) -> String {
     text.to_owned()
 }
 
+/// `samples` with their URL list cut to its first entry: what an item of the versions that
+/// held one URL upgrades to.
+fn first_url_only<T: Clone>(samples: &[T], urls: fn(&mut T) -> &mut Vec<String>) -> Vec<T> {
+    samples
+        .iter()
+        .cloned()
+        .map(|mut x| {
+            urls(&mut x).truncate(1);
+            x
+        })
+        .collect()
+}
+
 fn run_all(g: &mut Golden) {
     g.check(with_each(
         AgentStatus {
@@ -241,7 +312,10 @@ fn run_all(g: &mut Golden) {
         arch: s("arm64"),
         dmi_uuid: Some(s("d1d1d1d1-0000-4000-8000-000000000003")),
         bootstrap_token: Some(s("tok-abc123")),
-        controller_url: Some(s("https://controller.example:8443")),
+        controller_urls: vec![
+            s("https://controller.example:8443"),
+            s("https://controller-2.example:8443"),
+        ],
         ca_pem: Some(s(
             "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
         )),
@@ -253,9 +327,11 @@ fn run_all(g: &mut Golden) {
             .into_iter()
             .skip(1),
     );
+    // v1 held the first URL alone.
+    g.check_upgrade(1, first_url_only(&samples, |x| &mut x.controller_urls));
     g.check(samples);
 
-    g.check(with_each(
+    let enrollment = with_each(
         EnrollmentStatus {
             state: EnrollmentState::RotationFailing,
             node_id: Some(s("node-0001")),
@@ -263,16 +339,22 @@ fn run_all(g: &mut Golden) {
             not_before_ms: Some(1_700_000_000_011),
             not_after_ms: Some(1_700_000_000_012),
             rotate_at_ms: Some(1_700_000_000_013),
-            controller_url: Some(s("https://controller.example:8443")),
+            controller_urls: vec![
+                s("https://controller.example:8443"),
+                s("https://controller-2.example:8443"),
+            ],
             rotation_failing_since_ms: Some(1_700_000_000_014),
             rotation_attempts: 15,
             last_error: Some(s("rotate: 503 Service Unavailable")),
         },
         ENROLLMENT_STATES,
         |x, v| x.state = v,
-    ));
+    );
+    // v2 held the first URL alone.
+    g.check_upgrade(2, first_url_only(&enrollment, |x| &mut x.controller_urls));
+    g.check(enrollment);
 
-    g.check(vec![ControllerStatus {
+    let controller = ControllerStatus {
         reachable: true,
         last_success_ms: Some(1_700_000_000_021),
         consecutive_failures: 2,
@@ -280,7 +362,17 @@ fn run_all(g: &mut Golden) {
         heartbeat_interval_s: 30,
         applied_generation: 7,
         last_error: Some(s("heartbeat: connection reset")),
-    }]);
+        controller_url: Some(s("https://controller-2.example:8443")),
+    };
+    // v1 did not say which URL was in use.
+    g.check_upgrade(
+        1,
+        vec![ControllerStatus {
+            controller_url: None,
+            ..controller.clone()
+        }],
+    );
+    g.check(vec![controller]);
 
     g.check(vec![ModuleConfig {
         name: s("tools"),

@@ -488,13 +488,74 @@ fn check_ranges(
     Ok(())
 }
 
+/// The most controller URLs a node takes (settings or identity sources).
+pub const MAX_CONTROLLER_URLS: usize = 16;
+
+/// The entries of a comma-separated list of controller URLs (`https://a:8443,https://b:8443`),
+/// trimmed, in order, a repeated one kept once; one URL is a list of one. An empty entry
+/// (`a,,b`, a comma at either end) or more than [`MAX_CONTROLLER_URLS`] entries is an error.
+/// The URLs themselves are not checked here: the settings and identitymgr each check them
+/// their own way.
+pub fn split_url_list(value: &str) -> Result<Vec<&str>, String> {
+    if value.trim().is_empty() {
+        return Err("empty".to_owned());
+    }
+    let mut urls: Vec<&str> = Vec::new();
+    for entry in value.split(',').map(str::trim) {
+        if entry.is_empty() {
+            return Err(format!("empty entry in the URL list {value:?}"));
+        }
+        if !urls.contains(&entry) {
+            urls.push(entry);
+        }
+    }
+    if urls.len() > MAX_CONTROLLER_URLS {
+        return Err(format!(
+            "{} URLs; at most {MAX_CONTROLLER_URLS}",
+            urls.len()
+        ));
+    }
+    Ok(urls)
+}
+
+/// `[controller] url`: one URL, several comma-separated in one string, or an array of URLs;
+/// split with [`split_url_list`], so that each form means the same list.
+fn url_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct UrlList;
+    impl<'de> serde::de::Visitor<'de> for UrlList {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a URL, a comma-separated list of URLs, or an array of URLs")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Vec<String>, E> {
+            let urls = split_url_list(v).map_err(E::custom)?;
+            Ok(urls.into_iter().map(str::to_owned).collect())
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<String>, A::Error> {
+            let mut entries = Vec::new();
+            while let Some(entry) = seq.next_element::<String>()? {
+                entries.push(entry);
+            }
+            self.visit_str(&entries.join(","))
+        }
+    }
+    d.deserialize_any(UrlList)
+}
+
 /// The `[controller]` table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControllerSettings {
-    /// The controller's URL (`https://host[:port]`). Unset: the URL identitymgr discovered
-    /// (`NodeIdentity.controller_url`).
-    pub url: Option<String>,
+    /// The controller's URLs (`https://host[:port]`), in the order to try them: the node
+    /// talks to the first that answers and stays with it until it stops answering
+    /// (docs/architecture.md, "Several controllers"). In the file, `url` is one URL, several
+    /// comma-separated, or an array. Empty (unset): the URLs identitymgr discovered
+    /// (`NodeIdentity.controller_urls`).
+    #[serde(rename = "url", deserialize_with = "url_list")]
+    pub urls: Vec<String>,
     /// Limit on one request to the controller, connection included, in milliseconds
     /// (100..=120000).
     pub request_timeout_ms: u64,
@@ -510,7 +571,7 @@ pub struct ControllerSettings {
 impl Default for ControllerSettings {
     fn default() -> Self {
         ControllerSettings {
-            url: None,
+            urls: Vec::new(),
             request_timeout_ms: 10_000,
             heartbeat_interval_s: 30,
             max_backoff_s: 60,
@@ -539,7 +600,7 @@ impl ControllerSettings {
         &self,
         invalid: impl Fn(&'static str, String, &str) -> SettingsError,
     ) -> Result<(), SettingsError> {
-        if let Some(url) = &self.url {
+        for url in &self.urls {
             let host = url
                 .strip_prefix("https://")
                 .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
@@ -547,7 +608,7 @@ impl ControllerSettings {
                 return Err(invalid(
                     "controller.url",
                     quoted(url),
-                    "must be an https:// URL with a host",
+                    "each URL must be an https:// URL with a host",
                 ));
             }
         }
@@ -1073,13 +1134,18 @@ mod tests {
             "[controller]\nurl = \"https://ctl.example:8443\"\nheartbeat_interval_s = 5\n",
         )]);
         let c = got.unwrap().controller;
-        assert_eq!(c.url.as_deref(), Some("https://ctl.example:8443"));
+        assert_eq!(c.urls, ["https://ctl.example:8443"]);
         assert_eq!(c.heartbeat_interval(), Duration::from_secs(5));
         assert_eq!(c.request_timeout(), Duration::from_secs(10));
         assert_eq!(c.unreachable_after_intervals, 3);
         let bad: &[(&str, &str)] = &[
             ("url = \"http://ctl:80\"", "controller.url"),
             ("url = \"https://\"", "controller.url"),
+            ("url = \"https://a,http://b\"", "controller.url"),
+            ("url = [\"https://a\", \"http://b\"]", "controller.url"),
+            ("url = \"https://a,,https://b\"", "controller.url"),
+            ("url = []", "controller.url"),
+            ("url = 8443", "controller.url"),
             ("request_timeout_ms = 5", "controller.request_timeout_ms"),
             (
                 "heartbeat_interval_s = 0",
@@ -1101,6 +1167,68 @@ mod tests {
                 err.contains(field) && err.contains("50-ctl.toml"),
                 "{line}: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn controller_url_is_one_url_or_a_list() {
+        let two = ["https://a.example:8443", "https://b.example:8443"];
+        for value in [
+            "\"https://a.example:8443,https://b.example:8443\"",
+            "\" https://a.example:8443 , https://b.example:8443 \"",
+            "[\"https://a.example:8443\", \"https://b.example:8443\"]",
+            // A repeat is kept once, in its first place.
+            "[\"https://a.example:8443\", \"https://b.example:8443\", \"https://a.example:8443\"]",
+        ] {
+            let (_dir, got) = load(&[("agent.toml", &format!("[controller]\nurl = {value}\n"))]);
+            assert_eq!(got.unwrap().controller.urls, two, "{value}");
+        }
+        // A drop-in's list replaces the base file's, as any other value does.
+        let (_dir, got) = load(&[
+            (
+                "agent.toml",
+                "[controller]\nurl = [\"https://a\", \"https://b\"]\n",
+            ),
+            (
+                "agent.toml.d/50-ctl.toml",
+                "[controller]\nurl = \"https://c\"\n",
+            ),
+        ]);
+        assert_eq!(got.unwrap().controller.urls, ["https://c"]);
+        let (_dir, got) = load(&[]);
+        assert!(got.unwrap().controller.urls.is_empty());
+        let too_many = (0..=MAX_CONTROLLER_URLS)
+            .map(|i| format!("https://c{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let (_dir, got) = load(&[(
+            "agent.toml",
+            &format!("[controller]\nurl = \"{too_many}\"\n"),
+        )]);
+        let err = got.unwrap_err().to_string();
+        assert!(err.contains("at most 16"), "{err}");
+    }
+
+    #[test]
+    fn url_list_table() {
+        let ok: &[(&str, &[&str])] = &[
+            ("https://a", &["https://a"]),
+            ("https://a,https://b", &["https://a", "https://b"]),
+            ("  https://a ,\thttps://b  ", &["https://a", "https://b"]),
+            ("https://b,https://a,https://b", &["https://b", "https://a"]),
+        ];
+        for (value, want) in ok {
+            assert_eq!(split_url_list(value).unwrap(), *want, "{value:?}");
+        }
+        for bad in [
+            "",
+            "  ",
+            ",",
+            "https://a,",
+            ",https://a",
+            "https://a,,https://b",
+        ] {
+            assert!(split_url_list(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -407,7 +407,7 @@ pub fn text(out: &mut dyn Write, view: &View) -> io::Result<()> {
         kv(out, "arch", &id.arch)?;
         kv(out, "boot id", &id.boot_id)?;
         kv(out, "dmi uuid", opt(&id.dmi_uuid))?;
-        kv(out, "controller", opt(&id.controller_url))?;
+        kv(out, "controller", &list(&id.controller_urls))?;
         let token = if id.bootstrap_token.is_some() {
             "present (not shown)"
         } else {
@@ -421,7 +421,7 @@ pub fn text(out: &mut dyn Write, view: &View) -> io::Result<()> {
     if let Some(e) = one_body(out, &view.enrollment)? {
         kv(out, "state", &format!("{:?}", e.state))?;
         kv(out, "node id", opt(&e.node_id))?;
-        kv(out, "controller", opt(&e.controller_url))?;
+        kv(out, "controller", &list(&e.controller_urls))?;
         kv(out, "certificate", opt(&e.cert_fingerprint))?;
         if let Some(from) = e.not_before_ms {
             kv(out, "valid from", &time(from))?;
@@ -445,6 +445,7 @@ pub fn text(out: &mut dyn Write, view: &View) -> io::Result<()> {
     heading(out, "controller", &view.controller.origin)?;
     if let Some(c) = one_body(out, &view.controller)? {
         kv(out, "reachable", if c.reachable { "yes" } else { "NO" })?;
+        kv(out, "in use", opt(&c.controller_url))?;
         kv(
             out,
             "last heartbeat",
@@ -665,6 +666,15 @@ fn opt(value: &Option<String>) -> &str {
     value.as_deref().unwrap_or("-")
 }
 
+/// A list of controller URLs, in the order they are tried; `-` when empty.
+fn list(urls: &[String]) -> String {
+    if urls.is_empty() {
+        "-".to_owned()
+    } else {
+        urls.join(", ")
+    }
+}
+
 fn one_line(value: &Option<String>) -> String {
     value
         .as_deref()
@@ -727,7 +737,7 @@ mod tests {
             arch: "amd64".into(),
             dmi_uuid: None,
             bootstrap_token: Some("secret-token".into()),
-            controller_url: Some("https://ctl:8443".into()),
+            controller_urls: vec!["https://ctl:8443".into(), "https://ctl-2:8443".into()],
             ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
             last_error: None,
         }
@@ -745,7 +755,7 @@ mod tests {
             not_before_ms: Some(NOW - 3_600_000),
             not_after_ms: Some(NOW + 86_400_000),
             rotate_at_ms: Some(NOW + 3_600_000),
-            controller_url: Some("https://ctl:8443".into()),
+            controller_urls: vec!["https://ctl:8443".into(), "https://ctl-2:8443".into()],
             rotation_failing_since_ms: failing.then_some(NOW - 120_000),
             rotation_attempts: if failing { 4 } else { 0 },
             last_error: failing.then(|| "controller said 503\nretrying".into()),
@@ -761,6 +771,7 @@ mod tests {
             heartbeat_interval_s: 15,
             applied_generation: 4,
             last_error: (!reachable).then(|| "connection refused".into()),
+            controller_url: Some("https://ctl-2:8443".into()),
         }
     }
 
@@ -880,6 +891,8 @@ mod tests {
             "  expires         2023-11-15T22:13:20.000Z (in 1d00h)",
             "  rotation        due 2023-11-14T23:13:20.000Z (in 1h00m)",
             "  reachable       yes",
+            "  in use          https://ctl-2:8443",
+            "  controller      https://ctl:8443, https://ctl-2:8443",
             "  last heartbeat  2023-11-14T22:08:20.000Z (5m00s ago)",
             "  clock skew      -12ms (controller clock minus node clock)",
             "  netmgr: not built into this binary; no overlay network is configured on this node",

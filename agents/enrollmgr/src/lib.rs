@@ -27,9 +27,12 @@
 //! ```
 //!
 //! * A node with a valid certificate, key and CA on disk never enrolls again.
-//! * Enrollment needs a resolved identity, a bootstrap token, a controller URL (settings, else
-//!   `NodeIdentity.controller_url`) and a CA to pin (`NodeIdentity.ca_pem`): without a CA the
-//!   agent refuses (NotEnrolled, with the reason) rather than trust on first use.
+//! * Enrollment needs a resolved identity, a bootstrap token, controller URLs (`[controller]
+//!   url`, else `NodeIdentity.controller_urls`) and a CA to pin (`NodeIdentity.ca_pem`):
+//!   without a CA the agent refuses (NotEnrolled, with the reason) rather than trust on first
+//!   use. Enroll and rotate go to the first of the URLs that can be reached (the transport's
+//!   failover); the list is kept with the credentials and published as
+//!   `EnrollmentStatus.controller_urls`.
 //! * A refusal is final until `NodeIdentity` brings different enrollment inputs; an expired
 //!   node does not retry the token it already used.
 //! * Every loop beats (`ctx.beat()`) and shutdown ends it at once; a request in flight is
@@ -88,8 +91,8 @@ pub const HEARTBEAT_AGENT: &str = "heartbeatd";
 pub struct EnrollInputs {
     /// The one-time token.
     pub token: String,
-    /// The controller.
-    pub url: String,
+    /// The controller's URLs, in the order to try them (never empty).
+    pub urls: Vec<String>,
     /// The CA to pin.
     pub ca_pem: String,
     /// Who the node says it is.
@@ -507,9 +510,9 @@ impl Agent {
         let repeated = previous
             .is_some_and(|p| p.state == state && p.last_error.as_deref() == Some(error.as_str()));
         if !repeated {
-            let url = refused
-                .as_ref()
-                .map(|i| i.url.as_str())
+            let asked = refused.as_ref().map(|i| i.urls.join(","));
+            let url = asked
+                .as_deref()
                 .or(cert.as_ref().map(|c| c.meta.controller_url.as_str()));
             events::refused(&self.ctx.events, state, &error, url, cert.as_ref());
         }
@@ -651,7 +654,7 @@ impl Agent {
             .identity
             .get(powernode_types::GLOBAL_KEY)
             .ok_or("no NodeIdentity from identitymgr yet")?;
-        enroll_inputs(identity, self.ctx.settings.controller.url.as_deref())
+        enroll_inputs(identity, &self.ctx.settings.controller.urls)
     }
 
     fn enrolling(&self, inputs: EnrollInputs) -> State {
@@ -722,7 +725,7 @@ impl Agent {
             not_before_ms: installed.map(|i| i.cert.not_before_ms),
             not_after_ms: installed.map(|i| i.cert.not_after_ms),
             rotate_at_ms: installed.map(|i| i.rotate_at_ms()),
-            controller_url: installed.map(|i| i.meta.controller_url.clone()),
+            controller_urls: installed.map_or_else(Vec::new, |i| i.meta.controller_urls.clone()),
             rotation_failing_since_ms: failing.map(|f| f.since_ms),
             rotation_attempts: failing.map_or(0, |f| f.attempts),
             last_error,
@@ -735,10 +738,11 @@ impl Agent {
     }
 }
 
-/// The enrollment inputs in `identity` (URL from `settings_url` first), or why there are none.
+/// The enrollment inputs in `identity` (the URLs from `settings_urls` when there are any), or
+/// why there are none.
 pub fn enroll_inputs(
     identity: &NodeIdentity,
-    settings_url: Option<&str>,
+    settings_urls: &[String],
 ) -> Result<EnrollInputs, String> {
     if identity.state != IdentityState::Resolved {
         return Err(format!(
@@ -752,10 +756,11 @@ pub fn enroll_inputs(
         .clone()
         .filter(|t| !t.is_empty())
         .ok_or("no bootstrap token")?;
-    let url = settings_url
-        .map(str::to_owned)
-        .or_else(|| identity.controller_url.clone())
-        .ok_or("no controller URL (neither [controller] url nor NodeIdentity)")?;
+    let urls = [settings_urls, identity.controller_urls.as_slice()]
+        .into_iter()
+        .find(|urls| !urls.is_empty())
+        .ok_or("no controller URL (neither [controller] url nor NodeIdentity)")?
+        .to_vec();
     let ca_pem = identity
         .ca_pem
         .clone()
@@ -763,7 +768,7 @@ pub fn enroll_inputs(
         .ok_or("no controller CA to pin: refusing to enroll without one (no trust on first use)")?;
     Ok(EnrollInputs {
         token,
-        url,
+        urls,
         ca_pem,
         uuid,
         hostname: identity.hostname.clone(),
@@ -818,9 +823,12 @@ async fn enroll(ctx: &Context, store: &Store, inputs: &EnrollInputs) -> Result<I
         ca_pem: inputs.ca_pem.clone(),
         client: None,
     };
-    let client =
-        ControllerClient::new(&inputs.url, &tls, ctx.settings.controller.request_timeout())
-            .map_err(|e| classify(&e))?;
+    let client = ControllerClient::new(
+        &inputs.urls,
+        &tls,
+        ctx.settings.controller.request_timeout(),
+    )
+    .map_err(|e| classify(&e))?;
     let request = EnrollRequest {
         bootstrap_token: inputs.token.clone(),
         csr_pem,
@@ -839,7 +847,8 @@ async fn enroll(ctx: &Context, store: &Store, inputs: &EnrollInputs) -> Result<I
     let meta = Meta {
         version: META_VERSION,
         node_id: reply.node_id.clone(),
-        controller_url: inputs.url.clone(),
+        controller_urls: inputs.urls.clone(),
+        controller_url: client.current_url().to_owned(),
         token_sha256: Some(sha256_hex(inputs.token.as_bytes())),
         enrolled_at_ms: now_ms(),
         cert_received_ms: now_ms(),
@@ -851,18 +860,16 @@ async fn enroll(ctx: &Context, store: &Store, inputs: &EnrollInputs) -> Result<I
 /// One rotate attempt over mTLS with the current credentials; on success the new ones are on
 /// disk and the old certificate is archived.
 async fn rotate(ctx: &Context, store: &Store, current: &Installed) -> Result<Installed, Failure> {
-    let url = ctx
-        .settings
-        .controller
-        .url
-        .clone()
-        .unwrap_or_else(|| current.meta.controller_url.clone());
+    let urls = match &ctx.settings.controller.urls {
+        urls if !urls.is_empty() => urls.clone(),
+        _ => current.meta.controller_urls.clone(),
+    };
     let tls = store
         .paths()
         .load()
         .map_err(|e| Failure::Refused(EnrollmentState::Failed, e.to_string()))?;
     let ca_pem = tls.ca_pem.clone();
-    let client = ControllerClient::new(&url, &tls, ctx.settings.controller.request_timeout())
+    let client = ControllerClient::new(&urls, &tls, ctx.settings.controller.request_timeout())
         .map_err(|e| classify(&e))?;
     let (key_pem, csr_pem) = new_key_and_csr().map_err(Failure::Retry)?;
     let reply: RotateResponse = client
@@ -870,7 +877,8 @@ async fn rotate(ctx: &Context, store: &Store, current: &Installed) -> Result<Ins
         .await
         .map_err(|e| classify(&e))?;
     let meta = Meta {
-        controller_url: url,
+        controller_url: client.current_url().to_owned(),
+        controller_urls: urls,
         cert_received_ms: now_ms(),
         ..current.meta.clone()
     };

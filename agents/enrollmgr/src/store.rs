@@ -41,10 +41,11 @@ use serde::{Deserialize, Serialize};
 pub const KEY_NEW_FILE: &str = "key.new.pem";
 /// The staged certificate of a switch in progress.
 pub const CERT_NEW_FILE: &str = "cert.new.pem";
-/// enrollmgr's own record of the enrollment (node id, controller URL, token hash).
+/// enrollmgr's own record of the enrollment (node id, controller URLs, token hash).
 pub const META_FILE: &str = "enrollment.json";
-/// Version of [`Meta`]'s format.
-pub const META_VERSION: u32 = 1;
+/// Version of [`Meta`]'s format. 2: `controller_urls`, the node's list of controllers (1 knew
+/// one URL, `controller_url`; such a file is still read).
+pub const META_VERSION: u32 = 2;
 
 /// What enrollmgr remembers about the enrollment beside the PEM files.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -53,7 +54,9 @@ pub struct Meta {
     pub version: u32,
     /// The id the controller gave the node.
     pub node_id: String,
-    /// The controller the node enrolled with.
+    /// The controller URLs the node enrolled (or last rotated) with, in the order tried.
+    pub controller_urls: Vec<String>,
+    /// Of those, the one that answered the enrollment or the last rotation.
     pub controller_url: String,
     /// SHA-256 (hex) of the bootstrap token that was used, so an expired node does not try
     /// the same single-use token again.
@@ -64,6 +67,47 @@ pub struct Meta {
     /// lifetime for rotation (controllers backdate `notBefore` for clock skew, which must not
     /// count as lifetime already used).
     pub cert_received_ms: u64,
+}
+
+/// [`Meta`] as format version 1 wrote it: one controller URL.
+#[derive(Deserialize)]
+struct MetaV1 {
+    node_id: String,
+    controller_url: String,
+    token_sha256: Option<String>,
+    enrolled_at_ms: u64,
+    cert_received_ms: u64,
+}
+
+impl Meta {
+    /// Reads `enrollment.json`: this version, or version 1 brought to it.
+    pub fn parse(text: &str) -> Result<Meta, String> {
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let version = serde_json::from_str::<Version>(text)
+            .map_err(|e| e.to_string())?
+            .version;
+        match version {
+            META_VERSION => serde_json::from_str(text).map_err(|e| e.to_string()),
+            1 => {
+                let v1: MetaV1 = serde_json::from_str(text).map_err(|e| e.to_string())?;
+                Ok(Meta {
+                    version: META_VERSION,
+                    node_id: v1.node_id,
+                    controller_urls: vec![v1.controller_url.clone()],
+                    controller_url: v1.controller_url,
+                    token_sha256: v1.token_sha256,
+                    enrolled_at_ms: v1.enrolled_at_ms,
+                    cert_received_ms: v1.cert_received_ms,
+                })
+            }
+            other => Err(format!(
+                "version {other} (this enrollmgr reads 1 and {META_VERSION})"
+            )),
+        }
+    }
 }
 
 /// Facts read from a node certificate.
@@ -317,19 +361,10 @@ impl Store {
         };
         let ca = ca.ok_or_else(|| self.incomplete("ca.pem"))?;
         let meta = meta.ok_or_else(|| self.incomplete(META_FILE))?;
-        let meta: Meta = serde_json::from_str(&meta).map_err(|e| StoreError::BadMeta {
-            path: meta_path.clone(),
-            reason: e.to_string(),
+        let meta = Meta::parse(&meta).map_err(|reason| StoreError::BadMeta {
+            path: meta_path,
+            reason,
         })?;
-        if meta.version != META_VERSION {
-            return Err(StoreError::BadMeta {
-                path: meta_path,
-                reason: format!(
-                    "version {} (this enrollmgr reads {META_VERSION})",
-                    meta.version
-                ),
-            });
-        }
         let cert = check_credentials(&cert, &key, &ca, now_ms)?;
         Ok(Some(Installed { cert, meta }))
     }
@@ -337,7 +372,7 @@ impl Store {
     /// The enrollment record, if readable, whatever the state of the certificate.
     pub fn meta(&self) -> Option<Meta> {
         let text = fs::read_to_string(self.file(META_FILE)).ok()?;
-        serde_json::from_str(&text).ok()
+        Meta::parse(&text).ok()
     }
 
     /// Writes new credentials with the crash-safe switch of the module documentation; the
@@ -374,9 +409,13 @@ impl Store {
     }
 }
 
-/// Writes `data` to `path` atomically and durably with `mode` ([`agentbase::fsutil`]).
+/// Writes `data` to `path` atomically and durably with exactly `mode`
+/// ([`powernode_atomicfile::write_atomic`]), as a [`StoreError`]. The directory must exist.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StoreError> {
-    agentbase::fsutil::write_atomic(path, data, mode).map_err(io_at(path))
+    powernode_atomicfile::write_atomic(path, data, mode).map_err(|e| StoreError::Io {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), StoreError> {
@@ -455,7 +494,11 @@ mod tests {
         Meta {
             version: META_VERSION,
             node_id: "node-1".into(),
-            controller_url: "https://ctl.example:8443".into(),
+            controller_urls: vec![
+                "https://ctl.example:8443".into(),
+                "https://ctl-2.example:8443".into(),
+            ],
+            controller_url: "https://ctl-2.example:8443".into(),
             token_sha256: Some(sha256_hex(b"token")),
             enrolled_at_ms: NOW_MS,
             cert_received_ms: NOW_MS,
@@ -628,6 +671,47 @@ mod tests {
         install(&s, &ca, &key, &cert, 1);
         fs::write(s.paths().dir().join(META_FILE), "{").unwrap();
         assert!(matches!(s.load(NOW_MS), Err(StoreError::BadMeta { .. })));
+    }
+
+    /// A record written before the list of controller URLs (version 1) is read as a list of
+    /// its one URL; a version this build does not know is refused.
+    #[test]
+    fn a_version_1_record_reads_as_a_list_of_one() {
+        let ca = ca();
+        let (key, cert) = node(&ca, 2020, 2030);
+        let (_d, s) = store();
+        install(&s, &ca, &key, &cert, 1);
+        let v1 = r#"{
+  "version": 1,
+  "node_id": "node-1",
+  "controller_url": "https://ctl.example:8443",
+  "token_sha256": null,
+  "enrolled_at_ms": 5,
+  "cert_received_ms": 6
+}"#;
+        fs::write(s.paths().dir().join(META_FILE), v1).unwrap();
+        let loaded = s.load(NOW_MS).unwrap().unwrap();
+        assert_eq!(
+            loaded.meta,
+            Meta {
+                version: META_VERSION,
+                node_id: "node-1".into(),
+                controller_urls: vec!["https://ctl.example:8443".into()],
+                controller_url: "https://ctl.example:8443".into(),
+                token_sha256: None,
+                enrolled_at_ms: 5,
+                cert_received_ms: 6,
+            }
+        );
+        assert_eq!(s.meta(), Some(loaded.meta));
+        let v9 = v1.replace("\"version\": 1", "\"version\": 9");
+        fs::write(s.paths().dir().join(META_FILE), v9).unwrap();
+        match s.load(NOW_MS) {
+            Err(StoreError::BadMeta { reason, .. }) => {
+                assert!(reason.contains("version 9"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

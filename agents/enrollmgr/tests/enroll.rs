@@ -125,6 +125,11 @@ impl Node {
     }
 
     fn give(&self, uuid: &str, token: Option<&str>, url: &str, ca_pem: Option<&str>) {
+        self.give_urls(uuid, token, &[url], ca_pem);
+    }
+
+    /// [`Node::give`] with a list of controller URLs.
+    fn give_urls(&self, uuid: &str, token: Option<&str>, urls: &[&str], ca_pem: Option<&str>) {
         self.identity
             .publish(&NodeIdentity {
                 state: IdentityState::Resolved,
@@ -135,7 +140,7 @@ impl Node {
                 arch: "amd64".into(),
                 dmi_uuid: None,
                 bootstrap_token: token.map(str::to_owned),
-                controller_url: Some(url.to_owned()),
+                controller_urls: urls.iter().map(|u| u.to_string()).collect(),
                 ca_pem: ca_pem.map(str::to_owned),
                 last_error: None,
             })
@@ -203,8 +208,8 @@ fn mode(path: &Path) -> u32 {
 /// A heartbeat over mTLS with the PKI on disk, the way heartbeatd calls.
 async fn heartbeat(node: &Node, url: &str) -> Result<HeartbeatResponse, String> {
     let identity = node.pki().load().map_err(|e| e.to_string())?;
-    let client =
-        ControllerClient::new(url, &identity, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    let client = ControllerClient::new(&[url], &identity, Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
     let body: HeartbeatRequest =
         serde_json::from_value(serde_json::json!({"boot_id": "boot-1", "agent_version": "0.1.0"}))
             .unwrap();
@@ -242,7 +247,7 @@ async fn enrolls_once_and_not_again_after_restart() {
     let fingerprint = status.cert_fingerprint.clone().unwrap();
     assert_eq!(fingerprint, fingerprint_of(&cert_pem));
     assert_eq!(ctl.issued(&node_id).await, vec![fingerprint.clone()]);
-    assert_eq!(status.controller_url.as_deref(), Some(ctl.url().as_str()));
+    assert_eq!(status.controller_urls, [ctl.url()]);
     assert!(status.last_error.is_none() && status.rotation_failing_since_ms.is_none());
     let (nb, na, rot) = (
         status.not_before_ms.unwrap(),
@@ -271,6 +276,48 @@ async fn enrolls_once_and_not_again_after_restart() {
     let sub_status = node.wait_for(WAIT, "current", |_| true).await;
     assert_eq!(sub_status.state, EnrollmentState::Enrolled);
     assert_eq!(ctl.issued(&node_id).await, vec![fingerprint]);
+    node.stop().await;
+}
+
+/// Given a list whose first URL is down, the node enrolls and rotates through the controller
+/// that answers, keeps the whole list, and records which one answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolls_and_rotates_through_the_controller_that_answers() {
+    let ctl = Ctl::start(Duration::from_secs(8)).await;
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let live = ctl.url();
+    let mut node = Node::new();
+    let token = ctl.token().await;
+    node.give_urls(
+        "uuid-list",
+        Some(&token),
+        &[&down, &live],
+        Some(&ctl.ca_pem),
+    );
+    node.start();
+    let enrolled = node
+        .wait_for(WAIT, "Enrolled", |s| s.state == EnrollmentState::Enrolled)
+        .await;
+    assert_eq!(enrolled.controller_urls, [down.clone(), live.clone()]);
+    let meta = || {
+        let text = std::fs::read_to_string(node.pki().dir().join("enrollment.json")).unwrap();
+        enrollmgr::store::Meta::parse(&text).unwrap()
+    };
+    assert_eq!(meta().controller_url, live);
+    assert_eq!(meta().controller_urls, [down.clone(), live.clone()]);
+
+    let old_fp = enrolled.cert_fingerprint.clone().unwrap();
+    let rotated = node
+        .wait_for(WAIT, "Enrolled with a new certificate", |s| {
+            s.state == EnrollmentState::Enrolled && s.cert_fingerprint.as_ref() != Some(&old_fp)
+        })
+        .await;
+    assert_eq!(rotated.controller_urls, [down, live.clone()]);
+    assert_eq!(meta().controller_url, live);
+    heartbeat(&node, &live).await.unwrap();
     node.stop().await;
 }
 

@@ -530,7 +530,7 @@ async fn deliver(
         dropped_warning: 0,
         dropped_error: 0,
     };
-    let mut client: Option<(String, String, ControllerClient)> = None;
+    let mut client: Option<(Vec<String>, String, ControllerClient)> = None;
     loop {
         publish_status(&journal, &stats, &status_pub, &mut status).await;
         let wait = if status.pending == 0 {
@@ -616,7 +616,7 @@ struct Delivery<'a> {
     ctx: &'a Context,
     journal: &'a Arc<Mutex<Journal>>,
     enrollment: &'a Subscription<EnrollmentStatus>,
-    client: &'a mut Option<(String, String, ControllerClient)>,
+    client: &'a mut Option<(Vec<String>, String, ControllerClient)>,
     status: &'a mut EventdStatus,
 }
 
@@ -673,7 +673,7 @@ async fn send_batch(
     ctx: &Context,
     journal: &Arc<Mutex<Journal>>,
     enrollment: &Subscription<EnrollmentStatus>,
-    client: &mut Option<(String, String, ControllerClient)>,
+    client: &mut Option<(Vec<String>, String, ControllerClient)>,
 ) -> Result<u64, String> {
     let (generation, records) = {
         let j = journal.lock().await;
@@ -777,12 +777,12 @@ fn report_refused(ctx: &Context, event: &EventRecord, e: &TransportError) {
     );
 }
 
-/// The client for the controller the enrollment names, built (again) when the URL or the
-/// certificate changes.
+/// The client for the controller the enrollment names (or `[controller] url`), built (again)
+/// when the URLs or the certificate change; across calls it stays with the URL that answers.
 fn controller<'a>(
     ctx: &Context,
     enrollment: &Subscription<EnrollmentStatus>,
-    client: &'a mut Option<(String, String, ControllerClient)>,
+    client: &'a mut Option<(Vec<String>, String, ControllerClient)>,
 ) -> Result<&'a ControllerClient, String> {
     let status = enrollment
         .get(GLOBAL_KEY)
@@ -801,24 +801,24 @@ fn controller<'a>(
             status.state
         ));
     }
-    let url = ctx
-        .settings
-        .controller
-        .url
-        .clone()
-        .or_else(|| status.controller_url.clone())
-        .ok_or("no controller URL")?;
+    let urls = [
+        ctx.settings.controller.urls.as_slice(),
+        status.controller_urls.as_slice(),
+    ]
+    .into_iter()
+    .find(|urls| !urls.is_empty())
+    .ok_or("no controller URL")?;
     let fingerprint = status.cert_fingerprint.clone().unwrap_or_default();
     let stale = client
         .as_ref()
-        .is_none_or(|(u, f, _)| *u != url || *f != fingerprint);
+        .is_none_or(|(u, f, _)| u != urls || *f != fingerprint);
     if stale {
         let identity = PkiPaths::under(ctx.root.persist_dir())
             .load()
             .map_err(|e| e.to_string())?;
-        let c = ControllerClient::new(&url, &identity, ctx.settings.controller.request_timeout())
+        let c = ControllerClient::new(urls, &identity, ctx.settings.controller.request_timeout())
             .map_err(|e| e.to_string())?;
-        *client = Some((url, fingerprint, c));
+        *client = Some((urls.to_vec(), fingerprint, c));
     }
     client
         .as_ref()

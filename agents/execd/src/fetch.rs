@@ -8,11 +8,12 @@
 //! connection, a timeout, 5xx, 408, 429) is tried again with backoff until the task's time is
 //! up; one the controller refuses (another 4xx: no such script for this node) fails at once.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use powernode_modules::digest::Digest;
 use powernode_transport::pki::PkiPaths;
-use powernode_transport::{Backoff, ControllerClient};
+use powernode_transport::{Backoff, ControllerClient, TlsIdentity};
 use powernode_types::node_api::ScriptResponse;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -81,14 +82,20 @@ pub struct Fetcher {
     /// Where enrollmgr keeps the node's credentials (read at each attempt, so a rotated
     /// certificate is used as soon as it is installed).
     pub pki: PkiPaths,
-    /// The controller's URL: `[controller] url`, else the one enrollmgr publishes; `None`
+    /// The controller's URLs: `[controller] url`, else the ones enrollmgr publishes; empty
     /// until known.
-    pub url: watch::Receiver<Option<String>>,
+    pub urls: watch::Receiver<Vec<String>>,
     /// Limit on one request (`[controller] request_timeout_ms`).
     pub request_timeout: Duration,
     /// Longest wait between attempts (`[controller] max_backoff_s`).
     pub max_backoff: Duration,
+    /// The client of the last attempt, shared by every clone, so that each fetch starts at
+    /// the controller URL that answered last rather than at the first of the list.
+    pub client: CachedClient,
 }
+
+/// A client and what it was built for: the URLs and the identity read from the PKI files.
+pub type CachedClient = Arc<Mutex<Option<(Vec<String>, TlsIdentity, Arc<ControllerClient>)>>>;
 
 /// How one attempt failed.
 enum Attempt {
@@ -141,14 +148,17 @@ impl Fetcher {
     }
 
     async fn attempt(&self, digest: &Digest, timeout: Duration) -> Result<ScriptResponse, Attempt> {
-        let url =
-            self.url.borrow().clone().ok_or_else(|| {
-                Attempt::Retry("no controller URL yet (not enrolled?)".to_owned())
-            })?;
+        let urls = self.urls.borrow().clone();
+        if urls.is_empty() {
+            return Err(Attempt::Retry(
+                "no controller URL yet (not enrolled?)".to_owned(),
+            ));
+        }
         // Missing credentials are the node enrolling or re-enrolling: the controller's to
         // give, so worth waiting for like the controller itself.
         let identity = self.pki.load().map_err(|e| Attempt::Retry(e.to_string()))?;
-        let client = ControllerClient::new(&url, &identity, timeout)
+        let client = self
+            .client_for(urls, identity)
             .map_err(|e| Attempt::Retry(e.to_string()))?;
         client
             .get::<ScriptResponse>(&format!("scripts/{digest}"), timeout)
@@ -160,6 +170,30 @@ impl Fetcher {
                     Attempt::Refused(e.to_string())
                 }
             })
+    }
+}
+
+impl Fetcher {
+    /// The shared client when it was built for `urls` and `identity`, else a new one (which
+    /// is shared from then on).
+    fn client_for(
+        &self,
+        urls: Vec<String>,
+        identity: TlsIdentity,
+    ) -> Result<Arc<ControllerClient>, powernode_transport::TransportError> {
+        let mut cached = self.client.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((u, i, client)) = cached.as_ref() {
+            if *u == urls && *i == identity {
+                return Ok(client.clone());
+            }
+        }
+        let client = Arc::new(ControllerClient::new(
+            &urls,
+            &identity,
+            self.request_timeout,
+        )?);
+        *cached = Some((urls, identity, client.clone()));
+        Ok(client)
     }
 }
 
@@ -193,12 +227,13 @@ mod tests {
     #[tokio::test]
     async fn without_a_controller_it_retries_until_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
-        let (_url_tx, url) = watch::channel(None);
+        let (_urls_tx, urls) = watch::channel(Vec::new());
         let fetcher = Fetcher {
             pki: PkiPaths::under(dir.path()),
-            url,
+            urls,
             request_timeout: Duration::from_secs(1),
             max_backoff: Duration::from_millis(300),
+            client: CachedClient::default(),
         };
         let digest = Digest::of(b"x");
         let started = Instant::now();

@@ -56,7 +56,7 @@ use powernode_transport::pki::PkiPaths;
 use powernode_types::{EnrollmentStatus, Severity, TaskConfig, TaskState, TaskStatus, GLOBAL_KEY};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::fetch::Fetcher;
+use crate::fetch::{CachedClient, Fetcher};
 use crate::script::{Files, Plan};
 use crate::work::Work;
 
@@ -87,8 +87,8 @@ struct Agent {
     work: PathBuf,
     running: HashMap<String, Running>,
     done_tx: mpsc::Sender<Done>,
-    /// The controller's URL, as the fetches of scripts named by digest see it.
-    url: watch::Sender<Option<String>>,
+    /// The controller's URLs, as the fetches of scripts named by digest see them.
+    urls: watch::Sender<Vec<String>>,
     fetcher: Fetcher,
 }
 
@@ -101,12 +101,13 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     let work = ctx.root.run_dir().join("execd").join("scripts");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let (done_tx, mut done_rx) = mpsc::channel(64);
-    let (url, url_rx) = watch::channel(ctx.settings.controller.url.clone());
+    let (urls, urls_rx) = watch::channel(ctx.settings.controller.urls.clone());
     let fetcher = Fetcher {
         pki: PkiPaths::under(ctx.root.persist_dir()),
-        url: url_rx,
+        urls: urls_rx,
         request_timeout: ctx.settings.controller.request_timeout(),
         max_backoff: ctx.settings.controller.max_backoff(),
+        client: CachedClient::default(),
     };
     let mut agent = Agent {
         ctx: ctx.clone(),
@@ -114,7 +115,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         work,
         running: HashMap::new(),
         done_tx,
-        url,
+        urls,
         fetcher,
     };
     let mut enrollment = Subscription::<EnrollmentStatus>::connect(&ctx.dirs, ENROLLMENT_AGENT);
@@ -170,21 +171,22 @@ impl Agent {
         }
     }
 
-    /// Keeps the controller URL the fetches use current: `[controller] url` when set, else
-    /// the one the node enrolled with (kept while enrollmgr restarts).
+    /// Keeps the controller URLs the fetches use current: `[controller] url` when set, else
+    /// the ones the node enrolled with (kept while enrollmgr restarts).
     fn enrollment_changed(&mut self, enrollment: &Subscription<EnrollmentStatus>) {
-        if self.ctx.settings.controller.url.is_some() {
+        if !self.ctx.settings.controller.urls.is_empty() {
             return;
         }
-        let Some(url) = enrollment
+        let Some(urls) = enrollment
             .get(GLOBAL_KEY)
-            .and_then(|s| s.controller_url.clone())
+            .map(|s| s.controller_urls.clone())
+            .filter(|urls| !urls.is_empty())
         else {
             return;
         };
-        self.url.send_if_modified(|known| {
-            let changed = known.as_deref() != Some(url.as_str());
-            *known = Some(url);
+        self.urls.send_if_modified(|known| {
+            let changed = *known != urls;
+            *known = urls;
             changed
         });
     }

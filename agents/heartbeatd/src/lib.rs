@@ -30,7 +30,7 @@
 //!
 //! *Usable* means: a `NodeIdentity` with a boot id; an `EnrollmentStatus` that is `Enrolled`,
 //! `Rotating` or `RotationFailing` with a certificate fingerprint and a `not_after_ms` in the
-//! future; and a controller URL (settings, else the enrollment's, else the identity's). A
+//! future; and controller URLs (settings, else the enrollment's, else the identity's). A
 //! change to anything reported (identity, enrollment) moves the next heartbeat to within
 //! [`DEBOUNCE`]. A new certificate fingerprint makes the client reload the PKI files and swap
 //! its TLS identity ([`ControllerClient::set_identity`]) before the next call. While failing,
@@ -38,9 +38,12 @@
 //! `max_backoff_s`) instead of the interval, except that a connection the controller's host
 //! refused (it is down or restarting) is tried again within one interval: such an attempt
 //! costs the controller nothing, and the node is back within an interval of its return
-//! (docs/heartbeat.md, "Failing"). Every state publishes `ControllerStatus` when it
-//! is entered; the main loop beats in every state and shutdown ends it at once, also during a
-//! request; then [`drain`] sends the task reports it holds, within a bound.
+//! (docs/heartbeat.md, "Failing"). With several controller URLs, each call goes to the one in
+//! use and fails over to the next that answers (the transport's failover); the one that
+//! answered the last heartbeat is published as `ControllerStatus.controller_url`. Every state
+//! publishes `ControllerStatus` when it is entered; the main loop beats in every state and
+//! shutdown ends it at once, also during a request; then [`drain`] sends the task reports it
+//! holds, within a bound.
 //!
 //! The heartbeat carries the node's enrollment and rotation state as enrollmgr last published
 //! it (`enrollment`), so the controller knows when a node's rotation has been failing since.
@@ -159,8 +162,8 @@ impl From<String> for Failure {
 /// What a heartbeat needs from the other agents, once they have said it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Target {
-    /// The controller URL.
-    pub url: String,
+    /// The controller's URLs, in the order to try them (never empty).
+    pub urls: Vec<String>,
     /// Fingerprint of the certificate enrollmgr last installed.
     pub cert_fingerprint: String,
     /// Kernel boot id.
@@ -169,9 +172,10 @@ pub struct Target {
     pub arch: String,
 }
 
-/// Whether a heartbeat can be sent given the latest identity and enrollment, and `now_ms`.
+/// Whether a heartbeat can be sent given the configured URLs, the latest identity and
+/// enrollment, and `now_ms`.
 pub fn target(
-    configured_url: Option<&str>,
+    configured_urls: &[String],
     identity: Option<&NodeIdentity>,
     enrollment: Option<&EnrollmentStatus>,
     now_ms: u64,
@@ -194,12 +198,16 @@ pub fn target(
     if enrollment.not_after_ms.is_some_and(|t| t <= now_ms) {
         return Err("the node certificate has expired; waiting for enrollmgr".to_owned());
     }
-    let url = configured_url
-        .or(enrollment.controller_url.as_deref())
-        .or(identity.controller_url.as_deref())
-        .ok_or("no controller URL (settings, enrollment and identity have none)")?;
+    let urls = [
+        configured_urls,
+        enrollment.controller_urls.as_slice(),
+        identity.controller_urls.as_slice(),
+    ]
+    .into_iter()
+    .find(|urls| !urls.is_empty())
+    .ok_or("no controller URL (settings, enrollment and identity have none)")?;
     Ok(Target {
-        url: url.to_owned(),
+        urls: urls.to_vec(),
         cert_fingerprint,
         boot_id: identity.boot_id.clone(),
         arch: identity.arch.clone(),
@@ -208,7 +216,7 @@ pub fn target(
 
 /// The client, and what it was built for.
 struct Connection {
-    url: String,
+    urls: Vec<String>,
     cert_fingerprint: String,
     client: Arc<ControllerClient>,
 }
@@ -270,6 +278,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         heartbeat_interval_s: secs_u32(interval),
         applied_generation,
         last_error: Some(reason.clone()),
+        controller_url: previous.as_ref().and_then(|s| s.controller_url.clone()),
     };
     let backoff = Backoff::new(BACKOFF_MIN, ctx.settings.controller.max_backoff());
     let mut agent = Agent {
@@ -462,7 +471,7 @@ impl Agent {
 
     fn target(&self) -> Result<Target, String> {
         target(
-            self.ctx.settings.controller.url.as_deref(),
+            &self.ctx.settings.controller.urls,
             self.identity.as_ref(),
             self.enrollment.as_ref(),
             now_ms(),
@@ -477,7 +486,7 @@ impl Agent {
             Err(reason) => return self.inputs_changed(State::Waiting { reason }),
         };
         match self.exchange(&target).await {
-            Ok(()) => {
+            Ok(answered) => {
                 self.backoff.reset();
                 if self.status.consecutive_failures > 0 {
                     tracing::info!(
@@ -490,9 +499,13 @@ impl Agent {
                     outage.ended(
                         &self.ctx.events,
                         self.status.consecutive_failures,
-                        &target.url,
+                        &answered,
                     );
                 }
+                if self.status.controller_url.as_deref() != Some(answered.as_str()) {
+                    tracing::info!(url = %answered, "heartbeating with this controller");
+                }
+                self.status.controller_url = Some(answered);
                 self.status.reachable = true;
                 self.status.consecutive_failures = 0;
                 self.status.last_error = None;
@@ -526,7 +539,7 @@ impl Agent {
                 self.status.last_error = Some(error);
                 self.publish_status()?;
                 self.outage
-                    .get_or_insert_with(|| outage::Outage::begin(target.url.clone()));
+                    .get_or_insert_with(|| outage::Outage::begin(target.urls.join(",")));
                 self.check_outage();
                 Ok(State::Failing {
                     retry_at: Instant::now() + delay,
@@ -535,8 +548,8 @@ impl Agent {
         }
     }
 
-    /// The request, the reply, the desired state published.
-    async fn exchange(&mut self, target: &Target) -> Result<(), Failure> {
+    /// The request, the reply, the desired state published; the URL that answered.
+    async fn exchange(&mut self, target: &Target) -> Result<String, Failure> {
         let request = self.request(target).await;
         let client = self.client(target)?;
         let sent_ms = now_ms();
@@ -549,6 +562,7 @@ impl Agent {
                     error: e.to_string(),
                 })?;
         let received_ms = now_ms();
+        let answered = client.current_url().to_owned();
         let midpoint = (u128::from(sent_ms) + u128::from(received_ms)) / 2;
         let midpoint = i64::try_from(midpoint).unwrap_or(i64::MAX);
         self.status.clock_skew_ms = Some(reply.server_time_ms.saturating_sub(midpoint));
@@ -580,7 +594,7 @@ impl Agent {
             );
             self.status.applied_generation = generation;
         }
-        Ok(())
+        Ok(answered)
     }
 
     /// The heartbeat body.
@@ -604,7 +618,7 @@ impl Agent {
         }
     }
 
-    /// The client for `target`: built on first use or when the URL changes; its TLS identity
+    /// The client for `target`: built on first use or when the URLs change; its TLS identity
     /// reloaded from the PKI files when the certificate fingerprint changes (rotation).
     fn client(&mut self, target: &Target) -> Result<&ControllerClient, String> {
         let load = || {
@@ -614,7 +628,7 @@ impl Agent {
         };
         let timeout = self.ctx.settings.controller.request_timeout();
         match &mut self.connection {
-            Some(c) if c.url == target.url => {
+            Some(c) if c.urls == target.urls => {
                 if c.cert_fingerprint != target.cert_fingerprint {
                     let identity = load()?;
                     c.client
@@ -626,12 +640,12 @@ impl Agent {
             }
             _ => {
                 let identity = load()?;
-                let client = ControllerClient::new(&target.url, &identity, timeout)
+                let client = ControllerClient::new(&target.urls, &identity, timeout)
                     .map_err(|e| e.to_string())?;
                 let client = Arc::new(client);
-                tracing::info!(url = %target.url, fingerprint = %target.cert_fingerprint, "controller client ready");
+                tracing::info!(urls = %target.urls.join(","), fingerprint = %target.cert_fingerprint, "controller client ready");
                 self.connection = Some(Connection {
-                    url: target.url.clone(),
+                    urls: target.urls.clone(),
                     cert_fingerprint: target.cert_fingerprint.clone(),
                     client,
                 });
@@ -791,7 +805,7 @@ mod tests {
             arch: "amd64".to_owned(),
             dmi_uuid: None,
             bootstrap_token: None,
-            controller_url: Some("https://from-identity".to_owned()),
+            controller_urls: vec!["https://from-identity".to_owned()],
             ca_pem: None,
             last_error: None,
         }
@@ -805,7 +819,10 @@ mod tests {
             not_before_ms: Some(0),
             not_after_ms: Some(2_000),
             rotate_at_ms: Some(1_500),
-            controller_url: Some("https://from-enrollment".to_owned()),
+            controller_urls: vec![
+                "https://from-enrollment".to_owned(),
+                "https://from-enrollment-2".to_owned(),
+            ],
             rotation_failing_since_ms: None,
             rotation_attempts: 0,
             last_error: None,
@@ -816,8 +833,8 @@ mod tests {
     fn target_table() {
         let id = identity();
         let now = 1_000;
-        assert!(target(None, None, None, now).is_err());
-        assert!(target(None, Some(&id), None, now).is_err());
+        assert!(target(&[], None, None, now).is_err());
+        assert!(target(&[], Some(&id), None, now).is_err());
         for (state, ok) in [
             (EnrollmentState::Enrolled, true),
             (EnrollmentState::Rotating, true),
@@ -832,40 +849,36 @@ mod tests {
         ] {
             let e = enrollment(state);
             assert_eq!(
-                target(None, Some(&id), Some(&e), now).is_ok(),
+                target(&[], Some(&id), Some(&e), now).is_ok(),
                 ok,
                 "{state:?}"
             );
         }
         let e = enrollment(EnrollmentState::Enrolled);
-        // URL precedence: settings, enrollment, identity.
+        // URL precedence: settings, enrollment, identity; each a list, taken whole.
+        let set = vec!["https://set".to_owned(), "https://set-2".to_owned()];
+        assert_eq!(target(&set, Some(&id), Some(&e), now).unwrap().urls, set);
         assert_eq!(
-            target(Some("https://set"), Some(&id), Some(&e), now)
-                .unwrap()
-                .url,
-            "https://set"
-        );
-        assert_eq!(
-            target(None, Some(&id), Some(&e), now).unwrap().url,
-            "https://from-enrollment"
+            target(&[], Some(&id), Some(&e), now).unwrap().urls,
+            ["https://from-enrollment", "https://from-enrollment-2"]
         );
         let mut e2 = e.clone();
-        e2.controller_url = None;
+        e2.controller_urls.clear();
         assert_eq!(
-            target(None, Some(&id), Some(&e2), now).unwrap().url,
-            "https://from-identity"
+            target(&[], Some(&id), Some(&e2), now).unwrap().urls,
+            ["https://from-identity"]
         );
         let mut id2 = id.clone();
-        id2.controller_url = None;
-        assert!(target(None, Some(&id2), Some(&e2), now).is_err());
+        id2.controller_urls.clear();
+        assert!(target(&[], Some(&id2), Some(&e2), now).is_err());
         // Expired certificate, missing fingerprint, missing boot id.
-        assert!(target(None, Some(&id), Some(&e), 2_000).is_err());
+        assert!(target(&[], Some(&id), Some(&e), 2_000).is_err());
         let mut e3 = e.clone();
         e3.cert_fingerprint = None;
-        assert!(target(None, Some(&id), Some(&e3), now).is_err());
+        assert!(target(&[], Some(&id), Some(&e3), now).is_err());
         let mut id3 = id.clone();
         id3.boot_id.clear();
-        assert!(target(None, Some(&id3), Some(&e), now).is_err());
+        assert!(target(&[], Some(&id3), Some(&e), now).is_err());
     }
 
     #[test]

@@ -22,14 +22,14 @@ pub struct Outage {
     since_ms: u64,
     /// The first failure, monotonic (for the length).
     since: Instant,
-    /// The controller called.
+    /// The controller URLs called (comma-separated when several).
     url: String,
     /// Whether [`UNREACHABLE`] has been raised for it.
     raised: bool,
 }
 
 impl Outage {
-    /// An outage starting now.
+    /// An outage starting now, of the controller at `url` (its URLs, comma-separated).
     pub fn begin(url: String) -> Outage {
         Outage {
             since_ms: crate::now_ms(),
@@ -88,7 +88,8 @@ impl Outage {
         );
     }
 
-    /// The outage is over: raises [`REACHABLE`] (Info) if it had raised [`UNREACHABLE`].
+    /// The outage is over: raises [`REACHABLE`] (Info) if it had raised [`UNREACHABLE`]; `url`
+    /// is the one that answered.
     pub fn ended(self, events: &Events, failures: u32, url: &str) {
         if !self.raised {
             return;

@@ -7,9 +7,13 @@
 // makes them, request bodies.
 #[path = "../../../controller/tests/common/mod.rs"]
 mod common;
+// Controllers that cannot be reached, from the transport's own failover tests.
+#[path = "../../transport/tests/common/mod.rs"]
+mod unreachable;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use agentbase::{Context, Root, Settings};
@@ -23,6 +27,7 @@ use rcgen::KeyPair;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
+use unreachable::{closed_port, silent};
 
 const BOOT_ID: &str = "2f0c8a8e-3c1e-4c59-9d7e-5b6f7a8b9c0d";
 const MEM_TOTAL_KB: u64 = 2_048_000;
@@ -196,6 +201,8 @@ struct Node {
     _identity: Publication<NodeIdentity>,
     enrollment: Publication<EnrollmentStatus>,
     max_backoff_s: u64,
+    /// The controller URLs enrollmgr would publish.
+    urls: Vec<String>,
     agent: Option<(Context, tokio::task::JoinHandle<anyhow::Result<()>>)>,
 }
 
@@ -206,6 +213,11 @@ impl Node {
 
     /// A node whose failed heartbeats back off up to `max_backoff_s`.
     async fn with_max_backoff(ctl: &Ctl, creds: &Creds, max_backoff_s: u64) -> Node {
+        Node::with_urls(creds, max_backoff_s, vec![ctl.url("")]).await
+    }
+
+    /// A node enrolled with the controller URLs `urls`.
+    async fn with_urls(creds: &Creds, max_backoff_s: u64, urls: Vec<String>) -> Node {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path();
         write(root, "proc/uptime", "4242.17 8000.00\n");
@@ -230,7 +242,7 @@ impl Node {
                 arch: "amd64".to_owned(),
                 dmi_uuid: None,
                 bootstrap_token: None,
-                controller_url: None,
+                controller_urls: Vec::new(),
                 ca_pem: None,
                 last_error: None,
             })
@@ -242,15 +254,16 @@ impl Node {
             _identity: identity,
             enrollment,
             max_backoff_s,
+            urls,
             agent: None,
         };
-        node.install(ctl, creds);
+        node.install(creds);
         node.start();
         node
     }
 
     /// Writes the PKI files (atomically, as enrollmgr does) and publishes the enrollment.
-    fn install(&mut self, ctl: &Ctl, creds: &Creds) {
+    fn install(&mut self, creds: &Creds) {
         let pki = self.tmp.path().join("persist/powernode/pki");
         std::fs::create_dir_all(&pki).unwrap();
         for (name, text) in [
@@ -270,7 +283,7 @@ impl Node {
                 not_before_ms: None,
                 not_after_ms: Some(creds.not_after_ms),
                 rotate_at_ms: None,
-                controller_url: Some(ctl.url("")),
+                controller_urls: self.urls.clone(),
                 rotation_failing_since_ms: None,
                 rotation_attempts: 0,
                 last_error: None,
@@ -437,7 +450,8 @@ async fn heartbeats_and_publishes_the_desired_state() {
             &format!("/api/v1/nodes/{}/desired/network", creds.node_id),
             Some(json!({"network": {
                 "interface": "pn0", "address": "10.88.0.7/16", "listen_port": 51820,
-                "peers": [{"public_key": "cGVlcg==", "endpoint": "203.0.113.1:51820",
+                "peers": [{"public_key": "cGVlci1wdWJsaWMta2V5LW9mLTMyLWJ5dGVzLi4uLi4=",
+                           "endpoint": "203.0.113.1:51820",
                            "allowed_ips": ["10.88.0.1/32"], "keepalive_s": 25}]}})),
         )
         .await;
@@ -568,7 +582,7 @@ async fn waits_for_enrollment_and_picks_up_a_rotated_certificate() {
     tokio::time::sleep(Duration::from_millis(rotate_at.saturating_sub(now_ms()))).await;
     let rotated = ctl.rotate(&creds).await;
     assert_ne!(rotated.fingerprint(), creds.fingerprint());
-    node.install(&ctl, &rotated);
+    node.install(&rotated);
 
     // Heartbeats keep succeeding after the first certificate expired.
     let hb = wait_heartbeat(&ctl, &creds.node_id, |hb| {
@@ -626,4 +640,58 @@ async fn a_held_watch_brings_a_new_desired_state_at_once() {
         );
         println!("round {round}: operator call -> ModuleConfig in {took:?}");
     }
+}
+
+/// Several controller URLs: a refused port and a hung listener before the live controller.
+/// heartbeatd reaches the live one, says so in `ControllerStatus.controller_url`, and stays
+/// with it (the hung one is not tried again). The controller is then stopped and started on
+/// the address of the first URL: heartbeatd moves to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_between_controller_urls_and_follows_the_controller() {
+    let mut ctl = Ctl::start(Duration::from_secs(3600)).await;
+    let creds = ctl.enroll("6a1f3f0e-0000-4000-8000-000000000001").await;
+    let first = closed_port();
+    let (hung, hung_accepted) = silent().await;
+    let first_url = format!("https://127.0.0.1:{}", first.port());
+    let live_url = ctl.url("");
+    let urls = vec![
+        first_url.clone(),
+        format!("https://127.0.0.1:{}", hung.port()),
+        live_url.clone(),
+    ];
+    let mut node = Node::with_urls(&creds, 2, urls).await;
+    let mut statuses = node.subscribe::<ControllerStatus>();
+    wait_for(&mut statuses, "reachable through the third URL", |s| {
+        status(s).is_some_and(|s| s.reachable && s.controller_url.as_deref() == Some(&live_url))
+    })
+    .await;
+    assert_eq!(hung_accepted.load(Ordering::SeqCst), 1);
+    // Three more heartbeats (the interval is 1 s) and the watch: all to the live controller.
+    let seen = now_ms();
+    wait_heartbeat(&ctl, &creds.node_id, |hb| {
+        hb["received_at_ms"].as_u64().unwrap() > seen + 2_500
+    })
+    .await;
+    assert_eq!(
+        hung_accepted.load(Ordering::SeqCst),
+        1,
+        "the hung controller was tried again"
+    );
+    assert_eq!(status(&statuses).unwrap().consecutive_failures, 0);
+
+    // The controller moves to the first URL's address (same data, same CA).
+    ctl.stop().await;
+    ctl.addr = first;
+    ctl.resume().await;
+    assert_eq!(ctl.url(""), first_url);
+    wait_for(&mut statuses, "reachable through the first URL", |s| {
+        status(s).is_some_and(|s| s.reachable && s.controller_url.as_deref() == Some(&first_url))
+    })
+    .await;
+    let moved = now_ms();
+    wait_heartbeat(&ctl, &creds.node_id, |hb| {
+        hb["received_at_ms"].as_u64().unwrap() > moved
+    })
+    .await;
+    node.stop().await;
 }

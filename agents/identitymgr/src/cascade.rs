@@ -24,7 +24,7 @@ pub struct Raw {
     pub instance_uuid: Option<String>,
     /// The enrollment token.
     pub bootstrap_token: Option<String>,
-    /// The controller URL.
+    /// The controller URL, or several comma-separated.
     pub controller_url: Option<String>,
     /// A CA bundle as PEM or base64 of PEM.
     pub ca_pem: Option<String>,
@@ -58,8 +58,8 @@ impl KeyStyle {
 pub struct Facts {
     /// One-time enrollment token.
     pub bootstrap_token: Option<String>,
-    /// Controller URL.
-    pub controller_url: Option<String>,
+    /// Controller URLs, in the order to try them; empty when the source had none.
+    pub controller_urls: Vec<String>,
     /// PEM CA bundle.
     pub ca_pem: Option<String>,
 }
@@ -70,8 +70,8 @@ impl Facts {
         if self.bootstrap_token.is_none() {
             self.bootstrap_token.clone_from(&other.bootstrap_token);
         }
-        if self.controller_url.is_none() {
-            self.controller_url.clone_from(&other.controller_url);
+        if self.controller_urls.is_empty() {
+            self.controller_urls.clone_from(&other.controller_urls);
         }
         if self.ca_pem.is_none() {
             self.ca_pem.clone_from(&other.ca_pem);
@@ -80,7 +80,7 @@ impl Facts {
 
     /// Whether every fact is known.
     pub fn is_complete(&self) -> bool {
-        self.bootstrap_token.is_some() && self.controller_url.is_some() && self.ca_pem.is_some()
+        self.bootstrap_token.is_some() && !self.controller_urls.is_empty() && self.ca_pem.is_some()
     }
 }
 
@@ -163,11 +163,12 @@ pub async fn validate_raw(
         .map(|v| validate::bootstrap_token(&style.name("bootstrap_token"), v.trim()))
         .transpose()
         .map_err(invalid)?;
-    let controller_url = raw
+    let controller_urls = raw
         .controller_url
-        .map(|v| validate::controller_url(&style.name("controller_url"), v.trim()))
+        .map(|v| validate::controller_urls(&style.name("controller_url"), &v))
         .transpose()
-        .map_err(invalid)?;
+        .map_err(invalid)?
+        .unwrap_or_default();
     let ca_pem = match (raw.ca_pem, raw.ca_file) {
         (Some(_), Some(_)) => {
             return Err(invalid(ValueError::new(
@@ -189,7 +190,7 @@ pub async fn validate_raw(
         uuid,
         facts: Facts {
             bootstrap_token,
-            controller_url,
+            controller_urls,
             ca_pem,
         },
     })

@@ -3,9 +3,9 @@
 //! Each is asked for its instance id and its user data. An instance id that is a UUID (Azure's
 //! `vmId`) is the node's UUID; any other (AWS `i-…`, numeric ids) becomes the name-based UUID
 //! `v5(`[`NAMESPACE`]`, "<cloud>:<id>")`, stable for the life of the instance. User data may
-//! carry `BOOTSTRAP_TOKEN`, `CONTROLLER_URL`, `CA_PEM` (base64 of PEM) or `CA_FILE` lines in
-//! identity.cfg's `KEY=VALUE` format; other lines are ignored, since user data is shared with
-//! cloud-init.
+//! carry `BOOTSTRAP_TOKEN`, `CONTROLLER_URL` (one URL, or several comma-separated), `CA_PEM`
+//! (base64 of PEM) or `CA_FILE` lines in identity.cfg's `KEY=VALUE` format; other lines are
+//! ignored, since user data is shared with cloud-init.
 //!
 //! "Not this cloud" — the connection refused, or 404 for the instance id — is reported as
 //! absent; any other failure (401, 403, 5xx, a bad body) as a misbehaving source. Requests go

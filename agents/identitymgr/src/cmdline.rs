@@ -1,7 +1,7 @@
 //! The kernel command line, `<root>/proc/cmdline`: `powernode.instance_uuid=`,
-//! `powernode.bootstrap_token=`, `powernode.controller_url=`, `powernode.ca_pem=` (base64 of
-//! PEM, since the command line holds no newlines) or `powernode.ca_file=` (a path under the
-//! root). Values may be double-quoted, as the kernel allows; the last of a repeated parameter
+//! `powernode.bootstrap_token=`, `powernode.controller_url=` (one URL, or several
+//! comma-separated, tried in that order), `powernode.ca_pem=` (base64 of PEM, since the
+//! command line holds no newlines) or `powernode.ca_file=` (a path under the root). Values may be double-quoted, as the kernel allows; the last of a repeated parameter
 //! wins, as in the kernel. Other `powernode.*` parameters are ignored (other agents may use them).
 
 use agentbase::Root;
@@ -131,6 +131,13 @@ mod tests {
         assert_eq!(
             parse("powernode.instance_uuid powernode.uuid=x quiet"),
             Raw::default()
+        );
+        // Several controllers: one parameter, comma-separated, the list kept whole.
+        assert_eq!(
+            parse("powernode.controller_url=https://a:8443,https://b:8443 quiet")
+                .controller_url
+                .as_deref(),
+            Some("https://a:8443,https://b:8443")
         );
     }
 }

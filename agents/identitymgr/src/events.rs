@@ -151,7 +151,7 @@ mod tests {
             arch: "amd64".into(),
             dmi_uuid: None,
             bootstrap_token: None,
-            controller_url: None,
+            controller_urls: Vec::new(),
             ca_pem: None,
             last_error: None,
         }

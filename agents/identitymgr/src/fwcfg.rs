@@ -1,6 +1,7 @@
 //! QEMU fw-cfg: `-fw_cfg name=opt/com.powernode/<name>,string=…` (or `file=…`) appears as
 //! `<root>/sys/firmware/qemu_fw_cfg/by_name/opt/com.powernode/<name>/raw`. Names:
-//! `instance_uuid`, `bootstrap_token`, `controller_url`, `ca_pem` (PEM, or base64 of PEM).
+//! `instance_uuid`, `bootstrap_token`, `controller_url` (one URL, or several comma-separated),
+//! `ca_pem` (PEM, or base64 of PEM).
 //! Surrounding whitespace and NUL bytes are trimmed; an entry that exists but is empty is an
 //! error.
 

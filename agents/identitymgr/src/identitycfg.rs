@@ -7,7 +7,8 @@
 //! concatenations of these (`A="x"'y'z`). Not accepted, because they would mean something else
 //! to a shell: variable expansion (`$X`), command substitution, unquoted spaces, unterminated
 //! quotes, values spanning lines. Unknown keys are ignored (the file may be shared with other
-//! tools).
+//! tools). `CONTROLLER_URL` may list several URLs, comma-separated
+//! (`CONTROLLER_URL=https://a:8443,https://b:8443`).
 
 use std::path::{Path, PathBuf};
 

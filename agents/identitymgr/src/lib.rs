@@ -209,7 +209,7 @@ pub async fn node_identity(root: &Root, outcome: Outcome) -> NodeIdentity {
         arch: oci_arch(std::env::consts::ARCH, cfg!(target_endian = "little")).to_owned(),
         dmi_uuid,
         bootstrap_token: facts.bootstrap_token,
-        controller_url: facts.controller_url,
+        controller_urls: facts.controller_urls,
         ca_pem: facts.ca_pem,
         last_error: (!last_error.is_empty()).then(|| last_error.join("; ")),
     }

@@ -1,6 +1,7 @@
 //! Checks for every value a source supplies. Nothing leaves a source unchecked: a value that
 //! fails here is an error for that source, and the cascade moves on.
 
+use agentbase::settings::split_url_list;
 use base64::Engine as _;
 
 /// Largest CA bundle accepted, in bytes (after base64 decoding).
@@ -62,6 +63,17 @@ pub fn uuid(field: &str, value: &str) -> Result<String, ValueError> {
         return Err(bad("the all-ones UUID means \"not set\""));
     }
     Ok(lower)
+}
+
+/// The controller URLs of a comma-separated list (`https://a:8443,https://b:8443`): each a
+/// [`controller_url`], in the order given, a repeated one kept once. One URL is a list of one.
+/// An empty entry, or more than
+/// [`MAX_CONTROLLER_URLS`](agentbase::settings::MAX_CONTROLLER_URLS), is an error.
+pub fn controller_urls(field: &str, value: &str) -> Result<Vec<String>, ValueError> {
+    let urls = split_url_list(value).map_err(|reason| ValueError::new(field, reason))?;
+    urls.into_iter()
+        .map(|url| controller_url(field, url))
+        .collect()
 }
 
 /// A controller URL: `http` or `https`, with a host, at most [`MAX_URL_LEN`] bytes.
@@ -317,6 +329,51 @@ mod tests {
         }
         let long = format!("https://e.com/{}", "a".repeat(MAX_URL_LEN));
         assert!(controller_url("u", &long).is_err());
+    }
+
+    #[test]
+    fn url_list_table() {
+        let ok: &[(&str, &[&str])] = &[
+            ("https://a.example", &["https://a.example"]),
+            (
+                "https://a.example:8443,https://b.example:8443",
+                &["https://a.example:8443", "https://b.example:8443"],
+            ),
+            (
+                " https://a , http://10.0.0.2:80/api ",
+                &["https://a", "http://10.0.0.2:80/api"],
+            ),
+            // Order kept, a repeat kept once.
+            ("https://b,https://a,https://b", &["https://b", "https://a"]),
+        ];
+        for (value, want) in ok {
+            assert_eq!(controller_urls("u", value).unwrap(), *want, "{value:?}");
+        }
+        let bad: &[(&str, &str)] = &[
+            ("", "empty"),
+            ("https://a,,https://b", "empty entry"),
+            ("https://a,", "empty entry"),
+            (",https://a", "empty entry"),
+            ("https://a,ftp://b", "scheme must be http or https"),
+            ("https://a,b.example", "relative URL"),
+        ];
+        for (value, want) in bad {
+            let err = controller_urls("powernode.controller_url", value)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{value:?}: {err}");
+            assert!(
+                err.starts_with("invalid powernode.controller_url: "),
+                "{err}"
+            );
+        }
+        let many = vec!["https://a"; agentbase::settings::MAX_CONTROLLER_URLS + 1]
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{u}{i}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(controller_urls("u", &many).is_err());
     }
 
     #[test]

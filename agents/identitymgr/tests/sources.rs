@@ -184,7 +184,8 @@ async fn kernel_cmdline_ca_forms() {
         "proc/cmdline",
         format!(
             "powernode.instance_uuid={UUID} powernode.ca_pem={PEM_B64} \
-             powernode.controller_url=https://ctl.example:8443 powernode.bootstrap_token=tok-12345678\n"
+             powernode.controller_url=https://ctl.example:8443,https://ctl-2.example:8443 \
+             powernode.bootstrap_token=tok-12345678\n"
         )
         .as_bytes(),
     );
@@ -198,8 +199,8 @@ async fn kernel_cmdline_ca_forms() {
     assert_eq!(found.uuid.as_deref(), Some(UUID));
     assert_eq!(found.facts.ca_pem.as_deref(), Some(PEM));
     assert_eq!(
-        found.facts.controller_url.as_deref(),
-        Some("https://ctl.example:8443")
+        found.facts.controller_urls,
+        ["https://ctl.example:8443", "https://ctl-2.example:8443"]
     );
     assert_eq!(found.facts.bootstrap_token.as_deref(), Some("tok-12345678"));
 }
@@ -381,10 +382,7 @@ async fn aws_imdsv2() {
         found.facts.bootstrap_token.as_deref(),
         Some("aws-token-123")
     );
-    assert_eq!(
-        found.facts.controller_url.as_deref(),
-        Some("https://ctl.aws")
-    );
+    assert_eq!(found.facts.controller_urls, ["https://ctl.aws"]);
     let seen = server.seen();
     assert_eq!(seen[0].method, "PUT");
     assert!(seen[0]
@@ -513,10 +511,7 @@ async fn azure_imds() {
         found.facts.bootstrap_token.as_deref(),
         Some("azure-token-123")
     );
-    assert_eq!(
-        found.facts.controller_url.as_deref(),
-        Some("https://azure.ctl")
-    );
+    assert_eq!(found.facts.controller_urls, ["https://azure.ctl"]);
 
     let cases: &[(&str, &str, Option<&str>, &str)] = &[
         (
@@ -554,7 +549,10 @@ async fn digitalocean_and_hetzner() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(plain(&[
         ("/metadata/v1/id", "123456789"),
-        ("/metadata/v1/user-data", "CONTROLLER_URL=https://do.ctl\n"),
+        (
+            "/metadata/v1/user-data",
+            "CONTROLLER_URL='https://do.ctl, https://do-2.ctl'\n",
+        ),
         ("/hetzner/v1/metadata/instance-id", "42"),
     ]))
     .await;
@@ -562,7 +560,10 @@ async fn digitalocean_and_hetzner() {
     let d = fetch(dir.path(), settings.clone(), IdentitySource::DigitalOcean)
         .await
         .unwrap();
-    assert_eq!(d.facts.controller_url.as_deref(), Some("https://do.ctl"));
+    assert_eq!(
+        d.facts.controller_urls,
+        ["https://do.ctl", "https://do-2.ctl"]
+    );
     let h = fetch(dir.path(), settings, IdentitySource::Hetzner)
         .await
         .unwrap();

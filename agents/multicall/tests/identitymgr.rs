@@ -86,7 +86,7 @@ fn resolves_from_the_kernel_command_line() {
         &format!(
             "BOOT_IMAGE=/vmlinuz ro powernode.instance_uuid={} \
              powernode.bootstrap_token=boot-token-123 \
-             powernode.controller_url=https://controller.example:8443\n",
+             powernode.controller_url=https://controller.example:8443,https://controller-2.example:8443\n",
             UUID.to_uppercase()
         ),
     );
@@ -124,7 +124,11 @@ fn resolves_from_the_kernel_command_line() {
     );
     assert_eq!(item["bootstrap_token"], "boot-token-123", "{item}");
     assert_eq!(
-        item["controller_url"], "https://controller.example:8443",
+        item["controller_urls"],
+        serde_json::json!([
+            "https://controller.example:8443",
+            "https://controller-2.example:8443"
+        ]),
         "{item}"
     );
     assert_eq!(item["ca_pem"], Value::Null, "{item}");

@@ -203,7 +203,11 @@ async fn introspect_shows_the_node_and_says_what_is_down() {
     assert_eq!(identity["from_checkpoint"], false, "{doc}");
     assert_eq!(identity["value"]["uuid"], UUID, "{doc}");
     assert_eq!(identity["value"]["source"], "KernelCmdline", "{doc}");
-    assert_eq!(identity["value"]["controller_url"], url.as_str(), "{doc}");
+    assert_eq!(
+        identity["value"]["controller_urls"],
+        serde_json::json!([url]),
+        "{doc}"
+    );
     assert_eq!(identity["value"]["has_bootstrap_token"], true, "{doc}");
     assert_eq!(identity["value"]["hostname"], "edge-41", "{doc}");
     assert_eq!(identity["value"]["boot_id"], "boot-41", "{doc}");

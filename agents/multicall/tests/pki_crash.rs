@@ -88,7 +88,7 @@ async fn kill_at(point: &str) {
     let pki = PkiPaths::under(root.join("persist/powernode"))
         .load()
         .unwrap_or_else(|e| panic!("{point}: {e}"));
-    let client = ControllerClient::new(&url, &pki, Duration::from_secs(5)).unwrap();
+    let client = ControllerClient::new(&[url], &pki, Duration::from_secs(5)).unwrap();
     let body: HeartbeatRequest =
         serde_json::from_value(serde_json::json!({"boot_id": "boot-1", "agent_version": "0.1.0"}))
             .unwrap();

@@ -1,7 +1,20 @@
 //! The client every node agent uses to call the controller's node API: HTTP/1.1 (hyper) over
 //! rustls (ring), one connection per call — a node calls a few times a minute, and a fresh
 //! connection always carries the current certificate.
+//!
+//! # Several controllers
+//!
+//! The client holds a list of controller URLs (replicas of one controller, on one database)
+//! and one of them is *current*. A call goes to the current URL; when that controller cannot
+//! be reached ([`TransportError::is_unreachable`]: connection refused or failed, no answer in
+//! time, a failed TLS handshake, or 503 from a controller that cannot serve now) the same call
+//! goes to the next URL, and so on around the list, each attempt with the call's whole timeout.
+//! The first URL that answers — with a reply or with an error of its own, which another replica
+//! would answer the same — becomes current, so later calls go straight to it. When every URL
+//! failed, the call fails (with the first error that retrying may cure) and the caller's
+//! [`Backoff`](crate::Backoff) spaces the next round; the current URL stays where it was.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -23,26 +36,39 @@ pub const API_PREFIX: &str = "node_api/v1/";
 /// The largest reply accepted, so a broken or hostile controller cannot exhaust memory.
 pub const MAX_REPLY: usize = 4 * 1024 * 1024;
 
-/// A connection to the controller with the node's current TLS identity.
+/// A connection to the controller — one of the node's list of controller URLs, failing over
+/// between them (module documentation) — with the node's current TLS identity.
 ///
 /// Cheap to share (`&self` everywhere). After certificate rotation,
 /// [`ControllerClient::set_identity`] swaps the TLS identity in place, so every agent picks the
 /// new certificate up without a restart.
 pub struct ControllerClient {
+    /// In the order given; never empty.
+    endpoints: Vec<Endpoint>,
+    /// Index into `endpoints` of the URL calls go to first.
+    current: AtomicUsize,
+    timeout: Duration,
+    tls: RwLock<Arc<rustls::ClientConfig>>,
+}
+
+/// One controller URL, parsed.
+struct Endpoint {
+    /// The URL as given, for [`ControllerClient::current_url`].
+    url: String,
+    /// `https://host:port/prefix/`, for messages.
     base: String,
     /// The path prefix of `base` (origin form, ends with `/`), for the request line.
     path: String,
     host: String,
     port: u16,
     server_name: ServerName<'static>,
-    timeout: Duration,
-    tls: RwLock<Arc<rustls::ClientConfig>>,
 }
 
 impl std::fmt::Debug for ControllerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControllerClient")
-            .field("base", &self.base)
+            .field("urls", &self.urls().collect::<Vec<_>>())
+            .field("current", &self.current_url())
             .field("timeout", &self.timeout)
             .finish()
     }
@@ -59,14 +85,9 @@ struct ErrorDetail {
     message: String,
 }
 
-impl ControllerClient {
-    /// A client for the controller at `url` (`https://host[:port][/prefix]`), trusting only
-    /// `identity`'s CA, each call (connect, handshake, request and reply) bounded by `timeout`.
-    pub fn new(
-        url: &str,
-        identity: &TlsIdentity,
-        timeout: Duration,
-    ) -> Result<Self, TransportError> {
+impl Endpoint {
+    /// `url` (`https://host[:port][/prefix]`) parsed.
+    fn parse(url: &str) -> Result<Endpoint, TransportError> {
         let bad = |reason: &str| TransportError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
@@ -91,16 +112,58 @@ impl ControllerClient {
         let path = uri.path().trim_end_matches('/');
         let base = format!("https://{}:{port}{path}/", uri.host().unwrap_or_default());
         let path = format!("{path}/");
-        let tls = Arc::new(client_config(identity)?);
-        Ok(ControllerClient {
+        Ok(Endpoint {
+            url: url.to_owned(),
             base,
             path,
             host: bare_host,
             port,
             server_name,
+        })
+    }
+}
+
+impl ControllerClient {
+    /// A client for the controller at `urls` (each `https://host[:port][/prefix]`, tried in
+    /// this order; the first is current to begin with), trusting only `identity`'s CA, each
+    /// attempt at a call (connect, handshake, request and reply) bounded by `timeout`.
+    pub fn new<U: AsRef<str>>(
+        urls: &[U],
+        identity: &TlsIdentity,
+        timeout: Duration,
+    ) -> Result<Self, TransportError> {
+        let endpoints = urls
+            .iter()
+            .map(|url| Endpoint::parse(url.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        if endpoints.is_empty() {
+            return Err(TransportError::Url {
+                url: String::new(),
+                reason: "no controller URL".to_owned(),
+            });
+        }
+        let tls = Arc::new(client_config(identity)?);
+        Ok(ControllerClient {
+            endpoints,
+            current: AtomicUsize::new(0),
             timeout,
             tls: RwLock::new(tls),
         })
+    }
+
+    /// The URL calls go to first: the one that answered last (or the first of the list, until
+    /// one has).
+    pub fn current_url(&self) -> &str {
+        &self.endpoints[self.current_index()].url
+    }
+
+    /// Every URL of the client, in the order they are tried from the first.
+    pub fn urls(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.iter().map(|e| e.url.as_str())
+    }
+
+    fn current_index(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.endpoints.len()
     }
 
     /// Replaces the TLS identity (after enrollment or rotation); calls already under way finish
@@ -117,14 +180,15 @@ impl ControllerClient {
         call: &str,
         body: &Req,
     ) -> Result<Resp, TransportError> {
-        let call = call.trim_start_matches('/');
-        let url = format!("{}{API_PREFIX}{call}", self.base);
-        let target = format!("{}{API_PREFIX}{call}", self.path);
         let body = serde_json::to_vec(body).map_err(|e| TransportError::BadReply {
-            url: url.clone(),
+            url: format!(
+                "{}{API_PREFIX}{}",
+                self.endpoints[self.current_index()].base,
+                call.trim_start_matches('/')
+            ),
             detail: format!("encoding the request: {e}"),
         })?;
-        self.call(Method::POST, url, &target, Some(body), self.timeout)
+        self.call(Method::POST, call, Some(Bytes::from(body)), self.timeout)
             .await
     }
 
@@ -136,21 +200,67 @@ impl ControllerClient {
         call: &str,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        let call = call.trim_start_matches('/');
-        let url = format!("{}{API_PREFIX}{call}", self.base);
-        let target = format!("{}{API_PREFIX}{call}", self.path);
-        self.call(Method::GET, url, &target, None, timeout).await
+        self.call(Method::GET, call, None, timeout).await
     }
 
+    /// One round: the current URL, then each next one while the controller there cannot be
+    /// reached (module documentation).
     async fn call<Resp: DeserializeOwned>(
         &self,
         method: Method,
-        url: String,
-        target: &str,
-        body: Option<Vec<u8>>,
+        call: &str,
+        body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
-        match tokio::time::timeout(timeout, self.exchange(method, &url, target, body)).await {
+        let call = call.trim_start_matches('/');
+        let start = self.current_index();
+        let count = self.endpoints.len();
+        let mut failed: Option<TransportError> = None;
+        for i in (0..count).map(|k| (start + k) % count) {
+            let endpoint = &self.endpoints[i];
+            let outcome = self
+                .attempt(endpoint, method.clone(), call, body.clone(), timeout)
+                .await;
+            match outcome {
+                Err(e) if e.is_unreachable() => {
+                    if count > 1 {
+                        tracing::debug!(url = %endpoint.url, error = %e, "controller unreachable; trying the next URL");
+                    }
+                    // The first error retrying may cure is the one to report: a URL further
+                    // on that refuses for good (a CA mismatch) must not stop the caller's
+                    // retries while the others may come back.
+                    if failed.as_ref().is_none_or(|f| !f.is_retryable()) {
+                        failed = Some(e);
+                    }
+                }
+                outcome => {
+                    if i != start && self.current.swap(i, Ordering::Relaxed) != i {
+                        tracing::info!(url = %endpoint.url, "controller URL in use changed");
+                    }
+                    return outcome;
+                }
+            }
+        }
+        // Every URL was tried and set `failed`; a client has at least one.
+        Err(failed.unwrap_or_else(|| TransportError::Url {
+            url: String::new(),
+            reason: "no controller URL".to_owned(),
+        }))
+    }
+
+    /// One attempt at `endpoint`, bounded by `timeout`.
+    async fn attempt<Resp: DeserializeOwned>(
+        &self,
+        endpoint: &Endpoint,
+        method: Method,
+        call: &str,
+        body: Option<Bytes>,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError> {
+        let url = format!("{}{API_PREFIX}{call}", endpoint.base);
+        let target = format!("{}{API_PREFIX}{call}", endpoint.path);
+        let exchange = self.exchange(endpoint, method, &url, &target, body);
+        match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
                 url,
@@ -162,16 +272,17 @@ impl ControllerClient {
     /// One call: `url` for messages, `target` (origin form) for the request line.
     async fn exchange<Resp: DeserializeOwned>(
         &self,
+        endpoint: &Endpoint,
         method: Method,
         url: &str,
         target: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Bytes>,
     ) -> Result<Resp, TransportError> {
         let connect = |detail: String| TransportError::Connect {
             url: url.to_owned(),
             detail,
         };
-        let tcp = TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::ConnectionRefused => TransportError::Refused {
@@ -183,7 +294,7 @@ impl ControllerClient {
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
         let stream = TlsConnector::from(tls)
-            .connect(self.server_name.clone(), tcp)
+            .connect(endpoint.server_name.clone(), tcp)
             .await
             .map_err(|e| handshake_error(url, e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -197,13 +308,16 @@ impl ControllerClient {
         let mut request = Request::builder()
             .method(method)
             .uri(target)
-            .header(hyper::header::HOST, format!("{}:{}", self.host, self.port))
+            .header(
+                hyper::header::HOST,
+                format!("{}:{}", endpoint.host, endpoint.port),
+            )
             .header(hyper::header::ACCEPT, "application/json");
         if body.is_some() {
             request = request.header(hyper::header::CONTENT_TYPE, "application/json");
         }
         let request = request
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body.unwrap_or_default()))
             .map_err(|e| connect(e.to_string()))?;
         let response = sender
             .send_request(request)

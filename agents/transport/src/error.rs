@@ -100,6 +100,26 @@ impl TransportError {
         }
     }
 
+    /// Whether the controller at the URL called could not be reached — nothing listens, the
+    /// connection failed or broke before an answer, no answer in time, the TLS handshake
+    /// failed (including a certificate the pinned CA does not vouch for: not the controller),
+    /// or it answered 503 (it cannot serve now) — so that another of the node's controller
+    /// URLs should be tried. Any other answer comes from a live controller, and another
+    /// replica on the same database would answer the same.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            TransportError::Refused { .. }
+            | TransportError::Connect { .. }
+            | TransportError::Timeout { .. }
+            | TransportError::Handshake { .. }
+            | TransportError::CaMismatch { .. } => true,
+            TransportError::Status { status, .. } => *status == 503,
+            TransportError::Url { .. }
+            | TransportError::Credentials(_)
+            | TransportError::BadReply { .. } => false,
+        }
+    }
+
     /// The controller's error code, for a [`TransportError::Status`].
     pub fn code(&self) -> Option<&str> {
         match self {

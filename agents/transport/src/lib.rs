@@ -3,6 +3,8 @@
 //!
 //! * HTTPS (hyper HTTP/1.1 over rustls with the ring provider; no OpenSSL anywhere), the controller's CA from
 //!   enrollment pinned as the only root, the node's certificate as client identity;
+//! * a list of controller URLs (replicas), failing over to the next when one cannot be
+//!   reached and staying with the one that answers ([`ControllerClient`]);
 //! * a timeout on every request, connect included;
 //! * typed errors ([`TransportError`]) that say whether retrying can help, and
 //!   [`Backoff`] (exponential, with jitter) for the retries;

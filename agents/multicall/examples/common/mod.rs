@@ -87,7 +87,7 @@ pub fn publish_identity(
         arch: "amd64".into(),
         dmi_uuid: None,
         bootstrap_token: Some(String::from_utf8(out.stdout)?.trim().to_owned()),
-        controller_url: Some(format!("https://{listen}")),
+        controller_urls: vec![format!("https://{listen}")],
         ca_pem: Some(std::fs::read_to_string(data.join("ca.crt.pem"))?),
         last_error: None,
     })?;

@@ -105,7 +105,7 @@ pub fn enrollment(state: EnrollmentState) -> EnrollmentStatus {
         not_before_ms: None,
         not_after_ms: None,
         rotate_at_ms: None,
-        controller_url: None,
+        controller_urls: Vec::new(),
         rotation_failing_since_ms: None,
         rotation_attempts: 0,
         last_error: None,
@@ -378,7 +378,7 @@ pub fn resolved_identity(
         arch: "amd64".into(),
         dmi_uuid: None,
         bootstrap_token: Some(token),
-        controller_url: Some(url.to_owned()),
+        controller_urls: vec![url.to_owned()],
         ca_pem: Some(ca_pem.to_owned()),
         last_error: None,
     }
