@@ -2,43 +2,53 @@
 //! `events` (in [`crate::events_cli`]), `module …` (in [`crate::module_cli`]), `task …`,
 //! `tasks` (in [`crate::task_cli`]), `script …`, `scripts` (in [`crate::script_cli`]) and
 //! `network …`, `networks` (in [`crate::network_cli`]).
-//! Everything but `serve` and the registry side of `module` works directly on the database in
-//! the data directory.
+//! Every command but `serve`, `openapi` and the registry side of `module` is a client of the
+//! operator API (over HTTPS, with the operator token): it works against any controller, on any
+//! backend, and the API's rules are the only ones. `serve` opens the database, and makes the
+//! first operator credential (DATA/operator.token) and DATA/operator.toml, which `--data DIR`
+//! on any other command reads to find it ([`crate::client::config`]).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::tasks::DEFAULT_OUTPUT_MAX;
 use crate::api::Policy;
+use crate::client::{encode, ClientArgs, ClientError};
 use crate::duration::parse_duration;
 use crate::events::{EventRetention, DEFAULT_RETENTION_COUNT, DEFAULT_RETENTION_DAYS};
 use crate::events_cli::{self, EventsArgs};
 use crate::module_cli::{self, ModuleCommand};
 use crate::network_cli::{self, NetworkCommand, NetworksArgs};
 use crate::script_cli::{self, ScriptCommand, ScriptsArgs};
-use crate::server::{ensure_data_dir, Controller, ServeOptions};
-use crate::storage::{NodeDetail, NodeSummary, Storage};
+use crate::server::{Controller, ServeOptions};
+use crate::service::tasks::DEFAULT_OUTPUT_MAX;
 use crate::task_cli::{self, TaskCommand, TasksArgs};
-use crate::tokens;
-use crate::wire::{task_limits::MAX_COMPLETE_BODY, ModuleReport};
+use crate::wire::{
+    task_limits::MAX_COMPLETE_BODY, CreateTokenRequest, CreateTokenResponse, ModuleReport,
+    NodeDetail, NodeSummary, RevokeResponse,
+};
 
 /// Exit code of a usage error.
 pub const EXIT_USAGE: u8 = 2;
 /// Exit code of a failure.
 pub const EXIT_FAILURE: u8 = 1;
+/// Exit code of an operator command that could not reach the controller at all (nothing
+/// listens at its URL, or it did not answer in time): a script can wait and try again.
+pub const EXIT_UNREACHABLE: u8 = 3;
 
 /// Reference controller for powernode nodes.
 ///
 /// Runs a certificate authority, enrolls nodes with bootstrap tokens, rotates their
 /// certificates, receives their heartbeats and hands them their desired state, all over
 /// one TLS listener (node API under /node_api/v1 with client certificates, operator API
-/// under /api/v1 with the bearer token in DATA/operator.token).
+/// under /api/v1 with the bearer token in DATA/operator.token). The other commands call the
+/// operator API: `--data DIR` finds the controller serving DIR (DIR/operator.toml), or give
+/// --controller, --ca-file and --token-file (or set POWERNODE_CONTROLLER, POWERNODE_CA_FILE,
+/// POWERNODE_TOKEN_FILE, or write them to $XDG_CONFIG_HOME/powernode/controller.toml).
 #[derive(Debug, Parser)]
 #[command(name = "powernode-controller", version, propagate_version = true)]
 pub struct Cli {
@@ -81,14 +91,17 @@ enum Command {
     Network(NetworkCommand),
     /// Overlay networks, by name: CIDR, port, members.
     Networks(NetworksArgs),
+    /// Print the OpenAPI document of the node and operator APIs (what
+    /// GET /api/v1/openapi.json answers).
+    Openapi,
 }
 
-/// `--data DIR`.
+/// `serve --data DIR`.
 #[derive(Debug, Args)]
-pub(crate) struct DataArg {
+struct DataArg {
     /// The controller's data directory.
     #[arg(long, value_name = "DIR")]
-    pub(crate) data: PathBuf,
+    data: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -134,7 +147,7 @@ enum TokenCommand {
     /// Create a bootstrap token and print it (it is stored only as a hash).
     Create {
         #[command(flatten)]
-        data: DataArg,
+        client: ClientArgs,
         /// How long the token may be used.
         #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
@@ -149,7 +162,7 @@ enum NodesCommand {
     /// List nodes: id, uuid, hostname, last heartbeat, certificate expiry.
     List {
         #[command(flatten)]
-        data: DataArg,
+        client: ClientArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -163,7 +176,7 @@ enum NodeCommand {
         /// The node id (as `nodes list` prints it).
         id: String,
         #[command(flatten)]
-        data: DataArg,
+        client: ClientArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -173,7 +186,7 @@ enum NodeCommand {
         /// The node id.
         id: String,
         #[command(flatten)]
-        data: DataArg,
+        client: ClientArgs,
     },
 }
 
@@ -206,7 +219,14 @@ pub fn main_with_args(args: impl IntoIterator<Item = std::ffi::OsString>) -> Exi
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::from(EXIT_FAILURE)
+            let unreachable = err
+                .downcast_ref::<ClientError>()
+                .is_some_and(ClientError::is_unreachable);
+            ExitCode::from(if unreachable {
+                EXIT_UNREACHABLE
+            } else {
+                EXIT_FAILURE
+            })
         }
     }
 }
@@ -225,20 +245,21 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(args).await,
         Command::Token(TokenCommand::Create {
-            data,
+            client,
             ttl,
             node_uuid,
         }) => {
-            let storage = open(&data.data).await?;
-            let created = tokens::create(&storage, ttl, node_uuid.as_deref()).await?;
+            let request = CreateTokenRequest {
+                ttl_s: Some(ttl.as_secs()),
+                node_uuid,
+            };
+            let created: CreateTokenResponse =
+                client.client()?.post("/api/v1/tokens", &request).await?;
             println!("{}", created.token);
-            storage.close().await;
             Ok(())
         }
-        Command::Nodes(NodesCommand::List { data, json }) => {
-            let storage = open(&data.data).await?;
-            let nodes = storage.list_nodes().await?;
-            storage.close().await;
+        Command::Nodes(NodesCommand::List { client, json }) => {
+            let nodes: Vec<NodeSummary> = client.client()?.get("/api/v1/nodes").await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&nodes)?);
             } else {
@@ -246,11 +267,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Node(NodeCommand::Show { id, data, json }) => {
-            let storage = open(&data.data).await?;
-            let detail = storage.node_detail(&id).await?;
-            storage.close().await;
-            let detail = detail.with_context(|| format!("no node {id}"))?;
+        Command::Node(NodeCommand::Show { id, client, json }) => {
+            let detail: NodeDetail = client
+                .client()?
+                .get(&format!("/api/v1/nodes/{}", encode(&id)))
+                .await?;
             if json {
                 let shown = NodeShow {
                     modules_reported: reported_modules(&detail),
@@ -262,12 +283,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Node(NodeCommand::Revoke { id, data }) => {
-            let storage = open(&data.data).await?;
-            let found = storage.revoke(&id, crate::now_ms()).await?;
-            storage.close().await;
-            anyhow::ensure!(found, "no node {id}");
-            println!("revoked {id}");
+        Command::Node(NodeCommand::Revoke { id, client }) => {
+            let revoked: RevokeResponse = client
+                .client()?
+                .post(&format!("/api/v1/nodes/{}/revoke", encode(&id)), &())
+                .await?;
+            println!("revoked {}", revoked.revoked);
             Ok(())
         }
         Command::Events(args) => events_cli::run(args).await,
@@ -278,25 +299,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Scripts(args) => script_cli::list(args).await,
         Command::Network(command) => network_cli::run(command).await,
         Command::Networks(args) => network_cli::list(args).await,
+        Command::Openapi => {
+            println!("{}", serde_json::to_string_pretty(&crate::api::openapi())?);
+            Ok(())
+        }
     }
-}
-
-/// Opens the database in `dir`.
-pub(crate) async fn open(dir: &Path) -> anyhow::Result<Storage> {
-    ensure_data_dir(dir)?;
-    Ok(Storage::open(dir).await?)
-}
-
-/// Opens the database of `dir`, runs `f` on it and closes it again before answering what `f`
-/// answered: closed whether `f` succeeded or not, and before anything is printed.
-pub(crate) async fn with_storage<T>(
-    dir: &Path,
-    f: impl AsyncFnOnce(&Storage) -> T,
-) -> anyhow::Result<T> {
-    let storage = open(dir).await?;
-    let answer = f(&storage).await;
-    storage.close().await;
-    Ok(answer)
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -636,7 +643,7 @@ mod tests {
 
     fn detail(enrollment: Option<crate::wire::EnrollmentReport>) -> NodeDetail {
         NodeDetail {
-            node: crate::storage::Node {
+            node: crate::wire::Node {
                 id: "node-1".into(),
                 uuid: "u".into(),
                 hostname: "edge".into(),
@@ -644,7 +651,7 @@ mod tests {
                 enrolled_at_ms: 0,
                 revoked_at_ms: None,
             },
-            enrollment: enrollment.map(|report| crate::storage::NodeEnrollment {
+            enrollment: enrollment.map(|report| crate::wire::NodeEnrollment {
                 report,
                 changed_at_ms: 0,
             }),

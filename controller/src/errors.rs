@@ -1,11 +1,13 @@
 //! Errors as the API answers them: `{"error": {"code", "message"}}` with a status code.
 //! Internal failures are logged with their whole cause chain and answered "internal error".
+//! The service's refusals ([`crate::service::Error`]) carry their own status and code; the
+//! HTTP layer adds its own (a body that does not parse, an unknown route).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
-use crate::storage::StorageError;
+use crate::service;
+use crate::wire::{ErrorBody, ErrorDetail};
 
 /// An error answer of the API.
 #[derive(Debug)]
@@ -73,15 +75,33 @@ impl ApiError {
     }
 }
 
-impl From<StorageError> for ApiError {
-    fn from(err: StorageError) -> Self {
-        Self::internal(&err)
+impl From<service::Error> for ApiError {
+    fn from(err: service::Error) -> Self {
+        if err.is_internal() {
+            return Self::internal(&err);
+        }
+        if err.status() == 503 {
+            tracing::warn!(error = %err, "answering 503: the database is unavailable");
+        }
+        let status = StatusCode::from_u16(err.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
+        Self::new(status, err.code(), err.to_string())
+    }
+}
+
+impl From<service::Denied> for ApiError {
+    fn from(denied: service::Denied) -> Self {
+        service::Error::from(denied).into()
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         let mut response = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -1,5 +1,6 @@
-//! `powernode-controller events …`: the fleet's events from the database in the data
-//! directory, as a table or one JSON object per line, optionally following new ones.
+//! `powernode-controller events …`: the fleet's events through the operator API
+//! (`GET /api/v1/events`), as a table or one JSON object per line, optionally following new
+//! ones.
 
 use powernode_types::text::{columns, one_line, rfc3339_millis};
 use std::time::Duration;
@@ -8,10 +9,10 @@ use anyhow::Context;
 use clap::Args;
 use powernode_types::Severity;
 
-use crate::cli::{open, DataArg};
+use crate::client::{query, Client, ClientArgs};
 use crate::duration::parse_duration;
 use crate::events;
-use crate::storage::{EventQuery, Storage, StoredEvent};
+use crate::wire::{EventsPage, StoredEvent};
 
 /// How often `--follow` looks for new events.
 const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
@@ -20,7 +21,7 @@ const FOLLOW_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Debug, Args)]
 pub struct EventsArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Only this node's events.
     #[arg(long, value_name = "ID")]
     node: Option<String>,
@@ -57,40 +58,48 @@ fn parse_since(text: &str) -> Result<i64, String> {
 
 /// Runs `events`.
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
-    let storage = open(&args.data.data).await?;
-    let result = print_events(&storage, &args).await;
-    storage.close().await;
-    result
+    let client = args.client.client()?;
+    print_events(&client, &args).await
 }
 
-async fn print_events(storage: &Storage, args: &EventsArgs) -> anyhow::Result<()> {
-    let mut query = EventQuery {
-        node: args.node.clone(),
-        min_severity: args.severity,
-        kind: args.kind.clone(),
-        since_ms: args.since,
-        after: None,
-        limit: args.limit,
-        newest: true,
-    };
-    let tail = storage.events(&query).await?;
+/// One page of events matching `args`: the newest `limit` (oldest first) when `after` is
+/// `None`, else up to `limit` after that cursor.
+async fn page(
+    client: &Client,
+    args: &EventsArgs,
+    after: Option<i64>,
+    limit: u32,
+) -> anyhow::Result<EventsPage> {
+    let path = format!(
+        "/api/v1/events{}",
+        query(&[
+            ("node", args.node.clone()),
+            ("severity", args.severity.map(|s| format!("{s:?}"))),
+            ("kind", args.kind.clone()),
+            ("since", args.since.map(|ms| ms.to_string())),
+            ("limit", Some(limit.to_string())),
+            ("after", after.map(|c| c.to_string())),
+            ("newest", after.is_none().then(|| "true".to_owned())),
+        ])
+    );
+    Ok(client.get(&path).await?)
+}
+
+async fn print_events(client: &Client, args: &EventsArgs) -> anyhow::Result<()> {
+    let tail = page(client, args, None, args.limit).await?;
     if !args.json {
         println!("{}", header());
     }
-    print_batch(&tail, args.json)?;
+    print_batch(&tail.events, args.json)?;
     if !args.follow {
         return Ok(());
     }
-    query.after = tail.last().map(|e| e.cursor);
-    query.newest = false;
-    query.limit = events::MAX_PAGE;
+    let mut after = tail.events.last().map_or(0, |e| e.cursor);
     loop {
-        let batch = storage.events(&query).await?;
-        print_batch(&batch, args.json)?;
-        if let Some(last) = batch.last() {
-            query.after = Some(last.cursor);
-        }
-        if batch.len() < events::MAX_PAGE as usize {
+        let batch = page(client, args, Some(after), events::MAX_PAGE).await?;
+        print_batch(&batch.events, args.json)?;
+        after = batch.next.max(after);
+        if batch.events.len() < events::MAX_PAGE as usize {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => return Ok(()),
                 () = tokio::time::sleep(FOLLOW_INTERVAL) => {}

@@ -2,11 +2,14 @@
 //! certificates, a heartbeat endpoint that hands out desired state, and an operator API,
 //! all over one TLS listener backed by an embedded SQLite database.
 //!
-//! The binary (`src/main.rs`) only parses the command line and dispatches to [`cli`].
+//! The rules live in [`service`]; [`api`] serves them over HTTP; the operator commands of
+//! [`cli`] are clients of that API ([`client`]). The binary (`src/main.rs`) only parses the
+//! command line and dispatches to [`cli`].
 
 pub mod api;
 pub mod ca;
 pub mod cli;
+pub mod client;
 pub mod duration;
 pub mod errors;
 pub mod events;
@@ -18,6 +21,7 @@ pub mod networks;
 pub mod script_cli;
 pub mod secrets;
 pub mod server;
+pub mod service;
 pub mod storage;
 pub mod task_cli;
 pub mod tls;

@@ -4,8 +4,8 @@
 //! images under one tag as an image index, `keygen` makes a cosign key pair, `sign` signs what
 //! was pushed the way `cosign sign --recursive` does (with a key, or with a key, its
 //! certificate and chain and a transparency-log bundle, for keyless policies), and `assign`
-//! sets the modules a node should run. The formats and the registry protocol are `powernode_modules`'; this file only
-//! turns them into commands.
+//! sets the modules a node should run, through the operator API. The formats and the registry
+//! protocol are `powernode_modules`'; this file only turns them into commands.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -21,9 +21,10 @@ use powernode_modules::registry::{
 };
 use serde::Serialize;
 
-use crate::cli::{open, DataArg};
+use crate::client::{encode, Client, ClientArgs, ClientError};
 use crate::fsutil::write_atomic;
-use crate::wire::DesiredModule;
+use crate::service::nodes::check_assignable;
+use crate::wire::{DesiredModule, GenerationResponse, NodeDetail, SetModulesRequest};
 
 /// Environment variable holding the password of a cosign private key (as cosign reads it).
 pub const PASSWORD_ENV: &str = "COSIGN_PASSWORD";
@@ -53,7 +54,8 @@ pub enum ModuleCommand {
     /// signature carries the key's certificate, as nodes with a [keyless] policy want it.
     Sign(SignArgs),
     /// Set the modules a node should run. The list replaces the node's current one, bumps its
-    /// desired-state generation, and reaches the node with the reply to its next heartbeat.
+    /// desired-state generation, and reaches the node at once (or with the reply to its next
+    /// heartbeat). The registry is asked here, the controller through its operator API.
     Assign(AssignArgs),
 }
 
@@ -247,7 +249,7 @@ pub struct AssignArgs {
           conflicts_with = "none")]
     priorities: Vec<(String, u32)>,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     #[command(flatten)]
     registry: RegistryArgs,
     /// Print JSON.
@@ -548,10 +550,8 @@ struct AssignOutput<'a> {
 }
 
 async fn assign(args: AssignArgs) -> anyhow::Result<()> {
-    let storage = open(&args.data.data).await?;
-    let result = assign_with(&storage, &args).await;
-    storage.close().await;
-    let (generation, modules) = result?;
+    let client = args.client.client()?;
+    let (generation, modules) = assign_with(&client, &args).await?;
     if args.json {
         return print_json(&AssignOutput {
             node: &args.node,
@@ -569,16 +569,18 @@ async fn assign(args: AssignArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves the references for the node's architecture and sends the list. The node is
+/// fetched first (its architecture picks the image) and checked with the API's own rule
+/// before the registry is asked anything; the API checks everything again when the list
+/// arrives.
 async fn assign_with(
-    storage: &crate::storage::Storage,
+    client: &Client,
     args: &AssignArgs,
 ) -> anyhow::Result<(u64, Vec<DesiredModule>)> {
-    let node = storage
-        .node(&args.node)
-        .await?
-        .with_context(|| format!("no node {}", args.node))?;
-    ensure!(node.revoked_at_ms.is_none(), "node {} is revoked", node.id);
-    let arch = oci_architecture(&node.arch);
+    let path = format!("/api/v1/nodes/{}", encode(&args.node));
+    let node: NodeDetail = client.get(&path).await?;
+    check_assignable(&node.node.id, node.node.revoked_at_ms).map_err(ClientError::from)?;
+    let arch = oci_architecture(&node.node.arch);
     let mut modules: Vec<DesiredModule> = Vec::new();
     if !args.references.is_empty() {
         let refs: Vec<&str> = args.references.iter().map(String::as_str).collect();
@@ -587,7 +589,9 @@ async fn assign_with(
             let resolved = registry
                 .resolve(reference, arch)
                 .await
-                .with_context(|| format!("{reference} cannot be assigned to {} ({arch})", node.id))
+                .with_context(|| {
+                    format!("{reference} cannot be assigned to {} ({arch})", args.node)
+                })
                 .map_err(|e| args.registry.hint(e))?;
             if let Some(other) = modules.iter().find(|m| m.name == resolved.module.name) {
                 bail!(
@@ -612,12 +616,15 @@ async fn assign_with(
         ensure!(overridden.insert(name), "--priority {name}=… given twice");
         module.priority = *priority;
     }
-    let generation = storage
-        .set_desired_modules(&node.id, &modules, crate::now_ms())
-        .await?
-        .with_context(|| format!("no node {}", node.id))?;
-    tracing::info!(node_id = %node.id, generation, modules = modules.len(), "desired modules set");
-    Ok((generation, modules))
+    let reply: GenerationResponse = client
+        .put(
+            &format!("{path}/desired/modules"),
+            &SetModulesRequest {
+                modules: modules.clone(),
+            },
+        )
+        .await?;
+    Ok((reply.generation, modules))
 }
 
 #[cfg(test)]

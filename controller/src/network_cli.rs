@@ -1,19 +1,19 @@
 //! `powernode-controller network …` and `networks`: overlay networks, membership and port
-//! forwards straight in the database of the data directory, checked by the same rules as
-//! `/api/v1/networks` and `/api/v1/forwards` ([`crate::api::networks`], [`crate::networks`]).
-//! A running controller sees what they change within a scan interval (its watch scanner
-//! follows the database), so the nodes whose desired network changed learn it at once.
+//! forwards through the operator API (`/api/v1/networks`, `/api/v1/forwards`), whose rules
+//! ([`crate::service::networks`], [`crate::networks`]) are the only ones; the nodes whose
+//! desired network changed learn it at once.
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use powernode_types::text::{columns, one_line, rfc3339_millis};
 use serde::Serialize;
 
-use crate::api::networks::{check_create, check_forward, check_join};
-use crate::cli::{with_storage, DataArg};
-use crate::networks::{EndpointSource, Forward, Refusal};
-use crate::storage::{Bumped, MemberDetail, Network, NetworkDetail};
-use crate::wire::{CreateNetworkRequest, JoinNetworkRequest};
+use crate::client::{encode, query, ClientArgs};
+use crate::networks::{EndpointSource, Forward};
+use crate::wire::{
+    AddForwardRequest, CreateNetworkRequest, DeleteNetworkResponse, ForwardResponse,
+    JoinNetworkRequest, JoinResponse, LeaveNetworkRequest, LeaveResponse, MemberDetail, Network,
+    NetworkDetail, NodeGeneration,
+};
 
 /// `network …` subcommands.
 #[derive(Debug, Subcommand)]
@@ -40,7 +40,7 @@ pub struct CreateArgs {
     /// Its name: 1 to 32 of a-z, 0-9 and -.
     name: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Its IPv4 CIDR, prefix 8 to 30, e.g. 10.88.0.0/16.
     #[arg(long, value_name = "CIDR")]
     cidr: String,
@@ -58,7 +58,7 @@ pub struct JoinArgs {
     /// The network.
     name: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// The node.
     #[arg(long, value_name = "ID")]
     node: String,
@@ -79,7 +79,7 @@ pub struct LeaveArgs {
     /// The network.
     name: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// The node.
     #[arg(long, value_name = "ID")]
     node: String,
@@ -91,7 +91,7 @@ pub struct ShowArgs {
     /// The network.
     name: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print JSON (as `GET /api/v1/networks/{name}`).
     #[arg(long)]
     json: bool,
@@ -103,14 +103,14 @@ pub struct DeleteArgs {
     /// The network.
     name: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
 }
 
 /// `networks` arguments.
 #[derive(Debug, Args)]
 pub struct NetworksArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -131,7 +131,7 @@ pub enum ForwardCommand {
 #[derive(Debug, Args)]
 pub struct ForwardAddArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// The node (a member of a network).
     #[arg(long, value_name = "ID")]
     node: String,
@@ -150,7 +150,7 @@ pub struct ForwardAddArgs {
 #[derive(Debug, Args)]
 pub struct ForwardRemoveArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// The node.
     #[arg(long, value_name = "ID")]
     node: String,
@@ -166,7 +166,7 @@ pub struct ForwardRemoveArgs {
 #[derive(Debug, Args)]
 pub struct ForwardListArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Only this node's forwards.
     #[arg(long, value_name = "ID")]
     node: Option<String>,
@@ -175,18 +175,14 @@ pub struct ForwardListArgs {
     json: bool,
 }
 
-fn refused(refusal: Refusal) -> anyhow::Error {
-    anyhow::Error::msg(refusal.to_string())
-}
-
 /// `updated node-a (generation 4), node-b (generation 7)`, or nothing.
-fn updated_text(bumped: &Bumped) -> String {
-    if bumped.is_empty() {
+fn updated_text(updated: &[NodeGeneration]) -> String {
+    if updated.is_empty() {
         return String::new();
     }
-    let list: Vec<String> = bumped
+    let list: Vec<String> = updated
         .iter()
-        .map(|(node, generation)| format!("{node} (generation {generation})"))
+        .map(|u| format!("{} (generation {})", u.node_id, u.generation))
         .collect();
     format!("desired network updated: {}\n", list.join(", "))
 }
@@ -205,36 +201,43 @@ fn print_json_or<T: Serialize>(
     Ok(())
 }
 
+/// The path of network `name`, and `rest` under it.
+fn network_path(name: &str, rest: &str) -> String {
+    format!("/api/v1/networks/{}{rest}", encode(name))
+}
+
 /// Runs a `network` subcommand.
 pub async fn run(command: NetworkCommand) -> anyhow::Result<()> {
     match command {
         NetworkCommand::Create(args) => create(args).await,
         NetworkCommand::Join(args) => join(args).await,
-        NetworkCommand::Leave(LeaveArgs { name, data, node }) => {
-            let left = with_storage(&data.data, async |s| {
-                s.leave_network(&name, &node, crate::now_ms()).await
-            })
-            .await?;
-            let (left, bumped) = left?.map_err(refused)?;
+        NetworkCommand::Leave(LeaveArgs { name, client, node }) => {
+            let reply: LeaveResponse = client
+                .client()?
+                .post(
+                    &network_path(&name, "/leave"),
+                    &LeaveNetworkRequest { node },
+                )
+                .await?;
+            let left = &reply.left;
             print!(
                 "{} left {} ({} is free; {} forward(s) removed)\n{}",
                 left.node_id,
                 left.network,
                 left.address,
                 left.forwards_removed,
-                updated_text(&bumped)
+                updated_text(&reply.updated)
             );
             Ok(())
         }
-        NetworkCommand::Show(ShowArgs { name, data, json }) => {
-            let detail = with_storage(&data.data, async |s| s.network_detail(&name).await).await?;
-            let detail = detail?.with_context(|| format!("no network {name}"))?;
+        NetworkCommand::Show(ShowArgs { name, client, json }) => {
+            let detail: NetworkDetail = client.client()?.get(&network_path(&name, "")).await?;
             print_json_or(json, &detail, network_text)
         }
-        NetworkCommand::Delete(DeleteArgs { name, data }) => {
-            let deleted = with_storage(&data.data, async |s| s.delete_network(&name).await).await?;
-            deleted?.map_err(refused)?;
-            println!("deleted {name}");
+        NetworkCommand::Delete(DeleteArgs { name, client }) => {
+            let deleted: DeleteNetworkResponse =
+                client.client()?.delete(&network_path(&name, "")).await?;
+            println!("deleted {}", deleted.deleted);
             Ok(())
         }
         NetworkCommand::Forward(command) => forward(command).await,
@@ -247,13 +250,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         cidr: args.cidr,
         port: Some(args.port),
     };
-    let (cidr, port) = check_create(&req).map_err(refused)?;
-    let created = with_storage(&args.data.data, async |s| {
-        s.create_network(&req.name, cidr, port, crate::now_ms())
-            .await
-    })
-    .await?;
-    let network = created?.map_err(refused)?;
+    let network: Network = args.client.client()?.post("/api/v1/networks", &req).await?;
     print_json_or(args.json, &network, |n| {
         format!("network {} {} port {}\n", n.name, n.cidr, n.listen_port)
     })
@@ -265,87 +262,75 @@ async fn join(args: JoinArgs) -> anyhow::Result<()> {
         announce: args.announce,
         endpoint: args.endpoint,
     };
-    check_join(&req).map_err(refused)?;
-    let joined = with_storage(&args.data.data, async |s| {
-        s.join_network(
-            &args.name,
-            &req.node,
-            &req.announce,
-            req.endpoint.as_deref(),
-            crate::now_ms(),
-        )
-        .await
-    })
-    .await?;
-    let (member, bumped) = joined?.map_err(refused)?;
+    let reply: JoinResponse = args
+        .client
+        .client()?
+        .post(&network_path(&args.name, "/join"), &req)
+        .await?;
     if args.json {
-        let reply = crate::wire::JoinResponse {
-            member,
-            updated: crate::wire::NodeGeneration::list(bumped),
-        };
         println!("{}", serde_json::to_string_pretty(&reply)?);
     } else {
         print!(
             "{} is in {} as {}\n{}",
-            member.node_id,
-            member.network,
-            member.address,
-            updated_text(&bumped)
+            reply.member.node_id,
+            reply.member.network,
+            reply.member.address,
+            updated_text(&reply.updated)
         );
     }
     Ok(())
 }
 
 /// A forward added or removed (`done`: what to say first), then the generations it bumped.
-fn forward_text(done: &str, f: &Forward, bumped: &Bumped) -> String {
+fn forward_text(done: &str, reply: &ForwardResponse) -> String {
+    let f = &reply.forward;
     format!(
         "{done}{} {} {} -> {}\n{}",
         f.node_id,
         f.proto,
         f.port,
         f.to,
-        updated_text(bumped)
+        updated_text(&reply.updated)
     )
 }
 
 async fn forward(command: ForwardCommand) -> anyhow::Result<()> {
     match command {
         ForwardCommand::Add(args) => {
-            let port = check_forward(&args.proto, args.port, Some(&args.to)).map_err(refused)?;
-            let added = with_storage(&args.data.data, async |s| {
-                s.add_forward(&args.node, &args.proto, port, &args.to, crate::now_ms())
-                    .await
-            })
-            .await?;
-            let (f, bumped) = added?.map_err(refused)?;
-            print!("{}", forward_text("", &f, &bumped));
+            let req = AddForwardRequest {
+                node: args.node,
+                proto: args.proto,
+                port: args.port,
+                to: args.to,
+            };
+            let reply: ForwardResponse =
+                args.client.client()?.post("/api/v1/forwards", &req).await?;
+            print!("{}", forward_text("", &reply));
             Ok(())
         }
         ForwardCommand::Remove(args) => {
-            let port = check_forward(&args.proto, args.port, None).map_err(refused)?;
-            let removed = with_storage(&args.data.data, async |s| {
-                s.remove_forward(&args.node, &args.proto, port, crate::now_ms())
-                    .await
-            })
-            .await?;
-            let (f, bumped) = removed?.map_err(refused)?;
-            print!("{}", forward_text("removed ", &f, &bumped));
+            let path = format!(
+                "/api/v1/forwards/{}/{}/{}",
+                encode(&args.node),
+                encode(&args.proto),
+                args.port
+            );
+            let reply: ForwardResponse = args.client.client()?.delete(&path).await?;
+            print!("{}", forward_text("removed ", &reply));
             Ok(())
         }
         ForwardCommand::List(args) => {
-            let forwards = with_storage(&args.data.data, async |s| {
-                s.forwards(args.node.as_deref()).await
-            })
-            .await?;
-            print_json_or(args.json, &forwards?, |f| forwards_table(f))
+            let path = format!("/api/v1/forwards{}", query(&[("node", args.node)]));
+            let forwards: Vec<Forward> = args.client.client()?.get(&path).await?;
+            print_json_or(args.json, &forwards, |f| forwards_table(f))
         }
     }
 }
 
 /// Runs `networks`.
 pub async fn list(args: NetworksArgs) -> anyhow::Result<()> {
-    let networks = with_storage(&args.data.data, async |s| s.networks().await).await?;
-    print_json_or(args.json, &networks?, |n| networks_table(n))
+    let networks: Vec<Network> = args.client.client()?.get("/api/v1/networks").await?;
+    print_json_or(args.json, &networks, |n| networks_table(n))
 }
 
 /// A table: a line of `headers`, then a line of `cells` for each of `items`.

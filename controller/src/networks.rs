@@ -469,7 +469,7 @@ impl NodeReport {
 }
 
 /// A port forward of a node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Forward {
     /// The node whose port is forwarded.
     pub node_id: String,
@@ -512,7 +512,7 @@ pub struct MemberFacts {
 }
 
 /// Where a peer's endpoint came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EndpointSource {
     /// The operator set it at join.
@@ -631,7 +631,7 @@ pub fn derive(
 
 /// The heartbeat's `network` object read leniently, for `network show`: netmgr's
 /// `NetworkStatus` as far as it is there (older agents send less, or nothing).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct ReportedNetwork {
     /// `Down`, `Configuring`, `Up` or `Failed`.
@@ -653,7 +653,7 @@ pub struct ReportedNetwork {
 }
 
 /// One peer as a node reported it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default)]
 pub struct ReportedPeer {
     /// Its public key.

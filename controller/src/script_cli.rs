@@ -1,7 +1,6 @@
-//! `powernode-controller script add|show` and `scripts`: NodeScripts straight in the database
-//! of the data directory, checked by the same rules as `POST /api/v1/scripts`
-//! ([`crate::api::scripts`]). A `node.exec` task names a stored script by the digest `script
-//! add` prints: `--args '{"script_digest": "sha256:…"}'`.
+//! `powernode-controller script add|show` and `scripts`: NodeScripts through the operator API
+//! (`/api/v1/scripts`, the rules of [`crate::service::scripts`]). A `node.exec` task names a
+//! stored script by the digest `script add` prints: `--args '{"script_digest": "sha256:…"}'`.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -10,9 +9,9 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use powernode_types::text::{columns, rfc3339_millis};
 
-use crate::api::scripts::{check_script, parse_digest};
-use crate::cli::{open, DataArg};
-use crate::storage::Script;
+use crate::client::{encode, ClientArgs, ClientError};
+use crate::service::scripts::check_script;
+use crate::wire::{AddScriptRequest, Script};
 
 /// `script …` subcommands.
 #[derive(Debug, Subcommand)]
@@ -31,7 +30,7 @@ pub struct AddArgs {
     #[arg(value_name = "FILE")]
     file: PathBuf,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print the stored script (digest, size, created_at_ms) as JSON instead of its digest.
     #[arg(long)]
     json: bool,
@@ -43,7 +42,7 @@ pub struct ShowArgs {
     /// The digest, `sha256:<64 hex>` (as `script add` or `scripts` prints it).
     digest: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -53,7 +52,7 @@ pub struct ShowArgs {
 #[derive(Debug, Args)]
 pub struct ScriptsArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -63,14 +62,15 @@ pub struct ScriptsArgs {
 pub async fn run(command: ScriptCommand) -> anyhow::Result<()> {
     match command {
         ScriptCommand::Add(args) => add(args).await,
-        ScriptCommand::Show(ShowArgs { digest, data, json }) => {
-            let digest = parse_digest(&digest)
-                .map_err(|e| anyhow::anyhow!("{}", e.message()))?
-                .to_string();
-            let storage = open(&data.data).await?;
-            let found = storage.script(&digest).await;
-            storage.close().await;
-            let script = found?.with_context(|| format!("no script {digest}"))?;
+        ScriptCommand::Show(ShowArgs {
+            digest,
+            client,
+            json,
+        }) => {
+            let script: Script = client
+                .client()?
+                .get(&format!("/api/v1/scripts/{}", encode(&digest)))
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&script)?);
             } else {
@@ -99,13 +99,13 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    let digest = check_script(&text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let storage = open(&args.data.data).await?;
-    let stored = storage
-        .add_script(&digest.to_string(), &text, crate::now_ms())
-        .await;
-    storage.close().await;
-    let stored = stored?;
+    // The service's own limit, before a too large script is sent at all.
+    check_script(&text).map_err(ClientError::from)?;
+    let stored: Script = args
+        .client
+        .client()?
+        .post("/api/v1/scripts", &AddScriptRequest { script: text })
+        .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&stored)?);
     } else {
@@ -116,10 +116,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
 
 /// Runs `scripts`.
 pub async fn list(args: ScriptsArgs) -> anyhow::Result<()> {
-    let storage = open(&args.data.data).await?;
-    let scripts = storage.scripts().await;
-    storage.close().await;
-    let scripts = scripts?;
+    let scripts: Vec<Script> = args.client.client()?.get("/api/v1/scripts").await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&scripts)?);
     } else {

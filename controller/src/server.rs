@@ -151,6 +151,57 @@ fn operator_token_hash(dir: &Path) -> anyhow::Result<String> {
     Ok(secrets::sha256_hex(token.as_bytes()))
 }
 
+/// Writes `DIR/operator.toml` (mode 0600): how the operator commands run with `--data DIR`
+/// reach this controller, its URL (the address bound, by a name its certificate has), its CA
+/// certificate and the operator token file, as absolute paths. Rewritten at every start: the
+/// port may have changed. A data directory whose path is not UTF-8 gets none (TOML is UTF-8);
+/// the commands then need `--controller`, `--ca-file` and `--token-file`.
+fn write_operator_config(
+    dir: &Path,
+    bound: SocketAddr,
+    hostnames: &[String],
+    ca_cert: &Path,
+) -> anyhow::Result<()> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+    let url = format!("https://{}", operator_authority(bound, hostnames));
+    let text = crate::client::config::operator_config_text(
+        &url,
+        &absolute(ca_cert),
+        &absolute(&dir.join(OPERATOR_TOKEN_FILE)),
+    );
+    let path = dir.join(crate::client::config::OPERATOR_CONFIG_FILE);
+    match text {
+        Some(text) => {
+            write_atomic(&path, text.as_bytes(), 0o600)?;
+            tracing::debug!(path = %path.display(), %url, "wrote the operator settings");
+        }
+        None => tracing::warn!(
+            dir = %dir.display(),
+            "the data directory's path is not UTF-8: no operator.toml; operator commands need \
+             --controller, --ca-file and --token-file"
+        ),
+    }
+    Ok(())
+}
+
+/// `HOST:PORT` to reach a controller bound to `bound`: an unspecified address is reached on
+/// loopback; the host is the address itself when the server certificate names it (the
+/// default names do), else the first name the certificate has.
+fn operator_authority(bound: SocketAddr, hostnames: &[String]) -> String {
+    let ip = match bound.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    let addr = SocketAddr::new(ip, bound.port());
+    match hostnames.first() {
+        Some(name) if !hostnames.contains(&ip.to_string()) => {
+            format!("{name}:{}", bound.port())
+        }
+        _ => addr.to_string(),
+    }
+}
+
 fn default_hostnames(listen: SocketAddr) -> Vec<String> {
     let mut names = vec![
         "localhost".to_owned(),
@@ -209,9 +260,11 @@ impl Controller {
             storage.close().await;
             anyhow::bail!(
                 "the CA in {} (sha256 {fingerprint}) is not the fleet's (sha256 {pinned}): \
-                 every controller of one database serves with the same CA; copy ca.crt and \
-                 ca.key from the data directory of a controller of this fleet",
-                opts.data.display()
+                 every controller of one database serves with the same CA; copy {} and {} \
+                 from the data directory of a controller of this fleet",
+                opts.data.display(),
+                crate::ca::CA_CERT_FILE,
+                crate::ca::CA_KEY_FILE,
             );
         }
         let closing = CancellationToken::new();
@@ -228,6 +281,7 @@ impl Controller {
             .await
             .with_context(|| format!("cannot listen on {}", opts.listen))?;
         let local_addr = listener.local_addr()?;
+        write_operator_config(&opts.data, local_addr, &hostnames, ca.cert_path())?;
         Ok(Self {
             listener,
             acceptor: TlsAcceptor::from(tls_config),
@@ -353,5 +407,27 @@ async fn serve_connection(
     };
     if let Err(err) = result {
         tracing::debug!(%peer, error = %err, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_operator_url_names_what_the_certificate_names() {
+        let defaults = |addr: &str| {
+            let addr: SocketAddr = addr.parse().unwrap();
+            operator_authority(addr, &default_hostnames(addr))
+        };
+        assert_eq!(defaults("127.0.0.1:8443"), "127.0.0.1:8443");
+        assert_eq!(defaults("0.0.0.0:8443"), "127.0.0.1:8443");
+        assert_eq!(defaults("[::]:8443"), "[::1]:8443");
+        assert_eq!(defaults("192.0.2.7:8443"), "192.0.2.7:8443");
+        let named = ["ctl.example".to_owned()];
+        assert_eq!(
+            operator_authority("0.0.0.0:8443".parse().unwrap(), &named),
+            "ctl.example:8443"
+        );
     }
 }

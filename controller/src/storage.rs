@@ -73,6 +73,32 @@ pub enum StorageError {
     Random(#[from] RandomError),
 }
 
+impl StorageError {
+    /// Whether the database cannot be reached or cannot serve now (the server is down or
+    /// restarting, the pool has no connection to give, SQLite stayed locked past its busy
+    /// timeout), rather than refusing this statement: worth answering 503 and trying again.
+    pub fn is_unavailable(&self) -> bool {
+        let Self::Query { source, .. } = self else {
+            return false;
+        };
+        match source {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // PostgreSQL: class 08 connection exception, 57P01-57P03 shutdown and
+                // "cannot connect now", 53300 too many connections. SQLite: 5 SQLITE_BUSY,
+                // 6 SQLITE_LOCKED.
+                code.starts_with("08")
+                    || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300" | "5" | "6")
+            }),
+            _ => false,
+        }
+    }
+}
+
 fn query_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> StorageError {
     move |source| StorageError::Query { what, source }
 }

@@ -1,19 +1,16 @@
-//! `powernode-controller task create|show|cancel` and `tasks`: tasks straight in the database
-//! of the data directory. A running controller sees what they change within a scan interval
-//! (its watch scanner follows the database, see [`crate::watch`]), so a node watching learns
-//! of a new task at once.
+//! `powernode-controller task create|show|cancel` and `tasks`: tasks through the operator API
+//! (`/api/v1/tasks`), whose rules ([`crate::service::tasks`]) are the only ones; a node
+//! watching learns of a new task at once.
 
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use powernode_types::text::{columns, one_line, rfc3339_millis};
 
-use crate::api::tasks::{self as rules, task_query};
-use crate::cli::{open, DataArg};
+use crate::client::{encode, query, ClientArgs};
 use crate::duration::parse_duration;
-use crate::storage::{Task, TaskRefusal};
-use crate::wire::{CreateTaskRequest, TasksParams};
+use crate::service::tasks as rules;
+use crate::wire::{CreateTaskRequest, Task};
 
 /// `task …` subcommands.
 #[derive(Debug, Subcommand)]
@@ -33,7 +30,7 @@ pub struct ShowArgs {
     /// The task id (as `task create` or `tasks` prints it).
     id: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -45,14 +42,14 @@ pub struct CancelArgs {
     /// The task id.
     id: String,
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
 }
 
 /// `task create` arguments.
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// The node that is to run it.
     #[arg(long, value_name = "ID")]
     node: String,
@@ -77,7 +74,7 @@ pub struct CreateArgs {
 #[derive(Debug, Args)]
 pub struct TasksArgs {
     #[command(flatten)]
-    data: DataArg,
+    client: ClientArgs,
     /// Only this node's tasks.
     #[arg(long, value_name = "ID")]
     node: Option<String>,
@@ -100,15 +97,11 @@ fn parse_json(text: &str) -> Result<serde_json::Value, String> {
 pub async fn run(command: TaskCommand) -> anyhow::Result<()> {
     match command {
         TaskCommand::Create(args) => create(args).await,
-        TaskCommand::Show(ShowArgs { id, data, json }) => {
-            let storage = open(&data.data).await?;
-            let found = storage.expire_leases(crate::now_ms()).await;
-            let task = match found {
-                Ok(_) => storage.task(&id).await,
-                Err(e) => Err(e),
-            };
-            storage.close().await;
-            let task = task?.with_context(|| format!("no task {id}"))?;
+        TaskCommand::Show(ShowArgs { id, client, json }) => {
+            let task: Task = client
+                .client()?
+                .get(&format!("/api/v1/tasks/{}", encode(&id)))
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&task)?);
             } else {
@@ -116,18 +109,13 @@ pub async fn run(command: TaskCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        TaskCommand::Cancel(CancelArgs { id, data }) => {
-            let storage = open(&data.data).await?;
-            let cancelled = storage.cancel_task(&id, crate::now_ms()).await;
-            storage.close().await;
-            match cancelled? {
-                Ok(_) => {
-                    println!("cancelled {id}");
-                    Ok(())
-                }
-                Err(TaskRefusal::Finished(state)) => anyhow::bail!("task {id} is {state} already"),
-                Err(_) => anyhow::bail!("no task {id}"),
-            }
+        TaskCommand::Cancel(CancelArgs { id, client }) => {
+            let _: Task = client
+                .client()?
+                .post(&format!("/api/v1/tasks/{}/cancel", encode(&id)), &())
+                .await?;
+            println!("cancelled {id}");
+            Ok(())
         }
     }
 }
@@ -141,11 +129,7 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
         timeout_s: Some(timeout_s),
         max_attempts: Some(args.max_attempts),
     };
-    let new = rules::new_task(&req).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    let storage = open(&args.data.data).await?;
-    let created = storage.create_task(&new, crate::now_ms()).await;
-    storage.close().await;
-    let task = created?.with_context(|| format!("no node {} (or it is revoked)", req.node))?;
+    let task: Task = args.client.client()?.post("/api/v1/tasks", &req).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&task)?);
     } else {
@@ -156,20 +140,15 @@ async fn create(args: CreateArgs) -> anyhow::Result<()> {
 
 /// Runs `tasks`.
 pub async fn list(args: TasksArgs) -> anyhow::Result<()> {
-    let query = task_query(TasksParams {
-        node: args.node,
-        state: args.state,
-        limit: Some(args.limit),
-    })
-    .map_err(anyhow::Error::msg)?;
-    let storage = open(&args.data.data).await?;
-    let swept = storage.expire_leases(crate::now_ms()).await;
-    let tasks = match swept {
-        Ok(_) => storage.tasks(&query).await,
-        Err(e) => Err(e),
-    };
-    storage.close().await;
-    let tasks = tasks?;
+    let path = format!(
+        "/api/v1/tasks{}",
+        query(&[
+            ("node", args.node),
+            ("state", args.state),
+            ("limit", Some(args.limit.to_string())),
+        ])
+    );
+    let tasks: Vec<Task> = args.client.client()?.get(&path).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tasks)?);
     } else {

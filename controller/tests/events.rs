@@ -423,7 +423,9 @@ fn run(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[tokio::test]
+// Multi-threaded: the commands run as processes the test waits on, while the controller they
+// call runs on this runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_command_prints_filters_and_follows() {
     let server = TestServer::start(LIFETIME).await;
     let node = server.enroll_new("uuid-cli-ev").await;

@@ -419,3 +419,89 @@ fn signing_with_a_certificate_checks_its_inputs_first() {
         assert_eq!(code, 2, "{flag}: {stderr}");
     }
 }
+
+/// One rule for a node's modules, whichever way they are set: a list a node would refuse is
+/// refused (400, nothing stored), and a revoked node is refused by the API (409
+/// `node_revoked`) and by `module assign` with the same message and code, with `--none` and
+/// with references alike, before any registry is asked (this one does not exist). Its
+/// network and its tasks are refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_refused_the_same_way_by_the_api_and_the_cli() {
+    let server = TestServer::start(Duration::from_secs(3600)).await;
+    let data = server.data().to_str().unwrap().to_owned();
+    let node = server.enroll_new("uuid-revoked-assign").await;
+    let id = node.node_id.as_str();
+    let modules_path = format!("/api/v1/nodes/{id}/desired/modules");
+    let reference = "registry.invalid/modules/tools:1";
+    let list = json!({"modules": [{"name": "tools", "reference": reference}]});
+    let (status, reply) = server.operator_put(&modules_path, &list).await;
+    assert_eq!(
+        (status, reply["generation"].as_u64()),
+        (200, Some(1)),
+        "{reply}"
+    );
+    let generation = || async {
+        let (_, shown) = server.operator_get(&format!("/api/v1/nodes/{id}")).await;
+        shown["desired"]["generation"].as_u64()
+    };
+
+    for bad in [
+        json!({"modules": [{"name": "a/b", "reference": reference}]}),
+        json!({"modules": [{"name": ".hidden", "reference": reference}]}),
+        json!({"modules": [{"name": "tools", "reference": "not a reference"}]}),
+        json!({"modules": [{"name": "tools", "reference": "r@sha256:00"}]}),
+    ] {
+        let (status, reply) = server.operator_put(&modules_path, &bad).await;
+        assert_eq!(
+            (status, common::code(&reply)),
+            (400, "invalid_request"),
+            "{bad}: {reply}"
+        );
+    }
+    assert_eq!(generation().await, Some(1), "a refused list was stored");
+
+    let (status, _) = server
+        .operator_post(&format!("/api/v1/nodes/{id}/revoke"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, reply) = server.operator_put(&modules_path, &list).await;
+    assert_eq!(
+        (status, common::code(&reply)),
+        (409, "node_revoked"),
+        "{reply}"
+    );
+    let message = reply["error"]["message"].as_str().unwrap().to_owned();
+    assert_eq!(message, format!("node {id} is revoked"));
+
+    let said = format!("error: {message} (node_revoked)");
+    for references in [vec!["--none"], vec![reference]] {
+        let mut args = vec!["module", "assign", "--node", id, "--data", &data];
+        args.extend(references);
+        let (code, out, stderr) = run_with(&args, None);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(stderr.trim(), said, "{args:?}");
+    }
+    assert_eq!(generation().await, Some(1), "a revoked node's list changed");
+
+    let (status, reply) = server
+        .operator_put(
+            &format!("/api/v1/nodes/{id}/desired/network"),
+            &json!({"network": null}),
+        )
+        .await;
+    assert_eq!(
+        (status, common::code(&reply)),
+        (409, "node_revoked"),
+        "{reply}"
+    );
+    let (status, reply) = server
+        .operator_post("/api/v1/tasks", &json!({"node": id, "kind": "node.exec"}))
+        .await;
+    assert_eq!(
+        (status, common::code(&reply)),
+        (409, "node_revoked"),
+        "{reply}"
+    );
+    server.stop().await;
+}

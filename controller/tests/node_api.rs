@@ -365,7 +365,7 @@ async fn desired_state_changes_reach_the_next_heartbeat() {
 
     let network = json!({"network": {
         "interface": "pn0", "address": "10.88.0.7/16", "listen_port": 51820,
-        "peers": [{"public_key": "AAAA", "endpoint": null, "allowed_ips": ["10.88.0.0/16"], "keepalive_s": 25}],
+        "peers": [{"public_key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "endpoint": null, "allowed_ips": ["10.88.0.0/16"], "keepalive_s": 25}],
         "network": "lab", "forwards": [{"proto": "tcp", "port": 8080, "to": "10.88.0.2:80"}]
     }});
     let (status, reply) = status_json(
@@ -379,6 +379,21 @@ async fn desired_state_changes_reach_the_next_heartbeat() {
     )
     .await;
     assert_eq!((status, reply["generation"].as_u64()), (200, Some(2)));
+
+    // A network a node would refuse (a key that is not one) is refused here, nothing stored.
+    let mut bad_key = network.clone();
+    bad_key["network"]["peers"][0]["public_key"] = json!("AAAA");
+    let (status, reply) = status_json(
+        operator
+            .put(server.url(&format!("/api/v1/nodes/{}/desired/network", node.node_id)))
+            .bearer_auth(&server.operator_token)
+            .json(&bad_key)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((status, code(&reply)), (400, "invalid_request"), "{reply}");
 
     // Unknown node and duplicate module names.
     let (status, reply) = status_json(

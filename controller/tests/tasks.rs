@@ -1403,11 +1403,12 @@ async fn created_tasks_are_checked_listed_and_leased_oldest_first() {
     server.stop().await;
 }
 
-/// The binary on the data directory of a running controller: `task create` (plain and
-/// `--json`), `tasks`, `task show`, `task cancel`, the controller and its node seeing what the
-/// commands wrote, and the exit codes of failures (1) and usage errors (2).
+/// The binary against a running controller (found through its data directory): `task create`
+/// (plain and `--json`), `tasks`, `task show`, `task cancel` through the operator API, the
+/// controller and its node seeing what the commands did, and the exit codes of failures (1)
+/// and usage errors (2).
 #[tokio::test]
-async fn task_commands_round_trip_through_the_database() {
+async fn task_commands_round_trip_through_the_api() {
     let (server, node, api) = start_with_node("uuid-task-cli").await;
     let data = server.data();
     let data = data.to_str().unwrap();

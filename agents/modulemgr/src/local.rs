@@ -44,14 +44,10 @@ pub enum LocalError {
     },
 }
 
-/// Whether `name` may be a module name (it becomes a file name and a pubsub key).
+/// Whether `name` may be a module name (it becomes a file name and a pubsub key): the one
+/// rule of [`powernode_modules::format::is_module_name`].
 pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    powernode_modules::format::is_module_name(name)
 }
 
 /// The name a reference gets when none is given: the last part of its repository.
@@ -115,7 +111,8 @@ fn read_one(path: &Path) -> Result<LocalModule, LocalError> {
     Ok(module)
 }
 
-/// Writes `module` to `dir/<name>.toml` atomically.
+/// Writes `module` to `dir/<name>.toml` atomically and durably, mode 0644
+/// ([`powernode_atomicfile::write_atomic`]); the directory is created if missing.
 pub fn write(dir: &Path, module: &LocalModule) -> Result<PathBuf, LocalError> {
     let path = dir.join(format!("{}.toml", module.name));
     if !valid_name(&module.name) {
@@ -133,9 +130,12 @@ pub fn write(dir: &Path, module: &LocalModule) -> Result<PathBuf, LocalError> {
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let tmp = dir.join(format!(".{}.toml.tmp", module.name));
-    fs::write(&tmp, text).map_err(io(&tmp))?;
-    fs::rename(&tmp, &path).map_err(io(&path))?;
+    powernode_atomicfile::write_atomic(&path, text.as_bytes(), 0o644).map_err(|e| {
+        LocalError::Io {
+            path: e.path,
+            source: e.source,
+        }
+    })?;
     Ok(path)
 }
 
@@ -171,7 +171,18 @@ mod tests {
             reference: "127.0.0.1:5000/m/tools:1".into(),
             priority: 7,
         };
-        write(dir.path(), &m).unwrap();
+        let path = write(dir.path(), &m).unwrap();
+        // Written whole, readable by all (it is configuration), nothing else left beside it.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["tools.toml"]);
         fs::write(dir.path().join("bad.toml"), "name = 3").unwrap();
         fs::write(
             dir.path().join("other.toml"),

@@ -284,6 +284,21 @@ impl ModuleManifest {
     }
 }
 
+/// Longest module name, bytes.
+pub const MAX_MODULE_NAME: usize = 128;
+
+/// Whether `name` may be a module's name: 1 to [`MAX_MODULE_NAME`] of letters, digits, `-`,
+/// `_` and `.`, not starting with `.`. The name becomes a file name on the node and a pubsub
+/// key, so the builder, the controller and modulemgr all keep this one rule.
+pub fn is_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_MODULE_NAME
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 /// The OCI architecture name of the machine this runs on (`uname -m` mapped to OCI's names).
 pub fn host_architecture() -> &'static str {
     oci_architecture(std::env::consts::ARCH)

@@ -86,15 +86,10 @@ pub struct Built {
     pub module: ModuleManifest,
 }
 
-/// Checks a module or version name: it becomes part of file names and tags.
+/// Checks a module or version name: it becomes part of file names and tags (the rule of
+/// [`crate::format::is_module_name`]).
 fn check_name(what: &str, value: &str) -> Result<(), BuildError> {
-    let ok = !value.is_empty()
-        && value.len() <= 128
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-        && !value.starts_with('.');
-    if ok {
+    if crate::format::is_module_name(value) {
         Ok(())
     } else {
         Err(BuildError::Invalid(format!(

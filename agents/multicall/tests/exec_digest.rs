@@ -46,7 +46,7 @@ impl Node {
 
     /// Stores `text` as the operator does (`script add`): its digest.
     async fn add_script(&self, text: &str) -> String {
-        let digest = powernode_controller::api::scripts::check_script(text)
+        let digest = powernode_controller::service::scripts::check_script(text)
             .unwrap()
             .to_string();
         self.storage
@@ -129,7 +129,7 @@ async fn a_script_named_by_digest_runs_and_a_tampered_one_is_refused() {
     let task = node.exec(json!({ "script_digest": good_digest })).await;
     assert_eq!(task.state, "failed", "{task:?}");
     let out = output(&task);
-    let evil_digest = powernode_controller::api::scripts::check_script(&evil)
+    let evil_digest = powernode_controller::service::scripts::check_script(&evil)
         .unwrap()
         .to_string();
     assert!(

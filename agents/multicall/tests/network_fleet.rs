@@ -7,8 +7,8 @@
 //! address (192.0.2.254): the nodes enroll with it and heartbeat to it over the underlay.
 //! Each node's identity is published by the test, as identitymgr would. The operator's part
 //! (network create, join, leave, forward add and remove) is done on the controller's database
-//! after the same checks as the API's, as `powernode-controller network …` does; the running
-//! controller's watch carries each change to the nodes concerned.
+//! after the operator API's own checks (`powernode_controller::service::networks`); the
+//! running controller's watch carries each change to the nodes concerned.
 //!
 //! - Three nodes: a TCP transfer of a few MB between every pair of overlay addresses; `wg show`
 //!   lists the interface, both peers and their handshakes; one node leaves: unreachable from
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use common::netns::{self, has_link, underlay_address, Sink, Underlay, BRIDGE_HOST};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use powernode_controller::api::networks::{check_create, check_forward, check_join};
+use powernode_controller::service::networks::{check_create, check_forward, check_join};
 use powernode_controller::storage::{MemberDetail, Storage};
 use powernode_controller::wire::{CreateNetworkRequest, JoinNetworkRequest};
 use powernode_pubsub::testing::require;
@@ -350,7 +350,7 @@ impl Fleet {
     /// does.
     fn add_forward(&self, i: usize, proto: &str, port: u16, to: SocketAddr) {
         let to = to.to_string();
-        let port = check_forward(proto, port.into(), Some(&to)).unwrap();
+        let port = check_forward(&self.nodes[i].node_id, proto, port.into(), Some(&to)).unwrap();
         let now = powernode_controller::now_ms();
         let added = self.runtime.block_on(self.storage.add_forward(
             &self.nodes[i].node_id,
@@ -364,7 +364,7 @@ impl Fleet {
 
     /// The operator removes that forward, as `network forward remove` does.
     fn remove_forward(&self, i: usize, proto: &str, port: u16) {
-        let port = check_forward(proto, port.into(), None).unwrap();
+        let port = check_forward(&self.nodes[i].node_id, proto, port.into(), None).unwrap();
         let now = powernode_controller::now_ms();
         let removed = self.runtime.block_on(self.storage.remove_forward(
             &self.nodes[i].node_id,

@@ -1,10 +1,12 @@
 //! Extractors: JSON bodies (size, content type, syntax, shape), the verified node behind a
-//! client certificate, and the operator's bearer token. Each refuses with a JSON [`ApiError`].
+//! client certificate, and the operator's bearer token (the rules of who may call are the
+//! service's). Each refuses with a JSON [`ApiError`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
@@ -12,6 +14,8 @@ use serde::de::DeserializeOwned;
 use super::{AppState, BODY_LIMIT};
 use crate::ca::CertInfo;
 use crate::errors::ApiError;
+use crate::service::nodes::RevokedNodes;
+use crate::service::Denied;
 use crate::storage::Node;
 
 /// The client certificate of the TLS connection a request came on, verified against the CA
@@ -101,8 +105,8 @@ impl<T: DeserializeOwned, S: Send + Sync, const LIMIT: usize> FromRequest<S>
     }
 }
 
-/// A node authenticated by its client certificate: issued by this controller, CN naming an
-/// enrolled node, not expired, node not revoked.
+/// A node authenticated by its client certificate ([`crate::service::Service::authenticate_node`]):
+/// issued by this controller, CN naming an enrolled node, not expired, node not revoked.
 #[derive(Debug)]
 pub struct AuthedNode {
     /// The node.
@@ -115,7 +119,7 @@ impl FromRequestParts<AppState> for AuthedNode {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(parts, state, Revoked::Refused).await
+        authenticate(parts, state, RevokedNodes::Refused).await
     }
 }
 
@@ -129,68 +133,27 @@ impl FromRequestParts<AppState> for EventSender {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(parts, state, Revoked::Accepted)
+        authenticate(parts, state, RevokedNodes::Accepted)
             .await
             .map(EventSender)
     }
 }
 
-/// Whether a revoked node passes [`authenticate`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Revoked {
-    Refused,
-    Accepted,
-}
-
-/// The node of the request's client certificate: issued by this controller to an enrolled
-/// node, not expired, and (unless `revoked` accepts it) not revoked.
 async fn authenticate(
     parts: &mut Parts,
     state: &AppState,
-    revoked: Revoked,
+    revoked: RevokedNodes,
 ) -> Result<AuthedNode, ApiError> {
     let cert = parts
         .extensions
         .get::<ClientCert>()
-        .and_then(|c| c.0.clone())
-        .ok_or_else(|| {
-            ApiError::unauthorized(
-                "client_certificate_required",
-                "this call needs the node's client certificate",
-            )
-        })?;
-    let unknown = || {
-        ApiError::unauthorized(
-            "unknown_certificate",
-            "the client certificate was not issued to an enrolled node",
-        )
-    };
-    let node_id = cert
-        .common_name
-        .clone()
-        .or_else(|| cert.alt_names.first().cloned())
-        .ok_or_else(unknown)?;
+        .and_then(|c| c.0.clone());
     let node = state
-        .storage()
-        .node_by_cert_fingerprint(&cert.fingerprint)
-        .await?
-        .ok_or_else(unknown)?;
-    if node.id != node_id {
-        return Err(unknown());
-    }
-    if cert.not_after_ms <= crate::now_ms() {
-        return Err(ApiError::unauthorized(
-            "certificate_expired",
-            "the client certificate has expired",
-        ));
-    }
-    if node.revoked_at_ms.is_some() && revoked == Revoked::Refused {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "revoked",
-            format!("node {node_id} is revoked"),
-        ));
-    }
+        .service()
+        .authenticate_node(cert.as_deref(), revoked)
+        .await?;
+    // authenticate_node refuses a request without a certificate.
+    let cert = cert.ok_or(Denied::CertificateRequired)?;
     Ok(AuthedNode { node, cert })
 }
 
@@ -207,12 +170,21 @@ impl FromRequestParts<AppState> for Operator {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::unauthorized("unauthorized", "a bearer token is required"))?;
-        if crate::secrets::token_matches(presented, state.operator_token_hash()) {
-            Ok(Operator)
-        } else {
-            Err(ApiError::unauthorized("unauthorized", "wrong bearer token"))
-        }
+            .map(str::trim);
+        state.service().authorize_operator(presented)?;
+        Ok(Operator)
     }
+}
+
+/// What a path says, or 400 `invalid_path`.
+pub fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(value)| value)
+        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+}
+
+/// What a query string says, or 400 `invalid_query`.
+pub fn query_value<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(value)| value)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }

@@ -1,5 +1,10 @@
 //! The HTTP surface: the node API under `/node_api/v1` and the operator API under `/api/v1`,
-//! with JSON errors for every refusal, including unknown routes and methods.
+//! with JSON errors for every refusal, including unknown routes and methods. Handlers only
+//! parse, call [`crate::service`] and serialize.
+//!
+//! [`routes`] is the one list of routes: the router and the OpenAPI document
+//! (`GET /api/v1/openapi.json`, `powernode-controller openapi`) are both built from it, each
+//! route from its handler's `#[utoipa::path]`, so the two cannot name different routes.
 
 pub mod extract;
 pub mod networks;
@@ -12,36 +17,27 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::routing::{delete, get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::ca::CertAuthority;
 use crate::errors::ApiError;
 use crate::events::EventRetention;
+use crate::service::{Service, Settings};
 use crate::storage::Storage;
 use crate::watch::WatchHub;
 
 /// Largest request body accepted, in bytes.
 pub const BODY_LIMIT: usize = 64 * 1024;
 
-/// What every handler shares.
+/// What every handler shares: the service.
 #[derive(Clone, Debug)]
 pub struct AppState {
-    inner: Arc<Shared>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    storage: Storage,
-    ca: Arc<CertAuthority>,
-    cert_lifetime: Duration,
-    heartbeat_interval_s: u32,
-    operator_token_hash: String,
-    event_retention: EventRetention,
-    task_output_max: usize,
-    watches: Arc<WatchHub>,
-    closing: CancellationToken,
+    service: Service,
 }
 
 /// What the operator may tune of how the controller keeps what nodes send it.
@@ -57,7 +53,8 @@ impl Default for Policy {
     fn default() -> Self {
         Self {
             event_retention: EventRetention::default(),
-            task_output_max: usize::try_from(tasks::DEFAULT_OUTPUT_MAX).unwrap_or(usize::MAX),
+            task_output_max: usize::try_from(crate::service::tasks::DEFAULT_OUTPUT_MAX)
+                .unwrap_or(usize::MAX),
         }
     }
 }
@@ -85,115 +82,127 @@ impl AppState {
         policy: Policy,
         closing: CancellationToken,
     ) -> Self {
+        let settings = Settings {
+            cert_lifetime,
+            heartbeat_interval_s,
+            event_retention: policy.event_retention,
+            task_output_max: policy.task_output_max,
+        };
         Self {
-            inner: Arc::new(Shared {
-                storage,
-                ca,
-                cert_lifetime,
-                heartbeat_interval_s,
-                operator_token_hash,
-                event_retention: policy.event_retention,
-                task_output_max: policy.task_output_max,
-                watches: Arc::default(),
-                closing,
-            }),
+            service: Service::new(storage, ca, settings, operator_token_hash, closing),
         }
     }
 
-    /// Bytes of a task's output stored.
-    pub fn task_output_max(&self) -> usize {
-        self.inner.task_output_max
+    /// The rules.
+    pub fn service(&self) -> &Service {
+        &self.service
     }
 
-    /// The watched nodes' states.
+    /// The watched nodes' states (the server runs their scanner).
     pub fn watches(&self) -> &Arc<WatchHub> {
-        &self.inner.watches
-    }
-
-    /// Cancelled when the controller shuts down: held watches answer then.
-    pub fn closing(&self) -> &CancellationToken {
-        &self.inner.closing
-    }
-
-    /// The database.
-    pub fn storage(&self) -> &Storage {
-        &self.inner.storage
-    }
-
-    /// The CA.
-    pub fn ca(&self) -> &CertAuthority {
-        &self.inner.ca
-    }
-
-    /// Lifetime of node certificates.
-    pub fn cert_lifetime(&self) -> Duration {
-        self.inner.cert_lifetime
-    }
-
-    /// Heartbeat interval handed to nodes.
-    pub fn heartbeat_interval_s(&self) -> u32 {
-        self.inner.heartbeat_interval_s
-    }
-
-    /// SHA-256 hex of the operator token.
-    pub fn operator_token_hash(&self) -> &str {
-        &self.inner.operator_token_hash
-    }
-
-    /// How long and how many events are kept.
-    pub fn event_retention(&self) -> &EventRetention {
-        &self.inner.event_retention
+        self.service.watches()
     }
 }
 
-/// Every route of the controller.
+/// The document's frame: title, version, tags and how callers authenticate. The paths and
+/// schemas come from [`routes`].
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "powernode controller",
+        description = "The node API (`/node_api/v1`, mutual TLS with the node's certificate; \
+                       enroll with a bootstrap token) and the operator API (`/api/v1`, bearer \
+                       token). Every error is `{\"error\": {\"code\", \"message\"}}`; \
+                       docs/api.md lists the codes.",
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "node", description = "Called by the node's agents with the node's certificate."),
+        (name = "operator", description = "Called by the operator (and the CLI) with the bearer token."),
+    )
+)]
+struct ApiDoc;
+
+/// The two ways to call the controller, as OpenAPI security schemes.
+struct Security;
+
+/// Name of the operator's bearer-token scheme in the document.
+pub const OPERATOR_SECURITY: &str = "operator_token";
+/// Name of the node's client-certificate scheme in the document.
+pub const NODE_SECURITY: &str = "node_certificate";
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            OPERATOR_SECURITY,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "The operator token: DATA/operator.token, made at the first `serve`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            NODE_SECURITY,
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "The node's certificate, issued by this controller's CA at enrollment."
+                        .to_owned(),
+                ),
+                deprecated: None,
+                extensions: None,
+            },
+        );
+    }
+}
+
+/// Every route of the controller, each with its handler's OpenAPI operation: the one list the
+/// router and the document are made from. Handlers of one path share one `routes!`.
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(node::enroll))
+        .routes(routes!(node::rotate))
+        .routes(routes!(node::heartbeat))
+        .routes(routes!(node::events))
+        .routes(routes!(tasks::lease))
+        .routes(routes!(tasks::renew))
+        .routes(routes!(tasks::complete))
+        .routes(routes!(watch::watch))
+        .routes(routes!(scripts::fetch))
+        .routes(routes!(scripts::add, scripts::list))
+        .routes(routes!(scripts::show))
+        .routes(routes!(tasks::create, tasks::list))
+        .routes(routes!(tasks::show))
+        .routes(routes!(tasks::cancel))
+        .routes(routes!(operator::list_events))
+        .routes(routes!(operator::list_nodes))
+        .routes(routes!(operator::show_node))
+        .routes(routes!(operator::revoke_node))
+        .routes(routes!(operator::set_modules))
+        .routes(routes!(operator::set_network))
+        .routes(routes!(operator::create_token))
+        .routes(routes!(networks::create, networks::list))
+        .routes(routes!(networks::show, networks::delete))
+        .routes(routes!(networks::join))
+        .routes(routes!(networks::leave))
+        .routes(routes!(networks::add_forward, networks::list_forwards))
+        .routes(routes!(networks::remove_forward))
+        .routes(routes!(operator::openapi_json))
+}
+
+/// The OpenAPI document of every route (what `GET /api/v1/openapi.json` answers).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+/// Every route of the controller ([`routes`]), and JSON answers for unknown routes and
+/// methods.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/node_api/v1/enroll", post(node::enroll))
-        .route("/node_api/v1/certificates/rotate", post(node::rotate))
-        .route("/node_api/v1/status/heartbeat", post(node::heartbeat))
-        .route("/node_api/v1/events", post(node::events))
-        .route("/node_api/v1/tasks/lease", post(tasks::lease))
-        .route("/node_api/v1/tasks/{id}/renew", post(tasks::renew))
-        .route("/node_api/v1/tasks/{id}/complete", post(tasks::complete))
-        .route("/node_api/v1/watch", get(watch::watch))
-        .route("/node_api/v1/scripts/{digest}", get(scripts::fetch))
-        .route("/api/v1/scripts", post(scripts::add).get(scripts::list))
-        .route("/api/v1/scripts/{digest}", get(scripts::show))
-        .route("/api/v1/tasks", post(tasks::create).get(tasks::list))
-        .route("/api/v1/tasks/{id}", get(tasks::show))
-        .route("/api/v1/tasks/{id}/cancel", post(tasks::cancel))
-        .route("/api/v1/events", get(operator::list_events))
-        .route("/api/v1/nodes", get(operator::list_nodes))
-        .route("/api/v1/nodes/{id}", get(operator::show_node))
-        .route("/api/v1/nodes/{id}/revoke", post(operator::revoke_node))
-        .route(
-            "/api/v1/nodes/{id}/desired/modules",
-            put(operator::set_modules),
-        )
-        .route(
-            "/api/v1/nodes/{id}/desired/network",
-            put(operator::set_network),
-        )
-        .route("/api/v1/tokens", post(operator::create_token))
-        .route(
-            "/api/v1/networks",
-            post(networks::create).get(networks::list),
-        )
-        .route(
-            "/api/v1/networks/{name}",
-            get(networks::show).delete(networks::delete),
-        )
-        .route("/api/v1/networks/{name}/join", post(networks::join))
-        .route("/api/v1/networks/{name}/leave", post(networks::leave))
-        .route(
-            "/api/v1/forwards",
-            post(networks::add_forward).get(networks::list_forwards),
-        )
-        .route(
-            "/api/v1/forwards/{node}/{proto}/{port}",
-            delete(networks::remove_forward),
-        )
+    let (router, _) = routes().split_for_parts();
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

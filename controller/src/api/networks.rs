@@ -1,128 +1,116 @@
 //! Overlay networks over HTTP (operator token): networks, membership and port forwards under
 //! `/api/v1/networks` and `/api/v1/forwards`. Every change answers the nodes whose desired
-//! state it changed, and wakes their watches. The rules are in [`crate::networks`]; the
-//! checks of a request's own values are here, shared with the CLI.
+//! state it changed. The rules are [`crate::service::networks`] and [`crate::networks`].
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::Json;
 
-use super::extract::{JsonBody, Operator};
+use super::extract::{path_value, query_value, JsonBody, Operator};
 use super::AppState;
 use crate::errors::ApiError;
-use crate::networks::{self, Cidr, Forward, Refusal};
-use crate::storage::{Bumped, Network, NetworkDetail};
+use crate::networks::Forward;
+use crate::service::networks::parse_port;
 use crate::wire::{
-    AddForwardRequest, CreateNetworkRequest, ForwardResponse, ForwardsParams, JoinNetworkRequest,
-    JoinResponse, LeaveNetworkRequest, LeaveResponse, NodeGeneration,
+    AddForwardRequest, CreateNetworkRequest, DeleteNetworkResponse, ErrorBody, ForwardResponse,
+    ForwardsParams, JoinNetworkRequest, JoinResponse, LeaveNetworkRequest, LeaveResponse, Network,
+    NetworkDetail,
 };
 
-impl From<Refusal> for ApiError {
-    fn from(refusal: Refusal) -> Self {
-        let status =
-            StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::UNPROCESSABLE_ENTITY);
-        ApiError::new(status, refusal.code(), refusal.to_string())
-    }
-}
-
-/// Checks a network to create: its name, CIDR and port (default [`networks::DEFAULT_PORT`]).
-pub fn check_create(req: &CreateNetworkRequest) -> Result<(Cidr, u16), Refusal> {
-    networks::check_name(&req.name)?;
-    let cidr = networks::network_cidr(&req.cidr)?;
-    let port = match req.port {
-        None => networks::DEFAULT_PORT,
-        Some(p) => networks::check_port("port", p)?,
-    };
-    Ok((cidr, port))
-}
-
-/// Checks a join's own values (its routes are checked against the network when stored).
-pub fn check_join(req: &JoinNetworkRequest) -> Result<(), Refusal> {
-    if let Some(endpoint) = &req.endpoint {
-        networks::check_endpoint(endpoint)?;
-    }
-    Ok(())
-}
-
-/// Checks a forward's protocol, port and (when adding) target: the port.
-pub fn check_forward(proto: &str, port: u32, to: Option<&str>) -> Result<u16, Refusal> {
-    networks::check_proto(proto)?;
-    let port = networks::check_port("port", port)?;
-    if let Some(to) = to {
-        networks::check_target(to)?;
-    }
-    Ok(port)
-}
-
-/// What a path says, or 400 `invalid_path`.
-fn path_value<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    path.map(|Path(value)| value)
-        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
-}
-
-fn updated(state: &AppState, what: &str, bumped: Bumped) -> Vec<NodeGeneration> {
-    if !bumped.is_empty() {
-        state.watches().poke();
-        tracing::info!(change = what, updated = ?bumped, "desired networks re-derived");
-    }
-    NodeGeneration::list(bumped)
-}
-
 /// `POST /api/v1/networks {"name", "cidr", "port"?}`: a new, empty network.
+#[utoipa::path(
+    post, path = "/api/v1/networks", tag = "operator",
+    security(("operator_token" = [])),
+    request_body = CreateNetworkRequest,
+    responses(
+        (status = 200, description = "The network, empty.", body = Network),
+        (status = 400, description = "`invalid_request`: a name that is not 1 to 32 of a-z 0-9 -, a CIDR that is not IPv4 with prefix 8 to 30 (or is loopback, 0/8, 224/3), a port that is not 1 to 65535; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 409, description = "`network_exists`.", body = ErrorBody),
+    )
+)]
 pub async fn create(
     _: Operator,
     State(state): State<AppState>,
     body: JsonBody<CreateNetworkRequest>,
 ) -> Result<Json<Network>, ApiError> {
-    let req = body.value;
-    let (cidr, port) = check_create(&req)?;
-    let network = state
-        .storage()
-        .create_network(&req.name, cidr, port, crate::now_ms())
-        .await??;
-    tracing::info!(network = %network.name, cidr = %network.cidr, port, "network created");
-    Ok(Json(network))
+    Ok(Json(state.service().create_network(&body.value).await?))
 }
 
 /// `GET /api/v1/networks`: every network with its member count, by name.
+#[utoipa::path(
+    get, path = "/api/v1/networks", tag = "operator",
+    security(("operator_token" = [])),
+    responses(
+        (status = 200, description = "Every network with its member count, by name.", body = Vec<Network>),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+    )
+)]
 pub async fn list(
     _: Operator,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<Network>>, ApiError> {
-    Ok(Json(state.storage().networks().await?))
+    Ok(Json(state.service().list_networks().await?))
 }
 
-/// `GET /api/v1/networks/{name}`: the network, its members (address, key, endpoint used,
-/// what they reported) and their forwards.
+/// `GET /api/v1/networks/{name}`: the network, its members and their forwards.
+#[utoipa::path(
+    get, path = "/api/v1/networks/{name}", tag = "operator",
+    security(("operator_token" = [])),
+    params(("name" = String, Path, description = "The network's name.")),
+    responses(
+        (status = 200, description = "The network, its members (address, key, endpoint used, what they reported) and their forwards.", body = NetworkDetail),
+        (status = 400, description = "`invalid_request`: not a network name.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+    )
+)]
 pub async fn show(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<NetworkDetail>, ApiError> {
     let name = path_value(path)?;
-    state
-        .storage()
-        .network_detail(&name)
-        .await?
-        .map(Json)
-        .ok_or_else(|| Refusal::NoNetwork(name).into())
+    Ok(Json(state.service().network(&name).await?))
 }
 
-/// `DELETE /api/v1/networks/{name}`: only an empty network (409 `network_not_empty`).
+/// `DELETE /api/v1/networks/{name}`: only an empty network.
+#[utoipa::path(
+    delete, path = "/api/v1/networks/{name}", tag = "operator",
+    security(("operator_token" = [])),
+    params(("name" = String, Path, description = "The network's name.")),
+    responses(
+        (status = 200, description = "Deleted.", body = DeleteNetworkResponse),
+        (status = 400, description = "`invalid_request`: not a network name.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+        (status = 409, description = "`network_not_empty`: members must leave first.", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<DeleteNetworkResponse>, ApiError> {
     let name = path_value(path)?;
-    state.storage().delete_network(&name).await??;
-    tracing::info!(network = %name, "network deleted");
-    Ok(Json(serde_json::json!({ "deleted": name })))
+    Ok(Json(state.service().delete_network(&name).await?))
 }
 
 /// `POST /api/v1/networks/{name}/join {"node", "announce"?, "endpoint"?}`: the node gets the
 /// lowest free address; joining the same network again replaces its routes and endpoint.
+#[utoipa::path(
+    post, path = "/api/v1/networks/{name}/join", tag = "operator",
+    security(("operator_token" = [])),
+    params(("name" = String, Path, description = "The network's name.")),
+    request_body = JoinNetworkRequest,
+    responses(
+        (status = 200, description = "The membership and the nodes whose desired network changed.", body = JoinResponse),
+        (status = 400, description = "`invalid_request`: an endpoint that is not HOST:PORT, an announced route that is not a CIDR, more than 32 routes, a malformed node id; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such network or node.", body = ErrorBody),
+        (status = 409, description = "`node_revoked`, `in_another_network`, `network_full`, `route_conflict`.", body = ErrorBody),
+    )
+)]
 pub async fn join(
     _: Operator,
     State(state): State<AppState>,
@@ -130,28 +118,26 @@ pub async fn join(
     body: JsonBody<JoinNetworkRequest>,
 ) -> Result<Json<JoinResponse>, ApiError> {
     let name = path_value(path)?;
-    let req = body.value;
-    check_join(&req)?;
-    let (member, bumped) = state
-        .storage()
-        .join_network(
-            &name,
-            &req.node,
-            &req.announce,
-            req.endpoint.as_deref(),
-            crate::now_ms(),
-        )
-        .await??;
-    tracing::info!(network = %name, node_id = %member.node_id, address = %member.address,
-        "node joined network");
-    Ok(Json(JoinResponse {
-        updated: updated(&state, "join", bumped),
-        member,
-    }))
+    Ok(Json(
+        state.service().join_network(&name, &body.value).await?,
+    ))
 }
 
 /// `POST /api/v1/networks/{name}/leave {"node"}`: its address is free, its forwards go, its
 /// desired network is `null`.
+#[utoipa::path(
+    post, path = "/api/v1/networks/{name}/leave", tag = "operator",
+    security(("operator_token" = [])),
+    params(("name" = String, Path, description = "The network's name.")),
+    request_body = LeaveNetworkRequest,
+    responses(
+        (status = 200, description = "What the leave did and the nodes whose desired network changed.", body = LeaveResponse),
+        (status = 400, description = "`invalid_request`, `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such network.", body = ErrorBody),
+        (status = 409, description = "`not_a_member`.", body = ErrorBody),
+    )
+)]
 pub async fn leave(
     _: Operator,
     State(state): State<AppState>,
@@ -159,68 +145,77 @@ pub async fn leave(
     body: JsonBody<LeaveNetworkRequest>,
 ) -> Result<Json<LeaveResponse>, ApiError> {
     let name = path_value(path)?;
-    let node = body.value.node;
-    let (left, bumped) = state
-        .storage()
-        .leave_network(&name, &node, crate::now_ms())
-        .await??;
-    tracing::info!(network = %name, node_id = %node, address = %left.address, "node left network");
-    Ok(Json(LeaveResponse {
-        updated: updated(&state, "leave", bumped),
-        left,
-    }))
+    let reply = state
+        .service()
+        .leave_network(&name, &body.value.node)
+        .await?;
+    Ok(Json(reply))
 }
 
 /// `POST /api/v1/forwards {"node", "proto", "port", "to"}`: forwards a member's port.
+#[utoipa::path(
+    post, path = "/api/v1/forwards", tag = "operator",
+    security(("operator_token" = [])),
+    request_body = AddForwardRequest,
+    responses(
+        (status = 200, description = "The forward and the nodes whose desired network changed (none when it was there already).", body = ForwardResponse),
+        (status = 400, description = "`invalid_request`: proto not tcp or udp, port not 1 to 65535, a target that is not a routable a.b.c.d:port; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such node.", body = ErrorBody),
+        (status = 409, description = "`not_a_member`, `port_conflict`, `forward_exists`, `node_revoked`.", body = ErrorBody),
+    )
+)]
 pub async fn add_forward(
     _: Operator,
     State(state): State<AppState>,
     body: JsonBody<AddForwardRequest>,
 ) -> Result<Json<ForwardResponse>, ApiError> {
-    let req = body.value;
-    let port = check_forward(&req.proto, req.port, Some(&req.to))?;
-    let (forward, bumped) = state
-        .storage()
-        .add_forward(&req.node, &req.proto, port, &req.to, crate::now_ms())
-        .await??;
-    tracing::info!(node_id = %req.node, proto = %req.proto, port, to = %req.to, "forward added");
-    Ok(Json(ForwardResponse {
-        updated: updated(&state, "forward add", bumped),
-        forward,
-    }))
+    Ok(Json(state.service().add_forward(&body.value).await?))
 }
 
 /// `GET /api/v1/forwards?node=`: forwards by node, protocol and port.
+#[utoipa::path(
+    get, path = "/api/v1/forwards", tag = "operator",
+    security(("operator_token" = [])),
+    params(ForwardsParams),
+    responses(
+        (status = 200, description = "Forwards by node, protocol and port.", body = Vec<Forward>),
+        (status = 400, description = "`invalid_query`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+    )
+)]
 pub async fn list_forwards(
     _: Operator,
     State(state): State<AppState>,
     params: Result<Query<ForwardsParams>, QueryRejection>,
 ) -> Result<Json<Vec<Forward>>, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    Ok(Json(
-        state.storage().forwards(params.node.as_deref()).await?,
-    ))
+    let params = query_value(params)?;
+    Ok(Json(state.service().list_forwards(&params).await?))
 }
 
 /// `DELETE /api/v1/forwards/{node}/{proto}/{port}`: the forward removed.
+#[utoipa::path(
+    delete, path = "/api/v1/forwards/{node}/{proto}/{port}", tag = "operator",
+    security(("operator_token" = [])),
+    params(
+        ("node" = String, Path, description = "The node id."),
+        ("proto" = String, Path, description = "`tcp` or `udp`."),
+        ("port" = u16, Path, description = "The node's port."),
+    ),
+    responses(
+        (status = 200, description = "The forward removed and the nodes whose desired network changed.", body = ForwardResponse),
+        (status = 400, description = "`invalid_request`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such forward.", body = ErrorBody),
+    )
+)]
 pub async fn remove_forward(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<(String, String, String)>, PathRejection>,
 ) -> Result<Json<ForwardResponse>, ApiError> {
     let (node, proto, port) = path_value(path)?;
-    let port = port
-        .parse::<u32>()
-        .map_err(|_| Refusal::Invalid(format!("port must be 1 to 65535, not {port:?}")))?;
-    let port = check_forward(&proto, port, None)?;
-    let (forward, bumped) = state
-        .storage()
-        .remove_forward(&node, &proto, port, crate::now_ms())
-        .await??;
-    tracing::info!(node_id = %node, proto = %proto, port, "forward removed");
-    Ok(Json(ForwardResponse {
-        updated: updated(&state, "forward remove", bumped),
-        forward,
-    }))
+    let port = parse_port(&port)?;
+    let reply = state.service().remove_forward(&node, &proto, port).await?;
+    Ok(Json(reply))
 }

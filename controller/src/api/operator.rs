@@ -1,176 +1,184 @@
 //! The operator API (bearer token): nodes, bootstrap tokens, desired state, revocation,
-//! events.
-
-use std::collections::HashSet;
+//! events, and the OpenAPI document of the whole API. The rules are [`crate::service`]'s.
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::Json;
 
-use super::extract::{JsonBody, Operator};
+use super::extract::{path_value, query_value, JsonBody, Operator};
 use super::AppState;
 use crate::errors::ApiError;
-use crate::events;
-use crate::storage::{EventQuery, NodeDetail, NodeSummary};
-use crate::tokens;
 use crate::wire::{
-    CreateTokenRequest, CreateTokenResponse, EventsPage, EventsParams, GenerationResponse,
-    SetModulesRequest, SetNetworkRequest,
+    CreateTokenRequest, CreateTokenResponse, ErrorBody, EventsPage, EventsParams,
+    GenerationResponse, NodeDetail, NodeSummary, RevokeResponse, SetModulesRequest,
+    SetNetworkRequest,
 };
 
-fn node_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
-    path.map(|Path(id)| id)
-        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
-}
-
 /// `GET /api/v1/nodes`.
+#[utoipa::path(
+    get, path = "/api/v1/nodes", tag = "operator",
+    security(("operator_token" = [])),
+    responses(
+        (status = 200, description = "Every node, by enrollment time.", body = Vec<NodeSummary>),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+    )
+)]
 pub async fn list_nodes(
     _: Operator,
     State(state): State<AppState>,
 ) -> Result<Json<Vec<NodeSummary>>, ApiError> {
-    Ok(Json(state.storage().list_nodes().await?))
+    Ok(Json(state.service().list_nodes().await?))
 }
 
 /// `GET /api/v1/nodes/{id}`.
+#[utoipa::path(
+    get, path = "/api/v1/nodes/{id}", tag = "operator",
+    security(("operator_token" = [])),
+    params(("id" = String, Path, description = "The node id.")),
+    responses(
+        (status = 200, description = "The node: identity, certificates, latest heartbeat, desired state, last events.", body = NodeDetail),
+        (status = 400, description = "`invalid_request`: a malformed node id.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+    )
+)]
 pub async fn show_node(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<NodeDetail>, ApiError> {
-    let id = node_id(path)?;
-    state
-        .storage()
-        .node_detail(&id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))
+    let id = path_value(path)?;
+    Ok(Json(state.service().node_detail(&id).await?))
 }
 
 /// `POST /api/v1/nodes/{id}/revoke`: the node's certificates stop working at once.
+#[utoipa::path(
+    post, path = "/api/v1/nodes/{id}/revoke", tag = "operator",
+    security(("operator_token" = [])),
+    params(("id" = String, Path, description = "The node id.")),
+    responses(
+        (status = 200, description = "Revoked (again: the first time is kept).", body = RevokeResponse),
+        (status = 400, description = "`invalid_request`: a malformed node id.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`.", body = ErrorBody),
+    )
+)]
 pub async fn revoke_node(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let id = node_id(path)?;
-    if !state.storage().revoke(&id, crate::now_ms()).await? {
-        return Err(ApiError::not_found(format!("no node {id}")));
-    }
-    tracing::info!(node_id = %id, "node revoked");
-    Ok(Json(serde_json::json!({"revoked": id})))
+) -> Result<Json<RevokeResponse>, ApiError> {
+    let id = path_value(path)?;
+    Ok(Json(state.service().revoke_node(&id).await?))
 }
 
 /// `PUT /api/v1/nodes/{id}/desired/modules`: replaces the module list, bumps the generation.
+#[utoipa::path(
+    put, path = "/api/v1/nodes/{id}/desired/modules", tag = "operator",
+    security(("operator_token" = [])),
+    params(("id" = String, Path, description = "The node id.")),
+    request_body = SetModulesRequest,
+    responses(
+        (status = 200, description = "The generation the change created.", body = GenerationResponse),
+        (status = 400, description = "`invalid_request`: a module name that is not one, a reference that is not an OCI reference, a name twice, more than 64 modules, a malformed node id; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such node.", body = ErrorBody),
+        (status = 409, description = "`node_revoked`.", body = ErrorBody),
+    )
+)]
 pub async fn set_modules(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<SetModulesRequest>,
 ) -> Result<Json<GenerationResponse>, ApiError> {
-    let id = node_id(path)?;
-    let modules = body.value.modules;
-    let mut names = HashSet::new();
-    for module in &modules {
-        if module.name.trim().is_empty() || module.reference.trim().is_empty() {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "every module needs a name and a reference",
-            ));
-        }
-        if !names.insert(module.name.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                format!("module {} is listed twice", module.name),
-            ));
-        }
-    }
-    let generation = state
-        .storage()
-        .set_desired_modules(&id, &modules, crate::now_ms())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
-    state.watches().poke();
-    tracing::info!(node_id = %id, generation, modules = modules.len(), "desired modules set");
-    Ok(Json(GenerationResponse { generation }))
+    let id = path_value(path)?;
+    let reply = state
+        .service()
+        .set_modules(&id, &body.value.modules)
+        .await?;
+    Ok(Json(reply))
 }
 
 /// `PUT /api/v1/nodes/{id}/desired/network`: replaces (or removes) the network, bumps the
 /// generation.
+#[utoipa::path(
+    put, path = "/api/v1/nodes/{id}/desired/network", tag = "operator",
+    security(("operator_token" = [])),
+    params(("id" = String, Path, description = "The node id.")),
+    request_body = SetNetworkRequest,
+    responses(
+        (status = 200, description = "The generation the change created.", body = GenerationResponse),
+        (status = 400, description = "`invalid_request`: an interface, address, port, key, endpoint, allowed IP or forward that breaks its rule; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such node.", body = ErrorBody),
+        (status = 409, description = "`node_revoked`.", body = ErrorBody),
+    )
+)]
 pub async fn set_network(
     _: Operator,
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     body: JsonBody<SetNetworkRequest>,
 ) -> Result<Json<GenerationResponse>, ApiError> {
-    let id = node_id(path)?;
-    let generation = state
-        .storage()
-        .set_desired_network(&id, body.value.network.as_ref(), crate::now_ms())
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no node {id}")))?;
-    state.watches().poke();
-    tracing::info!(node_id = %id, generation, "desired network set");
-    Ok(Json(GenerationResponse { generation }))
+    let id = path_value(path)?;
+    let reply = state
+        .service()
+        .set_network(&id, body.value.network.as_ref())
+        .await?;
+    Ok(Json(reply))
 }
 
 /// `POST /api/v1/tokens`: a new bootstrap token, shown once.
+#[utoipa::path(
+    post, path = "/api/v1/tokens", tag = "operator",
+    security(("operator_token" = [])),
+    request_body = CreateTokenRequest,
+    responses(
+        (status = 200, description = "The token (shown only now) and its expiry.", body = CreateTokenResponse),
+        (status = 400, description = "`invalid_request`: ttl_s not 1 to a year, node_uuid empty or not printable; `malformed_json`.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+    )
+)]
 pub async fn create_token(
     _: Operator,
     State(state): State<AppState>,
     body: JsonBody<CreateTokenRequest>,
 ) -> Result<Json<CreateTokenResponse>, ApiError> {
-    let req = body.value;
-    let ttl = match req.ttl_s {
-        None => tokens::DEFAULT_TTL,
-        Some(0) => {
-            return Err(ApiError::bad_request(
-                "invalid_request",
-                "ttl_s must be at least 1",
-            ))
-        }
-        Some(s) => std::time::Duration::from_secs(s),
-    };
-    let created = tokens::create(state.storage(), ttl, req.node_uuid.as_deref())
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
-    Ok(Json(created))
+    Ok(Json(state.service().create_token(&body.value).await?))
 }
 
-/// `GET /api/v1/events?node=&severity=&kind=&since=&limit=&after=`: events oldest first,
-/// a page at a time; `next` is the cursor to pass as `after` for the following page.
+/// `GET /api/v1/events?node=&severity=&kind=&since=&limit=&after=&newest=`: events oldest
+/// first, a page at a time; `next` is the cursor to pass as `after` for the following page.
+#[utoipa::path(
+    get, path = "/api/v1/events", tag = "operator",
+    security(("operator_token" = [])),
+    params(EventsParams),
+    responses(
+        (status = 200, description = "A page of events, oldest first, and the cursor of the next.", body = EventsPage),
+        (status = 400, description = "`invalid_query`: limit not 1 to 1000, an unknown severity, a time that is not one, an unknown parameter.", body = ErrorBody),
+        (status = 401, description = "`unauthorized`.", body = ErrorBody),
+    )
+)]
 pub async fn list_events(
     _: Operator,
     State(state): State<AppState>,
     params: Result<Query<EventsParams>, QueryRejection>,
 ) -> Result<Json<EventsPage>, ApiError> {
-    let Query(params) =
-        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let query = event_query(params).map_err(|e| ApiError::bad_request("invalid_query", e))?;
-    let events = state.storage().events(&query).await?;
-    let next = events.last().map_or(query.after.unwrap_or(0), |e| e.cursor);
-    Ok(Json(EventsPage { events, next }))
+    let params = query_value(params)?;
+    Ok(Json(state.service().list_events(params).await?))
 }
 
-fn event_query(params: EventsParams) -> Result<EventQuery, String> {
-    let limit = params.limit.unwrap_or(events::DEFAULT_PAGE);
-    if limit == 0 || limit > events::MAX_PAGE {
-        return Err(format!("limit must be 1 to {}", events::MAX_PAGE));
-    }
-    Ok(EventQuery {
-        node: params.node,
-        min_severity: params
-            .severity
-            .as_deref()
-            .map(events::parse_severity)
-            .transpose()?,
-        kind: params.kind,
-        since_ms: params
-            .since
-            .as_deref()
-            .map(events::parse_time)
-            .transpose()?,
-        after: params.after,
-        limit,
-        newest: false,
-    })
+/// `GET /api/v1/openapi.json`: this API's OpenAPI document, generated from the handlers and
+/// the wire types. Public like the node API's CA: it says how to call, not what is stored.
+#[utoipa::path(
+    get, path = "/api/v1/openapi.json", tag = "operator",
+    responses(
+        (status = 200, description = "The OpenAPI 3 document of every route.", content_type = "application/json", body = Object),
+    )
+)]
+pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    // Made once: the document is the same for the life of the process.
+    static DOCUMENT: std::sync::OnceLock<utoipa::openapi::OpenApi> = std::sync::OnceLock::new();
+    Json(DOCUMENT.get_or_init(super::openapi).clone())
 }

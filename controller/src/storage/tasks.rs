@@ -556,7 +556,7 @@ impl Storage {
     }
 
     /// A connection of its own that tells whether anything a watch waits on may have been
-    /// committed since it last looked, by this process or another (the CLI, another replica).
+    /// committed since it last looked, by this process or another replica.
     pub async fn change_probe(&self) -> Result<ChangeProbe, StorageError> {
         Ok(match &self.backend {
             Backend::Sqlite(sqlite) => ChangeProbe::Sqlite(sqlite.probe().await?),

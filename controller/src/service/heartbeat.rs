@@ -1,0 +1,74 @@
+//! Heartbeats: what a node reports is checked and stored, and the reply carries its desired
+//! state.
+
+use std::net::IpAddr;
+
+use super::{check_field, Error, Service};
+use crate::networks::NodeReport;
+use crate::storage::{self, HeartbeatFacts};
+use crate::wire::{HeartbeatRequest, HeartbeatResponse};
+
+impl Service {
+    /// Stores `node`'s report (`raw`, the body as it came) and answers its desired state. A
+    /// new WireGuard key, new endpoints or a new source address (`remote`) re-derive the
+    /// node's network first ([`crate::networks`]), so the reply already carries what that
+    /// changed.
+    pub async fn heartbeat(
+        &self,
+        node: &storage::Node,
+        remote: Option<IpAddr>,
+        hb: &HeartbeatRequest,
+        raw: &serde_json::Value,
+    ) -> Result<HeartbeatResponse, Error> {
+        check_field("boot_id", &hb.boot_id)?;
+        check_field("agent_version", &hb.agent_version)?;
+        if let Some(arch) = &hb.arch {
+            check_field("arch", arch)?;
+        }
+        if hb
+            .load
+            .is_some_and(|l| l.iter().any(|v| !v.is_finite() || *v < 0.0))
+        {
+            return Err(Error::Invalid(
+                "load must be three non-negative numbers".to_owned(),
+            ));
+        }
+        let body = raw.to_string();
+        let now = crate::now_ms();
+        self.storage()
+            .record_heartbeat(
+                &node.id,
+                now,
+                &HeartbeatFacts {
+                    boot_id: &hb.boot_id,
+                    agent_version: &hb.agent_version,
+                    applied_generation: hb.applied_generation,
+                    enrollment: hb.enrollment.as_ref(),
+                    body: &body,
+                },
+            )
+            .await?;
+        let report = NodeReport::from_heartbeat(hb.network.as_ref(), remote);
+        let bumped = self
+            .storage()
+            .record_network_report(&node.id, &report, now)
+            .await?;
+        if !bumped.is_empty() {
+            self.changed();
+            tracing::info!(node_id = %node.id, updated = ?bumped,
+                "network report changed peers");
+        }
+        let desired = self.storage().desired(&node.id).await?;
+        tracing::debug!(
+            node_id = %node.id,
+            applied_generation = ?hb.applied_generation,
+            generation = desired.generation,
+            "heartbeat"
+        );
+        Ok(HeartbeatResponse {
+            server_time_ms: now,
+            next_interval_s: self.settings().heartbeat_interval_s,
+            desired,
+        })
+    }
+}
