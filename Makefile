@@ -7,17 +7,17 @@ PROGRAMS := ipcmonitor identitymgr enrollmgr heartbeatd modulemgr verifier mount
 # Where the units in dist/systemd expect the binary.
 BINDIR ?= /usr/bin
 
-.PHONY: all build test fmt lint deps unit units e2e soak dist demo demo-pubsub bench fuzz clean
+.PHONY: all build test fmt lint deps unit unit-postgres units e2e soak dist demo demo-pubsub bench fuzz clean
 
 all: build
 
 build:
 	$(CARGO) build --workspace
 
-## test: formatting, lints, the dependency fence, every unit and integration test, the systemd
-## units, a node booted against the real controller (scripts/e2e-node.sh), then 100 kills of
-## the soak (scripts/soak.sh).
-test: fmt lint deps unit units e2e soak
+## test: formatting, lints, the dependency fence, every unit and integration test, the
+## controller's suite again on PostgreSQL, the systemd units, a node booted against the real
+## controller (scripts/e2e-node.sh), then 100 kills of the soak (scripts/soak.sh).
+test: fmt lint deps unit unit-postgres units e2e soak
 
 fmt:
 	$(CARGO) fmt --all -- --check
@@ -33,6 +33,10 @@ deps:
 
 unit:
 	$(CARGO) test --workspace
+
+## unit-postgres: the controller's tests on a throwaway PostgreSQL server instead of SQLite.
+unit-postgres:
+	scripts/with-postgres.sh $(CARGO) test -p powernode-controller
 
 units:
 	scripts/check-units.sh

@@ -13,6 +13,11 @@ pub async fn fresh() -> Option<String> {
     let server = std::env::var(POSTGRES_ENV)
         .ok()
         .filter(|url| !url.is_empty())?;
+    Some(create_on(&server).await)
+}
+
+/// A fresh, empty database on the PostgreSQL server at `server` (a URL without database).
+pub async fn create_on(server: &str) -> String {
     let name = format!(
         "t_{}_{}",
         std::process::id(),
@@ -23,12 +28,12 @@ pub async fn fresh() -> Option<String> {
     );
     let mut conn = PgConnection::connect(&format!("{server}/postgres"))
         .await
-        .unwrap_or_else(|e| panic!("{POSTGRES_ENV}={server}: cannot connect: {e}"));
+        .unwrap_or_else(|e| panic!("{server}: cannot connect: {e}"));
     conn.execute(format!("CREATE DATABASE {name}").as_str())
         .await
         .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
     conn.close().await.unwrap();
-    Some(format!("{server}/{name}"))
+    format!("{server}/{name}")
 }
 
 /// The `serve` arguments that put a controller on `database` (none for SQLite).

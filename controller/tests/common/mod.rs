@@ -5,6 +5,7 @@
 
 pub mod database;
 pub mod http;
+pub mod pgcluster;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,8 +37,16 @@ impl TestServer {
 
     /// [`TestServer::start`] keeping events as `event_retention` says.
     pub async fn start_with(cert_lifetime: Duration, event_retention: EventRetention) -> Self {
+        Self::start_on(cert_lifetime, event_retention, database::fresh().await).await
+    }
+
+    /// [`TestServer::start_with`] on `database` (PostgreSQL), or the embedded SQLite one.
+    pub async fn start_on(
+        cert_lifetime: Duration,
+        event_retention: EventRetention,
+        database: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let database = database::fresh().await;
         let opts = ServeOptions {
             data: dir.path().join("data"),
             listen: "127.0.0.1:0".parse().unwrap(),
