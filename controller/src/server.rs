@@ -30,8 +30,18 @@ use crate::tls;
 pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
 /// A TLS handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Request headers must arrive within this.
+/// Request headers must arrive within this, at least; it is also how long a kept-alive
+/// connection may wait for its next request, so it is longer than the heartbeat interval
+/// (see [`header_timeout`]).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection may wait for a request's headers: [`HEADER_TIMEOUT`], or two
+/// heartbeat intervals and a little when that is longer. A node that keeps its connection
+/// between heartbeats must find it open at the next one (with the timeout equal to the
+/// interval, one heartbeat in a few raced the close and was lost).
+fn header_timeout(heartbeat_interval_s: u32) -> Duration {
+    HEADER_TIMEOUT.max(Duration::from_secs(u64::from(heartbeat_interval_s) * 2 + 5))
+}
 /// Connections get this long to finish after shutdown is asked for.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -66,6 +76,8 @@ pub struct Controller {
     event_retention: EventRetention,
     ca_cert_path: PathBuf,
     local_addr: SocketAddr,
+    /// See [`header_timeout`].
+    header_timeout: Duration,
 }
 
 /// A controller serving on a task of this process until [`RunningController::stop`]: what the
@@ -292,6 +304,7 @@ impl Controller {
             event_retention: policy.event_retention,
             ca_cert_path: ca.cert_path().to_owned(),
             local_addr,
+            header_timeout: header_timeout(opts.heartbeat_interval_s),
         })
     }
 
@@ -327,10 +340,22 @@ impl Controller {
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    // Replies are one or two small writes: without this, Nagle holds the
+                    // last one back until the client's delayed ACK (tens of ms per call).
+                    if let Err(err) = tcp.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+                    }
                     let acceptor = self.acceptor.clone();
                     let router = self.router.clone();
                     let shutdown = shutdown.clone();
-                    tracker.spawn(serve_connection(tcp, peer, acceptor, router, shutdown));
+                    tracker.spawn(serve_connection(
+                        tcp,
+                        peer,
+                        acceptor,
+                        router,
+                        self.header_timeout,
+                        shutdown,
+                    ));
                 }
                 Err(err) => {
                     // Out of descriptors and the like: back off instead of spinning.
@@ -361,6 +386,7 @@ async fn serve_connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     router: Router,
+    header_timeout: Duration,
     shutdown: CancellationToken,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -395,7 +421,7 @@ async fn serve_connection(
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(header_timeout)
         .serve_connection(TokioIo::new(tls), service);
     tokio::pin!(conn);
     let result = tokio::select! {
@@ -413,6 +439,13 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_connection_outlives_two_heartbeat_intervals() {
+        assert_eq!(header_timeout(1), HEADER_TIMEOUT);
+        assert_eq!(header_timeout(30), Duration::from_secs(65));
+        assert_eq!(header_timeout(3600), Duration::from_secs(7205));
+    }
 
     #[test]
     fn the_operator_url_names_what_the_certificate_names() {

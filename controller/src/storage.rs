@@ -736,7 +736,7 @@ impl Storage {
         })?;
         sqlx::query(
             "UPDATE nodes SET enrollment = $1, enrollment_at_ms = $2
-             WHERE id = $3 AND enrollment IS NOT $1",
+             WHERE id = $3 AND enrollment IS DISTINCT FROM $1",
         )
         .bind(json)
         .bind(now_ms)

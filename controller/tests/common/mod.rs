@@ -232,6 +232,7 @@ pub fn heartbeat_body(applied_generation: u64) -> Value {
         "modules": [{"name": "tools", "digest": "sha256:00", "state": "Active"}],
         "mounts": {"stack": "a"},
         "network": {"state": "Down"},
+        "enrollment": {"state": "Enrolled", "rotation_attempts": 0},
         "applied_generation": applied_generation,
         "something_newer": {"ignored": true},
     })
