@@ -63,5 +63,12 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // A node opens a connection per call, so most of a controller's handshakes are the same
+    // few thousand nodes again: stateless session tickets (ChaCha20-Poly1305 under a random
+    // key of this process, rotated every 6 h) let them resume without the server's signature
+    // and the client-certificate check. The certificate the session was made with is the one
+    // every request is authorised by, expiry and revocation included (api::extract), so a
+    // resumed session grants nothing a new handshake would not.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
 }

@@ -7,6 +7,7 @@
 #
 #   pg_start DIR [SETTING=VALUE...]   starts a cluster in DIR (created, must not exist); sets
 #                                     PG_URL=postgres://USER@127.0.0.1:PORT (no database)
+#   pg_createdb NAME                  creates database NAME on it (its URL: $PG_URL/NAME)
 #   pg_stop                           stops it (fast shutdown) and removes DIR
 
 pg_bindir() {
@@ -47,6 +48,10 @@ pg_start() {
         { cat "$dir/server.log" >&2; return 1; }
     PG_URL="postgres://$user@127.0.0.1:$port"
     export PG_URL
+}
+
+pg_createdb() {
+    "$PG_BIN/psql" -q -v ON_ERROR_STOP=1 "$PG_URL/postgres" -c "CREATE DATABASE $1" >/dev/null
 }
 
 pg_stop() {

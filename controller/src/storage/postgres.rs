@@ -50,6 +50,10 @@ pub(super) async fn open(url: &str) -> Result<(AnyPool, Postgres), StorageError>
     super::install_drivers();
     let pool = AnyPoolOptions::new()
         .max_connections(POOL_SIZE)
+        // No ping before every statement (sqlx's default): it doubled the round trips to the
+        // database (on SQLite, to the connection's thread) for nothing — a connection that
+        // died fails its statement, which answers 503 and is closed by the pool.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(5))
         .connect(url)
         .await

@@ -54,6 +54,10 @@ pub(super) async fn open(dir: &Path) -> Result<(AnyPool, Sqlite), StorageError> 
     super::install_drivers();
     let pool = AnyPoolOptions::new()
         .max_connections(POOL_SIZE)
+        // No ping before every statement (sqlx's default): it doubled the round trips to the
+        // database (on SQLite, to the connection's thread) for nothing — a connection that
+        // died fails its statement, which answers 503 and is closed by the pool.
+        .test_before_acquire(false)
         // The shared pool speaks through sqlx's Any driver, which takes a URL only: what the
         // URL cannot say is said to each new connection.
         .after_connect(|conn, _| {
