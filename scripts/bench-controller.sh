@@ -104,7 +104,10 @@ for backend in $backends; do
     case $backend in
         sqlite) server= ;;
         postgres)
-            pg_start "$work/pg" max_connections=200 >/dev/null
+            # Not under $work: the cluster's owner (postgres) must reach its directory.
+            pgdir=$(mktemp -d "${TMPDIR:-/tmp}/bench-controller-pg.XXXXXX")
+            rmdir "$pgdir"
+            pg_start "$pgdir" max_connections=200 >/dev/null
             server=$PG_URL
             ;;
         *) log "unknown backend $backend"; exit 2 ;;
@@ -117,8 +120,9 @@ for backend in $backends; do
         fi
         run_once "$work/$backend.$run.json" "$database"
         log "$backend run $run: $(python3 -c 'import json, sys
-r = json.load(open(sys.argv[1])); p = r["paced"]; c = r["closed"]
-print(f"paced p50 {p[\"p50_ms\"]} ms p99 {p[\"p99_ms\"]} ms max {p[\"max_ms\"]} ms; closed {c[\"heartbeats_per_s\"]:.0f}/s")' "$work/$backend.$run.json")"
+r = json.load(open(sys.argv[1])); p, c = r["paced"], r["closed"]
+print("paced p50 {} ms p99 {} ms max {} ms; closed {:.0f}/s".format(
+    p["p50_ms"], p["p99_ms"], p.get("max_ms"), c["heartbeats_per_s"]))' "$work/$backend.$run.json")"
         results+=("$backend=$work/$backend.$run.json")
     done
     [ "$backend" = postgres ] && pg_stop
