@@ -130,7 +130,7 @@ pub enum EnrollError {
 }
 
 /// A node as stored.
-#[derive(Clone, Debug, FromRow, Serialize)]
+#[derive(Clone, Debug, FromRow, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Node {
     /// Node id (certificate CN).
     pub id: String,
@@ -147,7 +147,7 @@ pub struct Node {
 }
 
 /// A row of `nodes list`.
-#[derive(Clone, Debug, FromRow, Serialize)]
+#[derive(Clone, Debug, FromRow, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeSummary {
     /// Node id.
     pub id: String,
@@ -170,7 +170,7 @@ pub struct NodeSummary {
 }
 
 /// A certificate issued to a node.
-#[derive(Clone, Debug, FromRow, Serialize)]
+#[derive(Clone, Debug, FromRow, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct CertRecord {
     /// Serial, hex.
     pub serial: String,
@@ -187,7 +187,7 @@ pub struct CertRecord {
 }
 
 /// A stored heartbeat.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct HeartbeatRecord {
     /// Receipt time, ms.
     pub received_at_ms: i64,
@@ -202,7 +202,7 @@ pub struct HeartbeatRecord {
 }
 
 /// The node's enrollment and rotation as its heartbeats last reported them.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeEnrollment {
     /// What the node said.
     #[serde(flatten)]
@@ -212,7 +212,7 @@ pub struct NodeEnrollment {
 }
 
 /// Everything `node show` prints.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct NodeDetail {
     /// The node.
     #[serde(flatten)]
@@ -230,7 +230,7 @@ pub struct NodeDetail {
 }
 
 /// An event as stored: what the node sent, who sent it, when it arrived.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct StoredEvent {
     /// Position in arrival order; what [`EventQuery::after`] pages by.
     pub cursor: i64,

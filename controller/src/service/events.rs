@@ -77,7 +77,7 @@ impl Service {
         let events = self.storage().events(&query).await?;
         let next = events.last().map_or(query.after.unwrap_or(0), |e| e.cursor);
         Ok(EventsPage {
-            events: events.into_iter().map(Into::into).collect(),
+            events: events.into_iter().collect(),
             next,
         })
     }

@@ -68,13 +68,13 @@ impl Service {
             .create_network(&req.name, cidr, port, crate::now_ms())
             .await??;
         tracing::info!(network = %network.name, cidr = %network.cidr, port, "network created");
-        Ok(network.into())
+        Ok(network)
     }
 
     /// Every network with its member count, by name.
     pub async fn list_networks(&self) -> Result<Vec<Network>, Error> {
         let networks = self.storage().networks().await?;
-        Ok(networks.into_iter().map(Into::into).collect())
+        Ok(networks.into_iter().collect())
     }
 
     /// The network, its members (address, key, endpoint used, what they reported) and their
@@ -84,7 +84,6 @@ impl Service {
         self.storage()
             .network_detail(name)
             .await?
-            .map(Into::into)
             .ok_or_else(|| Refusal::NoNetwork(name.to_owned()).into())
     }
 
@@ -121,7 +120,7 @@ impl Service {
             "node joined network");
         Ok(JoinResponse {
             updated: self.updated("join", bumped),
-            member: member.into(),
+            member,
         })
     }
 
@@ -138,7 +137,7 @@ impl Service {
             "node left network");
         Ok(LeaveResponse {
             updated: self.updated("leave", bumped),
-            left: left.into(),
+            left,
         })
     }
 

@@ -110,7 +110,7 @@ impl Service {
     /// Every node with its latest heartbeat time and certificate expiry, by enrollment time.
     pub async fn list_nodes(&self) -> Result<Vec<NodeSummary>, Error> {
         let nodes = self.storage().list_nodes().await?;
-        Ok(nodes.into_iter().map(Into::into).collect())
+        Ok(nodes.into_iter().collect())
     }
 
     /// One node: identity, certificates, latest heartbeat, desired state, last events.
@@ -119,7 +119,6 @@ impl Service {
         self.storage()
             .node_detail(id)
             .await?
-            .map(Into::into)
             .ok_or_else(|| Error::NoNode(id.to_owned()))
     }
 

@@ -44,13 +44,13 @@ impl Service {
             .add_script(&digest.to_string(), script, crate::now_ms())
             .await?;
         tracing::info!(digest = %stored.digest, size = stored.size, "script stored");
-        Ok(stored.into())
+        Ok(stored)
     }
 
     /// Every stored script without its text, oldest first.
     pub async fn list_scripts(&self) -> Result<Vec<Script>, Error> {
         let scripts = self.storage().scripts().await?;
-        Ok(scripts.into_iter().map(Into::into).collect())
+        Ok(scripts.into_iter().collect())
     }
 
     /// One script with its text.
@@ -59,7 +59,6 @@ impl Service {
         self.storage()
             .script(&digest)
             .await?
-            .map(Into::into)
             .ok_or(Error::NoScript(digest))
     }
 

@@ -134,7 +134,7 @@ impl Service {
         self.changed();
         tracing::info!(task_id = %task.id, node_id = %task.node_id, kind = %task.kind,
             "task created");
-        Ok(task.into())
+        Ok(task)
     }
 
     /// The newest tasks matching `params` ([`task_query`]), oldest first, without output;
@@ -143,7 +143,7 @@ impl Service {
         let query = task_query(params)?;
         self.storage().expire_leases(crate::now_ms()).await?;
         let tasks = self.storage().tasks(&query).await?;
-        Ok(tasks.into_iter().map(Into::into).collect())
+        Ok(tasks.into_iter().collect())
     }
 
     /// One task with its output.
@@ -152,7 +152,6 @@ impl Service {
         self.storage()
             .task(id)
             .await?
-            .map(Into::into)
             .ok_or_else(|| Error::NoTask(id.to_owned()))
     }
 
@@ -166,7 +165,7 @@ impl Service {
             .map_err(|r| refused(id, r))?;
         self.changed();
         tracing::info!(task_id = %id, node_id = %task.node_id, "task cancelled");
-        Ok(task.into())
+        Ok(task)
     }
 
     /// Up to `max` (1 to [`task_limits::MAX_LEASE`]) of `node`'s queued tasks, oldest first.

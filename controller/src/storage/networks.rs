@@ -22,7 +22,7 @@ use crate::networks::{
 };
 
 /// A network as listed.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Network {
     /// Its name.
     pub name: String,
@@ -37,7 +37,7 @@ pub struct Network {
 }
 
 /// A node's membership.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Member {
     /// The network.
     pub network: String,
@@ -54,7 +54,7 @@ pub struct Member {
 }
 
 /// A member as `network show` has it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct MemberDetail {
     /// The membership.
     #[serde(flatten)]
@@ -84,7 +84,7 @@ pub struct MemberDetail {
 }
 
 /// Everything `network show` prints.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct NetworkDetail {
     /// The network.
     #[serde(flatten)]
@@ -94,7 +94,7 @@ pub struct NetworkDetail {
 }
 
 /// What a leave did.
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Left {
     /// The network left.
     pub network: String,

@@ -8,7 +8,7 @@ use sqlx::FromRow;
 use super::{query_err, task_state, Storage, StorageError};
 
 /// A stored script.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Script {
     /// `sha256:` and the lowercase hex SHA-256 of the text.
     pub digest: String,
@@ -17,7 +17,7 @@ pub struct Script {
     /// When it was first stored, ms.
     pub created_at_ms: i64,
     /// The text (left out of lists).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub script: Option<String>,
 }
 

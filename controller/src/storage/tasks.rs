@@ -27,7 +27,7 @@ pub mod state {
 }
 
 /// A task as stored.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Task {
     /// `task-` and 16 hex digits.
     pub id: String,
@@ -58,7 +58,7 @@ pub struct Task {
     /// The node's outcome, as it reported it.
     pub outcome: Option<String>,
     /// The node's output (left out of lists).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,
     /// The output was longer than the cap and is stored cut.
     pub output_truncated: bool,
