@@ -30,6 +30,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/postgres.sh
 . scripts/lib/postgres.sh
+# shellcheck source=scripts/lib/controller.sh
+. scripts/lib/controller.sh
 
 nodes=${BENCH_NODES:-1000}
 rate=${BENCH_RATE:-2000}
@@ -48,18 +50,8 @@ cargo build --release --quiet -p powernode-controller --bins
 bin=$PWD/target/release
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-controller.XXXXXX")
-pid=
-stop_controller() {
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
-    pid=
-}
 cleanup() {
-    stop_controller
+    controller_stop
     pg_stop
     rm -rf "$work"
 }
@@ -70,20 +62,11 @@ ulimit -n "$(( nodes * 2 + 256 ))" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 # One run on a fresh controller: its JSON line (loadgen's, with the peak RSS) to $1.
 run_once() {
-    local out=$1 database=$2 data addr=
+    local out=$1 database=$2 data
     data=$(mktemp -d "$work/data.XXXXXX")
     local backend_args=()
     [ -n "$database" ] && backend_args=(--database "$database")
-    RUST_LOG=${RUST_LOG:-warn} "$bin/powernode-controller" serve --data "$data" \
-        --listen 127.0.0.1:0 "${backend_args[@]}" >"$data.serve.out" 2>"$data.serve.err" &
-    pid=$!
-    for _ in $(seq 100); do
-        addr=$(sed -n 's/^listening on //p' "$data.serve.out")
-        [ -n "$addr" ] && break
-        kill -0 "$pid" 2>/dev/null || { cat "$data.serve.err" >&2; return 1; }
-        sleep 0.1
-    done
-    [ -n "$addr" ] || { log "controller did not start"; return 1; }
+    controller_start "$bin" "$data" "$data.serve" "${backend_args[@]}"
     "$bin/loadgen" --addr "$addr" --data "$data" --nodes "$nodes" --rate "$rate" \
         --warmup-s "$warmup" --duration-s "$seconds" --controller-pid "$pid" >"$data.loadgen.out"
     local rss_kib
@@ -92,7 +75,7 @@ run_once() {
         log "controller errors:"
         grep -iE 'error|panic' "$data.serve.err" | head -5 >&2
     fi
-    stop_controller
+    controller_stop
     python3 -c 'import json, sys
 r = json.loads(sys.argv[1]); r["controller_rss_mib"] = round(int(sys.argv[2]) / 1024, 1)
 print(json.dumps(r))' "$(tail -n 1 "$data.loadgen.out")" "$rss_kib" >"$out"

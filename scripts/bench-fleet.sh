@@ -41,6 +41,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib/postgres.sh
 . scripts/lib/postgres.sh
+# shellcheck source=scripts/lib/controller.sh
+. scripts/lib/controller.sh
 
 nodes=${BENCH_NODES:-10000}
 interval=${BENCH_INTERVAL:-30}
@@ -68,19 +70,8 @@ cargo build --release --quiet -p powernode-controller --bins
 bin=${CARGO_TARGET_DIR:-$PWD/target}/release
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bench-fleet.XXXXXX")
-pid=
-addr=
-stop_controller() {
-    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
-        kill -TERM "$pid" 2>/dev/null || true
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    fi
-    pid=
-}
 cleanup() {
-    stop_controller
+    controller_stop
     pg_stop
     rm -rf "$work"
 }
@@ -107,22 +98,7 @@ ulimit -n "$hard"
 start_controller() {
     local name=$1
     shift
-    RUST_LOG=${RUST_LOG:-warn} "$bin/powernode-controller" serve --data "$work/$name" \
-        --listen 127.0.0.1:0 --heartbeat-interval "${interval}s" "$@" \
-        >"$work/$name.out" 2>"$work/$name.err" &
-    pid=$!
-    addr=
-    for _ in $(seq 300); do
-        addr=$(sed -n 's/^listening on //p' "$work/$name.out")
-        [ -n "$addr" ] && break
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if [ -z "$addr" ]; then
-        log "the controller ($name) did not start:"
-        tail -n 20 "$work/$name.err" >&2
-        return 1
-    fi
+    controller_start "$bin" "$work/$name" "$work/$name" --heartbeat-interval "${interval}s" "$@"
     log "controller ($name) pid $pid on $addr"
 }
 
@@ -180,7 +156,7 @@ bench_backend() {
         --warmup-s "$warmup" --duration-s "$seconds" --connections "$connections" \
         --setup-concurrency "$concurrency" --event-fraction "$event_fraction" \
         --task-fraction "$task_fraction"
-    stop_controller
+    controller_stop
     controller_log_errors "$backend-fleet" >"$work/$backend-fleet.log-errors"
 
     start_controller "$backend-closed" "${closed_db[@]}"
@@ -190,7 +166,7 @@ bench_backend() {
     run_loadgen "$backend-closed" "$backend-closed-fleet-body" --mode heartbeat --phases closed --nodes "$closed_nodes" \
         --warmup-s "$closed_warmup" --duration-s "$closed_seconds" \
         --setup-concurrency "$concurrency" --body fleet
-    stop_controller
+    controller_stop
     controller_log_errors "$backend-closed" >"$work/$backend-closed.log-errors"
     pg_stop
 }
