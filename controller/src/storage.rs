@@ -399,11 +399,17 @@ enum Backend {
     Postgres(postgres::Postgres),
 }
 
-/// sqlx's `Any` driver finds a backend by the URL's scheme among those installed: once per
-/// process.
-fn install_drivers() {
+/// How either backend's shared pool of at most `connections` is built. sqlx's `Any` driver
+/// finds a backend by the URL's scheme among those installed (once per process). No ping
+/// before every statement (sqlx's default): it doubled the round trips to the database (on
+/// SQLite, to the connection's thread) for nothing — a connection that died fails its
+/// statement, which answers 503 and is closed by the pool.
+fn pool_options(connections: u32) -> sqlx::any::AnyPoolOptions {
     static ONCE: Once = Once::new();
     ONCE.call_once(sqlx::any::install_default_drivers);
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(connections)
+        .test_before_acquire(false)
 }
 
 impl Storage {

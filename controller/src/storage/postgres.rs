@@ -9,7 +9,6 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::any::AnyPoolOptions;
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{AnyPool, ConnectOptions, Connection};
 use tokio::task::JoinHandle;
@@ -47,13 +46,7 @@ pub(super) async fn open(url: &str) -> Result<(AnyPool, Postgres), StorageError>
             source,
         })?;
     conn.close().await.map_err(open_err)?;
-    super::install_drivers();
-    let pool = AnyPoolOptions::new()
-        .max_connections(POOL_SIZE)
-        // No ping before every statement (sqlx's default): it doubled the round trips to the
-        // database (on SQLite, to the connection's thread) for nothing — a connection that
-        // died fails its statement, which answers 503 and is closed by the pool.
-        .test_before_acquire(false)
+    let pool = super::pool_options(POOL_SIZE)
         .acquire_timeout(Duration::from_secs(5))
         .connect(url)
         .await

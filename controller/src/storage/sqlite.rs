@@ -7,7 +7,6 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::any::AnyPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AnyPool, ConnectOptions, Connection, Executor, SqliteConnection};
 
@@ -51,13 +50,7 @@ pub(super) async fn open(dir: &Path) -> Result<(AnyPool, Sqlite), StorageError> 
             source,
         })?;
     conn.close().await.map_err(open_err)?;
-    super::install_drivers();
-    let pool = AnyPoolOptions::new()
-        .max_connections(POOL_SIZE)
-        // No ping before every statement (sqlx's default): it doubled the round trips to the
-        // database (on SQLite, to the connection's thread) for nothing — a connection that
-        // died fails its statement, which answers 503 and is closed by the pool.
-        .test_before_acquire(false)
+    let pool = super::pool_options(POOL_SIZE)
         // The shared pool speaks through sqlx's Any driver, which takes a URL only: what the
         // URL cannot say is said to each new connection.
         .after_connect(|conn, _| {
