@@ -570,6 +570,41 @@ fn at(path: &Path, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// A fingerprint of a checkpoint directory's entries (name, inode, size, modification time):
+/// it changes whenever a file is written (a write is a rename of a new inode over the old), made
+/// or removed. A missing directory has a fingerprint too, so its appearance is a change.
+pub fn dir_signature(path: &Path) -> io::Result<u64> {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+
+    let entries = match fs::read_dir(path) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut seen = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        match entry.metadata() {
+            Ok(m) => seen.push((
+                entry.file_name(),
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+            )),
+            // Removed between listing and stat: the next listing shows it gone.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    seen.sort();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    seen.hash(&mut hasher);
+    // Never 0 for a directory that exists, even an empty one.
+    Ok(hasher.finish() | 1)
+}
+
 /// One file read by [`read_dir`].
 #[derive(Debug)]
 pub struct ReadItem {

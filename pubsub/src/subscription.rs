@@ -97,8 +97,12 @@ pub struct RawSubscription {
     expect_schema: Option<u32>,
     /// Reads checkpoint files of an earlier schema version (typed subscriptions).
     upgrade: Option<checkpoint::Upgrade>,
-    /// Read checkpoint files before the publisher is up (persistent topics).
-    read_files_first: bool,
+    /// Read checkpoint files while the publisher is not up (persistent topics): before the
+    /// first connection and whenever a reconnect fails.
+    read_files: bool,
+    /// The checkpoint directory as it was last read ([`checkpoint::dir_signature`]), so a
+    /// publisher that stays down costs a `stat` per entry and attempt, not a read of every file.
+    files_read: Option<u64>,
     options: SubscribeOptions,
     conn: Option<Connection>,
     held: BTreeSet<String>,
@@ -117,7 +121,9 @@ impl RawSubscription {
     /// A subscription to `<agent>/<topic>`; no I/O happens until [`RawSubscription::next`].
     ///
     /// `expect_schema` refuses a publisher of another schema version; `persistent` makes the
-    /// first `next` read the topic's checkpoint files when the publisher is not up yet.
+    /// subscription read the topic's checkpoint files while the publisher is not up: before it
+    /// first comes and while it is down (an agent that published and died before a reconnect
+    /// attempt reached it is still heard).
     pub fn new(
         dirs: &Dirs,
         agent: &str,
@@ -133,7 +139,8 @@ impl RawSubscription {
             socket: dirs.socket(agent, topic),
             expect_schema,
             upgrade: None,
-            read_files_first: persistent,
+            read_files: persistent,
+            files_read: None,
             backoff: options.min_backoff,
             retry_at: None,
             options,
@@ -192,8 +199,8 @@ impl RawSubscription {
                     self.started = true;
                     match self.connect().await {
                         Ok(event) => return event,
-                        Err(_) if self.read_files_first => {
-                            self.queue_checkpoints();
+                        Err(_) if self.read_files => {
+                            self.read_checkpoints();
                             continue;
                         }
                         Err(e) => self.note_failure(&e),
@@ -214,6 +221,9 @@ impl RawSubscription {
                     Ok(event) => return event,
                     Err(e) => {
                         self.note_failure(&e);
+                        if self.read_files {
+                            self.read_checkpoints();
+                        }
                         continue;
                     }
                 }
@@ -246,7 +256,7 @@ impl RawSubscription {
             protocol: PROTOCOL_VERSION,
             topic: &self.topic,
             schema_version: self.expect_schema.unwrap_or(0),
-            persistent: self.read_files_first,
+            persistent: self.read_files,
             generation: 0,
         });
         sock.send(&hello.encode())
@@ -371,8 +381,22 @@ impl RawSubscription {
         self.disconnect(format!("protocol violation: {reason}"))
     }
 
-    fn queue_checkpoints(&mut self) {
+    /// Queues what the checkpoint files hold, if they changed since they were last read: an
+    /// update per readable file (a typed subscription drops the unchanged ones) and a delete
+    /// per held key whose file is gone (the publisher deleted it before it went down).
+    fn read_checkpoints(&mut self) {
         let dir = self.dirs.checkpoints(&self.agent, &self.topic, true);
+        // Taken before reading, so a change made while reading shows at the next attempt.
+        let signature = match checkpoint::dir_signature(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot list checkpoints");
+                return;
+            }
+        };
+        if self.files_read == Some(signature) {
+            return;
+        }
         let items = match checkpoint::read_dir(&dir, &self.topic) {
             Ok(items) => items,
             Err(e) => {
@@ -380,6 +404,18 @@ impl RawSubscription {
                 return;
             }
         };
+        self.files_read = Some(signature);
+        let listed: BTreeSet<&str> = items.iter().map(|i| i.key.as_str()).collect();
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|k| !listed.contains(k.as_str()))
+            .cloned()
+            .collect();
+        for key in gone {
+            self.held.remove(&key);
+            self.queue.push_back(RawEvent::Delete { key });
+        }
         for item in items {
             let value = match item.payload {
                 Ok((schema, value)) if self.expect_schema.is_none_or(|v| v == schema) => Ok(value),

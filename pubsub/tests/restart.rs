@@ -238,6 +238,81 @@ async fn persistent_topic_is_read_from_files_before_the_publisher_is_up() {
     assert!(sub.is_synchronized());
 }
 
+/// A persistent topic whose publisher comes and goes between two reconnect attempts of a
+/// subscriber that was there first (an agent that publishes and dies at once): the subscriber
+/// never reaches it live, yet hears each state it left behind in its files, deletes included.
+#[tokio::test]
+async fn a_publisher_that_came_and_went_between_attempts_is_read_from_its_files() {
+    let root = Root::new();
+    let dirs = root.dirs();
+    let item = |key: &str, seq: u64| {
+        PersistentTestItem(TestItem {
+            key: key.into(),
+            seq,
+            sent_ns: 0,
+            payload: vec![],
+        })
+    };
+    let mut sub = Subscription::<PersistentTestItem>::connect(&dirs, "brief");
+    // Nothing there yet: the first attempt fails, the (missing) files are read, no event.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sub.next())
+            .await
+            .is_err(),
+        "an event before anything was published"
+    );
+
+    // `next` does no I/O between calls, so this publisher lives and dies unseen.
+    let publication = Publication::<PersistentTestItem>::open(&dirs, "brief").unwrap();
+    publication.publish(&item("a", 1)).unwrap();
+    publication.publish(&item("b", 1)).unwrap();
+    drop(publication);
+    let mut created = vec![next_event(&mut sub).await, next_event(&mut sub).await];
+    created.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        created,
+        [
+            Event::Create {
+                key: "a".into(),
+                value: item("a", 1)
+            },
+            Event::Create {
+                key: "b".into(),
+                value: item("b", 1)
+            },
+        ]
+    );
+
+    let publication = Publication::<PersistentTestItem>::open(&dirs, "brief").unwrap();
+    publication.unpublish("a").unwrap();
+    publication.publish(&item("b", 2)).unwrap();
+    drop(publication);
+    let mut changed = vec![next_event(&mut sub).await, next_event(&mut sub).await];
+    changed.sort_by_key(|e| format!("{e:?}"));
+    assert_eq!(
+        changed,
+        [
+            Event::Delete {
+                key: "a".into(),
+                old: item("a", 1)
+            },
+            Event::Modify {
+                key: "b".into(),
+                old: item("b", 1),
+                new: item("b", 2)
+            },
+        ]
+    );
+    assert!(!sub.is_synchronized(), "files are not a live publisher");
+    // Unchanged files are not read again: no event while the publisher stays away.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), sub.next())
+            .await
+            .is_err(),
+        "unchanged files gave an event"
+    );
+}
+
 /// `--restarted` signals the barrier before anyone connects: a subscriber gets every item
 /// (several snapshot batches of them), then `Synchronized`, then `Restarted 1`, in that order.
 #[tokio::test]
