@@ -108,7 +108,7 @@ impl Health {
                 }),
             }),
         };
-        health.publish();
+        health.update(|_| {});
         health.follow::<AgentStatus>(own);
         Ok(health)
     }
@@ -117,18 +117,14 @@ impl Health {
         self.inner.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Changes the status and publishes it under one lock: two threads' updates are
+    /// published in the order they were made, so a report racing the shutdown can never publish
+    /// its Degraded after Stopping.
     fn update(&self, change: impl FnOnce(&mut Current)) {
-        {
-            let mut current = self.lock();
-            change(&mut current);
-            current.settle();
-        }
-        self.publish();
-    }
-
-    fn publish(&self) {
-        let status = self.lock().status.clone();
-        if let Err(e) = self.inner.publication.publish(&status) {
+        let mut current = self.lock();
+        change(&mut current);
+        current.settle();
+        if let Err(e) = self.inner.publication.publish(&current.status) {
             // Health is best-effort: failing to report must not stop the agent's real work.
             tracing::warn!(error = %e, "could not publish AgentStatus");
         }
