@@ -240,44 +240,58 @@ impl Journal {
         self.generation
     }
 
-    /// Appends `payloads` as records and syncs once: durable when this returns `Ok`.
+    /// Appends `payloads` as records, synced: durable when this returns `Ok`. A batch is one
+    /// write and one sync per segment it touches; it starts a new segment where the next
+    /// record would overfill the open one, so a large group commit still leaves segments of
+    /// about `segment_max` (each deletable on its own once delivered). On an error, whole
+    /// segments' worth of the batch may already be durable (appending them again duplicates
+    /// records, which delivery sends once).
     pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> io::Result<()> {
-        if payloads.is_empty() {
-            return Ok(());
-        }
-        let mut buf = Vec::new();
+        // Every record framed before anything is written: a bad one refuses the whole batch.
+        let mut frames = Vec::with_capacity(payloads.len());
         for p in payloads {
+            let mut buf = Vec::new();
             segment::frame(&mut buf, p.as_ref())?;
+            frames.push(buf);
         }
-        let (file, len) = self.tail_for(buf.len() as u64)?;
-        let written = file.write_all(&buf).and_then(|()| {
-            failpoint::hit("eventd.journal_written");
-            file.sync_data()
-        });
-        if let Err(e) = written {
-            // Cut what may have gone half in, so the next append starts on a record boundary.
-            let _ = file.set_len(*len);
-            return Err(e);
-        }
-        *len += buf.len() as u64;
-        if let Some(last) = self.segments.last_mut() {
-            last.count += payloads.len() as u64;
-            last.bytes += buf.len() as u64;
+        let segment_max = self.segment_max;
+        let mut rest = frames.as_slice();
+        while let Some(first) = rest.first() {
+            let (file, len) = self.tail_for(first.len() as u64)?;
+            let room = segment_max.saturating_sub(*len);
+            let mut buf = Vec::new();
+            let mut taken = 0;
+            for frame in rest {
+                if taken > 0 && (buf.len() + frame.len()) as u64 > room {
+                    break;
+                }
+                buf.extend_from_slice(frame);
+                taken += 1;
+            }
+            let written = file.write_all(&buf).and_then(|()| {
+                failpoint::hit("eventd.journal_written");
+                file.sync_data()
+            });
+            if let Err(e) = written {
+                // Cut what may have gone half in, so the next append starts on a record boundary.
+                let _ = file.set_len(*len);
+                return Err(e);
+            }
+            *len += buf.len() as u64;
+            if let Some(last) = self.segments.last_mut() {
+                last.count += taken as u64;
+                last.bytes += buf.len() as u64;
+            }
+            rest = &rest[taken..];
         }
         Ok(())
     }
 
-    /// The open last segment, after starting a new one when this batch would overfill it
-    /// (or the last one is a compaction's output).
+    /// The open last segment, after starting a new one when the next record would overfill
+    /// it (or the last one is a compaction's output).
     fn tail_for(&mut self, adding: u64) -> io::Result<&mut (File, u64)> {
-        let full = self
-            .tail
-            .as_ref()
-            .is_some_and(|(_, len)| *len > 0 && len + adding > self.segment_max);
         let sealed = self.segments.last().is_none_or(|s| s.compacted);
-        if full || sealed {
-            self.start_segment()?;
-        } else if self.tail.is_none() {
+        if !sealed && self.tail.is_none() {
             let path = self
                 .segments
                 .last()
@@ -286,6 +300,13 @@ impl Journal {
             let file = OpenOptions::new().append(true).open(&path)?;
             let len = file.metadata()?.len();
             self.tail = Some((file, len));
+        }
+        let full = self
+            .tail
+            .as_ref()
+            .is_some_and(|(_, len)| *len > 0 && len + adding > self.segment_max);
+        if full || sealed {
+            self.start_segment()?;
         }
         match self.tail.as_mut() {
             Some(t) => Ok(t),
@@ -549,6 +570,39 @@ mod tests {
         drop(j);
         let (j, _) = Journal::open(dir.path()).unwrap();
         assert_eq!((j.cursor(), j.end(), j.pending()), (5, 8, 3));
+    }
+
+    /// One group commit larger than a segment spreads over segments of at most the segment
+    /// size, and a reopened journal whose last segment is full starts a new one.
+    #[test]
+    fn a_large_batch_and_a_reopened_full_segment_keep_segments_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_max(4096);
+        let batch: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 1000]).collect();
+        j.append(&batch).unwrap();
+        assert!(j.segments.len() >= 10, "{:?}", j.segments);
+        for seg in &j.segments {
+            assert!(seg.bytes <= 4096, "{seg:?}");
+            assert_eq!(fs::metadata(&seg.path).unwrap().len(), seg.bytes);
+        }
+        assert_eq!(j.end(), 40);
+        let read = j.undelivered(100).unwrap();
+        assert_eq!(read.len(), 40);
+        for (i, (index, payload)) in read.iter().enumerate() {
+            assert_eq!((*index, payload[0]), (i as u64, i as u8));
+        }
+        let segments = j.segments.len();
+        drop(j);
+
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.set_segment_max(4096);
+        assert!(j.segments.last().unwrap().bytes + 1008 > 4096, "not full");
+        j.append(&[vec![9u8; 1000]]).unwrap();
+        assert!(j.segments.len() > segments, "{:?}", j.segments);
+        for seg in &j.segments {
+            assert!(seg.bytes <= 4096, "{seg:?}");
+        }
     }
 
     #[test]
