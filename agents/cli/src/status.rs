@@ -113,10 +113,19 @@ pub(crate) async fn items_of<T: Topic>(dirs: &Dirs, publications: &[list::Row]) 
     out
 }
 
-/// A snapshot's item as a `T`, or why it cannot be read as one.
+/// A snapshot's item as a `T`, or why it cannot be read as one. A checkpoint an earlier
+/// version wrote (an agent down since an upgrade) is read through `T::upgrade`, as the
+/// agents' own subscriptions read it.
 pub(crate) fn decode<T: Topic>(item: &SnapshotItem) -> Result<T, String> {
     match item {
         Err(e) => Err(format!("bad checkpoint file: {e}")),
+        Ok((schema, bytes)) if *schema < T::SCHEMA_VERSION => T::upgrade(*schema, bytes)
+            .ok_or_else(|| {
+                format!(
+                    "schema version {schema}, which this build cannot upgrade to version {}",
+                    T::SCHEMA_VERSION
+                )
+            }),
         Ok((schema, _)) if *schema != T::SCHEMA_VERSION => Err(format!(
             "schema version {schema}; this build reads version {}",
             T::SCHEMA_VERSION
@@ -139,4 +148,40 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use powernode_types::ControllerStatus;
+
+    /// The first sample of a golden file of the types crate, as bytes.
+    fn golden(text: &str) -> Vec<u8> {
+        let line = text.lines().find(|l| !l.starts_with('#')).unwrap();
+        (0..line.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&line[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A checkpoint an earlier version wrote is shown upgraded, as the agents read it; one of
+    /// a later version, or one the upgrade cannot read, is unreadable with the reason.
+    #[test]
+    fn a_checkpoint_of_an_earlier_schema_is_read_through_the_upgrade() {
+        let v1 = golden(include_str!(
+            "../../../types/tests/golden/ControllerStatus.v1.hex"
+        ));
+        let status = decode::<ControllerStatus>(&Ok((1, v1.clone()))).unwrap();
+        assert_eq!(status.applied_generation, 7);
+        assert_eq!(status.controller_url, None);
+        assert_eq!(
+            status.last_error.as_deref(),
+            Some("heartbeat: connection reset")
+        );
+
+        let later = decode::<ControllerStatus>(&Ok((ControllerStatus::SCHEMA_VERSION + 1, v1)));
+        assert!(later.unwrap_err().contains("this build reads version"));
+        let garbage = decode::<ControllerStatus>(&Ok((1, vec![0xff; 3])));
+        assert!(garbage.unwrap_err().contains("cannot upgrade"));
+    }
 }
