@@ -298,6 +298,9 @@ pub struct HeartbeatFacts<'a> {
     pub applied_generation: Option<u64>,
     /// The enrollment and rotation state, when the heartbeat carried it.
     pub enrollment: Option<&'a EnrollmentReport>,
+    /// The enrollment state as stored ([`HeartbeatView::enrollment`]): an unchanged report
+    /// is not written again.
+    pub stored_enrollment: Option<&'a str>,
     /// The whole body, JSON text.
     pub body: &'a str,
 }
@@ -361,6 +364,49 @@ struct DesiredRow {
     generation: i64,
     modules: String,
     network: Option<String>,
+}
+
+impl DesiredRow {
+    /// The desired state a row holds; no row is generation 0, nothing desired.
+    fn decode(row: Option<DesiredRow>, node_id: &str) -> Result<DesiredState, StorageError> {
+        let Some(row) = row else {
+            return Ok(DesiredState {
+                generation: 0,
+                modules: Vec::new(),
+                network: None,
+            });
+        };
+        let decode = |what| {
+            move |source| StorageError::Decode {
+                what,
+                node_id: node_id.to_owned(),
+                source,
+            }
+        };
+        Ok(DesiredState {
+            generation: u64::try_from(row.generation).unwrap_or(0),
+            modules: serde_json::from_str(&row.modules).map_err(decode("modules"))?,
+            network: row
+                .network
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(decode("network"))?,
+        })
+    }
+}
+
+/// What a heartbeat reads before it writes: [`Storage::heartbeat_view`].
+#[derive(Debug)]
+pub struct HeartbeatView {
+    /// The enrollment report as stored (JSON), if the node ever sent one.
+    pub enrollment: Option<String>,
+    /// The network report as stored, if the node ever sent one.
+    pub network_report: Option<crate::networks::NodeReport>,
+    /// The desired state.
+    pub desired: DesiredState,
+    /// Tasks queued for the node.
+    pub tasks_queued: u64,
 }
 
 #[derive(FromRow)]
@@ -720,18 +766,21 @@ impl Storage {
         .await
         .map_err(query_err("insert heartbeat"))?;
         if let Some(report) = facts.enrollment {
-            self.record_enrollment(node_id, now_ms, report).await?;
+            self.record_enrollment(node_id, now_ms, report, facts.stored_enrollment)
+                .await?;
         }
         Ok(())
     }
 
-    /// Stores a node's reported enrollment state if it differs from the stored one: a
-    /// heartbeat that reports the same thing matches no row and writes nothing.
+    /// Stores a node's reported enrollment state if it differs from the stored one (`stored`,
+    /// as read before): a heartbeat that reports the same thing writes nothing, and one whose
+    /// report changed meanwhile matches no row.
     async fn record_enrollment(
         &self,
         node_id: &str,
         now_ms: i64,
         report: &EnrollmentReport,
+        stored: Option<&str>,
     ) -> Result<(), StorageError> {
         let json = serde_json::to_string(&report.clone().bounded()).map_err(|source| {
             StorageError::Decode {
@@ -740,6 +789,9 @@ impl Storage {
                 source,
             }
         })?;
+        if stored == Some(json.as_str()) {
+            return Ok(());
+        }
         sqlx::query(
             "UPDATE nodes SET enrollment = $1, enrollment_at_ms = $2
              WHERE id = $3 AND enrollment IS DISTINCT FROM $1",
@@ -796,30 +848,68 @@ impl Storage {
         .fetch_optional(&self.pool)
         .await
         .map_err(query_err("get desired state"))?;
+        DesiredRow::decode(row, node_id)
+    }
+
+    /// What a heartbeat of `node_id` compares against and answers with, in one statement
+    /// (each statement is a hand-off to a database thread and back): the stored enrollment
+    /// report, the stored network report, the desired state and the queued tasks. `None` when
+    /// there is no such node.
+    pub async fn heartbeat_view(
+        &self,
+        node_id: &str,
+    ) -> Result<Option<HeartbeatView>, StorageError> {
+        #[derive(FromRow)]
+        struct Row {
+            enrollment: Option<String>,
+            public_key: Option<String>,
+            endpoints: Option<String>,
+            seen_ip: Option<String>,
+            generation: Option<i64>,
+            modules: Option<String>,
+            network: Option<String>,
+            tasks_queued: i64,
+        }
+        let row: Option<Row> = sqlx::query_as(
+            "SELECT n.enrollment, r.public_key, r.endpoints, r.seen_ip,
+                    d.generation, d.modules, d.network,
+                    (SELECT COUNT(*) FROM tasks t
+                      WHERE t.node_id = n.id AND t.state = 'queued') AS tasks_queued
+             FROM nodes n
+             LEFT JOIN node_network_reports r ON r.node_id = n.id
+             LEFT JOIN desired_state d ON d.node_id = n.id
+             WHERE n.id = $1",
+        )
+        .bind(node_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err("get heartbeat view"))?;
         let Some(row) = row else {
-            return Ok(DesiredState {
-                generation: 0,
-                modules: Vec::new(),
-                network: None,
-            });
+            return Ok(None);
         };
-        let decode = |what| {
-            move |source| StorageError::Decode {
-                what,
-                node_id: node_id.to_owned(),
-                source,
-            }
+        let desired = match (row.generation, row.modules) {
+            (Some(generation), Some(modules)) => Some(DesiredRow {
+                generation,
+                modules,
+                network: row.network,
+            }),
+            _ => None,
         };
-        Ok(DesiredState {
-            generation: u64::try_from(row.generation).unwrap_or(0),
-            modules: serde_json::from_str(&row.modules).map_err(decode("modules"))?,
-            network: row
-                .network
-                .as_deref()
-                .map(serde_json::from_str)
-                .transpose()
-                .map_err(decode("network"))?,
-        })
+        let network_report = match row.endpoints {
+            Some(endpoints) => Some(networks::stored_report(
+                node_id,
+                row.public_key,
+                &endpoints,
+                row.seen_ip,
+            )?),
+            None => None,
+        };
+        Ok(Some(HeartbeatView {
+            enrollment: row.enrollment,
+            network_report,
+            desired: DesiredRow::decode(desired, node_id)?,
+            tasks_queued: u64::try_from(row.tasks_queued).unwrap_or(0),
+        }))
     }
 
     /// Replaces the desired modules of a node and bumps its generation. `None` when there is

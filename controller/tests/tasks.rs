@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::http::{Client, Connected, RequestBuilder};
-use common::{code, parse, post_json, run, run_ok, status_json, NodeCreds, TestServer};
+use common::{
+    code, heartbeat_body, parse, post_json, run, run_ok, status_json, NodeCreds, TestServer,
+};
 use powernode_types::node_api::{
     task_limits, DesiredModule, LeasedTask, TaskLeaseResponse, TaskRenewResponse,
 };
@@ -133,6 +135,20 @@ impl NodeApi {
         );
     }
 
+    /// Sends a heartbeat; the reply's `tasks_queued`, which must be there.
+    async fn heartbeat_tasks_queued(&self) -> u64 {
+        let (status, reply) = post_json(
+            &self.http,
+            self.url("/status/heartbeat"),
+            &heartbeat_body(0),
+        )
+        .await;
+        assert_eq!(status, 200, "heartbeat: {reply}");
+        reply["tasks_queued"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no tasks_queued in {reply}"))
+    }
+
     /// `GET /watch?query`, answered within `within` or the test fails.
     async fn watch(&self, query: &str, within: Duration) -> (u16, Value) {
         let request = self.http.get(self.url(&format!("/watch?{query}")));
@@ -170,6 +186,30 @@ impl NodeApi {
         );
         handle
     }
+}
+
+/// A heartbeat's reply counts the tasks queued for its node, and only its node's: what lets
+/// the node skip the lease call when there is nothing (most heartbeats).
+#[tokio::test]
+async fn a_heartbeat_reply_counts_the_tasks_queued_for_its_node() {
+    let (server, node, api) = start_with_node("uuid-hb-count").await;
+    let other = server.enroll_new("uuid-hb-other").await;
+    let other_api = NodeApi::new(&server, &other);
+    assert_eq!(api.heartbeat_tasks_queued().await, 0);
+    let first = create_for(&server, &node, "node.exec", json!({})).await;
+    create_for(&server, &node, "node.exec", json!({})).await;
+    create_for(&server, &other, "node.exec", json!({})).await;
+    assert_eq!(api.heartbeat_tasks_queued().await, 2);
+    assert_eq!(other_api.heartbeat_tasks_queued().await, 1);
+    api.lease_only(&first, 1).await;
+    assert_eq!(
+        api.heartbeat_tasks_queued().await,
+        1,
+        "a leased task is not queued"
+    );
+    assert_eq!(api.lease(8).await.len(), 1);
+    assert_eq!(api.heartbeat_tasks_queued().await, 0);
+    assert_eq!(other_api.heartbeat_tasks_queued().await, 1);
 }
 
 /// A watch's reply.

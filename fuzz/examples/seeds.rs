@@ -756,6 +756,7 @@ fn node_api_bodies() -> Seeds {
                     modules: vec![module],
                     network: Some(network),
                 },
+                tasks_queued: Some(2),
             }),
         ),
         (

@@ -306,6 +306,11 @@ pub struct HeartbeatResponse {
     pub next_interval_s: u32,
     /// What the node should run.
     pub desired: DesiredState,
+    /// Tasks queued for the node when the reply was made: a node leases after a heartbeat
+    /// only when this is above 0 (most heartbeats find nothing, and a lease is a call).
+    /// Absent from a controller that does not count them: lease anyway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks_queued: Option<u32>,
 }
 
 /// One event as it travels to the controller (`POST /events`): the node's [`crate::Event`]

@@ -143,6 +143,14 @@ impl State {
     }
 }
 
+/// What a heartbeat that went through tells beyond the desired state.
+struct Exchanged {
+    /// The controller URL that answered.
+    answered: String,
+    /// Tasks queued for the node, if the controller counts them.
+    tasks_queued: Option<u32>,
+}
+
 /// Why a heartbeat failed: the reason to report, and whether no connection could be made at
 /// all (which decides how soon to try again).
 struct Failure {
@@ -486,7 +494,10 @@ impl Agent {
             Err(reason) => return self.inputs_changed(State::Waiting { reason }),
         };
         match self.exchange(&target).await {
-            Ok(answered) => {
+            Ok(Exchanged {
+                answered,
+                tasks_queued,
+            }) => {
                 self.backoff.reset();
                 if self.status.consecutive_failures > 0 {
                     tracing::info!(
@@ -511,7 +522,9 @@ impl Agent {
                 self.status.last_error = None;
                 self.publish_status()?;
                 self.watch_again();
-                self.task_work(true).await;
+                // Most heartbeats find no task queued: no lease call then. A controller that
+                // does not count them says nothing, and gets the lease.
+                self.task_work(tasks_queued != Some(0)).await;
                 self.ctx.status(&format!(
                     "controller reachable; generation {}",
                     self.status.applied_generation
@@ -548,8 +561,8 @@ impl Agent {
         }
     }
 
-    /// The request, the reply, the desired state published; the URL that answered.
-    async fn exchange(&mut self, target: &Target) -> Result<String, Failure> {
+    /// The request, the reply, the desired state published.
+    async fn exchange(&mut self, target: &Target) -> Result<Exchanged, Failure> {
         let request = self.request(target).await;
         let client = self.client(target)?;
         let sent_ms = now_ms();
@@ -594,7 +607,10 @@ impl Agent {
             );
             self.status.applied_generation = generation;
         }
-        Ok(answered)
+        Ok(Exchanged {
+            answered,
+            tasks_queued: reply.tasks_queued,
+        })
     }
 
     /// The heartbeat body.

@@ -35,6 +35,13 @@ impl Service {
         }
         let body = raw.to_string();
         let now = crate::now_ms();
+        // One read for everything the heartbeat compares and answers: a steady node's
+        // heartbeat is this and the insert, two statements.
+        let view = self
+            .storage()
+            .heartbeat_view(&node.id)
+            .await?
+            .ok_or_else(|| Error::NoNode(node.id.clone()))?;
         self.storage()
             .record_heartbeat(
                 &node.id,
@@ -44,6 +51,7 @@ impl Service {
                     agent_version: &hb.agent_version,
                     applied_generation: hb.applied_generation,
                     enrollment: hb.enrollment.as_ref(),
+                    stored_enrollment: view.enrollment.as_deref(),
                     body: &body,
                 },
             )
@@ -51,24 +59,28 @@ impl Service {
         let report = NodeReport::from_heartbeat(hb.network.as_ref(), remote);
         let bumped = self
             .storage()
-            .record_network_report(&node.id, &report, now)
+            .record_network_report(&node.id, view.network_report.as_ref(), &report, now)
             .await?;
-        if !bumped.is_empty() {
+        let desired = if bumped.is_empty() {
+            view.desired
+        } else {
             self.changed();
             tracing::info!(node_id = %node.id, updated = ?bumped,
                 "network report changed peers");
-        }
-        let desired = self.storage().desired(&node.id).await?;
+            self.storage().desired(&node.id).await?
+        };
         tracing::debug!(
             node_id = %node.id,
             applied_generation = ?hb.applied_generation,
             generation = desired.generation,
+            tasks_queued = view.tasks_queued,
             "heartbeat"
         );
         Ok(HeartbeatResponse {
             server_time_ms: now,
             next_interval_s: self.settings().heartbeat_interval_s,
             desired,
+            tasks_queued: Some(u32::try_from(view.tasks_queued).unwrap_or(u32::MAX)),
         })
     }
 }

@@ -226,6 +226,21 @@ impl From<ForwardRow> for Forward {
     }
 }
 
+/// A `node_network_reports` row as the report it stores.
+pub(super) fn stored_report(
+    node_id: &str,
+    public_key: Option<String>,
+    endpoints: &str,
+    seen_ip: Option<String>,
+) -> Result<NodeReport, StorageError> {
+    Ok(NodeReport {
+        public_key,
+        endpoints: serde_json::from_str(endpoints)
+            .map_err(|e| decode("reported endpoints", node_id, e))?,
+        seen_ip: seen_ip.and_then(|ip| ip.parse::<IpAddr>().ok()),
+    })
+}
+
 fn decode(what: &'static str, node_id: &str, source: serde_json::Error) -> StorageError {
     StorageError::Decode {
         what,
@@ -882,33 +897,19 @@ impl Storage {
     }
 
     /// Stores what a heartbeat of `node_id` said that peers are derived from (`report`,
-    /// merged into what is stored by [`NodeReport::updated_by`]) when it changes anything,
-    /// and then re-derives the node's network, if it is in one. A heartbeat that changes
-    /// nothing writes nothing. Answers the generations bumped.
+    /// merged by [`NodeReport::updated_by`] into `stored`, what
+    /// [`Storage::heartbeat_view`] read) when it changes anything, and then re-derives the
+    /// node's network, if it is in one. A heartbeat that changes nothing writes nothing.
+    /// Answers the generations bumped.
     pub async fn record_network_report(
         &self,
         node_id: &str,
+        stored: Option<&NodeReport>,
         report: &NodeReport,
         now_ms: i64,
     ) -> Result<Bumped, StorageError> {
-        let stored: Option<(Option<String>, String, Option<String>)> = sqlx::query_as(
-            "SELECT public_key, endpoints, seen_ip FROM node_network_reports WHERE node_id = $1",
-        )
-        .bind(node_id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_err("get network report"))?;
-        let stored = match stored {
-            None => None,
-            Some((public_key, endpoints, seen_ip)) => Some(NodeReport {
-                public_key,
-                endpoints: serde_json::from_str(&endpoints)
-                    .map_err(|e| decode("reported endpoints", node_id, e))?,
-                seen_ip: seen_ip.and_then(|ip| ip.parse::<IpAddr>().ok()),
-            }),
-        };
-        let merged = stored.clone().unwrap_or_default().updated_by(report);
-        if stored.as_ref() == Some(&merged) {
+        let merged = stored.cloned().unwrap_or_default().updated_by(report);
+        if stored == Some(&merged) {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await.map_err(query_err("begin report"))?;

@@ -8,8 +8,9 @@
 //!   the body heartbeatd builds (modules, mounts, network with its peers, enrollment, load,
 //!   memory: a few KiB, `bodies::NodeFacts::heartbeat`), reporting the generation the last
 //!   reply handed it as applied;
-//! - **leases** (`POST /tasks/lease`, up to 8) after every successful heartbeat and whenever
-//!   its watch says tasks are queued, and **completes** what it got at once;
+//! - **leases** (`POST /tasks/lease`, up to 8) after a successful heartbeat whose reply counts
+//!   tasks queued for it (`tasks_queued` above 0, or absent) and whenever its watch says tasks
+//!   are queued, and **completes** what it got at once;
 //! - **holds a watch** (`GET /watch?generation=G&timeout_s=55`), armed after its first
 //!   heartbeat: watched again at once after a plain time-out; after an answer that says
 //!   tasks are queued (or a new generation) it wakes the node to lease (or heartbeat) and
@@ -264,7 +265,8 @@ impl Sim {
     }
 
     /// A heartbeat, `scheduled` then (a periodic one, measured from then) or now (one the
-    /// watch asked for, not measured); then a lease, as heartbeatd does.
+    /// watch asked for, not measured); then a lease if the reply counts queued tasks, as
+    /// heartbeatd does.
     async fn heartbeat(&mut self, scheduled: Option<Instant>) {
         let shared = self.shared.clone();
         let sent = scheduled.unwrap_or_else(Instant::now);
@@ -296,7 +298,9 @@ impl Sim {
         self.epoch.send_modify(|(epoch, generation)| {
             (*epoch, *generation) = (*epoch + 1, reply.desired.generation)
         });
-        self.lease().await;
+        if reply.tasks_queued != Some(0) {
+            self.lease().await;
+        }
     }
 
     /// Leases up to [`MAX_HELD`] tasks and completes each at once.
