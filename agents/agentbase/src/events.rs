@@ -52,6 +52,37 @@ pub enum RaiseError {
     Publish(#[from] powernode_pubsub::Error),
 }
 
+/// An event built apart from raising it, so an agent's wording and fields are tested without
+/// an agent, and a state machine can hand the events it decides on to the loop that raises
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Raised {
+    /// How bad.
+    pub severity: Severity,
+    /// The kind, dotted lower-case words (`module.active`).
+    pub kind: &'static str,
+    /// Human text.
+    pub message: String,
+    /// Structured context, in order.
+    pub fields: Vec<(&'static str, String)>,
+}
+
+impl Raised {
+    /// Raises it (a failure to raise is logged: the event is a report, not the work).
+    pub fn raise(&self, events: &Events) {
+        let fields: Vec<(&str, &str)> = self.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        events.report(self.severity, self.kind, &self.message, &fields);
+    }
+
+    /// The value of field `key` (for tests).
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// The agent's event raiser, shared by every clone of its context.
 #[derive(Clone)]
 pub struct Events {

@@ -4,7 +4,6 @@
 //! start-up recovery found and did. Each event is built apart from raising it, so its wording
 //! and fields are tested without an agent.
 
-use agentbase::events::Events;
 use powernode_types::{MountConfig, Severity, Slot};
 
 use crate::check::CheckError;
@@ -26,34 +25,7 @@ pub const ROLLED_BACK: &str = "stack.rolled_back";
 /// Error when the repair failed).
 pub const DRIFT: &str = "stack.drift";
 
-/// An event to raise.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Raised {
-    /// How bad.
-    pub severity: Severity,
-    /// One of the kinds above.
-    pub kind: &'static str,
-    /// Human text.
-    pub message: String,
-    /// Structured context, in order.
-    pub fields: Vec<(&'static str, String)>,
-}
-
-impl Raised {
-    /// Raises it (a failure to raise is logged: the event is a report, not the work).
-    pub fn raise(&self, events: &Events) {
-        let fields: Vec<(&str, &str)> = self.fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        events.report(self.severity, self.kind, &self.message, &fields);
-    }
-
-    /// The value of field `key` (for tests).
-    pub fn field(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use agentbase::events::Raised;
 
 /// `A`, `B`, or `none`.
 fn slot_text(slot: Option<Slot>) -> &'static str {
