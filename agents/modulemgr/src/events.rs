@@ -2,11 +2,12 @@
 //! download that keeps failing and the one that then succeeds, a download that failed for
 //! good. A failing download is raised at its first failed attempt and again at attempts 4,
 //! 16, 64, … — growing intervals, so a registry down for a day makes a handful of events, not
-//! one per retry.
+//! one per retry. Each event is built apart from raising it ([`Raised`]): the state machine
+//! decides on it, the agent loop raises it.
 
 use std::time::Duration;
 
-use agentbase::events::Events;
+pub use agentbase::events::Raised;
 use powernode_types::Severity;
 
 /// A module joined the mounted stack (Info).
@@ -27,92 +28,89 @@ pub fn failing_worth_raising(attempt: u32) -> bool {
 /// `module.active`: `module` (digest `digest`, version `version`) is in the stack of
 /// generation `generation`, which mountmgr reports mounted.
 pub fn active(
-    events: &Events,
     module: &str,
     reference: &str,
     digest: &str,
     version: &str,
     generation: u64,
-) {
-    events.report(
-        Severity::Info,
-        ACTIVE,
-        &format!("module {module} {version} is active (stack generation {generation})"),
-        &[
-            ("module", module),
-            ("reference", reference),
-            ("digest", digest),
-            ("version", version),
-            ("generation", &generation.to_string()),
+) -> Raised {
+    Raised {
+        severity: Severity::Info,
+        kind: ACTIVE,
+        message: format!("module {module} {version} is active (stack generation {generation})"),
+        fields: vec![
+            ("module", module.to_owned()),
+            ("reference", reference.to_owned()),
+            ("digest", digest.to_owned()),
+            ("version", version.to_owned()),
+            ("generation", generation.to_string()),
         ],
-    );
+    }
 }
 
 /// `module.download_failing`: the `attempt`-th attempt in a row failed with `error`; the next
 /// comes after `retry_in`.
 pub fn download_failing(
-    events: &Events,
     module: &str,
     reference: &str,
     error: &str,
     attempt: u32,
     retry_in: Duration,
-) {
-    events.report(
-        Severity::Warning,
-        DOWNLOAD_FAILING,
-        &format!(
+) -> Raised {
+    Raised {
+        severity: Severity::Warning,
+        kind: DOWNLOAD_FAILING,
+        message: format!(
             "downloading module {module} failed (attempt {attempt}), retrying in {:.1}s: {error}",
             retry_in.as_secs_f64()
         ),
-        &[
-            ("module", module),
-            ("reference", reference),
-            ("error", error),
-            ("attempt", &attempt.to_string()),
-            ("retry_in_ms", &retry_in.as_millis().to_string()),
+        fields: vec![
+            ("module", module.to_owned()),
+            ("reference", reference.to_owned()),
+            ("error", error.to_owned()),
+            ("attempt", attempt.to_string()),
+            ("retry_in_ms", retry_in.as_millis().to_string()),
         ],
-    );
+    }
 }
 
 /// `module.download_recovered`: the download went through after `failed_attempts` failed
 /// attempts over `failing_for`.
 pub fn download_recovered(
-    events: &Events,
     module: &str,
     reference: &str,
     failed_attempts: u32,
     failing_for: Duration,
-) {
-    events.report(
-        Severity::Info,
-        DOWNLOAD_RECOVERED,
-        &format!(
+) -> Raised {
+    Raised {
+        severity: Severity::Info,
+        kind: DOWNLOAD_RECOVERED,
+        message: format!(
             "module {module} downloaded after {failed_attempts} failed attempts over {:.1}s",
             failing_for.as_secs_f64()
         ),
-        &[
-            ("module", module),
-            ("reference", reference),
-            ("failed_attempts", &failed_attempts.to_string()),
-            ("failing_for_ms", &failing_for.as_millis().to_string()),
+        fields: vec![
+            ("module", module.to_owned()),
+            ("reference", reference.to_owned()),
+            ("failed_attempts", failed_attempts.to_string()),
+            ("failing_for_ms", failing_for.as_millis().to_string()),
         ],
-    );
+    }
 }
 
 /// `module.download_failed`: the fetch ended with `error` and is not retried (the module is
 /// Failed until its assignment changes or modulemgr restarts).
-pub fn download_failed(events: &Events, module: &str, reference: &str, error: &str) {
-    events.report(
-        Severity::Error,
-        DOWNLOAD_FAILED,
-        &format!("module {module} cannot be downloaded: {error}"),
-        &[
-            ("module", module),
-            ("reference", reference),
-            ("error", error),
+pub fn download_failed(module: &str, reference: &str, error: &str) -> Raised {
+    Raised {
+        severity: Severity::Error,
+        kind: DOWNLOAD_FAILED,
+        message: format!("module {module} cannot be downloaded: {error}"),
+        fields: vec![
+            ("module", module.to_owned()),
+            ("reference", reference.to_owned()),
+            ("error", error.to_owned()),
         ],
-    );
+    }
 }
 
 #[cfg(test)]

@@ -63,14 +63,11 @@ pub enum Report {
     Done(Box<Fetched>),
     /// The image is synced to disk: it may join the mount stack, which outlives a power cut.
     Durable,
-    /// The stored image of a rejected module was read again; `verdict` is the verifier's
-    /// reason.
+    /// The stored image of a rejected module was read again.
     Rechecked {
         /// What is wrong with the stored copy (it hashes to another digest, or cannot be
         /// read); `None` if it is intact.
         damage: Option<String>,
-        /// The verifier's reason for the rejection.
-        verdict: String,
     },
     /// The fetch failed for good.
     Failed(String),
@@ -104,6 +101,9 @@ pub struct Job {
     pub architecture: String,
     /// Longest retry delay.
     pub max_backoff: Duration,
+    /// A damaged stored copy of the image (its digest) to remove first, so that it is
+    /// downloaded again rather than found in the store.
+    pub discard: Option<String>,
 }
 
 /// Runs `job` until it is done, fails for good, or `cancel` fires.
@@ -123,6 +123,14 @@ pub async fn run(
             let _ = reports.send((name, epoch, report)).await;
         }
     };
+    if let Some(damaged) = &job.discard {
+        if let Err(e) = discard(&store, damaged).await {
+            return send(Report::Failed(format!(
+                "cannot remove the damaged image: {e}"
+            )))
+            .await;
+        }
+    }
     let mut delay = RETRY_MIN;
     let mut failures = 0u32;
     loop {
@@ -189,12 +197,23 @@ async fn make_durable(store: &Store, digest: &str) -> Report {
     }
 }
 
+/// Removes the stored image `digest`.
+async fn discard(store: &Store, digest: &str) -> Result<(), String> {
+    let store = store.clone();
+    let digest = digest.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let digest = Digest::parse(&digest).map_err(|e| e.to_string())?;
+        store.remove(&digest).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()))
+}
+
 /// Reads the stored image `digest` again for a module the verifier rejected; the answer comes
 /// back as [`Report::Rechecked`] for `name` at `epoch`.
 pub async fn recheck(
     store: Store,
     digest: String,
-    verdict: String,
     reports: mpsc::Sender<(String, u64, Report)>,
     name: String,
     epoch: u64,
@@ -213,7 +232,7 @@ pub async fn recheck(
     // A check that could not run at all leaves the verdict standing.
     let damage = damage.unwrap_or(None);
     let _ = reports
-        .send((name, epoch, Report::Rechecked { damage, verdict }))
+        .send((name, epoch, Report::Rechecked { damage }))
         .await;
 }
 

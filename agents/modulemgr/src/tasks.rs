@@ -26,15 +26,15 @@ use std::path::PathBuf;
 
 use agentbase::tasks::{TaskBook, TaskConfigs};
 use powernode_modules::registry::parse_reference;
-use powernode_types::{ModuleConfig, ModuleState, TaskConfig, TaskState};
+use powernode_types::{ModuleState, TaskConfig, TaskState};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::agent::Agent;
 use crate::commit::{CommitRequest, Committed};
 use crate::local::{self, LocalModule};
-use crate::Agent;
 
 /// Attach a module on this node.
 pub const ATTACH: &str = "module.attach";
@@ -230,38 +230,35 @@ impl Agent {
     fn outcome(&self, open: &Open) -> Option<Result<String, String>> {
         match open {
             Open::Attach { name, reference } => {
-                let m = self.modules.get(name)?;
-                if m.config.reference != *reference {
+                let status = self.modules.status(name)?;
+                if status.reference != *reference {
                     return Some(Err(format!(
                         "module {name} was reassigned to {} meanwhile",
-                        m.config.reference
+                        status.reference
                     )));
                 }
-                match m.status.state {
+                match status.state {
                     ModuleState::Active => Some(Ok(format!(
                         "{name} is active: {reference} ({})",
-                        m.status.digest.as_deref().unwrap_or("-")
+                        status.digest.as_deref().unwrap_or("-")
                     ))),
                     ModuleState::Failed => Some(Err(format!(
                         "{name} failed: {}",
-                        m.status.error.as_deref().unwrap_or("no reason given")
+                        status.error.as_deref().unwrap_or("no reason given")
                     ))),
                     _ => None,
                 }
             }
             Open::Detach { name } => {
-                let stacked = self
-                    .applied
-                    .as_ref()
-                    .is_some_and(|s| s.layers.iter().any(|l| l.name == *name));
-                (!self.modules.contains_key(name) && !stacked)
+                let gone = self.modules.status(name).is_none();
+                (gone && !self.modules.in_applied_stack(name))
                     .then(|| Ok(format!("{name} is detached and out of the stack")))
             }
             Open::Sync { before } => {
                 let settled = self
                     .modules
-                    .values()
-                    .all(|m| matches!(m.status.state, ModuleState::Active | ModuleState::Failed));
+                    .statuses()
+                    .all(|s| matches!(s.state, ModuleState::Active | ModuleState::Failed));
                 settled.then(|| Ok(self.sync_summary(before)))
             }
             Open::Commit { .. } => None,
@@ -270,13 +267,15 @@ impl Agent {
 
     /// One line per module: its state, and its image when that changed.
     fn sync_summary(&self, before: &BTreeMap<String, Option<String>>) -> String {
-        let mut lines = vec![format!("synced {} module(s)", self.modules.len())];
-        for (name, m) in &self.modules {
-            let now = m.status.digest.as_deref().unwrap_or("-");
-            let state = match m.status.state {
+        let statuses: Vec<_> = self.modules.statuses().collect();
+        let mut lines = vec![format!("synced {} module(s)", statuses.len())];
+        for status in &statuses {
+            let name = &status.name;
+            let now = status.digest.as_deref().unwrap_or("-");
+            let state = match status.state {
                 ModuleState::Failed => format!(
                     "failed: {}",
-                    m.status.error.as_deref().unwrap_or("no reason given")
+                    status.error.as_deref().unwrap_or("no reason given")
                 ),
                 state => format!("{state:?}").to_lowercase(),
             };
@@ -294,10 +293,9 @@ impl Agent {
 
     /// Refuses a name the controller assigns.
     fn not_the_controllers(&self, name: &str) -> Result<(), String> {
-        match self.controller.get(name) {
-            Some(c) => Err(format!(
-                "module {name} is assigned by the controller ({}); change it there",
-                c.reference
+        match self.modules.controller_reference(name) {
+            Some(reference) => Err(format!(
+                "module {name} is assigned by the controller ({reference}); change it there"
             )),
             None => Ok(()),
         }
@@ -320,9 +318,8 @@ impl Agent {
             priority: a.priority,
         };
         local::write(&self.ctx.root.path(local::DIR), &module).map_err(|e| e.to_string())?;
-        if self.read_local() {
-            self.reconcile();
-        }
+        let effects = self.local_changed();
+        self.apply(effects);
         Ok(Open::Attach {
             name,
             reference: a.reference,
@@ -333,30 +330,20 @@ impl Agent {
         let d: DetachArgs = args(config, r#"{"name": "module"}"#)?;
         self.not_the_controllers(&d.name)?;
         local::remove(&self.ctx.root.path(local::DIR), &d.name).map_err(|e| e.to_string())?;
-        if self.read_local() {
-            self.reconcile();
-        }
+        let effects = self.local_changed();
+        self.apply(effects);
         Ok(Open::Detach { name: d.name })
     }
 
     fn sync(&mut self) -> Open {
         let before = self
             .modules
-            .iter()
-            .map(|(name, m)| (name.clone(), m.status.digest.clone()))
+            .statuses()
+            .map(|s| (s.name, s.digest))
             .collect();
-        // The same image becoming Active again is not news.
-        for (name, m) in &self.modules {
-            if let (ModuleState::Active, Some(digest)) = (m.status.state, &m.status.digest) {
-                self.active_before.insert(name.clone(), digest.clone());
-            }
-        }
         self.read_local();
-        let configs: Vec<ModuleConfig> = self.modules.values().map(|m| m.config.clone()).collect();
-        for config in configs {
-            self.start(config);
-        }
-        self.reconcile();
+        let effects = self.modules.fetch_all_again();
+        self.apply(effects);
         Open::Sync { before }
     }
 
@@ -365,11 +352,12 @@ impl Agent {
             config,
             r#"{"name", "version", "priority"?, "reference": "registry/repository:tag"}"#,
         )?;
-        let upper_dir = self
-            .mount_status
-            .as_ref()
-            .and_then(|s| s.upper_dir.clone())
-            .ok_or_else(|| format!("no stack is active at {} to commit", self.target))?;
+        let upper_dir = self.modules.upper_dir().map(str::to_owned).ok_or_else(|| {
+            format!(
+                "no stack is active at {} to commit",
+                self.modules.settings.target
+            )
+        })?;
         let request = CommitRequest {
             name: c.name,
             version: c.version,
