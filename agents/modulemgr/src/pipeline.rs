@@ -107,7 +107,7 @@ pub(crate) enum Verdict {
     /// Verified.
     Accepted,
     /// Rejected for `reason`; the stored copy is being read again, since it may be the copy
-    /// that is wrong, not the module.
+    /// that is wrong, not the module. The reason is the latest verdict's.
     Rechecking {
         /// The verifier's reason, as the status will show it.
         reason: String,
@@ -567,8 +567,12 @@ impl Modules {
                 },
                 VerifyState::Failed,
             ) => match verdict {
-                // A reading of the copy is under way already.
-                Verdict::Rechecking { .. } => Then::Nothing,
+                // One reading of the copy answers for whichever reason; the status shows the
+                // latest.
+                Verdict::Rechecking { reason: standing } => {
+                    *standing = reason;
+                    Then::Nothing
+                }
                 _ => {
                     *verdict = Verdict::Rechecking { reason };
                     Then::Recheck(fetched.resolved.image.digest.clone())
@@ -578,6 +582,22 @@ impl Modules {
             // leaves the stack.
             (Phase::Mounting { .. } | Phase::Active { .. }, VerifyState::Failed) => {
                 Then::Reject(reason)
+            }
+            // Rejected again, perhaps for another reason (another policy edit): the status
+            // says why it is rejected now.
+            (
+                Phase::Failed {
+                    rejected: true,
+                    reason: standing,
+                    ..
+                },
+                VerifyState::Failed,
+            ) => {
+                if *standing != reason {
+                    tracing::info!(module = %v.name, %reason, "rejected again, for another reason");
+                    *standing = reason;
+                }
+                Then::Nothing
             }
             // A rejected module the verifier now accepts (a key was added to the policy): it
             // goes on to the stack.

@@ -885,6 +885,57 @@ fn the_first_stack_after_a_start_waits_for_every_module() {
     ]);
 }
 
+#[test]
+fn a_module_rejected_again_for_another_reason_shows_the_new_reason() {
+    let mut h = Harness::new(PLAIN);
+    h.run(&[
+        Row(Assign("app", "1"), "-", "app Resolving"),
+        Row(Fetch("app"), "-", "app Verifying"),
+        Row(
+            Rejected("app", "no trusted signature"),
+            "-",
+            "app Verifying",
+        ),
+        Row(
+            Reread("app", true),
+            "",
+            "app Failed: verification failed: no trusted signature",
+        ),
+        // The policy edited: checked again, and rejected for another reason.
+        Row(
+            Rechecking("app"),
+            "",
+            "app Failed: verification failed: no trusted signature",
+        ),
+        Row(
+            Rejected("app", "the signature names registry.other/app"),
+            "",
+            "app Failed: verification failed: the signature names registry.other/app",
+        ),
+    ]);
+}
+
+#[test]
+fn a_rejection_while_the_copy_is_read_again_shows_the_latest_reason() {
+    let mut h = Harness::new(PLAIN);
+    h.run(&[
+        Row(Assign("app", "1"), "-", "app Resolving"),
+        Row(Fetch("app"), "-", "app Verifying"),
+        Row(
+            Rejected("app", "no trusted signature"),
+            "-",
+            "app Verifying",
+        ),
+        Row(Rejected("app", "no signatures"), "-", "app Verifying"),
+        Row(
+            Reread("app", true),
+            "",
+            "app Failed: verification failed: no signatures",
+        ),
+    ]);
+    assert_eq!(h.rereads.len(), 1, "one reading of the copy answers both");
+}
+
 /// Images with a health check: mountmgr keeps the stack before for a confirmation window.
 const CHECKED: Catalog = &[
     ("app", "1", &[], true),
