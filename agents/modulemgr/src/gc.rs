@@ -4,10 +4,14 @@
 //!
 //! - the image of every assigned module (a failed or rejected one too: a later verdict may
 //!   accept it, and it is not downloaded twice),
-//! - the layers of the stack mountmgr reports active.
+//! - the layers of the stack mountmgr reports active,
+//! - the layers of the stack applied before it, until mountmgr confirms the new one
+//!   (`MountStatus.confirm_until_ms` cleared): in its confirmation window mountmgr may switch
+//!   back to that stack, and after a reboot it builds it again from the store.
 //!
 //! Nothing is collected while a module is resolving (its partial download has no digest to
-//! keep it by yet), or before the assignment is known.
+//! keep it by yet), before the assignment is known, or while mountmgr reports a window whose
+//! previous stack modulemgr does not know (it restarted during the window).
 
 use std::collections::HashSet;
 
@@ -77,11 +81,20 @@ impl Modules {
         {
             return None;
         }
+        if self.stack.confirming && self.stack.applied_before.is_none() {
+            return None;
+        }
         let modules = self.modules.values().filter_map(|m| m.status().digest);
         let mounted = self.stack.mounted.iter().cloned();
+        let before = self
+            .stack
+            .applied_before
+            .iter()
+            .flat_map(|s| s.layers.iter().map(|l| l.digest.clone()));
         Some(
             modules
                 .chain(mounted)
+                .chain(before)
                 .filter_map(|d| Digest::parse(&d).ok())
                 .collect(),
         )

@@ -11,6 +11,11 @@
 //! When mountmgr reports the stack's generation Mounted, the modules it brought in are Active.
 //! A stack that fails to mount (or is rolled back in its confirmation window) fails the
 //! modules it added, and the stack is computed again without them.
+//!
+//! Until mountmgr confirms the applied stack (`MountStatus.confirm_until_ms` cleared: its
+//! confirmation window is over, or it had none), mountmgr may switch back to the stack applied
+//! before it; that one is kept as [`Stack::applied_before`], and the store keeps its images
+//! ([`crate::gc`]).
 
 use std::collections::HashSet;
 
@@ -32,9 +37,12 @@ pub(crate) struct Stack {
     /// The last stack mountmgr reported Mounted (at start: the last one published, until
     /// mountmgr says otherwise).
     pub applied: Option<MountConfig>,
-    /// The stack reported Mounted before `applied`: mounted again when mountmgr rolls
-    /// `applied` back in its confirmation window.
+    /// The stack applied before `applied`, while mountmgr may still switch back to it
+    /// (`applied` in its confirmation window): its images stay in the store, so it can be
+    /// built again after a reboot. `None` once `applied` is confirmed.
     pub applied_before: Option<MountConfig>,
+    /// Whether `applied` is in its confirmation window, by mountmgr's latest word.
+    pub confirming: bool,
     /// Digests of the stack mountmgr reports active.
     pub mounted: Vec<String>,
     /// mountmgr's latest status of the target.
@@ -50,10 +58,45 @@ impl Stack {
             published,
             published_since_start: false,
             applied_before: None,
+            confirming: false,
             mounted: Vec::new(),
             status: None,
         }
     }
+
+    /// Follows the confirmation window of the applied stack in a status about it.
+    fn follow_window(&mut self, status: &MountStatus) {
+        if self.applied.as_ref().map(|a| a.generation) != Some(status.generation) {
+            return;
+        }
+        match status.state {
+            MountState::Mounting => {}
+            MountState::Mounted => {
+                self.confirming = status.confirm_until_ms.is_some();
+                if !self.confirming {
+                    // Confirmed: mountmgr has retired the stack before, and cannot go back.
+                    self.applied_before = None;
+                }
+            }
+            MountState::RolledBack => {
+                // Rolled back after it was Mounted (a health check failed in mountmgr's
+                // confirmation window): the stack before is mounted again, and the layers a
+                // failed module falls back to are its, not the rolled-back stack's.
+                self.applied = self.applied_before.take();
+                self.confirming = false;
+            }
+            MountState::Failed => {
+                // Switching back failed: the applied stack stays, its window is over.
+                self.applied_before = None;
+                self.confirming = false;
+            }
+        }
+    }
+}
+
+/// The image digests of `stack`, bottom first.
+fn images(stack: &MountConfig) -> Vec<&str> {
+    stack.layers.iter().map(|l| l.digest.as_str()).collect()
 }
 
 impl Modules {
@@ -239,31 +282,34 @@ impl Modules {
             return;
         }
         self.stack.status = Some(status.clone());
+        // Whatever generation it answers, the status names the stack mounted now.
+        self.stack.mounted = status.layers.clone();
         let Some(stack) = self.stack.published.clone() else {
             return;
         };
         if status.generation != stack.generation {
+            // About the applied stack while a newer one is on its way: mountmgr ends the
+            // applied stack's window before it builds the next.
+            self.stack.follow_window(status);
             return;
         }
-        self.stack.mounted = status.layers.clone();
         match status.state {
             MountState::Mounting => {}
             MountState::Mounted => {
                 if self.stack.applied.as_ref() != Some(&stack) {
-                    self.stack.applied_before = self.stack.applied.replace(stack.clone());
+                    let previous = self.stack.applied.replace(stack.clone());
+                    // A new generation of the same images (mountmgr keeps its window going)
+                    // leaves the stack to go back to as it was.
+                    if previous.as_ref().map(images) != Some(images(&stack)) {
+                        self.stack.applied_before = previous;
+                    }
                 }
+                self.stack.follow_window(status);
                 self.activate(&stack);
                 self.collect_garbage();
             }
             MountState::Failed | MountState::RolledBack => {
-                if status.state == MountState::RolledBack
-                    && self.stack.applied.as_ref() == Some(&stack)
-                {
-                    // Rolled back after it was Mounted (a health check failed in mountmgr's
-                    // confirmation window): the stack before is mounted again, and the layers
-                    // a failed module falls back to are its, not the rolled-back stack's.
-                    self.stack.applied = self.stack.applied_before.take();
-                }
+                self.stack.follow_window(status);
                 let reason = format!(
                     "mount failed: {}",
                     status.error.as_deref().unwrap_or("no reason given")

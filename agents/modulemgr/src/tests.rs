@@ -63,6 +63,8 @@ enum Answer {
     Mounted,
     /// It is mounted, in its confirmation window.
     InWindow,
+    /// The window of the stack mounted last is over: confirmed.
+    Confirmed,
     /// A check failed in that window: the stack before is mounted again.
     RolledBack(&'static str),
     /// The stack last published could not be built; the one before stays.
@@ -326,6 +328,7 @@ impl Harness {
                 let window = matches!(answer, Answer::InWindow).then_some(60_000);
                 self.mount_status_with(stack.generation, MountState::Mounted, None, window);
             }
+            Answer::Confirmed => self.mount_status(self.mounted.0, MountState::Mounted, None),
             Answer::RolledBack(reason) => {
                 let generation = self.mounted.0;
                 self.mounted = std::mem::take(&mut self.mounted_before);
@@ -960,6 +963,24 @@ fn app_1_confirmed_and_app_2_ready() -> Harness {
 }
 
 #[test]
+fn the_stack_before_keeps_its_images_until_the_new_one_is_confirmed() {
+    let mut h = app_1_confirmed_and_app_2_ready();
+    h.run(&[Row(Mount(InWindow), "app@2", "app Active")]);
+    // mountmgr may switch back to app@1 until the window is over, and after a reboot it
+    // builds that stack again from the store.
+    let kept = h.kept().expect("a collection");
+    assert!(kept.contains(&h.digest("app", "1")), "the stack before");
+    assert!(kept.contains(&h.digest("app", "2")));
+    h.run(&[Row(Mount(Confirmed), "app@2", "app Active")]);
+    let kept = h.kept().expect("a collection");
+    assert!(
+        !kept.contains(&h.digest("app", "1")),
+        "confirmed: no way back"
+    );
+    assert!(kept.contains(&h.digest("app", "2")));
+}
+
+#[test]
 fn a_rollback_in_the_window_goes_back_to_the_stack_before() {
     let mut h = app_1_confirmed_and_app_2_ready();
     h.run(&[
@@ -982,4 +1003,58 @@ fn a_rollback_in_the_window_goes_back_to_the_stack_before() {
         kept.contains(&h.digest("app", "2")),
         "the failed module's image"
     );
+}
+
+#[test]
+fn a_window_rolled_back_while_a_newer_stack_is_on_its_way_keeps_the_stack_before() {
+    let mut h = app_1_confirmed_and_app_2_ready();
+    h.run(&[
+        Row(Mount(InWindow), "app@2", "app Active"),
+        Row(Assign("base", "1"), "app@2", "app Active; base Resolving"),
+        Row(Fetch("base"), "app@2", "app Active; base Verifying"),
+        Row(
+            Verified("base"),
+            "app@2 base@1",
+            "app Active; base Mounting",
+        ),
+        // mountmgr ends the window of app@2 before it builds the new stack: its checks fail,
+        // app@1 is mounted again, and the new stack is switched to from there.
+        Row(
+            Mount(RolledBack("bin/check exited with 1")),
+            "app@2 base@1",
+            "app Active; base Mounting",
+        ),
+        Row(Mount(InWindow), "app@2 base@1", "app Active; base Active"),
+    ]);
+    let kept = h.kept().expect("a collection");
+    assert!(
+        kept.contains(&h.digest("app", "1")),
+        "the stack mountmgr may switch back to now"
+    );
+}
+
+#[test]
+fn after_a_restart_in_a_window_nothing_is_collected_until_it_is_confirmed() {
+    let first = app_1_confirmed_and_app_2_ready();
+    let stack = first.stack.clone().unwrap();
+    let mut h = Harness::restarted(
+        CHECKED,
+        Restored {
+            statuses: Vec::new(),
+            handed: Vec::new(),
+            stack: Some(stack.clone()),
+            desired_known: true,
+        },
+    );
+    h.mount_status_with(stack.generation, MountState::Mounted, None, Some(60_000));
+    h.run(&[
+        Row(Assign("app", "2"), "app@2", "app Resolving"),
+        Row(InStore("app"), "app@2", "app Verifying"),
+        // Which stack was mounted before this one, modulemgr cannot know.
+        Row(Verified("app"), "app@2", "app Active"),
+    ]);
+    assert!(h.garbage.iter().all(|g| g.blobs.is_none()));
+    h.run(&[Row(Mount(Confirmed), "app@2", "app Active")]);
+    let kept = h.kept().expect("a collection once confirmed");
+    assert!(kept.contains(&h.digest("app", "2")));
 }
