@@ -174,23 +174,13 @@ fn read(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::descriptor;
     use powernode_modules::format::{
-        Descriptor, ImageManifest, ModuleManifest, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE,
-        LAYER_MEDIA_TYPE, OCI_MANIFEST,
+        ImageManifest, ModuleManifest, ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, LAYER_MEDIA_TYPE,
+        OCI_MANIFEST,
     };
 
     const REFERENCE: &str = "registry.test/modules/app:1";
-
-    fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
-        Descriptor {
-            media_type: media_type.to_owned(),
-            digest: Digest::of(bytes).to_string(),
-            size: bytes.len() as u64,
-            artifact_type: None,
-            platform: None,
-            annotations: Default::default(),
-        }
-    }
 
     fn resolved(architecture: &str) -> Resolved {
         let config = serde_json::to_string(&ModuleManifest {

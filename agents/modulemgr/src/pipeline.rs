@@ -4,12 +4,18 @@
 //! (in [`crate::stack`]) a mount status.
 //!
 //! ```text
-//!  Resolving ─Resolved─► Downloading ─Done─► Verifying{verdict, durable} ─accepted and durable─► Mounting ─► Active
-//!   (Retrying: stays, the error shown)        │ rejected: the stored copy is read again (Rechecking)
-//!                                             │   damaged: Resolving again, downloading it once more
-//!                                             │   intact, or already downloaded again: Failed{rejected}
-//!  any ─Failed report─► Failed{reason}        Failed{rejected} ─a verdict that accepts it─► Verifying
-//!  Mounting, Active ─a verdict that rejects it─► Failed{rejected}
+//!  Resolving ──Resolved──► Downloading ──Done──► Verifying{verdict, durable}
+//!   (Retrying: stays, the error shown)             │ accepted and durable
+//!                                                  ▼
+//!                               Mounting{waiting} ──its stack mounted──► Active
+//!
+//!  Verifying, rejected: the stored copy is read again (verdict Rechecking)
+//!      damaged ──► Resolving, the image downloaded once more
+//!      intact, or downloaded once more already ──► Failed{rejected}
+//!  Active ──a module it depends on leaves the stack──► Mounting{waiting}
+//!  Mounting, Active ──a verdict that rejects the image──► Failed{rejected}
+//!  Failed{rejected} ──a verdict that accepts it──► Verifying (accepted)
+//!  any ──a fetch failing for good, its stack failing to mount──► Failed
 //! ```
 
 use std::time::{Duration, Instant};

@@ -101,7 +101,8 @@ struct Harness {
     mounted_before: (u64, Vec<String>),
 }
 
-fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
+/// A descriptor of `bytes` (for the other tests of the crate too).
+pub(crate) fn descriptor(media_type: &str, bytes: &[u8]) -> Descriptor {
     Descriptor {
         media_type: media_type.to_owned(),
         digest: Digest::of(bytes).to_string(),
@@ -454,6 +455,28 @@ impl Harness {
 use Answer::*;
 use Step::*;
 
+/// app@1 assigned, stored, verified and mounted, alone.
+const APP_1: [Row; 4] = [
+    Row(Assign("app", "1"), "-", "app Resolving"),
+    Row(Fetch("app"), "-", "app Verifying"),
+    Row(Verified("app"), "app@1", "app Mounting"),
+    Row(Mount(Mounted), "app@1", "app Active"),
+];
+
+/// A node with app@1 assigned and in the store, waiting for its verdict.
+fn app_1_stored(catalog: Catalog) -> Harness {
+    let mut h = Harness::new(catalog);
+    h.run(&APP_1[..2]);
+    h
+}
+
+/// A node whose one module, app@1, is Active.
+fn app_1_active(catalog: Catalog) -> Harness {
+    let mut h = Harness::new(catalog);
+    h.run(&APP_1);
+    h
+}
+
 const PLAIN: Catalog = &[
     ("app", "1", &[], false),
     ("app", "2", &[], false),
@@ -650,12 +673,8 @@ fn an_upgrade_keeps_the_old_version_stacked_until_the_new_one_is_ready() {
 
 #[test]
 fn an_upgrade_that_fails_keeps_the_old_version() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_active(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
-        Row(Verified("app"), "app@1", "app Mounting"),
-        Row(Mount(Mounted), "app@1", "app Active"),
         Row(Assign("app", "2"), "app@1", "app Resolving"),
         Row(Fetch("app"), "app@1", "app Verifying"),
         Row(Verified("app"), "app@2", "app Mounting"),
@@ -674,10 +693,8 @@ fn an_upgrade_that_fails_keeps_the_old_version() {
 
 #[test]
 fn a_rejected_damaged_copy_is_downloaded_again_once() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_stored(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
         // The stored copy may be what is wrong: it is read again before the module fails.
         Row(
             Rejected("app", "fs-verity digest mismatch"),
@@ -706,10 +723,8 @@ fn a_rejected_damaged_copy_is_downloaded_again_once() {
 
 #[test]
 fn a_rejected_intact_copy_fails_the_module_with_the_verdict() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_stored(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
         Row(
             Rejected("app", "no trusted signature"),
             "-",
@@ -726,10 +741,8 @@ fn a_rejected_intact_copy_fails_the_module_with_the_verdict() {
 
 #[test]
 fn a_verdict_that_moves_on_makes_a_reading_under_way_stale() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_stored(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
         Row(
             Rejected("app", "no trusted signature"),
             "-",
@@ -785,14 +798,8 @@ fn a_policy_flip_takes_an_active_module_out_and_brings_it_back() {
 
 #[test]
 fn a_rejected_digest_is_not_kept_stacked_as_the_old_layer() {
-    let mut h = Harness::new(PLAIN);
-    h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
-        Row(Verified("app"), "app@1", "app Mounting"),
-        Row(Mount(Mounted), "app@1", "app Active"),
-        Row(Assign("app", "2"), "app@1", "app Resolving"),
-    ]);
+    let mut h = app_1_active(PLAIN);
+    h.run(&[Row(Assign("app", "2"), "app@1", "app Resolving")]);
     // The old image, rejected under an edited policy while the new one is on its way.
     let old = h.images[&("app".to_owned(), "1".to_owned())].clone();
     let effects = h.modules.on_verdict(Event::Create {
@@ -821,13 +828,7 @@ fn a_rejected_digest_is_not_kept_stacked_as_the_old_layer() {
 #[test]
 fn a_restart_takes_the_standing_verdict_and_mount_without_a_new_stack() {
     // An earlier run left app Active in generation 4.
-    let mut first = Harness::new(PLAIN);
-    first.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
-        Row(Verified("app"), "app@1", "app Mounting"),
-        Row(Mount(Mounted), "app@1", "app Active"),
-    ]);
+    let first = app_1_active(PLAIN);
     let mut stack = first.stack.clone().unwrap();
     stack.generation = 4;
     let verdict = VerifyStatus {
@@ -890,10 +891,8 @@ fn the_first_stack_after_a_start_waits_for_every_module() {
 
 #[test]
 fn a_module_rejected_again_for_another_reason_shows_the_new_reason() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_stored(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
         Row(
             Rejected("app", "no trusted signature"),
             "-",
@@ -920,10 +919,8 @@ fn a_module_rejected_again_for_another_reason_shows_the_new_reason() {
 
 #[test]
 fn a_rejection_while_the_copy_is_read_again_shows_the_latest_reason() {
-    let mut h = Harness::new(PLAIN);
+    let mut h = app_1_stored(PLAIN);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
         Row(
             Rejected("app", "no trusted signature"),
             "-",
@@ -948,13 +945,9 @@ const CHECKED: Catalog = &[
 
 /// app@1 mounted and confirmed, app@2 on its way.
 fn app_1_confirmed_and_app_2_ready() -> Harness {
-    let mut h = Harness::new(CHECKED);
+    // The first stack has none before it: confirmed at the switch.
+    let mut h = app_1_active(CHECKED);
     h.run(&[
-        Row(Assign("app", "1"), "-", "app Resolving"),
-        Row(Fetch("app"), "-", "app Verifying"),
-        Row(Verified("app"), "app@1", "app Mounting"),
-        // The first stack has none before it: confirmed at the switch.
-        Row(Mount(Mounted), "app@1", "app Active"),
         Row(Assign("app", "2"), "app@1", "app Resolving"),
         Row(Fetch("app"), "app@1", "app Verifying"),
         Row(Verified("app"), "app@2", "app Mounting"),
