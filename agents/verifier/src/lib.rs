@@ -26,6 +26,11 @@
 //! Nothing is cached across configs: every new config is checked from the bytes on disk.
 //!
 //! A rejection is raised as `module.rejected` ([`rejections`]), once per image and reason.
+//!
+//! The state (the config each module should be answered for, the checks in flight, the
+//! configs answered, the policy generation) lives in one value with a method per event: a
+//! config created, changed or withdrawn, a check done, the policy changed. [`run`] is the
+//! select loop that calls them.
 
 pub mod changes;
 pub mod check;
@@ -35,11 +40,12 @@ pub mod policy;
 pub mod rejections;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use agentbase::Context;
-use powernode_pubsub::{Event, Subscription};
+use powernode_pubsub::{Event, Publication, Subscription};
 use powernode_types::{VerifyConfig, VerifyState, VerifyStatus};
 use tokio::sync::mpsc;
 
@@ -50,170 +56,252 @@ pub const MAX_CHECKS: usize = 2;
 /// The agent whose `VerifyConfig` it checks.
 pub const MODULE_AGENT: &str = "modulemgr";
 
-/// The agent's main future.
+/// The agent's main future: a select loop that hands each event to the `Verifier`, then
+/// lets it start the checks that may run.
 pub async fn run(ctx: Context) -> anyhow::Result<()> {
-    let status_pub = ctx.open_publication::<VerifyStatus>()?;
-    // Verdicts left by an earlier run: their rejections were raised then.
-    let mut rejections = rejections::Rejections::standing(
-        status_pub
-            .keys()
-            .into_iter()
-            .filter_map(|key| status_pub.get(&key)),
-    );
-    let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
-    // Each check comes back with the name it ran for, the policy generation it ran under and
-    // what it came to.
     let (done_tx, mut done_rx) = mpsc::channel::<(String, u64, Checked)>(16);
-    // The config each name should be answered for: a verdict for anything else is stale.
-    let mut current: BTreeMap<String, VerifyConfig> = BTreeMap::new();
-    let trust_dir = ctx.root.path(policy::DIR);
-    let publish = |status: &VerifyStatus| {
-        if let Err(e) = status_pub.publish(status) {
-            tracing::error!(error = %e, module = %status.name, "publishing VerifyStatus failed");
-            ctx.health
-                .report_error(&format!("publishing VerifyStatus failed: {e}"));
-        }
-    };
+    let mut verifier = Verifier::new(&ctx, done_tx)?;
+    let mut configs = Subscription::<VerifyConfig>::connect(&ctx.dirs, MODULE_AGENT);
+    let mut policy_changes = changes::PolicyChanges::new(&verifier.trust_dir);
     ctx.ready();
     let mut beat = tokio::time::interval(ctx.beat_interval());
-    // Names with a check in flight (the config it started on, and the handle that completes
-    // or stops it), and the config each was last answered for: at most one check per name, at
-    // most MAX_CHECKS at once (each reads the whole image).
-    let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    let mut answered: BTreeMap<String, VerifyConfig> = BTreeMap::new();
-    // Bumped when a file in the trust directory changes: every verdict reached under an older
-    // policy is void, and each module is checked again (a key revoked takes a module out of
-    // the stack; a key added brings a rejected one in).
-    let mut policy_generation = 0u64;
-    let mut policy_changes = changes::PolicyChanges::new(&trust_dir);
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = beat.tick() => ctx.beat(),
-            () = policy_changes.next() => {
-                policy_generation += 1;
-                answered.clear();
-                // Checks under the old policy stop; each module is checked again.
-                for check in running.values() {
-                    check.follow.cancel();
-                }
-                if !current.is_empty() {
-                    tracing::info!(modules = current.len(), "trust policy changed; checking every module again");
-                }
-            }
-            event = configs.next() => match event {
-                Event::Create { value, .. } | Event::Modify { new: value, .. } => {
-                    publish(&status(&value, VerifyState::Verifying, None));
-                    // The download a check follows has completed: it finishes. Any other
-                    // change stops it, and the new config is checked from the start.
-                    if let Some(check) = running.get(&value.name) {
-                        if Follow::continues(&check.config, &value) {
-                            check.follow.complete(value.clone());
-                        } else if check.config != value {
-                            check.follow.cancel();
-                        }
-                    }
-                    current.insert(value.name.clone(), value);
-                }
-                Event::Delete { key, .. } => {
-                    if let Some(check) = running.get(&key) {
-                        check.follow.cancel();
-                    }
-                    current.remove(&key);
-                    answered.remove(&key);
-                    rejections.forget(&key);
-                    if let Err(e) = status_pub.unpublish(&key) {
-                        tracing::warn!(error = %e, module = %key, "unpublishing VerifyStatus failed");
-                    }
-                }
-                _ => {}
-            },
+            () = policy_changes.next() => verifier.on_policy_changed(),
+            event = configs.next() => verifier.on_config(event),
             Some((name, generation, checked)) = done_rx.recv() => {
-                running.remove(&name);
-                // A verdict for a config that changed meanwhile, or reached under a policy
-                // that changed (or is changing) meanwhile, is dropped; the module is checked
-                // again. A cancelled check answers nothing.
-                let fresh = generation == policy_generation && !policy_changes.settling();
-                let config = checked.config().filter(|c| current.get(&name) == Some(*c) && fresh);
-                if let Some(config) = config.cloned() {
-                match checked {
-                    Checked::Cancelled => {}
-                    Checked::Verdict(_, status) => {
-                        publish(&status);
-                        rejections.published(&ctx.events, &config, &status);
-                    }
-                    // A policy edited into something unreadable (a typo, a file half written)
-                    // does not take down what it had passed: the verdict reached under the last
-                    // readable policy stands, and the error is reported until the policy is
-                    // fixed. A revocation is an edit that removes the key.
-                    Checked::PolicyUnreadable(_, status) => {
-                        let standing = status_pub.get(&config.name).filter(|s| {
-                            s.state != VerifyState::Verifying
-                                && s.digest == config.digest
-                                && s.manifest_digest == config.manifest_digest
-                        });
-                        if standing.is_some() {
-                            let reason = status.reason.unwrap_or_default();
-                            tracing::error!(module = %config.name, %reason, "the trust policy cannot be read; the module's verdict stands");
-                            ctx.health.report_error(&reason);
-                        } else {
-                            publish(&status);
-                            rejections.published(&ctx.events, &config, &status);
-                        }
-                    }
-                }
-                answered.insert(config.name.clone(), config);
-                }
+                verifier.on_checked(&name, generation, checked, policy_changes.settling());
             }
         }
         // While the policy files are changing, checks wait for them to settle.
-        let waiting: Vec<VerifyConfig> = current
+        if !policy_changes.settling() {
+            verifier.start_checks();
+        }
+    }
+    verifier.stop();
+    Ok(())
+}
+
+/// The verifier's state: the config each module should be answered for, the checks in
+/// flight, the config each was last answered for, the policy generation.
+struct Verifier {
+    ctx: Context,
+    status_pub: Publication<VerifyStatus>,
+    /// The rejections raised, so each is raised once per image and reason.
+    rejections: rejections::Rejections,
+    /// Where the trust policies are.
+    trust_dir: PathBuf,
+    /// The config each name should be answered for: a verdict for anything else is stale.
+    current: BTreeMap<String, VerifyConfig>,
+    /// Names with a check in flight: at most one check per name, at most [`MAX_CHECKS`] at
+    /// once (each reads the whole image).
+    running: BTreeMap<String, Running>,
+    /// The config each name was last answered for.
+    answered: BTreeMap<String, VerifyConfig>,
+    /// Bumped when a file in the trust directory changes: every verdict reached under an older
+    /// policy is void, and each module is checked again (a key revoked takes a module out of
+    /// the stack; a key added brings a rejected one in).
+    policy_generation: u64,
+    /// Where each check comes back with the name it ran for, the policy generation it ran
+    /// under and what it came to.
+    done_tx: mpsc::Sender<(String, u64, Checked)>,
+}
+
+impl Verifier {
+    fn new(
+        ctx: &Context,
+        done_tx: mpsc::Sender<(String, u64, Checked)>,
+    ) -> anyhow::Result<Verifier> {
+        let status_pub = ctx.open_publication::<VerifyStatus>()?;
+        // Verdicts left by an earlier run: their rejections were raised then.
+        let rejections = rejections::Rejections::standing(
+            status_pub
+                .keys()
+                .into_iter()
+                .filter_map(|key| status_pub.get(&key)),
+        );
+        Ok(Verifier {
+            ctx: ctx.clone(),
+            status_pub,
+            rejections,
+            trust_dir: ctx.root.path(policy::DIR),
+            current: BTreeMap::new(),
+            running: BTreeMap::new(),
+            answered: BTreeMap::new(),
+            policy_generation: 0,
+            done_tx,
+        })
+    }
+
+    fn publish(&self, status: &VerifyStatus) {
+        if let Err(e) = self.status_pub.publish(status) {
+            tracing::error!(error = %e, module = %status.name, "publishing VerifyStatus failed");
+            self.ctx
+                .health
+                .report_error(&format!("publishing VerifyStatus failed: {e}"));
+        }
+    }
+
+    /// A file in the trust directory changed.
+    fn on_policy_changed(&mut self) {
+        self.policy_generation += 1;
+        self.answered.clear();
+        // Checks under the old policy stop; each module is checked again.
+        for check in self.running.values() {
+            check.follow.cancel();
+        }
+        if !self.current.is_empty() {
+            tracing::info!(
+                modules = self.current.len(),
+                "trust policy changed; checking every module again"
+            );
+        }
+    }
+
+    /// A change of modulemgr's `VerifyConfig`s.
+    fn on_config(&mut self, event: Event<VerifyConfig>) {
+        match event {
+            Event::Create { value, .. } | Event::Modify { new: value, .. } => {
+                self.config_changed(value);
+            }
+            Event::Delete { key, .. } => self.config_withdrawn(&key),
+            _ => {}
+        }
+    }
+
+    fn config_changed(&mut self, config: VerifyConfig) {
+        self.publish(&status(&config, VerifyState::Verifying, None));
+        // The download a check follows has completed: it finishes. Any other change stops it,
+        // and the new config is checked from the start.
+        if let Some(check) = self.running.get(&config.name) {
+            if Follow::continues(&check.config, &config) {
+                check.follow.complete(config.clone());
+            } else if check.config != config {
+                check.follow.cancel();
+            }
+        }
+        self.current.insert(config.name.clone(), config);
+    }
+
+    fn config_withdrawn(&mut self, name: &str) {
+        if let Some(check) = self.running.get(name) {
+            check.follow.cancel();
+        }
+        self.current.remove(name);
+        self.answered.remove(name);
+        self.rejections.forget(name);
+        if let Err(e) = self.status_pub.unpublish(name) {
+            tracing::warn!(error = %e, module = %name, "unpublishing VerifyStatus failed");
+        }
+    }
+
+    /// A check of `name`, run under policy `generation`, came to `checked`; `settling` says
+    /// whether the policy files are changing now.
+    fn on_checked(&mut self, name: &str, generation: u64, checked: Checked, settling: bool) {
+        self.running.remove(name);
+        // A verdict for a config that changed meanwhile, or reached under a policy that
+        // changed (or is changing) meanwhile, is dropped; the module is checked again. A
+        // cancelled check answers nothing.
+        let fresh = generation == self.policy_generation && !settling;
+        let Some(config) = checked
+            .config()
+            .filter(|c| self.current.get(name) == Some(*c) && fresh)
+            .cloned()
+        else {
+            return;
+        };
+        match checked {
+            Checked::Cancelled => {}
+            Checked::Verdict(_, status) => {
+                self.publish(&status);
+                self.rejections
+                    .published(&self.ctx.events, &config, &status);
+            }
+            // A policy edited into something unreadable (a typo, a file half written) does not
+            // take down what it had passed: the verdict reached under the last readable policy
+            // stands, and the error is reported until the policy is fixed. A revocation is an
+            // edit that removes the key.
+            Checked::PolicyUnreadable(_, status) => {
+                let standing = self.status_pub.get(&config.name).filter(|s| {
+                    s.state != VerifyState::Verifying
+                        && s.digest == config.digest
+                        && s.manifest_digest == config.manifest_digest
+                });
+                if standing.is_some() {
+                    let reason = status.reason.unwrap_or_default();
+                    tracing::error!(module = %config.name, %reason, "the trust policy cannot be read; the module's verdict stands");
+                    self.ctx.health.report_error(&reason);
+                } else {
+                    self.publish(&status);
+                    self.rejections
+                        .published(&self.ctx.events, &config, &status);
+                }
+            }
+        }
+        self.answered.insert(config.name.clone(), config);
+    }
+
+    /// Starts the checks of the configs not answered and not being checked, as many as may
+    /// run.
+    fn start_checks(&mut self) {
+        let waiting: Vec<VerifyConfig> = self
+            .current
             .values()
-            .filter(|_| !policy_changes.settling())
-            .filter(|c| !running.contains_key(&c.name) && answered.get(&c.name) != Some(*c))
-            .take(MAX_CHECKS.saturating_sub(running.len()))
+            .filter(|c| {
+                !self.running.contains_key(&c.name) && self.answered.get(&c.name) != Some(*c)
+            })
+            .take(MAX_CHECKS.saturating_sub(self.running.len()))
             .cloned()
             .collect();
         for config in waiting {
-            let follow = Arc::new(Follow::new(&config));
-            running.insert(
-                config.name.clone(),
-                Running {
-                    config: config.clone(),
-                    follow: follow.clone(),
-                },
-            );
-            let trust_dir = trust_dir.clone();
-            let done = done_tx.clone();
-            let generation = policy_generation;
-            ctx.tasks.spawn(async move {
-                let name = config.name.clone();
-                let checked = tokio::task::spawn_blocking(move || {
-                    let run =
-                        std::panic::AssertUnwindSafe(|| verdict(&trust_dir, &config, &follow));
-                    std::panic::catch_unwind(run).unwrap_or_else(|_| {
-                        // Answered, like every verdict, for the complete image.
-                        match follow.until_settled() {
-                            Some(config) => {
-                                let status = failed(&config, "the check did not finish".into());
-                                Checked::Verdict(config, status)
-                            }
-                            None => Checked::Cancelled,
-                        }
-                    })
-                })
-                .await
-                // Only at shutdown.
-                .unwrap_or(Checked::Cancelled);
-                let _ = done.send((name, generation, checked)).await;
-            });
+            self.start_check(config);
         }
     }
-    // A check following a download that will not complete now must not hold up the exit.
-    for check in running.values() {
-        check.follow.cancel();
+
+    /// Runs the checks of `config` on a blocking thread; the answer comes back on `done_tx`.
+    fn start_check(&mut self, config: VerifyConfig) {
+        let follow = Arc::new(Follow::new(&config));
+        self.running.insert(
+            config.name.clone(),
+            Running {
+                config: config.clone(),
+                follow: follow.clone(),
+            },
+        );
+        let trust_dir = self.trust_dir.clone();
+        let done = self.done_tx.clone();
+        let generation = self.policy_generation;
+        self.ctx.tasks.spawn(async move {
+            let name = config.name.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let run = std::panic::AssertUnwindSafe(|| verdict(&trust_dir, &config, &follow));
+                std::panic::catch_unwind(run).unwrap_or_else(|_| {
+                    // Answered, like every verdict, for the complete image.
+                    match follow.until_settled() {
+                        Some(config) => {
+                            let status = failed(&config, "the check did not finish".into());
+                            Checked::Verdict(config, status)
+                        }
+                        None => Checked::Cancelled,
+                    }
+                })
+            })
+            .await
+            // Only at shutdown.
+            .unwrap_or(Checked::Cancelled);
+            let _ = done.send((name, generation, checked)).await;
+        });
     }
-    Ok(())
+
+    /// At shutdown: a check following a download that will not complete now must not hold up
+    /// the exit.
+    fn stop(&self) {
+        for check in self.running.values() {
+            check.follow.cancel();
+        }
+    }
 }
 
 /// A check in flight.
