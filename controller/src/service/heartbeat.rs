@@ -9,16 +9,16 @@ use crate::storage::{self, HeartbeatFacts};
 use crate::wire::{HeartbeatRequest, HeartbeatResponse};
 
 impl Service {
-    /// Stores `node`'s report (`raw`, the body as it came) and answers its desired state. A
-    /// new WireGuard key, new endpoints or a new source address (`remote`) re-derive the
-    /// node's network first ([`crate::networks`]), so the reply already carries what that
+    /// Stores `node`'s report (`raw`, the body's text as it came) and answers its desired
+    /// state. A new WireGuard key, new endpoints or a new source address (`remote`) re-derive
+    /// the node's network first ([`crate::networks`]), so the reply already carries what that
     /// changed.
     pub async fn heartbeat(
         &self,
         node: &storage::Node,
         remote: Option<IpAddr>,
         hb: &HeartbeatRequest,
-        raw: &serde_json::Value,
+        raw: &str,
     ) -> Result<HeartbeatResponse, Error> {
         check_field("boot_id", &hb.boot_id)?;
         check_field("agent_version", &hb.agent_version)?;
@@ -33,7 +33,6 @@ impl Service {
                 "load must be three non-negative numbers".to_owned(),
             ));
         }
-        let body = raw.to_string();
         let now = crate::now_ms();
         // One read for everything the heartbeat compares and answers: a steady node's
         // heartbeat is this and the insert, two statements.
@@ -52,7 +51,7 @@ impl Service {
                     applied_generation: hb.applied_generation,
                     enrollment: hb.enrollment.as_ref(),
                     stored_enrollment: view.enrollment.as_deref(),
-                    body: &body,
+                    body: raw,
                 },
             )
             .await?;
