@@ -13,10 +13,11 @@ use std::time::{Duration, SystemTime};
 use agentbase::{Root, Settings};
 use anyhow::{bail, Context as _};
 use ipcmonitor::tool::Exit;
-use modulemgr::local::{self, LocalModule};
 use powernode_modules::format::host_architecture;
+use powernode_modules::local::{self, LocalModule};
 use powernode_modules::registry::Registry;
 use powernode_modules::store::Store;
+use powernode_modules::{check, policy};
 use powernode_pubsub::{Dirs, Event, Subscription};
 use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, VerifyConfig};
 
@@ -158,9 +159,9 @@ pub async fn verify(
     } else {
         pulled_config(root, settings, target, tmp.path(), policy_name).await?
     };
-    let policy = verifier::policy::load(&root.path(verifier::policy::DIR), policy_name)?;
+    let policy = policy::load(&root.path(policy::DIR), policy_name)?;
     let outcome = tokio::task::spawn_blocking(move || {
-        let r = verifier::check::check(&config, &policy, SystemTime::now());
+        let r = check::check(&config, &policy, SystemTime::now());
         (config, r)
     })
     .await?;

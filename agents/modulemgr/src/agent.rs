@@ -9,6 +9,7 @@ use std::time::Duration;
 use agentbase::Context;
 use anyhow::Context as _;
 use powernode_modules::format::host_architecture;
+use powernode_modules::local;
 use powernode_modules::registry::Registry;
 use powernode_modules::store::Store;
 use powernode_pubsub::{Event, Publication, Subscription};
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fetch::{self, Report};
 use crate::modules::{Effect, Modules, Restored, Settings};
-use crate::{lastknown, local, registry_config, tasks};
+use crate::{lastknown, registry_config, tasks};
 use crate::{HEARTBEAT_AGENT, MOUNT_AGENT, STORE_DIR, VERIFIER_AGENT};
 
 /// How long modulemgr waits for heartbeatd's assignment before it takes the local ones as

@@ -2,7 +2,7 @@
 //! mounted stack (DESIGN §2, §6; docs/modules.md).
 //!
 //! It reads the desired modules from `heartbeatd/ModuleConfig` (the controller's assignment)
-//! and from the local assignments in `etc/powernode/modules.d` ([`local`]; the controller's
+//! and from the local assignments in `etc/powernode/modules.d` ([`powernode_modules::local`]; the controller's
 //! entry wins when both name a module). Each module goes through its own state machine,
 //! published as `modulemgr/ModuleStatus`:
 //!
@@ -55,7 +55,6 @@ pub mod commit;
 pub mod events;
 pub mod fetch;
 pub mod lastknown;
-pub mod local;
 pub mod tasks;
 
 mod agent;

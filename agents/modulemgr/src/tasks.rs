@@ -34,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::Agent;
 use crate::commit::{CommitRequest, Committed};
-use crate::local::{self, LocalModule};
+use powernode_modules::local::{self, LocalModule};
 
 /// Attach a module on this node.
 pub const ATTACH: &str = "module.attach";

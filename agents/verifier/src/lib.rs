@@ -33,10 +33,7 @@
 //! select loop that calls them.
 
 pub mod changes;
-pub mod check;
-pub mod follow;
 pub mod kernel;
-pub mod policy;
 pub mod rejections;
 
 use std::collections::BTreeMap;
@@ -49,7 +46,8 @@ use powernode_pubsub::{Event, Publication, Subscription};
 use powernode_types::{VerifyConfig, VerifyState, VerifyStatus};
 use tokio::sync::mpsc;
 
-use crate::follow::Follow;
+use powernode_modules::follow::Follow;
+use powernode_modules::{check, policy};
 
 /// The most checks that run at once.
 pub const MAX_CHECKS: usize = 2;

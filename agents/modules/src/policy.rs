@@ -16,11 +16,11 @@
 //! Keys and keyless roots may both be given: a signature passes if either accepts it.
 //! `signed_references` lists the repositories a signature's `docker-reference` may name, each
 //! exact (`registry/path`) or a prefix (`registry/path/*`); when given it replaces the default,
-//! the repository the module was pulled from ([`powernode_modules::cosign::references`]).
+//! the repository the module was pulled from ([`crate::cosign::references`]).
 
 use std::path::{Path, PathBuf};
 
-use powernode_modules::cosign::{self, KeylessRoot, Policy, PublicKey, SignedReference};
+use crate::cosign::{self, KeylessRoot, Policy, PublicKey, SignedReference};
 use powernode_types::VerifyConfig;
 use serde::Deserialize;
 
@@ -153,7 +153,7 @@ pub fn explain(config: &VerifyConfig, error: cosign::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use powernode_modules::cosign::SigningKey;
+    use crate::cosign::SigningKey;
 
     /// A trust directory with two keys, a log key, a test root certificate and files that
     /// are not what a policy wants.

@@ -45,9 +45,9 @@ pub enum LocalError {
 }
 
 /// Whether `name` may be a module name (it becomes a file name and a pubsub key): the one
-/// rule of [`powernode_modules::format::is_module_name`].
+/// rule of [`crate::format::is_module_name`].
 pub fn valid_name(name: &str) -> bool {
-    powernode_modules::format::is_module_name(name)
+    crate::format::is_module_name(name)
 }
 
 /// The name a reference gets when none is given: the last part of its repository.

@@ -14,9 +14,9 @@
 
 use std::time::{Instant, SystemTime};
 
-use powernode_modules::cosign::{self, Policy};
-use powernode_modules::digest::Digest;
-use powernode_modules::format::ImageManifest;
+use crate::cosign::{self, Policy};
+use crate::digest::Digest;
+use crate::format::ImageManifest;
 use powernode_types::VerifyConfig;
 
 use crate::follow::{self, Follow};
@@ -256,10 +256,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use powernode_modules::format::{
+    use crate::format::{
         ARTIFACT_TYPE, CONFIG_MEDIA_TYPE, FSVERITY_ANNOTATION, LAYER_MEDIA_TYPE, OCI_MANIFEST,
     };
-    use powernode_modules::fsverity::{self, BLOCK_SIZE};
+    use crate::fsverity::{self, BLOCK_SIZE};
 
     use super::*;
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use powernode_modules::fsverity::{self, GrowingFile};
+use crate::fsverity::{self, GrowingFile};
 use powernode_types::VerifyConfig;
 
 /// How long a follower sleeps when it has hashed every byte that has landed; a completion or
