@@ -29,6 +29,11 @@ struct Entry {
     repository: String,
     manifest: String,
     index_digest: Option<String>,
+    /// [`Resolved::signed_index`]: only the index was signed. A hint for the verifier's
+    /// error message, so a node started without its registry still says to sign
+    /// recursively. Absent from files written before it was kept.
+    #[serde(default)]
+    signed_index: Option<String>,
     config: String,
     signatures: Vec<CosignSignature>,
 }
@@ -64,6 +69,7 @@ impl LastKnown {
             repository: resolved.repository.clone(),
             manifest: resolved.manifest.clone(),
             index_digest: resolved.index_digest.as_ref().map(ToString::to_string),
+            signed_index: resolved.signed_index.as_ref().map(ToString::to_string),
             config: resolved.config.clone(),
             signatures: signatures.to_vec(),
         };
@@ -148,7 +154,7 @@ fn read(
         .map(Digest::parse)
         .transpose()
         .map_err(|e| e.to_string())?;
-    let resolved = Resolved::from_parts(
+    let mut resolved = Resolved::from_parts(
         entry.repository,
         entry.manifest,
         index_digest,
@@ -156,6 +162,14 @@ fn read(
         architecture,
     )
     .map_err(|e| e.to_string())?;
+    // Trusted for nothing but the wording of a rejection (the verifier checks the manifest
+    // against its signatures whatever this says).
+    resolved.signed_index = entry
+        .signed_index
+        .as_deref()
+        .map(Digest::parse)
+        .transpose()
+        .map_err(|e| e.to_string())?;
     // A reference pinned to a digest must still name what was kept.
     if let Some(pinned) = parsed.digest() {
         let kept = resolved
@@ -224,6 +238,7 @@ mod tests {
         assert_eq!(loaded.manifest_digest, resolved.manifest_digest);
         assert_eq!(loaded.image, resolved.image);
         assert_eq!(loaded.module, resolved.module);
+        assert_eq!(loaded.signed_index, None);
         assert!(signatures.is_empty());
         assert!(kept.load(REFERENCE, "arm64").is_none());
         assert!(kept.load("registry.test/modules/app:2", "amd64").is_none());
@@ -233,6 +248,29 @@ mod tests {
         assert!(kept.load(REFERENCE, "amd64").is_some());
         kept.retain(&["registry.test/modules/app:2"], "amd64");
         assert!(kept.load(REFERENCE, "amd64").is_none());
+    }
+
+    /// An index-only signature found at the last pull is still named after a start without
+    /// the registry, so the rejection says to sign recursively; a file from before the hint
+    /// was kept loads without it.
+    #[test]
+    fn the_index_only_signature_hint_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = LastKnown::new(dir.path().join("resolved"));
+        let mut resolved = resolved("amd64");
+        let index = Digest::of(b"the signed index");
+        resolved.signed_index = Some(index.clone());
+        kept.save(REFERENCE, "amd64", &resolved, &[]).unwrap();
+        let (loaded, _) = kept.load(REFERENCE, "amd64").unwrap();
+        assert_eq!(loaded.signed_index, Some(index));
+
+        let path = kept.path(REFERENCE, "amd64");
+        let mut old: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        old.as_object_mut().unwrap().remove("signed_index");
+        std::fs::write(&path, serde_json::to_vec(&old).unwrap()).unwrap();
+        let (loaded, _) = kept.load(REFERENCE, "amd64").unwrap();
+        assert_eq!(loaded.signed_index, None);
     }
 
     #[test]

@@ -220,8 +220,8 @@ pub struct Resolved {
     pub index_digest: Option<Digest>,
     /// Set by [`Registry::resolve_signed`] when the platform manifest has no signatures but
     /// the index does: someone signed the index only (`cosign sign` without `--recursive`).
-    /// Only feeds the verifier's error message; never set for a resolution kept from an
-    /// earlier pull ([`Resolved::from_parts`]).
+    /// Only feeds the verifier's error message; [`Resolved::from_parts`] leaves it unset
+    /// (modulemgr keeps it beside a resolution it keeps for a start without the registry).
     pub signed_index: Option<Digest>,
     /// The erofs image layer.
     pub image: Descriptor,
