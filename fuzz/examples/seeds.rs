@@ -67,6 +67,7 @@ fn main() {
         ("cosign_keyless_bundle", keyless_bundles(&cosign)),
         ("node_api_body", node_api_bodies()),
         ("eventd_journal", journal_segments()),
+        ("netmgr_uapi", uapi_texts()),
     ];
     // `--only NAME` rewrites one corpus: the others' seeds hold fresh random keys each run.
     let only = std::env::args().skip_while(|a| a != "--only").nth(1);
@@ -289,6 +290,45 @@ fn mountinfos() -> Seeds {
         (
             "blank-lines".into(),
             b"\n  \n1 0 0:1 / / rw - ext4 /dev/vda rw\n\n".to_vec(),
+        ),
+    ]
+}
+
+fn uapi_texts() -> Seeds {
+    let key = |b: u8| format!("{b:02x}").repeat(32);
+    let get = format!(
+        "private_key={}\nlisten_port=51820\nown_public_key={}\npublic_key={}\n\
+         endpoint=192.0.2.2:51820\nallowed_ip=10.88.0.2/32\nallowed_ip=fd00::2/128\n\
+         persistent_keepalive_interval=25\nlast_handshake_time_sec=5\n\
+         last_handshake_time_nsec=300000000\nrx_bytes=1024\ntx_bytes=2048\n\
+         public_key={}\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\n\
+         rx_bytes=0\ntx_bytes=0\nerrno=0\n",
+        key(0x11),
+        key(0x22),
+        key(0x33),
+        key(0x44)
+    );
+    let set = format!(
+        "private_key={}\nlisten_port=51820\nreplace_peers=true\npublic_key={}\n\
+         remove=true\npublic_key={}\nendpoint=192.0.2.3:51820\n\
+         persistent_keepalive_interval=0\nreplace_allowed_ips=true\n\
+         allowed_ip=10.88.0.3/32\n\n",
+        key(0x11),
+        key(0x33),
+        key(0x55)
+    );
+    vec![
+        ("get".into(), get.into_bytes()),
+        ("set".into(), set.into_bytes()),
+        ("errno".into(), b"errno=-22\n".to_vec()),
+        (
+            "huge-handshake".into(),
+            format!(
+                "public_key={}\nlast_handshake_time_sec=18446744073709551615\n\
+                 last_handshake_time_nsec=4294967295\nerrno=0\n",
+                key(0x66)
+            )
+            .into_bytes(),
         ),
     ]
 }

@@ -16,6 +16,7 @@ pub mod events;
 pub mod fixture;
 pub mod modules;
 pub mod mounts;
+pub mod network;
 pub mod node_api;
 pub mod pubsub;
 pub mod settings;
@@ -98,6 +99,11 @@ pub const TARGETS: &[Target] = &[
         name: "eventd_journal",
         reads: "eventd's journal segments read back after a crash (segment::scan) and their records",
         run: events::journal_segment,
+    },
+    Target {
+        name: "netmgr_uapi",
+        reads: "WireGuard UAPI text: the device's get replies (parse_get, rewrite_handshakes), clients' set bodies (split_set)",
+        run: network::uapi_text,
     },
 ];
 

@@ -242,7 +242,10 @@ pub fn rewrite_handshakes(reply: &str, now: SystemTime) -> String {
         }
         if let (Some(nsec), Some(sec)) = (line.strip_prefix("last_handshake_time_nsec="), age_sec) {
             age_sec = None;
-            let age = Duration::new(sec, nsec.parse().unwrap_or(0));
+            // Saturating: a nonsense age (more nanoseconds than a second, or near u64::MAX
+            // seconds) must not panic the device's proxy; it reads as "long ago".
+            let age = Duration::from_secs(sec)
+                .saturating_add(Duration::from_nanos(nsec.parse::<u64>().unwrap_or(0)));
             let at = now
                 .checked_sub(age)
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -278,6 +281,19 @@ mod tests {
             "own_public_key=aa\npublic_key=bb\nlast_handshake_time_sec=1699999995\n\
              last_handshake_time_nsec=500000000\nrx_bytes=1\npublic_key=cc\nrx_bytes=0\n\
              errno=0\n"
+        );
+    }
+
+    /// Found by the `netmgr_uapi` fuzz target: an age of `u64::MAX` seconds and more than a
+    /// second of nanoseconds overflowed `Duration::new` and panicked the proxy's thread.
+    #[test]
+    fn a_nonsense_handshake_age_does_not_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let reply = "public_key=aa\nlast_handshake_time_sec=18446744073709551615\n\
+                     last_handshake_time_nsec=4294967295\nerrno=0\n";
+        assert_eq!(
+            rewrite_handshakes(reply, now),
+            "public_key=aa\nlast_handshake_time_sec=0\nlast_handshake_time_nsec=0\nerrno=0\n"
         );
     }
 
