@@ -202,10 +202,20 @@ pub fn recovered(target: &str, r: &Recovered) -> Raised {
     let (decision, generation, slot, done) = match &r.decision {
         Decision::Adopt(s) => {
             let (g, slot) = (s.config.generation, slot_name(s.slot));
+            let kept_slot = r.window.as_ref().map(|w| w.previous.slot);
             let done = match interrupted {
+                Some((to, _)) if to == g && kept_slot.is_some() => format!(
+                    "a switch to generation {g} had moved current when it was cut short: \
+                     adopted generation {g} in slot {slot}"
+                ),
                 Some((to, _)) if to == g => format!(
                     "a switch to generation {g} had moved current when it was cut short: \
                      adopted generation {g} in slot {slot}, cleaned the other slot"
+                ),
+                Some((to, to_slot)) if kept_slot == Some(to_slot) => format!(
+                    "the switch back to generation {to} after a failed check was cut short \
+                     before current moved: kept generation {g} in slot {slot}, whose next \
+                     check decides again"
                 ),
                 Some((to, to_slot)) => format!(
                     "a switch to generation {to} was cut short before current moved: kept \
@@ -235,9 +245,30 @@ pub fn recovered(target: &str, r: &Recovered) -> Raised {
             "nothing usable: unmounted what was left and forgot the target".to_owned(),
         ),
     };
+    // A recorded window that was never opened (its switch did not move `current`) or was
+    // closed by the switch back leaves the stack adopted in its own slot: no loss. Any other
+    // window not resumed ended without its checks.
+    let window_lost = r.window.is_none()
+        && r.found
+            .window
+            .is_some_and(|(_, slot)| Some(slot) != r.active.as_ref().map(|a| a.slot));
+    let mut done = done;
+    if let Some(w) = &r.window {
+        done.push_str(&format!(
+            "; kept generation {} in slot {} for the rest of the confirmation window",
+            w.previous.config.generation,
+            slot_name(w.previous.slot)
+        ));
+    } else if let (true, Some((g, slot))) = (window_lost, r.found.window) {
+        done.push_str(&format!(
+            "; the confirmation window is over without its checks: generation {g} is no \
+             longer mounted in slot {} to switch back to",
+            slot_name(slot)
+        ));
+    }
     let settled = matches!(r.decision, Decision::Adopt(_))
         || (matches!(r.decision, Decision::Rebuild(_)) && r.rebuild.is_some());
-    let severity = if settled && interrupted.is_none() && r.problems.is_empty() {
+    let severity = if settled && interrupted.is_none() && !window_lost && r.problems.is_empty() {
         Severity::Info
     } else {
         Severity::Warning
@@ -283,6 +314,12 @@ fn found_text(f: &Found) -> String {
                 slot_name(slot)
             ));
         }
+        if let Some((g, slot)) = f.window {
+            text.push_str(&format!(
+                ", generation {g} kept in slot {} for a confirmation window",
+                slot_name(slot)
+            ));
+        }
         text
     };
     format!("{record}; current: {}", slot_text(f.current))
@@ -317,11 +354,16 @@ mod tests {
             (Decision::Rebuild(s), true) => Some(s.config.clone()),
             _ => None,
         };
+        let active = match &decision {
+            Decision::Adopt(s) => Some(s.clone()),
+            _ => None,
+        };
         let r = Recovered {
             found,
             decision,
             record: None,
-            active: None,
+            active,
+            window: None,
             rebuild,
             problems: problems.iter().map(|p| (*p).to_owned()).collect(),
         };
@@ -403,6 +445,7 @@ mod tests {
             applied,
             switching_to,
             current,
+            window: None,
         };
         use Severity::*;
         let rows = [
@@ -475,6 +518,7 @@ mod tests {
                         applied: None,
                         switching_to: None,
                         current: Some(Slot::A),
+                        window: None,
                     },
                     Decision::Clean,
                     false,
@@ -501,5 +545,111 @@ mod tests {
             rows[5].0.field("found"),
             Some("record: unreadable; current: A")
         );
+    }
+
+    /// One row per line of `recover`'s window table that a start can meet: a window resumed
+    /// is as settled as an adoption; one that ended without its checks is a Warning.
+    #[test]
+    fn window_recovery_reports() {
+        use crate::record::WindowRecord;
+        let stack = |g: u64, slot: Slot| AppliedStack {
+            slot,
+            config: config(g, &[("base", 10)]),
+        };
+        let window = WindowRecord {
+            previous: stack(1, Slot::A),
+            until_ms: 1_700_000_000_000,
+        };
+        let report = |switching_to, current, decision: Decision, resumed: bool| {
+            let active = match &decision {
+                Decision::Adopt(s) => Some(s.clone()),
+                _ => None,
+            };
+            let rebuild = match &decision {
+                Decision::Rebuild(s) => Some(s.config.clone()),
+                _ => None,
+            };
+            super::recovered(
+                "modules",
+                &Recovered {
+                    found: Found {
+                        corrupt_record: false,
+                        record: true,
+                        applied: Some((2, Slot::B)),
+                        switching_to,
+                        current,
+                        window: Some((1, Slot::A)),
+                    },
+                    decision,
+                    record: None,
+                    active,
+                    window: resumed.then(|| window.clone()),
+                    rebuild,
+                    problems: Vec::new(),
+                },
+            )
+        };
+        use Severity::*;
+        let rows = [
+            // Killed in the window: resumed.
+            (
+                report(
+                    None,
+                    Some(Slot::B),
+                    Decision::Adopt(stack(2, Slot::B)),
+                    true,
+                ),
+                Info,
+                "kept generation 1 in slot A for the rest of the confirmation window",
+            ),
+            // The previous slot was not whole any more.
+            (
+                report(
+                    None,
+                    Some(Slot::B),
+                    Decision::Adopt(stack(2, Slot::B)),
+                    false,
+                ),
+                Warning,
+                "over without its checks: generation 1 is no longer mounted in slot A",
+            ),
+            // Killed switching back, before `current` moved: the window goes on.
+            (
+                report(
+                    Some((1, Slot::A)),
+                    Some(Slot::B),
+                    Decision::Adopt(stack(2, Slot::B)),
+                    true,
+                ),
+                Warning,
+                "whose next check decides again",
+            ),
+            // Killed switching back, after `current` moved: rolled back, nothing lost.
+            (
+                report(
+                    Some((1, Slot::A)),
+                    Some(Slot::A),
+                    Decision::Adopt(stack(1, Slot::A)),
+                    false,
+                ),
+                Warning,
+                "had moved current when it was cut short: adopted generation 1 in slot A, cleaned",
+            ),
+            // A reboot in the window.
+            (
+                report(None, None, Decision::Rebuild(stack(2, Slot::B)), false),
+                Warning,
+                "over without its checks",
+            ),
+        ];
+        for (i, (e, severity, done)) in rows.iter().enumerate() {
+            assert_eq!(e.severity, *severity, "row {i}: {e:?}");
+            assert!(e.field("done").unwrap().contains(done), "row {i}: {e:?}");
+        }
+        assert_eq!(
+            rows[0].0.field("found"),
+            Some("record: generation 2 in slot B, generation 1 kept in slot A for a confirmation window; current: B")
+        );
+        assert!(!rows[3].0.field("done").unwrap().contains("window"));
     }
 }

@@ -50,7 +50,9 @@
 //! Crash safety comes from the order of the switch (the record names the slot being switched
 //! to before `current` moves) and from [`recover`], which at every start decides from the
 //! record, `current` and the real mount table which slot is active; everything else under the
-//! agent's directory is unmounted, and the mount path is made to show the active stack.
+//! agent's directory is unmounted, and the mount path is made to show the active stack. An
+//! open confirmation window is in the record too ([`record::Record::window`]): a restart
+//! resumes it ([`recover::resume_window`]) rather than keep an unconfirmed stack for good.
 //!
 //! Raised as events ([`events`]): each switch (and teardown), a health check that refused
 //! one, a rollback in the confirmation window, drift found at run time and what was done, and
@@ -87,7 +89,7 @@ use crate::layout::Layout;
 use crate::mountinfo::MountEntry;
 use crate::mountpath::{Mode, MountPath};
 use crate::mountwatch::MountWatch;
-use crate::record::{AppliedStack, LoopRecord, Record, RecordStore};
+use crate::record::{AppliedStack, LoopRecord, Record, RecordStore, WindowRecord};
 use crate::stack::{Plan, PlannedLayer};
 
 /// The agent that publishes `MountConfig`.
@@ -152,11 +154,10 @@ pub enum Step {
         /// Its plan, if known.
         old_plan: Option<Plan>,
     },
-    /// Keep the slot that was active before the switch for the confirmation window.
+    /// Keep the slot that was active before the switch for the confirmation window the
+    /// switch recorded.
     Window {
-        /// The stack switched away from.
-        old: AppliedStack,
-        /// Its plan, if known.
+        /// The plan of the stack switched away from, if known.
         old_plan: Option<Plan>,
     },
     /// Unmount the new slot after a failure, then finish with the outcome.
@@ -193,7 +194,7 @@ enum SwitchFailure {
 }
 
 /// The confirmation window after a switch: the previous stack stays mounted while the new
-/// one's health checks run again.
+/// one's health checks run again. Its record ([`Record::window`]) is what survives a restart.
 #[derive(Debug)]
 struct Window {
     /// The stack switched away from, still mounted in its slot.
@@ -206,6 +207,29 @@ struct Window {
     until_ms: u64,
     /// When the checks run next.
     next_check: Instant,
+}
+
+impl Window {
+    /// The window `record` describes, its checks next due after `interval` (or at its end, if
+    /// that is sooner: a window resumed after its deadline has them run at once). It lasts no
+    /// longer than `length` from now, whatever the clock did while the agent was down.
+    fn from_record(
+        record: &WindowRecord,
+        previous_plan: Option<Plan>,
+        interval: Duration,
+        length: Duration,
+    ) -> Window {
+        let now = Instant::now();
+        let left = record.until_ms.saturating_sub(agentbase::health::now_ms());
+        let until = now + Duration::from_millis(left).min(length);
+        Window {
+            previous: record.previous.clone(),
+            previous_plan,
+            until,
+            until_ms: record.until_ms,
+            next_check: (now + interval).min(until),
+        }
+    }
 }
 
 /// A repair that failed: when to try again.
@@ -414,10 +438,20 @@ impl Agent {
             }
             events::recovered(&name, &recovered).raise(&self.ctx.events);
             if let Some(record) = recovered.record {
-                self.targets.insert(
-                    name.clone(),
-                    TargetState::with(record, recovered.active, None),
-                );
+                let mut state = TargetState::with(record, recovered.active, None);
+                if let Some(window) = &recovered.window {
+                    let previous = &window.previous;
+                    let plan =
+                        stack::plan_mounted(&self.layout, &previous.config, previous.slot).ok();
+                    tracing::info!(target = %name, slot = ?previous.slot, generation = previous.config.generation, until_ms = window.until_ms, "resuming the confirmation window");
+                    state.window = Some(Window::from_record(
+                        window,
+                        plan,
+                        self.settings.confirm_interval(),
+                        self.settings.confirm_window(),
+                    ));
+                }
+                self.targets.insert(name.clone(), state);
             }
             if let Some(config) = recovered.rebuild {
                 rebuilds.push(config);
@@ -425,8 +459,8 @@ impl Agent {
         }
         // Publish what is true now. A previous answer that still describes the active stack
         // (e.g. "generation 7 failed, slot A still active") is kept, so a repeat of that
-        // generation stays a repeat; anything else is replaced or withdrawn. A confirmation
-        // window did not survive the restart: the previous stack was cleaned.
+        // generation stays a repeat, with the confirmation window as recovery left it (resumed,
+        // or over); anything else is replaced or withdrawn.
         let mut keys = self.status_pub.keys();
         keys.extend(self.targets.keys().cloned());
         keys.sort();
@@ -440,11 +474,13 @@ impl Agent {
                 p.state != MountState::Mounting && p.slot == truth_slot && p.layers == truth_layers
             });
             if let (true, Some(previous)) = (consistent, previous) {
-                self.targets
+                let state = self
+                    .targets
                     .entry(key.clone())
-                    .or_insert_with(|| TargetState::new(&key))
-                    .handled = Some(previous.generation);
-                if previous.confirm_until_ms.is_some() {
+                    .or_insert_with(|| TargetState::new(&key));
+                state.handled = Some(previous.generation);
+                let window_until = state.window.as_ref().map(|w| w.until_ms);
+                if previous.confirm_until_ms != window_until {
                     self.publish(&key, previous.generation, previous.state, previous.error);
                 }
             } else if let Some(active) = active {
@@ -644,16 +680,19 @@ impl Agent {
                 Step::Switch(plan) => self.switch_step(&config, plan),
                 Step::Retire { old, old_plan } => {
                     changed = true;
-                    match old {
-                        Some(old) if self.wants_window(&config) => Step::Window { old, old_plan },
-                        old => {
-                            self.retire(&target, old);
-                            Step::Done(Outcome::Mounted)
-                        }
+                    let windowed = self
+                        .targets
+                        .get(&target)
+                        .is_some_and(|t| t.record.window.is_some());
+                    if windowed {
+                        Step::Window { old_plan }
+                    } else {
+                        self.retire(&target, old);
+                        Step::Done(Outcome::Mounted)
                     }
                 }
-                Step::Window { old, old_plan } => {
-                    self.open_window(&target, old, old_plan);
+                Step::Window { old_plan } => {
+                    self.open_window(&target, old_plan);
                     Step::Done(Outcome::Mounted)
                 }
                 Step::Discard { slot, outcome } => {
@@ -829,8 +868,17 @@ impl Agent {
             slot: plan.slot,
             config: config.clone(),
         };
+        let window = old
+            .clone()
+            .filter(|_| self.wants_window(config))
+            .map(|previous| WindowRecord {
+                previous,
+                until_ms: agentbase::health::now_ms().saturating_add(
+                    u64::try_from(self.settings.confirm_window().as_millis()).unwrap_or(u64::MAX),
+                ),
+            });
         let (target, slot) = (plan.target.clone(), plan.slot);
-        match self.switch_to(&target, new, Some(plan), old.as_ref()) {
+        match self.switch_to(&target, new, Some(plan), old.as_ref(), window) {
             Ok(()) => Step::Retire { old, old_plan },
             Err(SwitchFailure::Unrecorded(e)) => Step::Discard {
                 slot,
@@ -847,13 +895,19 @@ impl Agent {
     /// recorded, `current` renamed, the mount path moved (the new stack mounted beneath the
     /// old one, the old one unmounted from above), the result recorded. Once the intent is
     /// on disk a crash at any instant is resolved by [`recover::decide`] and the drift check
-    /// after it. On `Err` the stack before (`old`) is active as it was.
+    /// after it. On `Err` the stack before (`old`) is active as it was, and so is the record.
+    ///
+    /// `window` is the confirmation window the switch opens, recorded with the intent so that
+    /// a crash after `current` moved resumes it; without one, the recorded window stays in
+    /// the intent (a switch back after a failed check, cut short before `current` moved, is
+    /// made again by the window's next check) and is cleared with the result.
     fn switch_to(
         &mut self,
         target: &str,
         new: AppliedStack,
         new_plan: Option<Plan>,
         old: Option<&AppliedStack>,
+        window: Option<WindowRecord>,
     ) -> Result<(), SwitchFailure> {
         let target_dir = self.layout.target_dir(target);
         let new_merged = self.layout.merged(target, new.slot);
@@ -866,9 +920,14 @@ impl Agent {
                 "internal: target state lost".to_owned(),
             ));
         };
+        let window_before = state.record.window.clone();
         state.record.switching_to = Some(new.clone());
+        if window.is_some() {
+            state.record.window = window.clone();
+        }
         if let Err(e) = store.save(&state.record) {
             state.record.switching_to = None;
+            state.record.window = window_before;
             return Err(SwitchFailure::Unrecorded(format!(
                 "recording the switch: {e}"
             )));
@@ -876,6 +935,7 @@ impl Agent {
         failpoint::hit("mountmgr.intent_recorded");
         let cancel_intent = |state: &mut TargetState| {
             state.record.switching_to = None;
+            state.record.window = window_before.clone();
             store.save_or_warn(&state.record, target);
         };
         match current::switch(&target_dir, new.slot) {
@@ -931,6 +991,7 @@ impl Agent {
         }
         state.record.applied = Some(new.clone());
         state.record.switching_to = None;
+        state.record.window = window;
         state.active = Some(new.clone());
         state.plan = new_plan;
         let saved = store.save(&state.record);
@@ -950,23 +1011,33 @@ impl Agent {
         self.settings.confirm_window_s > 0 && config.layers.iter().any(|l| l.health_check.is_some())
     }
 
-    /// Keeps `old` mounted for the confirmation window of the stack just switched to.
-    fn open_window(&mut self, target: &str, old: AppliedStack, old_plan: Option<Plan>) {
-        let window = self.settings.confirm_window();
-        let interval = self.settings.confirm_interval().min(window);
-        let now = Instant::now();
-        let until_ms = agentbase::health::now_ms()
-            .saturating_add(u64::try_from(window.as_millis()).unwrap_or(u64::MAX));
-        if let Some(state) = self.targets.get_mut(target) {
-            tracing::info!(target, slot = ?old.slot, generation = old.config.generation, window_s = window.as_secs(), "keeping the previous stack for the confirmation window");
-            state.window = Some(Window {
-                previous: old,
-                previous_plan: old_plan,
-                until: now + window,
-                until_ms,
-                next_check: now + interval,
-            });
+    /// Keeps the stack switched away from mounted for the confirmation window the switch
+    /// recorded.
+    fn open_window(&mut self, target: &str, old_plan: Option<Plan>) {
+        let (interval, length) = (
+            self.settings.confirm_interval(),
+            self.settings.confirm_window(),
+        );
+        let Some(state) = self.targets.get_mut(target) else {
+            return;
+        };
+        let Some(record) = &state.record.window else {
+            return;
+        };
+        let window = Window::from_record(record, old_plan, interval, length);
+        tracing::info!(target, slot = ?window.previous.slot, generation = window.previous.config.generation, until_ms = window.until_ms, "keeping the previous stack for the confirmation window");
+        state.window = Some(window);
+    }
+
+    /// Ends `target`'s window, in the record first: a crash after this retires nothing twice
+    /// and resumes nothing. The window, for the caller to retire its previous stack.
+    fn end_window(&mut self, target: &str) -> Option<Window> {
+        let state = self.targets.get_mut(target)?;
+        let window = state.window.take();
+        if state.record.window.take().is_some() {
+            self.store.save_or_warn(&state.record, target);
         }
+        window
     }
 
     /// Runs the health checks of `target`'s stack in its window: a failure switches back to
@@ -1030,7 +1101,7 @@ impl Agent {
 
     /// The window passed: the previous stack is retired.
     fn confirm(&mut self, target: &str) {
-        let Some(window) = self.targets.get_mut(target).and_then(|t| t.window.take()) else {
+        let Some(window) = self.end_window(target) else {
             return;
         };
         tracing::info!(target, "stack confirmed; retiring the previous one");
@@ -1055,6 +1126,7 @@ impl Agent {
                 previous.clone(),
                 window.previous_plan,
                 Some(&failed),
+                None,
             ),
             Err(e) => Err(SwitchFailure::NotSwitched(e)),
         };
@@ -1077,6 +1149,7 @@ impl Agent {
                     format!("{error} (in the confirmation window); switching back failed: {why}");
                 tracing::error!(target, generation, %problem, "rollback failed");
                 self.ctx.health.report_error(&problem);
+                self.end_window(target);
                 self.retire(target, Some(previous));
                 (Err(why), MountState::Failed, problem)
             }
@@ -1285,7 +1358,7 @@ impl Agent {
         if window_open && (drift.previous_damaged || drift.active_damaged) {
             // The slot a rebuild needs is the previous stack's, or that stack is damaged: the
             // window ends without a rollback.
-            if let Some(window) = self.targets.get_mut(target).and_then(|t| t.window.take()) {
+            if let Some(window) = self.end_window(target) {
                 self.retire(target, Some(window.previous));
                 done.push("ended the confirmation window (previous stack retired)".to_owned());
             }
@@ -1372,7 +1445,7 @@ impl Agent {
             slot,
             config: active.config.clone(),
         };
-        match self.switch_to(target, new, Some(plan), Some(active)) {
+        match self.switch_to(target, new, Some(plan), Some(active), None) {
             Ok(()) => {
                 self.retire(target, Some(active.clone()));
                 Ok(slot)
@@ -1415,7 +1488,7 @@ impl Agent {
             if state.record.loops.iter().any(|l| l.slot == slot) {
                 let (mine, rest): (Vec<_>, Vec<_>) =
                     state.record.loops.drain(..).partition(|l| l.slot == slot);
-                recover::release_loops(&mine, None);
+                recover::release_loops(&mine, &[]);
                 state.record.loops = rest;
                 self.store.save_or_warn(&state.record, target);
             }
@@ -1437,6 +1510,7 @@ impl Agent {
         };
         state.record.applied = None;
         state.record.switching_to = None;
+        state.record.window = None;
         self.store
             .save(&state.record)
             .map_err(|e| format!("recording the teardown: {e}"))?;
@@ -1450,7 +1524,7 @@ impl Agent {
         for slot in [Slot::A, Slot::B] {
             self.clean_slot(target, slot).map_err(|e| e.to_string())?;
         }
-        stack::unmount_under(&target_dir, None).map_err(|e| e.to_string())?;
+        stack::unmount_under(&target_dir, &[]).map_err(|e| e.to_string())?;
         stack::remove_tree(&target_dir).map_err(|e| e.to_string())?;
         self.store.remove(target).map_err(|e| e.to_string())?;
         tracing::info!(target, "target torn down");

@@ -7,6 +7,12 @@
 //! the two renames leaves a checksum that matches `<target>.json.tmp`, not the record: the load
 //! finishes the save (rolls forward). A record matching neither is corrupt: it is moved aside
 //! and treated as absent.
+//!
+//! The confirmation window ([`Record::window`]) was added without a new [`RECORD_VERSION`]:
+//! a record without it reads as "no window", and a mountmgr from before it ignores the field,
+//! which is exactly what that mountmgr did with a window (end it at its restart). Bumping the
+//! version would instead make either side take the other's record for corrupt and clean the
+//! target, unmounting the running stack.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -34,6 +40,25 @@ pub struct Record {
     pub switching_to: Option<AppliedStack>,
     /// Loop devices this agent bound for the target and has not released yet.
     pub loops: Vec<LoopRecord>,
+    /// The confirmation window of the last switch while it is open, so that a restarted agent
+    /// resumes it instead of keeping the new stack unconfirmed. Written with the intent of the
+    /// switch that opens it (a crash once `current` has moved finds it), cleared in the same
+    /// save as the result of the switch back that a failed check makes, and when the window
+    /// ends otherwise. It only counts while the stack recovery adopts is not the window's
+    /// previous one (a switch cut short before `current` moved leaves it behind).
+    #[serde(default)]
+    pub window: Option<WindowRecord>,
+}
+
+/// An open confirmation window: the stack switched away from, kept mounted in its slot until
+/// the health checks of the stack switched to have passed until `until_ms`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct WindowRecord {
+    /// The stack switched away from, in the slot it is still mounted in.
+    pub previous: AppliedStack,
+    /// When the window ends, in milliseconds since the Unix epoch: wall-clock time, so that
+    /// it means the same instant to the next process.
+    pub until_ms: u64,
 }
 
 /// A stack and the slot it is (to be) mounted in.
@@ -65,6 +90,7 @@ impl Record {
             applied: None,
             switching_to: None,
             loops: Vec::new(),
+            window: None,
         }
     }
 }
@@ -384,6 +410,23 @@ mod tests {
             let err = store.load("app").unwrap_err().to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    /// A record written before the window was recorded reads as one without a window; one
+    /// with a window keeps it through a save and a load.
+    #[test]
+    fn the_window_is_optional_and_kept() {
+        let old = br#"{"version":1,"target":"app","applied":null,"switching_to":null,"loops":[]}"#;
+        assert_eq!(parse(old, "app").unwrap(), Record::new("app"));
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::new(dir.path());
+        let mut r = record("app", 2);
+        r.window = Some(WindowRecord {
+            previous: record("app", 1).applied.unwrap(),
+            until_ms: 1_700_000_000_000,
+        });
+        store.save(&r).unwrap();
+        assert_eq!(store.load("app").unwrap(), Some(r));
     }
 
     #[test]

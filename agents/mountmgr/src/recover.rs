@@ -19,6 +19,23 @@
 //! builds the stack again (the reboot case: nothing is mounted, `run/` is empty) if its images
 //! still exist. *Clean* unmounts everything and forgets the target. Loop devices the record
 //! lists and no kept mount uses are released.
+//!
+//! A confirmation window the record holds (a switch to X kept the previous stack W mounted,
+//! [`Record::window`]) is then [`resume_window`]d or is over:
+//!
+//! | decision | W's slot                                      | window                          |
+//! |----------|-----------------------------------------------|---------------------------------|
+//! | adopt X  | not X's, fully mounted as recorded            | resumed: W's slot kept too      |
+//! | adopt X  | not X's, not fully mounted (e.g. half retired)| over: W's slot cleaned          |
+//! | adopt W  | (the switch to X never moved `current`)       | over: it was never opened       |
+//! | rebuild  | —                                             | over (a reboot: W is gone too)  |
+//! | clean    | —                                             | over, with the record           |
+//!
+//! W's images should still be in the store (modulemgr keeps them until the window is over),
+//! but W does not depend on it: its slot is compared with the mount table at the paths they
+//! had ([`stack::plan_mounted`]), since its mounts hold them open. A resumed window runs until the
+//! deadline recorded, whatever the restart took; one whose deadline passed meanwhile has its
+//! checks run once at the start, as at the end of any window.
 
 use std::path::Path;
 
@@ -27,7 +44,7 @@ use powernode_types::{MountConfig, Slot};
 use crate::current;
 use crate::layout::{self, Layout};
 use crate::mountinfo::{self, MountEntry};
-use crate::record::{AppliedStack, LoopRecord, Record, RecordError, RecordStore};
+use crate::record::{AppliedStack, LoopRecord, Record, RecordError, RecordStore, WindowRecord};
 use crate::stack::{self, StackError};
 use crate::sys::loopdev;
 
@@ -66,6 +83,21 @@ pub fn decide(
     }
 }
 
+/// The confirmation window to resume after `decision` (see the module's second table): the
+/// record's, if the stack adopted is not its previous one and `mounted` (whether a stack is
+/// fully mounted in its slot as recorded) says the previous one is.
+pub fn resume_window(
+    record: Option<&Record>,
+    decision: &Decision,
+    mounted: impl Fn(&AppliedStack) -> bool,
+) -> Option<WindowRecord> {
+    let Decision::Adopt(active) = decision else {
+        return None;
+    };
+    let window = record?.window.as_ref()?;
+    (window.previous.slot != active.slot && mounted(&window.previous)).then(|| window.clone())
+}
+
 /// What recovery found of one target, before it acted: for its report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
@@ -79,6 +111,8 @@ pub struct Found {
     pub switching_to: Option<(u64, Slot)>,
     /// The slot `current` named.
     pub current: Option<Slot>,
+    /// The record's confirmation window: the previous stack's generation and slot.
+    pub window: Option<(u64, Slot)>,
 }
 
 /// The outcome of recovering one target.
@@ -92,6 +126,8 @@ pub struct Recovered {
     pub record: Option<Record>,
     /// The stack adopted as active.
     pub active: Option<AppliedStack>,
+    /// The confirmation window resumed: its previous stack is kept mounted too.
+    pub window: Option<WindowRecord>,
     /// A stack to build again (its images exist).
     pub rebuild: Option<MountConfig>,
     /// Problems to report (corrupt record, failed unmounts); recovery went on regardless.
@@ -120,9 +156,12 @@ pub fn recover_target(
     let current_slot = current::read(&target_dir);
     let loops = record.as_ref().map(|r| r.loops.clone()).unwrap_or_default();
     let decision = decide(record.as_ref(), current_slot, |stack| {
-        is_mounted(layout, stack, &entries, &loops)
+        is_mounted(layout, stack, &entries, &loops, stack::plan)
     });
-    tracing::info!(target, ?current_slot, decision = %summary(&decision), "recovering");
+    let window = resume_window(record.as_ref(), &decision, |stack| {
+        is_mounted(layout, stack, &entries, &loops, stack::plan_mounted)
+    });
+    tracing::info!(target, ?current_slot, decision = %summary(&decision), window = window.is_some(), "recovering");
     let placed = |s: &AppliedStack| (s.config.generation, s.slot);
     let found = Found {
         corrupt_record,
@@ -133,44 +172,55 @@ pub fn recover_target(
             .and_then(|r| r.switching_to.as_ref())
             .map(placed),
         current: current_slot,
+        window: record
+            .as_ref()
+            .and_then(|r| r.window.as_ref())
+            .map(|w| placed(&w.previous)),
     };
     match decision.clone() {
         Decision::Adopt(stack) => {
-            let keep = layout.slot_dir(target, stack.slot);
-            if let Err(e) = stack::unmount_under(&target_dir, Some(&keep)) {
+            let mut slots = vec![stack.slot];
+            slots.extend(window.as_ref().map(|w| w.previous.slot));
+            let keep: Vec<_> = slots.iter().map(|s| layout.slot_dir(target, *s)).collect();
+            if let Err(e) = stack::unmount_under(&target_dir, &keep) {
                 problems.push(format!("unmounting leftovers: {e}"));
             }
-            if let Err(e) = stack::remove_tree(&layout.slot_dir(target, layout::other(stack.slot)))
-            {
-                problems.push(format!("removing the inactive slot: {e}"));
+            let other = layout::other(stack.slot);
+            if !slots.contains(&other) {
+                if let Err(e) = stack::remove_tree(&layout.slot_dir(target, other)) {
+                    problems.push(format!("removing the inactive slot: {e}"));
+                }
             }
             if let Err(e) = current::remove_stale_tmp(&target_dir) {
                 problems.push(format!("removing a stale current.tmp: {e}"));
             }
-            let kept_loops = release_loops(&loops, Some(stack.slot));
+            let kept_loops = release_loops(&loops, &slots);
             let mut new = record.unwrap_or_else(|| Record::new(target));
             new.applied = Some(stack.clone());
             new.switching_to = None;
             new.loops = kept_loops;
+            new.window = window.clone();
             let record = save(store, new, &mut problems);
             Ok(Recovered {
                 found,
                 decision,
                 record: Some(record),
                 active: Some(stack),
+                window,
                 rebuild: None,
                 problems,
             })
         }
         Decision::Rebuild(stack) => {
             clean_target(layout, target, &mut problems);
-            release_loops(&loops, None);
+            release_loops(&loops, &[]);
             let mut new = record.unwrap_or_else(|| Record::new(target));
             // `applied` stays: until a new stack is switched to, it is what should be mounted,
             // and a crash before then must try again.
             new.applied = Some(stack.clone());
             new.switching_to = None;
             new.loops.clear();
+            new.window = None;
             let record = save(store, new, &mut problems);
             let missing: Vec<String> = stack
                 .config
@@ -190,13 +240,14 @@ pub fn recover_target(
                 decision,
                 record: Some(record),
                 active: None,
+                window: None,
                 rebuild,
                 problems,
             })
         }
         Decision::Clean => {
             clean_target(layout, target, &mut problems);
-            release_loops(&loops, None);
+            release_loops(&loops, &[]);
             if let Err(e) = stack::remove_tree(&target_dir) {
                 problems.push(format!("removing {}: {e}", target_dir.display()));
             }
@@ -208,6 +259,7 @@ pub fn recover_target(
                 decision,
                 record: None,
                 active: None,
+                window: None,
                 rebuild: None,
                 problems,
             })
@@ -228,13 +280,15 @@ fn summary(decision: &Decision) -> String {
     }
 }
 
+/// Whether `stack` is fully mounted in its slot as recorded, planned by `planner`.
 fn is_mounted(
     layout: &Layout,
     stack: &AppliedStack,
     entries: &[MountEntry],
     loops: &[LoopRecord],
+    planner: fn(&Layout, &MountConfig, Slot) -> Result<stack::Plan, StackError>,
 ) -> bool {
-    let plan = match stack::plan(layout, &stack.config, stack.slot) {
+    let plan = match planner(layout, &stack.config, stack.slot) {
         Ok(plan) => plan,
         Err(e) => {
             tracing::info!(target = %stack.config.target, error = %e, "recorded stack no longer plans");
@@ -258,7 +312,7 @@ fn clean_target(layout: &Layout, target: &str, problems: &mut Vec<String>) {
     if let Err(e) = current::remove(&target_dir) {
         problems.push(format!("removing current: {e}"));
     }
-    if let Err(e) = stack::unmount_under(&target_dir, None) {
+    if let Err(e) = stack::unmount_under(&target_dir, &[]) {
         problems.push(format!("unmounting: {e}"));
     }
     for slot in [Slot::A, Slot::B] {
@@ -268,11 +322,11 @@ fn clean_target(layout: &Layout, target: &str, problems: &mut Vec<String>) {
     }
 }
 
-/// Releases the recorded loop devices except those of `keep`; returns the ones kept.
-pub fn release_loops(loops: &[LoopRecord], keep: Option<Slot>) -> Vec<LoopRecord> {
+/// Releases the recorded loop devices except those of the slots `keep`; returns the ones kept.
+pub fn release_loops(loops: &[LoopRecord], keep: &[Slot]) -> Vec<LoopRecord> {
     let mut kept = Vec::new();
     for l in loops {
-        if Some(l.slot) == keep {
+        if keep.contains(&l.slot) {
             kept.push(l.clone());
             continue;
         }
@@ -402,5 +456,86 @@ mod tests {
         for (i, (rec, current, mounted, want)) in rows.into_iter().enumerate() {
             assert_eq!(decide(rec.as_ref(), current, mounted), want, "row {i}");
         }
+    }
+
+    /// The rows of the module's second table: which recorded window a start resumes.
+    #[test]
+    fn window_table() {
+        let a1 = stack(Slot::A, 1);
+        let b2 = stack(Slot::B, 2);
+        let window = WindowRecord {
+            previous: a1.clone(),
+            until_ms: 1_700_000_000_000,
+        };
+        let with_window = |switching_to: Option<AppliedStack>| {
+            let mut r = record(Some(b2.clone()), switching_to).unwrap();
+            r.window = Some(window.clone());
+            r
+        };
+        let all = |_: &AppliedStack| true;
+        let only_b = |s: &AppliedStack| s.slot == Slot::B;
+        type Row<'a> = (Record, Decision, &'a dyn Fn(&AppliedStack) -> bool, bool);
+        let rows: Vec<Row> = vec![
+            // Killed in the window: resumed.
+            (with_window(None), Decision::Adopt(b2.clone()), &all, true),
+            // The previous slot half retired (killed while confirming): over.
+            (
+                with_window(None),
+                Decision::Adopt(b2.clone()),
+                &only_b,
+                false,
+            ),
+            // The switch that opened it never moved `current`: the previous stack is the
+            // active one, and there is no window.
+            (
+                {
+                    let mut r = record(Some(a1.clone()), Some(b2.clone())).unwrap();
+                    r.window = Some(window.clone());
+                    r
+                },
+                Decision::Adopt(a1.clone()),
+                &all,
+                false,
+            ),
+            // Killed while switching back after a failed check, before `current` moved:
+            // the window goes on, and its next check rolls back again.
+            (
+                with_window(Some(a1.clone())),
+                Decision::Adopt(b2.clone()),
+                &all,
+                true,
+            ),
+            // ... after `current` moved: rolled back, the window is over.
+            (
+                with_window(Some(a1.clone())),
+                Decision::Adopt(a1.clone()),
+                &all,
+                false,
+            ),
+            // A reboot: rebuilt, and the previous stack is gone.
+            (
+                with_window(None),
+                Decision::Rebuild(b2.clone()),
+                &all,
+                false,
+            ),
+            (with_window(None), Decision::Clean, &all, false),
+        ];
+        for (i, (rec, decision, mounted, resumed)) in rows.into_iter().enumerate() {
+            let got = resume_window(Some(&rec), &decision, mounted);
+            assert_eq!(got.is_some(), resumed, "row {i}");
+            if let Some(got) = got {
+                assert_eq!(got, window, "row {i}");
+            }
+        }
+        assert_eq!(
+            resume_window(
+                record(Some(b2.clone()), None).as_ref(),
+                &Decision::Adopt(b2),
+                all
+            ),
+            None,
+            "no window recorded"
+        );
     }
 }

@@ -232,6 +232,33 @@ pub fn same_stack(a: &MountConfig, b: &MountConfig) -> bool {
 /// Resolves and checks everything `config` needs to be built in `slot`. Touches the
 /// filesystem only to resolve images and create a persistent upper directory.
 pub fn plan(layout: &Layout, config: &MountConfig, slot: Slot) -> Result<Plan, StackError> {
+    plan_with(layout, config, slot, Images::Present)
+}
+
+/// The plan of a stack that is mounted in `slot` already, to compare with the mount table or
+/// to remount its overlay: as [`plan`], except that an image removed since it was mounted is
+/// taken at the path it had. The stack a confirmation window keeps is the case: its mounts
+/// hold its images open, so switching back to it does not need the store to keep them (a
+/// modulemgr from before it kept them for the window did not).
+pub fn plan_mounted(layout: &Layout, config: &MountConfig, slot: Slot) -> Result<Plan, StackError> {
+    plan_with(layout, config, slot, Images::MayBeRemoved)
+}
+
+/// Whether a plan's images must exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Images {
+    /// They are to be mounted: each must be a regular file under the root.
+    Present,
+    /// They are mounted already; one that is gone is taken at the path it had.
+    MayBeRemoved,
+}
+
+fn plan_with(
+    layout: &Layout,
+    config: &MountConfig,
+    slot: Slot,
+    images: Images,
+) -> Result<Plan, StackError> {
     layout::check_target_name(&config.target)?;
     let mut names = BTreeSet::new();
     for layer in &config.layers {
@@ -243,7 +270,14 @@ pub fn plan(layout: &Layout, config: &MountConfig, slot: Slot) -> Result<Plan, S
     let layers_dir = layout.layers_dir(target, slot);
     let mut layers = Vec::with_capacity(config.layers.len());
     for (index, layer) in ordered_layers(&config.layers).into_iter().enumerate() {
-        let image = resolve_image(layout.root(), layer)?;
+        let image = match resolve_image(layout.root(), layer) {
+            Err(StackError::Image { error, .. })
+                if images == Images::MayBeRemoved && error.kind() == io::ErrorKind::NotFound =>
+            {
+                removed_image(layout.root(), layer)?
+            }
+            resolved => resolved?,
+        };
         layers.push(PlannedLayer {
             name: layer.name.clone(),
             digest: layer.digest.clone(),
@@ -320,6 +354,37 @@ fn resolve_image(root: &Path, layer: &MountLayer) -> Result<PathBuf, StackError>
             io::ErrorKind::InvalidInput,
             "not a regular file",
         )));
+    }
+    Ok(image)
+}
+
+/// The path an image removed since it was mounted had: its directory (the store's, which
+/// stays) resolved as [`resolve_image`] would, and its file name. It must be under the root.
+fn removed_image(root: &Path, layer: &MountLayer) -> Result<PathBuf, StackError> {
+    let given = Path::new(&layer.image_path);
+    let joined = if given.is_absolute() {
+        given.to_owned()
+    } else {
+        root.join(given)
+    };
+    let image_error = |error| StackError::Image {
+        name: layer.name.clone(),
+        path: layer.image_path.clone(),
+        error,
+    };
+    let (Some(dir), Some(file)) = (joined.parent(), joined.file_name()) else {
+        return Err(image_error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no file name",
+        )));
+    };
+    let image = std::fs::canonicalize(dir).map_err(image_error)?.join(file);
+    if !image.starts_with(root) {
+        return Err(StackError::OutsideRoot {
+            name: layer.name.clone(),
+            path: image,
+            root: root.to_owned(),
+        });
     }
     Ok(image)
 }
@@ -503,13 +568,13 @@ fn teardown_order<'a>(dir: &Path, entries: &[&'a MountEntry]) -> Vec<&'a MountEn
     ordered
 }
 
-/// Unmounts every mount strictly below `dir` except those below `keep`, in
+/// Unmounts every mount strictly below `dir` except those below one of `keep`, in
 /// [`teardown_order`]. Returns how many were detached lazily (busy).
-pub fn unmount_under(dir: &Path, keep: Option<&Path>) -> Result<usize, StackError> {
+pub fn unmount_under(dir: &Path, keep: &[PathBuf]) -> Result<usize, StackError> {
     let entries = mountinfo::read()?;
     let below: Vec<&MountEntry> = mountinfo::under(&entries, dir)
         .into_iter()
-        .filter(|e| keep.is_none_or(|k| !e.mount_point.starts_with(k)))
+        .filter(|e| !keep.iter().any(|k| e.mount_point.starts_with(k)))
         .collect();
     let mut lazy = 0;
     for entry in teardown_order(dir, &below) {
@@ -576,7 +641,7 @@ fn remove_same_dev(path: &Path, dev: u64) -> io::Result<()> {
 /// Unmounts everything in `target`'s `slot` and removes the slot directory.
 pub fn clean_slot(layout: &Layout, target: &str, slot: Slot) -> Result<usize, StackError> {
     let dir = layout.slot_dir(target, slot);
-    let lazy = unmount_under(&dir, None)?;
+    let lazy = unmount_under(&dir, &[])?;
     remove_tree(&dir)?;
     Ok(lazy)
 }
@@ -728,6 +793,30 @@ mod tests {
         let mut bad_target = config(vec![layer("x", 1, "store/a")], UpperMode::Tmpfs);
         bad_target.target = "../etc".into();
         assert!(plan(&layout, &bad_target, Slot::A).is_err());
+    }
+
+    /// A stack mounted already plans with an image removed since (the store collected it),
+    /// at the path it had; one that is to be mounted does not. Anything else wrong with the
+    /// image is refused either way.
+    #[test]
+    fn a_mounted_stack_plans_without_its_removed_images() {
+        let (_dir, layout) = root_with_images();
+        let root = layout.root().to_owned();
+        let c = config(
+            vec![layer("x", 1, "store/a"), layer("y", 2, "store/gone")],
+            UpperMode::Tmpfs,
+        );
+        let err = plan(&layout, &c, Slot::A).unwrap_err().to_string();
+        assert!(err.contains("store/gone"), "{err}");
+        let kept = plan_mounted(&layout, &c, Slot::A).unwrap();
+        assert_eq!(kept.layers[1].image, root.join("store/gone"));
+        assert_eq!(kept.layers[0].image, root.join("store/a"));
+        let outside = config(vec![layer("x", 1, "/nonexistent/gone")], UpperMode::Tmpfs);
+        let err = plan_mounted(&layout, &outside, Slot::A).unwrap_err();
+        assert!(matches!(err, StackError::Image { .. }), "{err}");
+        let escaping = config(vec![layer("x", 1, "/tmp/gone")], UpperMode::Tmpfs);
+        let err = plan_mounted(&layout, &escaping, Slot::A).unwrap_err();
+        assert!(matches!(err, StackError::OutsideRoot { .. }), "{err}");
     }
 
     #[test]

@@ -479,3 +479,182 @@ async fn killed_at_each_step_of_a_gapless_switch_it_recovers_one_stack() {
         killed_at_then_recovered(&binary, point, current_at_death, Some(path_at_death)).await;
     }
 }
+
+/// The record of the test target, as the agent left it.
+fn record(sandbox: &Sandbox) -> mountmgr::record::Record {
+    let layout = mountmgr::layout::Layout::new(&sandbox.root).unwrap();
+    mountmgr::record::RecordStore::new(layout.records_dir())
+        .load(TARGET)
+        .unwrap()
+        .expect("no record")
+}
+
+/// Generation 1 (`v.txt` = 1, no check) in slot A, then generation 2 (`v.txt` = 2, a check
+/// that fails once `broken` exists) switched to in slot B, its confirmation window open:
+/// the window's end (`confirm_until_ms`) and generation 1's image.
+async fn switched_into_a_window(
+    sandbox: &Sandbox,
+    configs: &powernode_pubsub::Publication<powernode_types::MountConfig>,
+    status: &mut Subscription<powernode_types::MountStatus>,
+    broken: &Path,
+) -> (u64, PathBuf) {
+    let old = sandbox.image("old", &[("v.txt", "1")]);
+    let new = sandbox.image("new", &[("v.txt", "2")]);
+    let check = format!("test ! -e {}", broken.display());
+    configs
+        .publish(&config(1, vec![layer("app", &old, 1)]))
+        .unwrap();
+    wait_answer(status, 1, MountState::Mounted).await;
+    configs
+        .publish(&config(
+            2,
+            vec![checked(
+                layer("app", &new, 1),
+                &["/bin/sh", "-c", &check],
+                5,
+            )],
+        ))
+        .unwrap();
+    let s = wait_answer(status, 2, MountState::Mounted).await;
+    assert_eq!(s.slot, Some(Slot::B));
+    let until = s.confirm_until_ms.expect("a confirmation window");
+    assert_eq!(
+        sandbox.slot_mounts("A").len(),
+        3,
+        "the previous stack is kept"
+    );
+    assert_eq!(sandbox.read("v.txt").as_deref(), Some("2"));
+    (until, old)
+}
+
+/// Killed (SIGKILL) in the confirmation window of the switch from generation 1 (slot A) to
+/// generation 2 (slot B), with generation 1's image removed from the store meanwhile (its
+/// mounts hold it; a modulemgr from before it kept the window's images collected it):
+/// restarted, the agent keeps slot A mounted, resumes the window with its recorded deadline,
+/// and when generation 2's check fails it switches back to generation 1 and answers
+/// generation 2 `RolledBack`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_confirmation_window_still_rolls_back() {
+    if !require(&["root", "mkfs.erofs"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.settings("[mounts]\nconfirm_window_s = 120\nconfirm_interval_s = 1\n");
+    let broken = sandbox.root.join("broken");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(&binary, &sandbox);
+    let (until, old_image) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    process.kill9();
+
+    let window = record(&sandbox).window.expect("the window is not recorded");
+    assert_eq!(window.until_ms, until);
+    assert_eq!(
+        (window.previous.slot, window.previous.config.generation),
+        (Slot::A, 1)
+    );
+    std::fs::remove_file(&old_image).unwrap();
+
+    let process = Process::start(&binary, &sandbox);
+    wait_ready(&sandbox, process.pid()).await;
+    let mut events = event_subscription(&sandbox);
+    let recovered = wait_events(&mut events, "stack.recovered", 1).await;
+    let recovered = recovered.last().unwrap();
+    assert_eq!(field(recovered, "decision"), Some("adopt"), "{recovered:?}");
+    assert!(
+        field(recovered, "done")
+            .unwrap()
+            .contains("kept generation 1 in slot A for the rest of the confirmation window"),
+        "{recovered:?}"
+    );
+    assert_eq!(recovered.severity, powernode_types::Severity::Info);
+    assert_eq!(
+        sandbox.slot_mounts("A").len(),
+        3,
+        "slot A kept for the window"
+    );
+    assert_eq!(sandbox.slot_mounts("B").len(), 3);
+    assert_eq!(sandbox.current_link(), Some(PathBuf::from("B/merged")));
+    let s = status.get(TARGET).cloned().unwrap();
+    assert_eq!((s.generation, s.state), (2, MountState::Mounted));
+    assert_eq!(s.confirm_until_ms, Some(until), "the same deadline");
+
+    // The check starts failing: back to generation 1, whose image is gone from the store
+    // but held by its mounts.
+    std::fs::write(&broken, b"").unwrap();
+    let s = wait_answer(&mut status, 2, MountState::RolledBack).await;
+    assert_eq!(s.slot, Some(Slot::A));
+    assert_eq!(s.confirm_until_ms, None);
+    let error = s.error.unwrap();
+    assert!(
+        error.contains("in the confirmation window; generation 1 is active again"),
+        "{error}"
+    );
+    assert_one_stack(&sandbox, Slot::A, 1);
+    assert_eq!(sandbox.read("v.txt").as_deref(), Some("1"));
+    let rolled_back = wait_events(&mut events, "stack.rolled_back", 1).await;
+    assert_eq!(field(&rolled_back[0], "active_generation"), Some("1"));
+    let after = record(&sandbox);
+    let applied = after.applied.unwrap();
+    assert_eq!((applied.slot, applied.config.generation), (Slot::A, 1));
+    assert_eq!(after.window, None);
+
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+    assert_one_stack(&sandbox, Slot::A, 1);
+}
+
+/// Stopped (SIGTERM) in a confirmation window and started again 4 s later: the previous
+/// stack stays mounted meanwhile, and the resumed window ends at the deadline recorded at the
+/// switch, not a full window after the restart; passing, it retires the previous stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_resumed_after_a_restart_ends_at_its_deadline() {
+    if !require(&["root", "mkfs.erofs"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    const WINDOW_S: u64 = 10;
+    let sandbox = Sandbox::new();
+    sandbox.settings(&format!(
+        "[mounts]\nconfirm_window_s = {WINDOW_S}\nconfirm_interval_s = 1\n"
+    ));
+    let broken = sandbox.root.join("broken");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(&binary, &sandbox);
+    let (until, _) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+    assert_eq!(sandbox.slot_mounts("A").len(), 3, "kept through the stop");
+    assert_eq!(record(&sandbox).window.map(|w| w.until_ms), Some(until));
+
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let process = Process::start(&binary, &sandbox);
+    wait_ready(&sandbox, process.pid()).await;
+    assert_eq!(
+        sandbox.slot_mounts("A").len(),
+        3,
+        "slot A kept for the window"
+    );
+    let s = wait_status(&mut status, "the window to pass", |s| {
+        s.generation == 2 && s.confirm_until_ms.is_none()
+    })
+    .await;
+    let ended = agentbase::health::now_ms();
+    assert_eq!(s.state, MountState::Mounted);
+    // A window started afresh at the restart would end 4 s later than this.
+    assert!(
+        ended + 100 >= until && ended < until + 3_000,
+        "the window ended at {ended}, its deadline was {until}"
+    );
+    assert_one_stack(&sandbox, Slot::B, 1);
+    assert_eq!(record(&sandbox).window, None);
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+    assert_one_stack(&sandbox, Slot::B, 1);
+}
