@@ -245,7 +245,8 @@ enum Command {
     /// TARGET is a registry reference (pulled into a temporary directory; digest, fs-verity
     /// and signature are checked) or a module built by `powernode-controller module build`
     /// (any of its files; digest and fs-verity are checked, and the policy decides whether
-    /// the missing signature is acceptable). Exits 0 if it passes, 1 if not.
+    /// the missing signature is acceptable). Exits 0 if it passes, 1 if it is rejected (the
+    /// reason on stdout) or cannot be checked (the error on stderr).
     Verify {
         /// The module.
         target: String,
@@ -259,7 +260,8 @@ enum Command {
     /// Capture what was written into the mounted stack as a new module image.
     ///
     /// The active stack's upper directory (new and changed files, and whiteouts for deleted
-    /// ones) is made into an erofs image with mkfs.erofs, with its manifests, in --out; with
+    /// ones), as mountmgr publishes it (its last status, while it is down), is made into an
+    /// erofs image with mkfs.erofs, with its manifests, in --out; with
     /// --push it is uploaded as REGISTRY/REPOSITORY:TAG (sign it with `powernode-controller
     /// module sign` before assigning it to nodes whose policy requires signatures).
     Commit {

@@ -5,9 +5,11 @@
 //! removes one. `verify` runs the verifier's own checks on a module in a registry (pulled into
 //! a temporary store) or on a module built by `powernode-controller module build`. `commit`
 //! captures what was written into a mounted stack (the overlay's upper directory, whiteouts
-//! included) as a new module image, and pushes it when asked.
+//! included) as a new module image, and pushes it when asked. Where that directory is comes
+//! from mountmgr's `MountStatus.upper_dir` (live, or the checkpoint it left while it is down);
+//! the CLI does not know mountmgr's layout.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use agentbase::{Root, Settings};
@@ -15,11 +17,12 @@ use anyhow::{bail, Context as _};
 use ipcmonitor::tool::Exit;
 use powernode_modules::format::host_architecture;
 use powernode_modules::local::{self, LocalModule};
-use powernode_modules::registry::Registry;
-use powernode_modules::store::Store;
+use powernode_modules::registry::{Registry, RegistryError};
+use powernode_modules::store::{Store, StoreError};
 use powernode_modules::{check, policy};
+use powernode_pubsub::inspect::{self, Source};
 use powernode_pubsub::{Dirs, Event, Subscription};
-use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, VerifyConfig};
+use powernode_types::{ModuleConfig, ModuleState, ModuleStatus, MountStatus, Topic, VerifyConfig};
 
 /// `attach REF`: writes the local assignment, then (unless `wait` is `None`) follows the
 /// module until it is Active (exit 0) or Failed (exit 1).
@@ -144,7 +147,9 @@ pub async fn detach(root: &Root, name: &str) -> anyhow::Result<Exit> {
     bail!("no module {name} is attached locally");
 }
 
-/// `verify TARGET`: the verifier's checks on a registry reference or a built module.
+/// `verify TARGET`: the verifier's checks on a registry reference or a built module. Exit 0
+/// if it passes, 1 if it is rejected (the reason on stdout, or in `detail` with `--json`) or
+/// cannot be checked (the error on stderr).
 pub async fn verify(
     root: &Root,
     settings: &Settings,
@@ -154,32 +159,40 @@ pub async fn verify(
 ) -> anyhow::Result<Exit> {
     let policy_name = policy_name.unwrap_or(&settings.modules.trust_policy);
     let tmp = tempfile::tempdir().context("creating a temporary store")?;
-    let config = if Path::new(target).exists() || target.ends_with(".json") {
-        built_config(target, policy_name)?
+    let pulled = if Path::new(target).exists() || target.ends_with(".json") {
+        Pulled::Config(built_config(target, policy_name)?)
     } else {
         pulled_config(root, settings, target, tmp.path(), policy_name).await?
     };
-    let policy = policy::load(&root.path(policy::DIR), policy_name)?;
-    let outcome = tokio::task::spawn_blocking(move || {
-        let r = check::check(&config, &policy, SystemTime::now());
-        (config, r)
-    })
-    .await?;
-    let (config, result) = outcome;
-    let (ok, detail) = match &result {
-        Ok(v) => (
-            true,
-            format!("{}; fs-verity {}", v.signer, v.fsverity_digest),
-        ),
-        Err(e) => (false, e.to_string()),
+    let verdict = match pulled {
+        Pulled::Config(config) => {
+            let policy = policy::load(&root.path(policy::DIR), policy_name)?;
+            let (config, result) = tokio::task::spawn_blocking(move || {
+                let r = check::check(&config, &policy, SystemTime::now());
+                (config, r)
+            })
+            .await?;
+            Verdict {
+                digest: config.digest,
+                manifest_digest: config.manifest_digest,
+                outcome: result
+                    .map(|v| format!("{}; fs-verity {}", v.signer, v.fsverity_digest))
+                    .map_err(|e| e.to_string()),
+            }
+        }
+        Pulled::Rejected(verdict) => verdict,
+    };
+    let ok = verdict.outcome.is_ok();
+    let detail = match &verdict.outcome {
+        Ok(d) | Err(d) => d,
     };
     if json {
         println!(
             "{}",
             serde_json::json!({
                 "target": target,
-                "digest": config.digest,
-                "manifest_digest": config.manifest_digest,
+                "digest": verdict.digest,
+                "manifest_digest": verdict.manifest_digest,
                 "verified": ok,
                 "detail": detail,
             })
@@ -190,6 +203,22 @@ pub async fn verify(
         println!("REJECTED {target}: {detail}");
     }
     Ok(if ok { Exit::Success } else { Exit::Failure })
+}
+
+/// What `verify` concluded: the image and manifest digests, and who signed it or why not.
+struct Verdict {
+    digest: String,
+    manifest_digest: String,
+    outcome: Result<String, String>,
+}
+
+/// A module made ready for the verifier's checks, or already rejected on the way.
+enum Pulled {
+    /// Ready: the image is in a store (or built) and the config describes it.
+    Config(VerifyConfig),
+    /// The registry served an image that is not the one its manifest names: no check can
+    /// pass, and saying so is the verdict, not a failure to reach one.
+    Rejected(Verdict),
 }
 
 /// A module built by `powernode-controller module build` (path of any of its files): no
@@ -224,17 +253,28 @@ async fn pulled_config(
     reference: &str,
     dir: &Path,
     policy: &str,
-) -> anyhow::Result<VerifyConfig> {
+) -> anyhow::Result<Pulled> {
     let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
     let (resolved, signatures) = registry
         .resolve_signed(reference, host_architecture())
         .await?;
     let store = Store::open(dir)?;
     let mut progress = |_: u64, _: u64| {};
-    let path = registry
+    let pulled = registry
         .pull_blob(&resolved.repository, &resolved.image, &store, &mut progress)
-        .await?;
-    Ok(VerifyConfig {
+        .await;
+    let path = match pulled {
+        Ok(path) => path,
+        Err(RegistryError::Store(e @ StoreError::DigestMismatch { .. })) => {
+            return Ok(Pulled::Rejected(Verdict {
+                digest: resolved.image.digest.clone(),
+                manifest_digest: resolved.manifest_digest.to_string(),
+                outcome: Err(format!("image: {e}")),
+            }))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Pulled::Config(VerifyConfig {
         name: resolved.module.name.clone(),
         image_path: path.to_string_lossy().into_owned(),
         digest: resolved.image.digest.clone(),
@@ -247,8 +287,34 @@ async fn pulled_config(
         signed_index: resolved.signed_index.as_ref().map(ToString::to_string),
         trust_policy: policy.to_owned(),
         attempt: 0,
-    })
+    }))
 }
+
+/// `target`'s `MountStatus`, from mountmgr if it answers, else from the checkpoint it left;
+/// and whether it was live.
+async fn mount_status(dirs: &Dirs, target: &str) -> anyhow::Result<(MountStatus, bool)> {
+    let info = inspect::list(dirs)
+        .into_iter()
+        .find(|info| info.agent == MOUNTMGR && info.topic == MountStatus::NAME)
+        .with_context(|| {
+            format!("mountmgr has published no mount target (is it running?); wanted {target:?}")
+        })?;
+    let snapshot = inspect::snapshot(dirs, &info, crate::status::SNAPSHOT_TIMEOUT).await;
+    let live = matches!(snapshot.source, Source::Live { .. });
+    let item = snapshot.items.get(target).with_context(|| {
+        let known: Vec<&str> = snapshot.items.keys().map(String::as_str).collect();
+        format!(
+            "no mount target {target:?} (mountmgr has: {})",
+            known.join(", ")
+        )
+    })?;
+    let status = crate::status::decode::<MountStatus>(item)
+        .map_err(|e| anyhow::anyhow!("the MountStatus of {target:?}: {e}"))?;
+    Ok((status, live))
+}
+
+/// The agent that publishes `MountStatus`.
+const MOUNTMGR: &str = "mountmgr";
 
 /// What `commit` makes.
 #[derive(Debug)]
@@ -272,15 +338,15 @@ pub struct CommitArgs {
 /// `commit`: the active stack's upper directory as a new module.
 pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyhow::Result<Exit> {
     let dirs = Dirs::under_root(root.base());
-    let mut sub = Subscription::<powernode_types::MountStatus>::connect(&dirs, "mountmgr");
-    let status = tokio::time::timeout(Duration::from_secs(3), async {
-        while !matches!(sub.next().await, Event::Synchronized) {}
-        sub.get(&args.target).cloned()
-    })
-    .await
-    .ok()
-    .flatten()
-    .with_context(|| format!("no mount target {:?} (is mountmgr running?)", args.target))?;
+    let (status, live) = mount_status(&dirs, &args.target).await?;
+    if !live {
+        // The stack outlives its agent (mountmgr leaves it mounted when it stops or dies),
+        // so the directory its last status names is still the one written to.
+        eprintln!(
+            "mountmgr is not running: taking the upper directory of {:?} from its last status",
+            args.target
+        );
+    }
     let slot = status
         .slot
         .with_context(|| format!("target {:?} has no active stack", args.target))?;
@@ -290,6 +356,13 @@ pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyho
             args.target
         )
     })?;
+    if !Path::new(&upper_dir).is_dir() {
+        bail!(
+            "the upper directory of {:?}, {upper_dir}, is not there (is its stack still mounted? \
+             `powernode-agent status` shows)",
+            args.target
+        );
+    }
     let request = modulemgr::commit::CommitRequest {
         name: args.name.clone(),
         version: args.version.clone(),
@@ -298,11 +371,18 @@ pub async fn commit(root: &Root, settings: &Settings, args: CommitArgs) -> anyho
     };
     let registry = Registry::new(modulemgr::registry_config(&settings.modules, root)?);
     let modulemgr::commit::Committed { built, pushed } =
-        modulemgr::commit::commit(upper_dir.into(), &args.out, &request, &registry).await?;
+        modulemgr::commit::commit(PathBuf::from(&upper_dir), &args.out, &request, &registry)
+            .await?;
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"built": built, "pushed": pushed, "slot": format!("{slot:?}")})
+            serde_json::json!({
+                "built": built,
+                "pushed": pushed,
+                "slot": format!("{slot:?}"),
+                "upper_dir": upper_dir,
+                "mountmgr_running": live,
+            })
         );
     } else {
         println!(
