@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::topic::upgrade_from;
 use crate::Topic;
 
 /// The stack one mount target should have, published by modulemgr.
@@ -121,5 +122,72 @@ impl Topic for MountStatus {
     const PERSISTENT: bool = false;
     fn key(&self) -> String {
         self.target.clone()
+    }
+    /// The status a mountmgr from before an upgrade left in its checkpoints (the stack it
+    /// mounted outlives it) stays readable to the CLI and to subscribers while the new one is
+    /// not up: what an earlier version did not say is unknown (`None`), not made up.
+    fn upgrade(schema_version: u32, payload: &[u8]) -> Option<Self> {
+        match schema_version {
+            1 => upgrade_from::<MountStatusV1, _>(payload),
+            2 => upgrade_from::<MountStatusV2, _>(payload),
+            _ => None,
+        }
+    }
+}
+
+/// [`MountStatus`] as schema version 1 encoded it: without the upper directory, the drift and
+/// the confirmation window.
+#[derive(Deserialize)]
+struct MountStatusV1 {
+    target: String,
+    generation: u64,
+    state: MountState,
+    slot: Option<Slot>,
+    layers: Vec<String>,
+    error: Option<String>,
+}
+
+impl From<MountStatusV1> for MountStatus {
+    fn from(v1: MountStatusV1) -> MountStatus {
+        MountStatus {
+            target: v1.target,
+            generation: v1.generation,
+            state: v1.state,
+            slot: v1.slot,
+            layers: v1.layers,
+            error: v1.error,
+            upper_dir: None,
+            drift: None,
+            confirm_until_ms: None,
+        }
+    }
+}
+
+/// [`MountStatus`] as schema version 2 encoded it: without the drift and the confirmation
+/// window.
+#[derive(Deserialize)]
+struct MountStatusV2 {
+    target: String,
+    generation: u64,
+    state: MountState,
+    slot: Option<Slot>,
+    layers: Vec<String>,
+    error: Option<String>,
+    upper_dir: Option<String>,
+}
+
+impl From<MountStatusV2> for MountStatus {
+    fn from(v2: MountStatusV2) -> MountStatus {
+        MountStatus {
+            upper_dir: v2.upper_dir,
+            ..MountStatus::from(MountStatusV1 {
+                target: v2.target,
+                generation: v2.generation,
+                state: v2.state,
+                slot: v2.slot,
+                layers: v2.layers,
+                error: v2.error,
+            })
+        }
     }
 }

@@ -485,6 +485,24 @@ fn run_all(g: &mut Golden) {
             .into_iter()
             .skip(1),
     );
+    // v2 had no drift and no confirmation window; v1 no upper directory either.
+    let v2: Vec<MountStatus> = samples
+        .iter()
+        .map(|x| MountStatus {
+            drift: None,
+            confirm_until_ms: None,
+            ..x.clone()
+        })
+        .collect();
+    let v1 = v2
+        .iter()
+        .map(|x| MountStatus {
+            upper_dir: None,
+            ..x.clone()
+        })
+        .collect();
+    g.check_upgrade(2, v2);
+    g.check_upgrade(1, v1);
     g.check(samples);
 
     g.check(vec![NetworkConfig {
