@@ -88,6 +88,11 @@ enum Incoming {
     Event(Event),
     /// An agent's snapshot is complete: everything it holds has been handed over.
     Synchronized(&'static str),
+    /// An agent's connection ended. Until its next snapshot is complete, what arrives (read
+    /// from its checkpoint files while it is down) may come in any order, or miss an event
+    /// a directory listing raced past: journalled, never acknowledged, since an
+    /// acknowledgement through the highest number would cover the missed one.
+    Unsynchronized(&'static str),
 }
 
 /// The agent's entry point: `agents` are the agents whose events it journals.
@@ -203,6 +208,7 @@ async fn forward(ctx: Context, agent: &'static str, tx: mpsc::Sender<Incoming>) 
                 Incoming::Event(value)
             }
             PubEvent::Synchronized => Incoming::Synchronized(agent),
+            PubEvent::Disconnected => Incoming::Unsynchronized(agent),
             _ => continue,
         };
         if tx.send(incoming).await.is_err() {
@@ -283,6 +289,9 @@ impl Writer {
                 }
                 Incoming::Synchronized(agent) => {
                     self.synchronized.insert(agent.to_owned(), true);
+                }
+                Incoming::Unsynchronized(agent) => {
+                    self.synchronized.insert(agent.to_owned(), false);
                 }
             }
         }
