@@ -314,6 +314,9 @@ impl Inner {
         if r.next_seq <= through {
             r.next_seq = through + 1;
         }
+        // The files go without the lock: a raise meanwhile (another thread) need not wait
+        // for the unlinks, and it cannot touch these ids.
+        drop(r);
         let ids: Vec<String> = done.into_values().map(|(id, _)| id).collect();
         if let Err(e) = self.publication.unpublish_many(&ids) {
             tracing::warn!(events = ids.len(), error = %e, "could not forget acknowledged events");
@@ -382,12 +385,38 @@ fn new_id() -> String {
         bytes[..8].copy_from_slice(&t);
         bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // One allocation: a burst raises tens of thousands of these.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    id
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids are keys of the `Event` topic: 32 lower-case hex digits, a new one each time.
+    #[test]
+    fn ids_are_hex_and_distinct() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| new_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                "{id}"
+            );
+            powernode_pubsub::validate_key(id).unwrap();
+        }
+        let nibbles: std::collections::BTreeSet<char> =
+            ids.iter().flat_map(|i| i.chars()).collect();
+        assert_eq!(nibbles.len(), 16, "every hex digit appears in 1000 ids");
+    }
 
     #[test]
     fn kinds() {
