@@ -247,26 +247,29 @@ impl Journal {
     /// segments' worth of the batch may already be durable (appending them again duplicates
     /// records, which delivery sends once).
     pub fn append<P: AsRef<[u8]>>(&mut self, payloads: &[P]) -> io::Result<()> {
-        // Every record framed before anything is written: a bad one refuses the whole batch.
-        let mut frames = Vec::with_capacity(payloads.len());
+        // Every record checked before anything is written: a bad one refuses the whole batch.
         for p in payloads {
-            let mut buf = Vec::new();
-            segment::frame(&mut buf, p.as_ref())?;
-            frames.push(buf);
+            segment::check(p.as_ref())?;
         }
+        let framed = |p: &P| (segment::HEADER + p.as_ref().len()) as u64;
         let segment_max = self.segment_max;
-        let mut rest = frames.as_slice();
+        let mut rest = payloads;
         while let Some(first) = rest.first() {
-            let (file, len) = self.tail_for(first.len() as u64)?;
+            let (file, len) = self.tail_for(framed(first))?;
             let room = segment_max.saturating_sub(*len);
-            let mut buf = Vec::new();
+            // What fits in this segment (at least one record), framed into one write.
+            let mut size = 0;
             let mut taken = 0;
-            for frame in rest {
-                if taken > 0 && (buf.len() + frame.len()) as u64 > room {
+            for p in rest {
+                if taken > 0 && size + framed(p) > room {
                     break;
                 }
-                buf.extend_from_slice(frame);
+                size += framed(p);
                 taken += 1;
+            }
+            let mut buf = Vec::with_capacity(size as usize);
+            for p in &rest[..taken] {
+                segment::frame(&mut buf, p.as_ref())?;
             }
             let written = file.write_all(&buf).and_then(|()| {
                 failpoint::hit("eventd.journal_written");

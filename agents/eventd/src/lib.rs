@@ -33,28 +33,32 @@
 //! stops eventd last, so the events the other agents raised while stopping are in that flush.
 
 pub mod compact;
+pub mod incoming;
 pub mod journal;
+pub mod record;
 pub mod segment;
 pub mod view;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentbase::health::now_ms;
 use agentbase::Context;
 use anyhow::Context as _;
-use powernode_pubsub::{Event as PubEvent, Publication, Subscription};
+use powernode_pubsub::{Publication, Subscription};
 use powernode_transport::pki::PkiPaths;
 use powernode_transport::{Backoff, ControllerClient, TransportError};
 use powernode_types::node_api::{EventRecord, EventsRequest, EventsResponse};
 use powernode_types::{
-    EnrollmentState, EnrollmentStatus, Event, EventAck, EventdStatus, Severity, GLOBAL_KEY,
+    EnrollmentState, EnrollmentStatus, EventAck, EventdStatus, Severity, GLOBAL_KEY,
 };
 use tokio::sync::{mpsc, Mutex, Notify};
 
 use crate::compact::{Compactor, Outcome};
+use crate::incoming::{forward, Incoming, Received};
 use crate::journal::Journal;
+use crate::record::{EventsRequestRef, RecordRef};
 
 /// Events posted to the controller in one call at most.
 pub const BATCH: usize = 500;
@@ -80,19 +84,6 @@ struct Dropped {
     info: u64,
     warning: u64,
     error: u64,
-}
-
-/// What the subscriptions hand the journal writer.
-enum Incoming {
-    /// An event of an agent.
-    Event(Event),
-    /// An agent's snapshot is complete: everything it holds has been handed over.
-    Synchronized(&'static str),
-    /// An agent's connection ended. Until its next snapshot is complete, what arrives (read
-    /// from its checkpoint files while it is down) may come in any order, or miss an event
-    /// a directory listing raced past: journalled, never acknowledged, since an
-    /// acknowledgement through the highest number would cover the missed one.
-    Unsynchronized(&'static str),
 }
 
 /// The agent's entry point: `agents` are the agents whose events it journals.
@@ -124,7 +115,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
     let appended = Arc::new(Notify::new());
     let dropped = Arc::new(std::sync::Mutex::new(Dropped::default()));
 
-    let (tx, mut rx) = mpsc::channel::<Incoming>(GROUP_MAX);
+    let (tx, rx) = mpsc::channel::<Incoming>(GROUP_MAX);
     for agent in agents {
         ctx.tasks.spawn(forward(ctx.clone(), agent, tx.clone()));
     }
@@ -155,66 +146,19 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         appended,
         compactor: Compactor::new(max),
         carried: BTreeMap::new(),
-        unacked: HashSet::new(),
+        unacked: BTreeMap::new(),
         dropped,
     };
     writer.find_unacknowledged().await;
     // The bound may have been lowered since the journal was written.
     writer.compact().await;
     ctx.ready();
-    let mut tick = tokio::time::interval(ctx.beat_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            _ = ctx.shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                ctx.beat();
-                if !writer.unwritten.is_empty() {
-                    writer.take(Vec::new()).await;
-                }
-                continue;
-            }
-            incoming = rx.recv() => match incoming {
-                Some(i) => i,
-                None => break,
-            },
-        };
-        // Group commit: everything already waiting goes into the same sync.
-        let mut batch = vec![first];
-        while batch.len() < GROUP_MAX {
-            match rx.try_recv() {
-                Ok(i) => batch.push(i),
-                Err(_) => break,
-            }
-        }
-        writer.take(batch).await;
-        ctx.beat();
-    }
-    writer.journal_the_rest(&mut rx).await;
-    let _ = journalled_tx.send(true);
-    Ok(())
-}
-
-/// Hands every event of `agent` to the writer, and its snapshot's end.
-async fn forward(ctx: Context, agent: &'static str, tx: mpsc::Sender<Incoming>) {
-    let mut sub = Subscription::<Event>::connect(&ctx.dirs, agent);
-    loop {
-        let next = tokio::select! {
-            _ = ctx.shutdown.cancelled() => return,
-            next = sub.next() => next,
-        };
-        let incoming = match next {
-            PubEvent::Create { value, .. } | PubEvent::Modify { new: value, .. } => {
-                Incoming::Event(value)
-            }
-            PubEvent::Synchronized => Incoming::Synchronized(agent),
-            PubEvent::Disconnected => Incoming::Unsynchronized(agent),
-            _ => continue,
-        };
-        if tx.send(incoming).await.is_err() {
-            return;
-        }
-    }
+    // On a worker thread, beside the subscriptions that feed it: handing an event over is
+    // then a wake-up on the same thread, not one across threads (the agent's main future
+    // runs on a thread of its own).
+    tokio::spawn(writer.run(rx, journalled_tx))
+        .await
+        .context("the journal writer")
 }
 
 /// The journal writer's state.
@@ -228,21 +172,62 @@ struct Writer {
     held: BTreeMap<String, u64>,
     /// Agents whose snapshot has been handed over since their subscription (re)connected.
     synchronized: BTreeMap<String, bool>,
-    /// Records a failed append left: (agent, seq, bytes), written first next time.
-    unwritten: Vec<(String, u64, Vec<u8>)>,
+    /// Records a failed append left, written first next time.
+    unwritten: Vec<Received>,
     appended: Arc<Notify>,
     compactor: Compactor,
     /// Per agent: events compaction dropped that no event in the journal counts yet; the
     /// agent's next journalled event carries them in `dropped_before`.
     carried: BTreeMap<String, u64>,
-    /// Ids journalled but not acknowledged when eventd started (it was killed between the
-    /// sync and the acknowledgement): the agent offers them again; they are acknowledged,
-    /// not journalled twice.
-    unacked: HashSet<String>,
+    /// Per agent: the events journalled (or on their way into the journal) and not yet
+    /// acknowledged, number → id. The agent offers them again — after a crash of eventd
+    /// between the sync and the acknowledgement, or in the snapshot of a reconnect — and they
+    /// are acknowledged then, not journalled twice.
+    unacked: BTreeMap<String, BTreeMap<u64, String>>,
     dropped: Arc<std::sync::Mutex<Dropped>>,
 }
 
 impl Writer {
+    /// Journals what the subscriptions hand over, a group commit at a time, until shutdown;
+    /// then what they had handed over already, and says so on `journalled`.
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Incoming>,
+        journalled: tokio::sync::watch::Sender<bool>,
+    ) {
+        let ctx = self.ctx.clone();
+        let mut tick = tokio::time::interval(ctx.beat_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                _ = ctx.shutdown.cancelled() => break,
+                _ = tick.tick() => {
+                    ctx.beat();
+                    if !self.unwritten.is_empty() {
+                        self.take(Vec::new()).await;
+                    }
+                    continue;
+                }
+                incoming = rx.recv() => match incoming {
+                    Some(i) => i,
+                    None => break,
+                },
+            };
+            // Group commit: everything already waiting goes into the same sync.
+            let mut batch = vec![first];
+            while batch.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(i) => batch.push(i),
+                    Err(_) => break,
+                }
+            }
+            self.take(batch).await;
+            ctx.beat();
+        }
+        self.journal_the_rest(&mut rx).await;
+        let _ = journalled.send(true);
+    }
+
     /// Shutdown: journals (and acknowledges) what the subscriptions had already handed over,
     /// so that the last delivery carries it. The subscriptions stop at shutdown, so this ends.
     async fn journal_the_rest(&mut self, rx: &mut mpsc::Receiver<Incoming>) {
@@ -267,24 +252,8 @@ impl Writer {
         for incoming in batch {
             match incoming {
                 Incoming::Event(event) => {
-                    if event.seq <= self.acked_through(&event.agent) {
-                        continue; // journalled before, the agent has not forgotten it yet
-                    }
-                    if self.unacked.remove(&event.id) {
-                        // Journalled before a crash took the acknowledgement with it.
-                        let held = self.held.entry(event.agent.clone()).or_default();
-                        *held = (*held).max(event.seq);
-                        continue;
-                    }
-                    let mut record = record_of(&event);
-                    if let Some(n) = self.carried.remove(&event.agent) {
-                        record.dropped_before += n;
-                    }
-                    match postcard::to_stdvec(&record) {
-                        Ok(bytes) => records.push((event.agent.clone(), event.seq, bytes)),
-                        Err(e) => {
-                            tracing::error!(id = %event.id, error = %e, "event not encodable")
-                        }
+                    if let Some(record) = self.admit(event) {
+                        records.push(record);
                     }
                 }
                 Incoming::Synchronized(agent) => {
@@ -299,7 +268,7 @@ impl Writer {
             let journal = self.journal.clone();
             // The records travel to the blocking writer and back: no copy of a batch's bytes.
             let appended = tokio::task::spawn_blocking(move || {
-                let payloads: Vec<&[u8]> = records.iter().map(|(_, _, b)| b.as_slice()).collect();
+                let payloads: Vec<&[u8]> = records.iter().map(|r| r.bytes.as_slice()).collect();
                 let written = journal.blocking_lock().append(&payloads);
                 (records, written)
             })
@@ -326,9 +295,8 @@ impl Writer {
                 return;
             }
             self.ctx.health.clear("journal");
-            for (agent, seq, _) in &records {
-                let held = self.held.entry(agent.clone()).or_default();
-                *held = (*held).max(*seq);
+            for r in &records {
+                self.hold(r.agent, r.seq);
             }
             self.appended.notify_one();
         }
@@ -347,6 +315,9 @@ impl Writer {
                     tracing::error!(%agent, error = %e, "acknowledgement not published");
                     continue;
                 }
+                if let Some(unacked) = self.unacked.get_mut(&agent) {
+                    *unacked = unacked.split_off(&(through_seq + 1));
+                }
                 self.acked.insert(agent, through_seq);
             }
         }
@@ -355,6 +326,13 @@ impl Writer {
 
     /// Compacts the journal if it is over its bound, and reports what that dropped.
     async fn compact(&mut self) {
+        // Most batches leave the journal under its bound: that is seen here, without a trip
+        // to a blocking thread (the delivery task holding the journal means: look anyway).
+        if let Ok(journal) = self.journal.try_lock() {
+            if !self.compactor.due(journal.bytes()) {
+                return;
+            }
+        }
         let journal = self.journal.clone();
         let mut compactor = self.compactor.clone();
         let ran = tokio::task::spawn_blocking(move || {
@@ -472,11 +450,57 @@ impl Writer {
             Ok(found) => {
                 for (agent, newest) in found {
                     let acked = self.acked_through(&agent);
-                    self.unacked
-                        .extend(newest.range(acked + 1..).map(|(_, id)| id.clone()));
+                    let unacked = newest.into_iter().filter(|(seq, _)| *seq > acked).collect();
+                    self.unacked.insert(agent, unacked);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "journal not read for unacknowledged events"),
+        }
+    }
+
+    /// What of an event goes into the journal: nothing when it is journalled already (the
+    /// agent has not forgotten it yet, or offers it again), else its record — its own bytes,
+    /// with the count of what compaction dropped before it added when there is one.
+    fn admit(&mut self, event: Received) -> Option<Received> {
+        if event.seq <= self.acked_through(event.agent) {
+            return None;
+        }
+        let known = self
+            .unacked
+            .get(event.agent)
+            .and_then(|u| u.get(&event.seq));
+        if known == Some(&event.id) {
+            // It may not be in the journal yet (still in this batch, or unwritten), but it
+            // will be before any acknowledgement covers it.
+            self.hold(event.agent, event.seq);
+            return None;
+        }
+        let mut event = event;
+        if let Some(n) = self.carried.remove(event.agent) {
+            match with_dropped_before(&event.bytes, n) {
+                Ok(bytes) => event.bytes = bytes,
+                Err(e) => tracing::error!(id = %event.id, error = %e, "drop count not added"),
+            }
+        }
+        match self.unacked.get_mut(event.agent) {
+            Some(unacked) => {
+                unacked.insert(event.seq, event.id.clone());
+            }
+            None => {
+                let unacked = BTreeMap::from([(event.seq, event.id.clone())]);
+                self.unacked.insert(event.agent.to_owned(), unacked);
+            }
+        }
+        Some(event)
+    }
+
+    /// Records that `agent`'s events through `seq` are journalled.
+    fn hold(&mut self, agent: &str, seq: u64) {
+        match self.held.get_mut(agent) {
+            Some(held) => *held = (*held).max(seq),
+            None => {
+                self.held.insert(agent.to_owned(), seq);
+            }
         }
     }
 
@@ -490,19 +514,12 @@ impl Writer {
     }
 }
 
-/// The wire form of a journalled event.
-fn record_of(e: &Event) -> EventRecord {
-    EventRecord {
-        id: e.id.clone(),
-        agent: e.agent.clone(),
-        seq: e.seq,
-        severity: e.severity,
-        kind: e.kind.clone(),
-        message: e.message.clone(),
-        at_ms: e.at_ms,
-        fields: e.fields.clone(),
-        dropped_before: e.dropped_before,
-    }
+/// The record `bytes` (an event, encoded as its record) with `n` more events counted as
+/// dropped before it.
+fn with_dropped_before(bytes: &[u8], n: u64) -> postcard::Result<Vec<u8>> {
+    let mut record: EventRecord = postcard::from_bytes(bytes)?;
+    record.dropped_before += n;
+    postcard::to_stdvec(&record)
 }
 
 /// What `EventdStatus` says besides the journal's own numbers.
@@ -696,31 +713,32 @@ async fn send_batch(
     };
     let through = last + 1;
     // An event journalled twice (eventd killed between the sync and the acknowledgement) may
-    // sit twice in one batch, which the controller refuses whole: send it once. The records
-    // are decoded into the request itself and dropped, so a batch is held once as records
-    // and once as JSON, never more (eventd's memory bound, docs/performance.md).
+    // sit twice in one batch, which the controller refuses whole: send it once. The request
+    // borrows the records' strings, so a batch is held once as records and once as JSON,
+    // never more (eventd's memory bound, docs/performance.md).
     let mut seen = std::collections::HashSet::new();
-    let batch = EventsRequest {
+    let batch = EventsRequestRef {
         events: records
-            .into_iter()
-            .filter_map(|(_, bytes)| postcard::from_bytes::<EventRecord>(&bytes).ok())
-            .filter(|e| seen.insert(e.id.clone()))
+            .iter()
+            .filter_map(|(_, bytes)| postcard::from_bytes::<RecordRef<'_>>(bytes).ok())
+            .filter(|e| seen.insert(e.id))
             .collect(),
     };
     drop(seen);
     let client = controller(ctx, enrollment, client)?;
-    let events = &batch.events;
     let accepted = match client.post::<_, EventsResponse>(EVENTS_CALL, &batch).await {
         Ok(reply) => reply.accepted,
-        Err(e) if is_refusal(&e) && events.len() > 1 => {
-            tracing::warn!(error = %e, events = events.len(), "batch refused; sending its events one by one");
-            one_by_one(ctx, client, events).await?
-        }
         Err(e) if is_refusal(&e) => {
-            if let Some(event) = events.first() {
-                report_refused(ctx, event, &e);
+            let events: Vec<EventRecord> = batch.events.iter().map(RecordRef::to_record).collect();
+            if events.len() > 1 {
+                tracing::warn!(error = %e, events = events.len(), "batch refused; sending its events one by one");
+                one_by_one(ctx, client, &events).await?
+            } else {
+                if let Some(event) = events.first() {
+                    report_refused(ctx, event, &e);
+                }
+                0
             }
-            0
         }
         Err(e) => return Err(e.to_string()),
     };

@@ -120,6 +120,15 @@ fn sort_out(mut names: Vec<SegmentName>, temp: Option<PathBuf>) -> Listing {
 
 /// Frames `payload` as a record onto `buf`.
 pub fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> io::Result<()> {
+    check(payload)?;
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    buf.extend_from_slice(payload);
+    Ok(())
+}
+
+/// Whether `payload` may be a record: 1 to [`RECORD_MAX`] bytes.
+pub fn check(payload: &[u8]) -> io::Result<()> {
     if payload.len() > RECORD_MAX || payload.is_empty() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -129,9 +138,6 @@ pub fn frame(buf: &mut Vec<u8>, payload: &[u8]) -> io::Result<()> {
             ),
         ));
     }
-    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    buf.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    buf.extend_from_slice(payload);
     Ok(())
 }
 
