@@ -1,6 +1,9 @@
 //! The client every node agent uses to call the controller's node API: HTTP/1.1 (hyper) over
-//! rustls (ring), one connection per call — a node calls a few times a minute, and a fresh
-//! connection always carries the current certificate.
+//! rustls (ring). A connection outlives its call by [`KEEP_IDLE`] at most, for the next call
+//! of a burst (eventd posting batch after batch): a node calls a few times a minute, so
+//! between bursts it holds no connection on the controller, which a fleet of idle connections
+//! would cost memory. A new certificate ([`ControllerClient::set_identity`]) closes the kept
+//! connection, so the next call carries it.
 //!
 //! # Several controllers
 //!
@@ -14,13 +17,14 @@
 //! failed, the call fails (with the first error that retrying may cure) and the caller's
 //! [`Backoff`](crate::Backoff) spaces the next round; the current URL stays where it was.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Bytes;
-use hyper::{Method, Request, Uri};
+use hyper::body::{Bytes, Incoming};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, Response, Uri};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -36,6 +40,9 @@ pub const API_PREFIX: &str = "node_api/v1/";
 /// The largest reply accepted, so a broken or hostile controller cannot exhaust memory.
 pub const MAX_REPLY: usize = 4 * 1024 * 1024;
 
+/// How long a connection stays open after its call for the next one (module documentation).
+pub const KEEP_IDLE: Duration = Duration::from_secs(1);
+
 /// A connection to the controller — one of the node's list of controller URLs, failing over
 /// between them (module documentation) — with the node's current TLS identity.
 ///
@@ -49,6 +56,28 @@ pub struct ControllerClient {
     current: AtomicUsize,
     timeout: Duration,
     tls: RwLock<Arc<rustls::ClientConfig>>,
+    /// Bumped by each [`ControllerClient::set_identity`]: a connection made before is not
+    /// used again.
+    identity: AtomicU64,
+    /// The connection kept after the last call, for [`KEEP_IDLE`].
+    parked: Arc<Mutex<Option<Parked>>>,
+    /// Numbers the parked connections, so a late reaper cannot close a newer one.
+    parks: AtomicU64,
+}
+
+/// An open connection to one endpoint, with the task that drives it.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    /// Closes the connection when dropped.
+    _driver: AbortOnDrop,
+}
+
+/// A connection kept after its call.
+struct Parked {
+    endpoint: usize,
+    identity: u64,
+    serial: u64,
+    conn: Conn,
 }
 
 /// One controller URL, parsed.
@@ -148,6 +177,9 @@ impl ControllerClient {
             current: AtomicUsize::new(0),
             timeout,
             tls: RwLock::new(tls),
+            identity: AtomicU64::new(0),
+            parked: Arc::new(Mutex::new(None)),
+            parks: AtomicU64::new(0),
         })
     }
 
@@ -171,6 +203,8 @@ impl ControllerClient {
     pub fn set_identity(&self, identity: &TlsIdentity) -> Result<(), TransportError> {
         let tls = Arc::new(client_config(identity)?);
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = tls;
+        self.identity.fetch_add(1, Ordering::SeqCst);
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = None;
         Ok(())
     }
 
@@ -219,7 +253,7 @@ impl ControllerClient {
         for i in (0..count).map(|k| (start + k) % count) {
             let endpoint = &self.endpoints[i];
             let outcome = self
-                .attempt(endpoint, method.clone(), call, body.clone(), timeout)
+                .attempt(i, method.clone(), call, body.clone(), timeout)
                 .await;
             match outcome {
                 Err(e) if e.is_unreachable() => {
@@ -248,18 +282,19 @@ impl ControllerClient {
         }))
     }
 
-    /// One attempt at `endpoint`, bounded by `timeout`.
+    /// One attempt at endpoint `index`, bounded by `timeout`.
     async fn attempt<Resp: DeserializeOwned>(
         &self,
-        endpoint: &Endpoint,
+        index: usize,
         method: Method,
         call: &str,
         body: Option<Bytes>,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
+        let endpoint = &self.endpoints[index];
         let url = format!("{}{API_PREFIX}{call}", endpoint.base);
         let target = format!("{}{API_PREFIX}{call}", endpoint.path);
-        let exchange = self.exchange(endpoint, method, &url, &target, body);
+        let exchange = self.exchange(index, method, &url, &target, body);
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(TransportError::Timeout {
@@ -272,57 +307,43 @@ impl ControllerClient {
     /// One call: `url` for messages, `target` (origin form) for the request line.
     async fn exchange<Resp: DeserializeOwned>(
         &self,
-        endpoint: &Endpoint,
+        index: usize,
         method: Method,
         url: &str,
         target: &str,
         body: Option<Bytes>,
     ) -> Result<Resp, TransportError> {
-        let connect = |detail: String| TransportError::Connect {
-            url: url.to_owned(),
-            detail,
-        };
-        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => TransportError::Refused {
+        let endpoint = &self.endpoints[index];
+        let request = || {
+            let mut request = Request::builder()
+                .method(method.clone())
+                .uri(target)
+                .header(
+                    hyper::header::HOST,
+                    format!("{}:{}", endpoint.host, endpoint.port),
+                )
+                .header(hyper::header::ACCEPT, "application/json");
+            if body.is_some() {
+                request = request.header(hyper::header::CONTENT_TYPE, "application/json");
+            }
+            request
+                .body(Full::new(body.clone().unwrap_or_default()))
+                .map_err(|e| TransportError::Connect {
                     url: url.to_owned(),
                     detail: e.to_string(),
+                })
+        };
+        let (response, mut conn) = match self.unpark(index) {
+            Some(mut conn) => match conn.sender.try_send_request(request()?).await {
+                Ok(response) => (response, conn),
+                Err(mut e) => match e.take_message() {
+                    // Closed while it was kept, before the request went out: a new one.
+                    Some(request) => self.fresh_exchange(endpoint, url, request).await?,
+                    None => return Err(http_error(url, e.error())),
                 },
-                _ => connect(e.to_string()),
-            })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let stream = TlsConnector::from(tls)
-            .connect(endpoint.server_name.clone(), tcp)
-            .await
-            .map_err(|e| handshake_error(url, e))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| connect(e.to_string()))?;
-        // Drives the connection; aborted when the exchange ends or this future is dropped (a
-        // timeout). A connection that dies early makes `send_request` fail, so nothing waits on it.
-        let _driver = AbortOnDrop(tokio::spawn(async move {
-            let _ = connection.await;
-        }));
-        let mut request = Request::builder()
-            .method(method)
-            .uri(target)
-            .header(
-                hyper::header::HOST,
-                format!("{}:{}", endpoint.host, endpoint.port),
-            )
-            .header(hyper::header::ACCEPT, "application/json");
-        if body.is_some() {
-            request = request.header(hyper::header::CONTENT_TYPE, "application/json");
-        }
-        let request = request
-            .body(Full::new(body.unwrap_or_default()))
-            .map_err(|e| connect(e.to_string()))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| http_error(url, &e))?;
+            },
+            None => self.fresh_exchange(endpoint, url, request()?).await?,
+        };
         let status = response.status();
         let bytes = Limited::new(response.into_body(), MAX_REPLY)
             .collect()
@@ -332,6 +353,10 @@ impl ControllerClient {
                 detail: format!("reading the reply: {e}"),
             })?
             .to_bytes();
+        // The reply is read whole: the connection is free for the next call.
+        if conn.sender.ready().await.is_ok() {
+            self.park(index, conn);
+        }
         if !status.is_success() {
             let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => (b.error.code, b.error.message),
@@ -351,6 +376,95 @@ impl ControllerClient {
             url: url.to_owned(),
             detail: e.to_string(),
         })
+    }
+}
+
+impl ControllerClient {
+    /// A new connection to `endpoint`, and `request` sent on it.
+    async fn fresh_exchange(
+        &self,
+        endpoint: &Endpoint,
+        url: &str,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(Response<Incoming>, Conn), TransportError> {
+        let mut conn = self.connect(endpoint, url).await?;
+        let response = conn
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| http_error(url, &e))?;
+        Ok((response, conn))
+    }
+
+    /// Connects to `endpoint`: TCP, the TLS handshake with the current identity, HTTP/1.1.
+    async fn connect(&self, endpoint: &Endpoint, url: &str) -> Result<Conn, TransportError> {
+        let connect = |detail: String| TransportError::Connect {
+            url: url.to_owned(),
+            detail,
+        };
+        let tcp = TcpStream::connect((endpoint.host.as_str(), endpoint.port))
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::ConnectionRefused => TransportError::Refused {
+                    url: url.to_owned(),
+                    detail: e.to_string(),
+                },
+                _ => connect(e.to_string()),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = self.tls.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let stream = TlsConnector::from(tls)
+            .connect(endpoint.server_name.clone(), tcp)
+            .await
+            .map_err(|e| handshake_error(url, e))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        // Drives the connection until the `Conn` is dropped (after its call or its time
+        // kept, or at a timeout). A connection that dies early makes the send fail, so
+        // nothing waits on it.
+        let driver = AbortOnDrop(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        Ok(Conn {
+            sender,
+            _driver: driver,
+        })
+    }
+
+    /// The kept connection, if it is to endpoint `index`, made with the current identity and
+    /// still open.
+    fn unpark(&self, index: usize) -> Option<Conn> {
+        let parked = self
+            .parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        let usable = parked.endpoint == index
+            && parked.identity == self.identity.load(Ordering::SeqCst)
+            && !parked.conn.sender.is_closed();
+        usable.then_some(parked.conn)
+    }
+
+    /// Keeps `conn` for [`KEEP_IDLE`], in place of any connection kept before.
+    fn park(&self, index: usize, conn: Conn) {
+        let serial = self.parks.fetch_add(1, Ordering::Relaxed);
+        *self.parked.lock().unwrap_or_else(|e| e.into_inner()) = Some(Parked {
+            endpoint: index,
+            identity: self.identity.load(Ordering::SeqCst),
+            serial,
+            conn,
+        });
+        let slot = Arc::downgrade(&self.parked);
+        tokio::spawn(async move {
+            tokio::time::sleep(KEEP_IDLE).await;
+            if let Some(slot) = slot.upgrade() {
+                let mut parked = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if parked.as_ref().is_some_and(|p| p.serial == serial) {
+                    *parked = None;
+                }
+            }
+        });
     }
 }
 

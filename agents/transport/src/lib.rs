@@ -18,6 +18,6 @@ pub mod pki;
 mod tls;
 
 pub use backoff::Backoff;
-pub use client::{ControllerClient, API_PREFIX, MAX_REPLY};
+pub use client::{ControllerClient, API_PREFIX, KEEP_IDLE, MAX_REPLY};
 pub use error::TransportError;
 pub use tls::{client_config, ClientCert, TlsIdentity};

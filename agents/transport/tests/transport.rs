@@ -76,8 +76,15 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// A server on `addr`; with `busy`, every request is answered 503.
+    /// A server on `addr`; with `busy`, every request is answered 503. Each connection
+    /// carries one request.
     async fn start(ca: &Ca, addr: SocketAddr, busy: bool) -> Server {
+        Server::serve(ca, addr, busy, false).await
+    }
+
+    /// [`Server::start`], but with `keep_alive` a connection carries requests until the
+    /// client closes it.
+    async fn serve(ca: &Ca, addr: SocketAddr, busy: bool, keep_alive: bool) -> Server {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
         roots
@@ -122,8 +129,12 @@ impl Server {
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| hex(c.as_ref()));
-                    let (path, body) = read_request(&mut tls).await;
-                    let (status, reply) = match path.as_str() {
+                    loop {
+                        let (path, body) = read_request(&mut tls).await;
+                        if path.is_empty() {
+                            return; // the client closed the connection
+                        }
+                        let (status, reply) = match path.as_str() {
                         _ if busy => (
                             "503 Service Unavailable",
                             json!({"error": {"code": "unavailable", "message": "try another"}})
@@ -149,13 +160,22 @@ impl Server {
                             json!({"error": {"code": "not_found", "message": path}}).to_string(),
                         ),
                     };
-                    let head = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                        let close = if keep_alive {
+                            ""
+                        } else {
+                            "connection: close\r\n"
+                        };
+                        let head = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{close}\r\n",
                     reply.len()
                 );
-                    let _ = tls.write_all(head.as_bytes()).await;
-                    let _ = tls.write_all(reply.as_bytes()).await;
-                    let _ = tls.shutdown().await;
+                        let _ = tls.write_all(head.as_bytes()).await;
+                        let _ = tls.write_all(reply.as_bytes()).await;
+                        if !keep_alive {
+                            let _ = tls.shutdown().await;
+                            return;
+                        }
+                    }
                 });
             }
         });
@@ -270,6 +290,52 @@ async fn presents_the_node_certificate_and_picks_up_a_rotated_one() {
         who["cert"],
         json!(der_hex(&rotated.0)),
         "the rotated certificate is used without a new client"
+    );
+}
+
+/// Calls in quick succession share one connection; a rotated certificate, or a pause longer
+/// than `KEEP_IDLE`, makes the next call open a new one.
+#[tokio::test]
+async fn a_burst_shares_a_connection_until_it_idles_or_the_identity_changes() {
+    let ca = Ca::new();
+    let server = Server::serve(&ca, "127.0.0.1:0".parse().unwrap(), false, true).await;
+    let first = ca.issue(&["node-1"]);
+    let client = ControllerClient::new(
+        &[url(server.addr)],
+        &identity(&ca, Some(first.clone())),
+        TIMEOUT,
+    )
+    .unwrap();
+    for n in 0..5 {
+        let reply: Value = client.post("echo", &json!({ "n": n })).await.unwrap();
+        assert_eq!(reply, json!({ "n": n }));
+    }
+    let who: Value = client.get("whoami", TIMEOUT).await.unwrap();
+    assert_eq!(who["cert"], json!(der_hex(&first.0)));
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        1,
+        "one connection for the burst"
+    );
+
+    let rotated = ca.issue(&["node-1"]);
+    client
+        .set_identity(&identity(&ca, Some(rotated.clone())))
+        .unwrap();
+    let who: Value = client.post("whoami", &json!({})).await.unwrap();
+    assert_eq!(who["cert"], json!(der_hex(&rotated.0)));
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        2,
+        "a new one for the new certificate"
+    );
+
+    tokio::time::sleep(powernode_transport::KEEP_IDLE + Duration::from_millis(300)).await;
+    let _: Value = client.post("echo", &json!({})).await.unwrap();
+    assert_eq!(
+        server.accepted.load(Ordering::SeqCst),
+        3,
+        "none kept past KEEP_IDLE"
     );
 }
 
