@@ -102,7 +102,9 @@ async fn bench(args: &Args) -> Res<()> {
     let dirs = Dirs::under_root(&root);
     let _identity =
         common::publish_identity(&dirs, "bench-events", &args.controller_bin, &data, &listen)?;
-    children.0.push(agent(args, &root, "enrollmgr")?);
+    let enrollmgr = agent(args, &root, "enrollmgr")?;
+    let enrollmgr_pid = enrollmgr.id();
+    children.0.push(enrollmgr);
     wait_enrolled(&dirs).await?;
     let eventd = agent(args, &root, "eventd")?;
     let eventd_pid = eventd.id();
@@ -127,6 +129,8 @@ async fn bench(args: &Args) -> Res<()> {
     let padding = "x".repeat(args.size.saturating_sub(200));
 
     // Throughput: back to back, until eventd has acknowledged the last.
+    let node = [std::process::id(), eventd_pid, enrollmgr_pid];
+    let cpu_before = cpu_ticks(&node)?;
     let start = Instant::now();
     for i in 0..args.count {
         while ctx.events.pending() >= PENDING_CAP - 100 {
@@ -149,6 +153,13 @@ async fn bench(args: &Args) -> Res<()> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let events_per_s = f64::from(args.count) / start.elapsed().as_secs_f64();
+    // The node's CPU time per event over the burst (the raiser, eventd, enrollmgr): unlike
+    // the rate, it hardly moves when other work shares the machine.
+    let cpu_after = cpu_ticks(&node)?;
+    let us_per_tick = 1e6 / clock_ticks_per_s();
+    let per_event =
+        |i: usize| (cpu_after[i] - cpu_before[i]) as f64 * us_per_tick / f64::from(args.count);
+    let (raiser_us, eventd_us, enrollmgr_us) = (per_event(0), per_event(1), per_event(2));
 
     // Let delivery of the burst finish, so the latency phase measures a controller that is
     // up and idle, not the tail of the burst's backlog.
@@ -195,7 +206,9 @@ async fn bench(args: &Args) -> Res<()> {
          \"events_per_s\":{events_per_s:.0},\"delivered_per_s\":{delivered_per_s:.0},\"raise_to_controller_p50_ms\":{},\
          \"raise_to_controller_p99_ms\":{},\"raise_to_controller_max_ms\":{},\
          \"events_lost\":{lost},\"events_duplicated\":{duplicated},\
-         \"eventd_peak_rss_mib\":{rss_mib:.1},\"eventd_peak_anon_mib\":{anon_mib:.1}}}",
+         \"eventd_peak_rss_mib\":{rss_mib:.1},\"eventd_peak_anon_mib\":{anon_mib:.1},\
+         \"node_cpu_us_per_event\":{:.2},\"raiser_cpu_us_per_event\":{raiser_us:.2},\
+         \"eventd_cpu_us_per_event\":{eventd_us:.2},\"enrollmgr_cpu_us_per_event\":{enrollmgr_us:.2}}}",
         args.count,
         args.latency_count,
         args.rate,
@@ -203,6 +216,7 @@ async fn bench(args: &Args) -> Res<()> {
         percentile(&latencies, 50.0),
         percentile(&latencies, 99.0),
         latencies.last().copied().unwrap_or(0),
+        raiser_us + eventd_us + enrollmgr_us,
     );
     Ok(())
 }
@@ -306,6 +320,35 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
     }
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// CPU time (user + system, all threads) of each of `pids` so far, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> Res<Vec<u64>> {
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+            // The command name, in parentheses, may hold spaces: count fields after it.
+            let after = stat
+                .rsplit_once(')')
+                .map(|(_, rest)| rest)
+                .unwrap_or_default();
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line: the 12th and 13th after the name.
+            let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            match (tick(11), tick(12)) {
+                (Some(user), Some(system)) => Ok(user + system),
+                _ => Err(format!("no CPU times in /proc/{pid}/stat").into()),
+            }
+        })
+        .collect()
+}
+
+/// The kernel's clock ticks a second (`sysconf(_SC_CLK_TCK)`).
+fn clock_ticks_per_s() -> f64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    }
 }
 
 /// A `/proc/<pid>/status` figure in KiB: `VmHWM:` (the peak resident set), `RssAnon:`.
