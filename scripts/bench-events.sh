@@ -15,7 +15,7 @@
 # The last line is one JSON object with floor_items_per_s, events_per_s,
 # raise_to_controller_p50_ms, raise_to_controller_p99_ms, events_lost, events_duplicated,
 # eventd_peak_rss_mib (and eventd_peak_anon_mib, its own memory without the shared binary's
-# code). Targets: events_per_s >= 0.5 x floor, p99 <= 100 ms, 0 lost, 0
+# code; node_cpu_us_per_event, the CPU time of the raiser, eventd and enrollmgr per event). Targets: events_per_s >= 0.5 x floor, p99 <= 100 ms, 0 lost, 0
 # duplicated, eventd RSS <= 16 MiB. Exit status 0 even when a target is missed (the JSON's
 # targets_met says); 1 when a measurement failed.
 set -euo pipefail
@@ -93,6 +93,10 @@ out = {
     "eventd_peak_rss_mib": max(each("events", "eventd_peak_rss_mib")),
     "eventd_peak_anon_mib": max(each("events", "eventd_peak_anon_mib")),
     "throughput_ratio": round(eps / floor, 3),
+    "node_cpu_us_per_event": med("events", "node_cpu_us_per_event"),
+    "raiser_cpu_us_per_event": med("events", "raiser_cpu_us_per_event"),
+    "eventd_cpu_us_per_event": med("events", "eventd_cpu_us_per_event"),
+    "floor_us_per_item": round(1e6 / floor, 2),
 }
 out["targets_met"] = (
     out["throughput_ratio"] >= 0.5
@@ -103,6 +107,7 @@ out["targets_met"] = (
 )
 print(f"throughput: {eps:.0f} events/s = {out['throughput_ratio']} x floor {floor:.0f} items/s (target >= 0.5)", file=sys.stderr)
 print(f"latency raise -> controller: p50 {out['raise_to_controller_p50_ms']} ms, p99 {out['raise_to_controller_p99_ms']} ms (target p99 <= 100)", file=sys.stderr)
+print(f"node CPU per event {out['node_cpu_us_per_event']} us (raiser {out['raiser_cpu_us_per_event']}, eventd {out['eventd_cpu_us_per_event']}); the floor's item {out['floor_us_per_item']} us", file=sys.stderr)
 print(f"lost {out['events_lost']}, duplicated {out['events_duplicated']}, eventd peak RSS {out['eventd_peak_rss_mib']} MiB (target <= 16), of it its own (anonymous) {out['eventd_peak_anon_mib']} MiB", file=sys.stderr)
 print(json.dumps(out))
 PY
