@@ -15,8 +15,9 @@
 # The last line is one JSON object with floor_items_per_s, events_per_s,
 # raise_to_controller_p50_ms, raise_to_controller_p99_ms, events_lost, events_duplicated,
 # eventd_peak_rss_mib (and eventd_peak_anon_mib, its own memory without the shared binary's
-# code; node_cpu_us_per_event, the CPU time of the raiser, eventd and enrollmgr per event). Targets: events_per_s >= 0.5 x floor, p99 <= 100 ms, 0 lost, 0
-# duplicated, eventd RSS <= 16 MiB. Exit status 0 even when a target is missed (the JSON's
+# code; node_cpu_us_per_event, the CPU time of the raiser, eventd and enrollmgr per event).
+# Targets: events_per_s >= 0.5 x floor, p99 <= 100 ms, 0 lost, 0 duplicated, eventd RSS
+# <= 16 MiB. Exit status 0 even when a target is missed (the JSON's
 # targets_met says); 1 when a measurement failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
