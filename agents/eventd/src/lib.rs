@@ -67,6 +67,14 @@ pub const BATCH: usize = 500;
 /// event, held three times: queued, batched, encoded) while a sync is still shared by
 /// hundreds.
 pub const GROUP_MAX: usize = 256;
+/// Events journalled before their agents are acknowledged at once; fewer wait up to
+/// [`ACK_DELAY`] for more to share the acknowledgement. Each acknowledgement costs eventd a
+/// checkpoint and the agent a directory sync: in a burst on one CPU, a group commit holds a
+/// few dozen events, and acknowledging each one was a fifth of the pipeline's work.
+pub const ACK_EVERY: usize = 128;
+/// The longest a journalled event waits for its acknowledgement (it is delivered meanwhile
+/// all the same: the agent only keeps its copy a little longer).
+pub const ACK_DELAY: Duration = Duration::from_millis(2);
 /// The node API call.
 pub const EVENTS_CALL: &str = "events";
 /// Per agent, the most journalled-but-unacknowledged ids remembered at start (twice the
@@ -148,6 +156,7 @@ pub async fn run(ctx: Context, agents: Vec<&'static str>) -> anyhow::Result<()> 
         carried: BTreeMap::new(),
         unacked: BTreeMap::new(),
         dropped,
+        since_ack: 0,
     };
     writer.find_unacknowledged().await;
     // The bound may have been lowered since the journal was written.
@@ -185,6 +194,8 @@ struct Writer {
     /// are acknowledged then, not journalled twice.
     unacked: BTreeMap<String, BTreeMap<u64, String>>,
     dropped: Arc<std::sync::Mutex<Dropped>>,
+    /// Events journalled since the last acknowledgement.
+    since_ack: usize,
 }
 
 impl Writer {
@@ -198,6 +209,7 @@ impl Writer {
         let ctx = self.ctx.clone();
         let mut tick = tokio::time::interval(ctx.beat_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ack_at: Option<tokio::time::Instant> = None;
         loop {
             let first = tokio::select! {
                 _ = ctx.shutdown.cancelled() => break,
@@ -206,6 +218,14 @@ impl Writer {
                     if !self.unwritten.is_empty() {
                         self.take(Vec::new()).await;
                     }
+                    self.acknowledge();
+                    ack_at = None;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(ack_at.unwrap_or_else(tokio::time::Instant::now)),
+                    if ack_at.is_some() => {
+                    self.acknowledge();
+                    ack_at = None;
                     continue;
                 }
                 incoming = rx.recv() => match incoming {
@@ -222,9 +242,16 @@ impl Writer {
                 }
             }
             self.take(batch).await;
+            if self.since_ack >= ACK_EVERY {
+                self.acknowledge();
+                ack_at = None;
+            } else if ack_at.is_none() {
+                ack_at = Some(tokio::time::Instant::now() + ACK_DELAY);
+            }
             ctx.beat();
         }
         self.journal_the_rest(&mut rx).await;
+        self.acknowledge();
         let _ = journalled.send(true);
     }
 
@@ -246,7 +273,7 @@ impl Writer {
         }
     }
 
-    /// Journals a batch (one sync), then acknowledges what it may.
+    /// Journals a batch (one sync); [`Writer::acknowledge`] tells the agents.
     async fn take(&mut self, batch: Vec<Incoming>) {
         let mut records = std::mem::take(&mut self.unwritten);
         for incoming in batch {
@@ -298,8 +325,15 @@ impl Writer {
             for r in &records {
                 self.hold(r.agent, r.seq);
             }
+            self.since_ack += records.len();
             self.appended.notify_one();
         }
+        self.compact().await;
+    }
+
+    /// Acknowledges, for every agent whose snapshot is complete, what is journalled of it.
+    fn acknowledge(&mut self) {
+        self.since_ack = 0;
         let ready: Vec<(String, u64)> = self
             .held
             .iter()
@@ -321,7 +355,6 @@ impl Writer {
                 self.acked.insert(agent, through_seq);
             }
         }
-        self.compact().await;
     }
 
     /// Compacts the journal if it is over its bound, and reports what that dropped.
