@@ -333,6 +333,11 @@ impl Writer {
 
     /// Acknowledges, for every agent whose snapshot is complete, what is journalled of it.
     fn acknowledge(&mut self) {
+        if !self.unwritten.is_empty() {
+            // A failed append left records to write: an event offered again meanwhile is
+            // counted as held (`admit`) though its first copy is among them.
+            return;
+        }
         self.since_ack = 0;
         let ready: Vec<(String, u64)> = self
             .held
