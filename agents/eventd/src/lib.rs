@@ -890,3 +890,87 @@ fn controller<'a>(
         .map(|(_, _, c)| c)
         .ok_or_else(|| "no controller client".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentbase::{Root, Settings};
+    use powernode_types::Event;
+
+    fn writer(dir: &std::path::Path) -> Writer {
+        let ctx = Context::new("eventd", Root::new(dir), Settings::default()).unwrap();
+        let (journal, _) = Journal::open(&dir.join("journal")).unwrap();
+        Writer {
+            acks: ctx.open_publication::<EventAck>().unwrap(),
+            ctx,
+            journal: Arc::new(Mutex::new(journal)),
+            acked: BTreeMap::new(),
+            held: BTreeMap::new(),
+            synchronized: BTreeMap::new(),
+            unwritten: Vec::new(),
+            appended: Arc::new(Notify::new()),
+            compactor: Compactor::new(64 << 20),
+            carried: BTreeMap::new(),
+            unacked: BTreeMap::new(),
+            dropped: Arc::default(),
+            since_ack: 0,
+        }
+    }
+
+    fn event(seq: u64, id: &str) -> Incoming {
+        let event = Event {
+            id: id.into(),
+            agent: "verifier".into(),
+            seq,
+            severity: Severity::Info,
+            kind: "test.offered".into(),
+            message: format!("{seq}"),
+            at_ms: 1,
+            fields: vec![],
+            dropped_before: 0,
+        };
+        let bytes = postcard::to_stdvec(&event).unwrap();
+        Incoming::Event(Received::read("verifier", bytes).unwrap())
+    }
+
+    async fn journalled(w: &Writer) -> Vec<String> {
+        let j = w.journal.lock().await;
+        let mut ids = Vec::new();
+        j.visit(0, |_, payload| {
+            ids.push(postcard::from_bytes::<EventRecord>(payload).unwrap().id);
+            true
+        })
+        .unwrap();
+        ids
+    }
+
+    /// An event offered again — in the same batch, in a later one before its acknowledgement
+    /// (a reconnect's snapshot), or after it — is journalled once; one with a reused number
+    /// and a new id is another event.
+    #[tokio::test]
+    async fn an_event_offered_again_is_journalled_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.take(vec![event(1, "a"), event(2, "b"), event(1, "a")])
+            .await;
+        w.take(vec![event(2, "b"), event(3, "c")]).await;
+        assert_eq!(journalled(&w).await, ["a", "b", "c"]);
+
+        // Not acknowledged before the agent's snapshot is complete.
+        w.acknowledge();
+        assert!(w.acks.get("verifier").is_none());
+        w.take(vec![Incoming::Synchronized("verifier")]).await;
+        w.acknowledge();
+        assert_eq!(w.acks.get("verifier").map(|a| a.through_seq), Some(3));
+
+        w.take(vec![event(3, "c"), event(3, "c2"), event(4, "d")])
+            .await;
+        assert_eq!(
+            journalled(&w).await,
+            ["a", "b", "c", "d"],
+            "c2 is at or below the acknowledged 3"
+        );
+        w.take(vec![event(5, "e"), event(5, "e2")]).await;
+        assert_eq!(journalled(&w).await, ["a", "b", "c", "d", "e", "e2"]);
+    }
+}
