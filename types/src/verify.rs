@@ -32,6 +32,8 @@ pub struct VerifyConfig {
     /// `docker-reference` must name.
     pub repository: String,
     /// The cosign signatures found for `manifest_digest` (none when the module is unsigned).
+    /// modulemgr fetches them while the image downloads, so a config that is not `complete`
+    /// may have none yet; the complete one carries them, and only it is judged.
     pub signatures: Vec<CosignSignature>,
     /// The digest of the index `manifest` was chosen from, when that index has signatures and
     /// `manifest` has none: the index alone was signed (`cosign sign` without `--recursive`).

@@ -582,5 +582,20 @@ mod tests {
         let mut other = m.complete.clone();
         other.size += 1;
         assert!(!Follow::continues(&m.arriving, &other), "another size");
+        // The signatures are fetched beside the image: they come with the complete config.
+        let mut signed = m.complete.clone();
+        signed.signatures = vec![powernode_types::CosignSignature {
+            payload: "{}".into(),
+            signature: "MEUCIQ==".into(),
+            certificate: None,
+            chain: None,
+            bundle: None,
+        }];
+        signed.signed_index = Some(Digest::of(b"index").to_string());
+        assert!(Follow::continues(&m.arriving, &signed), "signatures added");
+        assert!(
+            !Follow::continues(&signed, &m.complete),
+            "a complete one is not followed"
+        );
     }
 }

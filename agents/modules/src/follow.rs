@@ -72,14 +72,18 @@ impl Follow {
     }
 
     /// Whether `next` completes the download a check of `started` follows: everything but the
-    /// path and the completion is the same, and `next` is complete. Anything else is another
-    /// check (a changed config is checked from the start).
+    /// path, the completion and the signatures is the same, and `next` is complete. The
+    /// signatures come with the complete config (modulemgr fetches them beside the image),
+    /// and the verdict is reached with `next`'s; anything else that changed is another check
+    /// (a changed config is checked from the start).
     pub fn continues(started: &VerifyConfig, next: &VerifyConfig) -> bool {
         !started.complete
             && next.complete
             && VerifyConfig {
                 image_path: next.image_path.clone(),
                 complete: true,
+                signatures: next.signatures.clone(),
+                signed_index: next.signed_index.clone(),
                 ..started.clone()
             } == *next
     }

@@ -218,8 +218,9 @@ pub struct Resolved {
     pub manifest_digest: Digest,
     /// The index it was chosen from, if the reference named one.
     pub index_digest: Option<Digest>,
-    /// Set by [`Registry::resolve_signed`] when the platform manifest has no signatures but
-    /// the index does: someone signed the index only (`cosign sign` without `--recursive`).
+    /// Set by [`Registry::resolve_signed`] (or [`Registry::signatures_of`]) when the platform
+    /// manifest has no signatures but the index does: someone signed the index only (`cosign
+    /// sign` without `--recursive`).
     /// Only feeds the verifier's error message; [`Resolved::from_parts`] leaves it unset
     /// (modulemgr keeps it beside a resolution it keeps for a start without the registry).
     pub signed_index: Option<Digest>,
@@ -470,12 +471,11 @@ impl Registry {
             self.small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64),
             signatures
         )?;
-        let signed_index = match &index_digest {
-            Some(index) if with_signatures && signatures.is_empty() => self
-                .has_signatures(&repository, index)
+        let signed_index = if with_signatures {
+            self.signed_index(&repository, index_digest.as_ref(), &signatures)
                 .await?
-                .then(|| index.clone()),
-            _ => None,
+        } else {
+            None
         };
         let manifest_text = String::from_utf8(manifest_bytes)
             .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
@@ -496,6 +496,42 @@ impl Registry {
             },
             signatures,
         ))
+    }
+
+    /// The cosign signatures of `resolved`'s platform manifest, and
+    /// [`Resolved::signed_index`] as [`Registry::resolve_signed`] finds it: for a caller that
+    /// resolved without them, to fetch them beside the image, which is what takes long.
+    pub async fn signatures_of(
+        &self,
+        resolved: &Resolved,
+    ) -> Result<(Vec<CosignSignature>, Option<Digest>), RegistryError> {
+        let signatures = self
+            .signatures(&resolved.repository, &resolved.manifest_digest)
+            .await?;
+        let signed_index = self
+            .signed_index(
+                &resolved.repository,
+                resolved.index_digest.as_ref(),
+                &signatures,
+            )
+            .await?;
+        Ok((signatures, signed_index))
+    }
+
+    /// `index`, when the platform manifest has no `signatures` and the index has some.
+    async fn signed_index(
+        &self,
+        repository: &str,
+        index: Option<&Digest>,
+        signatures: &[CosignSignature],
+    ) -> Result<Option<Digest>, RegistryError> {
+        match index {
+            Some(index) if signatures.is_empty() => Ok(self
+                .has_signatures(repository, index)
+                .await?
+                .then(|| index.clone())),
+            _ => Ok(None),
+        }
     }
 
     /// Whether a signature manifest is stored for `manifest_digest` in `repository`.
