@@ -8,10 +8,12 @@
 
 mod common;
 
+use common::agents::Agents;
+
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{node_root, spawn_agent, trust_registry};
@@ -38,7 +40,7 @@ struct Node {
     root: PathBuf,
     registry: TestRegistry,
     key: SigningKey,
-    agents: Vec<(String, Child)>,
+    agents: Agents,
     rt: tokio::runtime::Runtime,
 }
 
@@ -61,7 +63,7 @@ impl Node {
             root,
             registry,
             key,
-            agents: Vec::new(),
+            agents: Agents::default(),
             rt,
         }
     }
@@ -75,15 +77,12 @@ impl Node {
 
     fn start(&mut self, agent: &str) {
         let child = spawn_agent(&self.root, agent, "");
-        self.agents.push((agent.to_owned(), child));
+        self.agents.add(agent, child);
     }
 
     /// SIGKILL to `agent`.
     fn kill9(&mut self, agent: &str) {
-        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
-        let (_, mut child) = self.agents.remove(i);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.agents.kill9(agent);
     }
 
     fn registry_client(&self) -> Registry {
@@ -223,10 +222,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for (_, child) in &mut self.agents {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.agents.stop_all();
         common::unmount_under(&self.root);
     }
 }

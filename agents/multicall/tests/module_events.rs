@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::agents::Agents;
+
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -44,7 +46,7 @@ struct Node {
     _controller: RunningController,
     storage: Storage,
     _identity: Publication<NodeIdentity>,
-    agents: Vec<(String, Child)>,
+    agents: Agents,
 }
 
 impl Node {
@@ -103,7 +105,7 @@ impl Node {
             _controller: controller,
             storage,
             _identity: identity,
-            agents: Vec::new(),
+            agents: Agents::default(),
         };
         for agent in ["enrollmgr", "eventd", "verifier", "mountmgr", "modulemgr"] {
             node.start(agent, "");
@@ -114,12 +116,11 @@ impl Node {
     /// Starts `agent` with the crash points `failpoints` armed.
     fn start(&mut self, agent: &str, failpoints: &str) {
         let child = spawn_agent(&self.root, agent, failpoints);
-        self.agents.push((agent.to_owned(), child));
+        self.agents.add(agent, child);
     }
 
     fn take(&mut self, agent: &str) -> Child {
-        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
-        self.agents.remove(i).1
+        self.agents.take(agent)
     }
 
     /// SIGKILL to the agent's PID.
@@ -261,10 +262,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for (_, child) in &mut self.agents {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.agents.stop_all();
         common::unmount_under(&self.root);
     }
 }

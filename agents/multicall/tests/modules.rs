@@ -7,9 +7,11 @@
 
 mod common;
 
+use common::agents::Agents;
+
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::bin;
@@ -36,7 +38,7 @@ struct Node {
     dir: tempfile::TempDir,
     registry: TestRegistry,
     key: SigningKey,
-    agents: Vec<(String, Child)>,
+    agents: Agents,
     rt: tokio::runtime::Runtime,
     /// The registry's password for user `node`, if it wants one.
     password: Option<String>,
@@ -93,7 +95,7 @@ impl Node {
             dir,
             registry,
             key,
-            agents: Vec::new(),
+            agents: Agents::default(),
             rt,
             password: password.map(str::to_owned),
         };
@@ -144,24 +146,19 @@ impl Node {
             .stderr(log)
             .spawn()
             .unwrap();
-        self.agents.push((agent.to_owned(), child));
+        self.agents.add(agent, child);
     }
 
     /// SIGKILL to the agent's PID.
     fn kill9(&mut self, agent: &str) {
-        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
-        let (_, mut child) = self.agents.remove(i);
-        child.kill().unwrap();
-        child.wait().unwrap();
+        self.agents.kill9(agent);
     }
 
     /// Waits (60 s at most) for `agent` to end by itself; its exit status.
     fn wait_exit(&mut self, agent: &str) -> std::process::ExitStatus {
-        let i = self.agents.iter().position(|(a, _)| a == agent).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(status) = self.agents[i].1.try_wait().unwrap() {
-                self.agents.remove(i);
+            if let Some(status) = self.agents.try_exited(agent) {
                 return status;
             }
             assert!(
@@ -335,10 +332,7 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        for (_, child) in &mut self.agents {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.agents.stop_all();
         common::unmount_under(&self.root());
     }
 }
