@@ -222,9 +222,10 @@ enum Command {
         /// Its name (default: the last part of the repository).
         #[arg(long)]
         name: Option<String>,
-        /// Its stacking priority: higher is stacked above lower.
-        #[arg(long, default_value = "50")]
-        priority: u32,
+        /// Its stacking priority: higher is stacked above lower (default: the priority its
+        /// module manifest gives).
+        #[arg(long)]
+        priority: Option<u32>,
         /// Return once the assignment is written.
         #[arg(long)]
         no_wait: bool,

@@ -30,7 +30,7 @@ pub async fn attach(
     root: &Root,
     reference: &str,
     name: Option<String>,
-    priority: u32,
+    priority: Option<u32>,
     wait: Option<Duration>,
     json: bool,
 ) -> anyhow::Result<Exit> {
@@ -48,8 +48,12 @@ pub async fn attach(
             priority,
         },
     )?;
+    let priority = priority.map_or_else(
+        || "the module's priority".to_owned(),
+        |p| format!("priority {p}"),
+    );
     eprintln!(
-        "attached {name} ({reference}, priority {priority}): {}",
+        "attached {name} ({reference}, {priority}): {}",
         path.display()
     );
     let Some(timeout) = wait else {

@@ -3,7 +3,7 @@
 //! fetches, hands each event to the state machine and carries out the [`Effect`]s it answers
 //! with. It decides nothing about modules itself.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use agentbase::Context;
@@ -306,17 +306,9 @@ impl Agent {
             }
             self.local_errors = errors;
         }
-        let local: BTreeMap<String, ModuleConfig> = modules
-            .into_values()
-            .map(|m| {
-                let config = ModuleConfig {
-                    name: m.name.clone(),
-                    reference: m.reference,
-                    priority: m.priority,
-                    generation: 0,
-                };
-                (m.name, config)
-            })
+        let local = modules
+            .into_iter()
+            .map(|(name, m)| (name, m.into()))
             .collect();
         self.modules.set_local(local)
     }

@@ -21,7 +21,7 @@ use powernode_types::{
 
 use crate::events::Raised;
 use crate::gc::Garbage;
-use crate::pipeline::{Module, Phase, Run};
+use crate::pipeline::{Assignment, Module, Phase, Run};
 use crate::stack::Stack;
 
 /// What the agent loop is asked to do.
@@ -100,9 +100,9 @@ pub(crate) struct Restored {
 pub(crate) struct Modules {
     pub(crate) settings: Settings,
     /// The controller's assignment (heartbeatd's `ModuleConfig`).
-    controller: BTreeMap<String, ModuleConfig>,
+    controller: BTreeMap<String, Assignment>,
     /// The local assignments (`etc/powernode/modules.d`).
-    local: BTreeMap<String, ModuleConfig>,
+    local: BTreeMap<String, Assignment>,
     /// Whether the controller's assignment is known (heartbeatd's snapshot arrived, or the
     /// grace period for a node without heartbeatd ran out). Until it is, nothing is taken out
     /// of the stack and nothing is collected: an empty subscription is not an empty assignment.
@@ -205,7 +205,7 @@ impl Modules {
     pub(crate) fn on_desired(&mut self, event: Event<ModuleConfig>) -> Vec<Effect> {
         match event {
             Event::Create { value, .. } | Event::Modify { new: value, .. } => {
-                self.controller.insert(value.name.clone(), value);
+                self.controller.insert(value.name.clone(), value.into());
             }
             Event::Delete { key, .. } => {
                 self.controller.remove(&key);
@@ -227,7 +227,7 @@ impl Modules {
     }
 
     /// The local assignments as read now; true if they changed (then [`Modules::reconcile`]).
-    pub(crate) fn set_local(&mut self, local: BTreeMap<String, ModuleConfig>) -> bool {
+    pub(crate) fn set_local(&mut self, local: BTreeMap<String, Assignment>) -> bool {
         let changed = local != self.local;
         self.local = local;
         changed
@@ -283,7 +283,7 @@ impl Modules {
                     .insert(m.config.name.clone(), fetched.resolved.image.digest.clone());
             }
         }
-        let configs: Vec<ModuleConfig> = self.modules.values().map(|m| m.config.clone()).collect();
+        let configs: Vec<Assignment> = self.modules.values().map(|m| m.config.clone()).collect();
         for config in configs {
             self.start(config, None);
         }
@@ -302,7 +302,7 @@ impl Modules {
 
     /// (Re)starts a module's fetch; `discard` is a damaged stored copy to remove first (the
     /// module's image is then downloaded again, and a second rejection is final).
-    pub(crate) fn start(&mut self, config: ModuleConfig, discard: Option<String>) {
+    pub(crate) fn start(&mut self, config: Assignment, discard: Option<String>) {
         self.epochs += 1;
         let run = Run {
             epoch: self.epochs,

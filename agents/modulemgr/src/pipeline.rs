@@ -20,6 +20,8 @@
 
 use std::time::{Duration, Instant};
 
+use powernode_modules::format::ModuleManifest;
+use powernode_modules::local::LocalModule;
 use powernode_pubsub::Event;
 use powernode_types::{
     ModuleConfig, ModuleState, ModuleStatus, VerifyConfig, VerifyState, VerifyStatus,
@@ -29,11 +31,51 @@ use crate::events;
 use crate::fetch::{Fetched, Report};
 use crate::modules::{Effect, Modules};
 
+/// What a module is assigned as: the controller's `ModuleConfig`, or a local assignment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Assignment {
+    /// The module's name.
+    pub name: String,
+    /// Its reference.
+    pub reference: String,
+    /// Its place in the stack; `None` (a local assignment that names none) takes the
+    /// module manifest's default ([`Assignment::priority`]). The controller's always has
+    /// one: it reads the manifest's default when the module is assigned.
+    pub priority: Option<u32>,
+}
+
+impl Assignment {
+    /// The priority the module is stacked at when its image has `manifest`.
+    pub fn priority(&self, manifest: &ModuleManifest) -> u32 {
+        self.priority.unwrap_or(manifest.priority)
+    }
+}
+
+impl From<ModuleConfig> for Assignment {
+    fn from(config: ModuleConfig) -> Assignment {
+        Assignment {
+            name: config.name,
+            reference: config.reference,
+            priority: Some(config.priority),
+        }
+    }
+}
+
+impl From<LocalModule> for Assignment {
+    fn from(local: LocalModule) -> Assignment {
+        Assignment {
+            name: local.name,
+            reference: local.reference,
+            priority: local.priority,
+        }
+    }
+}
+
 /// One assigned module.
 #[derive(Debug)]
 pub(crate) struct Module {
     /// Its assignment.
-    pub config: ModuleConfig,
+    pub config: Assignment,
     /// The fetch reporting for it now.
     pub run: Run,
     /// Where it is.

@@ -120,7 +120,7 @@ impl Modules {
                         name: m.config.name.clone(),
                         image_path: fetched.image_path.to_string_lossy().into_owned(),
                         digest: fetched.resolved.image.digest.clone(),
-                        priority: m.config.priority,
+                        priority: m.config.priority(&fetched.resolved.module),
                         health_check: fetched.resolved.module.health_check(),
                     };
                     let old = current(&m.config.name).filter(|old| old.digest != new.digest);

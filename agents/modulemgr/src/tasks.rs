@@ -56,8 +56,9 @@ struct AttachArgs {
     reference: String,
     #[serde(default)]
     name: Option<String>,
+    /// Absent: the module manifest's default.
     #[serde(default)]
-    priority: u32,
+    priority: Option<u32>,
 }
 
 /// `module.detach` arguments.

@@ -16,14 +16,15 @@ use powernode_modules::format::{
 use powernode_modules::registry::Resolved;
 use powernode_pubsub::Event;
 use powernode_types::{
-    ModuleConfig, ModuleState, ModuleStatus, MountConfig, MountState, MountStatus, UpperMode,
-    VerifyConfig, VerifyState, VerifyStatus,
+    ModuleState, ModuleStatus, MountConfig, MountState, MountStatus, UpperMode, VerifyConfig,
+    VerifyState, VerifyStatus,
 };
 
 use crate::events::{self, Raised};
 use crate::fetch::{Fetched, Report};
 use crate::gc::Garbage;
 use crate::modules::{Effect, Modules, Restored, Settings};
+use crate::pipeline::Assignment;
 
 const TARGET: &str = "modules";
 const REPOSITORY: &str = "registry.test/modules";
@@ -84,7 +85,7 @@ struct Harness {
     images: BTreeMap<(String, String), Fetched>,
     /// The version assigned to each module.
     assigned: BTreeMap<String, String>,
-    local: BTreeMap<String, ModuleConfig>,
+    local: BTreeMap<String, Assignment>,
     statuses: BTreeMap<String, ModuleStatus>,
     stack: Option<MountConfig>,
     handed: BTreeMap<String, VerifyConfig>,
@@ -341,15 +342,20 @@ impl Harness {
         }
     }
 
+    /// Assigns `name` at `version` locally, at the module manifest's priority.
     fn assign(&mut self, name: &str, version: &str) {
+        self.assign_at(name, version, None);
+    }
+
+    /// Assigns `name` at `version` locally, at `priority` (`None`: the manifest's).
+    fn assign_at(&mut self, name: &str, version: &str, priority: Option<u32>) {
         self.assigned.insert(name.to_owned(), version.to_owned());
         self.local.insert(
             name.to_owned(),
-            ModuleConfig {
+            Assignment {
                 name: name.to_owned(),
                 reference: reference(name, version),
-                priority: 10,
-                generation: 0,
+                priority,
             },
         );
         self.modules.set_local(self.local.clone());
@@ -574,6 +580,37 @@ fn a_download_that_fails_for_good_fails_the_module_and_withdraws_its_config() {
     );
     assert!(h.handed.is_empty(), "the verifier stops following it");
     assert_eq!(h.raised_kinds(), [events::DOWNLOAD_FAILED]);
+}
+
+#[test]
+fn a_local_assignment_without_a_priority_is_stacked_at_its_manifests() {
+    let mut h = Harness::new(PLAIN);
+    // base's manifest asks for 60, above app's 10 (both manifests are otherwise alike).
+    let base = h.images.get_mut(&("base".into(), "1".into())).unwrap();
+    base.resolved.module.priority = 60;
+    h.run(&[
+        Row(Assign("base", "1"), "-", "base Resolving"),
+        Row(Fetch("base"), "-", "base Verifying"),
+        Row(Verified("base"), "base@1", "base Mounting"),
+        Row(Mount(Mounted), "base@1", "base Active"),
+        Row(Assign("app", "1"), "base@1", "app Resolving; base Active"),
+        Row(Fetch("app"), "base@1", "app Verifying; base Active"),
+        Row(Verified("app"), "app@1 base@1", "app Mounting; base Active"),
+    ]);
+    let priorities = |h: &Harness| -> Vec<u32> {
+        h.stack
+            .as_ref()
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| l.priority)
+            .collect()
+    };
+    assert_eq!(priorities(&h), [10, 60]);
+    // An assignment that names a priority has it, whatever the manifest says.
+    h.assign_at("app", "1", Some(99));
+    assert_eq!(h.stack_text(), "base@1 app@1");
+    assert_eq!(priorities(&h), [60, 99]);
 }
 
 const DEPENDENT: Catalog = &[

@@ -19,8 +19,10 @@ pub struct LocalModule {
     pub name: String,
     /// Its reference, `registry/repository:tag` or `…@sha256:…`.
     pub reference: String,
-    /// Its stacking priority.
-    pub priority: u32,
+    /// Its stacking priority; without one, the module manifest's default is used (a file
+    /// written before priorities were optional always names one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u32>,
 }
 
 /// Why a local assignment could not be read or written.
@@ -169,7 +171,7 @@ mod tests {
         let m = LocalModule {
             name: "tools".into(),
             reference: "127.0.0.1:5000/m/tools:1".into(),
-            priority: 7,
+            priority: Some(7),
         };
         let path = write(dir.path(), &m).unwrap();
         // Written whole, readable by all (it is configuration), nothing else left beside it.
@@ -189,8 +191,18 @@ mod tests {
             "name = \"x\"\nreference = \"r\"\npriority = 1\n",
         )
         .unwrap();
+        // Without a priority: none is written, none is read (the manifest's is used).
+        let plain = LocalModule {
+            name: "plain".into(),
+            reference: "127.0.0.1:5000/m/plain:1".into(),
+            priority: None,
+        };
+        let plain_path = write(dir.path(), &plain).unwrap();
+        assert!(!fs::read_to_string(&plain_path)
+            .unwrap()
+            .contains("priority"));
         let (good, bad) = read_all(dir.path());
-        assert_eq!(good.into_values().collect::<Vec<_>>(), vec![m]);
+        assert_eq!(good.into_values().collect::<Vec<_>>(), vec![plain, m]);
         assert_eq!(bad.len(), 2);
         assert!(remove(dir.path(), "tools").unwrap());
         assert!(!remove(dir.path(), "tools").unwrap());

@@ -148,19 +148,14 @@ impl Node {
         }
     }
 
-    /// `attach REF --name NAME --priority P`, waiting until it is Active.
-    fn attach(&self, name: &str, reference: &str, priority: u32) {
-        let priority = priority.to_string();
-        let out = self.cli(&[
-            "attach",
-            reference,
-            "--name",
-            name,
-            "--priority",
-            &priority,
-            "--timeout",
-            "120",
-        ]);
+    /// `attach REF --name NAME [--priority P]`, waiting until it is Active.
+    fn attach(&self, name: &str, reference: &str, priority: Option<u32>) {
+        let priority = priority.map(|p| p.to_string());
+        let mut args = vec!["attach", reference, "--name", name, "--timeout", "120"];
+        if let Some(priority) = &priority {
+            args.extend(["--priority", priority]);
+        }
+        let out = self.cli(&args);
         if out.code != Some(0) {
             self.fail(&format!("attach {name} ({reference}): {out:?}"));
         }
@@ -446,7 +441,8 @@ fn commit_captures_the_writes_as_a_module() {
         &[("base.txt", "base"), ("gone.txt", "deleted on the node")],
         Some(&node.key),
     );
-    node.attach("base", &base, 10);
+    // 55: between what `attach` used to give every module (50) and the committed module's 60.
+    node.attach("base", &base, Some(55));
     fs::write(node.union().join("hello.txt"), "written on the node").unwrap();
     fs::remove_file(node.union().join("gone.txt")).unwrap();
 
@@ -502,9 +498,9 @@ fn commit_captures_the_writes_as_a_module() {
     assert_eq!(pushed.code, Some(0), "{pushed:?}");
     assert_eq!(pushed.json()["digest"], image_digest.as_str(), "{pushed:?}");
 
-    // Signed and attached above the base (an assignment's priority is its own: the module's
-    // 60 is not taken by `attach`), it brings both changes into a new stack (whose tmpfs upper
-    // starts empty).
+    // Signed and attached without a priority, it is stacked at its manifest's (commit's
+    // default, 60), above the base's 55: it brings both changes into a new stack (whose tmpfs
+    // upper starts empty). Below the base, gone.txt would show again.
     node.rt
         .block_on(package::sign(
             &node.registry_client(),
@@ -512,7 +508,7 @@ fn commit_captures_the_writes_as_a_module() {
             &node.key,
         ))
         .unwrap();
-    node.attach("app", &committed, 60);
+    node.attach("app", &committed, None);
     let status = node.mount_status("the committed module stacked", |s| {
         s.state == MountState::Mounted && s.layers.contains(&image_digest)
     });
@@ -586,8 +582,8 @@ fn the_store_keeps_only_what_is_stacked() {
     let (keep, kept) = node.push("keep", "1", &[("keep.txt", "keep")], Some(&node.key));
     let (app1, old) = node.push("app", "1", &[("app.txt", "one")], Some(&node.key));
     let (app2, new) = node.push("app", "2", &[("app.txt", "two")], Some(&node.key));
-    node.attach("keep", &keep, 10);
-    node.attach("app", &app1, 20);
+    node.attach("keep", &keep, Some(10));
+    node.attach("app", &app1, Some(20));
     assert_eq!(node.union_file("app.txt").as_deref(), Some("one"));
     for built in [&kept, &old] {
         assert!(
@@ -599,7 +595,7 @@ fn the_store_keeps_only_what_is_stacked() {
     assert!(!node.blob(&new.image_digest).exists());
 
     // Replaced by version 2: version 1's image goes once the new stack is mounted.
-    node.attach("app", &app2, 20);
+    node.attach("app", &app2, Some(20));
     node.mount_status("version 2 stacked", |s| {
         s.state == MountState::Mounted
             && s.layers.contains(&new.image_digest)
