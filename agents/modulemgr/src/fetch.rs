@@ -297,10 +297,11 @@ async fn attempt(
     reports: &mpsc::Sender<(String, u64, Report)>,
     epoch: u64,
 ) -> Result<Fetched, RegistryError> {
-    // The signatures are fetched beside the image, not before it: nothing needs them until
-    // the image is complete, and on a registry next door their round trips were a twentieth
-    // of the pull (docs/performance.md, modules).
-    let resolved = match registry.resolve(&job.reference, &job.architecture).await {
+    // The image's download starts as soon as the platform manifest names it; the module
+    // manifest and the signatures are read beside it: nothing needs them before the image is
+    // complete, and on a registry next door their round trips were a twentieth of the pull
+    // (docs/performance.md, modules).
+    let located = match registry.locate(&job.reference, &job.architecture).await {
         Ok(found) => found,
         Err(e) if e.is_transient() => {
             let kept = lastknown.load(&job.reference, &job.architecture);
@@ -322,34 +323,43 @@ async fn attempt(
         }
         Err(e) => return Err(e),
     };
-    let _ = reports
-        .send((
-            job.name.clone(),
-            epoch,
-            Report::Resolved {
-                digest: resolved.image.digest.clone(),
-                total: resolved.image.size,
-            },
-        ))
-        .await;
-    let digest = Digest::parse(&resolved.image.digest)?;
-    if !store.contains(&digest) {
-        // Without its signatures yet: the verifier hashes an arriving image, and judges it
-        // only with the complete config, which carries them (`Follow::continues`).
-        let arriving = Fetched {
-            resolved: resolved.clone(),
-            image_path: store.partial_path(&digest),
-            signatures: Vec::new(),
-            offline: false,
-        };
+    let image = located.image().clone();
+    let repository = located.repository().to_owned();
+    let digest = Digest::parse(&image.digest)?;
+    let describe = async {
+        let resolved = registry.describe(located, &job.architecture).await?;
         let _ = reports
             .send((
                 job.name.clone(),
                 epoch,
-                Report::Arriving(Box::new(arriving)),
+                Report::Resolved {
+                    digest: resolved.image.digest.clone(),
+                    total: resolved.image.size,
+                },
             ))
             .await;
-    }
+        if !store.contains(&digest) {
+            // Without its signatures yet: the verifier hashes an arriving image, and judges it
+            // only with the complete config, which carries them (`Follow::continues`).
+            let arriving = Fetched {
+                resolved: resolved.clone(),
+                image_path: store.partial_path(&digest),
+                signatures: Vec::new(),
+                offline: false,
+            };
+            let _ = reports
+                .send((
+                    job.name.clone(),
+                    epoch,
+                    Report::Arriving(Box::new(arriving)),
+                ))
+                .await;
+        }
+        let (signatures, signed_index) = registry.signatures_of(&resolved).await?;
+        Ok::<_, RegistryError>((resolved, signatures, signed_index))
+    };
+    // Progress counted before the module manifest is read (the module is Resolving until
+    // then) is not shown; the next report carries the count.
     let mut last = Instant::now() - PROGRESS_EVERY;
     let name = job.name.clone();
     let progress_tx = reports.clone();
@@ -360,9 +370,9 @@ async fn attempt(
             let _ = progress_tx.try_send((name.clone(), epoch, Report::Progress { done }));
         }
     };
-    let (image_path, (signatures, signed_index)) = tokio::try_join!(
-        registry.pull_blob(&resolved.repository, &resolved.image, store, &mut progress),
-        registry.signatures_of(&resolved),
+    let (image_path, (resolved, signatures, signed_index)) = tokio::try_join!(
+        registry.pull_blob(&repository, &image, store, &mut progress),
+        describe,
     )?;
     let resolved = Resolved {
         signed_index,

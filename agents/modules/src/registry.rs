@@ -207,6 +207,36 @@ impl PiecePool {
     }
 }
 
+/// A module reference followed to its platform manifest for one architecture ([`Registry::locate`]),
+/// its module manifest not read yet.
+#[derive(Clone, Debug)]
+pub struct Located {
+    /// What was asked for.
+    reference: Reference,
+    /// `registry/repository`.
+    repository: String,
+    /// The platform manifest, exactly as pulled.
+    manifest_text: String,
+    /// Its digest.
+    manifest_digest: Digest,
+    /// The index it was chosen from, if the reference named one.
+    index_digest: Option<Digest>,
+    /// The platform manifest, parsed: a module's.
+    manifest: ImageManifest,
+}
+
+impl Located {
+    /// `registry/repository`.
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The erofs image layer the platform manifest names.
+    pub fn image(&self) -> &Descriptor {
+        self.manifest.image()
+    }
+}
+
 /// A module reference resolved for one architecture: everything needed to pull and verify it.
 #[derive(Clone, Debug)]
 pub struct Resolved {
@@ -441,6 +471,39 @@ impl Registry {
         architecture: &str,
         with_signatures: bool,
     ) -> Result<(Resolved, Vec<CosignSignature>), RegistryError> {
+        let located = self.locate(reference, architecture).await?;
+        if !with_signatures {
+            return Ok((self.describe(located, architecture).await?, Vec::new()));
+        }
+        let (repository, manifest_digest, index_digest) = (
+            located.repository.clone(),
+            located.manifest_digest.clone(),
+            located.index_digest.clone(),
+        );
+        let (resolved, signatures) = tokio::try_join!(
+            self.describe(located, architecture),
+            self.signatures(&repository, &manifest_digest),
+        )?;
+        let signed_index = self
+            .signed_index(&repository, index_digest.as_ref(), &signatures)
+            .await?;
+        Ok((
+            Resolved {
+                signed_index,
+                ..resolved
+            },
+            signatures,
+        ))
+    }
+
+    /// The first half of [`Registry::resolve`]: follows an index to the platform manifest for
+    /// `architecture` and checks it is a module's. That names the image, so its download can
+    /// start while [`Registry::describe`] reads the module manifest.
+    pub async fn locate(
+        &self,
+        reference: &str,
+        architecture: &str,
+    ) -> Result<Located, RegistryError> {
         let reference = parse_reference(reference)?;
         let (bytes, digest) = self
             .manifest_raw(&reference, &[OCI_INDEX, OCI_MANIFEST])
@@ -459,43 +522,43 @@ impl Registry {
                 (bytes, digest, None)
             };
         let manifest = ImageManifest::parse_module(&manifest_bytes)?;
-        let repository = repository_of(&reference);
-        let signatures = async {
-            if with_signatures {
-                self.signatures(&repository, &manifest_digest).await
-            } else {
-                Ok(Vec::new())
-            }
-        };
-        let (config, signatures) = tokio::try_join!(
-            self.small_blob(&reference, &manifest.config, MAX_METADATA_BYTES as u64),
-            signatures
-        )?;
-        let signed_index = if with_signatures {
-            self.signed_index(&repository, index_digest.as_ref(), &signatures)
-                .await?
-        } else {
-            None
-        };
         let manifest_text = String::from_utf8(manifest_bytes)
             .map_err(|_| RegistryError::Invalid("manifest is not UTF-8".into()))?;
+        Ok(Located {
+            repository: repository_of(&reference),
+            reference,
+            manifest_text,
+            manifest_digest,
+            index_digest,
+            manifest,
+        })
+    }
+
+    /// The second half of [`Registry::resolve`]: reads the module manifest `located` names and
+    /// checks it against the platform manifest and `architecture`.
+    pub async fn describe(
+        &self,
+        located: Located,
+        architecture: &str,
+    ) -> Result<Resolved, RegistryError> {
+        let config = self
+            .small_blob(
+                &located.reference,
+                &located.manifest.config,
+                MAX_METADATA_BYTES as u64,
+            )
+            .await?;
         let config_text = String::from_utf8(config)
             .map_err(|_| RegistryError::Invalid("module manifest is not UTF-8".into()))?;
         let resolved = Resolved::from_parts(
-            repository,
-            manifest_text,
-            index_digest,
+            located.repository,
+            located.manifest_text,
+            located.index_digest,
             config_text,
             architecture,
         )?;
-        debug_assert_eq!(resolved.manifest_digest, manifest_digest);
-        Ok((
-            Resolved {
-                signed_index,
-                ..resolved
-            },
-            signatures,
-        ))
+        debug_assert_eq!(resolved.manifest_digest, located.manifest_digest);
+        Ok(resolved)
     }
 
     /// The cosign signatures of `resolved`'s platform manifest, and
