@@ -249,6 +249,7 @@ pub fn recovered(target: &str, r: &Recovered) -> Raised {
     // closed by the switch back leaves the stack adopted in its own slot: no loss. Any other
     // window not resumed ended without its checks.
     let window_lost = r.window.is_none()
+        && r.rebuild_window.is_none()
         && r.found
             .window
             .is_some_and(|(_, slot)| Some(slot) != r.active.as_ref().map(|a| a.slot));
@@ -256,6 +257,13 @@ pub fn recovered(target: &str, r: &Recovered) -> Raised {
     if let Some(w) = &r.window {
         done.push_str(&format!(
             "; kept generation {} in slot {} for the rest of the confirmation window",
+            w.previous.config.generation,
+            slot_name(w.previous.slot)
+        ));
+    } else if let Some(w) = &r.rebuild_window {
+        done.push_str(&format!(
+            "; building generation {} in slot {} first, to switch back to for the rest of the \
+             confirmation window",
             w.previous.config.generation,
             slot_name(w.previous.slot)
         ));
@@ -365,6 +373,7 @@ mod tests {
             active,
             window: None,
             rebuild,
+            rebuild_window: None,
             problems: problems.iter().map(|p| (*p).to_owned()).collect(),
         };
         super::recovered("modules", &r)
@@ -569,6 +578,10 @@ mod tests {
                 Decision::Rebuild(s) => Some(s.config.clone()),
                 _ => None,
             };
+            // `resumed`: the window goes on, with its previous stack kept (an adoption) or
+            // built again first (a rebuild).
+            let rebuilt = resumed && rebuild.is_some();
+            let resumed = resumed && rebuild.is_none();
             super::recovered(
                 "modules",
                 &Recovered {
@@ -585,6 +598,7 @@ mod tests {
                     active,
                     window: resumed.then(|| window.clone()),
                     rebuild,
+                    rebuild_window: rebuilt.then(|| window.clone()),
                     problems: Vec::new(),
                 },
             )
@@ -635,11 +649,18 @@ mod tests {
                 Warning,
                 "had moved current when it was cut short: adopted generation 1 in slot A, cleaned",
             ),
-            // A reboot in the window.
+            // A reboot in the window, the previous stack's images gone.
             (
                 report(None, None, Decision::Rebuild(stack(2, Slot::B)), false),
                 Warning,
                 "over without its checks",
+            ),
+            // A reboot in the window, the previous stack's images there: it is built first.
+            (
+                report(None, None, Decision::Rebuild(stack(2, Slot::B)), true),
+                Info,
+                "building generation 1 in slot A first, to switch back to for the rest of the \
+                 confirmation window",
             ),
         ];
         for (i, (e, severity, done)) in rows.iter().enumerate() {

@@ -276,6 +276,9 @@ struct TargetState {
     drift: Option<String>,
     /// A failed repair, while it waits to be tried again.
     retry: Option<Retry>,
+    /// The end of the confirmation window a reboot cut short, while the stack it led to is
+    /// built again: the switch to it opens its window with this end, not a full window.
+    resume_until: Option<u64>,
 }
 
 impl TargetState {
@@ -292,6 +295,7 @@ impl TargetState {
             window: None,
             drift: None,
             retry: None,
+            resume_until: None,
         }
     }
 }
@@ -346,11 +350,11 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     ctx.ready();
     if !rebuilds.is_empty() {
         agent.enter(State::Rebuilding);
-        for config in rebuilds {
+        for (config, window) in rebuilds {
             if ctx.shutdown.is_cancelled() {
                 break;
             }
-            agent.apply_beating(config).await;
+            agent.rebuild_recorded(config, window).await;
         }
     }
     // The mount path, and anything recovery could not see (a stack switched beneath
@@ -413,7 +417,10 @@ impl Agent {
 
     /// Recovers every target an earlier run left (records, directories, mounts) and publishes
     /// the truth about each. Returns the configurations to build again.
-    fn recover(&mut self) -> anyhow::Result<Vec<MountConfig>> {
+    /// Recovers every target ([`recover::recover_target`]): the stacks to build again, each
+    /// with the confirmation window a reboot cut short, if its previous stack can be built
+    /// again too.
+    fn recover(&mut self) -> anyhow::Result<Vec<(MountConfig, Option<WindowRecord>)>> {
         let mut names = self.store.targets();
         names.extend(self.layout.existing_targets());
         let entries = mountinfo::read().context("reading the mount table")?;
@@ -454,7 +461,7 @@ impl Agent {
                 self.targets.insert(name.clone(), state);
             }
             if let Some(config) = recovered.rebuild {
-                rebuilds.push(config);
+                rebuilds.push((config, recovered.rebuild_window));
             }
         }
         // Publish what is true now. A previous answer that still describes the active stack
@@ -620,6 +627,29 @@ impl Agent {
             return;
         }
         self.apply_beating(config).await;
+    }
+
+    /// Builds a recorded stack again after a reboot. With the confirmation window the reboot
+    /// cut short, the stack it kept to switch back to is built first and `config` switched to
+    /// from it, so that the window, run to its recorded end, can still roll back; were that
+    /// stack not to build, `config` is built alone, its window over.
+    async fn rebuild_recorded(&mut self, config: MountConfig, window: Option<WindowRecord>) {
+        let target = config.target.clone();
+        if let Some(window) = window {
+            let previous = window.previous.config;
+            tracing::info!(target = %target, generation = previous.generation, until_ms = window.until_ms,
+                "a reboot cut a confirmation window short: building the stack before it first");
+            let generation = previous.generation;
+            self.apply_beating(previous).await;
+            if let Some(state) = self.targets.get_mut(&target) {
+                let built = state.active.as_ref().map(|a| a.config.generation) == Some(generation);
+                state.resume_until = built.then_some(window.until_ms);
+            }
+        }
+        self.apply_beating(config).await;
+        if let Some(state) = self.targets.get_mut(&target) {
+            state.resume_until = None;
+        }
     }
 
     /// [`Agent::apply`], beating the liveness meanwhile (health checks can take long).
@@ -856,6 +886,10 @@ impl Agent {
 
     /// The switch step of applying `config`: see [`Agent::switch_to`].
     fn switch_step(&mut self, config: &MountConfig, plan: Plan) -> Step {
+        let resume_until = self
+            .targets
+            .get_mut(&plan.target)
+            .and_then(|t| t.resume_until.take());
         let Some(state) = self.targets.get(&plan.target) else {
             return Step::Discard {
                 slot: plan.slot,
@@ -873,9 +907,12 @@ impl Agent {
             .filter(|_| self.wants_window(config))
             .map(|previous| WindowRecord {
                 previous,
-                until_ms: agentbase::health::now_ms().saturating_add(
-                    u64::try_from(self.settings.confirm_window().as_millis()).unwrap_or(u64::MAX),
-                ),
+                until_ms: resume_until.unwrap_or_else(|| {
+                    agentbase::health::now_ms().saturating_add(
+                        u64::try_from(self.settings.confirm_window().as_millis())
+                            .unwrap_or(u64::MAX),
+                    )
+                }),
             });
         let (target, slot) = (plan.target.clone(), plan.slot);
         match self.switch_to(&target, new, Some(plan), old.as_ref(), window) {

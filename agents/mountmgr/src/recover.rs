@@ -28,7 +28,8 @@
 //! | adopt X  | not X's, fully mounted as recorded            | resumed: W's slot kept too      |
 //! | adopt X  | not X's, not fully mounted (e.g. half retired)| over: W's slot cleaned          |
 //! | adopt W  | (the switch to X never moved `current`)       | over: it was never opened       |
-//! | rebuild  | —                                             | over (a reboot: W is gone too)  |
+//! | rebuild  | — (a reboot: W is gone too), W's images there | W built first, then X switched to: the window runs to its recorded end |
+//! | rebuild  | —, W's images gone                            | over                            |
 //! | clean    | —                                             | over, with the record           |
 //!
 //! W's images should still be in the store (modulemgr keeps them until the window is over),
@@ -130,6 +131,10 @@ pub struct Recovered {
     pub window: Option<WindowRecord>,
     /// A stack to build again (its images exist).
     pub rebuild: Option<MountConfig>,
+    /// With `rebuild`, after a reboot in a confirmation window: the stack the window kept to
+    /// switch back to (its images exist too), built first, and the window's end. The stack of
+    /// `rebuild` is then switched to from it, and the window runs to its recorded end.
+    pub rebuild_window: Option<WindowRecord>,
     /// Problems to report (corrupt record, failed unmounts); recovery went on regardless.
     pub problems: Vec<String>,
 }
@@ -208,10 +213,12 @@ pub fn recover_target(
                 active: Some(stack),
                 window,
                 rebuild: None,
+                rebuild_window: None,
                 problems,
             })
         }
         Decision::Rebuild(stack) => {
+            let recorded_window = record.as_ref().and_then(|r| r.window.clone());
             clean_target(layout, target, &mut problems);
             release_loops(&loops, &[]);
             let mut new = record.unwrap_or_else(|| Record::new(target));
@@ -229,12 +236,26 @@ pub fn recover_target(
                 .filter(|l| !image_exists(layout.root(), &l.image_path))
                 .map(|l| l.name.clone())
                 .collect();
+            let all_there = |config: &MountConfig| {
+                config
+                    .layers
+                    .iter()
+                    .all(|l| image_exists(layout.root(), &l.image_path))
+            };
             let rebuild = if missing.is_empty() {
-                Some(stack.config)
+                Some(stack.config.clone())
             } else {
                 tracing::info!(target, missing = ?missing, "images of the applied stack are gone; waiting for MountConfig");
                 None
             };
+            // A reboot in a confirmation window: the stack to switch back to is built again
+            // too, if modulemgr kept its images, so that the window can still roll back.
+            let rebuild_window = recorded_window.filter(|w| {
+                rebuild.is_some()
+                    && w.previous.slot != stack.slot
+                    && !w.previous.config.layers.is_empty()
+                    && all_there(&w.previous.config)
+            });
             Ok(Recovered {
                 found,
                 decision,
@@ -242,6 +263,7 @@ pub fn recover_target(
                 active: None,
                 window: None,
                 rebuild,
+                rebuild_window,
                 problems,
             })
         }
@@ -261,6 +283,7 @@ pub fn recover_target(
                 active: None,
                 window: None,
                 rebuild: None,
+                rebuild_window: None,
                 problems,
             })
         }

@@ -327,14 +327,8 @@ async fn after_a_reboot_the_recorded_stack_is_rebuilt() {
         wait_answer(&mut status, 1, MountState::Mounted).await;
         agent.stop().await;
     }
-    // "Reboot": every mount gone, run/ empty; persist/ stays. modulemgr is not up yet.
-    let entries = mountmgr::mountinfo::read().unwrap();
-    for e in
-        mountmgr::mountinfo::unmount_order(&mountmgr::mountinfo::under(&entries, &sandbox.root))
-    {
-        nix::mount::umount2(&e.mount_point, nix::mount::MntFlags::empty()).unwrap();
-    }
-    remove_all(&sandbox.root.join("run"));
+    // modulemgr is not up yet.
+    sandbox.reboot();
 
     let agent = Agent::start(&sandbox.root).await;
     let mut status = status_subscription(&sandbox);
@@ -479,23 +473,4 @@ async fn a_persistent_upper_keeps_writes_across_switches() {
     // (`index=off` shows in mountinfo only where the kernel's default is on; the option
     // string itself is checked by a unit test of `stack`.)
     agent.stop().await;
-}
-
-fn remove_all(path: &std::path::Path) {
-    // The base directories are read-only; make everything writable first.
-    fn walk(p: &std::path::Path) {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::symlink_metadata(p) {
-            if meta.is_dir() {
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
-                if let Ok(entries) = std::fs::read_dir(p) {
-                    for e in entries.flatten() {
-                        walk(&e.path());
-                    }
-                }
-            }
-        }
-    }
-    walk(path);
-    std::fs::remove_dir_all(path).unwrap();
 }

@@ -658,3 +658,72 @@ async fn a_window_resumed_after_a_restart_ends_at_its_deadline() {
     assert!(exit.success(), "{exit}");
     assert_one_stack(&sandbox, Slot::B, 1);
 }
+
+/// A reboot in the confirmation window of the switch from generation 1 (slot A) to
+/// generation 2 (slot B), generation 1's image still in the store: started again with
+/// nothing mounted, the agent builds generation 1 first and switches to generation 2 from it,
+/// so the window goes on to its recorded deadline with slot A to switch back to; when
+/// generation 2's check then fails, generation 1 is active again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reboot_in_the_confirmation_window_can_still_roll_back() {
+    if !require(&["root", "mkfs.erofs"]) {
+        return;
+    }
+    let Some(binary) = agent_binary() else {
+        return;
+    };
+    let sandbox = Sandbox::new();
+    sandbox.settings("[mounts]\nconfirm_window_s = 120\nconfirm_interval_s = 1\n");
+    let broken = sandbox.root.join("broken");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(&binary, &sandbox);
+    let (until, _) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+    drop((configs, status));
+    sandbox.reboot();
+    assert!(sandbox.mounts_under(&sandbox.target_dir()).is_empty());
+
+    let process = Process::start(&binary, &sandbox);
+    wait_ready(&sandbox, process.pid()).await;
+    let mut status = status_subscription(&sandbox);
+    let s = wait_status(&mut status, "generation 2 mounted again", |s| {
+        s.generation == 2 && s.state == MountState::Mounted
+    })
+    .await;
+    assert_eq!(s.slot, Some(Slot::B));
+    assert_eq!(s.confirm_until_ms, Some(until), "the window's recorded end");
+    assert_eq!(
+        sandbox.slot_mounts("A").len(),
+        3,
+        "generation 1 built again"
+    );
+    assert_eq!(sandbox.slot_mounts("B").len(), 3);
+    assert_eq!(sandbox.current_link(), Some(PathBuf::from("B/merged")));
+    assert_eq!(sandbox.read("v.txt").as_deref(), Some("2"));
+    let mut events = event_subscription(&sandbox);
+    let recovered = wait_events(&mut events, "stack.recovered", 1).await;
+    let recovered = recovered.last().unwrap();
+    assert_eq!(
+        field(recovered, "decision"),
+        Some("rebuild"),
+        "{recovered:?}"
+    );
+    assert!(
+        field(recovered, "done")
+            .unwrap()
+            .contains("building generation 1 in slot A first"),
+        "{recovered:?}"
+    );
+    assert_eq!(record(&sandbox).window.map(|w| w.until_ms), Some(until));
+
+    std::fs::write(&broken, b"").unwrap();
+    let s = wait_answer(&mut status, 2, MountState::RolledBack).await;
+    assert_eq!(s.slot, Some(Slot::A));
+    assert_eq!(s.confirm_until_ms, None);
+    assert_one_stack(&sandbox, Slot::A, 1);
+    assert_eq!(sandbox.read("v.txt").as_deref(), Some("1"));
+    let exit = process.terminate();
+    assert!(exit.success(), "{exit}");
+}

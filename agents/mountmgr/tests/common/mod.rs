@@ -161,6 +161,38 @@ impl Sandbox {
     }
 }
 
+impl Sandbox {
+    /// What a reboot does to the node: every mount under the root gone, `run/` empty;
+    /// `persist/` (the records, the images) stays.
+    pub fn reboot(&self) {
+        let entries = mountinfo::read().unwrap();
+        for e in mountinfo::unmount_order(&mountinfo::under(&entries, &self.root)) {
+            nix::mount::umount2(&e.mount_point, nix::mount::MntFlags::empty()).unwrap();
+        }
+        remove_all(&self.root.join("run"));
+    }
+}
+
+/// Removes `path` and everything below it, read-only directories (erofs trees copied out,
+/// slot bases) included.
+fn remove_all(path: &Path) {
+    fn walk(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::symlink_metadata(p) {
+            if meta.is_dir() {
+                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755));
+                if let Ok(entries) = std::fs::read_dir(p) {
+                    for e in entries.flatten() {
+                        walk(&e.path());
+                    }
+                }
+            }
+        }
+    }
+    walk(path);
+    std::fs::remove_dir_all(path).unwrap();
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let Ok(entries) = mountinfo::read() else {
