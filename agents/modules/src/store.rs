@@ -264,11 +264,13 @@ impl BlobWriter {
                 size: self.size,
             });
         }
+        // Hashed beside the write, not after it: the hashing thread starts on the piece while
+        // it is copied into the page cache.
+        self.hasher.update(bytes.clone());
         self.file
             .write_all(&bytes)
             .map_err(io_err("writing", &self.partial))?;
         self.written += bytes.len() as u64;
-        self.hasher.update(bytes);
         if self.written - self.writeback_from >= WRITEBACK_EVERY {
             self.start_writeback();
         }
