@@ -272,8 +272,8 @@ enum Command {
         /// Its version.
         #[arg(long, value_name = "V")]
         version: String,
-        /// Its stacking priority.
-        #[arg(long, default_value = "60")]
+        /// Its stacking priority (the manifest's default; `attach` uses it when given none).
+        #[arg(long, default_value_t = modulemgr::commit::DEFAULT_PRIORITY)]
         priority: u32,
         /// The mount target (default: modules.mount_target from the settings).
         #[arg(long)]

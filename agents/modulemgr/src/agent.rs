@@ -70,6 +70,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         statuses: items(&status_pub),
         handed: items(&verify_pub),
         stack: mount_pub.get(&settings.mount_target),
+        stack_before: read_stack_before(&ctx.root),
         // A node where heartbeatd never published an assignment (no controller, or its
         // first boot) has nothing to wait for; otherwise the assignment is read from
         // heartbeatd (live, or from its persistent checkpoints) before anything leaves the
@@ -174,6 +175,45 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where the stack applied before the one mountmgr is confirming is kept
+/// ([`Effect::KeepStackBefore`]).
+const STACK_BEFORE: &str = "persist/powernode/modulemgr/stack-before.json";
+
+/// The stack kept by [`keep_stack_before`], if any (an unreadable file is as none).
+fn read_stack_before(root: &agentbase::Root) -> Option<MountConfig> {
+    let path = root.path(STACK_BEFORE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot read the stack before");
+            return None;
+        }
+    };
+    serde_json::from_slice(&bytes)
+        .inspect_err(|e| tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable stack before"))
+        .ok()
+}
+
+/// Writes `before` durably, or removes the file for `None`.
+fn keep_stack_before(root: &agentbase::Root, before: Option<&MountConfig>) -> anyhow::Result<()> {
+    let path = root.path(STACK_BEFORE);
+    match before {
+        Some(config) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            powernode_atomicfile::write_atomic(&path, &serde_json::to_vec(config)?, 0o644)?;
+        }
+        None => match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    Ok(())
+}
+
 /// Every item of `publication`.
 fn items<T: Topic>(publication: &Publication<T>) -> Vec<T> {
     publication
@@ -244,6 +284,16 @@ impl Agent {
             Effect::ReportError(error) => self.ctx.health.report_error(&error),
             Effect::CollectGarbage(garbage) => {
                 garbage.collect(&self.store, &self.lastknown, host_architecture());
+            }
+            Effect::KeepStackBefore(before) => {
+                if let Err(e) = keep_stack_before(&self.ctx.root, before.as_ref()) {
+                    // Only a restart inside the window would miss it: a rollback then has no
+                    // layers to fall back to, and nothing is collected until the window ends.
+                    tracing::error!(error = %e, "cannot keep the stack before the one being confirmed");
+                    self.ctx
+                        .health
+                        .report_error(&format!("keeping the stack before: {e}"));
+                }
             }
         }
         Vec::new()

@@ -14,6 +14,10 @@ use powernode_modules::package::{self, BuildOptions, Built, Pushed};
 use powernode_modules::registry::{self, Registry};
 use serde::Serialize;
 
+/// The priority a committed module's manifest gives when none is asked for: above the
+/// modules of a usual stack, since its files are changes to theirs.
+pub const DEFAULT_PRIORITY: u32 = 60;
+
 /// What to make of the writes.
 #[derive(Debug, Clone)]
 pub struct CommitRequest {

@@ -289,6 +289,39 @@ async fn keep(
     }
 }
 
+/// Which part of an attempt failed.
+enum Failure {
+    /// Reading the module config: like resolving, it may fall back to the last resolution.
+    Config(RegistryError),
+    /// The download or the signatures.
+    Other(RegistryError),
+}
+
+/// The registry unreachable (`error`) while resolving: the module as last resolved, if its
+/// image is in the store; else the error.
+fn offline(
+    job: &Job,
+    store: &Store,
+    lastknown: &LastKnown,
+    error: RegistryError,
+) -> Result<Fetched, RegistryError> {
+    let kept = lastknown.load(&job.reference, &job.architecture);
+    let in_store = |r: &Resolved| Digest::parse(&r.image.digest).is_ok_and(|d| store.contains(&d));
+    match kept {
+        Some((resolved, signatures)) if in_store(&resolved) => {
+            tracing::warn!(module = %job.name, error = %error, manifest = %resolved.manifest_digest,
+                "registry unreachable; going on with the module as last resolved (its image is in the store)");
+            Ok(Fetched {
+                image_path: store.path(&Digest::parse(&resolved.image.digest)?),
+                resolved,
+                signatures,
+                offline: true,
+            })
+        }
+        _ => Err(error),
+    }
+}
+
 async fn attempt(
     job: &Job,
     registry: &Registry,
@@ -303,31 +336,17 @@ async fn attempt(
     // (docs/performance.md, modules).
     let located = match registry.locate(&job.reference, &job.architecture).await {
         Ok(found) => found,
-        Err(e) if e.is_transient() => {
-            let kept = lastknown.load(&job.reference, &job.architecture);
-            let in_store =
-                |r: &Resolved| Digest::parse(&r.image.digest).is_ok_and(|d| store.contains(&d));
-            match kept {
-                Some((resolved, signatures)) if in_store(&resolved) => {
-                    tracing::warn!(module = %job.name, error = %e, manifest = %resolved.manifest_digest,
-                        "registry unreachable; going on with the module as last resolved (its image is in the store)");
-                    return Ok(Fetched {
-                        image_path: store.path(&Digest::parse(&resolved.image.digest)?),
-                        resolved,
-                        signatures,
-                        offline: true,
-                    });
-                }
-                _ => return Err(e),
-            }
-        }
+        Err(e) if e.is_transient() => return offline(job, store, lastknown, e),
         Err(e) => return Err(e),
     };
     let image = located.image().clone();
     let repository = located.repository().to_owned();
     let digest = Digest::parse(&image.digest)?;
     let describe = async {
-        let resolved = registry.describe(located, &job.architecture).await?;
+        let resolved = registry
+            .describe(located, &job.architecture)
+            .await
+            .map_err(Failure::Config)?;
         let _ = reports
             .send((
                 job.name.clone(),
@@ -355,8 +374,11 @@ async fn attempt(
                 ))
                 .await;
         }
-        let (signatures, signed_index) = registry.signatures_of(&resolved).await?;
-        Ok::<_, RegistryError>((resolved, signatures, signed_index))
+        let (signatures, signed_index) = registry
+            .signatures_of(&resolved)
+            .await
+            .map_err(Failure::Other)?;
+        Ok((resolved, signatures, signed_index))
     };
     // Progress counted before the module manifest is read (the module is Resolving until
     // then) is not shown; the next report carries the count.
@@ -370,10 +392,22 @@ async fn attempt(
             let _ = progress_tx.try_send((name.clone(), epoch, Report::Progress { done }));
         }
     };
-    let (image_path, (resolved, signatures, signed_index)) = tokio::try_join!(
-        registry.pull_blob(&repository, &image, store, &mut progress),
-        describe,
-    )?;
+    let download = async {
+        registry
+            .pull_blob(&repository, &image, store, &mut progress)
+            .await
+            .map_err(Failure::Other)
+    };
+    let (image_path, (resolved, signatures, signed_index)) =
+        match tokio::try_join!(download, describe) {
+            Ok(done) => done,
+            // The module config unreadable for now is the registry unreachable, as when
+            // resolving: the module may go on as last resolved.
+            Err(Failure::Config(e)) if e.is_transient() => {
+                return offline(job, store, lastknown, e)
+            }
+            Err(Failure::Config(e) | Failure::Other(e)) => return Err(e),
+        };
     let resolved = Resolved {
         signed_index,
         ..resolved

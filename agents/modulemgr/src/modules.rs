@@ -69,6 +69,9 @@ pub(crate) enum Effect {
     ReportError(String),
     /// Drop what the store and the kept resolutions no longer need.
     CollectGarbage(Garbage),
+    /// Keep (or, `None`, forget) the stack applied before the one mountmgr is confirming, on
+    /// disk: a restart inside the window must still know where a rollback goes back to.
+    KeepStackBefore(Option<MountConfig>),
 }
 
 /// The settings the state machine goes by.
@@ -91,6 +94,9 @@ pub(crate) struct Restored {
     pub handed: Vec<VerifyConfig>,
     /// Its `MountConfig` for the target.
     pub stack: Option<MountConfig>,
+    /// The stack it applied before that one, kept while mountmgr was confirming it
+    /// ([`Effect::KeepStackBefore`]).
+    pub stack_before: Option<MountConfig>,
     /// Whether the assignment is known from the start (heartbeatd never published one).
     pub desired_known: bool,
 }
@@ -141,7 +147,7 @@ impl Modules {
             .filter(|s| s.state == ModuleState::Active)
             .filter_map(|s| Some((s.name.clone(), s.digest.clone()?)))
             .collect();
-        let stack = Stack::new(restored.stack);
+        let stack = Stack::new(restored.stack, restored.stack_before);
         Modules {
             settings,
             controller: BTreeMap::new(),

@@ -52,12 +52,14 @@ pub(crate) struct Stack {
 impl Stack {
     /// At start: the stack the last run published is taken as applied until mountmgr says
     /// otherwise.
-    pub(crate) fn new(published: Option<MountConfig>) -> Stack {
+    /// `before` is the stack applied before it, as the last run kept it while mountmgr was
+    /// confirming the published one.
+    pub(crate) fn new(published: Option<MountConfig>, before: Option<MountConfig>) -> Stack {
         Stack {
             applied: published.clone(),
+            applied_before: before.filter(|b| published.as_ref() != Some(b)),
             published,
             published_since_start: false,
-            applied_before: None,
             confirming: false,
             mounted: Vec::new(),
             status: None,
@@ -278,6 +280,14 @@ impl Modules {
     }
 
     fn mount_status(&mut self, status: &MountStatus) {
+        let before = self.stack.applied_before.clone();
+        self.follow_mount_status(status);
+        if self.stack.applied_before != before {
+            self.emit(Effect::KeepStackBefore(self.stack.applied_before.clone()));
+        }
+    }
+
+    fn follow_mount_status(&mut self, status: &MountStatus) {
         if status.target != self.settings.target {
             return;
         }

@@ -61,6 +61,10 @@ struct AttachArgs {
     priority: Option<u32>,
 }
 
+fn default_commit_priority() -> u32 {
+    crate::commit::DEFAULT_PRIORITY
+}
+
 /// `module.detach` arguments.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -74,7 +78,7 @@ struct DetachArgs {
 struct CommitArgs {
     name: String,
     version: String,
-    #[serde(default)]
+    #[serde(default = "default_commit_priority")]
     priority: u32,
     reference: String,
 }

@@ -100,6 +100,8 @@ struct Harness {
     /// mountmgr's side: the stack mounted (digests), its generation, and the one before.
     mounted: (u64, Vec<String>),
     mounted_before: (u64, Vec<String>),
+    /// The stack before, as kept on disk.
+    kept_before: Option<MountConfig>,
 }
 
 /// A descriptor of `bytes` (for the other tests of the crate too).
@@ -213,6 +215,7 @@ impl Harness {
             garbage: Vec::new(),
             mounted,
             mounted_before: (0, Vec::new()),
+            kept_before: None,
         }
     }
 
@@ -268,6 +271,7 @@ impl Harness {
                 Effect::Raise(raised) => self.raised.push(raised),
                 Effect::ReportError(_) => {}
                 Effect::CollectGarbage(garbage) => self.garbage.push(garbage),
+                Effect::KeepStackBefore(before) => self.kept_before = before,
             }
         }
     }
@@ -881,6 +885,7 @@ fn a_restart_takes_the_standing_verdict_and_mount_without_a_new_stack() {
             statuses: first.statuses.values().cloned().collect(),
             handed: first.handed.values().cloned().collect(),
             stack: Some(stack),
+            stack_before: None,
             desired_known: true,
         },
     );
@@ -1064,6 +1069,49 @@ fn a_window_rolled_back_while_a_newer_stack_is_on_its_way_keeps_the_stack_before
 }
 
 #[test]
+fn a_rollback_after_a_restart_in_the_window_goes_back_to_the_stack_kept_before() {
+    let mut first = app_1_confirmed_and_app_2_ready();
+    first.run(&[Row(Mount(InWindow), "app@2", "app Active")]);
+    let before = first.kept_before.clone().expect("the stack before is kept");
+    assert_eq!(first.label(&before.layers[0].digest), "app@1");
+    let stack = first.stack.clone().unwrap();
+    // Restarted (a reboot: mountmgr built app@1 again and switched to app@2 from it).
+    let mut h = Harness::restarted(
+        CHECKED,
+        Restored {
+            statuses: first.statuses.values().cloned().collect(),
+            handed: first.handed.values().cloned().collect(),
+            stack: Some(stack.clone()),
+            stack_before: Some(before),
+            desired_known: true,
+        },
+    );
+    h.mounted_before = (
+        before_generation(&first),
+        vec![first.digest("app", "1").to_string()],
+    );
+    h.mount_status_with(stack.generation, MountState::Mounted, None, Some(60_000));
+    h.run(&[
+        Row(Assign("app", "2"), "app@2", "app Resolving"),
+        Row(InStore("app"), "app@2", "app Verifying"),
+        Row(Verified("app"), "app@2", "app Active"),
+        // The check fails in the window: the module falls back to its layer in the stack
+        // kept before, not out of the stack.
+        Row(
+            Mount(RolledBack("bin/check exited with 1")),
+            "app@1",
+            "app Failed: mount failed: bin/check exited with 1",
+        ),
+    ]);
+    assert_eq!(h.kept_before, None, "the window is over");
+}
+
+/// The generation of the stack before the last one `h` published.
+fn before_generation(h: &Harness) -> u64 {
+    h.kept_before.as_ref().map_or(0, |b| b.generation)
+}
+
+#[test]
 fn after_a_restart_in_a_window_nothing_is_collected_until_it_is_confirmed() {
     let first = app_1_confirmed_and_app_2_ready();
     let stack = first.stack.clone().unwrap();
@@ -1073,6 +1121,7 @@ fn after_a_restart_in_a_window_nothing_is_collected_until_it_is_confirmed() {
             statuses: Vec::new(),
             handed: Vec::new(),
             stack: Some(stack.clone()),
+            stack_before: None,
             desired_known: true,
         },
     );

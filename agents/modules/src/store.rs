@@ -129,12 +129,7 @@ impl Store {
     /// partial file are hashed again, and [`BlobWriter::offset`] tells where to resume.
     pub fn begin(&self, digest: &Digest, size: u64) -> Result<BlobWriter, StoreError> {
         let partial = self.partial_path(digest);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&partial)
-            .map_err(io_err("opening", &partial))?;
+        let mut file = open_partial(&partial)?;
         let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
         let written = hash_to_end(&mut file, &mut hasher).map_err(io_err("reading", &partial))?;
         let mut writer = BlobWriter {
@@ -329,6 +324,42 @@ impl BlobWriter {
     }
 }
 
+/// Opens (creating it) the partial file at `path` for one writer. A download dropped midway
+/// (its fetch cancelled) leaves its writer thread draining the last pieces into the file
+/// before it syncs and closes it; a writer that starts meanwhile would append beside it and
+/// ruin both. So each writer holds an exclusive `flock` on the file, and a new one waits for
+/// the old one to let go. The file it then holds may have been completed (renamed into
+/// place) or removed meanwhile: it is the partial file only if the path still names it.
+fn open_partial(path: &Path) -> Result<File, StoreError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    loop {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io_err("opening", path))?;
+        loop {
+            // SAFETY: `file` is an open descriptor for the duration of the call.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(io_err("locking", path)(e));
+            }
+        }
+        let held = file.metadata().map_err(io_err("reading", path))?;
+        match fs::metadata(path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(file),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("reading", path)(e)),
+        }
+    }
+}
+
 /// SHA-256 on a thread of its own, fed through a bounded channel.
 struct HashThread {
     chunks: Option<std::sync::mpsc::SyncSender<bytes::Bytes>>,
@@ -480,5 +511,42 @@ mod tests {
         assert!(!store.contains(&digest));
         store.remove(&digest).unwrap();
         assert!(store.make_durable(&digest).is_err(), "nothing to sync");
+    }
+
+    /// A writer still draining a dropped download into the partial file keeps a new one
+    /// waiting, so the resumed file is the old writer's bytes and then the new one's.
+    #[test]
+    fn a_second_writer_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::of(&data);
+        let mut first = store.begin(&digest, data.len() as u64).unwrap();
+        first
+            .write(bytes::Bytes::copy_from_slice(&data[..50_000]))
+            .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = {
+            let (store, digest, size) = (store.clone(), digest.clone(), data.len() as u64);
+            std::thread::spawn(move || {
+                let w = store.begin(&digest, size).unwrap();
+                tx.send(()).unwrap();
+                w
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(rx.try_recv().is_err(), "the second writer waits");
+        // The first one's last piece, then it lets go (as `keep_partial` does).
+        first
+            .write(bytes::Bytes::copy_from_slice(&data[50_000..80_000]))
+            .unwrap();
+        first.keep_partial().unwrap();
+        let mut second = second.join().unwrap();
+        assert_eq!(second.offset(), 80_000);
+        second
+            .write(bytes::Bytes::copy_from_slice(&data[80_000..]))
+            .unwrap();
+        let path = second.finish().unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
     }
 }

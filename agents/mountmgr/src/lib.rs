@@ -90,6 +90,7 @@ use crate::mountinfo::MountEntry;
 use crate::mountpath::{Mode, MountPath};
 use crate::mountwatch::MountWatch;
 use crate::record::{AppliedStack, LoopRecord, Record, RecordStore, WindowRecord};
+use crate::recover::Recovered;
 use crate::stack::{Plan, PlannedLayer};
 
 /// The agent that publishes `MountConfig`.
@@ -350,11 +351,11 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     ctx.ready();
     if !rebuilds.is_empty() {
         agent.enter(State::Rebuilding);
-        for (config, window) in rebuilds {
+        for (config, recovered) in rebuilds {
             if ctx.shutdown.is_cancelled() {
                 break;
             }
-            agent.rebuild_recorded(config, window).await;
+            agent.rebuild_recorded(config, recovered).await;
         }
     }
     // The mount path, and anything recovery could not see (a stack switched beneath
@@ -418,9 +419,9 @@ impl Agent {
     /// Recovers every target an earlier run left (records, directories, mounts) and publishes
     /// the truth about each. Returns the configurations to build again.
     /// Recovers every target ([`recover::recover_target`]): the stacks to build again, each
-    /// with the confirmation window a reboot cut short, if its previous stack can be built
-    /// again too.
-    fn recover(&mut self) -> anyhow::Result<Vec<(MountConfig, Option<WindowRecord>)>> {
+    /// with its recovery when a reboot cut its confirmation window short and the previous
+    /// stack can be built again too ([`Recovered::rebuild_window`]).
+    fn recover(&mut self) -> anyhow::Result<Vec<(MountConfig, Option<Recovered>)>> {
         let mut names = self.store.targets();
         names.extend(self.layout.existing_targets());
         let entries = mountinfo::read().context("reading the mount table")?;
@@ -435,7 +436,7 @@ impl Agent {
         names.dedup();
         let mut rebuilds = Vec::new();
         for name in names {
-            let recovered = recover::recover_target(&self.layout, &self.store, &name)
+            let mut recovered = recover::recover_target(&self.layout, &self.store, &name)
                 .with_context(|| format!("recovering target {name}"))?;
             for problem in &recovered.problems {
                 tracing::warn!(target = %name, %problem, "recovery");
@@ -443,9 +444,13 @@ impl Agent {
                     .health
                     .report_error(&format!("recovering {name}: {problem}"));
             }
-            events::recovered(&name, &recovered).raise(&self.ctx.events);
-            if let Some(record) = recovered.record {
-                let mut state = TargetState::with(record, recovered.active, None);
+            // A window a reboot cut short is reported once its previous stack is built again
+            // (or not): [`Agent::rebuild_recorded`].
+            if recovered.rebuild_window.is_none() {
+                events::recovered(&name, &recovered).raise(&self.ctx.events);
+            }
+            if let Some(record) = recovered.record.take() {
+                let mut state = TargetState::with(record, recovered.active.clone(), None);
                 if let Some(window) = &recovered.window {
                     let previous = &window.previous;
                     let plan =
@@ -460,8 +465,11 @@ impl Agent {
                 }
                 self.targets.insert(name.clone(), state);
             }
-            if let Some(config) = recovered.rebuild {
-                rebuilds.push((config, recovered.rebuild_window));
+            if let Some(config) = recovered.rebuild.clone() {
+                rebuilds.push((
+                    config,
+                    recovered.rebuild_window.is_some().then_some(recovered),
+                ));
             }
         }
         // Publish what is true now. A previous answer that still describes the active stack
@@ -630,19 +638,35 @@ impl Agent {
     }
 
     /// Builds a recorded stack again after a reboot. With the confirmation window the reboot
-    /// cut short, the stack it kept to switch back to is built first and `config` switched to
-    /// from it, so that the window, run to its recorded end, can still roll back; were that
-    /// stack not to build, `config` is built alone, its window over.
-    async fn rebuild_recorded(&mut self, config: MountConfig, window: Option<WindowRecord>) {
+    /// cut short (`recovered`, not yet reported), the stack it kept to switch back to is built
+    /// first and `config` switched to from it, so that the window, run to its recorded end,
+    /// can still roll back; were that stack not to build, `config` is built alone, its window
+    /// over, and the recovery says so.
+    async fn rebuild_recorded(&mut self, config: MountConfig, recovered: Option<Recovered>) {
         let target = config.target.clone();
-        if let Some(window) = window {
+        if let Some(mut recovered) = recovered {
+            let Some(window) = recovered.rebuild_window.clone() else {
+                events::recovered(&target, &recovered).raise(&self.ctx.events);
+                return self.apply_beating(config).await;
+            };
             let previous = window.previous.config;
-            tracing::info!(target = %target, generation = previous.generation, until_ms = window.until_ms,
-                "a reboot cut a confirmation window short: building the stack before it first");
             let generation = previous.generation;
+            tracing::info!(target = %target, generation, until_ms = window.until_ms,
+                "a reboot cut a confirmation window short: building the stack before it first");
             self.apply_beating(previous).await;
+            let built = self
+                .targets
+                .get(&target)
+                .and_then(|t| t.active.as_ref())
+                .is_some_and(|a| a.config.generation == generation);
+            if !built {
+                recovered.rebuild_window = None;
+            }
+            events::recovered(&target, &recovered).raise(&self.ctx.events);
+            if self.ctx.shutdown.is_cancelled() {
+                return;
+            }
             if let Some(state) = self.targets.get_mut(&target) {
-                let built = state.active.as_ref().map(|a| a.config.generation) == Some(generation);
                 state.resume_until = built.then_some(window.until_ms);
             }
         }

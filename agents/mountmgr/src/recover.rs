@@ -250,8 +250,12 @@ pub fn recover_target(
             };
             // A reboot in a confirmation window: the stack to switch back to is built again
             // too, if modulemgr kept its images, so that the window can still roll back.
+            // A window whose end passed while the node was down is over: its stack is
+            // checked as any build is, and there is nothing to keep the previous one for.
+            let now = agentbase::health::now_ms();
             let rebuild_window = recorded_window.filter(|w| {
                 rebuild.is_some()
+                    && w.until_ms > now
                     && w.previous.slot != stack.slot
                     && !w.previous.config.layers.is_empty()
                     && all_there(&w.previous.config)
