@@ -527,6 +527,42 @@ async fn switched_into_a_window(
     (until, old)
 }
 
+/// An agent running in a sandbox whose confirmation windows last `window_s` (checks every
+/// second), switched into one ([`switched_into_a_window`]).
+struct InWindow {
+    sandbox: Sandbox,
+    /// The file whose existence makes generation 2's check fail.
+    broken: PathBuf,
+    configs: powernode_pubsub::Publication<powernode_types::MountConfig>,
+    status: Subscription<powernode_types::MountStatus>,
+    process: Process,
+    /// The window's end.
+    until: u64,
+    /// Generation 1's image.
+    old_image: PathBuf,
+}
+
+async fn in_a_window(binary: &Path, window_s: u64) -> InWindow {
+    let sandbox = Sandbox::new();
+    sandbox.settings(&format!(
+        "[mounts]\nconfirm_window_s = {window_s}\nconfirm_interval_s = 1\n"
+    ));
+    let broken = sandbox.root.join("broken");
+    let configs = config_publisher(&sandbox);
+    let mut status = status_subscription(&sandbox);
+    let process = Process::start(binary, &sandbox);
+    let (until, old_image) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    InWindow {
+        sandbox,
+        broken,
+        configs,
+        status,
+        process,
+        until,
+        old_image,
+    }
+}
+
 /// Killed (SIGKILL) in the confirmation window of the switch from generation 1 (slot A) to
 /// generation 2 (slot B), with generation 1's image removed from the store meanwhile (its
 /// mounts hold it; a modulemgr from before it kept the window's images collected it):
@@ -541,13 +577,15 @@ async fn kill_9_in_the_confirmation_window_still_rolls_back() {
     let Some(binary) = agent_binary() else {
         return;
     };
-    let sandbox = Sandbox::new();
-    sandbox.settings("[mounts]\nconfirm_window_s = 120\nconfirm_interval_s = 1\n");
-    let broken = sandbox.root.join("broken");
-    let configs = config_publisher(&sandbox);
-    let mut status = status_subscription(&sandbox);
-    let process = Process::start(&binary, &sandbox);
-    let (until, old_image) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    let InWindow {
+        sandbox,
+        broken,
+        configs: _configs,
+        mut status,
+        process,
+        until,
+        old_image,
+    } = in_a_window(&binary, 120).await;
     process.kill9();
 
     let window = record(&sandbox).window.expect("the window is not recorded");
@@ -618,16 +656,14 @@ async fn a_window_resumed_after_a_restart_ends_at_its_deadline() {
     let Some(binary) = agent_binary() else {
         return;
     };
-    const WINDOW_S: u64 = 10;
-    let sandbox = Sandbox::new();
-    sandbox.settings(&format!(
-        "[mounts]\nconfirm_window_s = {WINDOW_S}\nconfirm_interval_s = 1\n"
-    ));
-    let broken = sandbox.root.join("broken");
-    let configs = config_publisher(&sandbox);
-    let mut status = status_subscription(&sandbox);
-    let process = Process::start(&binary, &sandbox);
-    let (until, _) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    let InWindow {
+        sandbox,
+        configs: _configs,
+        mut status,
+        process,
+        until,
+        ..
+    } = in_a_window(&binary, 10).await;
     let exit = process.terminate();
     assert!(exit.success(), "{exit}");
     assert_eq!(sandbox.slot_mounts("A").len(), 3, "kept through the stop");
@@ -672,13 +708,15 @@ async fn a_reboot_in_the_confirmation_window_can_still_roll_back() {
     let Some(binary) = agent_binary() else {
         return;
     };
-    let sandbox = Sandbox::new();
-    sandbox.settings("[mounts]\nconfirm_window_s = 120\nconfirm_interval_s = 1\n");
-    let broken = sandbox.root.join("broken");
-    let configs = config_publisher(&sandbox);
-    let mut status = status_subscription(&sandbox);
-    let process = Process::start(&binary, &sandbox);
-    let (until, _) = switched_into_a_window(&sandbox, &configs, &mut status, &broken).await;
+    let InWindow {
+        sandbox,
+        broken,
+        configs,
+        status,
+        process,
+        until,
+        ..
+    } = in_a_window(&binary, 120).await;
     let exit = process.terminate();
     assert!(exit.success(), "{exit}");
     drop((configs, status));
