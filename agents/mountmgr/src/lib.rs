@@ -351,11 +351,11 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     ctx.ready();
     if !rebuilds.is_empty() {
         agent.enter(State::Rebuilding);
-        for (config, recovered) in rebuilds {
+        for recovered in rebuilds {
             if ctx.shutdown.is_cancelled() {
                 break;
             }
-            agent.rebuild_recorded(config, recovered).await;
+            agent.rebuild_recorded(recovered).await;
         }
     }
     // The mount path, and anything recovery could not see (a stack switched beneath
@@ -418,10 +418,9 @@ impl Agent {
 
     /// Recovers every target an earlier run left (records, directories, mounts) and publishes
     /// the truth about each. Returns the configurations to build again.
-    /// Recovers every target ([`recover::recover_target`]): the stacks to build again, each
-    /// with its recovery when a reboot cut its confirmation window short and the previous
-    /// stack can be built again too ([`Recovered::rebuild_window`]).
-    fn recover(&mut self) -> anyhow::Result<Vec<(MountConfig, Option<Recovered>)>> {
+    /// Recovers every target ([`recover::recover_target`]): the recoveries with a stack to
+    /// build again ([`Recovered::rebuild`]), for [`Agent::rebuild_recorded`].
+    fn recover(&mut self) -> anyhow::Result<Vec<Recovered>> {
         let mut names = self.store.targets();
         names.extend(self.layout.existing_targets());
         let entries = mountinfo::read().context("reading the mount table")?;
@@ -465,11 +464,8 @@ impl Agent {
                 }
                 self.targets.insert(name.clone(), state);
             }
-            if let Some(config) = recovered.rebuild.clone() {
-                rebuilds.push((
-                    config,
-                    recovered.rebuild_window.is_some().then_some(recovered),
-                ));
+            if recovered.rebuild.is_some() {
+                rebuilds.push(recovered);
             }
         }
         // Publish what is true now. A previous answer that still describes the active stack
@@ -637,18 +633,18 @@ impl Agent {
         self.apply_beating(config).await;
     }
 
-    /// Builds a recorded stack again after a reboot. With the confirmation window the reboot
-    /// cut short (`recovered`, not yet reported), the stack it kept to switch back to is built
-    /// first and `config` switched to from it, so that the window, run to its recorded end,
-    /// can still roll back; were that stack not to build, `config` is built alone, its window
-    /// over, and the recovery says so.
-    async fn rebuild_recorded(&mut self, config: MountConfig, recovered: Option<Recovered>) {
+    /// Builds the stack `recovered` found recorded but not mounted (after a reboot). With the
+    /// confirmation window the reboot cut short ([`Recovered::rebuild_window`]: its recovery
+    /// not yet reported), the stack it kept to switch back to is built first and the recorded
+    /// stack switched to from it, so that the window, run to its recorded end, can still roll
+    /// back; were that stack not to build, the recorded one is built alone, its window over,
+    /// and the recovery says so.
+    async fn rebuild_recorded(&mut self, mut recovered: Recovered) {
+        let Some(config) = recovered.rebuild.clone() else {
+            return;
+        };
         let target = config.target.clone();
-        if let Some(mut recovered) = recovered {
-            let Some(window) = recovered.rebuild_window.clone() else {
-                events::recovered(&target, &recovered).raise(&self.ctx.events);
-                return self.apply_beating(config).await;
-            };
+        if let Some(window) = recovered.rebuild_window.clone() {
             let previous = window.previous.config;
             let generation = previous.generation;
             tracing::info!(target = %target, generation, until_ms = window.until_ms,

@@ -229,23 +229,19 @@ pub fn recover_target(
             new.loops.clear();
             new.window = None;
             let record = save(store, new, &mut problems);
-            let missing: Vec<String> = stack
-                .config
-                .layers
-                .iter()
-                .filter(|l| !image_exists(layout.root(), &l.image_path))
-                .map(|l| l.name.clone())
-                .collect();
-            let all_there = |config: &MountConfig| {
+            let missing = |config: &MountConfig| -> Vec<String> {
                 config
                     .layers
                     .iter()
-                    .all(|l| image_exists(layout.root(), &l.image_path))
+                    .filter(|l| !image_exists(layout.root(), &l.image_path))
+                    .map(|l| l.name.clone())
+                    .collect()
             };
-            let rebuild = if missing.is_empty() {
+            let missing_now = missing(&stack.config);
+            let rebuild = if missing_now.is_empty() {
                 Some(stack.config.clone())
             } else {
-                tracing::info!(target, missing = ?missing, "images of the applied stack are gone; waiting for MountConfig");
+                tracing::info!(target, missing = ?missing_now, "images of the applied stack are gone; waiting for MountConfig");
                 None
             };
             // A reboot in a confirmation window: the stack to switch back to is built again
@@ -258,7 +254,7 @@ pub fn recover_target(
                     && w.until_ms > now
                     && w.previous.slot != stack.slot
                     && !w.previous.config.layers.is_empty()
-                    && all_there(&w.previous.config)
+                    && missing(&w.previous.config).is_empty()
             });
             Ok(Recovered {
                 found,
