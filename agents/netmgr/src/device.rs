@@ -1,6 +1,7 @@
 //! The userspace WireGuard device: `wgdevice`, a program of the multi-call binary that runs
-//! boringtun's device (the TUN interface, the protocol, the UAPI socket) in a process of its
-//! own, and netmgr's side of it ([`Device`]): start, adopt, watch, stop.
+//! the device of [`crate::userspace`] (the TUN interface, boringtun's protocol, the UAPI
+//! socket) in a process of its own, and netmgr's side of it ([`Device`]): start, adopt,
+//! watch, stop.
 //!
 //! The device is netmgr's data plane and outlives it: netmgr starts it in a session of its own
 //! (so a signal to netmgr's process group or session does not reach it), and a netmgr that
@@ -10,7 +11,8 @@
 //! the device through a pidfd and learns of its death at once.
 //!
 //! The UAPI socket is at the fixed path `/var/run/wireguard/<iface>.sock`, where `wg` looks;
-//! `wgdevice` serves it itself in front of boringtun ([`crate::proxy`]). Under a root other than `/` (tests, the demo: several nodes on one host, each
+//! `wgdevice` serves it ([`crate::userspace::control`]). Under a root other than `/` (tests,
+//! the demo: several nodes on one host, each
 //! with an interface `pn0` in its own network namespace) the device first makes a private
 //! mount namespace for itself and bind-mounts `<root>/run/wireguard` on `/run/wireguard`, so
 //! each node's socket is its own; netmgr connects to `<root>/run/wireguard/<iface>.sock`
@@ -431,8 +433,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         private_socket_dir(&root)
     };
     agentbase::logging::init(PROGRAM, "info");
-    // One malloc arena, as every agent has: the peers boringtun adds on one event loop thread
-    // and frees on another otherwise stay in two arenas (docs/performance.md, "net").
+    // One malloc arena, as every agent has: peers and tunnels made on one thread and freed on
+    // another otherwise stay in several arenas (docs/performance.md, "net").
     agentbase::memory::limit_malloc_arenas();
     if let Err(e) = private {
         tracing::error!(error = %e, "could not give the device a socket directory of its own");
@@ -457,26 +459,15 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     }
 }
 
-/// Creates the device, serves its UAPI socket ([`crate::proxy`]) and waits: exits the process
-/// 0 on SIGTERM or SIGINT; returns an error when the device cannot be made or stops by itself.
+/// Creates the device ([`crate::userspace`]) and serves it: exits the process 0 on SIGTERM
+/// or SIGINT; returns an error when the device cannot be made or cannot go on.
 fn serve_device(
     root: &Root,
     interface: &str,
     signals: nix::sys::signal::SigSet,
 ) -> Result<(), String> {
-    use std::os::fd::IntoRawFd;
-    use std::os::unix::net::{UnixListener, UnixStream};
-    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socket pair: {e}"))?;
+    use std::os::unix::net::UnixListener;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
-    let config = boringtun::device::DeviceConfig {
-        n_threads: threads,
-        use_connected_socket: true,
-        use_multi_queue: true,
-        // boringtun owns this end from here on.
-        uapi_fd: theirs.into_raw_fd(),
-    };
-    let mut handle = boringtun::device::DeviceHandle::new(interface, config)
-        .map_err(|e| format!("creating the device: {e}"))?;
     // Where `wg` looks: under a root other than `/` this is `<root>/run/wireguard`, mounted
     // here by `private_socket_dir`.
     let socket = PathBuf::from("/var/run/wireguard").join(format!("{interface}.sock"));
@@ -485,7 +476,6 @@ fn serve_device(
     }
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(|e| format!("{}: {e}", socket.display()))?;
-    let device = crate::proxy::Boringtun::new(ours).map_err(|e| format!("socket pair: {e}"))?;
     let paths = DevicePaths::new(root, interface);
     let pid = std::process::id();
     let cleanup = {
@@ -500,30 +490,6 @@ fn serve_device(
     {
         let cleanup = cleanup.clone();
         std::thread::Builder::new()
-            .name("uapi".into())
-            .spawn(move || {
-                let error = crate::proxy::serve(listener, device);
-                tracing::error!(error = %error, "the device stopped answering; exiting");
-                cleanup();
-                std::process::exit(1);
-            })
-            .map_err(|e| format!("starting the UAPI thread: {e}"))?;
-    }
-    // boringtun's UDP sockets, the listening ones and each peer's connected one as it
-    // appears, get larger buffers (crate::sockbuf); the UAPI thread does it after every `set`.
-    std::thread::Builder::new()
-        .name("sockbuf".into())
-        .spawn(|| loop {
-            let raised = crate::sockbuf::raise_udp_buffers();
-            if raised > 0 {
-                tracing::debug!(sockets = raised, "raised UDP socket buffers");
-            }
-            std::thread::sleep(crate::sockbuf::RESCAN);
-        })
-        .map_err(|e| format!("starting the socket buffer thread: {e}"))?;
-    {
-        let cleanup = cleanup.clone();
-        std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 let signal = signals.wait();
@@ -533,12 +499,16 @@ fn serve_device(
             })
             .map_err(|e| format!("starting the signal thread: {e}"))?;
     }
-    agentbase::fsutil::write_atomic(&paths.pid_file, format!("{pid}\n").as_bytes(), 0o644)
-        .map_err(|e| format!("{}: {e}", paths.pid_file.display()))?;
-    tracing::info!(%interface, pid, threads, socket = %paths.socket.display(), "device up");
-    handle.wait();
+    let pid_file = paths.pid_file.clone();
+    let announce = move || {
+        agentbase::fsutil::write_atomic(&pid_file, format!("{pid}\n").as_bytes(), 0o644)
+            .map_err(|e| format!("{}: {e}", pid_file.display()))?;
+        tracing::info!(%interface, pid, threads, socket = %socket.display(), "device up");
+        Ok::<(), String>(())
+    };
+    let why = crate::userspace::run(interface, threads, listener, announce);
     cleanup();
-    Err("the device's threads ended by themselves".into())
+    Err(why)
 }
 
 /// Gives this process a mount namespace of its own in which `<root>/run/wireguard` is

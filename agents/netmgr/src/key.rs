@@ -106,6 +106,11 @@ impl PrivateKey {
         hex::encode(self.0)
     }
 
+    /// From the UAPI's hex (a device's `get` names its private key).
+    pub fn from_hex(text: &str) -> Result<PrivateKey, KeyError> {
+        PublicKey::from_hex(text).map(|k| PrivateKey(k.0))
+    }
+
     fn to_base64(&self) -> String {
         base64::engine::general_purpose::STANDARD.encode(self.0)
     }

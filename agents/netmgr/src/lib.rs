@@ -41,9 +41,9 @@ pub mod forward;
 pub mod key;
 pub mod link;
 pub mod plan;
-pub mod proxy;
 pub mod sockbuf;
 pub mod uapi;
+pub mod userspace;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -505,13 +505,12 @@ impl Agent {
         let recorded = self.applied.as_ref().map(Applied::endpoints);
         let changes = uapi::changes(&state, recorded.as_ref(), &wanted);
         if !changes.is_empty() {
-            for request in changes.requests(&self.key) {
-                device.uapi.set(&request).await.map_err(|e| e.to_string())?;
-            }
+            let request = changes.request(&self.key);
+            device.uapi.set(&request).await.map_err(|e| e.to_string())?;
             tracing::info!(
                 interface = %plan.interface,
                 removed = changes.remove.len(),
-                added = changes.add.len(),
+                set = changes.set.len(),
                 listen_port = ?changes.listen_port,
                 "device configured"
             );

@@ -4,20 +4,15 @@
 //!
 //! Changes are computed ([`changes`]) as the difference between what the device has and what
 //! is wanted, so that applying a configuration touches only what differs: the private key and
-//! the listen port when they differ, peers added and removed one by one. A peer whose endpoint,
-//! allowed IPs or keepalive changed is removed and added again: boringtun 0.7 cannot modify a
-//! peer in place (it panics on a `set` naming an existing peer without `remove`), so only that
-//! peer's session is renewed; every other peer's session stays up.
+//! the listen port when they differ, peers removed, and peers added or changed in place (a
+//! changed endpoint or set of allowed IPs keeps the peer's session). They go to the device as
+//! one `set` ([`Changes::request`]), which `wgdevice` applies whole or not at all.
 //!
-//! Two more boringtun 0.7 behaviours shape the requests ([`Changes::requests`]), so that they
-//! are right against boringtun's own socket as well as behind `wgdevice`'s, which corrects
-//! them for every client ([`crate::proxy`]): within one
-//! `set`, a peer section inherits the `endpoint`, `remove` and `persistent_keepalive_interval`
-//! of the section before it, so removals and additions go in separate requests, every
-//! addition states its keepalive, and additions without an endpoint come before those with
-//! one. And its `last_handshake_time_sec` is the time *since* the handshake rather than the
-//! Unix time the protocol names: [`parse_get`] takes a value below [`EPOCH_FLOOR_S`] as an
-//! age, anything else as a time.
+//! The reply of `get` names the device's key by its private half (`private_key=`, as the
+//! protocol has it). A device started by an older netmgr, which ran boringtun's own device
+//! and outlives the upgrade like any device, names it by `own_public_key=` and gives
+//! `last_handshake_time_sec` as an age: values below [`EPOCH_FLOOR_S`] are read as ages,
+//! anything else as a time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -202,6 +197,12 @@ pub fn parse_get(reply: &str, now_ms: u64) -> Result<DeviceState, UapiError> {
                 let key = PublicKey::from_hex(value).map_err(|_| bad(line))?;
                 current = Some((key, PeerState::default(), None));
             }
+            // The protocol's own: the device's key is known by its private half.
+            "private_key" if current.is_none() => {
+                let key = crate::key::PrivateKey::from_hex(value).map_err(|_| bad(line))?;
+                state.public_key = Some(key.public_key());
+            }
+            // boringtun's device names its public key instead.
             "own_public_key" if current.is_none() => {
                 state.public_key = Some(PublicKey::from_hex(value).map_err(|_| bad(line))?);
             }
@@ -278,10 +279,11 @@ pub struct Changes {
     pub set_key: bool,
     /// The port to listen on, when it differs.
     pub listen_port: Option<u16>,
-    /// Peers to remove (also those changed, which are then added again).
+    /// Peers to remove: those no longer wanted, and those whose endpoint must go (the
+    /// protocol can set an endpoint but not clear one), which are then set again.
     pub remove: Vec<PublicKey>,
-    /// Peers to add.
-    pub add: Vec<(PublicKey, WantedPeer)>,
+    /// Peers to add, or to change in place.
+    pub set: Vec<(PublicKey, WantedPeer)>,
 }
 
 /// What must change on a device in `state` to make it `wanted`. `applied` is the endpoint of
@@ -304,7 +306,7 @@ pub fn changes(
     }
     for (key, peer) in &wanted.peers {
         let Some(have) = state.peers.get(key) else {
-            changes.add.push((*key, peer.clone()));
+            changes.set.push((*key, peer.clone()));
             continue;
         };
         let endpoint_changed = match applied.and_then(|a| a.get(key)) {
@@ -315,8 +317,10 @@ pub fn changes(
             || have.allowed_ips != peer.allowed_ips
             || have.keepalive != peer.keepalive
         {
-            changes.remove.push(*key);
-            changes.add.push((*key, peer.clone()));
+            if endpoint_changed && peer.endpoint.is_none() {
+                changes.remove.push(*key);
+            }
+            changes.set.push((*key, peer.clone()));
         }
     }
     changes
@@ -325,53 +329,40 @@ pub fn changes(
 impl Changes {
     /// Whether the device is as wanted already.
     pub fn is_empty(&self) -> bool {
-        !self.set_key && self.listen_port.is_none() && self.remove.is_empty() && self.add.is_empty()
+        !self.set_key && self.listen_port.is_none() && self.remove.is_empty() && self.set.is_empty()
     }
 
-    /// The `set=1` request bodies, in order: the device's key and port, then the removals,
-    /// then the additions (see the module documentation for why they are apart). The first
-    /// may hold the private key: never log them.
-    pub fn requests(&self, private_key: &PrivateKey) -> Vec<String> {
-        let mut requests = Vec::new();
-        let mut device = String::new();
+    /// The body of the one `set` that makes the changes (lines ending in `\n`): the device's
+    /// key and port, then each peer removed, then each peer set, every section saying all
+    /// of the peer (its keepalive, endpoint, and allowed IPs in place of the old ones).
+    pub fn request(&self, private_key: &PrivateKey) -> String {
+        use std::fmt::Write;
+        let mut body = String::new();
         if self.set_key {
-            device.push_str(&format!("private_key={}\n", private_key.to_hex()));
+            let _ = writeln!(body, "private_key={}", private_key.to_hex());
         }
         if let Some(port) = self.listen_port {
-            device.push_str(&format!("listen_port={port}\n"));
+            let _ = writeln!(body, "listen_port={port}");
         }
-        if !device.is_empty() {
-            requests.push(device);
+        for key in &self.remove {
+            let _ = writeln!(body, "public_key={}\nremove=true", key.to_hex());
         }
-        if !self.remove.is_empty() {
-            let mut body = String::new();
-            for key in &self.remove {
-                body.push_str(&format!("public_key={}\nremove=true\n", key.to_hex()));
+        for (key, peer) in &self.set {
+            let _ = writeln!(
+                body,
+                "public_key={}\npersistent_keepalive_interval={}",
+                key.to_hex(),
+                peer.keepalive
+            );
+            if let Some(endpoint) = peer.endpoint {
+                let _ = writeln!(body, "endpoint={endpoint}");
             }
-            requests.push(body);
-        }
-        if !self.add.is_empty() {
-            let mut add: Vec<&(PublicKey, WantedPeer)> = self.add.iter().collect();
-            // Stable: those without an endpoint first, so none inherits one.
-            add.sort_by_key(|(_, p)| p.endpoint.is_some());
-            let mut body = String::new();
-            for (key, peer) in add {
-                body.push_str(&format!(
-                    "public_key={}\npersistent_keepalive_interval={}\n",
-                    key.to_hex(),
-                    peer.keepalive
-                ));
-                if let Some(endpoint) = peer.endpoint {
-                    body.push_str(&format!("endpoint={endpoint}\n"));
-                }
-                body.push_str("replace_allowed_ips=true\n");
-                for net in &peer.allowed_ips {
-                    body.push_str(&format!("allowed_ip={net}\n"));
-                }
+            body.push_str("replace_allowed_ips=true\n");
+            for net in &peer.allowed_ips {
+                let _ = writeln!(body, "allowed_ip={net}");
             }
-            requests.push(body);
         }
-        requests
+        body
     }
 }
 
@@ -495,17 +486,20 @@ mod tests {
         let changes = changes(&DeviceState::default(), None, &want);
         assert!(changes.set_key);
         assert_eq!(changes.listen_port, Some(51820));
-        assert_eq!(changes.add.len(), 2);
+        assert_eq!(changes.set.len(), 2);
         let private = PrivateKey::generate().unwrap();
-        let requests = changes.requests(&private);
-        assert_eq!(requests.len(), 2);
-        assert!(requests[0].starts_with("private_key="));
-        assert!(requests[0].contains("listen_port=51820\n"));
-        // The peer without an endpoint first.
-        let add = &requests[1];
-        assert!(add.find(&key(3).to_hex()).unwrap() < add.find(&key(2).to_hex()).unwrap());
-        assert!(add.contains("endpoint=192.0.2.2:51820\n"));
-        assert_eq!(add.matches("persistent_keepalive_interval=0\n").count(), 2);
+        let request = changes.request(&private);
+        assert!(request.starts_with(&format!(
+            "private_key={}\nlisten_port=51820\npublic_key=",
+            private.to_hex()
+        )));
+        assert!(request.contains("endpoint=192.0.2.2:51820\n"));
+        assert_eq!(
+            request.matches("persistent_keepalive_interval=0\n").count(),
+            2
+        );
+        assert_eq!(request.matches("replace_allowed_ips=true\n").count(), 2);
+        assert!(!request.contains("remove"));
     }
 
     #[test]
@@ -524,14 +518,23 @@ mod tests {
         want2.peers.get_mut(&key(3)).unwrap().allowed_ips = nets(&["10.88.0.3/32", "10.9.0.0/16"]);
         let c = changes(&state, None, &want2);
         assert!(!c.set_key && c.listen_port.is_none());
-        assert_eq!(c.remove, [key(9), key(3)]);
+        // The changed one in place: its session stays.
+        assert_eq!(c.remove, [key(9)]);
         assert_eq!(
-            c.add.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            c.set.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
             [key(3), key(4)]
         );
-        let requests = c.requests(&PrivateKey::generate().unwrap());
-        assert_eq!(requests.len(), 2, "removals and additions apart");
-        assert!(!requests[1].contains("remove"));
+        let request = c.request(&PrivateKey::generate().unwrap());
+        assert!(!request.contains("private_key") && !request.contains("listen_port"));
+        assert_eq!(request.matches("remove=true").count(), 1);
+        assert!(request.contains("allowed_ip=10.9.0.0/16\nallowed_ip=10.88.0.3/32\n"));
+        // An endpoint that must go takes the peer off and on again.
+        let mut unset = want.clone();
+        unset.peers.get_mut(&key(2)).unwrap().endpoint = None;
+        let applied: BTreeMap<_, _> = [(key(2), Some("192.0.2.2:51820".parse().unwrap()))].into();
+        let c = changes(&device_with(&want), Some(&applied), &unset);
+        assert_eq!(c.remove, [key(2)]);
+        assert_eq!(c.set.len(), 1);
     }
 
     #[test]
@@ -542,10 +545,11 @@ mod tests {
             Some("198.51.100.7:40000".parse().unwrap());
         let applied: BTreeMap<_, _> = [(key(2), Some("192.0.2.2:51820".parse().unwrap()))].into();
         assert!(changes(&state, Some(&applied), &want).is_empty());
+        let changed = |c: Changes| c.set.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         // Without the record the device's word is all there is.
-        assert_eq!(changes(&state, None, &want).remove, [key(2)]);
+        assert_eq!(changed(changes(&state, None, &want)), [key(2)]);
         // A configured endpoint that changed is a change.
         let moved: BTreeMap<_, _> = [(key(2), Some("192.0.2.9:51820".parse().unwrap()))].into();
-        assert_eq!(changes(&state, Some(&moved), &want).remove, [key(2)]);
+        assert_eq!(changed(changes(&state, Some(&moved), &want)), [key(2)]);
     }
 }
