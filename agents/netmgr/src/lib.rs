@@ -48,6 +48,7 @@ pub mod userspace;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentbase::Context;
@@ -116,8 +117,8 @@ impl State {
 /// What is applied, as `run/powernode/netmgr/applied.json` records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Applied {
-    /// The configuration.
-    config: NetworkConfig,
+    /// The configuration (the target's own, shared).
+    config: Arc<NetworkConfig>,
     /// Each peer's endpoint as set on the device (names resolved), by base64 key.
     endpoints: BTreeMap<String, Option<SocketAddr>>,
 }
@@ -131,10 +132,12 @@ impl Applied {
     }
 }
 
-/// The configuration netmgr wants running: the newest valid one.
-#[derive(Debug, Clone)]
+/// The configuration netmgr wants running: the newest valid one. A configuration of a
+/// thousand peers is a few hundred KB, so it is held once (`Arc`) by what refers to it: the
+/// newest seen, the target, the record of what is applied.
+#[derive(Debug)]
 struct Target {
-    config: NetworkConfig,
+    config: Arc<NetworkConfig>,
     plan: Plan,
 }
 
@@ -146,9 +149,9 @@ struct Agent {
     statuses: Publication<NetworkStatus>,
     netlink: Netlink,
     state: State,
-    target: Option<Target>,
+    target: Option<Arc<Target>>,
     /// The newest configuration received, valid or not (a repeat is not handled again).
-    seen: Option<NetworkConfig>,
+    seen: Option<Arc<NetworkConfig>>,
     applied: Option<Applied>,
     device: Option<Device>,
     device_started: Option<Instant>,
@@ -164,6 +167,8 @@ struct Agent {
     device_state: Option<DeviceState>,
     /// Whether reading the device failed at the last try (logged once a streak).
     read_failing: bool,
+    /// The node's endpoints as last published.
+    endpoints: Vec<String>,
 }
 
 /// The agent's entry point: see the crate documentation.
@@ -211,6 +216,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         peers_up: BTreeMap::new(),
         device_state: None,
         read_failing: false,
+        endpoints: Vec::new(),
     };
     agent.start().await;
     let mut configs = Subscription::<NetworkConfig>::connect(&ctx.dirs, CONFIG_AGENT);
@@ -268,6 +274,7 @@ impl Agent {
     /// at once with the recorded configuration (heartbeatd may be away).
     async fn start(&mut self) {
         if let Some(previous) = self.statuses.get(GLOBAL_KEY) {
+            self.endpoints = previous.endpoints;
             let now = agentbase::health::now_ms();
             for peer in &previous.peers {
                 if let Ok(key) = PublicKey::from_base64(&peer.public_key) {
@@ -282,10 +289,10 @@ impl Agent {
         if let Some(record) = record {
             match plan::validate(&record.config, &self.public) {
                 Ok(plan) => {
-                    self.target = Some(Target {
-                        config: record.config.clone(),
+                    self.target = Some(Arc::new(Target {
+                        config: Arc::clone(&record.config),
                         plan,
-                    });
+                    }));
                     self.applied = Some(record);
                 }
                 Err(e) => {
@@ -330,13 +337,14 @@ impl Agent {
             }
             return;
         };
-        if self.seen.as_ref() == Some(config) {
+        if self.seen.as_deref() == Some(config) {
             return;
         }
-        self.seen = Some(config.clone());
-        let plan = match plan::validate(config, &self.public) {
+        let config = Arc::new(config.clone());
+        self.seen = Some(Arc::clone(&config));
+        let plan = match plan::validate(&config, &self.public) {
             Ok(plan) => plan,
-            Err(rejection) => return self.reject(config, &rejection).await,
+            Err(rejection) => return self.reject(&config, &rejection).await,
         };
         if self.device.is_none() {
             self.device = Device::adopt(&self.ctx.root, &plan.interface).await;
@@ -348,12 +356,9 @@ impl Agent {
             _ => None,
         };
         if let Err(rejection) = plan::check_listen_port(plan.listen_port, device_port) {
-            return self.reject(config, &rejection).await;
+            return self.reject(&config, &rejection).await;
         }
-        self.target = Some(Target {
-            config: config.clone(),
-            plan,
-        });
+        self.target = Some(Arc::new(Target { config, plan }));
         self.failures = 0;
         self.retry_at = None;
         self.converge().await;
@@ -546,11 +551,12 @@ impl Agent {
                 .map_err(|e| e.to_string())?;
         }
         let applied = Applied {
-            config: target.config.clone(),
+            config: Arc::clone(&target.config),
             endpoints,
         };
         if self.applied.as_ref() != Some(&applied) {
-            let json = serde_json::to_vec_pretty(&applied).map_err(|e| e.to_string())?;
+            // Compact: a thousand peers pretty-printed are twice the bytes to hold and write.
+            let json = serde_json::to_vec(&applied).map_err(|e| e.to_string())?;
             let path = self.applied_file();
             if let Err(e) = agentbase::fsutil::write_atomic(&path, &json, 0o600) {
                 // What runs is right; only a restarted netmgr would know less.
@@ -675,6 +681,8 @@ impl Agent {
             }
         }
         self.publish_with_endpoints().await;
+        // Every handler ends here, after reading and publishing a status of every peer.
+        agentbase::memory::release_free();
     }
 
     /// Raises `network.peer_up` / `peer_down` for peers whose state changed since the last
@@ -739,16 +747,13 @@ impl Agent {
     /// Publishes the status without reading anything (endpoints as last published).
     fn publish(&mut self) {
         let mut status = self.status();
-        if let Some(previous) = self.statuses.get(GLOBAL_KEY) {
-            status.endpoints = previous.endpoints;
-        }
+        status.endpoints = self.endpoints.clone();
         self.publish_status(status);
     }
 
-    fn publish_status(&self, status: NetworkStatus) {
-        if self.statuses.get(GLOBAL_KEY).as_ref() == Some(&status) {
-            return;
-        }
+    /// Publishes `status`; an unchanged one goes nowhere (the publication compares).
+    fn publish_status(&mut self, status: NetworkStatus) {
+        self.endpoints.clone_from(&status.endpoints);
         if let Err(e) = self.statuses.publish(&status) {
             tracing::warn!(error = %e, "could not publish NetworkStatus");
         }

@@ -14,7 +14,7 @@
 //! `last_handshake_time_sec` as an age: values below [`EPOCH_FLOOR_S`] are read as ages,
 //! anything else as a time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,18 +73,31 @@ impl Uapi {
         &self.path
     }
 
-    /// Reads the device.
+    /// Reads the device. The reply is read a line at a time: for a thousand peers it is
+    /// 300 KB that need not be held whole.
     pub async fn get(&self) -> Result<DeviceState, UapiError> {
-        let reply = self.exchange("get=1\n\n").await?;
-        parse_get(&reply, agentbase::health::now_ms())
+        let mut reader = GetReader::new(agentbase::health::now_ms());
+        let mut state = None;
+        self.exchange("get=1\n\n", |line| {
+            state = reader.line(line)?;
+            Ok(state.is_some())
+        })
+        .await?;
+        state.ok_or_else(|| UapiError::Protocol("the reply ends without errno".into()))
     }
 
     /// Sends one `set=1` request whose body is `body` (lines ending in `\n`).
     pub async fn set(&self, body: &str) -> Result<(), UapiError> {
-        let reply = self.exchange(&format!("set=1\n{body}\n")).await?;
-        match errno_of(&reply)? {
-            0 => Ok(()),
-            errno => Err(UapiError::Errno { errno }),
+        let mut errno = None;
+        self.exchange(&format!("set=1\n{body}\n"), |line| {
+            errno = errno_of(line)?;
+            Ok(errno.is_some())
+        })
+        .await?;
+        match errno {
+            Some(0) => Ok(()),
+            Some(errno) => Err(UapiError::Errno { errno }),
+            None => Err(UapiError::Protocol("no errno line".into())),
         }
     }
 
@@ -93,7 +106,13 @@ impl Uapi {
         self.get().await.is_ok()
     }
 
-    async fn exchange(&self, request: &str) -> Result<String, UapiError> {
+    /// Sends `request` and hands each line of the reply (without its newline) to `line`
+    /// until it says the reply is complete or the device closes the connection.
+    async fn exchange(
+        &self,
+        request: &str,
+        mut line: impl FnMut(&str) -> Result<bool, UapiError>,
+    ) -> Result<(), UapiError> {
         let io = |source| UapiError::Io {
             path: self.path.clone(),
             source,
@@ -102,19 +121,15 @@ impl Uapi {
             let mut stream = UnixStream::connect(&self.path).await.map_err(io)?;
             stream.write_all(request.as_bytes()).await.map_err(io)?;
             let mut reader = BufReader::new(stream);
-            let mut reply = String::new();
+            let mut text = String::new();
             loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).await.map_err(io)? == 0 {
-                    break;
-                }
-                let done = line.starts_with("errno=");
-                reply.push_str(&line);
-                if done {
-                    break;
+                text.clear();
+                if reader.read_line(&mut text).await.map_err(io)? == 0
+                    || line(text.trim_end_matches('\n'))?
+                {
+                    return Ok(());
                 }
             }
-            Ok(reply)
         };
         tokio::time::timeout(TIMEOUT, work)
             .await
@@ -122,14 +137,44 @@ impl Uapi {
     }
 }
 
-fn errno_of(reply: &str) -> Result<i32, UapiError> {
-    reply
-        .lines()
-        .find_map(|l| l.strip_prefix("errno="))
-        .ok_or_else(|| UapiError::Protocol("no errno line".into()))?
-        .trim()
-        .parse()
-        .map_err(|_| UapiError::Protocol("errno is not a number".into()))
+/// The error number of an `errno=N` line; `None` for any other line.
+fn errno_of(line: &str) -> Result<Option<i32>, UapiError> {
+    line.strip_prefix("errno=")
+        .map(|n| {
+            n.trim()
+                .parse()
+                .map_err(|_| UapiError::Protocol("errno is not a number".into()))
+        })
+        .transpose()
+}
+
+/// A peer's allowed IPs, in order, without repeats. A sorted `Vec`, not a `BTreeSet`, whose
+/// first node alone is some 250 bytes: netmgr holds a few of these sets for every peer, and a
+/// node may have a thousand peers of one prefix each.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedIps(Vec<IpNet>);
+
+impl AllowedIps {
+    /// Adds `net` where it sorts, unless it is there.
+    pub fn insert(&mut self, net: IpNet) {
+        if let Err(at) = self.0.binary_search(&net) {
+            self.0.insert(at, net);
+        }
+    }
+
+    /// The prefixes, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, IpNet> {
+        self.0.iter()
+    }
+}
+
+impl FromIterator<IpNet> for AllowedIps {
+    fn from_iter<I: IntoIterator<Item = IpNet>>(nets: I) -> AllowedIps {
+        let mut nets: Vec<IpNet> = nets.into_iter().collect();
+        nets.sort();
+        nets.dedup();
+        AllowedIps(nets)
+    }
 }
 
 /// A device as `get=1` reports it.
@@ -149,7 +194,7 @@ pub struct PeerState {
     /// Where its packets last came from, or the configured endpoint.
     pub endpoint: Option<SocketAddr>,
     /// Its allowed IPs.
-    pub allowed_ips: BTreeSet<IpNet>,
+    pub allowed_ips: AllowedIps,
     /// Persistent keepalive, seconds (0: off).
     pub keepalive: u16,
     /// When its last handshake completed, ms since the epoch.
@@ -164,64 +209,88 @@ pub struct PeerState {
 /// nanoseconds.
 type PeerReading = (PublicKey, PeerState, Option<(u64, u64)>);
 
-/// Parses a `get=1` reply; `now_ms` turns boringtun's handshake ages into times.
+/// Parses a `get=1` reply; `now_ms` turns handshake ages into times.
 pub fn parse_get(reply: &str, now_ms: u64) -> Result<DeviceState, UapiError> {
-    let mut state = DeviceState::default();
-    // The peer being read, with its handshake's seconds and nanoseconds.
-    let mut current: Option<PeerReading> = None;
-    let finish = |state: &mut DeviceState, current: Option<PeerReading>| {
-        if let Some((key, mut peer, handshake)) = current {
-            peer.last_handshake_ms =
-                handshake.and_then(|(sec, nsec)| handshake_ms(sec, nsec, now_ms));
-            state.peers.insert(key, peer);
-        }
-    };
-    let bad = |line: &str| UapiError::Protocol(format!("line {line:?}"));
+    let mut reader = GetReader::new(now_ms);
     for line in reply.lines() {
-        if line.is_empty() {
-            continue;
+        if let Some(state) = reader.line(line)? {
+            return Ok(state);
         }
-        let (key, value) = line.split_once('=').ok_or_else(|| bad(line))?;
-        let number = || value.parse::<u64>().map_err(|_| bad(line));
+    }
+    Err(UapiError::Protocol("the reply ends without errno".into()))
+}
+
+/// A `get=1` reply read a line at a time.
+struct GetReader {
+    state: DeviceState,
+    /// The peer being read, with its handshake's seconds and nanoseconds.
+    current: Option<PeerReading>,
+    now_ms: u64,
+}
+
+impl GetReader {
+    fn new(now_ms: u64) -> GetReader {
+        GetReader {
+            state: DeviceState::default(),
+            current: None,
+            now_ms,
+        }
+    }
+
+    fn finish_peer(&mut self) {
+        if let Some((key, mut peer, handshake)) = self.current.take() {
+            peer.last_handshake_ms =
+                handshake.and_then(|(sec, nsec)| handshake_ms(sec, nsec, self.now_ms));
+            self.state.peers.insert(key, peer);
+        }
+    }
+
+    /// Takes one line; the device once the reply's `errno=0` has come.
+    fn line(&mut self, line: &str) -> Result<Option<DeviceState>, UapiError> {
+        let bad = || UapiError::Protocol(format!("line {line:?}"));
+        if line.is_empty() {
+            return Ok(None);
+        }
+        let (key, value) = line.split_once('=').ok_or_else(bad)?;
+        let number = || value.parse::<u64>().map_err(|_| bad());
         match key {
             "errno" => {
-                let errno: i32 = value.parse().map_err(|_| bad(line))?;
+                let errno: i32 = value.parse().map_err(|_| bad())?;
                 if errno != 0 {
                     return Err(UapiError::Errno { errno });
                 }
-                finish(&mut state, current.take());
-                return Ok(state);
+                self.finish_peer();
+                return Ok(Some(std::mem::take(&mut self.state)));
             }
             "public_key" => {
-                finish(&mut state, current.take());
-                let key = PublicKey::from_hex(value).map_err(|_| bad(line))?;
-                current = Some((key, PeerState::default(), None));
+                self.finish_peer();
+                let key = PublicKey::from_hex(value).map_err(|_| bad())?;
+                self.current = Some((key, PeerState::default(), None));
             }
             // The protocol's own: the device's key is known by its private half.
-            "private_key" if current.is_none() => {
-                let key = crate::key::PrivateKey::from_hex(value).map_err(|_| bad(line))?;
-                state.public_key = Some(key.public_key());
+            "private_key" if self.current.is_none() => {
+                let key = crate::key::PrivateKey::from_hex(value).map_err(|_| bad())?;
+                self.state.public_key = Some(key.public_key());
             }
             // boringtun's device names its public key instead.
-            "own_public_key" if current.is_none() => {
-                state.public_key = Some(PublicKey::from_hex(value).map_err(|_| bad(line))?);
+            "own_public_key" if self.current.is_none() => {
+                self.state.public_key = Some(PublicKey::from_hex(value).map_err(|_| bad())?);
             }
-            "listen_port" if current.is_none() => {
-                state.listen_port = value.parse().map_err(|_| bad(line))?;
+            "listen_port" if self.current.is_none() => {
+                self.state.listen_port = value.parse().map_err(|_| bad())?;
             }
             _ => {
-                let Some((_, peer, handshake)) = current.as_mut() else {
-                    // private_key, fwmark and what a newer device adds.
-                    continue;
+                let Some((_, peer, handshake)) = self.current.as_mut() else {
+                    // fwmark and what a newer device adds.
+                    return Ok(None);
                 };
                 match key {
-                    "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| bad(line))?),
+                    "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| bad())?),
                     "allowed_ip" => {
-                        peer.allowed_ips
-                            .insert(value.parse().map_err(|_| bad(line))?);
+                        peer.allowed_ips.insert(value.parse().map_err(|_| bad())?);
                     }
                     "persistent_keepalive_interval" => {
-                        peer.keepalive = value.parse().map_err(|_| bad(line))?;
+                        peer.keepalive = value.parse().map_err(|_| bad())?;
                     }
                     "last_handshake_time_sec" => {
                         handshake.get_or_insert((0, 0)).0 = number()?;
@@ -235,8 +304,8 @@ pub fn parse_get(reply: &str, now_ms: u64) -> Result<DeviceState, UapiError> {
                 }
             }
         }
+        Ok(None)
     }
-    Err(UapiError::Protocol("the reply ends without errno".into()))
 }
 
 /// A handshake's time in ms since the epoch from the UAPI's seconds and nanoseconds: `0, 0`
@@ -256,7 +325,7 @@ pub struct WantedPeer {
     /// Where to reach it (resolved).
     pub endpoint: Option<SocketAddr>,
     /// Its allowed IPs.
-    pub allowed_ips: BTreeSet<IpNet>,
+    pub allowed_ips: AllowedIps,
     /// Persistent keepalive, seconds (0: off).
     pub keepalive: u16,
 }
@@ -358,7 +427,7 @@ impl Changes {
                 let _ = writeln!(body, "endpoint={endpoint}");
             }
             body.push_str("replace_allowed_ips=true\n");
-            for net in &peer.allowed_ips {
+            for net in peer.allowed_ips.iter() {
                 let _ = writeln!(body, "allowed_ip={net}");
             }
         }
@@ -376,7 +445,7 @@ mod tests {
         PublicKey([n; 32])
     }
 
-    fn nets(list: &[&str]) -> BTreeSet<IpNet> {
+    fn nets(list: &[&str]) -> AllowedIps {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 

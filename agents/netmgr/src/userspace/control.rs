@@ -91,43 +91,50 @@ impl PeerChange {
 pub fn parse_set<'a>(lines: impl IntoIterator<Item = &'a str>) -> Result<SetRequest, i32> {
     let mut request = SetRequest::default();
     for line in lines {
-        let (key, value) = line.split_once('=').ok_or(errno::EPROTO)?;
-        let flag = || match value {
-            "true" => Ok(true),
-            _ => Err(errno::EINVAL),
-        };
-        let number = || value.parse::<u32>().map_err(|_| errno::EINVAL);
-        let Some(peer) = request.peers.last_mut().filter(|_| key != "public_key") else {
-            match key {
-                "private_key" => request.private_key = Some(parse_key(value)?),
-                "listen_port" => {
-                    request.listen_port = Some(u16::try_from(number()?).map_err(|_| errno::EINVAL)?)
-                }
-                "fwmark" => request.fwmark = Some(number()?),
-                "replace_peers" => request.replace_peers = flag()?,
-                "public_key" => request.peers.push(PeerChange::new(parse_key(value)?)),
-                _ => return Err(errno::EPROTO),
-            }
-            continue;
-        };
-        match key {
-            "remove" => peer.remove = flag()?,
-            "update_only" => peer.update_only = flag()?,
-            "preshared_key" => peer.preshared_key = Some(parse_key(value)?),
-            "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| errno::EINVAL)?),
-            "persistent_keepalive_interval" => {
-                peer.keepalive = Some(u16::try_from(number()?).map_err(|_| errno::EINVAL)?)
-            }
-            "replace_allowed_ips" => peer.replace_allowed_ips = flag()?,
-            "allowed_ip" => peer
-                .allowed_ips
-                .push(value.parse().map_err(|_| errno::EINVAL)?),
-            "protocol_version" if value == "1" => {}
-            "protocol_version" => return Err(errno::EINVAL),
-            _ => return Err(errno::EPROTO),
-        }
+        read_set_line(&mut request, line)?;
     }
     Ok(request)
+}
+
+/// Adds one line of a `set` to `request`: a device key before the first `public_key=`, a
+/// peer key after it.
+fn read_set_line(request: &mut SetRequest, line: &str) -> Result<(), i32> {
+    let (key, value) = line.split_once('=').ok_or(errno::EPROTO)?;
+    let flag = || match value {
+        "true" => Ok(true),
+        _ => Err(errno::EINVAL),
+    };
+    let number = || value.parse::<u32>().map_err(|_| errno::EINVAL);
+    let Some(peer) = request.peers.last_mut().filter(|_| key != "public_key") else {
+        match key {
+            "private_key" => request.private_key = Some(parse_key(value)?),
+            "listen_port" => {
+                request.listen_port = Some(u16::try_from(number()?).map_err(|_| errno::EINVAL)?)
+            }
+            "fwmark" => request.fwmark = Some(number()?),
+            "replace_peers" => request.replace_peers = flag()?,
+            "public_key" => request.peers.push(PeerChange::new(parse_key(value)?)),
+            _ => return Err(errno::EPROTO),
+        }
+        return Ok(());
+    };
+    match key {
+        "remove" => peer.remove = flag()?,
+        "update_only" => peer.update_only = flag()?,
+        "preshared_key" => peer.preshared_key = Some(parse_key(value)?),
+        "endpoint" => peer.endpoint = Some(value.parse().map_err(|_| errno::EINVAL)?),
+        "persistent_keepalive_interval" => {
+            peer.keepalive = Some(u16::try_from(number()?).map_err(|_| errno::EINVAL)?)
+        }
+        "replace_allowed_ips" => peer.replace_allowed_ips = flag()?,
+        "allowed_ip" => peer
+            .allowed_ips
+            .push(value.parse().map_err(|_| errno::EINVAL)?),
+        "protocol_version" if value == "1" => {}
+        "protocol_version" => return Err(errno::EINVAL),
+        _ => return Err(errno::EPROTO),
+    }
+    Ok(())
 }
 
 fn parse_key(hex: &str) -> Result<[u8; 32], i32> {
@@ -156,26 +163,38 @@ fn serve_client(stream: UnixStream, device: &Arc<Device>) -> std::io::Result<()>
     stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
     let mut writer = &stream;
     let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
+    let mut line = String::new();
     loop {
-        let Some(command) = read_line(&mut reader)? else {
+        if !read_line(&mut reader, &mut line)? {
             return Ok(());
-        };
-        let mut body = Vec::new();
-        while let Some(line) = read_line(&mut reader)? {
-            if line.is_empty() {
-                break;
-            }
-            body.push(line);
         }
-        let reply = match command.as_str() {
+        let reply = match line.as_str() {
             "get=1" => {
+                skip_to_blank_line(&mut reader, &mut line)?;
                 let mut reply = device.describe();
                 reply.push_str("errno=0\n\n");
                 reply
             }
             "set=1" => {
-                let errno = parse_set(body.iter().map(String::as_str))
-                    .and_then(|request| device.apply(request));
+                // Read a line at a time into the request: a thousand peers are 4,000 lines.
+                let mut request = Ok(SetRequest::default());
+                loop {
+                    if !read_line(&mut reader, &mut line)? {
+                        // Cut off (or over MAX_REQUEST): nothing of it is applied.
+                        return Ok(());
+                    }
+                    if line.is_empty() {
+                        break;
+                    }
+                    if let Ok(read) = &mut request {
+                        if let Err(errno) = read_set_line(read, &line) {
+                            request = Err(errno);
+                        }
+                    }
+                }
+                let errno = request.and_then(|request| device.apply(request));
+                // What a set of a thousand peers allocated and freed would stay resident.
+                agentbase::memory::release_free();
                 format!("errno={}\n\n", errno.err().unwrap_or(0))
             }
             _ => {
@@ -187,16 +206,22 @@ fn serve_client(stream: UnixStream, device: &Arc<Device>) -> std::io::Result<()>
     }
 }
 
-/// One line without its newline; `None` at the end of the stream.
-fn read_line(reader: &mut impl BufRead) -> std::io::Result<Option<String>> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Ok(None);
+/// Reads lines up to a blank one (or the end).
+fn skip_to_blank_line(reader: &mut impl BufRead, line: &mut String) -> std::io::Result<()> {
+    while read_line(reader, line)? && !line.is_empty() {}
+    Ok(())
+}
+
+/// Reads one line into `line`, without its newline; false at the end of the stream.
+fn read_line(reader: &mut impl BufRead, line: &mut String) -> std::io::Result<bool> {
+    line.clear();
+    if reader.read_line(line)? == 0 {
+        return Ok(false);
     }
     if line.ends_with('\n') {
         line.pop();
     }
-    Ok(Some(line))
+    Ok(true)
 }
 
 #[cfg(test)]
