@@ -246,9 +246,21 @@ impl Device {
             return None;
         }
         let uapi = Uapi::new(&paths.socket);
-        if !uapi.answers().await {
-            tracing::warn!(pid, socket = %paths.socket.display(), "device running but its socket does not answer");
-            return None;
+        match uapi.get().await {
+            Err(_) => {
+                tracing::warn!(pid, socket = %paths.socket.display(), "device running but its socket does not answer");
+                return None;
+            }
+            // Not adopted, so replaced (Device::spawn stops it): it would refuse netmgr's
+            // changes to a peer in place.
+            Ok(state) if state.legacy => {
+                tracing::warn!(
+                    pid,
+                    "the running device is boringtun's, from an earlier netmgr; replacing it"
+                );
+                return None;
+            }
+            Ok(_) => {}
         }
         let pidfd = watch(pidfd).ok()?;
         Some(Device {

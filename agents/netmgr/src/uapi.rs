@@ -12,7 +12,8 @@
 //! protocol has it). A device started by an older netmgr, which ran boringtun's own device
 //! and outlives the upgrade like any device, names it by `own_public_key=` and gives
 //! `last_handshake_time_sec` as an age: values below [`EPOCH_FLOOR_S`] are read as ages,
-//! anything else as a time.
+//! anything else as a time. Such a device is read, to be recognised ([`DeviceState::legacy`])
+//! and replaced, not adopted: it cannot change a peer in place.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -186,6 +187,9 @@ pub struct DeviceState {
     pub listen_port: u16,
     /// Its peers.
     pub peers: BTreeMap<PublicKey, PeerState>,
+    /// It names its public key (`own_public_key=`): boringtun's own device, which netmgr ran
+    /// before it had a device of its own, and which refuses to change a peer in place.
+    pub legacy: bool,
 }
 
 /// A peer as `get=1` reports it.
@@ -275,6 +279,7 @@ impl GetReader {
             // boringtun's device names its public key instead.
             "own_public_key" if self.current.is_none() => {
                 self.state.public_key = Some(PublicKey::from_hex(value).map_err(|_| bad())?);
+                self.state.legacy = true;
             }
             "listen_port" if self.current.is_none() => {
                 self.state.listen_port = value.parse().map_err(|_| bad())?;
@@ -389,7 +394,13 @@ pub fn changes(
             if endpoint_changed && peer.endpoint.is_none() {
                 changes.remove.push(*key);
             }
-            changes.set.push((*key, peer.clone()));
+            // The endpoint is stated only when it changed: a peer that roamed stays where its
+            // packets come from.
+            let mut peer = peer.clone();
+            if !endpoint_changed {
+                peer.endpoint = None;
+            }
+            changes.set.push((*key, peer));
         }
     }
     changes
@@ -469,6 +480,7 @@ mod tests {
         );
         let state = parse_get(&reply, NOW).unwrap();
         assert_eq!(state.public_key, Some(key(1)));
+        assert!(state.legacy, "own_public_key is boringtun's device");
         assert_eq!(state.listen_port, 51820);
         let p2 = &state.peers[&key(2)];
         assert_eq!(p2.keepalive, 25);
@@ -482,6 +494,26 @@ mod tests {
             "a time"
         );
         assert_eq!(state.peers[&key(4)].last_handshake_ms, None, "never");
+    }
+
+    #[test]
+    fn the_protocols_reply_names_the_private_key() {
+        let private = PrivateKey::generate().unwrap();
+        let reply = format!(
+            "private_key={}\nlisten_port=51820\npublic_key={}\nprotocol_version=1\n\
+             last_handshake_time_sec=1699999990\nlast_handshake_time_nsec=0\n\
+             tx_bytes=1\nrx_bytes=2\npersistent_keepalive_interval=0\n\
+             allowed_ip=10.88.0.2/32\nerrno=0\n\n",
+            private.to_hex(),
+            key(2).to_hex()
+        );
+        let state = parse_get(&reply, NOW).unwrap();
+        assert_eq!(state.public_key, Some(private.public_key()));
+        assert!(!state.legacy);
+        assert_eq!(
+            state.peers[&key(2)].last_handshake_ms,
+            Some(1_699_999_990_000)
+        );
     }
 
     #[test]
@@ -543,6 +575,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            legacy: false,
         }
     }
 
@@ -617,6 +650,16 @@ mod tests {
         let changed = |c: Changes| c.set.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
         // Without the record the device's word is all there is.
         assert_eq!(changed(changes(&state, None, &want)), [key(2)]);
+        // A roamed peer whose allowed IPs changed is set without its endpoint, so it stays
+        // where its packets come from.
+        let mut more = want.clone();
+        more.peers.get_mut(&key(2)).unwrap().allowed_ips = nets(&["10.88.0.2/32", "10.9.0.0/16"]);
+        let c = changes(&state, Some(&applied), &more);
+        assert_eq!(c.set.len(), 1);
+        assert_eq!(c.set[0].1.endpoint, None);
+        assert!(!c
+            .request(&PrivateKey::generate().unwrap())
+            .contains("endpoint="));
         // A configured endpoint that changed is a change.
         let moved: BTreeMap<_, _> = [(key(2), Some("192.0.2.9:51820".parse().unwrap()))].into();
         assert_eq!(changed(changes(&state, Some(&moved), &want)), [key(2)]);

@@ -21,7 +21,7 @@ use super::Device;
 /// the socket, which serves one client at a time.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The longest request read (a `set` of thousands of peers is a few hundred KB).
+/// The most a connection may send (a `set` of thousands of peers is a few hundred KB).
 pub const MAX_REQUEST: u64 = 16 << 20;
 
 /// The error numbers the protocol answers with.
@@ -73,7 +73,8 @@ pub struct PeerChange {
 }
 
 impl PeerChange {
-    fn new(public_key: [u8; 32]) -> PeerChange {
+    /// A section for `public_key` that changes nothing yet.
+    pub fn new(public_key: [u8; 32]) -> PeerChange {
         PeerChange {
             public_key,
             remove: false,
@@ -153,6 +154,23 @@ pub fn serve(listener: UnixListener, device: &Arc<Device>) -> std::io::Error {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // Out of descriptors or memory for now, or a client gone before it was taken:
+            // the next client may fare better; the data plane must not end for it.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc::EMFILE
+                            | libc::ENFILE
+                            | libc::ENOBUFS
+                            | libc::ENOMEM
+                            | libc::ECONNABORTED
+                    )
+                ) =>
+            {
+                tracing::warn!(error = %e, "accepting a UAPI client");
+                std::thread::sleep(Duration::from_millis(100));
+            }
             Err(e) => return e,
         }
     }

@@ -20,6 +20,9 @@ pub mod control;
 pub mod routes;
 pub mod tun;
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
@@ -73,8 +76,11 @@ struct Created {
 struct Key {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
-    /// Answers floods of handshakes with cookies; shared by every tunnel.
+    /// Answers floods of handshakes with cookies: the device's check, before any tunnel.
     limiter: Arc<RateLimiter>,
+    /// The tunnels' own: a tunnel checks a handshake's MACs again, and must not count it
+    /// against the limit a second time (nor answer with a cookie what the device let in).
+    unlimited: Arc<RateLimiter>,
 }
 
 /// The device's configuration and peers.
@@ -109,6 +115,15 @@ struct Peer {
     link: Mutex<Link>,
 }
 
+/// What a datagram claims to be, as far as it matters to the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Initiation,
+    Cookie,
+    Data,
+    Other,
+}
+
 /// A peer's changing half: its settings and its tunnel, when it has one.
 #[derive(Default)]
 struct Link {
@@ -127,18 +142,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Link {
+    /// A new tunnel to the peer, with the link's settings.
+    fn make_tunnel(&self, key: &Key, peer: &Peer) -> Box<Tunn> {
+        Box::new(Tunn::new(
+            key.secret.clone(),
+            peer.public,
+            self.preshared,
+            (self.keepalive > 0).then_some(self.keepalive),
+            peer.index,
+            Some(Arc::clone(&key.unlimited)),
+        ))
+    }
+
     /// The peer's tunnel, made now if it has none.
     fn tunnel(&mut self, key: &Key, peer: &Peer) -> &mut Tunn {
-        self.tunnel.get_or_insert_with(|| {
-            Box::new(Tunn::new(
-                key.secret.clone(),
-                peer.public,
-                self.preshared,
-                (self.keepalive > 0).then_some(self.keepalive),
-                peer.index,
-                Some(Arc::clone(&key.limiter)),
-            ))
-        })
+        if self.tunnel.is_none() {
+            self.tunnel = Some(self.make_tunnel(key, peer));
+        }
+        self.tunnel.as_mut().expect("just made")
     }
 
     /// Reads the tunnel's handshake time into the link.
@@ -183,7 +204,9 @@ impl Sockets {
         for socket in std::iter::once(&v4).chain(v6.as_ref()) {
             socket.set_read_timeout(Some(SOCKET_POLL))?;
             crate::sockbuf::enlarge(socket);
-            set_fwmark(socket, fwmark)?;
+            if fwmark != 0 {
+                set_fwmark(socket, fwmark)?;
+            }
         }
         Ok(Sockets { port, v4, v6 })
     }
@@ -222,10 +245,8 @@ fn bind_v6(port: u16) -> std::io::Result<UdpSocket> {
     Ok(socket)
 }
 
+/// Marks the socket's packets with `fwmark` (0: unmarked).
 fn set_fwmark(socket: &UdpSocket, fwmark: u32) -> std::io::Result<()> {
-    if fwmark == 0 {
-        return Ok(());
-    }
     nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::Mark, &fwmark)
         .map_err(std::io::Error::from)
 }
@@ -387,16 +408,20 @@ impl Device {
             return;
         };
         // MACs first (and cookies under load), before any work a stranger could make us do.
-        let (peer, handshake) = match key.limiter.verify_packet(Some(from.ip()), datagram, out) {
+        let (peer, kind) = match key.limiter.verify_packet(Some(from.ip()), datagram, out) {
             Ok(Packet::HandshakeInit(init)) => {
                 let peer = parse_handshake_anon(&key.secret, &key.public, &init)
                     .ok()
                     .and_then(|half| state.peers.get(&half.peer_static_public));
-                (peer, true)
+                (peer, Kind::Initiation)
             }
-            Ok(Packet::HandshakeResponse(p)) => (state.by_index.get(&(p.receiver_idx >> 8)), false),
-            Ok(Packet::PacketCookieReply(p)) => (state.by_index.get(&(p.receiver_idx >> 8)), false),
-            Ok(Packet::PacketData(p)) => (state.by_index.get(&(p.receiver_idx >> 8)), false),
+            Ok(Packet::HandshakeResponse(p)) => {
+                (state.by_index.get(&(p.receiver_idx >> 8)), Kind::Other)
+            }
+            Ok(Packet::PacketCookieReply(p)) => {
+                (state.by_index.get(&(p.receiver_idx >> 8)), Kind::Cookie)
+            }
+            Ok(Packet::PacketData(p)) => (state.by_index.get(&(p.receiver_idx >> 8)), Kind::Data),
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 state.send(Some(from), cookie);
                 return;
@@ -407,36 +432,66 @@ impl Device {
             return;
         };
         let mut link = lock(&peer.link);
-        // Only a handshake starts a tunnel; anything else for a peer with none is stale.
-        if handshake {
-            link.tunnel(key, peer);
-        }
-        let Some(tunnel) = link.tunnel.as_mut() else {
-            return;
+        // Only an initiation starts a tunnel; anything else for a peer with none is stale.
+        let (mut tunnel, fresh) = match link.tunnel.take() {
+            Some(tunnel) => (tunnel, false),
+            None if kind == Kind::Initiation => (link.make_tunnel(key, peer), true),
+            None => return,
         };
+        let authentic = self.open(state, peer, &mut tunnel, datagram, from, out);
+        // A tunnel made for an initiation is kept only if the initiation was genuine.
+        if !fresh || authentic {
+            link.tunnel = Some(tunnel);
+        }
+        // The peer is where its genuine datagrams come from (roaming); a cookie proves
+        // nothing of the sort. Nor does an initiation that made a tunnel: the tunnel that
+        // would have known it for a replay was dropped, so the endpoint waits for the data
+        // that follows a real handshake.
+        if authentic && kind != Kind::Cookie && !(fresh && kind == Kind::Initiation) {
+            link.endpoint = Some(from);
+        }
+    }
+
+    /// Hands `datagram` to `peer`'s tunnel and carries out what it says; whether the datagram
+    /// proved to come from the peer (a handshake answered, a packet opened).
+    fn open(
+        &self,
+        state: &State,
+        peer: &Arc<Peer>,
+        tunnel: &mut Tunn,
+        datagram: &[u8],
+        from: SocketAddr,
+        out: &mut [u8],
+    ) -> bool {
         match tunnel.decapsulate(Some(from.ip()), datagram, out) {
-            TunnResult::Done => {}
-            TunnResult::Err(_) => return,
+            // A keepalive opened, or a cookie taken.
+            TunnResult::Done => Tunn::parse_incoming_packet(datagram)
+                .is_ok_and(|p| matches!(p, Packet::PacketData(_))),
+            TunnResult::Err(_) => false,
             TunnResult::WriteToNetwork(reply) => {
+                // A handshake response (2) or the keepalive that confirms one (4); never a
+                // cookie (3), which the tunnel sends to a stranger too.
+                let genuine = matches!(reply.first(), Some(2 | 4));
                 state.send(Some(from), reply);
                 // Packets that waited for the handshake go now.
                 while let TunnResult::WriteToNetwork(queued) = tunnel.decapsulate(None, &[], out) {
                     state.send(Some(from), queued);
                 }
+                genuine
             }
             TunnResult::WriteToTunnelV4(packet, source) => {
                 if state.allows(peer, source.into()) {
                     let _ = self.tun.write(packet);
                 }
+                true
             }
             TunnResult::WriteToTunnelV6(packet, source) => {
                 if state.allows(peer, source.into()) {
                     let _ = self.tun.write(packet);
                 }
+                true
             }
         }
-        // An authenticated datagram: the peer is where it came from (roaming).
-        link.endpoint = Some(from);
     }
 
     /// The protocol's timers, every [`TICK`]: handshake retries, keepalives, rekeying; a
@@ -457,10 +512,20 @@ impl Device {
             }
             for peer in state.peers.values() {
                 let mut link = lock(&peer.link);
-                if link.tunnel.is_none() && link.keepalive == 0 {
+                let endpoint = link.endpoint;
+                if link.tunnel.is_none() {
+                    if link.keepalive == 0 {
+                        continue;
+                    }
+                    // A persistent keepalive starts at once, as WireGuard's does when it is
+                    // set: the first keepalive makes the handshake.
+                    if let TunnResult::WriteToNetwork(packet) =
+                        link.tunnel(key, peer).encapsulate(&[], &mut out)
+                    {
+                        state.send(endpoint, packet);
+                    }
                     continue;
                 }
-                let endpoint = link.endpoint;
                 match link.tunnel(key, peer).update_timers(&mut out) {
                     TunnResult::WriteToNetwork(packet) => state.send(endpoint, packet),
                     TunnResult::Err(WireGuardError::ConnectionExpired) => link.drop_tunnel(),
@@ -475,11 +540,11 @@ impl Device {
     /// Carries out a checked `set`, whole or (when its sockets cannot be bound) not at all;
     /// the error number otherwise.
     fn apply(self: &Arc<Self>, request: control::SetRequest) -> Result<(), i32> {
-        let (port, fwmark) = {
+        let (port, old_fwmark) = {
             let state = self.read();
             (state.sockets.as_ref().map(|s| s.port), state.fwmark)
         };
-        let fwmark = request.fwmark.unwrap_or(fwmark);
+        let fwmark = request.fwmark.unwrap_or(old_fwmark);
         // Port 0 asks for any port, which the device has.
         let rebind = request
             .listen_port
@@ -495,20 +560,25 @@ impl Device {
             })?)),
             None => None,
         };
+        // A new mark on the sockets kept, before anything changes: it may fail.
+        if fwmark != old_fwmark && sockets.is_none() {
+            let state = self.read();
+            if let Some(kept) = &state.sockets {
+                for socket in std::iter::once(&kept.v4).chain(kept.v6.as_ref()) {
+                    set_fwmark(socket, fwmark).map_err(|e| {
+                        tracing::warn!(fwmark, error = %e, "marking the sockets");
+                        control::errno::EIO
+                    })?;
+                }
+            }
+        }
         let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.fwmark = fwmark;
         if let Some(secret) = request.private_key {
             state.set_key(secret);
         }
         if let Some(sockets) = &sockets {
             state.sockets = Some(Arc::clone(sockets));
-        }
-        if fwmark != state.fwmark {
-            state.fwmark = fwmark;
-            if let Some(sockets) = &state.sockets {
-                for socket in std::iter::once(&sockets.v4).chain(sockets.v6.as_ref()) {
-                    set_fwmark(socket, fwmark).map_err(|_| control::errno::EIO)?;
-                }
-            }
         }
         if request.replace_peers {
             state.peers.clear();
@@ -592,6 +662,7 @@ impl State {
             let public = x25519::PublicKey::from(&secret);
             Key {
                 limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+                unlimited: Arc::new(RateLimiter::new(&public, u64::MAX)),
                 secret,
                 public,
             }
