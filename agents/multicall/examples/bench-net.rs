@@ -262,7 +262,7 @@ async fn bench(args: &Args) -> Res<()> {
         let took = nodes[0].apply(&config).await?;
         apply_ms.push(took.as_secs_f64() * 1000.0);
 
-        // The middle peer moves to another endpoint: removed and added again on the device.
+        // The middle peer moves to another endpoint: changed in place on the device.
         let changed = peers.len() / 2;
         peers[changed].endpoint = Some(format!("198.18.255.254:{}", PORT + round as u16));
         generation += 1;

@@ -800,8 +800,9 @@ impl Agent {
 }
 
 /// Keeps each peer's handshake time as `previous` had it when the new reading is within a
-/// second of it: boringtun reports ages, so the same handshake reads a few ms apart each
-/// time, and the status would change on every reading for nothing.
+/// second of it: a device derives the time from the handshake's age (boringtun's protocol
+/// keeps ages), so the same handshake reads a few ms apart each time, and the status would
+/// change on every reading for nothing.
 fn steady_handshakes(previous: &DeviceState, state: &mut DeviceState) {
     for (key, peer) in &mut state.peers {
         let old = previous.peers.get(key).and_then(|p| p.last_handshake_ms);
