@@ -438,7 +438,7 @@ impl Device {
             None if kind == Kind::Initiation => (link.make_tunnel(key, peer), true),
             None => return,
         };
-        let authentic = self.open(state, peer, &mut tunnel, datagram, from, out);
+        let authentic = self.open(state, peer, &mut tunnel, datagram, kind, from, out);
         // A tunnel made for an initiation is kept only if the initiation was genuine.
         if !fresh || authentic {
             link.tunnel = Some(tunnel);
@@ -452,21 +452,22 @@ impl Device {
         }
     }
 
-    /// Hands `datagram` to `peer`'s tunnel and carries out what it says; whether the datagram
-    /// proved to come from the peer (a handshake answered, a packet opened).
+    /// Hands `datagram` (of `kind`) to `peer`'s tunnel and carries out what it says; whether
+    /// the datagram proved to come from the peer (a handshake answered, a packet opened).
+    #[allow(clippy::too_many_arguments)]
     fn open(
         &self,
         state: &State,
         peer: &Arc<Peer>,
         tunnel: &mut Tunn,
         datagram: &[u8],
+        kind: Kind,
         from: SocketAddr,
         out: &mut [u8],
     ) -> bool {
         match tunnel.decapsulate(Some(from.ip()), datagram, out) {
             // A keepalive opened, or a cookie taken.
-            TunnResult::Done => Tunn::parse_incoming_packet(datagram)
-                .is_ok_and(|p| matches!(p, Packet::PacketData(_))),
+            TunnResult::Done => kind == Kind::Data,
             TunnResult::Err(_) => false,
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake response (2) or the keepalive that confirms one (4); never a
