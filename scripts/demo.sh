@@ -146,7 +146,7 @@ run "$bin/powernode-controller" task show "$task_id" --data "$data"
 run "$bin/powernode-controller" tasks --data "$data"
 
 if [ "$(id -u)" = 0 ] && command -v wg >/dev/null && command -v nsenter >/dev/null; then
-    step "an overlay network: the node joins it; netmgr brings up its WireGuard interface (userspace device)"
+    step "an overlay network: the node joins it; netmgr brings up its WireGuard interface (the kernel's, or the userspace device where the kernel has none)"
     run "$bin/powernode-controller" network create demo --cidr 10.213.77.0/24 --data "$data"
     run "$bin/powernode-controller" network join demo --node "$node_id" --data "$data"
     run "$bin/powernode-agent" --root "$root" wait netmgr/NetworkStatus --field state=Up --timeout 60
@@ -156,10 +156,15 @@ if [ "$(id -u)" = 0 ] && command -v wg >/dev/null && command -v nsenter >/dev/nu
         sleep 1
     done
     run "$bin/powernode-controller" network show demo --data "$data"
-    # Under a sandbox root the device has a mount namespace of its own, where its UAPI socket is
-    # /run/wireguard/pn0.sock (docs/network.md): wg reads it there.
-    device_pid=$(cat "$root/run/powernode/netmgr/device/pn0.pid")
-    run nsenter -t "$device_pid" -m wg show pn0
+    # Under a sandbox root the userspace device has a mount namespace of its own, where its UAPI
+    # socket is /run/wireguard/pn0.sock (docs/network.md): wg reads it there. Kernel WireGuard
+    # has no device process: wg reads the kernel.
+    if [ -f "$root/run/powernode/netmgr/device/pn0.pid" ]; then
+        device_pid=$(cat "$root/run/powernode/netmgr/device/pn0.pid")
+        run nsenter -t "$device_pid" -m wg show pn0
+    else
+        run wg show pn0
+    fi
 else
     echo "demo: the overlay network left out (it needs root, wireguard-tools and nsenter)" >&2
 fi

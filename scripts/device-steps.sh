@@ -107,6 +107,12 @@ if $stop; then
                 fi
                 rm -f "$pidfile"
             done
+            # Kernel WireGuard (where netmgr used it) has no process: its interface is deleted.
+            iface=$(sed -n 's/.*"interface":"\([^"]*\)".*/\1/p' "$run_dir/netmgr/applied.json" 2>/dev/null)
+            if [ -n "$iface" ] && ip link show dev "$iface" type wireguard 2>/dev/null | grep -q .; then
+                echo "device-steps: deleting the kernel WireGuard interface $iface"
+                ip link del dev "$iface" || true
+            fi
         fi
     done
     exit 0

@@ -140,6 +140,8 @@ pub struct Settings {
     pub events: EventSettings,
     /// NodeScripts: the interpreters execd may run them with (docs/tasks.md).
     pub exec: ExecSettings,
+    /// The WireGuard overlay: which data plane netmgr uses (docs/network.md).
+    pub network: NetworkSettings,
     /// What loading noticed that is not worth refusing the settings for (a directory named
     /// like a drop-in): logged at start and reported as the agent's error until fixed.
     #[serde(skip)]
@@ -319,6 +321,27 @@ impl MountSettings {
             ],
         )
     }
+}
+
+/// The `[network]` table: netmgr's WireGuard data plane (docs/network.md).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSettings {
+    /// Which WireGuard implementation carries the overlay.
+    pub wireguard: WireguardChoice,
+}
+
+/// `network.wireguard`: which WireGuard implementation netmgr uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WireguardChoice {
+    /// The kernel's where it has WireGuard, else the userspace device.
+    #[default]
+    Auto,
+    /// The kernel's only: without it the network fails to come up, with the reason.
+    Kernel,
+    /// The userspace device only, even where the kernel has WireGuard.
+    Userspace,
 }
 
 /// The `[events]` table: eventd's journal (docs/events.md).
@@ -680,6 +703,7 @@ impl Default for Settings {
             mounts: MountSettings::default(),
             events: EventSettings::default(),
             exec: ExecSettings::default(),
+            network: NetworkSettings::default(),
             notes: Vec::new(),
         }
     }
@@ -1319,6 +1343,36 @@ mod tests {
             let err = got.unwrap_err().to_string();
             assert!(
                 err.contains(want) && err.contains("50-ev.toml"),
+                "{line}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn network_table() {
+        let (_dir, got) = load(&[]);
+        assert_eq!(got.unwrap().network.wireguard, WireguardChoice::Auto);
+        for (text, want) in [
+            ("auto", WireguardChoice::Auto),
+            ("kernel", WireguardChoice::Kernel),
+            ("userspace", WireguardChoice::Userspace),
+        ] {
+            let (_dir, got) = load(&[(
+                "agent.toml",
+                &format!("[network]\nwireguard = \"{text}\"\n"),
+            )]);
+            assert_eq!(got.unwrap().network.wireguard, want, "{text}");
+        }
+        for (line, want) in [
+            ("wireguard = \"boringtun\"", "unknown variant `boringtun`"),
+            ("wireguard = true", "network.wireguard"),
+            ("wg = \"kernel\"", "wg"),
+        ] {
+            let (_dir, got) =
+                load(&[("agent.toml.d/50-net.toml", &format!("[network]\n{line}\n"))]);
+            let err = got.unwrap_err().to_string();
+            assert!(
+                err.contains(want) && err.contains("50-net.toml"),
                 "{line}: {err}"
             );
         }

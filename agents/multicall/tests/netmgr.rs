@@ -91,8 +91,15 @@ struct Net {
 }
 
 impl Net {
-    /// `count` nodes on a bridge, each netmgr started.
+    /// `count` nodes on a bridge, each netmgr started on the userspace device (what these
+    /// tests are about, on every kernel).
     fn new(count: u8) -> Net {
+        Net::with_wireguard(count, |_| "userspace")
+    }
+
+    /// `count` nodes on a bridge, each netmgr started with `network.wireguard` as `choice`
+    /// says for its node (1-based).
+    fn with_wireguard(count: u8, choice: impl Fn(u8) -> &'static str) -> Net {
         // Short paths: a socket path must fit in 107 bytes.
         let dir = tempfile::Builder::new().prefix("pn").tempdir().unwrap();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -110,6 +117,7 @@ impl Net {
             let ns = net.underlay.add(n);
             let root = net._dir.path().join(format!("n{n}"));
             std::fs::create_dir_all(root.join("etc/powernode")).unwrap();
+            write_wireguard_choice(&root, choice(n));
             let config = {
                 let _in_runtime = net.runtime.enter();
                 Publication::<NetworkConfig>::open(&Dirs::under_root(&root), "heartbeatd").unwrap()
@@ -197,15 +205,20 @@ impl Net {
 
     /// Every node configured with every other as its peer, and Up.
     fn full_mesh(&self, generation: u64) {
-        let all: Vec<usize> = (0..self.nodes.len()).collect();
-        for i in 0..self.nodes.len() {
-            let others: Vec<usize> = all.iter().copied().filter(|&p| p != i).collect();
-            self.publish(i, &self.config(i, &others, generation));
-        }
+        self.full_mesh_without_waiting(generation);
         for i in 0..self.nodes.len() {
             self.wait_status(i, "state Up", |s| {
                 s.state == NetworkState::Up && s.generation == generation
             });
+        }
+    }
+
+    /// Every node configured with every other as its peer.
+    fn full_mesh_without_waiting(&self, generation: u64) {
+        let all: Vec<usize> = (0..self.nodes.len()).collect();
+        for i in 0..self.nodes.len() {
+            let others: Vec<usize> = all.iter().copied().filter(|&p| p != i).collect();
+            self.publish(i, &self.config(i, &others, generation));
         }
     }
 
@@ -294,6 +307,29 @@ impl Drop for Net {
             }
         }
     }
+}
+
+/// Sets `network.wireguard` in the node's settings (read when netmgr starts).
+fn write_wireguard_choice(root: &std::path::Path, choice: &str) {
+    std::fs::write(
+        root.join("etc/powernode/agent.toml"),
+        format!("[network]\nwireguard = \"{choice}\"\n"),
+    )
+    .unwrap();
+}
+
+/// Whether the kernel of the namespace `ns` can make a `wireguard` link.
+fn kernel_has_wireguard(ns: &str) -> bool {
+    let made = std::process::Command::new("ip")
+        .args(["-n", ns, "link", "add", "pnprobe", "type", "wireguard"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap()
+        .success();
+    if made {
+        netns::sh(&["ip", "-n", ns, "link", "del", "pnprobe"]);
+    }
+    made
 }
 
 fn wait_until(what: &str, cond: impl Fn() -> bool) {
@@ -528,7 +564,7 @@ fn the_data_plane_outlives_netmgr_and_a_dead_device_is_restarted() {
     wait_until("the new netmgr adopts the device", || {
         net.nodes[0]
             .log()
-            .contains("adopted the running WireGuard device")
+            .contains("adopted the running WireGuard interface")
     });
     assert_eq!(net.nodes[0].device_pid(), Some(device));
     assert_eq!(net.public_key(0), key, "a restart changed the key");
@@ -680,5 +716,85 @@ fn bad_configs_are_refused_and_the_last_good_one_keeps_carrying_traffic() {
         s.state == NetworkState::Up && s.generation == 20
     });
     assert_eq!(status.error, None);
+    net.wait_reachable(0, 1);
+}
+
+#[test]
+fn the_data_plane_is_kernel_wireguard_where_the_kernel_has_it_else_the_device() {
+    if !needs() {
+        return;
+    }
+    // Node 1 insists on the kernel's WireGuard; node 2 takes what there is.
+    let mut net = Net::with_wireguard(2, |n| if n == 1 { "kernel" } else { "auto" });
+    let kernel = kernel_has_wireguard(&net.nodes[0].ns);
+    net.full_mesh_without_waiting(1);
+    let two = net.wait_status(1, "node 2 Up", |s| s.state == NetworkState::Up);
+    assert_eq!(
+        two.userspace, !kernel,
+        "auto picks the kernel's where there is one"
+    );
+    if kernel {
+        let one = net.wait_status(0, "node 1 Up on the kernel", |s| {
+            s.state == NetworkState::Up
+        });
+        assert!(!one.userspace);
+        assert!(
+            net.nodes[0].device_pid().is_none(),
+            "a device process runs too"
+        );
+        let details = std::process::Command::new("ip")
+            .args(["-n", &net.nodes[0].ns, "-d", "link", "show", "pn0"])
+            .output()
+            .unwrap();
+        let details = String::from_utf8_lossy(&details.stdout);
+        assert!(details.contains("wireguard"), "{details}");
+        net.echo_server(1);
+        net.wait_reachable(0, 1);
+        // kill -9 of netmgr: the kernel's interface stays, and the next netmgr adopts it.
+        net.kill_netmgr(0);
+        assert!(netns::has_link(&net.nodes[0].ns, "pn0"));
+        net.start(0);
+        wait_until("the new netmgr adopts the kernel interface", || {
+            net.nodes[0]
+                .log()
+                .contains("adopted the running WireGuard interface")
+        });
+        net.wait_reachable(0, 1);
+        // Withdrawn: the interface goes.
+        net.nodes[0].config.unpublish(GLOBAL_KEY).unwrap();
+        wait_until("pn0 deleted", || !netns::has_link(&net.nodes[0].ns, "pn0"));
+        return;
+    }
+    // No WireGuard in this kernel: node 1 fails with the reason, makes nothing, and says so.
+    let one = net.wait_status(0, "node 1 Failed", |s| s.state == NetworkState::Failed);
+    let error = one.error.unwrap_or_default();
+    assert!(error.contains("the kernel has no WireGuard"), "{error}");
+    assert!(
+        error.contains("network.wireguard"),
+        "the error names the setting: {error}"
+    );
+    assert!(
+        !one.userspace,
+        "it reports the kernel's, which the settings ask for"
+    );
+    net.wait_event(0, "network.apply_failed");
+    assert!(
+        !netns::has_link(&net.nodes[0].ns, "pn0"),
+        "an interface was made anyway"
+    );
+    assert!(
+        net.nodes[0].device_pid().is_none(),
+        "a device was started anyway"
+    );
+    // The same node on auto: the userspace device, and the overlay works.
+    net.kill_netmgr(0);
+    write_wireguard_choice(&net.nodes[0].root, "auto");
+    net.start(0);
+    let one = net.wait_status(0, "node 1 Up on auto", |s| s.state == NetworkState::Up);
+    assert!(one.userspace);
+    assert!(net.nodes[0]
+        .log()
+        .contains("the kernel has no WireGuard; using the userspace device"));
+    net.echo_server(1);
     net.wait_reachable(0, 1);
 }

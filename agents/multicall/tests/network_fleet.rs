@@ -212,6 +212,15 @@ impl Fleet {
     fn add_node(&mut self, n: u8) {
         let ns = self.underlay.add(n);
         let (dir, root) = common::node_root();
+        // These tests read the userspace device (its pid, `wg` in its namespaces): pinned to it
+        // on every kernel.
+        let toml = root.join("etc/powernode/agent.toml");
+        let base = std::fs::read_to_string(&toml).unwrap();
+        std::fs::write(
+            &toml,
+            format!("{base}[network]\nwireguard = \"userspace\"\n"),
+        )
+        .unwrap();
         let token = self
             .runtime
             .block_on(powernode_controller::tokens::create(
@@ -715,7 +724,7 @@ fn a_netmgr_killed_and_restarted_changes_no_members_network_and_keeps_its_key() 
     netns::wait_until(WAIT, "the new netmgr adopts the device", || {
         fleet.nodes[0]
             .log("netmgr.log")
-            .contains("adopted the running WireGuard device")
+            .contains("adopted the running WireGuard interface")
     });
     let status = fleet.wait_status(0, "Up with the key", |s| {
         s.state == NetworkState::Up && s.public_key.is_some() && !s.endpoints.is_empty()

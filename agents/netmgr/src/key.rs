@@ -106,6 +106,12 @@ impl PrivateKey {
         hex::encode(self.0)
     }
 
+    /// The bytes, for kernel WireGuard's `SET_DEVICE` (the one other place the key leaves
+    /// this type; the caller wipes the message it goes into).
+    pub fn to_bytes(&self) -> [u8; KEY_LEN] {
+        self.0
+    }
+
     /// From the UAPI's hex (a device's `get` names its private key).
     pub fn from_hex(text: &str) -> Result<PrivateKey, KeyError> {
         PublicKey::from_hex(text).map(|k| PrivateKey(k.0))

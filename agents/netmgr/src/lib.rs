@@ -6,16 +6,17 @@
 //!
 //! A configuration is validated whole first ([`plan`]): one that breaks a rule is refused with
 //! its reason in `NetworkStatus.error` (state `Failed`) and a `network.config_rejected` event,
-//! and the last good one stays applied. A good one is applied by difference: the userspace
-//! WireGuard device ([`device`], a process of its own that outlives netmgr) is started or
-//! adopted, its key, port and peers changed over the UAPI socket only where they differ
-//! ([`uapi`]), the interface's address, MTU and routes set over rtnetlink ([`link`]) and the
-//! port forwards replaced in nftables ([`forward`]) when they changed. What was applied is
-//! recorded in `run/powernode/netmgr/applied.json`, so that a restarted netmgr knows it.
+//! and the last good one stays applied. A good one is applied by difference: the WireGuard
+//! interface ([`dataplane`]) is adopted or made — kernel WireGuard ([`kernel`]) where the
+//! kernel has it, else the userspace device ([`device`], a process of its own); both outlive
+//! netmgr — its key, port and peers changed only where they differ ([`uapi`]: over generic
+//! netlink for the kernel, over the UAPI socket for the device), the interface's address, MTU
+//! and routes set over rtnetlink ([`link`]) and the port forwards replaced in nftables
+//! ([`forward`]) when they changed. What was applied is recorded in
+//! `run/powernode/netmgr/applied.json`, so that a restarted netmgr knows it.
 //!
-//! Kernel WireGuard is not used: this project's machines and CI have no module to test it
-//! with, so the userspace device is the only data plane (`NetworkStatus.userspace` is always
-//! true).
+//! `network.wireguard` in the settings picks the data plane: `auto` (the default), `kernel`
+//! or `userspace`; `NetworkStatus.userspace` says which runs.
 //!
 //! # States
 //!
@@ -27,17 +28,19 @@
 //!    │                          │  ApplyFailed (retried     │   │
 //!    │                          │  with backoff) ───────────┼───┘
 //!    │                          │                           │ invalid config
-//!    │                          │ device died:              ▼
-//!    │                          └─ restarted, re-applied   Rejected (last good runs)
-//!    └──────── config withdrawn (any state): device stopped, forwards removed
+//!    │                          │ interface gone:           ▼
+//!    │                          └─ made again, re-applied  Rejected (last good runs)
+//!    └──────── config withdrawn (any state): interface removed, forwards removed
 //! ```
 //!
 //! `Rejected` and `ApplyFailed` are published as `Failed` with the error. On SIGTERM netmgr
-//! exits 0 and leaves the device running: the data plane outlives the control plane, and the
-//! next netmgr adopts it.
+//! exits 0 and leaves the interface running: the data plane outlives the control plane, and
+//! the next netmgr adopts it.
 
+pub mod dataplane;
 pub mod device;
 pub mod forward;
+pub mod kernel;
 pub mod key;
 pub mod link;
 pub mod plan;
@@ -51,6 +54,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentbase::settings::WireguardChoice;
 use agentbase::Context;
 use anyhow::Context as _;
 use powernode_pubsub::{Event, Publication, Subscription};
@@ -60,7 +64,7 @@ use powernode_types::{
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::device::Device;
+use crate::dataplane::Dataplane;
 use crate::key::{PrivateKey, PublicKey};
 use crate::link::Netlink;
 use crate::plan::{Endpoint, Plan, Rejection};
@@ -87,6 +91,15 @@ pub const QUICK_DEATH: Duration = Duration::from_secs(10);
 
 /// How long resolving a peer's endpoint name may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the WireGuard interface is being made again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Restart {
+    /// The applied configuration's interface was not there when netmgr started.
+    NotRunning,
+    /// It went away: the device exited, or the kernel interface was deleted (described).
+    Gone(String),
+}
 
 /// netmgr's states: see the crate documentation for the diagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,10 +166,15 @@ struct Agent {
     /// The newest configuration received, valid or not (a repeat is not handled again).
     seen: Option<Arc<NetworkConfig>>,
     applied: Option<Applied>,
-    device: Option<Device>,
+    device: Option<Dataplane>,
+    /// Which WireGuard the settings allow (`network.wireguard`).
+    choice: WireguardChoice,
+    /// Whether the overlay is (or, with no interface yet, would be) the userspace device.
+    userspace: bool,
     device_started: Option<Instant>,
-    /// The pid of a device that died, until its successor is configured.
-    restarting_after: Option<i32>,
+    /// The interface that went away (or was not there at start), until its successor is
+    /// configured: reported then.
+    restarting_after: Option<Restart>,
     error: Option<String>,
     retry_at: Option<Instant>,
     /// Failures in a row (applies, or quick device deaths), for the backoff.
@@ -197,6 +215,14 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         .open_publication::<NetworkStatus>()
         .context("opening NetworkStatus")?;
     let netlink = Netlink::connect().context("netlink")?;
+    let choice = ctx.settings.network.wireguard;
+    // What a new interface would be, until there is one; with `auto`, what the kernel offers.
+    let userspace = match choice {
+        WireguardChoice::Userspace => true,
+        WireguardChoice::Kernel => false,
+        WireguardChoice::Auto => !dataplane::kernel_has_wireguard().await,
+    };
+    tracing::info!(?choice, userspace, "WireGuard data plane");
     let mut agent = Agent {
         ctx: ctx.clone(),
         key: private,
@@ -208,6 +234,8 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
         seen: None,
         applied: None,
         device: None,
+        choice,
+        userspace,
         device_started: None,
         restarting_after: None,
         error: None,
@@ -246,7 +274,7 @@ pub async fn run(ctx: Context) -> anyhow::Result<()> {
     }
     // SIGTERM: the device keeps running; the next netmgr adopts it.
     if let Some(device) = &agent.device {
-        tracing::info!(pid = device.pid, interface = %device.interface, "stopping; the WireGuard device keeps running");
+        tracing::info!(interface = %device.interface(), device = %device.describe(), "stopping; the WireGuard interface keeps running");
     }
     Ok(())
 }
@@ -302,15 +330,16 @@ impl Agent {
         }
         if let Some(target) = &self.target {
             let interface = target.plan.interface.clone();
-            match Device::adopt(&self.ctx.root, &interface).await {
+            match Dataplane::adopt(&self.ctx.root, &self.netlink, &interface, self.choice).await {
                 Some(device) => {
-                    tracing::info!(pid = device.pid, %interface, "adopted the running WireGuard device");
+                    tracing::info!(%interface, device = %device.describe(), "adopted the running WireGuard interface");
+                    self.userspace = device.is_userspace();
                     self.device = Some(device);
                     self.state = State::Up;
                 }
                 None => {
                     tracing::warn!(%interface, "the WireGuard device of the applied configuration is not running; starting it");
-                    self.restarting_after = Some(0);
+                    self.restarting_after = Some(Restart::NotRunning);
                     self.converge().await;
                 }
             }
@@ -347,12 +376,11 @@ impl Agent {
             Err(rejection) => return self.reject(&config, &rejection).await,
         };
         if self.device.is_none() {
-            self.device = Device::adopt(&self.ctx.root, &plan.interface).await;
+            self.device =
+                Dataplane::adopt(&self.ctx.root, &self.netlink, &plan.interface, self.choice).await;
         }
         let device_port = match &self.device {
-            Some(d) if d.interface == plan.interface => {
-                d.uapi.get().await.ok().map(|s| s.listen_port)
-            }
+            Some(d) if d.interface() == plan.interface => d.get().await.ok().map(|s| s.listen_port),
             _ => None,
         };
         if let Err(rejection) = plan::check_listen_port(plan.listen_port, device_port) {
@@ -396,22 +424,20 @@ impl Agent {
                 self.failures = 0;
                 self.state = State::Up;
                 self.error = None;
-                let device_pid = self.device.as_ref().map_or(0, |d| d.pid);
-                if let Some(old) = self.restarting_after.take() {
-                    let message = if old == 0 {
-                        format!("the WireGuard device was not running at netmgr's start; started it (pid {device_pid}) and re-applied the configuration")
-                    } else {
-                        format!("the WireGuard device (pid {old}) died; restarted it (pid {device_pid}) and re-applied the configuration")
+                if let (Some(restart), Some(device)) = (self.restarting_after.take(), &self.device)
+                {
+                    let now = device.describe();
+                    let message = match restart {
+                        Restart::NotRunning => format!("the WireGuard interface was not there at netmgr's start; made it ({now}) and re-applied the configuration"),
+                        Restart::Gone(old) => format!("the WireGuard interface went away ({old}); made it again ({now}) and re-applied the configuration"),
                     };
-                    tracing::warn!(old_pid = old, pid = device_pid, "device restarted");
+                    tracing::warn!(device = %now, "WireGuard interface restarted");
+                    let pid = device.pid().map(|p| p.to_string()).unwrap_or_default();
                     self.ctx.events.report(
                         Severity::Warning,
                         "network.device_restarted",
                         &message,
-                        &[
-                            ("interface", &target.plan.interface),
-                            ("pid", &device_pid.to_string()),
-                        ],
+                        &[("interface", &target.plan.interface), ("pid", &pid)],
                     );
                 }
                 if !was_up {
@@ -463,21 +489,21 @@ impl Agent {
         if self
             .device
             .as_ref()
-            .is_some_and(|d| d.interface != plan.interface || d.has_exited())
+            .is_some_and(|d| d.interface() != plan.interface || d.has_exited())
         {
             if let Some(old) = self.device.take() {
-                tracing::info!(pid = old.pid, interface = %old.interface, "stopping the device of the previous interface");
+                tracing::info!(interface = %old.interface(), device = %old.describe(), "stopping the WireGuard interface of the previous configuration");
                 old.stop().await;
             }
         }
         if self.device.is_none() {
-            let device = match Device::adopt(&self.ctx.root, &plan.interface).await {
+            let (root, netlink) = (&self.ctx.root, &self.netlink);
+            let device = match Dataplane::adopt(root, netlink, &plan.interface, self.choice).await {
                 Some(device) => device,
-                None => Device::spawn(&self.ctx.root, &plan.interface)
-                    .await
-                    .map_err(|e| e.to_string())?,
+                None => Dataplane::create(root, netlink, &plan.interface, self.choice).await?,
             };
-            tracing::info!(pid = device.pid, interface = %plan.interface, adopted = device.adopted, "WireGuard device ready");
+            tracing::info!(interface = %plan.interface, device = %device.describe(), adopted = device.adopted(), "WireGuard interface ready");
+            self.userspace = device.is_userspace();
             self.device = Some(device);
             self.device_started = Some(Instant::now());
         }
@@ -506,12 +532,11 @@ impl Agent {
             listen_port: plan.listen_port,
             peers,
         };
-        let state = device.uapi.get().await.map_err(|e| e.to_string())?;
+        let state = device.get().await?;
         let recorded = self.applied.as_ref().map(Applied::endpoints);
         let changes = uapi::changes(&state, recorded.as_ref(), &wanted);
         if !changes.is_empty() {
-            let request = changes.request(&self.key);
-            device.uapi.set(&request).await.map_err(|e| e.to_string())?;
+            device.set(&changes, &self.key).await?;
             tracing::info!(
                 interface = %plan.interface,
                 removed = changes.remove.len(),
@@ -577,8 +602,8 @@ impl Agent {
         let young = self
             .device_started
             .is_some_and(|at| at.elapsed() < QUICK_DEATH);
-        tracing::warn!(pid = device.pid, interface = %device.interface, "the WireGuard device exited");
-        self.restarting_after = Some(device.pid);
+        tracing::warn!(interface = %device.interface(), device = %device.describe(), "the WireGuard interface is gone");
+        self.restarting_after = Some(Restart::Gone(device.describe()));
         self.device_state = None;
         if self.target.is_none() {
             self.state = State::Down;
@@ -618,12 +643,21 @@ impl Agent {
             .map(|t| t.plan.interface.clone())
             .unwrap_or_default();
         if let Some(device) = self.device.take() {
-            tracing::info!(pid = device.pid, interface = %device.interface, "stopping the WireGuard device");
+            tracing::info!(interface = %device.interface(), device = %device.describe(), "stopping the WireGuard interface");
             device.stop().await;
+        }
+        // A kernel interface this netmgr did not hold (it outlives every netmgr).
+        if !interface.is_empty() {
+            if let Ok(Some(index)) = self.netlink.wireguard_index(&interface).await {
+                tracing::info!(%interface, "deleting a kernel WireGuard interface left by an earlier run");
+                if let Err(e) = self.netlink.delete(index).await {
+                    tracing::warn!(%interface, error = %e, "could not delete the WireGuard interface");
+                }
+            }
         }
         // A device this netmgr did not hold (started by a run that left no record).
         for name in device::recorded_interfaces(&self.ctx.root) {
-            match Device::adopt(&self.ctx.root, &name).await {
+            match device::Device::adopt(&self.ctx.root, &name).await {
                 Some(device) => {
                     tracing::info!(pid = device.pid, interface = %name, "stopping a WireGuard device left by an earlier run");
                     device.stop().await;
@@ -663,7 +697,7 @@ impl Agent {
     /// Reads the device, raises peer up/down events, publishes the status if it changed.
     async fn refresh(&mut self) {
         if let Some(device) = &self.device {
-            match device.uapi.get().await {
+            match device.get().await {
                 Ok(mut state) => {
                     if let Some(previous) = &self.device_state {
                         steady_handshakes(previous, &mut state);
@@ -789,7 +823,7 @@ impl Agent {
                 .unwrap_or_default(),
             public_key: Some(self.public.to_base64()),
             peers_up,
-            userspace: true,
+            userspace: self.userspace,
             error: self.error.clone(),
             generation: self.applied.as_ref().map_or(0, |a| a.config.generation),
             listen_port: device.map(|d| d.listen_port).filter(|p| *p != 0),

@@ -1,5 +1,6 @@
 //! The overlay interface's addresses, MTU, state and routes, over rtnetlink (no `ip`
-//! subprocess), and the node's own addresses for `NetworkStatus.endpoints`.
+//! subprocess), kernel WireGuard's interface itself, and the node's own addresses for
+//! `NetworkStatus.endpoints`.
 //!
 //! Routes netmgr adds carry their own routing protocol number, [`ROUTE_PROTOCOL`], so that
 //! netmgr finds and removes exactly its own routes and never one an operator or another
@@ -11,12 +12,12 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures_util::TryStreamExt;
 use ipnet::{IpNet, Ipv4Net};
 use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol,
 };
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
 /// The MTU of the overlay interface: 1500 less WireGuard's overhead over IPv6 (80 bytes).
 pub const MTU: u32 = 1420;
@@ -68,6 +69,45 @@ impl Netlink {
             // ENODEV: no such interface.
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
             Err(e) => Err(request(format!("looking up interface {name}"))(e)),
+        }
+    }
+
+    /// The index of the kernel WireGuard interface called `name`, if there is one (an
+    /// interface of that name of another kind is not).
+    pub async fn wireguard_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        let mut links = self.handle.link().get().match_name(name).execute();
+        let link = match links.try_next().await {
+            Ok(link) => link,
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
+            Err(e) => return Err(request(format!("looking up interface {name}"))(e)),
+        };
+        Ok(link.filter(is_wireguard).map(|l| l.header.index))
+    }
+
+    /// Creates the kernel WireGuard interface `name`: `Ok(false)` when the kernel has no
+    /// WireGuard (it does not know the link kind).
+    pub async fn add_wireguard(&self, name: &str) -> Result<bool, LinkError> {
+        match self
+            .handle
+            .link()
+            .add(LinkWireguard::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EOPNOTSUPP => {
+                Ok(false)
+            }
+            Err(e) => Err(request(format!("creating WireGuard interface {name}"))(e)),
+        }
+    }
+
+    /// Deletes the interface `index` (an interface already gone is not an error).
+    pub async fn delete(&self, index: u32) -> Result<(), LinkError> {
+        match self.handle.link().del(index).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(e) => Err(request(format!("deleting interface {index}"))(e)),
         }
     }
 
@@ -260,6 +300,16 @@ impl Netlink {
         out.dedup();
         Ok(out.into_iter().map(|(_, a)| a).collect())
     }
+}
+
+/// Whether a link is of kind `wireguard`.
+fn is_wireguard(link: &LinkMessage) -> bool {
+    link.attributes.iter().any(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos
+            .iter()
+            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Wireguard))),
+        _ => false,
+    })
 }
 
 /// The address of an address message (`IFA_LOCAL`, else `IFA_ADDRESS`).
