@@ -107,12 +107,17 @@ if $stop; then
                 fi
                 rm -f "$pidfile"
             done
-            # Kernel WireGuard (where netmgr used it) has no process: its interface is deleted.
-            iface=$(sed -n 's/.*"interface":"\([^"]*\)".*/\1/p' "$run_dir/netmgr/applied.json" 2>/dev/null)
-            if [ -n "$iface" ] && ip link show dev "$iface" type wireguard 2>/dev/null | grep -q .; then
-                echo "device-steps: deleting the kernel WireGuard interface $iface"
-                ip link del dev "$iface" || true
-            fi
+            # Kernel WireGuard (where netmgr used it) has no process: the interfaces netmgr
+            # marked as its own are deleted.
+            for marker in "$run_dir"/netmgr/kernel/*; do
+                [ -f "$marker" ] || continue
+                iface=${marker##*/}
+                if ip link show dev "$iface" type wireguard 2>/dev/null | grep -q .; then
+                    echo "device-steps: deleting the kernel WireGuard interface $iface"
+                    ip link del dev "$iface" || true
+                fi
+                rm -f "$marker"
+            done
         fi
     done
     exit 0

@@ -8,6 +8,7 @@
 //! ([`Dataplane::create`]). Both are read and changed through the same [`DeviceState`] and
 //! [`Changes`], so what netmgr applies does not depend on which it is.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbase::settings::WireguardChoice;
@@ -16,7 +17,7 @@ use agentbase::Root;
 use crate::device::{self, Device};
 use crate::kernel::{KernelError, Wireguard};
 use crate::key::PrivateKey;
-use crate::link::Netlink;
+use crate::link::{Added, Netlink};
 use crate::uapi::{Changes, DeviceState};
 
 /// How often a kernel interface is looked for, to notice that it was deleted.
@@ -37,6 +38,7 @@ pub struct KernelLink {
     adopted: bool,
     wireguard: Wireguard,
     netlink: Netlink,
+    root: Root,
 }
 
 impl std::fmt::Debug for KernelLink {
@@ -48,22 +50,58 @@ impl std::fmt::Debug for KernelLink {
     }
 }
 
-/// Whether the kernel has WireGuard now (its generic netlink family is registered). A
-/// kernel whose module is not yet loaded says no until a `wireguard` link is made.
+/// Whether the kernel has WireGuard (its generic netlink family is registered; asking for it
+/// loads a module that is not loaded yet).
 pub async fn kernel_has_wireguard() -> bool {
     Wireguard::resolve().await.is_ok()
 }
 
+/// The marker of a kernel interface netmgr made or adopted: `run/powernode/netmgr/kernel/
+/// <iface>`. A kernel interface has no process and no pid file, and outlives netmgr: the
+/// marker is how a later netmgr (or `device-steps.sh --stop`) knows which interface to delete
+/// when the network is left, even without the record of what was applied.
+pub fn kernel_marker(root: &Root, interface: &str) -> PathBuf {
+    root.run_dir().join("netmgr").join("kernel").join(interface)
+}
+
+/// The interfaces with a kernel marker under `root`.
+pub fn marked_kernel_interfaces(root: &Root) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(root.run_dir().join("netmgr").join("kernel")) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Deletes the kernel interface of a marker, if it is still a `wireguard` link, and the
+/// marker.
+pub async fn delete_marked(root: &Root, netlink: &Netlink, interface: &str) {
+    if let Ok(Some(index)) = netlink.wireguard_index(interface).await {
+        tracing::info!(%interface, "deleting the kernel WireGuard interface");
+        if let Err(e) = netlink.delete(index).await {
+            tracing::warn!(%interface, error = %e, "could not delete the WireGuard interface");
+            return;
+        }
+    }
+    let _ = std::fs::remove_file(kernel_marker(root, interface));
+}
+
 impl Dataplane {
     /// The WireGuard interface `interface` that runs already, of a kind `choice` allows: a
-    /// kernel `wireguard` link, or a userspace device that answers. `None` otherwise.
+    /// kernel `wireguard` link netmgr made, or a userspace device that answers. `None`
+    /// otherwise.
     pub async fn adopt(
         root: &Root,
         netlink: &Netlink,
         interface: &str,
         choice: WireguardChoice,
     ) -> Option<Dataplane> {
+        // Only a kernel interface netmgr made (marked): one an operator made is not taken over.
         if choice != WireguardChoice::Userspace
+            && kernel_marker(root, interface).exists()
             && netlink
                 .wireguard_index(interface)
                 .await
@@ -72,12 +110,9 @@ impl Dataplane {
                 .is_some()
         {
             if let Ok(wireguard) = Wireguard::resolve().await {
-                return Some(Dataplane::Kernel(KernelLink {
-                    interface: interface.to_owned(),
-                    adopted: true,
-                    wireguard,
-                    netlink: netlink.clone(),
-                }));
+                return Some(Dataplane::Kernel(KernelLink::new(
+                    root, netlink, interface, wireguard, true,
+                )));
             }
         }
         if choice == WireguardChoice::Kernel {
@@ -112,11 +147,12 @@ impl Dataplane {
                 Err(e) => return Err(e),
             }
         }
-        // A kernel link of this name, left from when the kernel's WireGuard was used, holds
-        // the name the device's TUN interface needs.
-        if let Ok(Some(index)) = netlink.wireguard_index(interface).await {
-            tracing::info!(%interface, "deleting the kernel WireGuard interface: the userspace device replaces it");
-            netlink.delete(index).await.map_err(|e| e.to_string())?;
+        // A kernel link of this name that netmgr made, from when the kernel's WireGuard was
+        // used, holds the name the device's TUN interface needs. One netmgr did not make is
+        // left alone (the device then fails to start, saying why).
+        if kernel_marker(root, interface).exists() {
+            tracing::info!(%interface, "the userspace device replaces the kernel WireGuard interface");
+            delete_marked(root, netlink, interface).await;
         }
         Device::spawn(root, interface)
             .await
@@ -221,11 +257,7 @@ impl Dataplane {
     pub async fn stop(self) {
         match self {
             Dataplane::Kernel(link) => {
-                if let Ok(Some(index)) = link.netlink.wireguard_index(&link.interface).await {
-                    if let Err(e) = link.netlink.delete(index).await {
-                        tracing::warn!(interface = %link.interface, error = %e, "could not delete the WireGuard interface");
-                    }
-                }
+                delete_marked(&link.root, &link.netlink, &link.interface).await;
             }
             Dataplane::Userspace(device) => device.stop().await,
         }
@@ -233,50 +265,89 @@ impl Dataplane {
 }
 
 impl KernelLink {
+    /// A kernel interface made or adopted by this netmgr, marked as netmgr's.
+    fn new(
+        root: &Root,
+        netlink: &Netlink,
+        interface: &str,
+        wireguard: Wireguard,
+        adopted: bool,
+    ) -> KernelLink {
+        let marker = kernel_marker(root, interface);
+        let marked = marker
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&marker, b""));
+        if let Err(e) = marked {
+            // It runs; only leaving the network without a record would not find it.
+            tracing::warn!(marker = %marker.display(), error = %e, "could not mark the kernel WireGuard interface as netmgr's");
+        }
+        KernelLink {
+            interface: interface.to_owned(),
+            adopted,
+            wireguard,
+            netlink: netlink.clone(),
+            root: root.clone(),
+        }
+    }
+
     /// Creates the kernel interface `interface`: `Ok(None)` when the kernel has no WireGuard.
-    /// Creating the link first loads a WireGuard module that is not loaded yet, which is what
-    /// registers the generic netlink family.
+    /// A userspace device that holds the name (from when the kernel's WireGuard was not used)
+    /// is stopped once the kernel is known to have WireGuard, and the link made again.
     async fn create(
         root: &Root,
         netlink: &Netlink,
         interface: &str,
     ) -> Result<Option<KernelLink>, String> {
-        // A userspace device of this name (from when the kernel's was not used) holds the
-        // name; it goes, and its TUN interface with it.
-        if !device::recorded_interfaces(root).is_empty() {
-            device::forget(root, interface).await;
-        }
-        let index = match netlink.wireguard_index(interface).await {
-            Ok(Some(index)) => Some(index),
-            Ok(None) => None,
-            Err(e) => return Err(e.to_string()),
-        };
-        if index.is_none()
-            && !netlink
+        let mut added = netlink
+            .add_wireguard(interface)
+            .await
+            .map_err(|e| e.to_string())?;
+        if added == Added::NameTaken && !device::recorded_interfaces(root).is_empty() {
+            match Device::adopt(root, interface).await {
+                Some(device) => {
+                    tracing::info!(%interface, pid = device.pid, "kernel WireGuard replaces the userspace device");
+                    device.stop().await;
+                }
+                None => device::forget(root, interface).await,
+            }
+            added = netlink
                 .add_wireguard(interface)
                 .await
-                .map_err(|e| e.to_string())?
-        {
-            return Ok(None);
+                .map_err(|e| e.to_string())?;
+        }
+        match added {
+            Added::Made => {}
+            Added::Unsupported => return Ok(None),
+            Added::NameTaken => {
+                return Err(format!(
+                    "an interface called {interface} that is not netmgr's is in the way of \
+                     kernel WireGuard"
+                ))
+            }
         }
         match Wireguard::resolve().await {
-            Ok(wireguard) => Ok(Some(KernelLink {
-                interface: interface.to_owned(),
-                adopted: false,
-                wireguard,
-                netlink: netlink.clone(),
-            })),
-            Err(KernelError::Missing) => {
+            Ok(wireguard) => Ok(Some(KernelLink::new(
+                root, netlink, interface, wireguard, false,
+            ))),
+            Err(e) => {
                 if let Ok(Some(index)) = netlink.wireguard_index(interface).await {
                     let _ = netlink.delete(index).await;
                 }
-                Ok(None)
+                match e {
+                    KernelError::Missing => Ok(None),
+                    e => Err(e.to_string()),
+                }
             }
-            Err(e) => Err(e.to_string()),
         }
     }
 
+    /// Whether the interface is gone (deleted): only the kernel saying there is no such
+    /// device counts, not a failure to ask.
     fn is_gone(&self) -> bool {
-        nix::net::if_::if_nametoindex(self.interface.as_str()).is_err()
+        matches!(
+            nix::net::if_::if_nametoindex(self.interface.as_str()),
+            Err(nix::errno::Errno::ENODEV)
+        )
     }
 }

@@ -634,6 +634,7 @@ impl Agent {
             && self.applied.is_none()
             && self.state == State::Down
             && device::recorded_interfaces(&self.ctx.root).is_empty()
+            && dataplane::marked_kernel_interfaces(&self.ctx.root).is_empty()
         {
             return;
         }
@@ -646,14 +647,9 @@ impl Agent {
             tracing::info!(interface = %device.interface(), device = %device.describe(), "stopping the WireGuard interface");
             device.stop().await;
         }
-        // A kernel interface this netmgr did not hold (it outlives every netmgr).
-        if !interface.is_empty() {
-            if let Ok(Some(index)) = self.netlink.wireguard_index(&interface).await {
-                tracing::info!(%interface, "deleting a kernel WireGuard interface left by an earlier run");
-                if let Err(e) = self.netlink.delete(index).await {
-                    tracing::warn!(%interface, error = %e, "could not delete the WireGuard interface");
-                }
-            }
+        // Kernel interfaces this netmgr did not hold (they outlive every netmgr).
+        for name in dataplane::marked_kernel_interfaces(&self.ctx.root) {
+            dataplane::delete_marked(&self.ctx.root, &self.netlink, &name).await;
         }
         // A device this netmgr did not hold (started by a run that left no record).
         for name in device::recorded_interfaces(&self.ctx.root) {

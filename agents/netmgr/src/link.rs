@@ -47,6 +47,17 @@ fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkErro
     move |source| LinkError::Request { what, source }
 }
 
+/// What asking for a kernel WireGuard interface did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// It was made.
+    Made,
+    /// The kernel has no WireGuard: it does not know the link kind.
+    Unsupported,
+    /// An interface of that name is there already.
+    NameTaken,
+}
+
 /// A netlink connection of the network namespace netmgr runs in.
 #[derive(Clone)]
 pub struct Netlink {
@@ -84,9 +95,8 @@ impl Netlink {
         Ok(link.filter(is_wireguard).map(|l| l.header.index))
     }
 
-    /// Creates the kernel WireGuard interface `name`: `Ok(false)` when the kernel has no
-    /// WireGuard (it does not know the link kind).
-    pub async fn add_wireguard(&self, name: &str) -> Result<bool, LinkError> {
+    /// Creates the kernel WireGuard interface `name`.
+    pub async fn add_wireguard(&self, name: &str) -> Result<Added, LinkError> {
         match self
             .handle
             .link()
@@ -94,9 +104,12 @@ impl Netlink {
             .execute()
             .await
         {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(Added::Made),
             Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EOPNOTSUPP => {
-                Ok(false)
+                Ok(Added::Unsupported)
+            }
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => {
+                Ok(Added::NameTaken)
             }
             Err(e) => Err(request(format!("creating WireGuard interface {name}"))(e)),
         }

@@ -315,7 +315,7 @@ impl GetReader {
 
 /// A handshake's time in ms since the epoch from the UAPI's seconds and nanoseconds: `0, 0`
 /// is none; seconds below [`EPOCH_FLOOR_S`] are an age (boringtun).
-pub(crate) fn handshake_ms(sec: u64, nsec: u64, now_ms: u64) -> Option<u64> {
+fn handshake_ms(sec: u64, nsec: u64, now_ms: u64) -> Option<u64> {
     let ms = sec.saturating_mul(1000).saturating_add(nsec / 1_000_000);
     match (sec, nsec) {
         (0, 0) => None,
