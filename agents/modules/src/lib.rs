@@ -18,6 +18,7 @@ pub mod package;
 pub mod policy;
 pub mod reference;
 pub mod registry;
+pub mod sha256x2;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
