@@ -79,14 +79,33 @@ pub fn marked_kernel_interfaces(root: &Root) -> Vec<String> {
 /// Deletes the kernel interface of a marker, if it is still a `wireguard` link, and the
 /// marker.
 pub async fn delete_marked(root: &Root, netlink: &Netlink, interface: &str) {
-    if let Ok(Some(index)) = netlink.wireguard_index(interface).await {
-        tracing::info!(%interface, "deleting the kernel WireGuard interface");
-        if let Err(e) = netlink.delete(index).await {
-            tracing::warn!(%interface, error = %e, "could not delete the WireGuard interface");
+    match netlink.wireguard_index(interface).await {
+        Ok(Some(index)) => {
+            tracing::info!(%interface, "deleting the kernel WireGuard interface");
+            if let Err(e) = netlink.delete(index).await {
+                // The marker stays: the next try finds the interface again.
+                tracing::warn!(%interface, error = %e, "could not delete the WireGuard interface");
+                return;
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(%interface, error = %e, "could not look for the WireGuard interface");
             return;
         }
     }
     let _ = std::fs::remove_file(kernel_marker(root, interface));
+}
+
+/// Writes the marker of `interface` (before its link is made: a link must never exist
+/// unmarked, or no later netmgr would adopt or delete it).
+fn mark(root: &Root, interface: &str) -> Result<(), String> {
+    let marker = kernel_marker(root, interface);
+    marker
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::fs::write(&marker, b""))
+        .map_err(|e| format!("marking {} as netmgr's: {e}", marker.display()))
 }
 
 impl Dataplane {
@@ -265,7 +284,6 @@ impl Dataplane {
 }
 
 impl KernelLink {
-    /// A kernel interface made or adopted by this netmgr, marked as netmgr's.
     fn new(
         root: &Root,
         netlink: &Netlink,
@@ -273,15 +291,6 @@ impl KernelLink {
         wireguard: Wireguard,
         adopted: bool,
     ) -> KernelLink {
-        let marker = kernel_marker(root, interface);
-        let marked = marker
-            .parent()
-            .map_or(Ok(()), std::fs::create_dir_all)
-            .and_then(|()| std::fs::write(&marker, b""));
-        if let Err(e) = marked {
-            // It runs; only leaving the network without a record would not find it.
-            tracing::warn!(marker = %marker.display(), error = %e, "could not mark the kernel WireGuard interface as netmgr's");
-        }
         KernelLink {
             interface: interface.to_owned(),
             adopted,
@@ -291,39 +300,79 @@ impl KernelLink {
         }
     }
 
-    /// Creates the kernel interface `interface`: `Ok(None)` when the kernel has no WireGuard.
-    /// A userspace device that holds the name (from when the kernel's WireGuard was not used)
-    /// is stopped once the kernel is known to have WireGuard, and the link made again.
+    /// Creates the kernel interface `interface` (marked as netmgr's first): `Ok(None)` when
+    /// the kernel has no WireGuard. When the name is taken: a marked `wireguard` link is
+    /// netmgr's and adopted; a userspace device holding it (from when the kernel's WireGuard
+    /// was not used) is stopped once the kernel has shown it has WireGuard, and the link made
+    /// again; anything else is an error that names the interface.
     async fn create(
         root: &Root,
         netlink: &Netlink,
         interface: &str,
     ) -> Result<Option<KernelLink>, String> {
-        let mut added = netlink
-            .add_wireguard(interface)
-            .await
-            .map_err(|e| e.to_string())?;
-        if added == Added::NameTaken && !device::recorded_interfaces(root).is_empty() {
-            match Device::adopt(root, interface).await {
-                Some(device) => {
-                    tracing::info!(%interface, pid = device.pid, "kernel WireGuard replaces the userspace device");
-                    device.stop().await;
+        let was_marked = kernel_marker(root, interface).exists();
+        mark(root, interface)?;
+        let unmark = || {
+            let _ = std::fs::remove_file(kernel_marker(root, interface));
+        };
+        let mut added = match netlink.add_wireguard(interface).await {
+            Ok(added) => added,
+            Err(e) => {
+                if !was_marked {
+                    unmark();
                 }
-                None => device::forget(root, interface).await,
+                return Err(e.to_string());
             }
-            added = netlink
-                .add_wireguard(interface)
-                .await
-                .map_err(|e| e.to_string())?;
+        };
+        if added == Added::NameTaken {
+            // Asking for the family loads the module, so `Missing` means there is none; the
+            // name being taken says nothing about that (the kernel checks the name first).
+            let wireguard = match Wireguard::resolve().await {
+                Ok(wireguard) => wireguard,
+                Err(KernelError::Missing) => {
+                    if !was_marked {
+                        unmark();
+                    }
+                    return Ok(None);
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let ours =
+                was_marked && matches!(netlink.wireguard_index(interface).await, Ok(Some(_)));
+            if ours {
+                tracing::info!(%interface, "adopting the kernel WireGuard interface netmgr made");
+                return Ok(Some(KernelLink::new(
+                    root, netlink, interface, wireguard, true,
+                )));
+            }
+            if !device::recorded_interfaces(root).is_empty() {
+                match Device::adopt(root, interface).await {
+                    Some(device) => {
+                        tracing::info!(%interface, pid = device.pid, "kernel WireGuard replaces the userspace device");
+                        device.stop().await;
+                    }
+                    None => device::forget(root, interface).await,
+                }
+                added = netlink
+                    .add_wireguard(interface)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
         }
         match added {
             Added::Made => {}
-            Added::Unsupported => return Ok(None),
+            Added::Unsupported => {
+                unmark();
+                return Ok(None);
+            }
             Added::NameTaken => {
+                if !was_marked {
+                    unmark();
+                }
                 return Err(format!(
                     "an interface called {interface} that is not netmgr's is in the way of \
                      kernel WireGuard"
-                ))
+                ));
             }
         }
         match Wireguard::resolve().await {
@@ -331,9 +380,7 @@ impl KernelLink {
                 root, netlink, interface, wireguard, false,
             ))),
             Err(e) => {
-                if let Ok(Some(index)) = netlink.wireguard_index(interface).await {
-                    let _ = netlink.delete(index).await;
-                }
+                delete_marked(root, netlink, interface).await;
                 match e {
                     KernelError::Missing => Ok(None),
                     e => Err(e.to_string()),
