@@ -75,6 +75,18 @@ mod x86 {
         block
     };
 
+    /// The shuffle that turns each 32-bit word of a vector around: SHA-256's words are
+    /// big-endian, x86's little-endian.
+    #[target_feature(enable = "sse2")]
+    unsafe fn word_swap() -> __m128i {
+        // SAFETY: builds a constant vector; the feature is the caller's promise. (Safe to call
+        // on newer compilers; not on the workspace's minimum, 1.85.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            _mm_set_epi8(12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3)
+        }
+    }
+
     /// A SHA-256 state as SHA-NI holds it: (ABEF, CDGH).
     type State = (__m128i, __m128i);
 
@@ -141,7 +153,7 @@ mod x86 {
         // SAFETY: the loads read bytes 0..64 of the 64-byte blocks and the 64 round constants
         // four at a time; the features are the caller's promise.
         unsafe {
-            let swap = _mm_set_epi8(12, 13, 14, 15, 8, 9, 10, 11, 4, 5, 6, 7, 0, 1, 2, 3);
+            let swap = word_swap();
             let load = |bytes: &[u8], at: usize| {
                 _mm_shuffle_epi8(_mm_loadu_si128(bytes.as_ptr().add(at).cast()), swap)
             };

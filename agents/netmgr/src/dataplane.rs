@@ -61,19 +61,16 @@ pub async fn kernel_has_wireguard() -> bool {
 /// marker is how a later netmgr (or `device-steps.sh --stop`) knows which interface to delete
 /// when the network is left, even without the record of what was applied.
 pub fn kernel_marker(root: &Root, interface: &str) -> PathBuf {
-    root.run_dir().join("netmgr").join("kernel").join(interface)
+    marker_dir(root).join(interface)
+}
+
+fn marker_dir(root: &Root) -> PathBuf {
+    root.run_dir().join("netmgr").join("kernel")
 }
 
 /// The interfaces with a kernel marker under `root`.
 pub fn marked_kernel_interfaces(root: &Root) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(root.run_dir().join("netmgr").join("kernel")) else {
-        return Vec::new();
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    names
+    device::names_in(&marker_dir(root), "")
 }
 
 /// Deletes the kernel interface of a marker, if it is still a `wireguard` link, and the
@@ -315,12 +312,16 @@ impl KernelLink {
         let unmark = || {
             let _ = std::fs::remove_file(kernel_marker(root, interface));
         };
+        // What was marked before this call stays marked: it may name a link of netmgr's.
+        let unmark_new = || {
+            if !was_marked {
+                unmark();
+            }
+        };
         let mut added = match netlink.add_wireguard(interface).await {
             Ok(added) => added,
             Err(e) => {
-                if !was_marked {
-                    unmark();
-                }
+                unmark_new();
                 return Err(e.to_string());
             }
         };
@@ -330,9 +331,7 @@ impl KernelLink {
             let wireguard = match Wireguard::resolve().await {
                 Ok(wireguard) => wireguard,
                 Err(KernelError::Missing) => {
-                    if !was_marked {
-                        unmark();
-                    }
+                    unmark_new();
                     return Ok(None);
                 }
                 Err(e) => return Err(e.to_string()),
@@ -366,9 +365,7 @@ impl KernelLink {
                 return Ok(None);
             }
             Added::NameTaken => {
-                if !was_marked {
-                    unmark();
-                }
+                unmark_new();
                 return Err(format!(
                     "an interface called {interface} that is not netmgr's is in the way of \
                      kernel WireGuard"

@@ -80,14 +80,19 @@ impl DevicePaths {
 
 /// The interfaces that have a device pid file under `root` (running or not).
 pub fn recorded_interfaces(root: &Root) -> Vec<String> {
-    let dir = root.run_dir().join("netmgr").join("device");
+    names_in(&root.run_dir().join("netmgr").join("device"), ".pid")
+}
+
+/// The names of the entries of `dir` that end in `suffix`, without it, sorted; none when
+/// `dir` cannot be read.
+pub(crate) fn names_in(dir: &Path, suffix: &str) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;
-            name.strip_suffix(".pid").map(str::to_owned)
+            name.strip_suffix(suffix).map(str::to_owned)
         })
         .collect();
     names.sort();

@@ -730,21 +730,12 @@ mod tests {
         let want: Vec<IpNet> = nets
             .iter()
             .map(|n| n.parse().unwrap())
-            .collect::<AllowedIpsSorted>()
-            .0;
+            .collect::<crate::uapi::AllowedIps>()
+            .iter()
+            .copied()
+            .collect();
         assert_eq!(got, want, "every prefix once, in order");
         assert_eq!(seen.last().map(|(k, _)| *k), Some(8));
-    }
-
-    /// Sorted as `AllowedIps` holds them.
-    struct AllowedIpsSorted(Vec<IpNet>);
-
-    impl FromIterator<IpNet> for AllowedIpsSorted {
-        fn from_iter<I: IntoIterator<Item = IpNet>>(nets: I) -> Self {
-            let mut nets: Vec<IpNet> = nets.into_iter().collect();
-            nets.sort();
-            AllowedIpsSorted(nets)
-        }
     }
 
     /// A netlink attribute as the kernel's uapi lays it out: length (header included, padding

@@ -74,25 +74,28 @@ impl Netlink {
 
     /// The index of the interface called `name`, if there is one.
     pub async fn link_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
-        let mut links = self.handle.link().get().match_name(name).execute();
-        match links.try_next().await {
-            Ok(link) => Ok(link.map(|l| l.header.index)),
-            // ENODEV: no such interface.
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-            Err(e) => Err(request(format!("looking up interface {name}"))(e)),
-        }
+        Ok(self.link_named(name).await?.map(|l| l.header.index))
     }
 
     /// The index of the kernel WireGuard interface called `name`, if there is one (an
     /// interface of that name of another kind is not).
     pub async fn wireguard_index(&self, name: &str) -> Result<Option<u32>, LinkError> {
+        Ok(self
+            .link_named(name)
+            .await?
+            .filter(is_wireguard)
+            .map(|l| l.header.index))
+    }
+
+    /// The interface called `name`, if there is one.
+    async fn link_named(&self, name: &str) -> Result<Option<LinkMessage>, LinkError> {
         let mut links = self.handle.link().get().match_name(name).execute();
-        let link = match links.try_next().await {
-            Ok(link) => link,
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => None,
-            Err(e) => return Err(request(format!("looking up interface {name}"))(e)),
-        };
-        Ok(link.filter(is_wireguard).map(|l| l.header.index))
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            // ENODEV: no such interface.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+            Err(e) => Err(request(format!("looking up interface {name}"))(e)),
+        }
     }
 
     /// Creates the kernel WireGuard interface `name`.
